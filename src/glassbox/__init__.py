@@ -1,0 +1,30 @@
+"""glassbox: read, edit and patch the internals of any PyTorch model.
+
+    from glassbox import NNsight
+    net = NNsight(torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU()))
+    with net.trace(torch.randn(2, 4)):
+        hidden = net[0].output.save()
+"""
+
+from .cache import Cache, CacheEntry
+from .envoy import Envoy
+from .errors import GlassboxError, MissedModuleError, OutOfOrderError, TraceStateError
+from .models.base import NNsight
+from .session import Session
+from .tracing import Invoker, Tracer, save
+
+__all__ = [
+    "Cache",
+    "CacheEntry",
+    "Envoy",
+    "GlassboxError",
+    "Invoker",
+    "MissedModuleError",
+    "NNsight",
+    "OutOfOrderError",
+    "Session",
+    "TraceStateError",
+    "Tracer",
+    "save",
+]
+__version__ = "0.1.0"

@@ -1,0 +1,111 @@
+"""Batch rows: combine the inputs of several invokes, and give each invoke its rows.
+
+Offers:
+    Rows                      which rows of the batch belong to one invoke
+    narrow(value, rows, n)    the view an invoke sees of a batched value
+    splice(full, rows, new, n)  put an invoke's replacement back into the batch
+    concat_args(list)         batch positional/keyword inputs of plain modules
+
+A tensor belongs to the batch when its first dimension equals the batch size;
+everything else (configs, caches, scalars) is shared by all invokes as it is.
+Narrowed tensors are views, so in-place edits reach the model; replacements
+are spliced with ``torch.cat`` so autograd keeps working.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+
+@dataclass(frozen=True)
+class Rows:
+    start: int
+    stop: int
+
+    @property
+    def count(self) -> int:
+        return self.stop - self.start
+
+
+def _is_batched(value: Any, batch_size: int, min_ndim: int) -> bool:
+    return (
+        isinstance(value, torch.Tensor)
+        and value.ndim >= max(min_ndim, 1)
+        and value.shape[0] == batch_size
+    )
+
+
+def narrow(value: Any, rows: Rows, batch_size: int, min_ndim: int = 1) -> Any:
+    """The part of ``value`` that belongs to ``rows`` (views for tensors)."""
+    if _is_batched(value, batch_size, min_ndim):
+        return value[rows.start : rows.stop]
+    if isinstance(value, tuple) and not hasattr(value, "_fields"):
+        return tuple(narrow(v, rows, batch_size, min_ndim) for v in value)
+    if isinstance(value, list):
+        return [narrow(v, rows, batch_size, min_ndim) for v in value]
+    if type(value) is dict:
+        return {k: narrow(v, rows, batch_size, min_ndim) for k, v in value.items()}
+    return value
+
+
+def splice(full: Any, rows: Rows, new: Any, batch_size: int, min_ndim: int = 1) -> Any:
+    """``full`` with the rows of one invoke replaced by ``new``."""
+    if new is full:
+        return full
+    if _is_batched(full, batch_size, min_ndim):
+        if isinstance(new, torch.Tensor) and new.shape[:1] == (rows.count,):
+            pieces = [full[: rows.start], new.to(full.dtype), full[rows.stop :]]
+            return torch.cat([p for p in pieces if p.shape[0]], dim=0)
+        if isinstance(new, torch.Tensor) and new.ndim == 0:
+            new = new.expand_as(full[rows.start : rows.stop])
+            return splice(full, rows, new, batch_size, min_ndim)
+        raise ValueError(
+            f"replacement for {rows.count} batch row(s) has shape "
+            f"{tuple(getattr(new, 'shape', ()))}; expected first dimension {rows.count}"
+        )
+    if isinstance(full, tuple) and isinstance(new, tuple) and len(full) == len(new):
+        return type(full)(splice(f, rows, n, batch_size, min_ndim) for f, n in zip(full, new))
+    if isinstance(full, list) and isinstance(new, list) and len(full) == len(new):
+        return [splice(f, rows, n, batch_size, min_ndim) for f, n in zip(full, new)]
+    if isinstance(full, dict) and isinstance(new, dict):
+        out = dict(full)
+        for k, v in new.items():
+            out[k] = splice(full[k], rows, v, batch_size, min_ndim) if k in full else v
+        return out
+    return new
+
+
+def _row_count(args: tuple, kwargs: dict) -> int:
+    for value in (*args, *kwargs.values()):
+        if isinstance(value, torch.Tensor) and value.ndim > 0:
+            return int(value.shape[0])
+    return 1
+
+
+def concat_args(items: list[tuple[tuple, dict]]) -> tuple[tuple, dict, list[Rows]]:
+    """Batch several ``(args, kwargs)`` inputs of a plain module along dim 0."""
+    counts = [_row_count(a, k) for a, k in items]
+    rows, start = [], 0
+    for n in counts:
+        rows.append(Rows(start, start + n))
+        start += n
+    first_args, first_kwargs = items[0]
+    if len(items) == 1:
+        return first_args, first_kwargs, rows
+    args = tuple(_merge([a[i] for a, _ in items], i) for i in range(len(first_args)))
+    kwargs = {k: _merge([kw[k] for _, kw in items], k) for k in first_kwargs}
+    return args, kwargs, rows
+
+
+def _merge(values: list[Any], where: Any) -> Any:
+    if all(isinstance(v, torch.Tensor) for v in values):
+        return torch.cat(values, dim=0)
+    if all(v is values[0] or v == values[0] for v in values):
+        return values[0]
+    raise ValueError(
+        f"cannot batch input {where!r} across invokes: it is not a tensor and differs "
+        "between invokes. Pass tensors with a batch dimension, or run separate traces."
+    )

@@ -1,0 +1,172 @@
+"""Turn the body of a ``with`` block into code that runs later.
+
+Offers:
+    capture_body(frame, marker)  -> CapturedBody | None
+        the block whose ``with`` line is executing in ``frame`` (compiled once
+        per call site, with its original file name and line numbers, so
+        tracebacks and pdb point at the user's lines); None without source.
+    skip_body(frame)             make the interpreter skip that block: the
+        first line event in ``frame`` raises SkipBody, which the context
+        manager's ``__exit__`` swallows.
+    write_back(frame, names)     publish names set by the deferred body into
+        the caller's variables.
+
+Only deferred bodies need this (several ``tracer.invoke`` blocks that share
+one batched forward, per-step ``tracer.all()`` blocks, remote traces); plain
+trace bodies run inline as ordinary Python.
+"""
+
+from __future__ import annotations
+
+import ast
+import builtins
+import ctypes
+import linecache
+import sys
+import threading
+from dataclasses import dataclass, field
+from types import CodeType, FrameType
+from typing import Any
+
+
+class SkipBody(Exception):
+    """Raised at the first line of a captured block so it does not run inline."""
+
+
+@dataclass
+class CapturedBody:
+    code: CodeType
+    source: str
+    filename: str
+    first_line: int
+    reads: frozenset[str]
+    writes: tuple[str, ...]
+    snapshot: dict[str, Any] = field(default_factory=dict)
+
+    def namespace(self, frame: FrameType) -> dict[str, Any]:
+        """A fresh globals dict for running the body: the names it reads, as
+        they are in ``frame`` right now (loop variables keep this iteration's value)."""
+        ns: dict[str, Any] = {"__builtins__": builtins, "__name__": frame.f_globals.get("__name__")}
+        f_globals, f_locals = frame.f_globals, frame.f_locals
+        for name in self.reads:
+            if name in f_locals:
+                ns[name] = f_locals[name]
+            elif name in f_globals:
+                ns[name] = f_globals[name]
+        return ns
+
+
+_cache: dict[tuple[str, int, int], CapturedBody | None] = {}
+_cache_lock = threading.Lock()
+
+
+def capture_body(frame: FrameType, marker: str = "") -> CapturedBody | None:
+    """The compiled body of the ``with`` statement now entering in ``frame``."""
+    filename = frame.f_code.co_filename
+    lines = linecache.getlines(filename, frame.f_globals)
+    if not lines:
+        return None
+    lineno = frame.f_lineno
+    key = (filename, lineno, hash(tuple(lines)))
+    with _cache_lock:
+        if key in _cache:
+            return _cache[key]
+    body = _compile(lines, filename, lineno, marker)
+    with _cache_lock:
+        _cache[key] = body
+    return body
+
+
+def _compile(lines: list[str], filename: str, lineno: int, marker: str) -> CapturedBody | None:
+    source = "".join(lines)
+    try:
+        tree = ast.parse(source, filename)
+    except SyntaxError:
+        return None
+    node = _find_with(tree, lineno)
+    if node is None or node.body[0].lineno <= _header_end(node):
+        return None  # one-line `with x: body`: no line event to skip on
+    header = ast.get_source_segment(source, node.items[0].context_expr) or ""
+    if marker and marker not in header:
+        return None
+    module = ast.Module(body=node.body, type_ignores=[])
+    code = compile(module, filename, "exec")
+    reads, writes = _names(node.body)
+    body_source = "\n".join(
+        ast.get_source_segment(source, stmt, padded=True) or "" for stmt in node.body
+    )
+    return CapturedBody(code, body_source, filename, node.body[0].lineno, reads, writes)
+
+
+def _header_end(node: ast.With) -> int:
+    return max(item.context_expr.end_lineno or node.lineno for item in node.items)
+
+
+def _find_with(tree: ast.AST, lineno: int) -> ast.With | None:
+    best = None
+    for node in ast.walk(tree):
+        if isinstance(node, ast.With) and node.lineno <= lineno <= _header_end(node):
+            if best is None or node.lineno >= best.lineno:
+                best = node
+    return best
+
+
+def _names(body: list[ast.stmt]) -> tuple[frozenset[str], tuple[str, ...]]:
+    reads: set[str] = set()
+    writes: list[str] = []
+    for stmt in body:
+        for node in ast.walk(stmt):
+            if isinstance(node, ast.Name):
+                if isinstance(node.ctx, ast.Load):
+                    reads.add(node.id)
+                elif node.id not in writes:
+                    writes.append(node.id)
+                    reads.add(node.id)  # `x += 1` and conditional writes read it too
+            elif isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+                if node.name not in writes:
+                    writes.append(node.name)
+            elif isinstance(node, (ast.Import, ast.ImportFrom)):
+                for alias in node.names:
+                    name = (alias.asname or alias.name).split(".")[0]
+                    if name not in writes:
+                        writes.append(name)
+    return frozenset(reads), tuple(writes)
+
+
+# ------------------------------------------------------------------ skipping
+
+
+def skip_body(frame: FrameType) -> None:
+    """Arrange for the block now being entered in ``frame`` to be skipped."""
+    previous_global = sys.gettrace()
+    previous_local = frame.f_trace
+
+    def local_trace(f: FrameType, event: str, arg: Any) -> Any:
+        if event == "line":
+            sys.settrace(previous_global)
+            f.f_trace = previous_local
+            raise SkipBody()
+        return local_trace
+
+    frame.f_trace = local_trace
+    if previous_global is None:
+        sys.settrace(_no_trace)
+
+
+def _no_trace(frame: FrameType, event: str, arg: Any) -> None:
+    return None
+
+
+# ------------------------------------------------------------------ write back
+
+_locals_to_fast = getattr(ctypes.pythonapi, "PyFrame_LocalsToFast", None)
+
+
+def write_back(frame: FrameType, values: dict[str, Any]) -> None:
+    """Set ``values`` as variables of ``frame`` (module, class or function scope)."""
+    if not values:
+        return
+    frame.f_locals.update(values)  # module/class/exec scope: the real namespace
+    optimized = frame.f_code.co_flags & 0x1  # CO_OPTIMIZED: a function's fast locals
+    if optimized and sys.version_info < (3, 13) and _locals_to_fast is not None:
+        _locals_to_fast(ctypes.py_object(frame), ctypes.c_int(0))

@@ -1,0 +1,121 @@
+"""Deferred invoke bodies: run a captured block as a consumer greenlet.
+
+Offers:
+    Deferred   one ``tracer.invoke`` block: its input, its namespace, and a
+               Consumer whose greenlet executes the block during the forward.
+
+Several invokes run interleaved in one forward pass, yet must behave as if
+they had run one after another: a later invoke may read a variable that an
+earlier one sets (``cat = ...save()`` in invoke 0, ``... = cat`` in invoke 1).
+Each body therefore gets its own namespace (loop variables keep the value of
+their iteration), values an invoke sets are copied to later invokes whenever
+it hands control back, and a later invoke that reads a name an earlier one
+will set waits for it instead of failing (or seeing a stale value).
+"""
+
+from __future__ import annotations
+
+from types import FrameType
+from typing import Any
+
+from .capture import CapturedBody, write_back
+from .interleave import Consumer, Interleaver
+
+_UNSET = object()
+
+
+class _InvokeLocals(dict):
+    """Locals of a deferred body: stores also reach its globals (so nested
+    functions and comprehensions see them); a missing name that an earlier
+    invoke will set makes the body wait for it."""
+
+    def __init__(self, owner: Deferred) -> None:
+        super().__init__()
+        self.owner = owner
+
+    def __setitem__(self, name: str, value: Any) -> None:
+        dict.__setitem__(self, name, value)
+        self.owner.ns[name] = value
+
+    def __delitem__(self, name: str) -> None:
+        dict.__delitem__(self, name)
+        self.owner.ns.pop(name, None)
+
+    def __missing__(self, name: str) -> Any:
+        return self.owner.wait_for(name)
+
+
+class Deferred:
+    """A captured ``tracer.invoke`` body, run as a consumer of the forward."""
+
+    def __init__(self, body: CapturedBody, frame: FrameType, inputs: Any, earlier: list[Deferred]):
+        index = len(earlier)
+        self.body = body
+        self.frame: FrameType | None = frame
+        self.inputs = inputs
+        self.earlier = list(earlier)
+        self.later: list[Deferred] = []
+        for other in earlier:
+            other.later.append(self)
+        ns = body.namespace(frame)
+        # Names an earlier invoke sets must come from that invoke, not from
+        # whatever the caller's variable held before the trace.
+        produced = {name for other in earlier for name in other.body.writes}
+        self.fallback = {name: ns.pop(name) for name in list(ns) if name in produced}
+        self.ns = ns
+        self.locals = _InvokeLocals(self)
+        self.published: dict[str, Any] = {}
+        self.waiting_name: str | None = None
+        self.interleaver: Interleaver | None = None
+        self.consumer = Consumer(f"invoke {index}", None, self._run)
+        self.consumer.on_yield = self._share
+        self.consumer.wake = self.wake_all
+
+    def _run(self, _start: Any = None) -> None:
+        exec(self.body.code, self.ns, self.locals)
+
+    # ---------------------------------------------------------------- sharing
+
+    def wait_for(self, name: str) -> Any:
+        """Called in this body's greenlet when it reads a name it lacks."""
+        ns = self.ns
+        while name not in ns:
+            if not any(o.may_set(name) for o in self.earlier):
+                if name in self.fallback:
+                    return self.fallback[name]
+                raise KeyError(name)
+            self.waiting_name = name
+            self.interleaver.runner_glet.switch()  # type: ignore[union-attr]
+            self.waiting_name = None
+        return ns[name]
+
+    def may_set(self, name: str) -> bool:
+        return name in self.body.writes and not self.consumer.done
+
+    def _share(self) -> None:
+        """Runs in the runner each time this body hands back control."""
+        ns = self.ns
+        for name in self.body.writes:
+            value = ns.get(name, _UNSET)
+            if value is not _UNSET and self.published.get(name, _UNSET) is not value:
+                self.published[name] = value
+                for other in self.later:
+                    other.ns[name] = value
+        for other in self.later:
+            name = other.waiting_name
+            if name is not None and (name in other.ns or not any(o.may_set(name) for o in other.earlier)):
+                self.interleaver._resume(other.consumer, None)  # type: ignore[union-attr]
+
+    def wake_all(self) -> None:
+        """After the forward: let a body still waiting for a name fail or fall back."""
+        if self.waiting_name is not None and not self.consumer.done:
+            self.interleaver._resume(self.consumer, None)  # type: ignore[union-attr]
+
+    def publish(self) -> None:
+        """After the trace: the names this body set become the caller's variables."""
+        values = {n: self.ns[n] for n in self.body.writes if n in self.ns}
+        if self.frame is not None:
+            write_back(self.frame, values)
+        self.frame = None
+        self.ns = {}
+        self.locals = None  # type: ignore[assignment]

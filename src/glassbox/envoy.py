@@ -1,0 +1,231 @@
+"""Envoy: a tree of light proxies that mirrors a model's submodules.
+
+Offers:
+    Envoy        attribute / index access to submodules; inside a trace,
+                 ``.output``, ``.input``, ``.inputs`` (read and assign),
+                 ``.skip(value)``, ``.next()``; calling it runs the module.
+    Savable      tuple subclass returned for tuple values, so ``.save()`` works.
+
+Outside a trace an Envoy only forwards to its module: the module itself is
+untouched, so the wrapped model runs exactly as the bare one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+
+from .errors import TraceStateError
+
+
+class SavableTuple(tuple):
+    """A tuple that also has ``.save()`` (module outputs are often tuples)."""
+
+    def save(self) -> SavableTuple:
+        from .tracing import save
+
+        return save(self)
+
+
+def _savable(value: Any) -> Any:
+    return SavableTuple(value) if type(value) is tuple else value
+
+
+class Envoy:
+    """Proxy for one module in the tree.
+
+        net = glassbox.NNsight(torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU()))
+        with net.trace(torch.randn(2, 4)):
+            hidden = net[0].output.save()
+    """
+
+    _RESERVED: frozenset = frozenset()  # names a submodule cannot shadow; see below
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        cls._RESERVED = _reserved(cls)
+
+    def __init__(self, module: torch.nn.Module, parent: Envoy | None = None, name: str = "") -> None:
+        d = self.__dict__
+        d["_module"] = module
+        d["_parent"] = parent
+        d["_root"] = parent._root if parent is not None else self
+        d["_name"] = name
+        if parent is None:
+            d["_path"], d["_display"] = "", "model"
+        else:
+            d["_path"] = f"{parent._path}.{name}" if parent._path else name
+            shown = f"[{name}]" if name.isdigit() else f".{name}"
+            d["_display"] = parent._display + shown
+        children: dict[str, Envoy] = {}
+        for child_name, child in module.named_children():
+            envoy = Envoy(child, self, child_name)
+            children[child_name] = envoy
+            if child_name.isidentifier() and child_name not in type(self)._RESERVED:
+                d[child_name] = envoy
+        d["_children"] = children
+
+    # ---------------------------------------------------------------- tree
+
+    @property
+    def _model(self) -> torch.nn.Module:
+        """Alias of ``_module`` (nnsight users write ``model._model``)."""
+        return self._module
+
+    def __getattr__(self, name: str) -> Any:
+        # Only reached when normal lookup fails: fall through to the module.
+        if name.startswith("__") and name.endswith("__"):
+            raise AttributeError(name)
+        try:
+            return getattr(self.__dict__["_module"], name)
+        except AttributeError:
+            raise AttributeError(
+                f"{self._display} ({type(self._module).__name__}) has no attribute {name!r}; "
+                f"its submodules are: {', '.join(self._children) or 'none'}"
+            ) from None
+
+    def __getitem__(self, key: int | str | slice) -> Any:
+        children = self._children
+        if isinstance(key, str):
+            if key in children:
+                return children[key]
+            raise KeyError(f"{self._display} has no submodule {key!r}; it has: {', '.join(children)}")
+        values = list(children.values())
+        if isinstance(key, slice):
+            return values[key]
+        try:
+            return values[key]
+        except IndexError:
+            raise IndexError(
+                f"{self._display} has {len(values)} submodules; index {key} is out of range"
+            ) from None
+
+    def __iter__(self) -> Iterator[Envoy]:
+        return iter(list(self._children.values()))
+
+    def __len__(self) -> int:
+        return len(self._children)
+
+    def __repr__(self) -> str:
+        return repr(self._module)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        """Run the module directly (inside a trace: an ad hoc call, not intercepted)."""
+        return self._module(*args, **kwargs)
+
+    def modules(self) -> list[Envoy]:
+        """This envoy and all below it, in ``named_modules`` order."""
+        out = [self]
+        for child in self._children.values():
+            out.extend(child.modules())
+        return out
+
+    def _module_method(name: str):
+        def method(self: Envoy, *args: Any, **kwargs: Any) -> Envoy:
+            getattr(self._module, name)(*args, **kwargs)
+            return self
+
+        method.__name__ = name
+        method.__doc__ = f"Call ``module.{name}(...)`` and return this envoy."
+        return method
+
+    to = _module_method("to")
+    cuda = _module_method("cuda")
+    cpu = _module_method("cpu")
+    eval = _module_method("eval")
+    train = _module_method("train")
+    float = _module_method("float")
+    half = _module_method("half")
+    bfloat16 = _module_method("bfloat16")
+    double = _module_method("double")
+    requires_grad_ = _module_method("requires_grad_")
+    del _module_method
+
+    # ---------------------------------------------------------------- values
+
+    def _interleaver(self, what: str) -> Any:
+        interleaver = self._root.__dict__.get("_active")
+        if interleaver is None:
+            raise TraceStateError(
+                f"{self._display}.{what} is only available inside `with model.trace(...)` "
+                "(or model.generate(...)); outside a trace, run the model normally."
+            )
+        return interleaver
+
+    @property
+    def output(self) -> Any:
+        """The module's output at its next call (or the current one, if the
+        trace is already there). Assign to replace it; edit it in place."""
+        return _savable(self._interleaver("output").request(self, "output"))
+
+    @output.setter
+    def output(self, value: Any) -> None:
+        self._interleaver("output").replace(self, "output", value)
+
+    @property
+    def inputs(self) -> tuple[tuple, dict]:
+        """``(args, kwargs)`` the module is called with."""
+        args, kwargs = self._interleaver("inputs").request(self, "input")
+        return SavableTuple((SavableTuple(args), kwargs))
+
+    @inputs.setter
+    def inputs(self, value: tuple[tuple, dict]) -> None:
+        if not (isinstance(value, tuple) and len(value) == 2 and isinstance(value[1], dict)):
+            raise TypeError(".inputs must be assigned a pair (args_tuple, kwargs_dict)")
+        self._interleaver("inputs").replace(self, "input", (tuple(value[0]), dict(value[1])))
+
+    @property
+    def input(self) -> Any:
+        """The first argument the module is called with (positional, else keyword)."""
+        args, kwargs = self._interleaver("input").request(self, "input")
+        if args:
+            return _savable(args[0])
+        if kwargs:
+            return _savable(next(iter(kwargs.values())))
+        return None
+
+    @input.setter
+    def input(self, value: Any) -> None:
+        interleaver = self._interleaver("input")
+        args, kwargs = interleaver.request(self, "input")
+        if args:
+            new = ((value, *args[1:]), kwargs)
+        elif kwargs:
+            first = next(iter(kwargs))
+            new = (args, {**kwargs, first: value})
+        else:
+            new = ((value,), kwargs)
+        interleaver.replace(self, "input", new)
+
+    def skip(self, value: Any) -> None:
+        """Do not run this module at its next call; use ``value`` as its output."""
+        self._interleaver("skip()").skip(self, value)
+
+    def next(self) -> _NextCall:
+        """Address the module's next call even if the trace is at the current one."""
+        return _NextCall(self)
+
+
+class _NextCall:
+    """``envoy.next()``: ``.output`` / ``.input`` of the following call."""
+
+    def __init__(self, envoy: Envoy) -> None:
+        self._envoy = envoy
+
+    @property
+    def output(self) -> Any:
+        return _savable(self._envoy._interleaver("output").request(self._envoy, "output", fresh=True))
+
+    @property
+    def input(self) -> Any:
+        args, kwargs = self._envoy._interleaver("input").request(self._envoy, "input", fresh=True)
+        return _savable(args[0] if args else next(iter(kwargs.values()), None))
+
+
+def _reserved(klass: type) -> frozenset:
+    return frozenset(name for k in klass.__mro__ for name in vars(k) if not name.startswith("__"))
+
+
+Envoy._RESERVED = _reserved(Envoy)

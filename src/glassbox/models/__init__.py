@@ -1,0 +1,1 @@
+"""Model wrappers: NNsight for any nn.Module, LanguageModel for Hugging Face."""

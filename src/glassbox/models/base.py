@@ -1,0 +1,78 @@
+"""NNsight: wrap any ``torch.nn.Module`` for tracing.
+
+Offers:
+    NNsight    the root Envoy plus ``trace()``, ``session()``; subclasses
+               (LanguageModel) override the four input hooks below.
+
+Input hooks a subclass may override:
+    _ensure_ready()          load weights etc. before the first trace
+    _prepare(args, kwargs)   one invoke's input -> (args, kwargs)
+    _batch(prepared_list)    several invokes -> (args, kwargs, [Rows])
+    _execute(args, kwargs)   run the model (in the runner greenlet)
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from ..batching import Rows, concat_args
+from ..envoy import Envoy
+from ..errors import TraceStateError
+from ..session import Session
+from ..tracing import Tracer
+
+
+class NNsight(Envoy):
+    """Wrap a module; trace it with ordinary Python.
+
+        net = NNsight(torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU()))
+        with net.trace(torch.randn(2, 4)):
+            out = net.output.save()
+    """
+
+    _narrow_min_ndim = 1
+
+    def __init__(self, module: torch.nn.Module) -> None:
+        if not isinstance(module, torch.nn.Module):
+            raise TypeError(
+                f"NNsight wraps a torch.nn.Module, got {type(module).__name__}; for a "
+                "Hugging Face model id or folder use glassbox.LanguageModel"
+            )
+        super().__init__(module)
+        self.__dict__["_active"] = None
+
+    # ---------------------------------------------------------------- contexts
+
+    def trace(self, *args: Any, **kwargs: Any) -> Tracer:
+        """Open a trace. Inputs given here run as one batch entry; with none,
+        add entries with ``tracer.invoke(...)``. Extra keyword arguments are
+        passed to the model's forward."""
+        return Tracer(self, args, kwargs)
+
+    def session(self) -> Session:
+        """Group several traces (values flow between them as ordinary variables)."""
+        return Session(self)
+
+    def _envoy_of(self, module: Any) -> Envoy:
+        if isinstance(module, Envoy):
+            return module
+        for envoy in self.modules():
+            if envoy._module is module:
+                return envoy
+        raise TraceStateError(f"{type(module).__name__} is not a submodule of this model")
+
+    # ---------------------------------------------------------------- input hooks
+
+    def _ensure_ready(self) -> None:
+        pass
+
+    def _prepare(self, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        return tuple(args), dict(kwargs)
+
+    def _batch(self, prepared: list[tuple[tuple, dict]]) -> tuple[tuple, dict, list[Rows]]:
+        return concat_args(prepared)
+
+    def _execute(self, args: tuple, kwargs: dict, **call: Any) -> Any:
+        return self._module(*args, **kwargs)

@@ -1,0 +1,297 @@
+"""Trace contexts: ``model.trace(...)``, ``tracer.invoke(...)``, ``save``.
+
+Offers:
+    Tracer    ``with model.trace(inputs) as tracer:``; the body runs inline, the
+              model runs in a greenlet and meets it at module boundaries.
+    Invoker   ``with tracer.invoke(inputs):``; bodies are deferred so that all
+              invokes share ONE batched forward (each sees its own rows).
+    save(x)   keep ``x`` after the trace (identity locally; remote traces send
+              back exactly the saved values).
+    current_tracer()
+
+Call hierarchy::
+
+    Tracer.__enter__  open Interleaver, install Tensor.save & co (refcounted)
+      body: envoy.output ...       -> Interleaver.request (inline consumer)
+      body: with tracer.invoke(x)  -> Invoker: capture + skip body, queue input
+    Tracer.__exit__   batch invoke inputs, Interleaver.finish() (runs model,
+                      invoke bodies as greenlets), cleanup, write names back
+
+If a deferred body's source cannot be found (``python -c``, ``exec`` of a
+string), each invoke runs inline as its own forward instead: by the rule
+"batched equals unbatched" the values are the same.
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+from typing import TYPE_CHECKING, Any
+
+from . import backward as _backward
+from .cache import Cache
+from .capture import SkipBody, capture_body, skip_body
+from .deferred import Deferred
+from .errors import TraceStateError
+from .interleave import Consumer, Interleaver
+from .patches import ClassPatch, PatchSet
+
+if TYPE_CHECKING:
+    from .models.base import NNsight
+
+_state = threading.local()
+
+
+def current_tracer() -> Tracer | None:
+    """The innermost open trace in this thread, if any."""
+    stack = getattr(_state, "stack", None)
+    return stack[-1] if stack else None
+
+
+def save(value: Any) -> Any:
+    """Mark ``value`` to be kept after the trace and return it unchanged.
+
+        with model.trace(x):
+            hidden = glassbox.save(model.layer.output)
+    """
+    tracer = current_tracer()
+    if tracer is not None:
+        tracer._saved_ids.add(id(value))
+    return value
+
+
+def _tensor_save(self: Any) -> Any:
+    return save(self)
+
+
+_patches: PatchSet | None = None
+_patches_lock = threading.Lock()
+
+
+def _get_patches() -> PatchSet:
+    global _patches
+    with _patches_lock:
+        if _patches is None:
+            import torch
+
+            patches = [
+                ClassPatch(torch.Tensor, "save", _tensor_save),
+                ClassPatch(torch.Tensor, "backward", _backward.patched_backward),
+            ]
+            generic = sys.modules.get("transformers.utils.generic")
+            if generic is not None:
+                patches.append(ClassPatch(generic.ModelOutput, "save", _tensor_save))
+            _patches = PatchSet(patches)
+        return _patches
+
+
+class Tracer:
+    """Context of one traced execution.
+
+        with model.trace(torch.randn(2, 4)) as tracer:
+            h = model[0].output.save()
+            model[1].output[:] = 0
+    """
+
+    def __init__(self, model: NNsight, args: tuple, kwargs: dict, call: dict | None = None) -> None:
+        self.model = model
+        self._inputs = (args, kwargs) if (args or kwargs) else None
+        self._call = call or {}
+        self._invokes: list[Deferred] = []
+        self._interleaver: Interleaver | None = None
+        self._saved_ids: set[int] = set()
+        self._fallback_inputs: list[tuple[tuple, dict]] = []
+        self.result: Any = None
+
+    # ---------------------------------------------------------------- context
+
+    def __enter__(self) -> Tracer:
+        root = self.model
+        if root.__dict__.get("_active") is not None:
+            raise TraceStateError(
+                "this model is already being traced (a trace is open in this or another "
+                "thread); finish that trace first, or wrap a second copy of the module"
+            )
+        root._ensure_ready()
+        patches = _get_patches()
+        patches.acquire()
+        try:
+            interleaver = Interleaver(root, batch_size=0, narrow_min_ndim=root._narrow_min_ndim)
+            if self._inputs is not None:
+                args, kwargs, rows = root._batch([root._prepare(*self._inputs)])
+                interleaver.batch_size = rows[-1].stop
+                interleaver.job = self._job(interleaver, args, kwargs)
+                interleaver.add_consumer(Consumer("trace body", None))
+            self._interleaver = interleaver
+            root.__dict__["_active"] = interleaver
+            _push(self)
+        except BaseException:
+            patches.release()
+            raise
+        return self
+
+    def __exit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> bool:
+        root = self.model
+        interleaver = self._interleaver
+        assert interleaver is not None
+        try:
+            if exc is None:
+                if self._invokes:
+                    self._schedule_invokes(interleaver)
+                elif self._inputs is None and interleaver.job is None:
+                    if not self._fallback_inputs:
+                        raise TraceStateError(
+                            "model.trace() was given no input: pass it as "
+                            "model.trace(input), or add `with tracer.invoke(input):` blocks"
+                        )
+                if interleaver.job is not None:
+                    self.result = interleaver.finish()
+        finally:
+            interleaver.cleanup()
+            root.__dict__["_active"] = None
+            self._interleaver = None
+            _pop(self)
+            _get_patches().release()
+            invokes, self._invokes = self._invokes, []
+        if exc is None:
+            for deferred in invokes:
+                deferred.publish()
+        return False
+
+    def _job(self, interleaver: Interleaver, args: tuple, kwargs: dict) -> Any:
+        execute, call = self.model._execute, self._call
+
+        def job() -> Any:
+            return interleaver.run_job(lambda: execute(args, kwargs, **call))
+
+        return job
+
+    def _schedule_invokes(self, interleaver: Interleaver) -> None:
+        root = self.model
+        batched = [d for d in self._invokes if d.inputs is not None]
+        if not batched:
+            raise TraceStateError(
+                "every tracer.invoke() in this trace is empty: give at least one "
+                "invoke an input, e.g. tracer.invoke('some text')"
+            )
+        args, kwargs, rows = root._batch([d.inputs for d in batched])
+        for deferred, r in zip(batched, rows):
+            deferred.consumer.rows = r
+        interleaver.batch_size = rows[-1].stop
+        for deferred in self._invokes:
+            deferred.interleaver = interleaver
+            interleaver.add_consumer(deferred.consumer)
+        interleaver.job = self._job(interleaver, args, kwargs)
+
+    # ---------------------------------------------------------------- API
+
+    def invoke(self, *args: Any, **kwargs: Any) -> Invoker:
+        """Add one input (or, with no arguments, a view of the whole batch)."""
+        if self._inputs is not None:
+            raise TraceStateError(
+                "this trace already has an input (model.trace(input)); to batch several "
+                "inputs, open the trace without one: `with model.trace() as tracer:` and "
+                "add `with tracer.invoke(input):` blocks"
+            )
+        return Invoker(self, args, kwargs)
+
+    def stop(self) -> None:
+        """Stop the model here: the rest of the forward pass does not run."""
+        self._active().stop()
+
+    def cache(self, modules: list | None = None, include_inputs: bool = False) -> Cache:
+        """Record outputs (and inputs) of ``modules`` (default: all) as they run."""
+        envoys = self.model.modules() if modules is None else [self.model._envoy_of(m) for m in modules]
+        return Cache.attach(self._active(), envoys, include_inputs)
+
+    def log(self, *values: Any) -> None:
+        """``print`` (kept for nnsight compatibility; remote traces stream it)."""
+        print(*values)
+
+    def _active(self) -> Interleaver:
+        interleaver = self.model.__dict__.get("_active")
+        if interleaver is None:
+            raise TraceStateError("this tracer's trace has already ended")
+        return interleaver
+
+
+class Invoker:
+    """``with tracer.invoke(input):`` — one batch entry of a trace.
+
+        with model.trace() as tracer:
+            with tracer.invoke(x1):
+                a = model[0].output.save()
+            with tracer.invoke(x2):
+                model[0].output[:] = a
+    """
+
+    def __init__(self, tracer: Tracer, args: tuple, kwargs: dict) -> None:
+        self.tracer = tracer
+        self.args = args
+        self.kwargs = kwargs
+        self._skipping = False
+        self._inline: Interleaver | None = None
+
+    def __enter__(self) -> Invoker:
+        tracer = self.tracer
+        frame = sys._getframe(1)
+        body = capture_body(frame, "invoke") if not tracer._fallback_inputs else None
+        root = tracer.model
+        inputs = root._prepare(self.args, self.kwargs) if (self.args or self.kwargs) else None
+        if body is not None:
+            tracer._invokes.append(Deferred(body, frame, inputs, tracer._invokes))
+            self._skipping = True
+            skip_body(frame)
+            return self
+        if tracer._invokes:
+            raise TraceStateError(
+                "cannot mix invokes whose source is available with ones whose is not"
+            )
+        self._enter_inline(inputs)
+        return self
+
+    def _enter_inline(self, inputs: Any) -> None:
+        """No source: run this invoke now, as its own forward pass."""
+        tracer, root = self.tracer, self.tracer.model
+        if inputs is None:
+            if not tracer._fallback_inputs:
+                raise TraceStateError("an empty tracer.invoke() needs earlier invokes with inputs")
+            items = list(tracer._fallback_inputs)
+        else:
+            tracer._fallback_inputs.append(inputs)
+            items = [inputs]
+        args, kwargs, rows = root._batch(items)
+        interleaver = Interleaver(root, rows[-1].stop, root._narrow_min_ndim)
+        interleaver.job = tracer._job(interleaver, args, kwargs)
+        interleaver.add_consumer(Consumer("invoke", None))
+        self._outer = root.__dict__["_active"]
+        root.__dict__["_active"] = interleaver
+        self._inline = interleaver
+
+    def __exit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> bool:
+        if self._skipping:
+            return exc_type is SkipBody
+        interleaver = self._inline
+        assert interleaver is not None
+        try:
+            if exc is None:
+                self.tracer.result = interleaver.finish()
+        finally:
+            interleaver.cleanup()
+            self.tracer.model.__dict__["_active"] = self._outer
+            self._inline = None
+        return False
+
+
+def _push(tracer: Tracer) -> None:
+    if not hasattr(_state, "stack"):
+        _state.stack = []
+    _state.stack.append(tracer)
+
+
+def _pop(tracer: Tracer) -> None:
+    stack = getattr(_state, "stack", [])
+    if stack and stack[-1] is tracer:
+        stack.pop()
+    elif tracer in stack:
+        stack.remove(tracer)
