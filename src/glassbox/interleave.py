@@ -274,13 +274,13 @@ class Interleaver:
 
     def _boundary(self, site: Site, kind: str, value: Any, call: int) -> Any:
         self.position = (site, kind, call)
-        for record in site.recorders:
-            record(kind, value)
         waiting = site.waiting_in if kind == "input" else site.waiting_out
         if waiting:
             for consumer in self.consumers:
                 if consumer.waiting is site and consumer.waiting_kind == kind:
                     value = self._serve(consumer, site, kind, value)
+        for record in site.recorders:  # after edits: the cache holds what the model used
+            record(kind, value)
         return value
 
     def _serve(self, consumer: Consumer, site: Site, kind: str, value: Any) -> Any:

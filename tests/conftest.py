@@ -1,0 +1,70 @@
+"""Shared fixtures: small real models built from code (no downloads)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import glassbox
+
+
+class Branchy(torch.nn.Module):
+    """An MLP with a module that only runs when asked (for never-runs errors)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layers = torch.nn.ModuleList([torch.nn.Linear(6, 6) for _ in range(4)])
+        self.unused = torch.nn.Linear(6, 6)
+        self.head = torch.nn.Linear(6, 3)
+
+    def forward(self, x: torch.Tensor, use_unused: bool = False) -> torch.Tensor:
+        for layer in self.layers:
+            x = torch.relu(layer(x))
+        if use_unused:
+            x = self.unused(x)
+        return self.head(x)
+
+
+def make_mlp(seed: int = 0, width: int = 8, depth: int = 4) -> torch.nn.Sequential:
+    torch.manual_seed(seed)
+    layers: list[torch.nn.Module] = []
+    for _ in range(depth):
+        layers += [torch.nn.Linear(width, width), torch.nn.ReLU()]
+    layers.append(torch.nn.Linear(width, 3))
+    return torch.nn.Sequential(*layers).eval()
+
+
+@pytest.fixture
+def mlp() -> torch.nn.Sequential:
+    return make_mlp()
+
+
+@pytest.fixture
+def net(mlp: torch.nn.Sequential) -> glassbox.NNsight:
+    return glassbox.NNsight(mlp)
+
+
+@pytest.fixture
+def branchy() -> glassbox.NNsight:
+    torch.manual_seed(1)
+    return glassbox.NNsight(Branchy().eval())
+
+
+@pytest.fixture(scope="session")
+def gpt2_module() -> torch.nn.Module:
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    config = GPT2Config(n_layer=4, n_embd=32, n_head=4, vocab_size=100, n_positions=64)
+    return GPT2LMHeadModel(config).eval()
+
+
+@pytest.fixture
+def gpt2(gpt2_module: torch.nn.Module) -> glassbox.NNsight:
+    return glassbox.NNsight(gpt2_module)
+
+
+@pytest.fixture
+def x() -> torch.Tensor:
+    torch.manual_seed(42)
+    return torch.randn(2, 8)
