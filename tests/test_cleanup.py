@@ -84,7 +84,7 @@ def test_error_inside_a_running_model_with_waiting_invokes(mlp, x):
             self.inner = mlp
 
         def forward(self, x):
-            h = self.inner[:3](x)
+            self.inner[:3](x)
             raise ValueError("model failed")
 
     model = glassbox.NNsight(Fragile())

@@ -46,7 +46,7 @@ def test_values_outside_trace_raise(net):
 
 
 def test_wrapping_a_non_module_is_a_clear_error():
-    with pytest.raises(TypeError, match="torch.nn.Module"):
+    with pytest.raises(TypeError, match=r"torch\.nn\.Module"):
         glassbox.NNsight("gpt2")
 
 

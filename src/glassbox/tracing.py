@@ -64,25 +64,26 @@ def _tensor_save(self: Any) -> Any:
     return save(self)
 
 
-_patches: PatchSet | None = None
+_patches: list[ClassPatch] = []
 _patches_lock = threading.Lock()
+_model_output_patched = False
 
 
 def _get_patches() -> PatchSet:
-    global _patches
+    """Patches for this trace. ModelOutput joins once transformers is imported;
+    each trace releases exactly the set it acquired."""
+    global _model_output_patched
     with _patches_lock:
-        if _patches is None:
+        if not _patches:
             import torch
 
-            patches = [
-                ClassPatch(torch.Tensor, "save", _tensor_save),
-                ClassPatch(torch.Tensor, "backward", _backward.patched_backward),
-            ]
-            generic = sys.modules.get("transformers.utils.generic")
-            if generic is not None:
-                patches.append(ClassPatch(generic.ModelOutput, "save", _tensor_save))
-            _patches = PatchSet(patches)
-        return _patches
+            _patches.append(ClassPatch(torch.Tensor, "save", _tensor_save))
+            _patches.append(ClassPatch(torch.Tensor, "backward", _backward.patched_backward))
+        generic = sys.modules.get("transformers.utils.generic")
+        if generic is not None and not _model_output_patched:
+            _patches.append(ClassPatch(generic.ModelOutput, "save", _tensor_save))
+            _model_output_patched = True
+        return PatchSet(list(_patches))
 
 
 class Tracer:
@@ -113,7 +114,7 @@ class Tracer:
                 "thread); finish that trace first, or wrap a second copy of the module"
             )
         root._ensure_ready()
-        patches = _get_patches()
+        patches = self._patches = _get_patches()
         patches.acquire()
         try:
             interleaver = Interleaver(root, batch_size=0, narrow_min_ndim=root._narrow_min_ndim)
@@ -151,7 +152,7 @@ class Tracer:
             root.__dict__["_active"] = None
             self._interleaver = None
             _pop(self)
-            _get_patches().release()
+            self._patches.release()
             invokes, self._invokes = self._invokes, []
         if exc is None:
             for deferred in invokes:
