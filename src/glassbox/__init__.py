@@ -10,6 +10,8 @@ from .cache import Cache, CacheEntry
 from .envoy import Envoy
 from .errors import GlassboxError, MissedModuleError, OutOfOrderError, TraceStateError
 from .models.base import NNsight
+from .models.generation import GenerateTracer
+from .models.language import LanguageModel
 from .session import Session
 from .tracing import Invoker, Tracer, save
 
@@ -17,8 +19,10 @@ __all__ = [
     "Cache",
     "CacheEntry",
     "Envoy",
+    "GenerateTracer",
     "GlassboxError",
     "Invoker",
+    "LanguageModel",
     "MissedModuleError",
     "NNsight",
     "OutOfOrderError",

@@ -46,9 +46,21 @@ def narrow(value: Any, rows: Rows, batch_size: int, min_ndim: int = 1) -> Any:
         return tuple(narrow(v, rows, batch_size, min_ndim) for v in value)
     if isinstance(value, list):
         return [narrow(v, rows, batch_size, min_ndim) for v in value]
-    if type(value) is dict:
-        return {k: narrow(v, rows, batch_size, min_ndim) for k, v in value.items()}
+    if isinstance(value, dict):
+        items = {k: narrow(v, rows, batch_size, min_ndim) for k, v in value.items()}
+        return _rebuild(value, items)
     return value
+
+
+def _rebuild(like: dict, items: dict) -> dict:
+    """A mapping of ``like``'s type (Hugging Face ModelOutput dataclasses
+    included) holding ``items``."""
+    if type(like) is dict:
+        return items
+    try:
+        return type(like)(**items)
+    except TypeError:
+        return items
 
 
 def splice(full: Any, rows: Rows, new: Any, batch_size: int, min_ndim: int = 1) -> Any:
@@ -74,7 +86,7 @@ def splice(full: Any, rows: Rows, new: Any, batch_size: int, min_ndim: int = 1) 
         out = dict(full)
         for k, v in new.items():
             out[k] = splice(full[k], rows, v, batch_size, min_ndim) if k in full else v
-        return out
+        return _rebuild(full, out)
     return new
 
 

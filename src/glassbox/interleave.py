@@ -40,6 +40,7 @@ from .errors import MissedModuleError, OutOfOrderError, TraceStateError
 
 _MISSING = object()
 _JOB_ENDED = object()
+ENDED = _JOB_ENDED  # what a soft request returns when the model finished first
 _module_forward = torch.nn.Module.forward
 _getcurrent = greenlet.getcurrent
 _is_grad_enabled = torch.is_grad_enabled
@@ -152,6 +153,7 @@ class Consumer:
         "requested_at",
         "rows",
         "run",
+        "soft",
         "started",
         "waiting",
         "waiting_kind",
@@ -174,6 +176,7 @@ class Consumer:
         self.started = False
         self.on_yield: Callable[[], None] | None = None  # runs each time it hands back control
         self.wake: Callable[[], None] | None = None  # runs once the forward has ended
+        self.soft = False  # the current wait ends quietly (ENDED) if the model finishes
 
 
 # ---------------------------------------------------------------- interleaver
@@ -328,6 +331,15 @@ class Interleaver:
                 if self.stop_requested:
                     raise _Abort()
 
+    def spawn(self, consumer: Consumer) -> None:
+        """Runner side: start a consumer now (e.g. a ``tracer.all()`` body at
+        the start of a generation step); it runs until its first request."""
+        self.consumers.append(consumer)
+        consumer.started = True
+        consumer.glet = greenlet.greenlet(consumer.run)
+        self.by_glet[consumer.glet] = consumer
+        self._resume(consumer, None)
+
     def run_job(self, model_call: Callable[[], Any]) -> Any:
         """Runner-side job: start deferred invoke bodies, run the model, then
         tell consumers still waiting that their module never came."""
@@ -338,6 +350,10 @@ class Interleaver:
                 consumer.wake()
         for consumer in self.consumers:
             while consumer.run is not None and not consumer.done and consumer.waiting is not None:
+                if consumer.soft:
+                    self._clear_wait(consumer)
+                    self._resume(consumer, _JOB_ENDED)
+                    continue
                 error = self._missed_error(consumer)
                 self._clear_wait(consumer)
                 try:
@@ -353,14 +369,18 @@ class Interleaver:
 
     # ------------------------------------------------------------ consumer side
 
-    def request(self, envoy: Any, kind: str, fresh: bool = False) -> Any:
+    def request(self, envoy: Any, kind: str, fresh: bool = False, soft: bool = False) -> Any:
         """Block the calling consumer until the model reaches ``envoy``'s
-        ``kind`` boundary; return the value there (this invoke's rows)."""
+        ``kind`` boundary; return the value there (this invoke's rows).
+        With ``soft``, return ENDED instead of raising if the model finishes."""
         consumer = self.current_consumer()
         site = self.site(envoy)
         if not fresh and consumer.at is site and consumer.at_kind == kind:
             return consumer.current
+        if soft and self.state not in ("new", "running"):
+            return _JOB_ENDED
         self._check_can_wait(site, kind)
+        consumer.soft = soft
         consumer.waiting, consumer.waiting_kind = site, kind
         if kind == "input":
             site.waiting_in += 1
@@ -368,7 +388,8 @@ class Interleaver:
             site.waiting_out += 1
         consumer.requested_at = self.position
         consumer.at = None
-        self._wait(consumer)
+        if self._wait(consumer) is _JOB_ENDED:
+            return _JOB_ENDED
         return consumer.current
 
     def replace(self, envoy: Any, kind: str, value: Any) -> None:
@@ -432,7 +453,11 @@ class Interleaver:
         if user_grad != self.model_grad:
             _set_grad_enabled(user_grad)
         if message is _JOB_ENDED:
+            if consumer.soft and self.state not in ("error",):
+                self._clear_wait(consumer)
+                return _JOB_ENDED
             self._raise_for_driver_wait(consumer)
+        return message
 
     def _drive(self) -> Any:
         """Driver only: resume the model (starting it if needed)."""

@@ -1,0 +1,300 @@
+"""LanguageModel: Hugging Face causal LMs (and encoders) with tokenised batching.
+
+Offers:
+    LanguageModel(id_or_dir, device_map=, dtype=, dispatch=False,
+                  attn_implementation=, tokenizer=, automodel=, **hf_kwargs)
+        lazy: the module tree is built on the meta device (shapes only), real
+        weights load at the first trace; ``.tokenizer``, ``.config``;
+        ``.trace(...)`` and ``.generate(...)``.
+
+Inputs (per trace or per invoke): a string, a list of strings, token ids
+(list, list of lists, 1-D or 2-D tensor), or a dict / BatchEncoding with
+``input_ids`` (and ``attention_mask``). All invokes are left-padded into one
+batch with an attention mask and explicit position ids, so each prompt's
+values equal those of the prompt run alone, and ``[:, -1]`` is always the
+last real token.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from ..batching import Rows
+from ..errors import TraceStateError
+from . import attention
+from .base import NNsight
+from .generation import GenerateTracer
+from .outputs import tensor_like
+
+
+class _Prompt:
+    """One invoke's token rows (unpadded) plus extra forward kwargs."""
+
+    __slots__ = ("kwargs", "rows")
+
+    def __init__(self, rows: list[list[int]], kwargs: dict[str, Any]) -> None:
+        self.rows = rows
+        self.kwargs = kwargs
+
+
+class LanguageModel(NNsight):
+    """A Hugging Face language model you can trace.
+
+        model = LanguageModel("path/to/SmolLM2-135M")
+        with model.trace("The capital of France is"):
+            logits = model.output.save()
+    """
+
+    _narrow_min_ndim = 2  # 1-D tensors (cache_position) are shared, not per row
+
+    def __init__(
+        self,
+        model: str | os.PathLike | torch.nn.Module,
+        *,
+        tokenizer: Any = None,
+        device_map: Any = None,
+        dtype: Any = None,
+        dispatch: bool = False,
+        attn_implementation: str | None = None,
+        automodel: Any = None,
+        **hf_kwargs: Any,
+    ) -> None:
+        if attn_implementation == attention.ATTN_IMPLEMENTATION:
+            attention.register()
+        self.__dict__["_loaded"] = isinstance(model, torch.nn.Module)
+        if isinstance(model, torch.nn.Module):
+            module, source = model, getattr(getattr(model, "config", None), "name_or_path", None)
+        else:
+            source = os.fspath(model)
+            automodel = automodel or _automodel_for(source, hf_kwargs)
+            module = _meta_model(automodel, source, attn_implementation, dtype, hf_kwargs)
+        if attn_implementation == attention.ATTN_IMPLEMENTATION:
+            attention.add_probe_modules(module)
+        super().__init__(module)
+        d = self.__dict__
+        d["_source"] = source
+        d["_load"] = dict(
+            automodel=automodel, device_map=device_map, dtype=dtype,
+            attn_implementation=attn_implementation, hf_kwargs=hf_kwargs,
+        )
+        d["tokenizer"] = tokenizer if tokenizer is not None else _load_tokenizer(source)
+        if dispatch:
+            self._ensure_ready()
+
+    # ---------------------------------------------------------------- loading
+
+    def _ensure_ready(self) -> None:
+        if self.__dict__["_loaded"]:
+            return
+        opts = self._load
+        print(f"[glassbox] loading weights from {self._source} ...", file=sys.stderr, flush=True)
+        kwargs = dict(opts["hf_kwargs"])
+        if opts["device_map"] is not None:
+            kwargs["device_map"] = opts["device_map"]
+        if opts["dtype"] is not None:
+            kwargs["dtype"] = opts["dtype"]
+        if opts["attn_implementation"] is not None:
+            kwargs["attn_implementation"] = opts["attn_implementation"]
+        try:
+            real = opts["automodel"].from_pretrained(self._source, **kwargs)
+        except (OSError, ValueError) as exc:
+            raise OSError(
+                f"could not load weights for {self._source!r}: {exc}. Give a local folder with "
+                "config.json and *.safetensors, or a hub id reachable from this machine."
+            ) from exc
+        real.eval()
+        if opts["attn_implementation"] == attention.ATTN_IMPLEMENTATION:
+            attention.add_probe_modules(real)
+        for envoy in self.modules():
+            envoy.__dict__["_module"] = real.get_submodule(envoy._path) if envoy._path else real
+        self.__dict__["_loaded"] = True
+
+    def dispatch(self) -> LanguageModel:
+        """Load the real weights now instead of at the first trace."""
+        self._ensure_ready()
+        return self
+
+    @property
+    def config(self) -> Any:
+        return self._module.config
+
+    # ---------------------------------------------------------------- contexts
+
+    def generate(self, *args: Any, **kwargs: Any) -> GenerateTracer:
+        """``with model.generate(prompt, max_new_tokens=N) as tracer:`` — a trace
+        around Hugging Face ``generate``; each forward call is one step."""
+        if self.__dict__.get("_active") is not None:
+            raise TraceStateError(
+                "model.generate() opens its own trace and cannot run inside another one. "
+                "Write:\n    with model.generate(prompt, max_new_tokens=N) as tracer:\n"
+                "        model.<layer>.output[:, -1] *= 1.5   # step 0; use tracer.iter[...] or "
+                "tracer.all() for more steps\n    tokens = tracer.result"
+            )
+        return GenerateTracer(self, args, kwargs)
+
+    # ---------------------------------------------------------------- inputs
+
+    def _prepare(self, args: tuple, kwargs: dict) -> _Prompt:
+        kwargs = dict(kwargs)
+        if args:
+            data, rest = args[0], args[1:]
+            if rest:
+                raise TypeError("give one input per trace or invoke (a string, a list of strings, ids...)")
+        elif "input_ids" in kwargs:
+            data = {"input_ids": kwargs.pop("input_ids"), "attention_mask": kwargs.pop("attention_mask", None)}
+        else:
+            raise TypeError("no input given: pass a string, a list of strings, or token ids")
+        return _Prompt(self._rows(data), kwargs)
+
+    def _rows(self, data: Any) -> list[list[int]]:
+        if isinstance(data, str):
+            return [self._tokenize(data)]
+        if isinstance(data, Mapping):
+            ids, mask = data.get("input_ids"), data.get("attention_mask")
+            if ids is None:
+                raise TypeError("a dict input needs 'input_ids'")
+            rows = self._rows(ids)
+            if mask is not None:
+                masks = self._rows(mask)
+                rows = [[t for t, m in zip(r, mk) if m] for r, mk in zip(rows, masks)]
+            return rows
+        if isinstance(data, torch.Tensor):
+            if data.ndim == 1:
+                return [data.tolist()]
+            if data.ndim == 2:
+                return data.tolist()
+            raise TypeError(f"token ids must be 1-D or 2-D, got shape {tuple(data.shape)}")
+        if isinstance(data, (list, tuple)):
+            if not data:
+                raise TypeError("empty input list")
+            if all(isinstance(item, str) for item in data):
+                return [self._tokenize(item) for item in data]
+            if all(isinstance(item, int) for item in data):
+                return [list(data)]
+            if all(isinstance(item, (list, tuple, torch.Tensor)) for item in data):
+                return [row for item in data for row in self._rows(item)]
+        raise TypeError(
+            f"cannot use {type(data).__name__} as model input: pass a string, a list of strings, "
+            "token ids (list or tensor), or a dict with input_ids"
+        )
+
+    def _tokenize(self, text: str) -> list[int]:
+        if self.tokenizer is None:
+            raise TraceStateError("this model has no tokenizer: pass token ids, or tokenizer=...")
+        return self.tokenizer(text)["input_ids"]
+
+    def _batch(self, prepared: list[_Prompt]) -> tuple[tuple, dict, list[Rows]]:
+        rows: list[list[int]] = []
+        spans, start = [], 0
+        for prompt in prepared:
+            rows.extend(prompt.rows)
+            spans.append(Rows(start, start + len(prompt.rows)))
+            start += len(prompt.rows)
+        width = max(len(r) for r in rows)
+        pad = self._pad_id()
+        ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows], dtype=torch.long)
+        mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], dtype=torch.long)
+        extra = prepared[0].kwargs
+        for prompt in prepared[1:]:
+            if prompt.kwargs.keys() != extra.keys():
+                raise ValueError("all invokes of one trace must pass the same keyword arguments")
+        kwargs = {"input_ids": ids, "attention_mask": mask, **extra}
+        return (), kwargs, spans
+
+    def _pad_id(self) -> int:
+        tok = self.tokenizer
+        for candidate in (getattr(tok, "pad_token_id", None), getattr(tok, "eos_token_id", None)):
+            if candidate is not None:
+                return int(candidate)
+        return 0
+
+    def _execute(self, args: tuple, kwargs: dict, **call: Any) -> Any:
+        module = self._module
+        device = getattr(module, "device", None)
+        if device is not None and device.type != "meta":
+            kwargs = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
+        generate = call.get("generate")
+        if generate is not None:
+            generate = dict(generate)
+            generate.setdefault("pad_token_id", self._pad_id())
+            return module.generate(**kwargs, **generate)
+        mask = kwargs["attention_mask"]
+        if "position_ids" not in kwargs and _accepts(module, "position_ids"):
+            kwargs["position_ids"] = (mask.cumsum(-1) - 1).clamp(min=0)
+        return module(**kwargs)
+
+    # ---------------------------------------------------------------- values
+
+    @property
+    def output(self) -> Any:
+        """The model's output. Index it like its first field (the logits for a
+        causal LM): ``model.output[0, -1]``; or use fields: ``model.output.logits``."""
+        return tensor_like(NNsight.output.fget(self))
+
+    @output.setter
+    def output(self, value: Any) -> None:
+        NNsight.output.fset(self, value)
+
+
+def _accepts(module: torch.nn.Module, name: str) -> bool:
+    import inspect
+
+    try:
+        return name in inspect.signature(module.forward).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def _automodel_for(source: str, hf_kwargs: dict) -> Any:
+    from transformers import AutoModel, AutoModelForCausalLM
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    config = _load_config(source, hf_kwargs)
+    return AutoModelForCausalLM if type(config) in MODEL_FOR_CAUSAL_LM_MAPPING else AutoModel
+
+
+def _load_config(source: str, hf_kwargs: dict) -> Any:
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(source, **{k: v for k, v in hf_kwargs.items() if k in _HUB_KEYS})
+    except (OSError, ValueError) as exc:
+        where = "a local folder" if os.path.isdir(source) else "a hub id (checked the local HF cache and hub)"
+        raise OSError(
+            f"could not load a model config from {source!r} as {where}: {exc}. "
+            "Pass a folder containing config.json (and weights), or a reachable hub id."
+        ) from exc
+
+
+_HUB_KEYS = {"revision", "token", "cache_dir", "local_files_only", "trust_remote_code", "subfolder"}
+
+
+def _meta_model(automodel: Any, source: str, attn: str | None, dtype: Any, hf_kwargs: dict) -> torch.nn.Module:
+    config = _load_config(source, hf_kwargs)
+    kwargs: dict[str, Any] = {}
+    if attn is not None:
+        kwargs["attn_implementation"] = attn
+    if dtype is not None and dtype != "auto":
+        kwargs["dtype"] = dtype
+    with torch.device("meta"):
+        return automodel.from_config(config, **kwargs).eval()
+
+
+def _load_tokenizer(source: str | None) -> Any:
+    if source is None:
+        return None
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source)
+    except (OSError, ValueError, TypeError):
+        return None
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token is None and tokenizer.eos_token is not None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
