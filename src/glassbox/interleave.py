@@ -512,9 +512,10 @@ class Interleaver:
                 "run again. Access modules in the order the model runs them."
             )
         if before is None:
+            hint = self.root._missed_hint(site.envoy)
             return MissedModuleError(
                 f"{wanted} was requested but the module never ran during this forward pass. "
-                "Check that the model uses it for this input (print(model) shows the tree)."
+                + (hint or "Check that the model uses it for this input (print(model) shows the tree).")
             )
         return OutOfOrderError(
             f"{wanted} was requested while the model was at {self._where(before)} "

@@ -63,6 +63,10 @@ class NNsight(Envoy):
                 return envoy
         raise TraceStateError(f"{type(module).__name__} is not a submodule of this model")
 
+    def _missed_hint(self, envoy: Envoy) -> str | None:
+        """Advice for a module that never ran (subclasses know their models)."""
+        return None
+
     # ---------------------------------------------------------------- input hooks
 
     def _ensure_ready(self) -> None:

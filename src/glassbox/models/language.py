@@ -71,8 +71,9 @@ class LanguageModel(NNsight):
             module, source = model, getattr(getattr(model, "config", None), "name_or_path", None)
         else:
             source = os.fspath(model)
-            automodel = automodel or _automodel_for(source, hf_kwargs)
-            module = _meta_model(automodel, source, attn_implementation, dtype, hf_kwargs)
+            config = _load_config(source, hf_kwargs)
+            automodel = automodel or _automodel_for(config)
+            module = _meta_model(automodel, config, attn_implementation, dtype)
         if attn_implementation == attention.ATTN_IMPLEMENTATION:
             attention.add_probe_modules(module)
         super().__init__(module)
@@ -146,7 +147,8 @@ class LanguageModel(NNsight):
             if rest:
                 raise TypeError("give one input per trace or invoke (a string, a list of strings, ids...)")
         elif "input_ids" in kwargs:
-            data = {"input_ids": kwargs.pop("input_ids"), "attention_mask": kwargs.pop("attention_mask", None)}
+            mask = kwargs.pop("attention_mask", None)
+            data = {"input_ids": kwargs.pop("input_ids"), "attention_mask": mask}
         else:
             raise TypeError("no input given: pass a string, a list of strings, or token ids")
         return _Prompt(self._rows(data), kwargs)
@@ -228,6 +230,16 @@ class LanguageModel(NNsight):
             kwargs["position_ids"] = (mask.cumsum(-1) - 1).clamp(min=0)
         return module(**kwargs)
 
+    def _missed_hint(self, envoy: Any) -> str | None:
+        if envoy._name == "attn_dropout":
+            return (
+                "In transformers 5 attention applies dropout as a function, so this module never "
+                "runs. To read or edit attention probabilities load the model with "
+                "LanguageModel(..., attn_implementation='glassbox') and use "
+                f"{envoy._parent._display}.attn_probs.output ([batch, heads, query, key])."
+            )
+        return None
+
     # ---------------------------------------------------------------- values
 
     @property
@@ -250,11 +262,14 @@ def _accepts(module: torch.nn.Module, name: str) -> bool:
         return False
 
 
-def _automodel_for(source: str, hf_kwargs: dict) -> Any:
+def _automodel_for(config: Any) -> Any:
     from transformers import AutoModel, AutoModelForCausalLM
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
-    config = _load_config(source, hf_kwargs)
+    architectures = getattr(config, "architectures", None) or []
+    if architectures:  # what the checkpoint was saved as decides (BERT also has an LM head class)
+        causal = any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in architectures)
+        return AutoModelForCausalLM if causal else AutoModel
     return AutoModelForCausalLM if type(config) in MODEL_FOR_CAUSAL_LM_MAPPING else AutoModel
 
 
@@ -274,8 +289,7 @@ def _load_config(source: str, hf_kwargs: dict) -> Any:
 _HUB_KEYS = {"revision", "token", "cache_dir", "local_files_only", "trust_remote_code", "subfolder"}
 
 
-def _meta_model(automodel: Any, source: str, attn: str | None, dtype: Any, hf_kwargs: dict) -> torch.nn.Module:
-    config = _load_config(source, hf_kwargs)
+def _meta_model(automodel: Any, config: Any, attn: str | None, dtype: Any) -> torch.nn.Module:
     kwargs: dict[str, Any] = {}
     if attn is not None:
         kwargs["attn_implementation"] = attn
