@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from tests.conftest import layers_of
 from transformers import AutoModelForCausalLM
 
 import glassbox
 from glassbox import LanguageModel, MissedModuleError
-from glassbox.offline import minilm_path, smollm2_path, tiny_gpt2_path
-from tests.conftest import layers_of
+from glassbox.offline import minilm_path, tiny_gpt2_path
 
 
 def test_lazy_loading_builds_on_meta_then_loads():
@@ -38,7 +38,8 @@ def test_every_input_form_gives_the_same_logits(fixture, request):
     model = request.getfixturevalue(fixture)
     text = "The capital of France is"
     ids = model.tokenizer(text)["input_ids"]
-    forms = [text, [text], ids, torch.tensor(ids), torch.tensor([ids]), model.tokenizer(text, return_tensors="pt")]
+    encoding = model.tokenizer(text, return_tensors="pt")
+    forms = [text, [text], ids, torch.tensor(ids), torch.tensor([ids]), encoding, dict(encoding)]
     results = []
     for form in forms:
         with model.trace(form):
