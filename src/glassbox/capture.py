@@ -42,6 +42,7 @@ class CapturedBody:
     reads: frozenset[str]
     writes: tuple[str, ...]
     snapshot: dict[str, Any] = field(default_factory=dict)
+    trivial: bool = False  # only `pass` / constants: nothing to skip (and no line event to skip on)
 
     def namespace(self, frame: FrameType) -> dict[str, Any]:
         """A fresh globals dict for running the body: the names it reads, as
@@ -95,7 +96,11 @@ def _compile(lines: list[str], filename: str, lineno: int, marker: str) -> Captu
     body_source = "\n".join(
         ast.get_source_segment(source, stmt, padded=True) or "" for stmt in node.body
     )
-    return CapturedBody(code, body_source, filename, node.body[0].lineno, reads, writes)
+    trivial = all(
+        isinstance(stmt, ast.Pass) or (isinstance(stmt, ast.Expr) and isinstance(stmt.value, ast.Constant))
+        for stmt in node.body
+    )
+    return CapturedBody(code, body_source, filename, node.body[0].lineno, reads, writes, trivial=trivial)
 
 
 def _header_end(node: ast.With) -> int:
@@ -136,21 +141,36 @@ def _names(body: list[ast.stmt]) -> tuple[frozenset[str], tuple[str, ...]]:
 # ------------------------------------------------------------------ skipping
 
 
-def skip_body(frame: FrameType) -> None:
-    """Arrange for the block now being entered in ``frame`` to be skipped."""
-    previous_global = sys.gettrace()
-    previous_local = frame.f_trace
+class Skipper:
+    """Armed line tracer that skips one block; ``disarm()`` if the block
+    produced no line event (a body of only ``pass`` has none)."""
 
-    def local_trace(f: FrameType, event: str, arg: Any) -> Any:
+    def __init__(self, frame: FrameType) -> None:
+        self.frame: FrameType | None = frame
+        self.previous_global = sys.gettrace()
+        self.previous_local = frame.f_trace
+        frame.f_trace = self._local_trace
+        if self.previous_global is None:
+            sys.settrace(_no_trace)
+
+    def _local_trace(self, frame: FrameType, event: str, arg: Any) -> Any:
         if event == "line":
-            sys.settrace(previous_global)
-            f.f_trace = previous_local
+            self.disarm()
             raise SkipBody()
-        return local_trace
+        return self._local_trace
 
-    frame.f_trace = local_trace
-    if previous_global is None:
-        sys.settrace(_no_trace)
+    def disarm(self) -> None:
+        frame = self.frame
+        if frame is None:
+            return
+        self.frame = None
+        sys.settrace(self.previous_global)
+        frame.f_trace = self.previous_local
+
+
+def skip_body(frame: FrameType) -> Skipper:
+    """Arrange for the block now being entered in ``frame`` to be skipped."""
+    return Skipper(frame)
 
 
 def _no_trace(frame: FrameType, event: str, arg: Any) -> None:

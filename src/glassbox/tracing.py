@@ -230,7 +230,7 @@ class Invoker:
         self.tracer = tracer
         self.args = args
         self.kwargs = kwargs
-        self._skipping = False
+        self._skipping: Any = None
         self._inline: Interleaver | None = None
 
     def __enter__(self) -> Invoker:
@@ -241,8 +241,8 @@ class Invoker:
         inputs = root._prepare(self.args, self.kwargs) if (self.args or self.kwargs) else None
         if body is not None:
             tracer._invokes.append(Deferred(body, frame, inputs, tracer._invokes))
-            self._skipping = True
-            skip_body(frame)
+            if not body.trivial:
+                self._skipping = skip_body(frame)
             return self
         if tracer._invokes:
             raise TraceStateError(
@@ -270,8 +270,11 @@ class Invoker:
         self._inline = interleaver
 
     def __exit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> bool:
-        if self._skipping:
+        if self._skipping is not None:
+            self._skipping.disarm()
             return exc_type is SkipBody
+        if self._inline is None:  # a trivial deferred body: nothing ran, nothing to do
+            return False
         interleaver = self._inline
         assert interleaver is not None
         try:
