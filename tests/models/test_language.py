@@ -135,3 +135,11 @@ def test_glassbox_attention_equals_eager_and_exposes_probabilities(path):
         edited = model.output.logits.save()
     assert not torch.allclose(edited, logits, atol=1e-3)
     assert glassbox.LanguageModel is LanguageModel
+
+
+def test_device_map_and_dtype_are_passed_to_hugging_face():
+    model = LanguageModel(tiny_gpt2_path(), device_map="auto", dtype=torch.bfloat16)
+    with model.trace("Hello world"):
+        hidden = model.transformer.h[0].output.save()
+    assert hidden.dtype == torch.bfloat16
+    assert model.transformer.h[0].attn.c_attn.weight.dtype == torch.bfloat16

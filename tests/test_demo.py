@@ -1,0 +1,14 @@
+"""The main job runs end to end on SmolLM2 and finds Paris."""
+
+from __future__ import annotations
+
+from glassbox import demo
+
+
+def test_demo_runs_and_reports_real_semantics(capsys):
+    numbers = demo.main()
+    printed = capsys.readouterr().out
+    assert numbers["top1"] == " Paris"
+    assert numbers["patched_paris"] > 0.1
+    for heading in ("Activation analysis", "Logit lens", "Activation patching", "Gradients", "Generation"):
+        assert heading in printed
