@@ -1,0 +1,1 @@
+"""Remote execution: the versioned wire protocol (``protocol``) and, later, the client."""

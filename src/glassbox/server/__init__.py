@@ -1,0 +1,1 @@
+"""The glassbox server: sandboxed execution of remote trace bodies, weight integrity checks."""
