@@ -16,6 +16,7 @@ only implements it. Every denial raises SandboxError, never AttributeError.
 from __future__ import annotations
 
 import bisect
+import builtins
 import functools
 import importlib
 import inspect
@@ -52,7 +53,8 @@ _INTROSPECTION = frozenset({"mro", "fget", "fset", "fdel", "getter", "setter", "
 # Method names that mutate the state of long-lived objects (configs, tokenizers,
 # generators); allowed on the user's own lists, dicts and sets.
 _STATE_MUTATORS = ("set_", "add_", "update", "reset", "clear", "pop", "remove", "insert", "append",
-                   "extend", "setdefault", "resize", "tie_", "init_", "post_init", "enable_", "disable_")
+                   "extend", "setdefault", "resize", "tie_", "init_", "post_init", "enable_", "disable_",
+                   "no_", "train")
 _USER_CONTAINERS = (list, dict, set)
 
 # Tensor attributes that escape the tensor abstraction: raw memory, numpy
@@ -184,6 +186,20 @@ class Policy:
                         "remote code (work on a copy, e.g. w = weight.clone())"
                     )
 
+    def check_not_weight(self, what: str, value: Any) -> None:
+        """An activation must not BE a weight: the model may edit activations in place
+        (ReLU(inplace=True), ``x += residual``), which would then edit the weight."""
+        for item in _tensors_in(value):
+            if self.overlaps(item):
+                raise deny(f"{what}: this value shares memory with a model weight; pass a copy (w.clone())")
+
+    def _checked_skip(self, skip: Callable) -> Callable:
+        def checked(value: Any) -> Any:
+            self.check_not_weight("skip(...)", value)
+            return skip(value)
+
+        return checked
+
     # ------------------------------------------------------------ reading
 
     def getattr(self, obj: Any, name: str, default: Any = _MISSING) -> Any:
@@ -208,8 +224,8 @@ class Policy:
 
     def getitem(self, obj: Any, key: Any) -> Any:
         value = obj[key]
-        if isinstance(value, _UNREACHABLE_TYPES):
-            raise deny(f"{_kind(value)} objects cannot be used in remote code")
+        if isinstance(value, (types.ModuleType, *_UNREACHABLE_TYPES)) or _is_forbidden_builtin(value):
+            raise deny(f"{_kind(obj)}[...] leads to a {_kind(value)}, which remote code cannot use")
         return value
 
     def _check_attr(self, obj: Any, name: str) -> None:
@@ -259,7 +275,7 @@ class Policy:
 
     def _check_class_attr(self, cls: type, name: str) -> None:
         # Unbound methods take any object as `self`: judge them as if called on a protected instance.
-        if name.endswith("_") or dangerous(name):
+        if name.endswith("_") or dangerous(name) or name.startswith(_STATE_MUTATORS):
             raise deny(f"{cls.__name__}.{name} cannot be used through the class in remote code")
         if issubclass(cls, torch.Tensor) and name in _TENSOR_BLOCKED:
             raise deny(f"{cls.__name__}.{name} is not available in remote code")
@@ -294,10 +310,13 @@ class Policy:
     def _filter(self, obj: Any, name: str, value: Any) -> Any:
         if isinstance(value, types.ModuleType) or isinstance(value, _UNREACHABLE_TYPES):
             raise deny(f"{_kind(obj)}.{name} leads to a {_kind(value)}, which remote code cannot use")
-        if isinstance(value, type) and value in _UNREACHABLE_CLASSES:
+        if (isinstance(value, type) and value in _UNREACHABLE_CLASSES) or _is_forbidden_builtin(value):
             raise deny(f"{_kind(obj)}.{name} leads to {value.__name__}, which remote code cannot use")
-        if isinstance(obj, Envoy) and name in ("trace", "session", "generate"):
-            return _local_only(value, name)
+        if isinstance(obj, Envoy):
+            if name in ("trace", "session", "generate"):
+                return _local_only(value, name)
+            if name == "skip":
+                return self._checked_skip(value)
         if name == "log" and _is_tracer(obj):
             return self.print_values
         return value
@@ -465,7 +484,10 @@ class _Writer:
 
     def __setattr__(self, name: str, value: Any) -> None:
         obj = object.__getattribute__(self, "_obj")
-        object.__getattribute__(self, "_policy").check_setattr(obj, name)
+        policy = object.__getattribute__(self, "_policy")
+        policy.check_setattr(obj, name)
+        if isinstance(obj, Envoy):
+            policy.check_not_weight(f"model.{name} = ...", value)
         setattr(obj, name, value)
 
     def __delattr__(self, name: str) -> None:
@@ -479,6 +501,29 @@ class _Writer:
 # Objects that lead to frames, code and globals; reaching one by any path is refused.
 _UNREACHABLE_TYPES = (types.FrameType, types.CodeType, types.TracebackType)
 _UNREACHABLE_CLASSES = frozenset({type, object, super, types.FunctionType, types.CodeType})
+_FORBIDDEN_BUILTINS = frozenset(
+    id(getattr(builtins, name)) for name in (
+        "open", "exec", "eval", "compile", "__import__", "getattr", "setattr", "delattr", "globals",
+        "locals", "vars", "breakpoint", "input", "memoryview", "__build_class__",
+    )
+)
+
+
+def _tensors_in(value: Any, depth: int = 0) -> Iterable[torch.Tensor]:
+    """Tensors in ``value`` and in the lists, tuples and dicts it holds (a few levels deep)."""
+    if isinstance(value, torch.Tensor):
+        yield value
+    elif depth < 4 and isinstance(value, (list, tuple)):
+        for item in value:
+            yield from _tensors_in(item, depth + 1)
+    elif depth < 4 and isinstance(value, dict):
+        for item in value.values():
+            yield from _tensors_in(item, depth + 1)
+
+
+def _is_forbidden_builtin(value: Any) -> bool:
+    """The real ``open``, ``eval``, ... reached as some object's attribute or item."""
+    return id(value) in _FORBIDDEN_BUILTINS
 
 
 def _span(tensor: torch.Tensor) -> tuple[int, int] | None:

@@ -46,45 +46,71 @@ Policy (decisions, and why):
   ``fft``, ``special``, ``distributions``, parts of ``autograd`` / ``func`` /
   ``cuda``), ``math``, ``itertools``, parts of ``functools`` and
   ``collections``, ``einops`` if installed, and ``glassbox.save``. Each comes
-  as a read-only ModuleView: no monkeypatching, no private names, no
-  unlisted submodules. Refused in torch: ``load``, ``save``, ``hub``,
-  ``from_file``, ``frombuffer``, ``asarray``, ``compile``, ``jit``, ``ops``,
-  ``classes``, ``library``, ``utils``, ``backends``, ``distributed``,
-  ``multiprocessing``, the ``*Storage`` classes, every ``set_*`` and
-  ``use_*`` (process-wide state that would leak into the next job; grad mode
-  has ``torch.no_grad()``). ``torch.manual_seed`` is allowed: seeding is how
-  users make sampling reproducible; the worker should reseed per job.
-  numpy is not importable: ``np.asarray(weight)`` is a writable alias of the
-  weights, and numpy reads and writes files.
+  as a read-only ModuleView (whitelist.py): no monkeypatching, no private
+  names, no unlisted submodules. Refused in torch: ``load``, ``save``,
+  ``hub``, ``from_file``, ``frombuffer``, ``asarray``, ``compile``, ``jit``,
+  ``ops``, ``library``, ``utils``, ``backends``, ``distributed``,
+  ``multiprocessing``, ``fork``/``wait`` (threads), every class but a short
+  list (Tensor, Size, dtype, device, Generator, finfo, no_grad, autocast,
+  ...: torch re-exports TorchScript internals such as ``CompilationUnit``,
+  which compiles code from a string), every ``set_*`` and ``use_*``
+  (process-wide state that would leak into the next job; grad mode has
+  ``torch.no_grad()``). ``torch.func.functional_call`` is left out: it swaps
+  the served module's parameters while it runs. ``torch.manual_seed`` is
+  allowed: seeding is how users make sampling reproducible; the worker
+  should reseed per job. numpy is not importable: ``np.asarray(weight)`` is
+  a writable alias of the weights, and numpy reads and writes files.
   Attributes everywhere: names containing save/load/dump/pickle/file/hub/
-  pretrained/register/hook/open/write/export/compile/exec/... are refused
-  (files, hooks that outlive the job, serialisation), except glassbox's own
-  ``.save()``. ``str.format``/``format_map`` are checked: no ``{0.attr}`` or
-  ``{0[key]}`` fields. On objects that are not the user's own lists, dicts and
-  sets, mutating methods (``set_*``, ``add_*``, ``update``, ``pop``,
-  ``clear``, ...) are refused: configs and tokenizers are shared by every job.
+  pretrained/register/hook/open/write/export/compile/exec/ctypes/... are
+  refused (files, hooks that outlive the job, serialisation), except
+  glassbox's own ``.save()``; reaching a module object, a frame, code, or the
+  real ``open``/``eval``/``getattr``... through any attribute or item is
+  refused. ``str.format``/``format_map`` are checked: no ``{0.attr}`` or
+  ``{0[key]}`` fields. On objects that are not the user's own lists, dicts
+  and sets, mutating methods (``set_*``, ``add_*``, ``update``, ``pop``,
+  ``clear``, ``no_*``, ...) are refused, and so are attribute assignments:
+  configs and tokenizers are shared by every job. Through a class (unbound
+  methods take any ``self``), in-place and mutating names are refused.
   Tensors: ``.numpy``, ``.storage``, ``.untyped_storage``, ``.data_ptr``,
   ``.set_``, ``.share_memory_`` are refused; ``.data``, ``.detach()`` and
-  views are allowed, and stay protected (below). ``tensor.data = ...`` is refused.
+  views are allowed, and stay protected (below). ``tensor.data = ...`` is
+  refused (it would rebind the memory an earlier ``t.zero_`` points at).
   The served model (every Envoy and module passed in, plus ``protected=``):
   - Its weights are protected by memory, not by name: any tensor whose
     storage overlaps a protected tensor's memory (views, ``.data``,
     ``.detach()``, ``nn.Parameter(w)``, ``torch.from_dlpack``) cannot be
     written: in-place methods (``name_``), ``x[...] = ``, ``x op= ``,
-    ``out=``, ``inplace=True`` and in-place library functions all check.
+    ``out=``, ``inplace=True``, ``max_norm=`` (embedding), batch / instance
+    norm running statistics, ``torch.nn.init`` and in-place library
+    functions all check. A tensor whose memory cannot be located (inside
+    ``torch.vmap`` / ``torch.func``) counts as protected: fail closed.
+  - An activation must not be a weight: assigning a tensor that shares a
+    weight's memory to ``.output``/``.input``/``.inputs`` or passing it to
+    ``.skip()`` is refused, since the model may edit activations in place.
   - Envoys expose ``.output``/``.input``/``.inputs`` (read and assign),
     ``.skip``, ``.next``, ``.modules``, ``trace``/``session``/``generate``
-    (``remote=`` refused: it already runs on the server) and read access
-    to the module's attributes. Module methods that could change the model
-    (``to``, ``half``, ``train``, ``apply``, ``register_*``, ``load_state_dict``,
-    ``zero_grad``, ...) are refused; ``forward``, ``parameters``, ``get_*``,
+    (``remote=`` refused: it already runs on the server), ``tokenizer``,
+    ``config`` and read access to the module's attributes. Module methods
+    that could change the model (``to``, ``half``, ``train``, ``apply``,
+    ``register_*``, ``load_state_dict``, ``zero_grad``, ``dispatch``,
+    ``edit``, ...) are refused; ``forward``, ``parameters``, ``get_*``,
     ``state_dict`` and friends are fine. No attribute of the served model
     can be assigned or deleted except ``.output``/``.input``/``.inputs``.
   Not blocked here, caught after the job by ``integrity.WeightGuard`` (the
   worker must verify and restore after every job): calling a module of the
   model that itself computes in place (``ReLU(inplace=True)``) with a weight
-  as input; mutation of shared non-tensor state through a plain dict or list
-  the model exposes (e.g. ``config.id2label``).
+  as its input; mutation of shared non-tensor state through a plain dict or
+  list the model exposes (``config.id2label[0] = ...``) or through mutating
+  methods with unusual names. Process limits (time, memory, output size)
+  are the worker's job.
+  Known gap until glassbox.capture is wired to this module: bodies of
+  ``with tracer.invoke(...)`` and ``with tracer.all()`` blocks that glassbox
+  defers are compiled by ``capture`` with plain ``compile`` and run with the
+  real builtins. The whole source has passed the compile-time checks, but
+  the runtime guards (``getattr(x, "__cl" + "ass__")``, imports, weight
+  writes) do not apply there. Wiring: compile those bodies with
+  ``compile_restricted_ast`` and build their namespace from the frame's
+  globals, copying ``GUARD_NAMES`` (``__builtins__`` included).
 """
 
 from __future__ import annotations
@@ -311,6 +337,13 @@ def make_globals(
         "_aug_item_": policy.aug_item,
         "_aug_attr_": policy.aug_attr,
     }
+    # glassbox defers `with tracer.invoke(...)` bodies and compiles them itself; this
+    # key tells it to compile them here, under the same policy (older glassbox: no key).
+    from .. import capture
+
+    compiler_key = getattr(capture, "COMPILER_KEY", None)
+    if compiler_key is not None:
+        namespace[compiler_key] = compile_restricted_ast
     namespace.update(allowed)
     return namespace
 

@@ -26,8 +26,9 @@ if TYPE_CHECKING:
 _DANGEROUS_WORDS = (
     "save", "load", "dump", "pickle", "file", "hub", "pretrained", "register", "hook", "socket",
     "thread", "process", "popen", "spawn", "system", "write", "open", "export", "import", "serializ",
-    "share_memory", "storage", "compile", "exec", "remote", "upload", "push_to",
+    "share_memory", "storage", "compile", "exec", "remote", "upload", "push_to", "ctypes",
 )
+
 
 def dangerous(name: str) -> bool:
     lowered = name.lower()
