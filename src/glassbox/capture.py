@@ -23,6 +23,7 @@ import builtins
 import ctypes
 import linecache
 import sys
+import textwrap
 import threading
 from dataclasses import dataclass, field
 from types import CodeType, FrameType
@@ -42,13 +43,18 @@ class CapturedBody:
     reads: frozenset[str]
     writes: tuple[str, ...]
     snapshot: dict[str, Any] = field(default_factory=dict)
+    target: str | None = None  # the name after `as`, if any
+    loads: frozenset[str] = frozenset()  # names whose value the body uses (for remote)
     trivial: bool = False  # only `pass` / constants: nothing to skip (and no line event to skip on)
 
     def namespace(self, frame: FrameType) -> dict[str, Any]:
         """A fresh globals dict for running the body: the names it reads, as
         they are in ``frame`` right now (loop variables keep this iteration's value)."""
-        ns: dict[str, Any] = {"__builtins__": builtins, "__name__": frame.f_globals.get("__name__")}
         f_globals, f_locals = frame.f_globals, frame.f_locals
+        if COMPILER_KEY in f_globals:  # restricted code: keep its guards and builtins
+            ns = {k: v for k, v in f_globals.items() if k.startswith("_")}
+        else:
+            ns = {"__builtins__": builtins, "__name__": f_globals.get("__name__")}
         for name in self.reads:
             if name in f_locals:
                 ns[name] = f_locals[name]
@@ -57,7 +63,11 @@ class CapturedBody:
         return ns
 
 
-_cache: dict[tuple[str, int, int], CapturedBody | None] = {}
+# A frame whose globals hold this key runs restricted code (a server job): its
+# deferred bodies are compiled with that function instead of `compile`.
+COMPILER_KEY = "__glassbox_compile__"
+
+_cache: dict[tuple[Any, ...], CapturedBody | None] = {}
 _cache_lock = threading.Lock()
 
 
@@ -68,17 +78,18 @@ def capture_body(frame: FrameType, marker: str = "") -> CapturedBody | None:
     if not lines:
         return None
     lineno = frame.f_lineno
-    key = (filename, lineno, hash(tuple(lines)))
+    compiler = frame.f_globals.get(COMPILER_KEY)
+    key = (filename, lineno, hash(tuple(lines)), marker, compiler)
     with _cache_lock:
         if key in _cache:
             return _cache[key]
-    body = _compile(lines, filename, lineno, marker)
+    body = _compile(lines, filename, lineno, marker, compiler)
     with _cache_lock:
         _cache[key] = body
     return body
 
 
-def _compile(lines: list[str], filename: str, lineno: int, marker: str) -> CapturedBody | None:
+def _compile(lines: list[str], filename: str, lineno: int, marker: str, compiler: Any) -> CapturedBody | None:
     source = "".join(lines)
     try:
         tree = ast.parse(source, filename)
@@ -91,16 +102,21 @@ def _compile(lines: list[str], filename: str, lineno: int, marker: str) -> Captu
     if marker and marker not in header:
         return None
     module = ast.Module(body=node.body, type_ignores=[])
-    code = compile(module, filename, "exec")
-    reads, writes = _names(node.body)
-    body_source = "\n".join(
-        ast.get_source_segment(source, stmt, padded=True) or "" for stmt in node.body
-    )
+    code = compiler(module, filename) if compiler is not None else compile(module, filename, "exec")
+    reads, writes, loads = _names(node.body)
+    # the body's own lines, dedented: a remote trace ships them and the server keeps
+    # their line numbers, so errors there point at the user's lines
+    last = max(getattr(stmt, "end_lineno", None) or stmt.lineno for stmt in node.body)
+    body_source = textwrap.dedent("".join(lines[node.body[0].lineno - 1 : last]))
     trivial = all(
         isinstance(stmt, ast.Pass) or (isinstance(stmt, ast.Expr) and isinstance(stmt.value, ast.Constant))
         for stmt in node.body
     )
-    return CapturedBody(code, body_source, filename, node.body[0].lineno, reads, writes, trivial=trivial)
+    target = node.items[0].optional_vars
+    return CapturedBody(
+        code, body_source, filename, node.body[0].lineno, reads, writes,
+        target=target.id if isinstance(target, ast.Name) else None, loads=loads, trivial=trivial,
+    )
 
 
 def _header_end(node: ast.With) -> int:
@@ -116,14 +132,18 @@ def _find_with(tree: ast.AST, lineno: int) -> ast.With | None:
     return best
 
 
-def _names(body: list[ast.stmt]) -> tuple[frozenset[str], tuple[str, ...]]:
+def _names(body: list[ast.stmt]) -> tuple[frozenset[str], tuple[str, ...], frozenset[str]]:
     reads: set[str] = set()
+    loads: set[str] = set()
     writes: list[str] = []
     for stmt in body:
         for node in ast.walk(stmt):
+            if isinstance(node, ast.AugAssign) and isinstance(node.target, ast.Name):
+                loads.add(node.target.id)
             if isinstance(node, ast.Name):
                 if isinstance(node.ctx, ast.Load):
                     reads.add(node.id)
+                    loads.add(node.id)
                 elif node.id not in writes:
                     writes.append(node.id)
                     reads.add(node.id)  # `x += 1` and conditional writes read it too
@@ -135,7 +155,7 @@ def _names(body: list[ast.stmt]) -> tuple[frozenset[str], tuple[str, ...]]:
                     name = (alias.asname or alias.name).split(".")[0]
                     if name not in writes:
                         writes.append(name)
-    return frozenset(reads), tuple(writes)
+    return frozenset(reads), tuple(writes), frozenset(loads)
 
 
 # ------------------------------------------------------------------ skipping

@@ -115,6 +115,13 @@ class Envoy:
         """Run the module directly (inside a trace: an ad hoc call, not intercepted)."""
         return self._module(*args, **kwargs)
 
+    def _at(self, path: str) -> Envoy:
+        """The envoy at dotted ``path`` below this one ("" is this one)."""
+        node = self
+        for part in path.split(".") if path else ():
+            node = node._children[part]
+        return node
+
     def modules(self) -> list[Envoy]:
         """This envoy and all below it, in ``named_modules`` order."""
         out = [self]

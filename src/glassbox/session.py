@@ -2,13 +2,17 @@
 
 Offers:
     Session   locally a plain grouping (traces run as they are reached and
-              values flow between them as ordinary variables); a remote
-              session ships all its traces as one job.
+              values flow between them as ordinary variables); with
+              ``remote=True`` the whole block, all its traces, is one job on
+              the server, and the values saved in it come back.
 """
 
 from __future__ import annotations
 
+import sys
 from typing import Any
+
+from .capture import SkipBody, capture_body, skip_body
 
 
 class Session:
@@ -21,12 +25,37 @@ class Session:
                 model[0].output[:] = h
     """
 
-    def __init__(self, model: Any) -> None:
+    def __init__(self, model: Any, remote: bool = False, timeout: float | None = None,
+                 blocking: bool = True) -> None:
         self.model = model
-        self.traces = 0
+        self.remote = remote
+        self.timeout = timeout
+        self.blocking = blocking
+        self.job: Any = None
+        self._run: Any = None
+        self._skipper: Any = None
 
     def __enter__(self) -> Session:
+        if self.remote:
+            from .remote.client import RemoteRun
+
+            frame = sys._getframe(1)
+            self._run = RemoteRun(
+                self.model, "session", capture_body(frame, "session"), frame, [], {},
+                timeout=self.timeout, blocking=self.blocking,
+            )
+            if not self._run.body.trivial:
+                self._skipper = skip_body(frame)
         return self
 
     def __exit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> bool:
-        return False
+        if self._run is None:
+            return False
+        if self._skipper is not None:
+            self._skipper.disarm()
+        if exc_type is not None and exc_type is not SkipBody:
+            return False
+        run, self._run = self._run, None
+        run.run()
+        self.job = run.job
+        return True

@@ -57,7 +57,23 @@ def save(value: Any) -> Any:
     tracer = current_tracer()
     if tracer is not None:
         tracer._saved_ids.add(id(value))
+    collector = getattr(_state, "collector", None)
+    if collector is not None:
+        collector[id(value)] = value  # held, so the id stays this object's
     return value
+
+
+class collect_saved:
+    """Record every value saved in this thread while the block runs (a server
+    job returns exactly these, across all the traces of a session)."""
+
+    def __enter__(self) -> dict[int, Any]:
+        self.previous = getattr(_state, "collector", None)
+        _state.collector = {}
+        return _state.collector
+
+    def __exit__(self, *exc: Any) -> None:
+        _state.collector = self.previous
 
 
 def _tensor_save(self: Any) -> Any:
@@ -94,10 +110,29 @@ class Tracer:
             model[1].output[:] = 0
     """
 
-    def __init__(self, model: NNsight, args: tuple, kwargs: dict, call: dict | None = None) -> None:
+    _method = "trace"
+
+    def __init__(
+        self,
+        model: NNsight,
+        args: tuple,
+        kwargs: dict,
+        call: dict | None = None,
+        *,
+        remote: bool = False,
+        timeout: float | None = None,
+        blocking: bool = True,
+        remote_call: dict | None = None,
+    ) -> None:
         self.model = model
         self._inputs = (args, kwargs) if (args or kwargs) else None
         self._call = call or {}
+        self._remote = remote
+        self._remote_args = (list(args), dict(kwargs) if remote_call is None else dict(remote_call))
+        self._timeout = timeout
+        self._blocking = blocking
+        self._remote_run: Any = None
+        self.job: Any = None
         self._invokes: list[Deferred] = []
         self._interleaver: Interleaver | None = None
         self._saved_ids: set[int] = set()
@@ -108,6 +143,9 @@ class Tracer:
 
     def __enter__(self) -> Tracer:
         root = self.model
+        if self._remote:
+            self._enter_remote(sys._getframe(1))
+            return self
         if root.__dict__.get("_active") is not None:
             raise TraceStateError(
                 "this model is already being traced (a trace is open in this or another "
@@ -131,7 +169,32 @@ class Tracer:
             raise
         return self
 
+    def _enter_remote(self, frame: Any) -> None:
+        from .remote.client import RemoteRun
+
+        args, kwargs = self._remote_args
+        if args and kwargs.keys() & {"input_ids"}:
+            raise TypeError("give the input once: positionally or as input_ids=")
+        self._remote_run = RemoteRun(
+            self.model, self._method, capture_body(frame, self._method), frame, args, kwargs,
+            timeout=self._timeout, blocking=self._blocking,
+        )
+        self._skipper = None if self._remote_run.body.trivial else skip_body(frame)
+
+    def _exit_remote(self, exc_type: Any) -> bool:
+        if self._skipper is not None:
+            self._skipper.disarm()
+        if exc_type is not None and exc_type is not SkipBody:
+            return False
+        run, self._remote_run = self._remote_run, None
+        run.run()
+        self.job = run.job
+        self.result = run.result
+        return True
+
     def __exit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> bool:
+        if self._remote_run is not None:
+            return self._exit_remote(exc_type)
         root = self.model
         interleaver = self._interleaver
         assert interleaver is not None

@@ -45,15 +45,25 @@ class NNsight(Envoy):
 
     # ---------------------------------------------------------------- contexts
 
-    def trace(self, *args: Any, **kwargs: Any) -> Tracer:
+    def trace(
+        self, *args: Any, remote: bool = False, timeout: float | None = None, blocking: bool = True,
+        **kwargs: Any,
+    ) -> Tracer:
         """Open a trace. Inputs given here run as one batch entry; with none,
         add entries with ``tracer.invoke(...)``. Extra keyword arguments are
-        passed to the model's forward."""
-        return Tracer(self, args, kwargs)
+        passed to the model's forward. ``remote=True`` runs the block on the
+        glassbox server at ``CONFIG.HOST`` (``blocking=False``: ``tracer.job``)."""
+        return Tracer(self, args, kwargs, remote=remote, timeout=timeout, blocking=blocking)
 
-    def session(self) -> Session:
-        """Group several traces (values flow between them as ordinary variables)."""
-        return Session(self)
+    def session(self, remote: bool = False, timeout: float | None = None, blocking: bool = True) -> Session:
+        """Group several traces (values flow between them as ordinary variables);
+        with ``remote=True`` the whole block is one job on the server."""
+        return Session(self, remote=remote, timeout=timeout, blocking=blocking)
+
+    def _remote_name(self) -> str:
+        raise TraceStateError(
+            "remote execution needs a glassbox.LanguageModel: the server hosts models by name"
+        )
 
     def _envoy_of(self, module: Any) -> Envoy:
         if isinstance(module, Envoy):

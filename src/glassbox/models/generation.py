@@ -34,9 +34,16 @@ class GenerateTracer(Tracer):
         tokens = tracer.result
     """
 
-    def __init__(self, model: Any, args: tuple, kwargs: dict) -> None:
+    _method = "generate"
+
+    def __init__(self, model: Any, args: tuple, kwargs: dict, *, remote: bool = False,
+                 timeout: float | None = None, blocking: bool = True) -> None:
+        original = dict(kwargs)
         input_kwargs = {k: kwargs.pop(k) for k in ("input_ids", "attention_mask") if k in kwargs}
-        super().__init__(model, args, input_kwargs, call={"generate": kwargs})
+        super().__init__(
+            model, args, input_kwargs, call={"generate": kwargs}, remote=remote, timeout=timeout,
+            blocking=blocking, remote_call=original,
+        )
         self._per_step: list[_PerStep] = []
 
     @property

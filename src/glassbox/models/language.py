@@ -62,8 +62,10 @@ class LanguageModel(NNsight):
         dispatch: bool = False,
         attn_implementation: str | None = None,
         automodel: Any = None,
+        remote_name: str | None = None,
         **hf_kwargs: Any,
     ) -> None:
+        self.__dict__["_remote_as"] = remote_name
         if attn_implementation == attention.ATTN_IMPLEMENTATION:
             attention.register()
         self.__dict__["_loaded"] = isinstance(model, torch.nn.Module)
@@ -126,7 +128,10 @@ class LanguageModel(NNsight):
 
     # ---------------------------------------------------------------- contexts
 
-    def generate(self, *args: Any, **kwargs: Any) -> GenerateTracer:
+    def generate(
+        self, *args: Any, remote: bool = False, timeout: float | None = None, blocking: bool = True,
+        **kwargs: Any,
+    ) -> GenerateTracer:
         """``with model.generate(prompt, max_new_tokens=N) as tracer:`` — a trace
         around Hugging Face ``generate``; each forward call is one step."""
         if self.__dict__.get("_active") is not None:
@@ -136,7 +141,13 @@ class LanguageModel(NNsight):
                 "        model.<layer>.output[:, -1] *= 1.5   # step 0; use tracer.iter[...] or "
                 "tracer.all() for more steps\n    tokens = tracer.result"
             )
-        return GenerateTracer(self, args, kwargs)
+        return GenerateTracer(self, args, kwargs, remote=remote, timeout=timeout, blocking=blocking)
+
+    def _remote_name(self) -> str:
+        """The name the server knows this model by: ``remote_name=``, else the
+        folder name or hub id it was created from."""
+        name = self.__dict__.get("_remote_as") or self._source
+        return os.path.basename(os.path.normpath(name)) if os.path.isdir(str(name)) else str(name)
 
     # ---------------------------------------------------------------- inputs
 

@@ -1,0 +1,274 @@
+"""The client half of ``remote=True``: ship a block, wait, put saved values back.
+
+Offers:
+    RemoteRun     one remote trace / generate / session: built from the captured
+                  block and the caller's frame; ``.run()`` submits it and, when
+                  blocking, writes the saved values into the caller's variables.
+    JobHandle     what ``blocking=False`` gives: ``.status()``, ``.result()``,
+                  ``.cancel()``; ``JobHandle(job_id)`` works from a new process too.
+    NotSaved      stands in for a variable the block set but did not save.
+    RemoteError   a server-side failure whose exception type is not a builtin.
+
+Call hierarchy::
+
+    Tracer.__enter__(remote=True) ─ capture_body + skip_body ─► RemoteRun(...)
+    Tracer.__exit__  ─► RemoteRun.run()
+                          ├─ _request()   names the block reads: model -> reference,
+                          │               modules -> import, values -> protocol
+                          ├─ transport.submit / events (status line, printed output)
+                          └─ transport.result ─► _apply(): write_back(frame, saved)
+"""
+
+from __future__ import annotations
+
+import builtins
+import sys
+import time
+import types
+from typing import Any
+
+from .. import errors as _errors
+from ..capture import CapturedBody, write_back
+from ..config import CONFIG
+from ..envoy import Envoy
+from ..errors import GlassboxError, TraceStateError
+from .protocol import check_envelope, decode_values, encode_values, make_envelope
+
+JOB_KIND = "job"
+_FINAL = ("COMPLETED", "ERROR", "CANCELLED")
+
+
+class RemoteError(GlassboxError):
+    """The remote job failed with an exception type that is not a builtin."""
+
+
+class NotSavedError(GlassboxError):
+    """A variable set inside a remote block was used without having been saved."""
+
+
+class NotSaved:
+    """Placeholder for a variable the remote block set but did not ``.save()``."""
+
+    def __init__(self, name: str) -> None:
+        object.__setattr__(self, "_name", name)
+
+    def _fail(self, *args: Any, **kwargs: Any) -> Any:
+        name = object.__getattribute__(self, "_name")
+        raise NotSavedError(
+            f"`{name}` was not saved by the remote block: call .save() on it inside the block "
+            f"(e.g. `{name} = ....save()`) to get its value back"
+        )
+
+    def __getattr__(self, attr: str) -> Any:
+        return self._fail()
+
+    def __repr__(self) -> str:
+        return f"<not saved: {object.__getattribute__(self, '_name')}>"
+
+
+for _dunder in ("__getitem__", "__setitem__", "__len__", "__iter__", "__float__", "__int__", "__bool__",
+                "__add__", "__radd__", "__sub__", "__rsub__", "__mul__", "__rmul__", "__truediv__",
+                "__matmul__", "__neg__", "__array__", "__call__", "__eq__", "__lt__", "__gt__"):
+    setattr(NotSaved, _dunder, NotSaved._fail)
+NotSaved.__hash__ = object.__hash__  # type: ignore[method-assign]
+
+
+class RemoteRun:
+    """One block to run on the server."""
+
+    def __init__(
+        self,
+        model: Any,
+        method: str,
+        body: CapturedBody,
+        frame: types.FrameType,
+        inputs: list[Any],
+        call: dict[str, Any],
+        *,
+        timeout: float | None = None,
+        blocking: bool = True,
+    ) -> None:
+        if body is None:
+            raise TraceStateError(
+                "remote=True needs the source of the block (run it from a file or a notebook cell, "
+                "not `python -c` or an exec'd string)"
+            )
+        self.model = model
+        self.method = method
+        self.body = body
+        self.frame: types.FrameType | None = frame
+        self.inputs = inputs
+        self.call = call
+        self.timeout = timeout
+        self.blocking = blocking
+        self.sent: dict[str, Any] = {}
+        self.result: Any = None
+        self.job: JobHandle | None = None
+
+    # ---------------------------------------------------------------- request
+
+    def _request(self) -> tuple[dict, bytes]:
+        frame = self.frame
+        assert frame is not None
+        model_refs: dict[str, str] = {}
+        modules: dict[str, str] = {}
+        values: dict[str, Any] = {}
+        for name in sorted(self.body.loads):
+            if name == self.body.target:
+                continue
+            if name in frame.f_locals:
+                value = frame.f_locals[name]
+            elif name in frame.f_globals:
+                value = frame.f_globals[name]
+            else:
+                continue  # a builtin, or set inside the block first
+            if isinstance(value, Envoy):
+                if value._root is not self.model:
+                    raise TraceStateError(
+                        f"`{name}` belongs to a different model than the one traced remotely; "
+                        "a remote block can only use the model it traces"
+                    )
+                model_refs[name] = value._path
+            elif isinstance(value, types.ModuleType):
+                modules[name] = value.__name__
+            elif value is getattr(builtins, name, None):
+                continue
+            else:
+                values[name] = value
+        self.sent = values
+        desc, blob = encode_values({"vars": values, "inputs": self.inputs, "call": self.call})
+        containers = {n for n, v in values.items() if isinstance(v, (list, dict))}  # may be filled remotely
+        returns = sorted(set(self.body.writes) | containers)
+        envelope = make_envelope(JOB_KIND, {
+            "model": self.model._remote_name(),
+            "method": self.method,
+            "source": self.body.source,
+            "filename": self.body.filename,
+            "first_line": self.body.first_line,
+            "tracer_name": self.body.target,
+            "model_refs": model_refs,
+            "modules": modules,
+            "values": desc,
+            "writes": list(self.body.writes),
+            "returns": returns,
+            "timeout": self.timeout,
+        })
+        return envelope, blob
+
+    # ---------------------------------------------------------------- running
+
+    def run(self) -> None:
+        from . import transport
+
+        envelope, blob = self._request()
+        host, key = CONFIG.HOST, CONFIG.API_KEY
+        job_id = transport.submit(host, key, envelope, blob, self.timeout or CONFIG.TIMEOUT)
+        self.job = JobHandle(job_id, host=host, api_key=key)
+        if not self.blocking:
+            self.frame = None
+            return
+        _follow(self.job, self.timeout or CONFIG.TIMEOUT)
+        reply, out_blob = transport.result(host, key, job_id)
+        self._apply(reply, out_blob)
+
+    def _apply(self, reply_envelope: dict, blob: bytes) -> None:
+        frame = self.frame
+        self.frame = None
+        reply = check_envelope(reply_envelope, "result", receiver="client")
+        if reply.get("status") != "COMPLETED":
+            raise _remote_exception(reply.get("error") or {}, self.body.filename)
+        decoded = decode_values(reply["values"], blob)
+        saved = decoded.get("saved") or {}
+        self.result = decoded.get("result")
+        updates: dict[str, Any] = {}
+        for name, value in saved.items():
+            original = self.sent.get(name)
+            if isinstance(original, list) and isinstance(value, list):
+                original[:] = value  # keep the caller's object: others may hold it
+            elif isinstance(original, dict) and isinstance(value, dict):
+                original.clear()
+                original.update(value)
+            else:
+                updates[name] = value
+        for name in reply.get("unsaved", []):
+            updates.setdefault(name, NotSaved(name))
+        if frame is not None:
+            write_back(frame, updates)
+
+
+def _follow(job: JobHandle, timeout: float) -> None:
+    """Wait for the job, printing its output and (optionally) a status line."""
+    from . import transport
+
+    deadline = time.monotonic() + timeout + 30
+    last = None
+    for event in transport.events(job.host, job.api_key, job.id):
+        text = event.get("log")
+        if text:
+            sys.stdout.write(text)
+            sys.stdout.flush()
+        status = event.get("status")
+        if CONFIG.STATUS and status and status != last:
+            where = f" (queue position {event['position']})" if event.get("position") else ""
+            print(f"[glassbox] job {job.id[:8]}: {status}{where}", file=sys.stderr, flush=True)
+            last = status
+        if status in _FINAL:
+            return
+        if time.monotonic() > deadline:
+            job.cancel()
+            raise TimeoutError(f"remote job {job.id} did not finish within {timeout:.0f} s; it was cancelled")
+
+
+def _remote_exception(error: dict, filename: str) -> BaseException:
+    kind = str(error.get("type", "RemoteError"))
+    where = ""
+    if error.get("lineno"):
+        where = f'\n  on the server, at File "{filename}", line {error["lineno"]}'
+        if error.get("line"):
+            where += f": {error['line']}"
+    message = f"{error.get('message', 'remote job failed')}{where}"
+    cls = getattr(_errors, kind, None) or getattr(builtins, kind, None)
+    if isinstance(cls, type) and issubclass(cls, Exception):
+        try:
+            return cls(message)
+        except TypeError:
+            pass
+    return RemoteError(f"{kind}: {message}")
+
+
+class JobHandle:
+    """A submitted remote job (``blocking=False``, or ``JobHandle(job_id)`` later)."""
+
+    def __init__(self, job_id: str, host: str | None = None, api_key: str | None = None) -> None:
+        self.id = job_id
+        self.host = host or CONFIG.HOST
+        self.api_key = api_key if api_key is not None else CONFIG.API_KEY
+
+    def status(self) -> dict:
+        from . import transport
+
+        return transport.status(self.host, self.api_key, self.id)
+
+    def cancel(self) -> None:
+        from . import transport
+
+        transport.cancel(self.host, self.api_key, self.id)
+
+    def result(self, timeout: float | None = None) -> dict[str, Any]:
+        """Wait for the job and return its saved values by variable name
+        (``"result"`` holds generated ids for a generate job)."""
+        from . import transport
+
+        _follow(self, timeout or CONFIG.TIMEOUT)
+        reply_envelope, blob = transport.result(self.host, self.api_key, self.id)
+        reply = check_envelope(reply_envelope, "result", receiver="client")
+        if reply.get("status") != "COMPLETED":
+            raise _remote_exception(reply.get("error") or {}, "<remote block>")
+        decoded = decode_values(reply["values"], blob)
+        values = dict(decoded.get("saved") or {})
+        if decoded.get("result") is not None:
+            values["result"] = decoded["result"]
+        return values
+
+    def __repr__(self) -> str:
+        return f"JobHandle({self.id!r}, host={self.host!r})"

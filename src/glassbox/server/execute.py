@@ -1,0 +1,211 @@
+"""Run one remote job: decode it, compile it under restriction, trace, reply.
+
+Offers:
+    JOB_KIND                      the envelope kind of a job request
+    load_models(specs)            {name: folder or hub id} -> loaded LanguageModels
+    run_job(models, envelope, blob, log=, limits=) -> (result envelope, blob)
+
+Call hierarchy (inside the worker process, which holds models, no secrets)::
+
+    run_job
+      ├─ check_envelope / decode_values         data only: no pickle, functions as source
+      ├─ _job_source                            "with glassbox_model.trace(...) as tracer:" +
+      │                                          the user's block, on its original line numbers
+      ├─ compile_restricted_source + make_globals   sandbox (server/sandbox.py)
+      ├─ exec under collect_saved()            a normal local trace of the served model
+      ├─ _returned                             exactly the saved values (and containers of them)
+      └─ WeightGuard.verify / restore          no job can leave the weights changed
+
+User errors never escape: they come back as an ERROR result with the
+exception type, message and the line number in the user's own file.
+"""
+
+from __future__ import annotations
+
+import sys
+import textwrap
+import time
+import traceback
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from ..remote.protocol import RemoteFunction, check_envelope, decode_values, encode_values, make_envelope
+from ..tracing import collect_saved
+from .integrity import WeightGuard
+from .sandbox import compile_function, compile_restricted_source, make_globals, register_source
+
+JOB_KIND = "job"
+RESULT_KIND = "result"
+_METHODS = ("trace", "generate", "session")
+_guards: dict[int, WeightGuard] = {}
+_job_counter = 0
+
+
+def load_models(specs: dict[str, str]) -> dict[str, Any]:
+    """Load each served model with its weights (``LanguageModel(path, dispatch=True)``)."""
+    from ..models.language import LanguageModel
+
+    models = {}
+    for name, path in specs.items():
+        print(f"[glassbox worker] loading {name} from {path}", file=sys.stderr, flush=True)
+        models[name] = LanguageModel(path, dispatch=True)
+        _guard(models[name])
+    return models
+
+
+def _guard(model: Any) -> WeightGuard:
+    guard = _guards.get(id(model._module))
+    if guard is None:
+        guard = _guards[id(model._module)] = WeightGuard(model._module)
+    return guard
+
+
+def run_job(
+    models: dict[str, Any],
+    envelope: dict,
+    blob: bytes,
+    *,
+    log: Callable[[str], None],
+    limits: dict | None = None,
+) -> tuple[dict, bytes]:
+    """Execute one job; never raises for anything the user's code does."""
+    global _job_counter
+    _job_counter += 1
+    limits = limits or {}
+    started = time.perf_counter()
+    model = None
+    filename = f"<glassbox job {_job_counter}>"
+    payload: dict = {}
+    try:
+        payload = check_envelope(envelope, JOB_KIND, receiver="server")
+        name = payload.get("model")
+        if name not in models:
+            served = ", ".join(sorted(models)) or "none"
+            raise LookupError(f"model {name!r} is not served here; this server serves: {served}")
+        model = models[name]
+        _guard(model)  # snapshot before the first job touches it
+        reply, out_blob = _execute(model, payload, blob, filename, log, limits)
+    except Exception as exc:
+        reply, out_blob = _error(exc, filename, payload), b""
+    finally:
+        restored = _reset(model) if model is not None else []
+    if restored:
+        reply["restored"] = restored
+    reply["seconds"] = round(time.perf_counter() - started, 4)
+    return make_envelope(RESULT_KIND, reply), out_blob
+
+
+def _execute(model: Any, payload: dict, blob: bytes, filename: str, log: Callable, limits: dict):
+    values = decode_values(payload["values"], blob, numpy_as_tensor=True)
+    source = _job_source(payload)
+    register_source(filename, source)
+    code = compile_restricted_source(source, filename)
+    allowed: dict[str, Any] = {"glassbox_model": model}
+    for name, path in payload.get("model_refs", {}).items():
+        allowed[name] = model._at(path)
+    functions = {}
+    for name, value in values.get("vars", {}).items():
+        if isinstance(value, RemoteFunction):
+            functions[name] = value
+        else:
+            allowed[name] = value
+    allowed["glassbox_inputs"] = list(values.get("inputs", []))
+    allowed["glassbox_call"] = dict(values.get("call", {}))
+    namespace = make_globals(allowed, print_fn=log, protected=[model])
+    importer = namespace["__builtins__"]["__import__"]
+    for name, module_name in payload.get("modules", {}).items():
+        namespace[name] = importer(module_name, None, None, ("*",) if "." in module_name else (), 0)
+    for fn in functions.values():
+        compile_function(fn, namespace)
+    with collect_saved() as saved:
+        exec(code, namespace)
+        returned, unsaved = _returned(namespace, payload, saved, limits)
+        result = None
+        tracer = namespace.get(payload.get("tracer_name") or "", None)
+        if payload.get("method") == "generate" and tracer is not None:
+            result = getattr(tracer, "result", None)
+        desc, out_blob = encode_values({"saved": returned, "result": result})
+    max_bytes = limits.get("max_result_bytes")
+    if max_bytes and len(out_blob) > max_bytes:
+        raise MemoryError(
+            f"the saved values are {len(out_blob):,} bytes, over this server's result limit of "
+            f"{max_bytes:,}; save fewer or smaller values (e.g. one position: h[:, -1])"
+        )
+    return {"status": "COMPLETED", "values": desc, "unsaved": unsaved}, out_blob
+
+
+def _job_source(payload: dict) -> str:
+    method = payload.get("method")
+    if method not in _METHODS:
+        raise ValueError(f"unknown job method {method!r}; expected one of {_METHODS}")
+    target = payload.get("tracer_name") or "tracer"
+    if not target.isidentifier() or target.startswith("_"):
+        raise ValueError(f"bad tracer name {target!r}")
+    if method == "session":
+        header = f"with glassbox_model.session() as {target}:"
+    else:
+        header = f"with glassbox_model.{method}(*glassbox_inputs, **glassbox_call) as {target}:"
+    first_line = max(2, int(payload.get("first_line", 2)))
+    body = textwrap.indent(payload["source"], "    ", lambda line: True)
+    return "\n" * (first_line - 2) + header + "\n" + body
+
+
+def _holds_saved(value: Any, saved: dict[int, Any], depth: int = 0) -> bool:
+    if id(value) in saved:
+        return True
+    if depth > 8:
+        return False
+    if isinstance(value, (list, tuple)):
+        return any(_holds_saved(v, saved, depth + 1) for v in value)
+    if isinstance(value, dict):
+        return any(_holds_saved(v, saved, depth + 1) for v in value.values())
+    return False
+
+
+def _returned(namespace: dict, payload: dict, saved: dict[int, Any], limits: dict):
+    written = set(payload.get("writes", []))
+    returned, unsaved = {}, []
+    for name in payload.get("returns", []):
+        if name not in namespace:
+            continue
+        value = namespace[name]
+        if _holds_saved(value, saved):
+            returned[name] = value
+        elif name in written:
+            unsaved.append(name)
+    most = limits.get("max_saved_values")
+    if most and len(saved) > most:
+        raise MemoryError(f"{len(saved)} values were saved; this server allows at most {most} per job")
+    return returned, unsaved
+
+
+def _error(exc: BaseException, filename: str, payload: dict) -> dict:
+    lineno = None
+    for frame, line in traceback.walk_tb(exc.__traceback__):
+        if frame.f_code.co_filename == filename:
+            lineno = line
+    text = None
+    if lineno is not None and payload.get("source"):
+        index = lineno - int(payload.get("first_line", 2))
+        lines = payload["source"].splitlines()
+        if 0 <= index < len(lines):
+            text = lines[index].strip()
+    return {
+        "status": "ERROR",
+        "error": {"type": type(exc).__name__, "message": str(exc), "lineno": lineno, "line": text},
+    }
+
+
+def _reset(model: Any) -> list[str]:
+    """Leave nothing from this job for the next: weights, grads, torch state.
+    Returns the names of tensors that had changed (and were restored)."""
+    guard = _guard(model)
+    changed = guard.verify()
+    if changed:
+        guard.restore()
+    guard.clear_grads()
+    torch.set_grad_enabled(True)
+    model.__dict__["_active"] = None
+    return changed
