@@ -7,25 +7,31 @@
 """
 
 from .cache import Cache, CacheEntry
+from .config import CONFIG
 from .envoy import Envoy
 from .errors import GlassboxError, MissedModuleError, OutOfOrderError, TraceStateError
 from .models.base import NNsight
 from .models.generation import GenerateTracer
 from .models.language import LanguageModel
+from .remote.client import JobHandle, NotSavedError, RemoteError
 from .session import Session
 from .tracing import Invoker, Tracer, save
 
 __all__ = [
+    "CONFIG",
     "Cache",
     "CacheEntry",
     "Envoy",
     "GenerateTracer",
     "GlassboxError",
     "Invoker",
+    "JobHandle",
     "LanguageModel",
     "MissedModuleError",
     "NNsight",
+    "NotSavedError",
     "OutOfOrderError",
+    "RemoteError",
     "Session",
     "TraceStateError",
     "Tracer",
