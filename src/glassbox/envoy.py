@@ -66,6 +66,7 @@ class Envoy:
             if child_name.isidentifier() and child_name not in type(self)._RESERVED:
                 d[child_name] = envoy
         d["_children"] = children
+        d["_child_list"] = tuple(children.values())  # indexing is on the hot path
 
     # ---------------------------------------------------------------- tree
 
@@ -92,9 +93,9 @@ class Envoy:
             if key in children:
                 return children[key]
             raise KeyError(f"{self._display} has no submodule {key!r}; it has: {', '.join(children)}")
-        values = list(children.values())
+        values = self._child_list
         if isinstance(key, slice):
-            return values[key]
+            return list(values[key])
         try:
             return values[key]
         except IndexError:
@@ -103,7 +104,7 @@ class Envoy:
             ) from None
 
     def __iter__(self) -> Iterator[Envoy]:
-        return iter(list(self._children.values()))
+        return iter(self._child_list)
 
     def __len__(self) -> int:
         return len(self._children)
