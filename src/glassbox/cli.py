@@ -1,0 +1,230 @@
+"""The ``glassbox`` command.
+
+Offers:
+    main(argv=None) -> exit code      the console script (``glassbox ...``, ``python -m glassbox.cli ...``)
+
+Commands::
+
+    glassbox serve --model smollm2=/models/smollm2 [--model gpt2=...] [--host 127.0.0.1] [--port 8765]
+                   [--state-dir DIR] [--max-seconds 300] ...     every ServerConfig field is a flag
+    glassbox keys create --name alice     prints the new key once (only its hash is stored)
+    glassbox keys list                    id, name, created, revoked
+    glassbox keys revoke NAME_OR_ID
+    glassbox models [--host URL]          what a server serves
+
+``keys`` works on the server's database directly (``--state-dir`` / ``--db-url``, the same
+defaults as ``serve``), so it runs on the server machine, while the server runs or not.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import sys
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from .server.config import ServerConfig, parse_model_spec
+
+__all__ = ["main"]
+
+
+def _say(text: str) -> None:
+    print(f"[glassbox] {text}", file=sys.stderr, flush=True)
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _add_config_flags(parser: argparse.ArgumentParser, names: Sequence[str] | None = None) -> None:
+    """One flag per ServerConfig field (or those in ``names``), documented by the field's doc."""
+    for item in ServerConfig.fields():
+        if names is not None and item.name not in names:
+            continue
+        doc = item.metadata.get("doc", "")
+        if item.name == "models":
+            parser.add_argument("--model", dest="models", action="append", default=[], metavar="NAME=PATH",
+                                help=doc)
+            continue
+        default = item.default if item.default is not dataclasses.MISSING else None
+        kind = {int: int, float: float}.get(type(default), str)
+        parser.add_argument(_flag(item.name), dest=item.name, type=kind, default=None,
+                            metavar=item.name.upper(), help=f"{doc} (default: {default!r})")
+
+
+def _config(args: argparse.Namespace) -> ServerConfig:
+    values: dict[str, Any] = {}
+    for item in ServerConfig.fields():
+        value = getattr(args, item.name, None)
+        if item.name == "models":
+            if value:
+                specs = dict(parse_model_spec(text) for text in value)
+                # Absolute paths: the worker may run with another working directory.
+                values["models"] = {name: (os.path.abspath(path) if os.path.exists(path) else path)
+                                    for name, path in specs.items()}
+        elif value is not None:
+            values[item.name] = value
+    return ServerConfig(**values)
+
+
+# ---------------------------------------------------------------- serve
+
+
+def _serve(args: argparse.Namespace) -> int:
+    try:
+        config = _config(args)
+    except ValueError as err:
+        _say(str(err))
+        return 2
+    if not config.models:
+        _say("no models to serve: give at least one --model NAME=PATH")
+        return 2
+    try:
+        import uvicorn
+
+        from .server.app import create_app
+    except ImportError as err:
+        _say(f"the server needs its extra dependencies ({err.name} is missing): "
+             "pip install 'glassbox[server]'")
+        return 2
+    started = time.monotonic()
+    _say(f"state: {config.database_url()}")
+    _say(f"loading models: {', '.join(f'{n} ({p})' for n, p in config.models.items())}")
+    app = create_app(config, say=_say)
+    url = f"http://{config.host}:{config.port}"
+
+    class _Server(uvicorn.Server):
+        async def startup(self, sockets: Any = None) -> None:
+            await super().startup(sockets)
+            if self.started:
+                _say(f"listening on {url} (ready in {time.monotonic() - started:.1f} s); "
+                     "create a key with `glassbox keys create --name NAME`")
+
+    server = _Server(uvicorn.Config(app, host=config.host, port=config.port, log_level=args.log_level,
+                                    access_log=args.access_log, ws="websockets-sansio", lifespan="on"))
+    server.run()
+    if not server.started:
+        _say("the server did not start (see above)")
+        return 1
+    return 0
+
+
+# ---------------------------------------------------------------- keys
+
+
+def _store(args: argparse.Namespace) -> Any:
+    from .server.store import JobStore
+
+    config = ServerConfig(state_dir=args.state_dir or "", db_url=args.db_url or "")
+    return JobStore(config.database_url())
+
+
+def _when(stamp: float | None) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(stamp)) if stamp else "-"
+
+
+def _keys(args: argparse.Namespace) -> int:
+    store = _store(args)
+    try:
+        if args.keys_command == "create":
+            info, key = store.create_key(args.name)
+            print(key)
+            _say(f"created key {info.id} for {info.name!r}. It is shown only this once: give it to its "
+                 "user, who sets glassbox.CONFIG.API_KEY or GLASSBOX_API_KEY to it")
+        elif args.keys_command == "list":
+            keys = store.list_keys()
+            if not keys:
+                _say("no keys yet: create one with `glassbox keys create --name NAME`")
+            rows = [("ID", "NAME", "CREATED", "REVOKED")]
+            rows += [(k.id, k.name, _when(k.created), _when(k.revoked)) for k in keys]
+            _table(rows)
+        elif args.keys_command == "revoke":
+            revoked = store.revoke_key(args.name_or_id)
+            if not revoked:
+                _say(f"no active key with id or name {args.name_or_id!r}")
+                return 1
+            for info in revoked:
+                _say(f"revoked key {info.id} ({info.name!r})")
+        return 0
+    except ValueError as err:
+        _say(str(err))
+        return 2
+    finally:
+        store.close()
+
+
+# ---------------------------------------------------------------- models
+
+
+def _models(args: argparse.Namespace) -> int:
+    from .remote.transport import RemoteError, models
+
+    host = args.host or os.environ.get("GLASSBOX_HOST") or "http://127.0.0.1:8765"
+    try:
+        served = models(host, args.api_key or os.environ.get("GLASSBOX_API_KEY"))
+    except RemoteError as err:
+        _say(str(err))
+        return 1
+    rows = [("NAME", "STATUS", "CLASS", "PARAMETERS")]
+    for entry in served:
+        params = entry.get("parameters")
+        rows.append((str(entry.get("name")), str(entry.get("status", "")), str(entry.get("class", "")),
+                     f"{params:,}" if isinstance(params, int) else ""))
+    _table(rows)
+    return 0
+
+
+def _table(rows: list[tuple[str, ...]]) -> None:
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
+
+
+# ---------------------------------------------------------------- main
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="glassbox", description="glassbox: serve models for remote=True "
+                                     "traces, manage API keys, list served models.")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    serve = commands.add_parser("serve", help="run a glassbox server",
+                                description="Serve models to remote=True traces.")
+    _add_config_flags(serve)
+    serve.add_argument("--log-level", default="warning", help="uvicorn's log level (default: warning)")
+    serve.add_argument("--access-log", action="store_true", help="log every HTTP request")
+    serve.set_defaults(run=_serve)
+
+    keys = commands.add_parser("keys", help="create, list and revoke API keys",
+                               description="Manage the API keys of the server that uses this state dir.")
+    key_commands = keys.add_subparsers(dest="keys_command", required=True)
+    for name, help_text in (("create", "create a key (printed once)"), ("list", "list keys"),
+                            ("revoke", "revoke a key by id, or every key with this name")):
+        sub = key_commands.add_parser(name, help=help_text)
+        _add_config_flags(sub, ("state_dir", "db_url"))
+        if name == "create":
+            sub.add_argument("--name", required=True, help="who or what will use the key")
+        if name == "revoke":
+            sub.add_argument("name_or_id")
+    keys.set_defaults(run=_keys)
+
+    listing = commands.add_parser("models", help="list the models a server serves")
+    listing.add_argument("--host", help="server URL (default: $GLASSBOX_HOST, else http://127.0.0.1:8765)")
+    listing.add_argument("--api-key", help="not needed by glassbox servers; default: $GLASSBOX_API_KEY")
+    listing.set_defaults(run=_models)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        return int(args.run(args) or 0)
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

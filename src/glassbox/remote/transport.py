@@ -1,0 +1,310 @@
+"""Talking to a glassbox server over HTTP and websockets: submit, follow, fetch, cancel.
+
+Offers:
+    submit(host, api_key, envelope, blob, timeout) -> job id
+    events(host, api_key, job_id, *, timeout=None) -> iterator of event dicts, ending with the
+        final one ({"status": "COMPLETED" | "ERROR" | "CANCELLED", ...}); a websocket, or polling
+        when the websocket cannot be opened or breaks (printed output is neither lost nor repeated)
+    status(host, api_key, job_id, log_offset=0) -> dict
+    result(host, api_key, job_id) -> (result envelope, blob)
+    cancel(host, api_key, job_id) -> dict
+    models(host, api_key=None) -> [{"name": ..., ...}]
+    health(host) -> {"glassbox": version, "protocol": N, ...}
+    RemoteError       every failure here: what went wrong and what to do about it
+
+    job = submit("http://127.0.0.1:8765", key, envelope, blob, timeout=60)
+    for event in events("http://127.0.0.1:8765", key, job):
+        print(event.get("log", ""), end="")
+    envelope, blob = result("http://127.0.0.1:8765", key, job)
+
+``host`` may omit the scheme (``127.0.0.1:8765`` means ``http://127.0.0.1:8765``). Requests
+reuse one connection pool per process. Errors the server explains (protocol version, limits,
+unknown model) are shown as the server words them.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+
+from ..errors import GlassboxError
+from .framing import frame, unframe
+from .protocol import ProtocolError
+
+__all__ = ["RemoteError", "cancel", "events", "health", "models", "result", "status", "submit"]
+
+FINAL = frozenset({"COMPLETED", "ERROR", "CANCELLED"})
+_POLL_SECONDS = 0.1
+_CONNECT_SECONDS = 10.0
+_REQUEST_SECONDS = 60.0
+
+_client_lock = threading.Lock()
+_client: httpx.Client | None = None
+
+
+class RemoteError(GlassboxError):
+    """Talking to the glassbox server failed; ``status_code`` is the HTTP status, if there was one."""
+
+    def __init__(self, message: str, status_code: int | None = None) -> None:
+        super().__init__(message)
+        self.status_code = status_code
+
+
+def _http() -> httpx.Client:
+    global _client
+    with _client_lock:
+        if _client is None:
+            _client = httpx.Client(timeout=httpx.Timeout(_REQUEST_SECONDS, connect=_CONNECT_SECONDS))
+        return _client
+
+
+def _base(host: str) -> str:
+    host = (host or "").strip().rstrip("/")
+    if not host:
+        raise RemoteError("no server address: set glassbox.CONFIG.HOST or GLASSBOX_HOST "
+                          "(e.g. http://127.0.0.1:8765)")
+    return host if "://" in host else f"http://{host}"
+
+
+def _headers(api_key: str | None) -> dict[str, str]:
+    return {"Authorization": f"Bearer {api_key}"} if api_key else {}
+
+
+def _request(method: str, host: str, path: str, *, api_key: str | None = None, job_id: str | None = None,
+             timeout: float | None = None, **kwargs: Any) -> httpx.Response:
+    base = _base(host)
+    try:
+        response = _http().request(
+            method, base + path, headers={**_headers(api_key), **kwargs.pop("headers", {})},
+            timeout=httpx.Timeout(timeout or _REQUEST_SECONDS, connect=_CONNECT_SECONDS), **kwargs,
+        )
+    except httpx.ConnectError:
+        raise RemoteError(_no_server(base)) from None
+    except httpx.TimeoutException:
+        raise RemoteError(f"the glassbox server at {base} did not answer within "
+                          f"{timeout or _REQUEST_SECONDS:g} s") from None
+    except httpx.HTTPError as err:
+        raise RemoteError(f"lost the connection to the glassbox server at {base}: {err}") from None
+    _check(response, base, job_id)
+    return response
+
+
+def _no_server(base: str) -> str:
+    return f"no glassbox server at {base}: start one with `glassbox serve --model name=path`"
+
+
+def _detail(response: httpx.Response) -> str:
+    try:
+        body = response.json()
+    except ValueError:
+        return response.text.strip()[:500] or response.reason_phrase
+    if isinstance(body, dict) and "detail" in body:
+        detail = body["detail"]
+        return detail if isinstance(detail, str) else json.dumps(detail)
+    return json.dumps(body)[:500]
+
+
+def _check(response: httpx.Response, base: str, job_id: str | None) -> None:
+    code = response.status_code
+    if code < 400:
+        return
+    detail = _detail(response)
+    if code == 401:
+        message = _key_rejected(detail)
+    elif code == 404 and job_id is not None:
+        message = (f"job {job_id} not found at {base}: it does not exist, belongs to another API key, "
+                   f"or has expired (finished jobs are kept for a limited time). Server: {detail}")
+    elif code == 404 and not detail.startswith("model"):
+        message = f"{base} does not look like a glassbox server (404 for {response.request.url.path})"
+    elif code == 413:
+        message = f"request too large: {detail}"
+    elif code >= 500:
+        message = f"the glassbox server at {base} failed ({code}): {detail}"
+    else:
+        message = detail  # 400 protocol/version, 404 model, 409, 429: the server's words are the message
+    raise RemoteError(message, code)
+
+
+def _key_rejected(detail: str) -> str:
+    return ("API key rejected: set glassbox.CONFIG.API_KEY or GLASSBOX_API_KEY (create one with "
+            f"`glassbox keys create --name NAME`). Server: {detail}")
+
+
+# ---------------------------------------------------------------- the calls
+
+
+def submit(host: str, api_key: str | None, envelope: dict, blob: bytes, timeout: float | None = None) -> str:
+    """Send a job request; returns the id the server gave it."""
+    data = frame(envelope, blob)
+    response = _request("POST", host, "/v1/jobs", api_key=api_key, timeout=timeout, content=data,
+                        headers={"Content-Type": "application/octet-stream"})
+    job_id = _json(response).get("id")
+    if not isinstance(job_id, str):
+        raise RemoteError(f"the server at {_base(host)} accepted the job but sent no id")
+    return job_id
+
+
+def status(host: str, api_key: str | None, job_id: str, log_offset: int = 0) -> dict:
+    """The job's status, queue position and printed output from ``log_offset`` on."""
+    response = _request("GET", host, f"/v1/jobs/{job_id}", api_key=api_key, job_id=job_id,
+                        params={"log_offset": log_offset} if log_offset else None)
+    return _json(response)
+
+
+def result(host: str, api_key: str | None, job_id: str, timeout: float | None = None) -> tuple[dict, bytes]:
+    """The result envelope and blob of a finished job (failed and cancelled jobs have one too)."""
+    response = _request("GET", host, f"/v1/jobs/{job_id}/result", api_key=api_key, job_id=job_id,
+                        timeout=timeout)
+    try:
+        return unframe(response.content)
+    except ProtocolError as err:
+        raise RemoteError(f"the result of job {job_id} is unreadable: {err}") from None
+
+
+def cancel(host: str, api_key: str | None, job_id: str) -> dict:
+    """Cancel the job (a running one is stopped); returns {"id", "status", "cancelled"}."""
+    return _json(_request("DELETE", host, f"/v1/jobs/{job_id}", api_key=api_key, job_id=job_id))
+
+
+def models(host: str, api_key: str | None = None) -> list[dict]:
+    """The models the server serves, with what it knows about each."""
+    body = _json(_request("GET", host, "/v1/models", api_key=api_key))
+    served = body.get("models")
+    if not isinstance(served, list):
+        raise RemoteError(f"{_base(host)} sent a malformed model list")
+    return served
+
+
+def health(host: str) -> dict:
+    return _json(_request("GET", host, "/v1/health"))
+
+
+def _json(response: httpx.Response) -> dict:
+    try:
+        body = response.json()
+    except ValueError:
+        body = None
+    if not isinstance(body, dict):
+        raise RemoteError(f"unexpected answer from {response.request.url}: {response.text[:200]!r}")
+    return body
+
+
+# ---------------------------------------------------------------- events
+
+
+def events(host: str, api_key: str | None, job_id: str, *, timeout: float | None = None,
+           poll_seconds: float = _POLL_SECONDS) -> Iterator[dict]:
+    """Follow a job until it is final, yielding each event as it happens.
+
+    An event has ``status`` and, as they apply, ``position`` (jobs ahead in the queue), ``log``
+    (new printed output) with ``offset`` (where it starts in the job's whole output),
+    ``elapsed`` (seconds since submission) and ``error`` (on ERROR). With ``timeout``, raises
+    ``RemoteError`` if the job is not final by then (the job itself is left alone).
+    """
+    deadline = None if timeout is None else time.monotonic() + timeout
+    seen = [0]  # characters of printed output already yielded
+    follower = _follow_websocket(host, api_key, job_id, deadline, seen)
+    try:
+        final = yield from follower
+    except _WebsocketUnavailable:
+        final = False
+    if not final:
+        yield from _follow_polling(host, api_key, job_id, deadline, seen, poll_seconds)
+
+
+class _WebsocketUnavailable(Exception):
+    pass
+
+
+def _trim_log(event: dict, seen: list[int]) -> dict:
+    """Drop output already yielded (after a switch from websocket to polling, or a repeat)."""
+    text = event.get("log")
+    if not text:
+        return event
+    offset = event.get("offset")
+    offset = seen[0] if not isinstance(offset, int) else offset
+    end = offset + len(text)
+    if end <= seen[0]:
+        event = {k: v for k, v in event.items() if k not in ("log", "offset")}
+    elif offset < seen[0]:
+        event = {**event, "log": text[seen[0] - offset:], "offset": seen[0]}
+    seen[0] = max(seen[0], end)
+    return event
+
+
+def _follow_websocket(host: str, api_key: str | None, job_id: str, deadline: float | None,
+                      seen: list[int]) -> Iterator[dict]:
+    """Yields events; returns True once the final one was yielded, False if the stream broke
+    (the caller polls from there), raises _WebsocketUnavailable if it could not be opened."""
+    try:
+        from websockets.exceptions import ConnectionClosed, WebSocketException
+        from websockets.sync.client import connect
+    except ImportError:
+        raise _WebsocketUnavailable() from None
+    base = _base(host)
+    url = ("wss://" if base.startswith("https://") else "ws://") + base.split("://", 1)[1]
+    url += f"/v1/jobs/{job_id}/events"
+    try:
+        connection = connect(url, open_timeout=_CONNECT_SECONDS, close_timeout=2, max_size=None,
+                             legacy=True)
+    except ConnectionRefusedError:
+        raise RemoteError(_no_server(base)) from None
+    except (OSError, TimeoutError, WebSocketException):
+        raise _WebsocketUnavailable() from None
+    with connection:
+        try:
+            # The key goes in the first message, not the URL: URLs end up in logs.
+            connection.send(json.dumps({"api_key": api_key or ""}))
+            while True:
+                wait = None if deadline is None else deadline - time.monotonic()
+                if wait is not None and wait <= 0:
+                    raise RemoteError(f"job {job_id} did not finish in time; it is still on the server "
+                                      f"(cancel it with glassbox's JobHandle({job_id!r}).cancel())")
+                try:
+                    raw = connection.recv(timeout=wait)
+                except TimeoutError:
+                    continue  # the deadline check above ends it
+                event = json.loads(raw)
+                if not isinstance(event, dict):
+                    continue
+                if "error" in event and "status" not in event:
+                    code = event.get("code")
+                    if code == 401:
+                        raise RemoteError(_key_rejected(str(event["error"])), 401)
+                    if code == 404:
+                        raise RemoteError(f"job {job_id} not found at {base}: {event['error']}", 404)
+                    raise RemoteError(str(event["error"]), code if isinstance(code, int) else None)
+                yield _trim_log(event, seen)
+                if event.get("status") in FINAL:
+                    return True
+        except (ConnectionClosed, OSError, ValueError):
+            return False  # broken mid-way: polling picks up exactly where this stopped
+
+
+def _follow_polling(host: str, api_key: str | None, job_id: str, deadline: float | None, seen: list[int],
+                    poll_seconds: float) -> Iterator[dict]:
+    poll_seconds = min(max(poll_seconds, 0.05), 0.2)
+    last: tuple[Any, Any] | None = None
+    while True:
+        state = status(host, api_key, job_id, log_offset=seen[0])
+        event: dict[str, Any] = {"status": state.get("status"), "position": state.get("position"),
+                                 "elapsed": state.get("elapsed")}
+        if state.get("logs"):
+            event.update(log=state["logs"], offset=seen[0])
+        if state.get("error"):
+            event["error"] = state["error"]
+        event = _trim_log(event, seen)
+        now = (event["status"], event["position"])
+        if now != last or event.get("log"):
+            yield event
+            last = now
+        if event["status"] in FINAL:
+            return
+        if deadline is not None and time.monotonic() > deadline:
+            raise RemoteError(f"job {job_id} did not finish in time; it is still on the server")
+        time.sleep(poll_seconds)

@@ -1,0 +1,446 @@
+"""The durable job store: API keys and jobs in SQLite (default) or any SQLAlchemy 2 database.
+
+Offers:
+    JobStore(url)                     open (and create) the database
+      .create_key(name) -> (KeyInfo, key)       the key is returned once; only its sha256 is stored
+      .list_keys() / .revoke_key(name_or_id) / .authenticate(key) -> KeyInfo | None
+      .create_job(key_id, model, request, max_active=0) -> job id        (status RECEIVED)
+      .mark_queued(id) / .claim(id) / .requeue(id) / .finish(id, status, ...) / .cancel(id)
+      .get(id) -> JobInfo | None / .request(id) / .result(id)
+      .queued() -> [JobInfo] in FIFO order / .next_queued() / .position(id) / .active_count(key_id)
+      .recover() -> {what: count}       run once at startup: decide the fate of interrupted jobs
+      .delete_expired(ttl_seconds) -> n
+    KeyInfo, JobInfo                  plain snapshots (no live database rows leak out)
+    TooManyJobs                       create_job refused: the key is at its max_active
+    STATUSES, TERMINAL
+
+    store = JobStore("sqlite:///tmp/glassbox.db")
+    info, key = store.create_key("alice")
+    assert store.authenticate(key).name == "alice"
+
+Job lifecycle and durability (decisions):
+    RECEIVED  the request is stored (create_job); the API process validates and then
+    QUEUED    queues it (mark_queued) and answers the client with the id
+    RUNNING   the worker took it (claim: an atomic QUEUED -> RUNNING, attempts += 1)
+    COMPLETED / ERROR / CANCELLED   final; the request blob is dropped, the result kept
+              ``result_ttl_seconds`` after ``finished``, then deleted (delete_expired)
+
+    On startup ``recover`` settles what a dead server left behind:
+    - QUEUED jobs stay queued, in their original order.
+    - RUNNING jobs were interrupted by the server dying (a kill, a crash, a reboot), not
+      necessarily by the job: they go back to the head of the queue, once. A job that was
+      already run ``MAX_ATTEMPTS`` times fails instead ("the server stopped while running this
+      job N times"), so a job that itself kills the server cannot put it in a crash loop.
+      (A worker crash while the server lives is blamed on the job at once: see worker.py.)
+    - RECEIVED jobs never got their id back to the client (the server died before answering),
+      so nobody can fetch them: they fail rather than run unrequested.
+
+SQLite is used from many threads of one process: every transaction takes one lock (SQLite
+writes are serialised anyway) and WAL journaling lets readers of other processes (``glassbox
+keys``) work while the server runs. Timestamps are seconds since the epoch (UTC), as floats.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import secrets
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import (
+    Float,
+    Index,
+    Integer,
+    LargeBinary,
+    String,
+    Text,
+    create_engine,
+    delete,
+    event,
+    func,
+    select,
+    update,
+)
+from sqlalchemy.engine import Engine, make_url
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
+
+__all__ = [
+    "MAX_ATTEMPTS",
+    "STATUSES",
+    "TERMINAL",
+    "JobInfo",
+    "JobStore",
+    "KeyInfo",
+    "TooManyJobs",
+    "hash_key",
+]
+
+STATUSES = ("RECEIVED", "QUEUED", "RUNNING", "COMPLETED", "ERROR", "CANCELLED")
+TERMINAL = frozenset({"COMPLETED", "ERROR", "CANCELLED"})
+ACTIVE = ("RECEIVED", "QUEUED", "RUNNING")
+MAX_ATTEMPTS = 2
+KEY_PREFIX = "gbx_"
+
+
+class TooManyJobs(Exception):
+    """The key already has ``max_active`` jobs received, queued or running."""
+
+    def __init__(self, active: int, limit: int) -> None:
+        super().__init__(f"{active} jobs active, limit {limit}")
+        self.active = active
+        self.limit = limit
+
+
+def hash_key(key: str) -> str:
+    # Keys are 256 random bits, so a plain (unsalted, fast) hash cannot be brute-forced and
+    # lets authentication be one indexed lookup.
+    return hashlib.sha256(key.encode("utf-8")).hexdigest()
+
+
+class _Base(DeclarativeBase):
+    pass
+
+
+class _ApiKey(_Base):
+    __tablename__ = "api_keys"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    name: Mapped[str] = mapped_column(String(200), index=True)
+    key_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    created: Mapped[float] = mapped_column(Float)
+    revoked: Mapped[float | None] = mapped_column(Float, nullable=True)
+
+
+class _Job(_Base):
+    __tablename__ = "jobs"
+
+    # seq orders the queue (FIFO); the public id is random so ids cannot be guessed or counted.
+    seq: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    id: Mapped[str] = mapped_column(String(64), unique=True)
+    key_id: Mapped[str] = mapped_column(String(32), index=True)
+    model: Mapped[str] = mapped_column(String(200))
+    status: Mapped[str] = mapped_column(String(16))
+    created: Mapped[float] = mapped_column(Float)
+    updated: Mapped[float] = mapped_column(Float)
+    started: Mapped[float | None] = mapped_column(Float, nullable=True)
+    finished: Mapped[float | None] = mapped_column(Float, nullable=True)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    request: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True)
+    result: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True)
+    error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    logs: Mapped[str] = mapped_column(Text, default="")
+
+    __table_args__ = (Index("ix_jobs_status_seq", "status", "seq"), Index("ix_jobs_finished", "finished"))
+
+
+@dataclass(frozen=True)
+class KeyInfo:
+    id: str
+    name: str
+    created: float
+    revoked: float | None
+
+
+@dataclass(frozen=True)
+class JobInfo:
+    id: str
+    key_id: str
+    model: str
+    status: str
+    created: float
+    updated: float
+    started: float | None
+    finished: float | None
+    attempts: int
+    error: dict | None
+    logs: str
+    has_result: bool
+
+    @property
+    def terminal(self) -> bool:
+        return self.status in TERMINAL
+
+
+def _key_info(row: _ApiKey) -> KeyInfo:
+    return KeyInfo(row.id, row.name, row.created, row.revoked)
+
+
+# Columns of a job without its blobs: listing and polling must not read megabytes per row.
+_INFO_COLUMNS = (
+    _Job.id, _Job.key_id, _Job.model, _Job.status, _Job.created, _Job.updated, _Job.started,
+    _Job.finished, _Job.attempts, _Job.error, _Job.logs, _Job.result.is_not(None).label("has_result"),
+)
+
+
+def _info_from_columns(row: Any) -> JobInfo:
+    return JobInfo(
+        id=row.id, key_id=row.key_id, model=row.model, status=row.status, created=row.created,
+        updated=row.updated, started=row.started, finished=row.finished, attempts=row.attempts,
+        error=json.loads(row.error) if row.error else None, logs=row.logs or "",
+        has_result=bool(row.has_result),
+    )
+
+
+class JobStore:
+    """API keys and jobs, in the database at ``url`` (created if missing).
+
+        store = JobStore("sqlite://")            # in memory, for tests
+        job = store.create_job("k1", "gpt2", b"...")
+        store.mark_queued(job)
+        assert store.next_queued().id == job
+    """
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        parsed = make_url(url)
+        self._sqlite = parsed.get_backend_name() == "sqlite"
+        kwargs: dict[str, Any] = {}
+        if self._sqlite:
+            database = parsed.database
+            if database and database != ":memory:":
+                Path(database).expanduser().parent.mkdir(parents=True, exist_ok=True)
+            else:
+                # One shared connection, or each thread would see its own empty in-memory database.
+                from sqlalchemy.pool import StaticPool
+
+                kwargs["poolclass"] = StaticPool
+            kwargs["connect_args"] = {"check_same_thread": False, "timeout": 30}
+        self.engine: Engine = create_engine(url, **kwargs)
+        if self._sqlite:
+            event.listen(self.engine, "connect", _sqlite_pragmas)
+        _Base.metadata.create_all(self.engine)
+        self._sessions = sessionmaker(self.engine, expire_on_commit=False)
+        # SQLite: one writer at a time anyway, and a shared in-memory connection needs it.
+        self._lock: contextlib.AbstractContextManager = (
+            threading.RLock() if self._sqlite else contextlib.nullcontext()
+        )
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    @contextlib.contextmanager
+    def _session(self) -> Iterator[Session]:
+        with self._lock, self._sessions.begin() as session:
+            yield session
+
+    # ------------------------------------------------------------ keys
+
+    def create_key(self, name: str) -> tuple[KeyInfo, str]:
+        """A new key for ``name``; the plain key is only ever in the return value."""
+        name = name.strip()
+        if not name:
+            raise ValueError("a key needs a name (who or what uses it)")
+        key = KEY_PREFIX + secrets.token_urlsafe(32)
+        row = _ApiKey(id=secrets.token_hex(6), name=name, key_hash=hash_key(key), created=time.time())
+        with self._session() as session:
+            session.add(row)
+            session.flush()
+            info = _key_info(row)
+        return info, key
+
+    def list_keys(self, include_revoked: bool = True) -> list[KeyInfo]:
+        with self._session() as session:
+            query = select(_ApiKey).order_by(_ApiKey.created)
+            if not include_revoked:
+                query = query.where(_ApiKey.revoked.is_(None))
+            return [_key_info(row) for row in session.scalars(query)]
+
+    def revoke_key(self, name_or_id: str) -> list[KeyInfo]:
+        """Revoke the key with this id, else every active key with this name; returns those revoked."""
+        with self._session() as session:
+            rows = list(session.scalars(select(_ApiKey).where(_ApiKey.id == name_or_id,
+                                                              _ApiKey.revoked.is_(None))))
+            if not rows:
+                rows = list(session.scalars(select(_ApiKey).where(_ApiKey.name == name_or_id,
+                                                                  _ApiKey.revoked.is_(None))))
+            now = time.time()
+            for row in rows:
+                row.revoked = now
+            return [_key_info(row) for row in rows]
+
+    def authenticate(self, key: str | None) -> KeyInfo | None:
+        if not key:
+            return None
+        with self._session() as session:
+            row = session.scalar(select(_ApiKey).where(_ApiKey.key_hash == hash_key(key),
+                                                       _ApiKey.revoked.is_(None)))
+            return _key_info(row) if row is not None else None
+
+    # ------------------------------------------------------------ jobs
+
+    def create_job(self, key_id: str, model: str, request: bytes, *, max_active: int = 0) -> str:
+        """Store a request as RECEIVED and return its new id. With ``max_active``, refuse
+        (``TooManyJobs``) when the key already has that many jobs received, queued or running;
+        the count and the insert are one transaction, so concurrent submits cannot overshoot."""
+        now = time.time()
+        job_id = secrets.token_urlsafe(16)
+        with self._session() as session:
+            if max_active:
+                active = session.scalar(select(func.count()).select_from(_Job).where(
+                    _Job.key_id == key_id, _Job.status.in_(ACTIVE))) or 0
+                if active >= max_active:
+                    raise TooManyJobs(active, max_active)
+            session.add(_Job(id=job_id, key_id=key_id, model=model, status="RECEIVED", created=now,
+                             updated=now, attempts=0, request=bytes(request), logs=""))
+        return job_id
+
+    def mark_queued(self, job_id: str) -> bool:
+        return self._transition(job_id, ("RECEIVED",), status="QUEUED")
+
+    def claim(self, job_id: str) -> bool:
+        """QUEUED -> RUNNING, atomically: False if someone else took or cancelled it first."""
+        now = time.time()
+        with self._session() as session:
+            done = session.execute(
+                update(_Job).where(_Job.id == job_id, _Job.status == "QUEUED")
+                .values(status="RUNNING", started=now, updated=now, attempts=_Job.attempts + 1)
+            )
+            return done.rowcount == 1
+
+    def requeue(self, job_id: str) -> bool:
+        """RUNNING -> QUEUED (keeping its place at the head of the queue) for a job the server
+        interrupted itself, e.g. on shutdown; the attempt does not count against the job."""
+        return self._transition(job_id, ("RUNNING",), status="QUEUED", started=None, logs="",
+                                attempts=_Job.attempts - 1)
+
+    def finish(self, job_id: str, status: str, *, result: bytes | None = None, error: dict | None = None,
+               logs: str | None = None) -> bool:
+        """Move a job that is not final yet to a final ``status``; False if it already was final
+        (a cancel and a completion raced: the first one wins)."""
+        if status not in TERMINAL:
+            raise ValueError(f"finish() takes a final status {sorted(TERMINAL)}, got {status!r}")
+        now = time.time()
+        values: dict[str, Any] = {"status": status, "finished": now, "updated": now, "request": None,
+                                  "result": result, "error": json.dumps(error) if error else None}
+        if logs is not None:
+            values["logs"] = logs
+        with self._session() as session:
+            done = session.execute(
+                update(_Job).where(_Job.id == job_id, _Job.status.in_(ACTIVE)).values(**values)
+            )
+            return done.rowcount == 1
+
+    def cancel(self, job_id: str, *, result: bytes | None = None) -> str | None:
+        """Cancel a job that has not started (storing ``result`` as what its owner fetches):
+        returns its status afterwards (CANCELLED, or RUNNING / a final status that cancelling
+        here cannot change), None if there is no such job."""
+        now = time.time()
+        with self._session() as session:
+            session.execute(
+                update(_Job).where(_Job.id == job_id, _Job.status.in_(("RECEIVED", "QUEUED")))
+                .values(status="CANCELLED", finished=now, updated=now, request=None, result=result)
+            )
+            return session.scalar(select(_Job.status).where(_Job.id == job_id))
+
+    def _transition(self, job_id: str, before: tuple[str, ...], **values: Any) -> bool:
+        values.setdefault("updated", time.time())
+        with self._session() as session:
+            done = session.execute(
+                update(_Job).where(_Job.id == job_id, _Job.status.in_(before)).values(**values)
+            )
+            return done.rowcount == 1
+
+    def get(self, job_id: str) -> JobInfo | None:
+        with self._session() as session:
+            row = session.execute(select(*_INFO_COLUMNS).where(_Job.id == job_id)).first()
+            return _info_from_columns(row) if row is not None else None
+
+    def request(self, job_id: str) -> bytes | None:
+        with self._session() as session:
+            return session.scalar(select(_Job.request).where(_Job.id == job_id))
+
+    def result(self, job_id: str) -> bytes | None:
+        with self._session() as session:
+            return session.scalar(select(_Job.result).where(_Job.id == job_id))
+
+    def queued(self) -> list[JobInfo]:
+        """Every QUEUED job, first to run first."""
+        with self._session() as session:
+            rows = session.execute(select(*_INFO_COLUMNS).where(_Job.status == "QUEUED").order_by(_Job.seq))
+            return [_info_from_columns(row) for row in rows]
+
+    def next_queued(self) -> JobInfo | None:
+        with self._session() as session:
+            row = session.execute(
+                select(*_INFO_COLUMNS).where(_Job.status == "QUEUED").order_by(_Job.seq).limit(1)
+            ).first()
+            return _info_from_columns(row) if row is not None else None
+
+    def position(self, job_id: str) -> int | None:
+        """How many queued jobs run before this one (0: it is next), None if it is not queued."""
+        with self._session() as session:
+            row = session.execute(select(_Job.seq, _Job.status).where(_Job.id == job_id)).first()
+            if row is None or row.status != "QUEUED":
+                return None
+            return session.scalar(select(func.count()).select_from(_Job).where(
+                _Job.status == "QUEUED", _Job.seq < row.seq)) or 0
+
+    def active_count(self, key_id: str) -> int:
+        with self._session() as session:
+            return session.scalar(select(func.count()).select_from(_Job).where(
+                _Job.key_id == key_id, _Job.status.in_(ACTIVE))) or 0
+
+    def jobs_of(self, key_id: str) -> list[JobInfo]:
+        with self._session() as session:
+            rows = session.execute(select(*_INFO_COLUMNS).where(_Job.key_id == key_id).order_by(_Job.seq))
+            return [_info_from_columns(row) for row in rows]
+
+    # ------------------------------------------------------------ housekeeping
+
+    def recover(self, max_attempts: int = MAX_ATTEMPTS) -> dict[str, int]:
+        """Settle jobs a previous server process left unfinished (see the module docstring)."""
+        now = time.time()
+        counts = {"requeued": 0, "failed": 0, "dropped": 0, "queued": 0}
+        with self._session() as session:
+            for row in session.scalars(select(_Job).where(_Job.status.in_(ACTIVE)).order_by(_Job.seq)):
+                if row.status == "QUEUED":
+                    counts["queued"] += 1
+                    continue
+                row.updated = now
+                if row.status == "RECEIVED":
+                    row.status, row.finished, row.request = "ERROR", now, None
+                    row.error = json.dumps({
+                        "type": "ServerRestarted",
+                        "message": "the server stopped before it could queue this job; submit it again",
+                    })
+                    counts["dropped"] += 1
+                elif row.attempts < max_attempts:
+                    row.status, row.started = "QUEUED", None
+                    row.logs = ""  # the rerun prints everything again
+                    counts["requeued"] += 1
+                else:
+                    row.status, row.finished, row.request = "ERROR", now, None
+                    row.error = json.dumps({
+                        "type": "ServerRestarted",
+                        "message": (
+                            f"the server stopped while running this job {row.attempts} times; it is not "
+                            "run again in case the job itself is what stops the server"
+                        ),
+                    })
+                    counts["failed"] += 1
+        return counts
+
+    def delete_expired(self, ttl_seconds: float, now: float | None = None) -> int:
+        """Delete final jobs that finished more than ``ttl_seconds`` ago."""
+        cutoff = (time.time() if now is None else now) - ttl_seconds
+        with self._session() as session:
+            done = session.execute(delete(_Job).where(_Job.status.in_(TERMINAL), _Job.finished < cutoff))
+            return done.rowcount
+
+
+def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+    cursor = dbapi_connection.cursor()
+    try:
+        # WAL: `glassbox keys` (another process) can read and write while the server runs.
+        cursor.execute("PRAGMA journal_mode=WAL")
+        # FULL: a job the client was told is queued survives a power cut, not only a kill.
+        cursor.execute("PRAGMA synchronous=FULL")
+        cursor.execute("PRAGMA busy_timeout=30000")
+    finally:
+        cursor.close()

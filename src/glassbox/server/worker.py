@@ -1,0 +1,483 @@
+"""The worker process that holds the models and runs jobs, and the API-side handle that feeds it.
+
+Offers:
+    WorkerHandle(config, store, on_event=None, say=print)   parent side, in the API process
+      .start(wait=True)      spawn the worker, wait until its models are loaded, start feeding it
+      .wake()                a job was queued: look at the store now rather than at the next tick
+      .cancel(job_id)        stop a running job (kills and restarts the worker); False if not running
+      .stop()                end the feeder and the worker
+      .state / .models / .error / .pid / .running_job
+    WorkerStartError         the worker could not start or load its models
+    SENSITIVE_ENV            what an environment variable's name must not look like to reach the worker
+
+Process layout and why::
+
+    API process (keys, database)                       worker process (models, no secrets)
+    ───────────────────────────                        ──────────────────────────────────
+    feeder thread:                                     _worker_main:
+      store.next_queued() ── claim ──► pipe ─ job ──►    execute.run_job(models, envelope, blob,
+      wait(pipe, sentinel, deadline)  ◄── log ────────        log=<send LOG>, limits=...)
+      store.finish(...)               ◄── result ─────
+      deadline passed / cancel: kill, ERROR/CANCELLED, respawn (queue untouched: it is in the store)
+      worker died (OOM kill, segfault): ERROR for its job, respawn
+
+- The worker is started with the ``spawn`` method: a fresh interpreter that inherits no memory of
+  the API process (no database engine, no keys), and it is given only the model specs, the
+  executor's module name and the torch thread count. Environment variables whose names look like
+  secrets (``SENSITIVE_ENV``) are removed before it starts and again inside it.
+- Both directions of the pipe carry ``framing`` messages (JSON + bytes), never pickle: the API
+  process must not unpickle what a process running untrusted code sends it.
+- Jobs run strictly one at a time in FIFO order; the deadline counts from when the worker receives
+  the job. Killing is the only way to stop arbitrary code, so cancel and timeout both kill.
+- A worker left behind by an API process that died (``kill -9``) notices its parent is gone and
+  exits, so a restarted server does not find the old one still holding the models' memory.
+- Every job starts from ``torch.manual_seed(0)``: sampling inside a job is reproducible and no job
+  inherits the random state of the one before.
+"""
+
+from __future__ import annotations
+
+import importlib
+import multiprocessing
+import multiprocessing.connection
+import os
+import re
+import threading
+import time
+import traceback
+from collections.abc import Callable
+from typing import Any
+
+from ..remote.framing import frame, unframe
+from ..remote.protocol import PROTOCOL_VERSION, ProtocolError
+from .config import ServerConfig
+from .store import JobStore
+
+__all__ = ["SENSITIVE_ENV", "WorkerHandle", "WorkerStartError", "error_result"]
+
+SENSITIVE_ENV = re.compile(r"KEY|TOKEN|SECRET|PASSW|CREDENTIAL|AUTH|DB_URL|DATABASE|COOKIE|SESSION",
+                           re.IGNORECASE)
+_ENV_LOCK = threading.Lock()
+_POLL = 0.05  # seconds between looks at the deadline / cancel flag while a job runs
+
+
+class WorkerStartError(RuntimeError):
+    """The worker process could not start or could not load its models."""
+
+
+def error_result(kind: str, message: str) -> dict:
+    """A result envelope for a job the server itself ended (time limit, crash, cancel)."""
+    from .. import __version__
+
+    return {"protocol": PROTOCOL_VERSION, "glassbox": __version__, "kind": "result", "status": "ERROR",
+            "error": {"type": kind, "message": message, "lineno": None, "line": None}}
+
+
+# ================================================================ inside the worker process
+
+
+def _worker_main(conn: multiprocessing.connection.Connection, specs: dict[str, str], executor: str,
+                 torch_threads: int) -> None:
+    _scrub_environment()
+    _exit_with_parent()
+    import torch
+
+    if torch_threads:
+        torch.set_num_threads(torch_threads)
+    try:
+        torch.set_num_interop_threads(1)  # jobs run one at a time; fewer idle threads
+    except RuntimeError:
+        pass  # already fixed by an import that ran parallel work: harmless
+    started = time.monotonic()
+    try:
+        module = importlib.import_module(executor)
+        models = module.load_models(specs)
+    except BaseException:  # the parent must hear why, whatever it was
+        _send(conn, {"op": "failed", "error": traceback.format_exc()})
+        return
+    _send(conn, {"op": "ready", "models": {name: _describe(model) for name, model in models.items()},
+                 "seconds": round(time.monotonic() - started, 3), "threads": torch.get_num_threads()})
+    while True:
+        try:
+            message, blob = unframe(conn.recv_bytes())
+        except (EOFError, OSError):
+            return  # the parent is gone
+        if message.get("op") != "job":
+            return  # "stop", or anything unexpected: end cleanly
+        job_id = str(message["job"])
+        torch.manual_seed(0)
+        result, out = _run_one(module, models, job_id, blob, dict(message.get("limits") or {}), conn)
+        try:
+            _send(conn, {"op": "result", "job": job_id, "result": result}, out)
+        except (OSError, ProtocolError) as err:
+            try:
+                _send(conn, {"op": "result", "job": job_id,
+                             "result": error_result("InternalError", f"cannot send the result: {err}")})
+            except OSError:
+                return
+
+
+def _run_one(module: Any, models: dict, job_id: str, request: bytes, limits: dict,
+             conn: multiprocessing.connection.Connection) -> tuple[dict, bytes]:
+    # Capped here, in the worker, so a print loop cannot flood the pipe and the API process.
+    left = [int(limits.pop("max_log_bytes", 0) or 0) or None]  # bytes still allowed; None: no cap
+
+    def log(text: str) -> None:
+        text = str(text)
+        if left[0] is not None:
+            if left[0] <= 0:
+                return
+            data = text.encode("utf-8", "replace")
+            if len(data) > left[0]:
+                text = data[:left[0]].decode("utf-8", "ignore")
+                text += "\n[glassbox] later output of this job was dropped (over the server's log limit)\n"
+                left[0] = 0
+            else:
+                left[0] -= len(data)
+        _send(conn, {"op": "log", "job": job_id, "text": text})
+
+    try:
+        envelope, blob = unframe(request)
+        result, out = module.run_job(models, envelope, blob, log=log, limits=limits)
+        if not isinstance(result, dict):
+            raise TypeError(f"run_job returned {type(result).__name__}, not a dict")
+        return result, bytes(out or b"")
+    except Exception as err:  # run_job handles user errors; this is a server bug
+        return error_result("InternalError", f"the server failed to run this job: {err!r}"), b""
+
+
+def _send(conn: multiprocessing.connection.Connection, message: dict, blob: bytes = b"") -> None:
+    conn.send_bytes(frame(message, blob))
+
+
+def _describe(model: Any) -> dict:
+    module = getattr(model, "_module", model)
+    info: dict[str, Any] = {"class": type(module).__name__}
+    try:
+        info["parameters"] = int(sum(p.numel() for p in module.parameters()))
+    except Exception:  # a description is best effort
+        pass
+    config = getattr(module, "config", None)
+    for attr in ("model_type", "num_hidden_layers", "hidden_size", "vocab_size"):
+        value = getattr(config, attr, None)
+        if isinstance(value, (int, str)):
+            info[attr] = value
+    return info
+
+
+def _scrub_environment() -> None:
+    for name in list(os.environ):
+        if SENSITIVE_ENV.search(name):
+            del os.environ[name]
+
+
+def _exit_with_parent() -> None:
+    parent = os.getppid()
+
+    def watch() -> None:
+        while True:
+            time.sleep(0.5)
+            if os.getppid() != parent:
+                os._exit(0)  # orphaned: the API process died; free the models' memory now
+
+    threading.Thread(target=watch, name="glassbox-parent-watch", daemon=True).start()
+
+
+# ================================================================ in the API process
+
+
+class WorkerHandle:
+    """Runs queued jobs from ``store`` in a worker process, one at a time, first come first served.
+
+        handle = WorkerHandle(ServerConfig(models={"gpt2": path}), store, on_event=print)
+        handle.start()                  # returns once the models are loaded
+        handle.wake()                   # after store.mark_queued(job_id)
+    """
+
+    def __init__(
+        self,
+        config: ServerConfig,
+        store: JobStore,
+        *,
+        on_event: Callable[[str, dict], None] | None = None,
+        say: Callable[[str], None] | None = None,
+    ) -> None:
+        self.config = config
+        self.store = store
+        self.on_event = on_event or (lambda job_id, event: None)
+        self.say = say or (lambda text: None)
+        self.state = "stopped"  # stopped | starting | ready | failed
+        self.models: dict[str, dict] = {}
+        self.error: str | None = None
+        self.running_job: str | None = None
+        self.restarts = 0
+        self._process: multiprocessing.process.BaseProcess | None = None
+        self._conn: multiprocessing.connection.Connection | None = None
+        self._wake = threading.Event()
+        self._stopping = threading.Event()
+        self._cancel: set[str] = set()
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+
+    @property
+    def pid(self) -> int | None:
+        return self._process.pid if self._process is not None else None
+
+    # ------------------------------------------------------------ control
+
+    def start(self, wait: bool = True) -> None:
+        """Spawn the worker and start feeding it. With ``wait``, return once the models are loaded
+        (raising ``WorkerStartError`` if they cannot be); otherwise load in the background."""
+        if self._thread is not None:
+            return
+        if wait:
+            self._spawn()
+        self._thread = threading.Thread(target=self._feed, name="glassbox-feeder", daemon=True)
+        self._thread.start()
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    def cancel(self, job_id: str) -> bool:
+        """Ask the feeder to kill the job ``job_id`` if it is the one running (it then becomes
+        CANCELLED and the worker restarts). Returns whether it was running."""
+        with self._lock:
+            if self.running_job != job_id:
+                return False
+            self._cancel.add(job_id)
+        self._wake.set()
+        return True
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self._stopping.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            self._thread = None
+        self._kill()
+        self.state = "stopped"
+
+    # ------------------------------------------------------------ process
+
+    def _spawn(self) -> None:
+        self.state = "starting"
+        self.error = None
+        context = multiprocessing.get_context("spawn")
+        parent_conn, child_conn = context.Pipe(duplex=True)
+        process = context.Process(
+            target=_worker_main,
+            args=(child_conn, dict(self.config.models), self.config.executor, self.config.torch_threads),
+            name="glassbox-worker",
+            daemon=True,
+        )
+        # The child inherits the environment as it is at start: take secrets out for that moment.
+        with _ENV_LOCK:
+            hidden = {name: os.environ.pop(name) for name in list(os.environ) if SENSITIVE_ENV.search(name)}
+            try:
+                process.start()
+            finally:
+                os.environ.update(hidden)
+        child_conn.close()
+        self._process, self._conn = process, parent_conn
+        names = ", ".join(self.config.models) or "no models"
+        self.say(f"worker {process.pid}: loading {names}")
+        deadline = time.monotonic() + self.config.worker_start_timeout
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                self._kill()
+                limit = self.config.worker_start_timeout
+                self._failed(f"the worker did not load its models within {limit:g} s "
+                             "(the server's worker_start_timeout)")
+            ready = multiprocessing.connection.wait([parent_conn, process.sentinel], min(remaining, 1.0))
+            if self._stopping.is_set():
+                self._kill()
+                raise WorkerStartError("the server is stopping")
+            if parent_conn in ready:
+                try:
+                    message, _ = unframe(parent_conn.recv_bytes())
+                except (EOFError, OSError, ProtocolError):
+                    message = {"op": "failed", "error": "the worker process exited while loading the models"}
+                if message.get("op") == "ready":
+                    self.models = dict(message.get("models") or {})
+                    self.state = "ready"
+                    self.say(f"worker {process.pid}: ready in {message.get('seconds')} s "
+                             f"({message.get('threads')} torch threads)")
+                    return
+                self._kill()
+                self._failed(str(message.get("error") or message))
+            elif process.sentinel in ready:
+                code = process.exitcode
+                self._kill()
+                self._failed(f"the worker process exited while loading the models ({_exit_reason(code)})")
+
+    def _failed(self, error: str) -> None:
+        self.state = "failed"
+        self.error = error
+        raise WorkerStartError(f"the worker could not load its models:\n{error}")
+
+    def _kill(self) -> None:
+        process, conn = self._process, self._conn
+        self._process = self._conn = None
+        if process is not None:
+            if process.is_alive():
+                process.kill()
+            process.join(10)
+            if process.exitcode is not None:
+                process.close()
+        if conn is not None:
+            conn.close()
+
+    def _alive(self) -> bool:
+        return self._process is not None and self._process.is_alive()
+
+    # ------------------------------------------------------------ feeding
+
+    def _feed(self) -> None:
+        backoff = 1.0
+        while not self._stopping.is_set():
+            try:
+                if not self._alive():
+                    self._kill()
+                    try:
+                        self._spawn()
+                        backoff = 1.0
+                    except WorkerStartError as err:
+                        if self._stopping.is_set():
+                            return
+                        self.say(f"{err}\nretrying in {backoff:.0f} s")
+                        self._stopping.wait(backoff)
+                        backoff = min(backoff * 2, 60.0)
+                        continue
+                job = self.store.next_queued()
+                if job is None:
+                    self._wake.wait(0.5)
+                    self._wake.clear()
+                    continue
+                # Known as running before the claim, so a cancel that sees RUNNING in the store
+                # always finds it here.
+                with self._lock:
+                    self.running_job = job.id
+                if self.store.claim(job.id):
+                    self._run(job.id)
+                else:
+                    with self._lock:
+                        self.running_job = None
+            except Exception:  # the feeder must survive anything (e.g. a database hiccup)
+                self.say(f"feeder error (continuing):\n{traceback.format_exc()}")
+                self._stopping.wait(0.5)
+
+    def _run(self, job_id: str) -> None:
+        logs: list[str] = []
+        try:
+            self.on_event(job_id, {"status": "RUNNING"})
+            request = self.store.request(job_id)
+            if request is None:
+                self._finish(job_id, error_result("InternalError", "the request of this job was lost"), logs)
+                return
+            limits = {**self.config.limits(), "max_log_bytes": self.config.max_log_bytes}
+            conn, process = self._conn, self._process
+            assert conn is not None and process is not None
+            try:
+                conn.send_bytes(frame({"op": "job", "job": job_id, "limits": limits}, request))
+            except OSError:
+                self._crashed(job_id, logs)
+                return
+            deadline = time.monotonic() + self.config.max_seconds
+            while True:
+                if self._stopping.is_set():
+                    # Not the job's fault: it runs again, from the start, when the server is back.
+                    self._kill()
+                    self.store.requeue(job_id)
+                    return
+                if job_id in self._cancel:
+                    self._kill()
+                    cancelled = error_result("Cancelled", "the job was cancelled by its owner")
+                    self._finish(job_id, cancelled, logs, status="CANCELLED")
+                    return
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    self._kill()
+                    limit = f"{self.config.max_seconds:g}"
+                    self._finish(job_id, error_result(
+                        "TimeoutError",
+                        f"the job exceeded the time limit of {limit} s and was stopped "
+                        "(the server's max_seconds)"), logs)
+                    return
+                ready = multiprocessing.connection.wait([conn, process.sentinel], min(remaining, _POLL))
+                if conn in ready:
+                    try:
+                        message, blob = unframe(conn.recv_bytes())
+                    except (EOFError, OSError, ProtocolError):
+                        self._crashed(job_id, logs)
+                        return
+                    if message.get("job") != job_id:
+                        continue  # left over from a job that was already settled
+                    if message.get("op") == "log":
+                        text = str(message.get("text", ""))
+                        offset = sum(len(chunk) for chunk in logs)
+                        logs.append(text)
+                        self.on_event(job_id, {"status": "RUNNING", "log": text, "offset": offset})
+                    elif message.get("op") == "result":
+                        self._completed(job_id, message.get("result"), blob, logs)
+                        return
+                elif process.sentinel in ready:
+                    self._crashed(job_id, logs)
+                    return
+        finally:
+            with self._lock:
+                self.running_job = None
+                self._cancel.discard(job_id)
+
+    def _completed(self, job_id: str, result: Any, blob: bytes, logs: list[str]) -> None:
+        if not isinstance(result, dict):
+            result = error_result("InternalError", "the worker sent a malformed result")
+            blob = b""
+        if len(blob) > self.config.max_result_bytes:
+            result = error_result("MemoryError", (
+                f"the result is {len(blob):,} bytes, over this server's limit of "
+                f"{self.config.max_result_bytes:,} (max_result_bytes); save fewer or smaller values"))
+            blob = b""
+        if "protocol" not in result:
+            result = {"protocol": PROTOCOL_VERSION, "kind": "result", **result}
+        self._finish(job_id, result, logs, blob=blob)
+
+    def _crashed(self, job_id: str, logs: list[str]) -> None:
+        code = None
+        if self._process is not None:
+            self._process.join(1)  # the pipe can close a moment before the exit status is known
+            code = self._process.exitcode
+        self._kill()
+        self._finish(job_id, error_result("WorkerCrashed", (
+            f"the worker process died while running this job ({_exit_reason(code)}); the job may "
+            "need more memory than the server has. The worker was restarted.")), logs)
+
+    def _finish(self, job_id: str, result: dict, logs: list[str], *, blob: bytes = b"",
+                status: str | None = None) -> None:
+        status = status or ("COMPLETED" if result.get("status") == "COMPLETED" else "ERROR")
+        error = result.get("error") if status != "COMPLETED" else None
+        try:
+            data = frame(result, blob)
+        except ProtocolError as err:
+            result = error_result("InternalError", f"the result could not be stored: {err}")
+            status, error, data = "ERROR", result["error"], frame(result)
+        if self.store.finish(job_id, status, result=data, error=error, logs="".join(logs)):
+            event: dict[str, Any] = {"status": status}
+            if error:
+                event["error"] = error
+            self.on_event(job_id, event)
+
+
+def _exit_reason(code: int | None) -> str:
+    if code is None:
+        return "exit status unknown"
+    if code < 0:
+        import signal
+
+        try:
+            name = signal.Signals(-code).name
+        except ValueError:
+            name = f"signal {-code}"
+        hint = ", often the out-of-memory killer" if -code == signal.SIGKILL else ""
+        return f"killed by {name}{hint}"
+    return f"exit code {code}"
