@@ -277,6 +277,7 @@ def test_description_and_blob_must_agree():
     {"t": "dtype", "v": "os.system"}, {"t": "size", "v": [1, "2"]},
     {"t": "function", "name": "a b", "source": ""},
     {"t": "pickle", "v": "gASV"}, {"v": 1}, "just a string", {"t": "tensor", "key": 3},
+    {"t": "device", "v": "warp-drive:9"},
 ])
 def test_malformed_descriptions_raise_protocol_errors(node):
     with pytest.raises(ProtocolError):

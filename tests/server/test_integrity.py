@@ -102,6 +102,19 @@ def test_structural_changes_are_undone(module):
     _assert_pristine(module, reference)
 
 
+def test_added_and_deleted_submodules_are_undone(module):
+    reference = copy.deepcopy(module)
+    guard = WeightGuard(module)
+    module[0].probe = torch.nn.Linear(2, 2)
+    batch_norm = module._modules.pop("1")  # deleted, the others keep their names
+    assert set(guard.verify()) >= {"0.probe.weight", "0.probe.bias", "1.weight", "1.running_mean"}
+    guard.restore()
+    assert guard.verify() == [] and module[1] is batch_norm and not hasattr(module[0], "probe")
+    _assert_pristine(module, reference)
+    inputs = torch.randn(3, 4)
+    assert torch.equal(module(inputs), reference(inputs))  # children run in their old order again
+
+
 def test_dtype_changes_are_undone(module):
     reference = copy.deepcopy(module)
     guard = WeightGuard(module)

@@ -574,3 +574,23 @@ def test_caught_errors_do_not_help(model, x, guard):
         model, x,
     )
     assert ns["tries"] == 3
+
+
+class Forwarder:
+    """An object that forwards attribute access to a tensor (like glassbox's tensor-like outputs)."""
+
+    def __init__(self, tensor: torch.Tensor) -> None:
+        self._tensor = tensor
+
+    def __getattr__(self, name: str):
+        return getattr(self._tensor, name)
+
+
+def test_tensor_rules_hold_through_forwarding_objects(model, x, guard):
+    wrapped = Forwarder(model._module[0].weight)
+    for source, message in (("wrapped.zero_()", "would modify a model weight"),
+                            ("a = wrapped.numpy()", "raw memory")):
+        with pytest.raises(SandboxError, match=message):
+            run(source, model, x, wrapped=wrapped)
+    ns = run("total = wrapped.sum()", model, x, wrapped=wrapped)
+    assert torch.equal(ns["total"], model._module[0].weight.sum())

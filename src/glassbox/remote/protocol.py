@@ -387,7 +387,7 @@ class _Decoder:
             return reader(node, path, depth)
         except ProtocolError:
             raise
-        except (KeyError, TypeError, ValueError, AttributeError) as err:
+        except (KeyError, TypeError, ValueError, AttributeError, RuntimeError) as err:
             raise ProtocolError(f"malformed {kind} value at {path}: {err}") from None
 
     def read_none(self, node: dict, path: str, depth: int) -> None:

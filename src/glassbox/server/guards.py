@@ -312,6 +312,11 @@ class Policy:
             raise deny(f"{_kind(obj)}.{name} leads to a {_kind(value)}, which remote code cannot use")
         if (isinstance(value, type) and value in _UNREACHABLE_CLASSES) or _is_forbidden_builtin(value):
             raise deny(f"{_kind(obj)}.{name} leads to {value.__name__}, which remote code cannot use")
+        owner = value.__self__ if isinstance(value, _METHOD_TYPES) else None
+        if isinstance(owner, torch.Tensor) and owner is not obj:
+            # A method of a tensor reached through an object that forwards attributes
+            # (a tensor-like model output): judge it as the tensor's own attribute.
+            self._check_tensor_attr(owner, name)
         if isinstance(obj, Envoy):
             if name in ("trace", "session", "generate"):
                 return _local_only(value, name)
@@ -500,6 +505,7 @@ class _Writer:
 
 # Objects that lead to frames, code and globals; reaching one by any path is refused.
 _UNREACHABLE_TYPES = (types.FrameType, types.CodeType, types.TracebackType)
+_METHOD_TYPES = (types.BuiltinMethodType, types.MethodType, types.MethodWrapperType)
 _UNREACHABLE_CLASSES = frozenset({type, object, super, types.FunctionType, types.CodeType})
 _FORBIDDEN_BUILTINS = frozenset(
     id(getattr(builtins, name)) for name in (

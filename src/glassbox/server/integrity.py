@@ -4,7 +4,8 @@ Offers:
     WeightGuard(module, keep_copy=True, keyed=False)
         .verify()       -> names of parameters / buffers that changed since the snapshot
         .restore()      -> put every changed one back exactly (content, dtype, device,
-                           object identity, requires_grad, module slots); returns the names
+                           object identity, requires_grad, and every module's submodules,
+                           parameters and buffers in their order); returns the names
         .clear_grads()  drop ``.grad`` of every parameter (a backward leaves them behind)
     content_checksum(tensor, key=None)
 
@@ -38,6 +39,7 @@ import torch
 _CHUNK = 1 << 22
 _MASK = (1 << 64) - 1
 _weights: dict[tuple[str, int], torch.Tensor] = {}
+_SLOTS = ("_modules", "_parameters", "_buffers")
 
 
 def content_checksum(tensor: torch.Tensor, key: bytes | None = None) -> int | bytes:
@@ -120,6 +122,8 @@ class WeightGuard:
             module = inner
         self.module = module
         self._modules = dict(module.named_modules(remove_duplicate=False))
+        self._layout = {name: tuple(list(getattr(m, slot).items()) for slot in _SLOTS)
+                        for name, m in self._modules.items()}
         self._entries: dict[str, _Entry] = {}
         self._key = os.urandom(16) if keyed else None
         self._sums: dict[int, int | bytes] = {}
@@ -173,35 +177,26 @@ class WeightGuard:
             return []
         if self._pristine is None:
             raise RuntimeError(f"weights changed ({', '.join(changed[:5])}) but no pristine copy was kept")
-        self._restore_modules()
+        self._restore_layout()
         done: set[int] = set()
         for name in changed:
-            owner_name, _, leaf = name.rpartition(".")
-            owner = self._modules[owner_name]
             entry = self._entries.get(name)
-            if entry is None:  # added by the job
-                owner._parameters.pop(leaf, None)
-                owner._buffers.pop(leaf, None)
-                continue
-            slots = owner._parameters if entry.kind == "param" else owner._buffers
-            other = owner._buffers if entry.kind == "param" else owner._parameters
-            other.pop(leaf, None)
-            owner.__dict__.pop(leaf, None)
-            slots[leaf] = entry.tensor
-            if id(entry.tensor) not in done:
+            if entry is not None and id(entry.tensor) not in done:
                 done.add(id(entry.tensor))
                 self._restore_content(entry)
         return changed
 
-    def _restore_modules(self) -> None:
-        """Put back submodules the job replaced (parents before children)."""
+    def _restore_layout(self) -> None:
+        """Give every module back its original submodules, parameters and buffers, as
+        the same objects and in the same order (a Sequential runs its children in order)."""
         for name, module in self._modules.items():
-            if not name:
-                continue
-            parent_name, _, leaf = name.rpartition(".")
-            parent = self._modules[parent_name]
-            if parent._modules.get(leaf) is not module:
-                parent._modules[leaf] = module
+            for slot, items in zip(_SLOTS, self._layout[name]):
+                current = getattr(module, slot)
+                if [(k, id(v)) for k, v in current.items()] != [(k, id(v)) for k, v in items]:
+                    current.clear()
+                    current.update(items)
+                    for key, _ in items:
+                        module.__dict__.pop(key, None)  # a plain attribute would shadow the slot
 
     def _restore_content(self, entry: _Entry) -> None:
         tensor = entry.tensor
