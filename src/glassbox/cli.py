@@ -2,6 +2,9 @@
 
 Offers:
     main(argv=None) -> exit code      the console script (``glassbox ...``, ``python -m glassbox.cli ...``)
+    start_server(models, state_dir=...) -> RunningServer   ``glassbox serve`` as a loopback subprocess,
+                                      returned once it answers (for demos and tests)
+    free_port()                       a TCP port free on 127.0.0.1 right now
 
 Commands::
 
@@ -28,7 +31,7 @@ from typing import Any
 
 from .server.config import ServerConfig, parse_model_spec
 
-__all__ = ["main"]
+__all__ = ["RunningServer", "free_port", "main", "start_server"]
 
 
 def _say(text: str) -> None:
@@ -181,6 +184,100 @@ def _table(rows: list[tuple[str, ...]]) -> None:
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     for row in rows:
         print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
+
+
+# ---------------------------------------------------------------- a server in the background
+
+
+class RunningServer:
+    """A ``glassbox serve`` subprocess on loopback (what demos and tests embed).
+
+        with start_server({"gpt2": path}, state_dir=tmp) as server:
+            print(server.url)             # http://127.0.0.1:<free port>
+            key = server.create_key("alice")
+    """
+
+    def __init__(self, process: Any, url: str, state_dir: str, log_path: str) -> None:
+        self.process = process
+        self.url = url
+        self.state_dir = state_dir
+        self.log_path = log_path
+
+    def output(self) -> str:
+        with open(self.log_path, encoding="utf-8", errors="replace") as file:
+            return file.read()
+
+    def create_key(self, name: str) -> str:
+        from .server.store import JobStore
+
+        store = JobStore(ServerConfig(state_dir=self.state_dir).database_url())
+        try:
+            return store.create_key(name)[1]
+        finally:
+            store.close()
+
+    def kill(self) -> None:
+        """SIGKILL, as a crash or the OOM killer would: nothing gets to clean up."""
+        if self.process.poll() is None:
+            self.process.kill()
+        self.process.wait(30)
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """A graceful stop (SIGTERM): running jobs go back to the queue."""
+        import subprocess
+
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+    def __enter__(self) -> RunningServer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def start_server(models: dict[str, str], *, state_dir: str, port: int | None = None,
+                 args: Sequence[str] = (), timeout: float = 180.0) -> RunningServer:
+    """Start ``python -m glassbox.cli serve`` on 127.0.0.1 and return once it answers /v1/health
+    (its models are loaded by then). Output goes to ``<state_dir>/server.log``."""
+    import subprocess
+
+    import httpx
+
+    os.makedirs(state_dir, exist_ok=True)
+    port = port or free_port()
+    command = [sys.executable, "-m", "glassbox.cli", "serve", "--host", "127.0.0.1", "--port", str(port),
+               "--state-dir", state_dir, *args]
+    for name, path in models.items():
+        command += ["--model", f"{name}={path}"]
+    log_path = os.path.join(state_dir, "server.log")
+    with open(log_path, "ab") as log:
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    server = RunningServer(process, f"http://127.0.0.1:{port}", state_dir, log_path)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"glassbox serve exited with {process.returncode}:\n{server.output()}")
+        try:
+            if httpx.get(server.url + "/v1/health", timeout=2).status_code == 200:
+                return server
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.1)
+    server.kill()
+    raise RuntimeError(f"glassbox serve did not answer within {timeout:g} s:\n{server.output()}")
 
 
 # ---------------------------------------------------------------- main

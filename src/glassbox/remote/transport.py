@@ -24,6 +24,7 @@ unknown model) are shown as the server words them.
 
 from __future__ import annotations
 
+import atexit
 import json
 import threading
 import time
@@ -60,7 +61,16 @@ def _http() -> httpx.Client:
     with _client_lock:
         if _client is None:
             _client = httpx.Client(timeout=httpx.Timeout(_REQUEST_SECONDS, connect=_CONNECT_SECONDS))
+            atexit.register(_close_http)
         return _client
+
+
+def _close_http() -> None:
+    global _client
+    with _client_lock:
+        if _client is not None:
+            _client.close()
+            _client = None
 
 
 def _base(host: str) -> str:

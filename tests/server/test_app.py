@@ -1,0 +1,414 @@
+"""The real server as a subprocess (``python -m glassbox.cli serve``) on loopback.
+
+Keys on every endpoint, owner-only jobs, the 4xx refusals, ordered websocket events, time limit,
+cancel, concurrency without lost or swapped results, and durability across ``kill -9``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import httpx
+import psutil
+import pytest
+from websockets.sync.client import connect
+
+from glassbox.cli import start_server
+from glassbox.remote import transport
+from glassbox.remote.framing import frame
+from glassbox.remote.protocol import PROTOCOL_VERSION, decode_values, encode_values, make_envelope
+from glassbox.remote.transport import RemoteError
+
+MAX_SECONDS = 3
+MAX_REQUEST_BYTES = 1_000_000
+RATE_LIMIT = 40
+MAX_JOBS = 3
+ECHO = "echo = glassbox.save(marker)\n"
+FOREVER = "n = 0\nwhile True:\n    n = n + 1\n"
+
+
+def job_request(source: str, marker: str = "m", model: str = "gpt2") -> tuple[dict, bytes]:
+    """A job as the glassbox client sends it: the block's source plus the values it reads."""
+    desc, blob = encode_values({"vars": {"marker": marker}, "inputs": ["The Eiffel Tower is in"], "call": {}})
+    envelope = make_envelope("job", {
+        "model": model, "method": "trace", "source": source, "first_line": 2, "tracer_name": "tracer",
+        "model_refs": {}, "modules": {"glassbox": "glassbox"}, "values": desc,
+        "writes": ["echo", "h"], "returns": ["echo", "h"],
+    })
+    return envelope, blob
+
+
+@pytest.fixture(scope="module")
+def tiny_path() -> str:
+    from glassbox.offline import tiny_gpt2_path
+
+    return str(tiny_gpt2_path())
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, tiny_path):
+    state = tmp_path_factory.mktemp("server")
+    running = start_server({"gpt2": tiny_path}, state_dir=str(state), args=[
+        "--max-seconds", str(MAX_SECONDS), "--max-request-bytes", str(MAX_REQUEST_BYTES),
+        "--rate-limit-per-minute", str(RATE_LIMIT), "--max-jobs-per-key", str(MAX_JOBS),
+        "--torch-threads", "1",
+    ])
+    try:
+        yield running
+    finally:
+        running.stop()
+
+
+@pytest.fixture
+def key(server, request) -> str:
+    return server.create_key(request.node.name[:60])
+
+
+def _run(url: str, key: str, source: str, marker: str = "m", timeout: float = 60) -> tuple[dict, dict, str]:
+    """Submit, follow to the end, fetch: (result envelope, saved values, printed output)."""
+    job = transport.submit(url, key, *job_request(source, marker), timeout=timeout)
+    printed = "".join(event.get("log", "") for event in transport.events(url, key, job, timeout=timeout))
+    envelope, blob = transport.result(url, key, job)
+    saved = decode_values(envelope["values"], blob)["saved"] if envelope["status"] == "COMPLETED" else {}
+    return envelope, saved, printed
+
+
+def _wait_final(url: str, key: str, job: str, timeout: float = 90) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        state = transport.status(url, key, job)
+        if state["status"] in transport.FINAL:
+            return state
+        time.sleep(0.05)
+    raise AssertionError(f"job {job} is still {state['status']} after {timeout} s")
+
+
+def _wait_status(url: str, key: str, job: str, wanted: str, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while transport.status(url, key, job)["status"] != wanted:
+        assert time.monotonic() < deadline, f"job {job} never became {wanted}"
+        time.sleep(0.02)
+
+
+# ---------------------------------------------------------------- open endpoints and keys
+
+
+def test_health_and_models_need_no_key(server):
+    health = httpx.get(server.url + "/v1/health", timeout=10).json()
+    assert health["protocol"] == PROTOCOL_VERSION and health["glassbox"] and health["worker"] == "ready"
+    served = transport.models(server.url)
+    assert [m["name"] for m in served] == ["gpt2"]
+    assert served[0]["class"] == "GPT2LMHeadModel" and served[0]["parameters"] > 0
+    listing = subprocess.run([sys.executable, "-m", "glassbox.cli", "models", "--host", server.url],
+                             capture_output=True, text=True, timeout=60)
+    assert listing.returncode == 0 and "gpt2" in listing.stdout and "GPT2LMHeadModel" in listing.stdout
+
+
+ENDPOINTS = [("POST", "/v1/jobs"), ("GET", "/v1/jobs"), ("GET", "/v1/jobs/abc"),
+             ("GET", "/v1/jobs/abc/result"), ("DELETE", "/v1/jobs/abc")]
+
+
+@pytest.mark.parametrize(("method", "path"), ENDPOINTS)
+def test_every_job_endpoint_needs_a_valid_key(server, method, path):
+    for headers in ({}, {"Authorization": "Bearer gbx_wrong"}, {"X-API-Key": "gbx_wrong"},
+                    {"Authorization": "Basic abc"}):
+        response = httpx.request(method, server.url + path, headers=headers, content=b"x", timeout=10)
+        assert response.status_code == 401, (headers, response.text)
+        assert response.headers["www-authenticate"] == "Bearer"
+
+
+def test_the_events_websocket_needs_a_valid_key(server, key):
+    job = transport.submit(server.url, key, *job_request(ECHO), timeout=30)
+    for first in ({"api_key": "gbx_wrong"}, {"nothing": 1}):
+        with connect(server.url.replace("http", "ws") + f"/v1/jobs/{job}/events", legacy=True) as ws:
+            ws.send(json.dumps(first))
+            assert json.loads(ws.recv(timeout=10))["code"] == 401
+    with pytest.raises(RemoteError, match=r"API key rejected: set glassbox\.CONFIG\.API_KEY"):
+        list(transport.events(server.url, "gbx_wrong", job, timeout=10))
+    # The key also works as a header or a query parameter.
+    url = server.url.replace("http", "ws") + f"/v1/jobs/{job}/events"
+    with connect(url, additional_headers={"X-API-Key": key}, legacy=True) as ws:
+        assert "status" in json.loads(ws.recv(timeout=10))
+    with connect(url + f"?api_key={key}", legacy=True) as ws:
+        assert "status" in json.loads(ws.recv(timeout=10))
+
+
+def test_transport_explains_a_rejected_key(server):
+    rejected = r"API key rejected: .*GLASSBOX_API_KEY .*glassbox keys create"
+    with pytest.raises(RemoteError, match=rejected) as err:
+        transport.submit(server.url, "gbx_wrong", *job_request(ECHO), timeout=10)
+    assert err.value.status_code == 401
+    with pytest.raises(RemoteError, match="API key rejected"):
+        transport.status(server.url, None, "abc")
+
+
+def test_keys_cli_create_list_revoke(server):
+    def cli(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "glassbox.cli", "keys", *args, "--state-dir",
+                               server.state_dir], capture_output=True, text=True, timeout=60)
+
+    made = cli("create", "--name", "carol")
+    assert made.returncode == 0
+    key = made.stdout.strip()
+    assert key.startswith("gbx_") and "\n" not in key and "shown only this once" in made.stderr
+    assert "carol" in cli("list").stdout and key not in cli("list").stdout
+    _, saved, _ = _run(server.url, key, ECHO, marker="carol")
+    assert saved["echo"] == "carol"
+    assert cli("revoke", "carol").returncode == 0
+    with pytest.raises(RemoteError, match="API key rejected"):
+        transport.submit(server.url, key, *job_request(ECHO), timeout=10)
+    assert cli("revoke", "carol").returncode == 1  # nothing left to revoke
+
+
+# ---------------------------------------------------------------- jobs
+
+
+def test_a_job_streams_its_output_in_order_and_returns_its_values(server, key):
+    source = ("for i in range(30):\n    print('line', i)\n"
+              "h = glassbox_model.transformer.h[1].output.save()\n" + ECHO)
+    job = transport.submit(server.url, key, *job_request(source, "m-1"), timeout=30)
+    events = list(transport.events(server.url, key, job, timeout=60))
+    order = {"QUEUED": 0, "RUNNING": 1, "COMPLETED": 2}
+    ranks = [order[event["status"]] for event in events]
+    assert ranks == sorted(ranks) and events[-1]["status"] == "COMPLETED"
+    logs = [event for event in events if event.get("log")]
+    assert "".join(event["log"] for event in logs) == "".join(f"line {i}\n" for i in range(30))
+    offsets = [event["offset"] for event in logs]
+    assert offsets == [sum(len(e["log"]) for e in logs[:i]) for i in range(len(logs))]  # no gap, no repeat
+    assert all(event["elapsed"] >= 0 for event in events)
+    envelope, blob = transport.result(server.url, key, job)
+    saved = decode_values(envelope["values"], blob)["saved"]
+    assert saved["echo"] == "m-1" and tuple(saved["h"].shape) == (1, 7, 64)
+    state = transport.status(server.url, key, job)
+    assert state["status"] == "COMPLETED" and state["logs"].startswith("line 0\n")
+    assert transport.status(server.url, key, job, log_offset=7)["logs"].startswith("line 1\n")
+
+
+def test_polling_gives_the_same_events_when_the_websocket_is_unavailable(server, key, monkeypatch):
+    import websockets.sync.client
+
+    def refuse(*args, **kwargs):
+        raise OSError("websocket blocked by a proxy")
+
+    monkeypatch.setattr(websockets.sync.client, "connect", refuse)
+    source = "for i in range(20):\n    print('p', i)\n" + ECHO
+    _, saved, printed = _run(server.url, key, source, marker="polled")
+    assert printed == "".join(f"p {i}\n" for i in range(20)) and saved["echo"] == "polled"
+
+
+def test_a_users_error_comes_back_with_its_line(server, key):
+    envelope, _, printed = _run(server.url, key, "print('before')\nx = [1, 2][5]\n")
+    assert printed == "before\n"
+    assert envelope["status"] == "ERROR"
+    assert envelope["error"]["type"] == "IndexError" and envelope["error"]["lineno"] == 3
+
+
+def test_jobs_are_visible_to_their_owner_only(server):
+    alice, bob = server.create_key("alice"), server.create_key("bob")
+    job = transport.submit(server.url, alice, *job_request(ECHO, "alice's"), timeout=30)
+    _wait_final(server.url, alice, job)
+    for call in (transport.status, transport.result, transport.cancel):
+        with pytest.raises(RemoteError, match=f"job {job} not found") as err:
+            call(server.url, bob, job)
+        assert err.value.status_code == 404
+    with pytest.raises(RemoteError, match="not found"):
+        list(transport.events(server.url, bob, job, timeout=10))
+
+    def listed(key: str) -> list[str]:
+        jobs = httpx.get(server.url + "/v1/jobs", headers={"X-API-Key": key}).json()["jobs"]
+        return [j["id"] for j in jobs]
+
+    assert listed(bob) == [] and job in listed(alice)
+    envelope, blob = transport.result(server.url, alice, job)
+    assert decode_values(envelope["values"], blob)["saved"]["echo"] == "alice's"
+
+
+def test_an_unknown_model_is_404_naming_the_served_ones(server, key):
+    with pytest.raises(RemoteError, match=r"model 'llama-70b' is not served here; this server serves: gpt2"):
+        transport.submit(server.url, key, *job_request(ECHO, model="llama-70b"), timeout=10)
+
+
+def test_an_oversized_request_is_413_naming_the_limit(server, key):
+    envelope, _ = job_request(ECHO)
+    with pytest.raises(RemoteError, match=r"request too large: .*max_request_bytes") as err:
+        transport.submit(server.url, key, envelope, b"\0" * (MAX_REQUEST_BYTES + 1), timeout=30)
+    assert err.value.status_code == 413
+    # A body without a declared length is counted as it streams.
+    body = iter([b"\0" * 500_000] * 3)
+    response = httpx.post(server.url + "/v1/jobs", content=body, headers={"X-API-Key": key}, timeout=30)
+    assert response.status_code == 413
+
+
+def test_protocol_errors_are_400_with_the_servers_words(server, key):
+    envelope, blob = job_request(ECHO)
+    envelope["protocol"] = PROTOCOL_VERSION + 1
+    with pytest.raises(RemoteError, match=r"protocol mismatch: .*upgrade the server") as err:
+        transport.submit(server.url, key, envelope, blob, timeout=10)
+    assert err.value.status_code == 400
+    response = httpx.post(server.url + "/v1/jobs", content=b"not a frame", headers={"X-API-Key": key})
+    assert response.status_code == 400 and "not a glassbox message" in response.json()["detail"]
+
+
+def test_submissions_over_the_rate_limit_are_429(server, key):
+    for _ in range(RATE_LIMIT):  # refused bodies count too: the limit is on requests
+        response = httpx.post(server.url + "/v1/jobs", content=b"x", headers={"X-API-Key": key})
+        assert response.status_code == 400
+    with pytest.raises(RemoteError, match=rf"rate limit: this API key may submit {RATE_LIMIT} jobs per"):
+        transport.submit(server.url, key, *job_request(ECHO), timeout=10)
+    response = httpx.post(server.url + "/v1/jobs", content=b"x", headers={"X-API-Key": key})
+    assert response.status_code == 429 and int(response.headers["retry-after"]) >= 1
+    _, saved, _ = _run(server.url, server.create_key("other"), ECHO, "other keys are not limited")
+    assert saved["echo"] == "other keys are not limited"
+
+
+def test_time_limit_stops_a_job_the_next_runs_and_active_jobs_per_key_are_capped(server, key):
+    slow = transport.submit(server.url, key, *job_request(FOREVER), timeout=10)
+    waiting = [transport.submit(server.url, key, *job_request(ECHO, f"w{i}"), timeout=10)
+               for i in range(MAX_JOBS - 1)]
+    too_many = rf"already has {MAX_JOBS} jobs queued or running.*max_jobs_per_key"
+    with pytest.raises(RemoteError, match=too_many) as err:
+        transport.submit(server.url, key, *job_request(ECHO), timeout=10)
+    assert err.value.status_code == 429
+    state = transport.status(server.url, key, waiting[-1])
+    assert state["status"] == "QUEUED" and state["position"] == MAX_JOBS - 2
+    with pytest.raises(RemoteError, match="is not finished") as err:
+        transport.result(server.url, key, slow)
+    assert err.value.status_code == 409
+    events = list(transport.events(server.url, key, slow, timeout=60))
+    assert events[-1]["status"] == "ERROR"
+    assert events[-1]["error"]["type"] == "TimeoutError"
+    assert f"exceeded the time limit of {MAX_SECONDS} s" in events[-1]["error"]["message"]
+    envelope, _ = transport.result(server.url, key, slow)
+    assert envelope["status"] == "ERROR" and envelope["error"]["type"] == "TimeoutError"
+    for i, job in enumerate(waiting):
+        assert _wait_final(server.url, key, job)["status"] == "COMPLETED"
+        envelope, blob = transport.result(server.url, key, job)
+        assert decode_values(envelope["values"], blob)["saved"]["echo"] == f"w{i}"
+
+
+def test_cancel_a_queued_and_a_running_job(server, key):
+    running = transport.submit(server.url, key, *job_request(FOREVER), timeout=10)
+    queued = transport.submit(server.url, key, *job_request(ECHO, "cancelled"), timeout=10)
+    after = transport.submit(server.url, key, *job_request(ECHO, "after"), timeout=10)
+    _wait_status(server.url, key, running, "RUNNING")
+    cancelled = transport.cancel(server.url, key, queued)
+    assert cancelled == {"id": queued, "status": "CANCELLED", "cancelled": True}
+    assert transport.cancel(server.url, key, running)["status"] == "CANCELLED"
+    assert transport.cancel(server.url, key, running)["cancelled"] is False  # already final
+    for job in (queued, running):
+        envelope, _ = transport.result(server.url, key, job)
+        assert envelope["status"] == "ERROR" and envelope["error"]["type"] == "Cancelled"
+        assert list(transport.events(server.url, key, job, timeout=10))[-1]["status"] == "CANCELLED"
+    _wait_final(server.url, key, after)
+    envelope, blob = transport.result(server.url, key, after)
+    assert decode_values(envelope["values"], blob)["saved"]["echo"] == "after"
+
+
+def test_sixteen_concurrent_clients_get_exactly_their_own_results(server):
+    clients, per_client = 16, 10
+    keys = [server.create_key(f"client-{c}") for c in range(clients)]
+    results: dict[str, object] = {}
+    failures: list[BaseException] = []
+    lock = threading.Lock()
+
+    def client(c: int) -> None:
+        try:
+            for r in range(per_client):
+                marker = f"client {c} request {r}"
+                _, saved, printed = _run(server.url, keys[c], "print(marker)\n" + ECHO, marker)
+                with lock:
+                    assert marker not in results
+                    results[marker] = (saved.get("echo"), printed)
+        except BaseException as err:
+            failures.append(err)
+
+    threads = [threading.Thread(target=client, args=(c,)) for c in range(clients)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(300)
+    assert not any(thread.is_alive() for thread in threads)
+    assert not failures, failures[0]
+    assert len(results) == clients * per_client
+    for marker, (echo, printed) in results.items():
+        assert echo == marker and printed == marker + "\n"
+
+
+def test_the_server_survives_malformed_requests(server, key):
+    headers = {"X-API-Key": key}
+    for content in (b"", b"\xff" * 7, (10**9).to_bytes(8, "big") + b"{}", frame({"protocol": "x"}, b""),
+                    frame({"protocol": PROTOCOL_VERSION, "kind": "job"}, b"")):
+        response = httpx.post(server.url + "/v1/jobs", content=content, headers=headers, timeout=10)
+        assert response.status_code in (400, 404), response.text
+    assert httpx.get(server.url + "/v1/jobs/%00%ff", headers=headers).status_code == 404
+    assert httpx.get(server.url + "/v1/jobs/x?log_offset=-5", headers=headers).status_code == 404
+    with connect(server.url.replace("http", "ws") + "/v1/jobs/x/events", legacy=True) as ws:
+        ws.send("not json")
+        assert json.loads(ws.recv(timeout=10))["code"] == 401
+    assert httpx.get(server.url + "/v1/health").json()["status"] == "ok"
+    assert _run(server.url, key, ECHO, "still fine")[1]["echo"] == "still fine"
+
+
+# ---------------------------------------------------------------- durability
+
+
+def _worker_pids(process_id: int) -> list[int]:
+    return [child.pid for child in psutil.Process(process_id).children(recursive=True)]
+
+
+def test_queued_jobs_survive_kill_9_and_their_owner_fetches_them(tmp_path, tiny_path):
+    state = str(tmp_path / "state")
+    args = ["--max-seconds", "2", "--torch-threads", "1"]
+    first = start_server({"gpt2": tiny_path}, state_dir=state, args=args)
+    try:
+        key = first.create_key("dana")
+        blocker = transport.submit(first.url, key, *job_request(FOREVER), timeout=10)
+        _wait_status(first.url, key, blocker, "RUNNING")
+        queued = [transport.submit(first.url, key, *job_request(ECHO, f"q{i}"), timeout=10) for i in range(5)]
+        assert transport.status(first.url, key, queued[-1])["position"] == 4
+        workers = _worker_pids(first.process.pid)
+        assert workers
+    finally:
+        first.kill()
+    # The orphaned worker notices and exits instead of holding the models' memory.
+    deadline = time.monotonic() + 15
+    while any(psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+              for pid in workers):
+        assert time.monotonic() < deadline, "the old worker outlived its server"
+        time.sleep(0.1)
+    with pytest.raises(RemoteError, match=r"no glassbox server at .*glassbox serve --model name=path"):
+        transport.status(first.url, key, blocker)
+
+    second = start_server({"gpt2": tiny_path}, state_dir=state, args=args)
+    try:
+        assert "1 interrupted and queued again" in second.output()
+        for i, job in enumerate(queued):
+            assert _wait_final(second.url, key, job)["status"] == "COMPLETED"
+            envelope, blob = transport.result(second.url, key, job)
+            assert decode_values(envelope["values"], blob)["saved"]["echo"] == f"q{i}"
+        # The interrupted job ran again (first in line), and hit the time limit again.
+        state_of_blocker = _wait_final(second.url, key, blocker)
+        assert state_of_blocker["status"] == "ERROR" and state_of_blocker["attempts"] == 2
+        assert state_of_blocker["started"] < transport.status(second.url, key, queued[0])["started"]
+        with pytest.raises(RemoteError, match="not found"):
+            transport.result(second.url, second.create_key("eve"), queued[0])
+    finally:
+        second.stop()
+    assert second.process.returncode in (0, -signal.SIGTERM)  # uvicorn re-raises the signal it handled
+    assert "Traceback" not in second.output()
+
+
+def test_serve_refuses_to_start_without_models_or_with_a_bad_one(tmp_path):
+    bare = subprocess.run([sys.executable, "-m", "glassbox.cli", "serve", "--state-dir", str(tmp_path)],
+                          capture_output=True, text=True, timeout=60)
+    assert bare.returncode == 2 and "--model NAME=PATH" in bare.stderr
+    bad = subprocess.run([sys.executable, "-m", "glassbox.cli", "serve", "--state-dir", str(tmp_path),
+                          "--model", "nope=" + os.path.join(str(tmp_path), "missing"), "--port", "0"],
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode != 0 and "could not load its models" in bad.stderr and "missing" in bad.stderr

@@ -1,0 +1,187 @@
+"""The job store: keys stored hashed, FIFO queue, atomic transitions, restart recovery, expiry."""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+import time
+
+import pytest
+
+from glassbox.server.store import MAX_ATTEMPTS, JobStore, TooManyJobs, hash_key
+
+
+@pytest.fixture
+def store(tmp_path):
+    store = JobStore(f"sqlite:///{tmp_path / 'jobs.db'}")
+    yield store
+    store.close()
+
+
+def _queued(store: JobStore, key_id: str = "k1", model: str = "gpt2", request: bytes = b"req") -> str:
+    job = store.create_job(key_id, model, request)
+    assert store.mark_queued(job)
+    return job
+
+
+def test_keys_are_stored_hashed_and_authenticate(store, tmp_path):
+    info, key = store.create_key("alice")
+    assert key.startswith("gbx_") and len(key) > 40
+    assert store.authenticate(key) == info
+    assert store.authenticate(key + "x") is None and store.authenticate("") is None
+    assert store.authenticate(None) is None
+    raw = sqlite3.connect(tmp_path / "jobs.db").execute("select name, key_hash from api_keys").fetchall()
+    assert raw == [("alice", hash_key(key))]  # the key itself is nowhere in the database
+    assert key.encode() not in (tmp_path / "jobs.db").read_bytes()
+
+
+def test_revoke_by_name_or_id(store):
+    a, key_a = store.create_key("alice")
+    b, key_b = store.create_key("bob")
+    assert [k.id for k in store.revoke_key(a.id)] == [a.id]
+    assert store.authenticate(key_a) is None and store.authenticate(key_b) == b
+    assert [k.name for k in store.revoke_key("bob")] == ["bob"]
+    assert store.authenticate(key_b) is None
+    assert store.revoke_key("bob") == []  # already revoked
+    assert [k.revoked is not None for k in store.list_keys()] == [True, True]
+    with pytest.raises(ValueError, match="name"):
+        store.create_key("  ")
+
+
+def test_queue_is_first_in_first_out_with_positions(store):
+    jobs = [_queued(store) for _ in range(5)]
+    assert [job.id for job in store.queued()] == jobs
+    assert [store.position(job) for job in jobs] == [0, 1, 2, 3, 4]
+    assert store.next_queued().id == jobs[0]
+    assert store.claim(jobs[0]) and not store.claim(jobs[0])  # one claim wins
+    assert store.position(jobs[0]) is None and store.position(jobs[1]) == 0
+    assert store.get(jobs[0]).status == "RUNNING" and store.get(jobs[0]).attempts == 1
+    assert len({*jobs}) == 5 and all(len(job) >= 20 for job in jobs)  # random, unguessable ids
+
+
+def test_received_is_not_queued_until_marked(store):
+    job = store.create_job("k1", "gpt2", b"x")
+    assert store.get(job).status == "RECEIVED" and store.next_queued() is None
+    assert store.mark_queued(job) and not store.mark_queued(job)
+
+
+def test_finish_stores_result_drops_request_and_is_final(store):
+    job = _queued(store, request=b"big request")
+    store.claim(job)
+    assert store.finish(job, "COMPLETED", result=b"result", logs="printed\n")
+    info = store.get(job)
+    assert (info.status, info.logs, info.has_result, info.error) == ("COMPLETED", "printed\n", True, None)
+    assert info.finished >= info.started >= info.created
+    assert store.result(job) == b"result" and store.request(job) is None
+    assert not store.finish(job, "ERROR", error={"type": "X"})  # a final status never changes
+    assert store.get(job).status == "COMPLETED"
+    with pytest.raises(ValueError, match="final"):
+        store.finish(job, "RUNNING")
+
+
+def test_error_is_kept_as_json(store):
+    job = _queued(store)
+    store.claim(job)
+    store.finish(job, "ERROR", error={"type": "ZeroDivisionError", "lineno": 3})
+    assert store.get(job).error == {"type": "ZeroDivisionError", "lineno": 3}
+
+
+def test_cancel_only_changes_jobs_that_have_not_started(store):
+    waiting, running = _queued(store), _queued(store)
+    store.claim(running)
+    assert store.cancel(waiting, result=b"cancelled") == "CANCELLED"
+    assert store.result(waiting) == b"cancelled" and store.request(waiting) is None
+    assert store.cancel(running) == "RUNNING"
+    assert store.cancel("no-such-job") is None
+    assert not store.claim(waiting)  # a cancelled job is never run
+
+
+def test_max_active_per_key_is_enforced_atomically(store):
+    errors, made = [], []
+
+    def submit() -> None:
+        try:
+            made.append(store.create_job("k1", "gpt2", b"x", max_active=5))
+        except TooManyJobs as err:
+            errors.append(err)
+
+    threads = [threading.Thread(target=submit) for _ in range(20)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    assert len(made) == 5 and len(errors) == 15
+    assert errors[0].limit == 5 and store.active_count("k1") == 5
+    store.create_job("k2", "gpt2", b"x", max_active=5)  # other keys are not affected
+    for job in made:
+        store.mark_queued(job)
+        store.claim(job)
+        store.finish(job, "COMPLETED")
+    store.create_job("k1", "gpt2", b"x", max_active=5)  # finished jobs do not count
+
+
+def test_recover_after_a_dead_server(tmp_path):
+    url = f"sqlite:///{tmp_path / 'jobs.db'}"
+    store = JobStore(url)
+    queued = _queued(store)
+    running = _queued(store)
+    rerun_already = _queued(store)
+    received = store.create_job("k1", "gpt2", b"x")
+    later = _queued(store)
+    for job in (running, rerun_already):
+        store.claim(job)
+    for _ in range(MAX_ATTEMPTS - 1):  # it has been interrupted before and requeued
+        store._transition(rerun_already, ("RUNNING",), status="QUEUED")
+        store.claim(rerun_already)
+    store.close()
+
+    store = JobStore(url)  # "the server restarted"
+    counts = store.recover()
+    assert counts == {"requeued": 1, "failed": 1, "dropped": 1, "queued": 2}
+    # The interrupted job keeps its place: it was taken first, it runs first.
+    assert [job.id for job in store.queued()] == [queued, running, later]
+    assert store.get(running).attempts == 1 and store.request(running) == b"req"
+    failed = store.get(rerun_already)
+    assert failed.status == "ERROR" and failed.error["type"] == "ServerRestarted"
+    assert "not run again" in failed.error["message"]
+    assert store.get(received).status == "ERROR" and "submit it again" in store.get(received).error["message"]
+    assert store.recover() == {"requeued": 0, "failed": 0, "dropped": 0, "queued": 3}
+    store.close()
+
+
+def test_requeue_does_not_count_an_attempt(store):
+    job = _queued(store)
+    store.claim(job)
+    assert store.requeue(job)
+    info = store.get(job)
+    assert info.status == "QUEUED" and info.attempts == 0 and info.started is None
+
+
+def test_delete_expired_keeps_active_and_recent_jobs(store):
+    old, recent, waiting = _queued(store), _queued(store), _queued(store)
+    for job in (old, recent):
+        store.claim(job)
+        store.finish(job, "COMPLETED", result=b"r")
+    now = time.time()
+    assert store.delete_expired(3600, now=now) == 0
+    assert store.delete_expired(3600, now=now + 7200) == 2
+    assert store.get(old) is None and store.get(recent) is None
+    assert store.get(waiting).status == "QUEUED"
+
+
+def test_in_memory_database_is_shared_across_threads():
+    store = JobStore("sqlite://")
+    job = _queued(store)
+    seen = []
+    thread = threading.Thread(target=lambda: seen.append(store.get(job)))
+    thread.start()
+    thread.join(10)
+    assert seen[0].status == "QUEUED"
+    store.close()
+
+
+def test_listing_a_keys_jobs_skips_blobs(store):
+    a = _queued(store, key_id="alice", request=b"x" * 1000)
+    _queued(store, key_id="bob")
+    jobs = store.jobs_of("alice")
+    assert [job.id for job in jobs] == [a] and not jobs[0].has_result

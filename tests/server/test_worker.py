@@ -1,0 +1,205 @@
+"""The worker process and its feeder: FIFO jobs, printed output, time limit, crashes, cancel, no secrets.
+
+Real jobs on a real (tiny, random) GPT-2 through ``glassbox.server.execute``.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import time
+
+import pytest
+
+from glassbox.remote.framing import frame, unframe
+from glassbox.remote.protocol import decode_values, encode_values, make_envelope
+from glassbox.server.config import ServerConfig
+from glassbox.server.store import JobStore
+from glassbox.server.worker import WorkerHandle, WorkerStartError
+
+MAX_SECONDS = 3.0
+ECHO = "echo = glassbox.save(marker)\n"
+FOREVER = "n = 0\nwhile True:\n    n = n + 1\n"
+
+
+def job_request(source: str, marker: str = "m", model: str = "gpt2", returns: tuple = ("echo", "h")) -> bytes:
+    """A framed job as the glassbox client sends it: the block's source plus the values it reads."""
+    desc, blob = encode_values({"vars": {"marker": marker}, "inputs": ["The Eiffel Tower is in"], "call": {}})
+    envelope = make_envelope("job", {
+        "model": model, "method": "trace", "source": source, "first_line": 2, "tracer_name": "tracer",
+        "model_refs": {}, "modules": {"glassbox": "glassbox"}, "values": desc,
+        "writes": list(returns), "returns": list(returns),
+    })
+    return frame(envelope, blob)
+
+
+@pytest.fixture(scope="module")
+def tiny_path() -> str:
+    from glassbox.offline import tiny_gpt2_path
+
+    return str(tiny_gpt2_path())
+
+
+class Events:
+    def __init__(self) -> None:
+        self.seen: list[tuple[str, dict]] = []
+
+    def __call__(self, job_id: str, event: dict) -> None:
+        self.seen.append((job_id, event))
+
+    def of(self, job_id: str) -> list[dict]:
+        return [event for job, event in list(self.seen) if job == job_id]
+
+
+SECRETS = {"GLASSBOX_API_KEY": "gbx_top_secret", "GLASSBOX_DB_URL": "postgresql://user:pw@db/glassbox",
+           "GLASSBOX_HARMLESS": "kept"}
+
+
+@pytest.fixture(scope="module")
+def worker(tmp_path_factory, tiny_path):
+    saved_env = {name: os.environ.get(name) for name in SECRETS}
+    os.environ.update(SECRETS)  # present in the API process for the whole module: no worker may see them
+    store = JobStore(f"sqlite:///{tmp_path_factory.mktemp('worker') / 'jobs.db'}")
+    config = ServerConfig(models={"gpt2": tiny_path}, max_seconds=MAX_SECONDS, max_log_bytes=2000,
+                          torch_threads=1)
+    events = Events()
+    handle = WorkerHandle(config, store, on_event=events, say=lambda text: None)
+    handle.events = events  # type: ignore[attr-defined]
+    try:
+        handle.start()
+        yield handle
+    finally:
+        handle.stop()
+        store.close()
+        for name, value in saved_env.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+def _submit(handle: WorkerHandle, source: str, marker: str = "m") -> str:
+    job = handle.store.create_job("k1", "gpt2", job_request(source, marker))
+    handle.store.mark_queued(job)
+    handle.wake()
+    return job
+
+
+def _wait(handle: WorkerHandle, job: str, timeout: float = 90.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        info = handle.store.get(job)
+        if info.terminal:
+            return info
+        time.sleep(0.02)
+    raise AssertionError(f"job {job} did not finish within {timeout} s: {handle.store.get(job)}")
+
+
+def _wait_running(handle: WorkerHandle, job: str, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while handle.running_job != job:
+        assert time.monotonic() < deadline, "the job never started"
+        time.sleep(0.01)
+
+
+def _saved(handle: WorkerHandle, job: str) -> dict:
+    _wait(handle, job)
+    envelope, blob = unframe(handle.store.result(job))
+    assert envelope["status"] == "COMPLETED", envelope
+    return decode_values(envelope["values"], blob)["saved"]
+
+
+def test_jobs_run_first_in_first_out_with_their_output(worker):
+    source = "print('start', marker)\nh = glassbox_model.transformer.h[0].output.save()\n" + ECHO
+    jobs = [_submit(worker, source, marker=f"m{i}") for i in range(4)]
+    infos = [_wait(worker, job) for job in jobs]
+    assert [info.status for info in infos] == ["COMPLETED"] * 4
+    starts = [info.started for info in infos]
+    assert starts == sorted(starts)  # in the order they were queued
+    for i, job in enumerate(jobs):
+        saved = _saved(worker, job)
+        assert saved["echo"] == f"m{i}" and tuple(saved["h"].shape) == (1, 7, 64)
+        assert worker.store.get(job).logs == f"start m{i}\n"
+        events = worker.events.of(job)
+        assert [e["status"] for e in events] == ["RUNNING", "RUNNING", "COMPLETED"]
+        assert events[1]["log"] == f"start m{i}\n" and events[1]["offset"] == 0
+
+
+def test_a_user_error_is_an_error_result_with_its_line(worker):
+    job = _submit(worker, "x = 1\ny = x / 0\n")
+    info = _wait(worker, job)
+    assert info.status == "ERROR"
+    assert info.error["type"] == "ZeroDivisionError" and info.error["lineno"] == 3
+    envelope, _ = unframe(worker.store.result(job))
+    assert envelope["status"] == "ERROR" and envelope["error"]["line"] == "y = x / 0"
+
+
+def test_printed_output_is_capped(worker):
+    job = _submit(worker, "for i in range(500):\n    print('line', i)\n" + ECHO)
+    info = _wait(worker, job)
+    assert info.status == "COMPLETED"
+    assert len(info.logs.encode()) < 2000 + 200
+    assert info.logs.startswith("line 0\nline 1\n") and "dropped" in info.logs
+
+
+def test_time_limit_kills_the_job_and_the_next_job_runs(worker):
+    first_pid = worker.pid
+    slow = _submit(worker, FOREVER)
+    after = _submit(worker, ECHO, marker="after")
+    started = time.monotonic()
+    info = _wait(worker, slow)
+    assert time.monotonic() - started >= MAX_SECONDS
+    assert info.status == "ERROR" and info.error["type"] == "TimeoutError"
+    assert f"exceeded the time limit of {MAX_SECONDS:g} s" in info.error["message"]
+    assert _wait(worker, after).status == "COMPLETED" and _saved(worker, after)["echo"] == "after"
+    assert worker.pid != first_pid and worker.state == "ready"
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="SIGKILL")
+def test_a_crashed_worker_fails_its_job_and_is_restarted(worker):
+    doomed = _submit(worker, FOREVER)
+    after = _submit(worker, ECHO, marker="survivor")
+    _wait_running(worker, doomed)
+    os.kill(worker.pid, signal.SIGKILL)  # what the out-of-memory killer does
+    info = _wait(worker, doomed)
+    assert info.status == "ERROR" and info.error["type"] == "WorkerCrashed"
+    assert "SIGKILL" in info.error["message"] and "restarted" in info.error["message"]
+    assert _saved(worker, after)["echo"] == "survivor"
+
+
+def test_cancelling_the_running_job_kills_it_and_keeps_the_queue(worker):
+    running = _submit(worker, FOREVER)
+    queued = _submit(worker, ECHO, marker="next")
+    _wait_running(worker, running)
+    assert worker.cancel(running)
+    assert not worker.cancel(queued)  # not running: the API cancels queued jobs in the store
+    info = _wait(worker, running)
+    assert info.status == "CANCELLED"
+    envelope, _ = unframe(worker.store.result(running))
+    assert envelope["error"]["type"] == "Cancelled"
+    assert _saved(worker, queued)["echo"] == "next"
+    assert [e["status"] for e in worker.events.of(running)][-1] == "CANCELLED"
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/environ"), reason="needs /proc")
+def test_the_worker_process_gets_no_secrets(worker):
+    job = _submit(worker, ECHO, marker="env")
+    assert _wait(worker, job).status == "COMPLETED"
+    with open(f"/proc/{worker.pid}/environ", "rb") as file:
+        environ = file.read()  # what the process was started with, not only what it kept
+    assert b"gbx_top_secret" not in environ and b"user:pw" not in environ
+    assert b"GLASSBOX_HARMLESS=kept" in environ
+    assert os.environ["GLASSBOX_API_KEY"] == "gbx_top_secret"  # the server's own environment is intact
+
+
+def test_a_model_that_cannot_load_stops_the_start_with_the_reason(tmp_path):
+    store = JobStore(f"sqlite:///{tmp_path / 'jobs.db'}")
+    handle = WorkerHandle(ServerConfig(models={"broken": str(tmp_path / "no-such-model")}), store)
+    try:
+        with pytest.raises(WorkerStartError, match="no-such-model"):
+            handle.start()
+        assert handle.state == "failed" and handle.pid is None
+    finally:
+        handle.stop()
+        store.close()
