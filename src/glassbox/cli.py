@@ -97,13 +97,18 @@ def _serve(args: argparse.Namespace) -> int:
     _say(f"state: {config.database_url()}")
     _say(f"loading models: {', '.join(f'{n} ({p})' for n, p in config.models.items())}")
     app = create_app(config, say=_say)
-    url = f"http://{config.host}:{config.port}"
 
     class _Server(uvicorn.Server):
         async def startup(self, sockets: Any = None) -> None:
             await super().startup(sockets)
             if self.started:
-                _say(f"listening on {url} (ready in {time.monotonic() - started:.1f} s); "
+                port = config.port
+                try:  # the port actually bound (--port 0 picks a free one)
+                    port = self.servers[0].sockets[0].getsockname()[1]
+                except (AttributeError, IndexError, OSError):
+                    pass
+                ready = time.monotonic() - started
+                _say(f"listening on http://{config.host}:{port} (ready in {ready:.1f} s); "
                      "create a key with `glassbox keys create --name NAME`")
 
     server = _Server(uvicorn.Config(app, host=config.host, port=config.port, log_level=args.log_level,

@@ -35,6 +35,8 @@ Job lifecycle and durability (decisions):
     - RECEIVED jobs never got their id back to the client (the server died before answering),
       so nobody can fetch them: they fail rather than run unrequested.
 
+One server per database: ``recover`` assumes that no other server is running jobs from it.
+
 SQLite is used from many threads of one process: every transaction takes one lock (SQLite
 writes are serialised anyway) and WAL journaling lets readers of other processes (``glassbox
 keys``) work while the server runs. Timestamps are seconds since the epoch (UTC), as floats.
