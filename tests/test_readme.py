@@ -23,6 +23,6 @@ def test_readme_examples_run(capsys):
         filename = f"<README.md block {number}>"
         # register the source so deferred invoke blocks find it, as they would in a file
         linecache.cache[filename] = (len(source), None, source.splitlines(True), filename)
-        exec(compile(source, filename, "exec"), namespace)  # noqa: S102 - the documented examples
+        exec(compile(source, filename, "exec"), namespace)  # the documented examples
     printed = capsys.readouterr().out
     assert "Sequential" in printed and "capital of France" in printed

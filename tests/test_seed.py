@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from tests.conftest import layers_of
 
 from glassbox import LanguageModel
 from glassbox.offline import tiny_gpt2_path
-from tests.conftest import layers_of
 
 
 @pytest.fixture(scope="module")

@@ -165,8 +165,9 @@ class Skipper:
     """Armed line tracer that skips one block; ``disarm()`` if the block
     produced no line event (a body of only ``pass`` has none)."""
 
-    def __init__(self, frame: FrameType) -> None:
+    def __init__(self, frame: FrameType, first_line: int = 0) -> None:
         self.frame: FrameType | None = frame
+        self.first_line = first_line  # header lines before it (`... as tracer:`) must still run
         self.previous_global = sys.gettrace()
         self.previous_local = frame.f_trace
         frame.f_trace = self._local_trace
@@ -174,7 +175,7 @@ class Skipper:
             sys.settrace(_no_trace)
 
     def _local_trace(self, frame: FrameType, event: str, arg: Any) -> Any:
-        if event == "line":
+        if event == "line" and frame.f_lineno >= self.first_line:
             self.disarm()
             raise SkipBody()
         return self._local_trace
@@ -188,9 +189,9 @@ class Skipper:
         frame.f_trace = self.previous_local
 
 
-def skip_body(frame: FrameType) -> Skipper:
-    """Arrange for the block now being entered in ``frame`` to be skipped."""
-    return Skipper(frame)
+def skip_body(frame: FrameType, body: CapturedBody) -> Skipper:
+    """Arrange for ``body``, the block now being entered in ``frame``, to be skipped."""
+    return Skipper(frame, body.first_line)
 
 
 def _no_trace(frame: FrameType, event: str, arg: Any) -> None:

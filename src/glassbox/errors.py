@@ -6,6 +6,7 @@ Offers:
     MissedModuleError   a module was asked for but never ran in this forward
     TraceStateError     an API was used where it cannot work (outside a trace,
                         from another thread, after tracer.stop(), ...)
+    SandboxError        remote code tried something the server does not allow
 """
 
 from __future__ import annotations
@@ -29,3 +30,7 @@ class OutOfOrderError(GlassboxError):
 
 class MissedModuleError(GlassboxError):
     """A module was requested but the forward finished without ever running it."""
+
+
+class SandboxError(GlassboxError):
+    """Remote code tried something the server's sandbox does not allow; the message says what instead."""

@@ -45,7 +45,7 @@ class Session:
                 timeout=self.timeout, blocking=self.blocking,
             )
             if not self._run.body.trivial:
-                self._skipper = skip_body(frame)
+                self._skipper = skip_body(frame, self._run.body)
         return self
 
     def __exit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> bool:

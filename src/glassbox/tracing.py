@@ -179,7 +179,7 @@ class Tracer:
             self.model, self._method, capture_body(frame, self._method), frame, args, kwargs,
             timeout=self._timeout, blocking=self._blocking,
         )
-        self._skipper = None if self._remote_run.body.trivial else skip_body(frame)
+        self._skipper = None if self._remote_run.body.trivial else skip_body(frame, self._remote_run.body)
 
     def _exit_remote(self, exc_type: Any) -> bool:
         if self._skipper is not None:
@@ -305,7 +305,7 @@ class Invoker:
         if body is not None:
             tracer._invokes.append(Deferred(body, frame, inputs, tracer._invokes))
             if not body.trivial:
-                self._skipping = skip_body(frame)
+                self._skipping = skip_body(frame, body)
             return self
         if tracer._invokes:
             raise TraceStateError(

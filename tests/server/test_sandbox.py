@@ -594,3 +594,11 @@ def test_tensor_rules_hold_through_forwarding_objects(model, x, guard):
             run(source, model, x, wrapped=wrapped)
     ns = run("total = wrapped.sum()", model, x, wrapped=wrapped)
     assert torch.equal(ns["total"], model._module[0].weight.sum())
+
+
+def test_single_underscore_variables_are_fine_but_guards_stay_out_of_reach(model, x, guard):
+    ns = run("with model.trace(x):\n    for _i in range(1):\n        _h = model[0].output.save()\n", model, x)
+    assert ns["_h"].shape == (3, 4)
+    for source in ("_getattr_ = 1\n", "y = _getattr_\n", "_print = 1\n", "__x = 1\n", "y = x._base\n"):
+        with pytest.raises(SandboxError):
+            run(source, model, x)

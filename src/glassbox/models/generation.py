@@ -133,7 +133,7 @@ class _AllSteps:
         per_step = _PerStep(body, frame, interleaver)
         self.tracer._per_step.append(per_step)
         interleaver.site(self.tracer.model).recorders.append(per_step.on_boundary)
-        self._skipper = skip_body(frame)
+        self._skipper = skip_body(frame, body)
         return self
 
     def __exit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> bool:

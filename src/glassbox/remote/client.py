@@ -178,7 +178,7 @@ class RemoteRun:
         if reply.get("status") != "COMPLETED":
             raise _remote_exception(reply.get("error") or {}, self.body.filename)
         decoded = decode_values(reply["values"], blob)
-        saved = decoded.get("saved") or {}
+        saved = {name: _local_form(value) for name, value in (decoded.get("saved") or {}).items()}
         self.result = decoded.get("result")
         updates: dict[str, Any] = {}
         for name, value in saved.items():
@@ -194,6 +194,21 @@ class RemoteRun:
             updates.setdefault(name, NotSaved(name))
         if frame is not None:
             write_back(frame, updates)
+
+
+def _local_form(value: Any, depth: int = 0) -> Any:
+    """Model outputs index like their logits locally; make the returned ones do too."""
+    from ..models.outputs import tensor_like
+
+    if depth > 8:
+        return value
+    if isinstance(value, dict) and hasattr(value, "to_tuple"):
+        return tensor_like(value)
+    if isinstance(value, list):
+        return [_local_form(v, depth + 1) for v in value]
+    if isinstance(value, dict):
+        return {k: _local_form(v, depth + 1) for k, v in value.items()}
+    return value
 
 
 def _follow(job: JobHandle, timeout: float) -> None:
@@ -265,7 +280,7 @@ class JobHandle:
         if reply.get("status") != "COMPLETED":
             raise _remote_exception(reply.get("error") or {}, "<remote block>")
         decoded = decode_values(reply["values"], blob)
-        values = dict(decoded.get("saved") or {})
+        values = {name: _local_form(v) for name, v in (decoded.get("saved") or {}).items()}
         if decoded.get("result") is not None:
             values["result"] = decoded["result"]
         return values

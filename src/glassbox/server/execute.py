@@ -152,6 +152,27 @@ def _job_source(payload: dict) -> str:
     return "\n" * (first_line - 2) + header + "\n" + body
 
 
+def _sendable(value: Any, depth: int = 0) -> Any:
+    """Saved values as the client can use them: a model output's key/value cache
+    (``cache`` / ``past_key_values``) only makes sense inside this process, so it is dropped."""
+    if depth > 8:
+        return value
+    if isinstance(value, dict) and hasattr(value, "to_tuple"):
+        fields = {k: None if _is_cache(v) else _sendable(v, depth + 1) for k, v in value.items()}
+        return type(value)(**fields)
+    if isinstance(value, list):
+        return [_sendable(v, depth + 1) for v in value]
+    if isinstance(value, tuple):
+        return type(value)(_sendable(v, depth + 1) for v in value) if not hasattr(value, "_fields") else value
+    if isinstance(value, dict):
+        return {k: _sendable(v, depth + 1) for k, v in value.items()}
+    return value
+
+
+def _is_cache(value: Any) -> bool:
+    return type(value).__name__.endswith("Cache") and not isinstance(value, (torch.Tensor, list, tuple, dict))
+
+
 def _holds_saved(value: Any, saved: dict[int, Any], depth: int = 0) -> bool:
     if id(value) in saved:
         return True
@@ -172,7 +193,7 @@ def _returned(namespace: dict, payload: dict, saved: dict[int, Any], limits: dic
             continue
         value = namespace[name]
         if _holds_saved(value, saved):
-            returned[name] = value
+            returned[name] = _sendable(value)
         elif name in written:
             unsaved.append(name)
     most = limits.get("max_saved_values")

@@ -30,14 +30,10 @@ from typing import Any
 import torch
 
 from ..envoy import Envoy
-from ..errors import GlassboxError
+from ..errors import SandboxError
 from .whitelist import SPECS, ModuleView, dangerous, importable_modules
 
 _MISSING = object()
-
-
-class SandboxError(GlassboxError):
-    """Remote code tried something the server's sandbox does not allow; the message says what instead."""
 
 
 def deny(message: str) -> SandboxError:

@@ -120,6 +120,7 @@ import builtins
 import copy
 import io
 import linecache
+import re
 import types
 import warnings
 from collections.abc import Callable, Iterable
@@ -159,9 +160,24 @@ GUARD_NAMES = (
 # ---------------------------------------------------------------- compiling
 
 
+_LOCAL_PRIVATE = re.compile(r"_[A-Za-z0-9]\w*")
+
+
 class _GlassboxTransformer(RestrictingNodeTransformer):
     """RestrictedPython's policy, plus augmented assignment to items and
-    attributes (through guards), minus class definitions."""
+    attributes (through guards), plus ``_step``-style variable names, minus
+    class definitions."""
+
+    def check_name(self, node: ast.AST, name: str | None, allow_magic_methods: bool = False) -> None:
+        # `for _step in ...` is everyday code. A single leading underscore on a *variable* is
+        # allowed as long as it cannot name a guard (those end in "_") or the print collector;
+        # attributes starting with "_" stay refused (that check is separate).
+        if (
+            name is not None and _LOCAL_PRIVATE.fullmatch(name) and not name.endswith("_")
+            and name + "_" not in GUARD_NAMES and name != "_print"
+        ):
+            return super().check_name(node, name[1:], allow_magic_methods)
+        return super().check_name(node, name, allow_magic_methods)
 
     def visit_AugAssign(self, node: ast.AugAssign) -> Any:
         target = node.target
