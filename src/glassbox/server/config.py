@@ -3,6 +3,7 @@
 Offers:
     ServerConfig            a dataclass of all settings; each field's ``metadata["doc"]`` explains it
     default_state_dir()     where keys and jobs live unless told otherwise
+    default_max_memory_bytes()   the worker's memory limit unless told otherwise (60% of this machine's)
     parse_model_spec(text)  "name=path" -> (name, path), with a clear error
 
     config = ServerConfig(models={"gpt2": "/models/gpt2"}, max_seconds=60)
@@ -19,13 +20,38 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-__all__ = ["ServerConfig", "default_state_dir", "parse_model_spec"]
+__all__ = ["ServerConfig", "default_max_memory_bytes", "default_state_dir", "parse_model_spec"]
 
 
 def default_state_dir() -> Path:
     """``$GLASSBOX_STATE_DIR``, else ``~/.glassbox/server``."""
     env = os.environ.get("GLASSBOX_STATE_DIR")
     return Path(env).expanduser() if env else Path.home() / ".glassbox" / "server"
+
+
+def _machine_memory() -> int | None:
+    """Bytes of memory this process may use: physical memory, or a smaller container (cgroup) limit."""
+    try:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        total = None
+    for path in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+        try:
+            with open(path) as file:
+                text = file.read().strip()
+        except OSError:
+            continue
+        if text.isdigit() and 0 < int(text) < (total or 2**62):  # "max" / a huge number: no limit
+            total = int(text)
+    return total
+
+
+def default_max_memory_bytes() -> int:
+    """60% of the memory this machine (or its container) has: room for the API process, the OS
+    and page cache, while a job that asks for more fails cleanly instead of waking the OOM killer.
+    0 (no limit) where the amount cannot be read."""
+    total = _machine_memory()
+    return int(total * 0.6) if total else 0
 
 
 def parse_model_spec(text: str) -> tuple[str, str]:
@@ -81,6 +107,11 @@ class ServerConfig:
         "killed together with the worker process, fails with 'exceeded the time limit', and the "
         "worker is restarted; the queue is kept."
     ), default=300.0)
+    max_memory_bytes: int = field(**_doc(
+        "Memory limit of the worker process, models included (RLIMIT_DATA: its private writable "
+        "memory). An allocation over it fails the job with 'exceeded the worker memory limit' and "
+        "the worker goes on. Default: 60 percent of this machine's memory. 0: no limit."
+    ), default=default_max_memory_bytes())
     max_saved_values: int = field(**_doc(
         "Most values one job may save and send back."
     ), default=10_000)
@@ -119,7 +150,7 @@ class ServerConfig:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         if self.max_seconds <= 0:
             raise ValueError(f"max_seconds must be positive, got {self.max_seconds}")
-        for name in ("rate_limit_per_minute", "max_jobs_per_key", "torch_threads"):
+        for name in ("rate_limit_per_minute", "max_jobs_per_key", "torch_threads", "max_memory_bytes"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be 0 (off / default) or positive, got {getattr(self, name)}")
 

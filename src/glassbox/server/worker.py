@@ -33,6 +33,17 @@ Process layout and why::
   exits, so a restarted server does not find the old one still holding the models' memory.
 - Every job starts from ``torch.manual_seed(0)``: sampling inside a job is reproducible and no job
   inherits the random state of the one before.
+- Memory: the worker limits itself to ``max_memory_bytes`` (``RLIMIT_DATA``, set before torch is
+  imported, so the models count too). An allocation over it fails inside the job (torch's
+  "can't allocate memory", Python's MemoryError) and the job ends with a MemoryError that names
+  the limit; the worker process lives on, so the next job does not wait for a restart. Without a
+  limit the same job would be killed by the kernel's OOM killer, or take the machine down with it.
+  Why ``RLIMIT_DATA`` and not ``RLIMIT_AS``: both stop ``torch.zeros(5_000_000_000)`` here (measured
+  on CPU: the same error, and both models load and run under a 4 GiB limit), but ``RLIMIT_AS``
+  counts address space that holds no memory: glibc's per-thread malloc arenas (64 MiB reserved
+  each), memory-mapped weight files, and CUDA's unified-address reservation (far more than the
+  GPU has), which makes CUDA fail to initialise under any realistic limit. ``RLIMIT_DATA`` counts
+  private writable mappings, i.e. memory a job can actually fill (Linux >= 4.7).
 """
 
 from __future__ import annotations
@@ -53,16 +64,31 @@ from ..remote.protocol import PROTOCOL_VERSION, ProtocolError
 from .config import ServerConfig
 from .store import JobStore
 
-__all__ = ["SENSITIVE_ENV", "WorkerHandle", "WorkerStartError", "error_result"]
+__all__ = ["SENSITIVE_ENV", "WorkerHandle", "WorkerStartError", "error_result", "is_out_of_memory"]
 
 SENSITIVE_ENV = re.compile(r"KEY|TOKEN|SECRET|PASSW|CREDENTIAL|AUTH|DB_URL|DATABASE|COOKIE|SESSION",
                            re.IGNORECASE)
 _ENV_LOCK = threading.Lock()
 _POLL = 0.05  # seconds between looks at the deadline / cancel flag while a job runs
+_GIB = 1024**3
+# How allocation failures read once the limit is hit: torch's CPU allocator, libc's errno text,
+# and Python's own MemoryError (which has no message for a plain allocation failure).
+_ALLOCATION_FAILED = re.compile(r"can't allocate memory|Cannot allocate memory|std::bad_alloc")
 
 
 class WorkerStartError(RuntimeError):
     """The worker process could not start or could not load its models."""
+
+
+def is_out_of_memory(error: dict) -> bool:
+    """Whether a job's error is a failed host-memory allocation (and not, say, CUDA running out of
+    GPU memory, or a size limit of the server, which say what they are themselves)."""
+    kind, message = str(error.get("type", "")), str(error.get("message", ""))
+    if "CUDA" in message or "GPU" in message or "server" in message:
+        return False
+    if kind == "MemoryError":
+        return True
+    return kind in ("RuntimeError", "OutOfMemoryError") and bool(_ALLOCATION_FAILED.search(message))
 
 
 def error_result(kind: str, message: str) -> dict:
@@ -77,26 +103,35 @@ def error_result(kind: str, message: str) -> dict:
 
 
 def _worker_main(conn: multiprocessing.connection.Connection, specs: dict[str, str], executor: str,
-                 torch_threads: int) -> None:
+                 torch_threads: int, max_memory_bytes: int = 0) -> None:
     _scrub_environment()
     _exit_with_parent()
-    import torch
-
-    if torch_threads:
-        torch.set_num_threads(torch_threads)
-    try:
-        torch.set_num_interop_threads(1)  # jobs run one at a time; fewer idle threads
-    except RuntimeError:
-        pass  # already fixed by an import that ran parallel work: harmless
+    # Before anything big is imported or loaded: the models count toward the limit, so a server
+    # whose limit cannot even hold them fails at start, saying so, rather than at the first job.
+    limit = _limit_memory(max_memory_bytes)
     started = time.monotonic()
     try:
+        import torch
+
+        if torch_threads:
+            torch.set_num_threads(torch_threads)
+        try:
+            torch.set_num_interop_threads(1)  # jobs run one at a time; fewer idle threads
+        except RuntimeError:
+            pass  # already fixed by an import that ran parallel work: harmless
         module = importlib.import_module(executor)
         models = module.load_models(specs)
-    except BaseException:  # the parent must hear why, whatever it was
-        _send(conn, {"op": "failed", "error": traceback.format_exc()})
+    except BaseException as err:  # the parent must hear why, whatever it was
+        error = traceback.format_exc()
+        if limit and is_out_of_memory({"type": type(err).__name__, "message": str(err)}):
+            error += (f"\nThe worker's memory limit is {_gib(limit)} GiB (max_memory_bytes, models "
+                      "included) and starting it and loading the models needs more: raise it, or 0 for no "
+                      "limit.")
+        _send(conn, {"op": "failed", "error": error})
         return
     _send(conn, {"op": "ready", "models": {name: _describe(model) for name, model in models.items()},
-                 "seconds": round(time.monotonic() - started, 3), "threads": torch.get_num_threads()})
+                 "seconds": round(time.monotonic() - started, 3), "threads": torch.get_num_threads(),
+                 "memory": _memory_in_use(), "memory_limit": limit})
     while True:
         try:
             message, blob = unframe(conn.recv_bytes())
@@ -107,9 +142,11 @@ def _worker_main(conn: multiprocessing.connection.Connection, specs: dict[str, s
         job_id = str(message["job"])
         torch.manual_seed(0)
         result, out = _run_one(module, models, job_id, blob, dict(message.get("limits") or {}), conn)
+        if limit and result.get("status") == "ERROR" and is_out_of_memory(result.get("error") or {}):
+            result = _over_memory_limit(result, limit)
         try:
             _send(conn, {"op": "result", "job": job_id, "result": result}, out)
-        except (OSError, ProtocolError) as err:
+        except (OSError, ProtocolError, MemoryError) as err:  # MemoryError: framing a huge result
             try:
                 _send(conn, {"op": "result", "job": job_id,
                              "result": error_result("InternalError", f"cannot send the result: {err}")})
@@ -144,6 +181,49 @@ def _run_one(module: Any, models: dict, job_id: str, request: bytes, limits: dic
         return result, bytes(out or b"")
     except Exception as err:  # run_job handles user errors; this is a server bug
         return error_result("InternalError", f"the server failed to run this job: {err!r}"), b""
+
+
+def _limit_memory(limit: int) -> int:
+    """Cap this process's private writable memory at ``limit`` bytes (0: leave it alone); returns
+    the limit in force (the lower one if the process already had a lower hard limit)."""
+    if limit <= 0:
+        return 0
+    import resource
+
+    _soft, hard = resource.getrlimit(resource.RLIMIT_DATA)
+    if hard != resource.RLIM_INFINITY:
+        limit = min(limit, hard)
+    # The hard limit too: nothing in the worker may raise it again.
+    resource.setrlimit(resource.RLIMIT_DATA, (limit, limit))
+    return limit
+
+
+def _memory_in_use() -> int | None:
+    """This process's private writable memory (what RLIMIT_DATA counts), in bytes."""
+    try:
+        with open("/proc/self/status") as file:
+            for line in file:
+                if line.startswith("VmData:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def _over_memory_limit(result: dict, limit: int) -> dict:
+    """The job's error, reworded to say which limit it ran into and what to do."""
+    error = dict(result.get("error") or {})
+    original = str(error.get("message") or "").strip()
+    used = _memory_in_use()  # the job's memory is freed by now: this is the models and the worker
+    held = f"; the models and the worker hold {_gib(used)} GiB of it" if used else ""
+    asked = re.search(r"tried to allocate (\d+) bytes", original)
+    what = f": an allocation of {_gib(int(asked.group(1)))} GiB failed" if asked else ""
+    error["message"] = (
+        f"the job exceeded the worker memory limit of {_gib(limit)} GiB (the server's "
+        f"max_memory_bytes{held}){what}. Use smaller tensors or batches, or save fewer values"
+    )
+    error["type"] = "MemoryError"
+    return {**result, "error": error}
 
 
 def _send(conn: multiprocessing.connection.Connection, message: dict, blob: bytes = b"") -> None:
@@ -266,7 +346,8 @@ class WorkerHandle:
         parent_conn, child_conn = context.Pipe(duplex=True)
         process = context.Process(
             target=_worker_main,
-            args=(child_conn, dict(self.config.models), self.config.executor, self.config.torch_threads),
+            args=(child_conn, dict(self.config.models), self.config.executor, self.config.torch_threads,
+                  self.config.max_memory_bytes),
             name="glassbox-worker",
             daemon=True,
         )
@@ -302,7 +383,7 @@ class WorkerHandle:
                     self.models = dict(message.get("models") or {})
                     self.state = "ready"
                     self.say(f"worker {process.pid}: ready in {message.get('seconds')} s "
-                             f"({message.get('threads')} torch threads)")
+                             f"({message.get('threads')} torch threads{_memory_note(message)})")
                     return
                 self._kill()
                 self._failed(str(message.get("error") or message))
@@ -466,6 +547,18 @@ class WorkerHandle:
             if error:
                 event["error"] = error
             self.on_event(job_id, event)
+
+
+def _gib(size: int) -> str:
+    return f"{size / _GIB:.1f}" if size >= _GIB else f"{size / _GIB:.2f}"
+
+
+def _memory_note(message: dict) -> str:
+    used, limit = message.get("memory"), message.get("memory_limit")
+    if not isinstance(used, int):
+        return ""
+    note = f", {_gib(used)} GiB in use"
+    return note + (f" of its {_gib(limit)} GiB limit" if isinstance(limit, int) and limit else "")
 
 
 def _exit_reason(code: int | None) -> str:
