@@ -109,8 +109,47 @@ def main(model_path: str | None = None) -> dict[str, Any]:
         text = model.tokenizer.decode(ids[0], skip_special_tokens=True)
         print(f"  {name:>7}: {text!r}")
 
+    numbers.update(_remote_section(path))
     print(f"\ndone in {time.perf_counter() - started:.1f} s", file=sys.stderr)
     return numbers
+
+
+def _remote_section(path: str) -> dict[str, Any]:
+    """The same blocks through a glassbox server started here on 127.0.0.1."""
+    import tempfile
+    from pathlib import Path
+
+    from .cli import start_server
+    from .config import CONFIG
+
+    _section("7. The same code with remote=True, through an embedded server")
+    name = Path(path).name
+    with tempfile.TemporaryDirectory() as state:
+        print(f"  starting `glassbox serve --model {name}=...` on 127.0.0.1 ...", flush=True)
+        threads = ["--torch-threads", str(torch.get_num_threads())]  # same kernels: same numbers
+        with start_server({name: path}, state_dir=state, args=threads) as server:
+            saved = (CONFIG.HOST, CONFIG.API_KEY, CONFIG.STATUS)
+            CONFIG.HOST, CONFIG.API_KEY, CONFIG.STATUS = server.url, server.create_key("demo"), False
+            try:
+                model = LanguageModel(path)
+                rows = []
+                for remote in (False, True, False, True):  # the first of each warms up
+                    began = time.perf_counter()
+                    with model.trace("The Colosseum is in", remote=remote):
+                        hidden = model.model.layers[20].output[:, -1].save()
+                        model.model.layers[24].output[:, -1] *= 0.5
+                        logits = model.output.logits[:, -1].save()
+                    rows.append((remote, hidden, logits, time.perf_counter() - began))
+            finally:
+                CONFIG.HOST, CONFIG.API_KEY, CONFIG.STATUS = saved
+    (_, h_local, l_local, t_local), (_, h_remote, l_remote, t_remote) = rows[2:]
+    same = torch.equal(h_local, h_remote) and torch.equal(l_local, l_remote)
+    top = model.tokenizer.decode(l_remote[0].argmax())
+    print(f"  local : {t_local * 1000:7.1f} ms   remote: {t_remote * 1000:7.1f} ms (round trip, warm worker)")
+    print(f"  saved values identical local vs remote: {same}   (top next token remotely: {top!r})")
+    diff_h, diff_l = ((a - b).abs().max().item() for a, b in ((h_local, h_remote), (l_local, l_remote)))
+    print(f"  max |difference|: hidden {diff_h:.2e}, logits {diff_l:.2e}")
+    return {"remote_identical": same}
 
 
 if __name__ == "__main__":

@@ -166,7 +166,11 @@ class Envoy:
     def output(self) -> Any:
         """The module's output at its next call (or the current one, if the
         trace is already there). Assign to replace it; edit it in place."""
-        return _savable(self._interleaver("output").request(self, "output"))
+        interleaver = self._root.__dict__["_active"] if "_active" in self._root.__dict__ else None
+        if interleaver is None:
+            interleaver = self._interleaver("output")
+        value = interleaver.request(self, "output")
+        return SavableTuple(value) if type(value) is tuple else value
 
     @output.setter
     def output(self, value: Any) -> None:

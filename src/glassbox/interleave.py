@@ -105,30 +105,42 @@ def _release_runner(runner: _Runner) -> None:
 
 
 class Site:
-    """Interception state of one module during one trace."""
+    """Interception state of one module. Kept on its envoy between traces (with
+    its ``forward`` wrapper, built once); counters are reset for every trace."""
 
     __slots__ = (
         "envoy",
+        "interleaver",
         "module",
         "n_in",
         "n_out",
+        "original",
         "recorders",
         "saved_forward",
         "skip_value",
         "waiting_in",
         "waiting_out",
+        "wrapper",
     )
 
     def __init__(self, envoy: Any) -> None:
         self.envoy = envoy
         self.module = envoy._module
+        self.interleaver: Interleaver | None = None
+        self.original: Any = None
         self.saved_forward: Any = _MISSING
+        self.recorders: list[Callable[[str, Any], None]] = []
+        self.wrapper = _make_wrapper(self)
+        self.reset()
+
+    def reset(self) -> None:
         self.n_in = 0
         self.n_out = 0
         self.waiting_in = 0
         self.waiting_out = 0
         self.skip_value: Any = _MISSING
-        self.recorders: list[Callable[[str, Any], None]] = []
+        if self.recorders:
+            self.recorders = []
 
     def count(self, kind: str) -> int:
         return self.n_in if kind == "input" else self.n_out
@@ -177,6 +189,31 @@ class Consumer:
         self.on_yield: Callable[[], None] | None = None  # runs each time it hands back control
         self.wake: Callable[[], None] | None = None  # runs once the forward has ended
         self.soft = False  # the current wait ends quietly (ENDED) if the model finishes
+
+
+def _make_wrapper(site: Site) -> Callable[..., Any]:
+    """The ``forward`` installed on a touched module: passes straight through
+    for calls from user code (ad hoc calls), meets consumers at both
+    boundaries when the model itself calls it."""
+
+    def forward(*args: Any, **kwargs: Any) -> Any:
+        interleaver = site.interleaver
+        if interleaver is None or _getcurrent() is not interleaver.runner_glet:
+            return site.original(*args, **kwargs)
+        site.n_in += 1
+        if site.waiting_in or site.recorders:
+            args, kwargs = interleaver._boundary(site, "input", (args, kwargs), site.n_in)
+        if site.skip_value is not _MISSING:
+            output, site.skip_value = site.skip_value, _MISSING
+        else:
+            output = site.original(*args, **kwargs)
+        site.n_out += 1
+        if site.waiting_out or site.recorders:
+            return interleaver._boundary(site, "output", output, site.n_out)
+        interleaver.position = (site, "output", site.n_out)
+        return output
+
+    return forward
 
 
 # ---------------------------------------------------------------- interleaver
@@ -239,39 +276,26 @@ class Interleaver:
             chain.append(node)
             node = node._parent
         for node in reversed(chain):  # ancestors first
-            self._install(Site(node))
+            cached = node.__dict__.get("_site")
+            if cached is None or cached.module is not node._module or cached.interleaver is not None:
+                cached = Site(node)
+                node.__dict__["_site"] = cached
+            else:
+                cached.reset()
+            self._install(cached)
         return self.sites[id(envoy._module)]
 
     def _install(self, site: Site) -> None:
         module = site.module
         self.sites[id(module)] = site
+        site.interleaver = self
         if type(module).forward is _module_forward:
             return  # containers (ModuleList, ModuleDict) are never called
         self.installed.append(site)
         site.saved_forward = module.__dict__.get("forward", _MISSING)
-        original = module.forward
-        runner_glet = self.runner_glet
-        boundary = self._boundary
-
-        def forward(*args: Any, **kwargs: Any) -> Any:
-            if _getcurrent() is not runner_glet:  # ad hoc call from user code
-                return original(*args, **kwargs)
-            site.n_in += 1
-            if site.waiting_in or site.recorders:
-                args, kwargs = boundary(site, "input", (args, kwargs), site.n_in)
-            if site.skip_value is not _MISSING:
-                output, site.skip_value = site.skip_value, _MISSING
-            else:
-                output = original(*args, **kwargs)
-            site.n_out += 1
-            if site.waiting_out or site.recorders:
-                output = boundary(site, "output", output, site.n_out)
-            else:
-                self.position = (site, "output", site.n_out)
-            return output
-
-        forward.__wrapped__ = original  # type: ignore[attr-defined]  # keeps inspect.signature
-        module.__dict__["forward"] = forward
+        site.original = module.forward
+        site.wrapper.__wrapped__ = site.original  # keeps inspect.signature(module.forward)
+        module.__dict__["forward"] = site.wrapper
 
     # ------------------------------------------------------------ runner side
 
@@ -287,12 +311,21 @@ class Interleaver:
         return value
 
     def _serve(self, consumer: Consumer, site: Site, kind: str, value: Any) -> Any:
-        self._clear_wait(consumer)
+        consumer.waiting = None  # _clear_wait, inlined: this is the per-access hot path
+        if kind == "output":
+            site.waiting_out -= 1
+        else:
+            site.waiting_in -= 1
         rows = consumer.rows
         view = value if rows is None else narrow(value, rows, self.batch_size, self.narrow_min_ndim)
         consumer.at, consumer.at_kind = site, kind
         consumer.current, consumer.replaced = view, False
-        self._resume(consumer, view)
+        if consumer.run is None:  # the inline body: it never ends or raises into the runner
+            consumer.glet.switch(view)  # type: ignore[union-attr]
+            if _is_grad_enabled() != self.model_grad:
+                _set_grad_enabled(self.model_grad)
+        else:
+            self._resume(consumer, view)
         consumer.at = None
         if consumer.replaced:
             new = consumer.current
@@ -373,13 +406,15 @@ class Interleaver:
         """Block the calling consumer until the model reaches ``envoy``'s
         ``kind`` boundary; return the value there (this invoke's rows).
         With ``soft``, return ENDED instead of raising if the model finishes."""
-        consumer = self.current_consumer()
-        site = self.site(envoy)
+        consumer = self.by_glet.get(_getcurrent()) or self.current_consumer()
+        site = self.sites.get(id(envoy._module)) or self.site(envoy)
         if not fresh and consumer.at is site and consumer.at_kind == kind:
             return consumer.current
-        if soft and self.state not in ("new", "running"):
-            return _JOB_ENDED
-        self._check_can_wait(site, kind)
+        state = self.state
+        if state != "running" and state != "new":
+            if soft:
+                return _JOB_ENDED
+            self._check_can_wait(site, kind)
         consumer.soft = soft
         consumer.waiting, consumer.waiting_kind = site, kind
         if kind == "input":
@@ -445,10 +480,15 @@ class Interleaver:
         user_grad = _is_grad_enabled()
         if user_grad != self.model_grad:
             _set_grad_enabled(self.model_grad)
-        if consumer.run is None:
-            message = self._drive()
-        else:
+        if consumer.run is not None:
             message = self.runner_glet.switch()
+        elif self.state == "running":  # _drive, inlined for the common case
+            self.runner.driver = self.driver
+            message = self.runner_glet.switch()
+            if message is _JOB_ENDED:
+                self._collect()
+        else:
+            message = self._drive()
         self.model_grad = _is_grad_enabled()
         if user_grad != self.model_grad:
             _set_grad_enabled(user_grad)
@@ -587,6 +627,10 @@ class Interleaver:
                 site.module.__dict__.pop("forward", None)
             else:
                 site.module.__dict__["forward"] = site.saved_forward
+            site.original = site.saved_forward = None
+        for site in self.sites.values():
+            site.interleaver = None
+            site.recorders = []
         self.installed.clear()
         self.sites.clear()
         self.consumers.clear()

@@ -77,12 +77,20 @@ class collect_saved:
 
 
 def _tensor_save(self: Any) -> Any:
-    return save(self)
+    # the common local case (one trace, nobody collecting) stays a few attribute reads
+    stack = getattr(_state, "stack", None)
+    if stack:
+        stack[-1]._saved_ids.add(id(self))
+    collector = getattr(_state, "collector", None)
+    if collector is not None:
+        collector[id(self)] = self
+    return self
 
 
 _patches: list[ClassPatch] = []
 _patches_lock = threading.Lock()
 _model_output_patched = False
+_patch_sets: list[PatchSet] = []  # the current set is reused by every trace
 
 
 def _get_patches() -> PatchSet:
@@ -95,11 +103,13 @@ def _get_patches() -> PatchSet:
 
             _patches.append(ClassPatch(torch.Tensor, "save", _tensor_save))
             _patches.append(ClassPatch(torch.Tensor, "backward", _backward.patched_backward))
+            _patch_sets.append(PatchSet(list(_patches)))
         generic = sys.modules.get("transformers.utils.generic")
         if generic is not None and not _model_output_patched:
             _patches.append(ClassPatch(generic.ModelOutput, "save", _tensor_save))
             _model_output_patched = True
-        return PatchSet(list(_patches))
+            _patch_sets.append(PatchSet(list(_patches)))
+        return _patch_sets[-1]
 
 
 class Tracer:
@@ -157,8 +167,8 @@ class Tracer:
         try:
             interleaver = Interleaver(root, batch_size=0, narrow_min_ndim=root._narrow_min_ndim)
             if self._inputs is not None:
-                args, kwargs, rows = root._batch([root._prepare(*self._inputs)])
-                interleaver.batch_size = rows[-1].stop
+                # one input, the body as the only consumer: it sees the whole batch, no rows
+                args, kwargs = root._single(root._prepare(*self._inputs))
                 interleaver.job = self._job(interleaver, args, kwargs)
                 interleaver.add_consumer(Consumer("trace body", None))
             self._interleaver = interleaver

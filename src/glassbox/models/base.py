@@ -85,6 +85,10 @@ class NNsight(Envoy):
     def _prepare(self, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         return tuple(args), dict(kwargs)
 
+    def _single(self, prepared: Any) -> tuple[tuple, dict]:
+        """The model call for one prepared input traced alone (no batching needed)."""
+        return prepared
+
     def _batch(self, prepared: list[tuple[tuple, dict]]) -> tuple[tuple, dict, list[Rows]]:
         return concat_args(prepared)
 

@@ -73,6 +73,11 @@ class LanguageModel(NNsight):
             module, source = model, getattr(getattr(model, "config", None), "name_or_path", None)
         else:
             source = os.fspath(model)
+            served = None if os.path.isdir(source) else _server_copy(source)
+            if served is not None:  # weights stay on the server; remote=True traces only
+                self.__dict__["_remote_as"] = remote_name or source
+                self.__dict__["_server_only"] = True
+                source = str(served)
             config = _load_config(source, hf_kwargs)
             automodel = automodel or _automodel_for(config)
             module = _meta_model(automodel, config, attn_implementation, dtype)
@@ -94,6 +99,13 @@ class LanguageModel(NNsight):
     def _ensure_ready(self) -> None:
         if self.__dict__["_loaded"]:
             return
+        if self.__dict__.get("_server_only"):
+            from ..config import CONFIG
+
+            raise TraceStateError(
+                f"{self._remote_name()!r} is served by the glassbox server at {CONFIG.HOST} and its "
+                "weights are not on this machine: trace it with remote=True"
+            )
         opts = self._load
         print(f"[glassbox] loading weights from {self._source} ...", file=sys.stderr, flush=True)
         kwargs = dict(opts["hf_kwargs"])
@@ -219,6 +231,10 @@ class LanguageModel(NNsight):
         kwargs = {"input_ids": ids, "attention_mask": mask, **extra}
         return (), kwargs, spans
 
+    def _single(self, prepared: _Prompt) -> tuple[tuple, dict]:
+        args, kwargs, _ = self._batch([prepared])
+        return args, kwargs
+
     def _pad_id(self) -> int:
         tok = self.tokenizer
         for candidate in (getattr(tok, "pad_token_id", None), getattr(tok, "eos_token_id", None)):
@@ -262,6 +278,28 @@ class LanguageModel(NNsight):
     @output.setter
     def output(self, value: Any) -> None:
         NNsight.output.fset(self, value)
+
+
+def _server_copy(name: str) -> Any:
+    """If the server at CONFIG.HOST serves ``name``, fetch its config and tokenizer
+    files (no weights) into the cache and return that folder; else None."""
+    from ..config import CONFIG
+    from ..offline import cache_root
+
+    try:
+        from ..remote import transport
+
+        files = transport.model_files(CONFIG.HOST, name)
+    except Exception:
+        return None
+    host = "".join(c if c.isalnum() else "_" for c in CONFIG.HOST)
+    folder = cache_root() / "remote" / host / name.replace("/", "--")
+    folder.mkdir(parents=True, exist_ok=True)
+    for filename, text in files.items():
+        if os.path.basename(filename) != filename or filename.startswith("."):
+            continue  # the server names plain files; never write elsewhere
+        (folder / filename).write_text(text)
+    return folder
 
 
 def _accepts(module: torch.nn.Module, name: str) -> bool:
