@@ -212,26 +212,66 @@ def _local_form(value: Any, depth: int = 0) -> Any:
 
 
 def _follow(job: JobHandle, timeout: float) -> None:
-    """Wait for the job, printing its output and (optionally) a status line."""
+    """Wait for the job, printing its output and (unless CONFIG.STATUS is off) a
+    live status line: one line rewritten in place on a terminal, else one line
+    per change of status."""
     from . import transport
 
     deadline = time.monotonic() + timeout + 30
-    last = None
-    for event in transport.events(job.host, job.api_key, job.id):
-        text = event.get("log")
-        if text:
-            sys.stdout.write(text)
-            sys.stdout.flush()
-        status = event.get("status")
-        if CONFIG.STATUS and status and status != last:
-            where = f" (queue position {event['position']})" if event.get("position") else ""
-            print(f"[glassbox] job {job.id[:8]}: {status}{where}", file=sys.stderr, flush=True)
-            last = status
-        if status in _FINAL:
-            return
-        if time.monotonic() > deadline:
-            job.cancel()
-            raise TimeoutError(f"remote job {job.id} did not finish within {timeout:.0f} s; it was cancelled")
+    status_line = _StatusLine(job.id) if CONFIG.STATUS else None
+    try:
+        for event in transport.events(job.host, job.api_key, job.id):
+            text = event.get("log")
+            if text:
+                if status_line is not None:
+                    status_line.clear()
+                sys.stdout.write(text)
+                sys.stdout.flush()
+            status = event.get("status")
+            if status_line is not None and status:
+                status_line.show(status, event.get("position"), event.get("elapsed"))
+            if status in _FINAL:
+                return
+            if time.monotonic() > deadline:
+                job.cancel()
+                raise TimeoutError(
+                    f"remote job {job.id} did not finish within {timeout:.0f} s; it was cancelled"
+                )
+    finally:
+        if status_line is not None:
+            status_line.close()
+
+
+class _StatusLine:
+    """``[glassbox] job 1a2b3c4d: QUEUED (position 2) 0.4 s`` on stderr."""
+
+    def __init__(self, job_id: str) -> None:
+        self.job_id = job_id[:8]
+        self.live = sys.stderr.isatty()
+        self.last: tuple | None = None
+        self.width = 0
+
+    def show(self, status: str, position: Any, elapsed: Any) -> None:
+        where = f" (position {position})" if position else ""
+        if self.live:
+            seconds = f" {float(elapsed):.1f} s" if elapsed is not None else ""
+            line = f"[glassbox] job {self.job_id}: {status}{where}{seconds}"
+            sys.stderr.write("\r" + line.ljust(self.width))
+            self.width = len(line)
+            sys.stderr.flush()
+        elif (status, position) != self.last:
+            print(f"[glassbox] job {self.job_id}: {status}{where}", file=sys.stderr, flush=True)
+        self.last = (status, position)
+
+    def clear(self) -> None:
+        if self.live and self.width:
+            sys.stderr.write("\r" + " " * self.width + "\r")
+            self.width = 0
+
+    def close(self) -> None:
+        if self.live and self.width:
+            sys.stderr.write("\n")
+            sys.stderr.flush()
 
 
 def _remote_exception(error: dict, filename: str) -> BaseException:
