@@ -186,3 +186,15 @@ def test_non_blocking_job_handle(gpt2, remote):
         local = gpt2.transformer.h[1].output.save()
     assert torch.equal(values["h"], local)
     assert job.status()["status"] == "COMPLETED"
+
+
+def test_status_lines_show_progress_and_can_be_turned_off(gpt2, remote, capsys, monkeypatch):
+    monkeypatch.setattr(CONFIG, "STATUS", True)
+    with gpt2.trace("Hello", remote=True):
+        gpt2.transformer.h[0].output.save()
+    shown = capsys.readouterr().err
+    assert "[glassbox] job" in shown and "COMPLETED" in shown
+    monkeypatch.setattr(CONFIG, "STATUS", False)
+    with gpt2.trace("Hello", remote=True):
+        gpt2.transformer.h[0].output.save()
+    assert "[glassbox] job" not in capsys.readouterr().err
