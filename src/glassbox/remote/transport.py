@@ -9,6 +9,9 @@ Offers:
     result(host, api_key, job_id) -> (result envelope, blob)
     cancel(host, api_key, job_id) -> dict
     models(host, api_key=None) -> [{"name": ..., ...}]
+    model_files(host, name) -> {filename: text}   a served model's config and tokenizer files
+        (config.json, tokenizer.json, ...: whichever it has), to build its module tree and
+        tokenizer here without its weights
     health(host) -> {"glassbox": version, "protocol": N, ...}
     RemoteError       every failure here: what went wrong and what to do about it
 
@@ -30,6 +33,7 @@ import threading
 import time
 from collections.abc import Iterator
 from typing import Any
+from urllib.parse import quote
 
 import httpx
 
@@ -37,7 +41,7 @@ from ..errors import GlassboxError
 from .framing import frame, unframe
 from .protocol import ProtocolError
 
-__all__ = ["RemoteError", "cancel", "events", "health", "models", "result", "status", "submit"]
+__all__ = ["RemoteError", "cancel", "events", "health", "model_files", "models", "result", "status", "submit"]
 
 FINAL = frozenset({"COMPLETED", "ERROR", "CANCELLED"})
 _POLL_SECONDS = 0.1
@@ -188,6 +192,28 @@ def models(host: str, api_key: str | None = None) -> list[dict]:
     if not isinstance(served, list):
         raise RemoteError(f"{_base(host)} sent a malformed model list")
     return served
+
+
+def model_files(host: str, name: str) -> dict[str, str]:
+    """The config and tokenizer files of the served model ``name``, by file name (no key needed).
+
+        files = model_files("http://127.0.0.1:8765", "gpt2")
+        config = json.loads(files["config.json"])
+    """
+    path = f"/v1/models/{quote(name, safe='')}/files"
+    try:
+        body = _json(_request("GET", host, path))
+    except RemoteError as err:
+        if err.status_code == 404 and "does not look like a glassbox server" in str(err):
+            # A glassbox server that answers /v1/models but not this: an older version.
+            raise RemoteError(f"the server at {_base(host)} does not hand out model files (it may run "
+                              "an older glassbox: upgrade the server)", 404) from None
+        raise
+    files = body.get("files")
+    if not isinstance(files, dict) or not all(isinstance(k, str) and isinstance(v, str)
+                                              for k, v in files.items()):
+        raise RemoteError(f"{_base(host)} sent a malformed file list for model {name!r}")
+    return files
 
 
 def health(host: str) -> dict:

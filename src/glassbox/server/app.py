@@ -5,11 +5,14 @@ Offers:
     Hub                  live job events (status, printed output) fanned out to websocket listeners
     RateLimiter          per-key sliding-window count of job submissions
     JOB_KIND             the envelope kind a job request must have
+    MODEL_FILES          the files of a served model's folder that /v1/models/{name}/files hands out
+    read_model_files(path) -> {filename: text}   those of them that exist for one model
 
 Endpoints (all JSON unless said otherwise)::
 
     GET    /v1/health               {"glassbox": version, "protocol": N, "worker": state}   no key
     GET    /v1/models               {"models": [{"name", "status", "class", "parameters", ...}]} no key
+    GET    /v1/models/{name}/files  {"files": {filename: text}}: config and tokenizer files, no key
     POST   /v1/jobs                 body: a framed job request (remote/framing.py) -> 202 {"id", ...}
     GET    /v1/jobs                 the caller's jobs (no logs, no results)
     GET    /v1/jobs/{id}            status, queue position, printed output from ?log_offset=N
@@ -17,7 +20,7 @@ Endpoints (all JSON unless said otherwise)::
     GET    /v1/jobs/{id}/result     the framed result envelope (+ safetensors blob) of a final job
     DELETE /v1/jobs/{id}            cancel: queued -> CANCELLED; running -> worker killed, CANCELLED
 
-Every endpoint but health and models needs an API key (``Authorization: Bearer <key>`` or
+Every endpoint but health and the two model ones needs an API key (``Authorization: Bearer <key>`` or
 ``X-API-Key: <key>``; the websocket also takes ``{"api_key": ...}`` as its first message). A job
 is visible to the key that submitted it only: for any other key it does not exist (404).
 
@@ -47,6 +50,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
+import os
+import stat
 import threading
 import time
 import traceback
@@ -65,7 +71,7 @@ from .config import ServerConfig
 from .store import TERMINAL, JobInfo, JobStore, KeyInfo, TooManyJobs
 from .worker import WorkerHandle, error_result
 
-__all__ = ["JOB_KIND", "Hub", "RateLimiter", "create_app"]
+__all__ = ["JOB_KIND", "MODEL_FILES", "Hub", "RateLimiter", "create_app", "read_model_files"]
 
 # The envelope kind of a job request (execute.JOB_KIND; not imported from there so that the API
 # process does not load the sandbox and the tracing machinery it never uses).
@@ -73,6 +79,16 @@ JOB_KIND = "job"
 _WS_AUTH_SECONDS = 10.0
 _WS_TICK = 0.5  # seconds between queue-position checks / heartbeats on a quiet websocket
 _HEARTBEAT = 2.0
+
+# What a client needs to build a served model's module tree (on the meta device) and its
+# tokenizer without downloading weights. Only these names are ever read, so no request can reach
+# weights or anything else in (or outside) the folder. They are small text files; the cap only
+# guards against a misconfigured folder.
+MODEL_FILES = (
+    "config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+    "special_tokens_map.json", "vocab.json", "merges.txt", "chat_template.jinja",
+)
+_MAX_MODEL_FILE_BYTES = 64 * 1024**2
 
 
 async def _thread(fn: Callable, *args: Any, **kwargs: Any) -> Any:
@@ -132,6 +148,45 @@ class Hub:
                 listeners.discard(queue)
                 if not listeners:
                     del self._listeners[job_id]
+
+
+def read_model_files(path: str) -> dict[str, str]:
+    """The ``MODEL_FILES`` that exist for the model served from ``path``: a folder, or a hub id
+    already in the local Hugging Face cache (never downloaded here). Files that are not UTF-8 text
+    or are over 64 MiB are left out.
+
+        files = read_model_files("/models/gpt2")       # {"config.json": "{...}", "vocab.json": ...}
+    """
+    found: dict[str, str] = {}
+    for filename in MODEL_FILES:
+        location = _model_file(path, filename)
+        if location is None:
+            continue
+        try:
+            # Checked before reading: a folder is configured by an admin, but a huge or special
+            # file (a FIFO would block this thread forever) must not take the server with it.
+            info = os.stat(location)
+            if not stat.S_ISREG(info.st_mode) or info.st_size > _MAX_MODEL_FILE_BYTES:
+                continue
+            with open(location, "rb") as file:
+                found[filename] = file.read(_MAX_MODEL_FILE_BYTES + 1).decode("utf-8")
+        except (OSError, UnicodeDecodeError):
+            continue
+    return found
+
+
+def _model_file(path: str, filename: str) -> str | None:
+    if os.path.isdir(path):
+        return os.path.join(path, filename)
+    try:  # a hub id the worker loaded from the cache; huggingface_hub comes with transformers
+        from huggingface_hub import try_to_load_from_cache
+    except ImportError:
+        return None
+    try:
+        cached = try_to_load_from_cache(path, filename)
+    except Exception:  # not a valid repo id, unreadable cache: simply not available
+        return None
+    return cached if isinstance(cached, str) else None
 
 
 class RateLimiter:
@@ -260,6 +315,33 @@ def create_app(
     async def models() -> dict:
         return {"models": [{"name": name, "status": worker.state, **worker.models.get(name, {})}
                            for name in config.models]}
+
+    # Read once per model and kept as the finished answer: the files are those of the weights
+    # the worker loaded at start, and this endpoint needs no key, so a request must be cheap.
+    file_answers: dict[str, bytes] = {}
+    file_lock = threading.Lock()
+
+    def files_answer(name: str) -> bytes | None:
+        with file_lock:
+            if name not in file_answers:
+                files = read_model_files(config.models[name])
+                if not files:
+                    return None  # not kept: the folder may appear (a download still running)
+                file_answers[name] = json.dumps({"files": files}).encode("utf-8")
+            return file_answers[name]
+
+    @app.get("/v1/models/{name}/files")
+    async def model_files(name: str) -> Response:
+        if name not in config.models:
+            served = ", ".join(sorted(config.models)) or "none"
+            raise HTTPException(404, f"model {name!r} is not served here; this server serves: {served}")
+        answer = await _thread(files_answer, name)
+        if answer is None:
+            raise HTTPException(404, (
+                f"model {name!r} is served, but none of its config or tokenizer files ("
+                f"{', '.join(MODEL_FILES)}) is in a local folder on this server"
+            ))
+        return Response(content=answer, media_type="application/json")
 
     # ------------------------------------------------------------ jobs
 
