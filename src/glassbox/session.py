@@ -12,7 +12,7 @@ from __future__ import annotations
 import sys
 from typing import Any
 
-from .capture import SkipBody, capture_body, skip_body
+from .capture import capture_body
 
 
 class Session:
@@ -33,7 +33,6 @@ class Session:
         self.blocking = blocking
         self.job: Any = None
         self._run: Any = None
-        self._skipper: Any = None
 
     def __enter__(self) -> Session:
         if self.remote:
@@ -43,19 +42,13 @@ class Session:
             self._run = RemoteRun(
                 self.model, "session", capture_body(frame, "session"), frame, [], {},
                 timeout=self.timeout, blocking=self.blocking,
-            )
-            if not self._run.body.trivial:
-                self._skipper = skip_body(frame, self._run.body)
+            ).enter()
         return self
 
     def __exit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> bool:
         if self._run is None:
             return False
-        if self._skipper is not None:
-            self._skipper.disarm()
-        if exc_type is not None and exc_type is not SkipBody:
-            return False
         run, self._run = self._run, None
-        run.run()
+        swallowed = run.exit(exc_type)
         self.job = run.job
-        return True
+        return swallowed

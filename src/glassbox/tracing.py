@@ -188,19 +188,13 @@ class Tracer:
         self._remote_run = RemoteRun(
             self.model, self._method, capture_body(frame, self._method), frame, args, kwargs,
             timeout=self._timeout, blocking=self._blocking,
-        )
-        self._skipper = None if self._remote_run.body.trivial else skip_body(frame, self._remote_run.body)
+        ).enter()
 
     def _exit_remote(self, exc_type: Any) -> bool:
-        if self._skipper is not None:
-            self._skipper.disarm()
-        if exc_type is not None and exc_type is not SkipBody:
-            return False
         run, self._remote_run = self._remote_run, None
-        run.run()
-        self.job = run.job
-        self.result = run.result
-        return True
+        swallowed = run.exit(exc_type)
+        self.job, self.result = run.job, run.result
+        return swallowed
 
     def __exit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> bool:
         if self._remote_run is not None:

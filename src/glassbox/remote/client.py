@@ -104,6 +104,27 @@ class RemoteRun:
         self.sent: dict[str, Any] = {}
         self.result: Any = None
         self.job: JobHandle | None = None
+        self._skipper: Any = None
+
+    # ---------------------------------------------------------------- as a with-block
+
+    def enter(self) -> RemoteRun:
+        """Called from the context manager's ``__enter__``: skip the block here."""
+        from ..capture import skip_body
+
+        self._skipper = None if self.body.trivial else skip_body(self.frame, self.body)
+        return self
+
+    def exit(self, exc_type: Any) -> bool:
+        """Called from ``__exit__``: run the skipped block remotely; True swallows the skip."""
+        from ..capture import SkipBody
+
+        if self._skipper is not None:
+            self._skipper.disarm()
+        if exc_type is not None and exc_type is not SkipBody:
+            return False
+        self.run()
+        return True
 
     # ---------------------------------------------------------------- request
 
