@@ -123,7 +123,11 @@ class RemoteRun:
             self._skipper.disarm()
         if exc_type is not None and exc_type is not SkipBody:
             return False
-        self.run()
+        try:
+            self.run()
+        except BaseException as error:
+            error.__suppress_context__ = True  # the skipped block's SkipBody is noise here
+            raise
         return True
 
     # ---------------------------------------------------------------- request
