@@ -19,7 +19,8 @@ from types import FrameType
 from typing import Any
 
 from .capture import CapturedBody, write_back
-from .interleave import Consumer, Interleaver
+from .interleave import Interleaver
+from .site import Consumer
 
 _UNSET = object()
 

@@ -5,8 +5,8 @@ Offers:
                   ``forward`` wrappers on the modules the body touches (and
                   their ancestors), serves values to waiting consumers, and
                   removes every wrapper afterwards.
-    Consumer      a piece of user code waiting for values: the trace body
-                  itself (inline) or one deferred invoke body (its own greenlet).
+    ENDED         what a soft request returns when the model finished first
+    (Consumer and Site live in site.py, the pooled runner in runner.py.)
 
 Call hierarchy::
 
@@ -16,7 +16,7 @@ Call hierarchy::
                                               wrapped module.forward
                                                 └─► boundary(site, "output", out)
                       value ◄── switch ────────────┘  (serve each waiting consumer)
-    tracer.__exit__ ─► finish() ─ switch ──► ... forward returns ─► _JOB_ENDED
+    tracer.__exit__ ─► finish() ─ switch ──► ... forward returns ─► JOB_ENDED
     any error      ─► cleanup(): abort runner, kill invoke greenlets, unwrap
 
 Why wrappers and not hooks: torch binds ``self.forward`` and decides on its
@@ -28,192 +28,22 @@ nobody touched keep torch's fast path and cost nothing.
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Callable
 from typing import Any
 
 import greenlet
 import torch
 
-from .batching import Rows, narrow, splice
+from .batching import narrow, splice
 from .errors import MissedModuleError, OutOfOrderError, TraceStateError
+from .runner import JOB_ENDED, Abort, acquire_runner, release_runner
+from .site import MISSING, Consumer, Site
 
-_MISSING = object()
-_JOB_ENDED = object()
-ENDED = _JOB_ENDED  # what a soft request returns when the model finished first
+ENDED = JOB_ENDED  # what a soft request returns when the model finished first
 _module_forward = torch.nn.Module.forward
 _getcurrent = greenlet.getcurrent
 _is_grad_enabled = torch.is_grad_enabled
 _set_grad_enabled = torch._C._set_grad_enabled
-
-
-class _Abort(BaseException):
-    """Thrown into the runner to unwind the model's forward (stop, errors, cleanup)."""
-
-
-# ---------------------------------------------------------------- runner pool
-
-
-class _Runner:
-    """A long-lived greenlet that runs one job at a time (starting a fresh
-    greenlet costs ~8 µs here; switching into a parked one ~0.3 µs)."""
-
-    def __init__(self) -> None:
-        self.glet = greenlet.greenlet(self._loop)
-        self.driver: greenlet.greenlet | None = None
-        self.outcome: tuple[str, Any] | None = None
-
-    def _loop(self, job: Callable[[], Any]) -> None:
-        while True:
-            try:
-                self.outcome = ("done", job())
-            except _Abort:
-                self.outcome = ("aborted", None)
-            except greenlet.GreenletExit:
-                raise
-            except BaseException as exc:
-                self.outcome = ("error", exc)
-            job = None  # type: ignore[assignment]  # hold nothing while parked
-            driver, self.driver = self.driver, None
-            job = driver.switch(_JOB_ENDED)
-
-    def take_outcome(self) -> tuple[str, Any]:
-        outcome, self.outcome = self.outcome, None
-        return outcome  # type: ignore[return-value]
-
-
-_pool = threading.local()
-
-
-def _acquire_runner() -> _Runner:
-    idle = getattr(_pool, "idle", None)
-    if idle:
-        return idle.pop()
-    return _Runner()
-
-
-def _release_runner(runner: _Runner) -> None:
-    if runner.glet.dead or runner.outcome is not None:
-        return
-    if not hasattr(_pool, "idle"):
-        _pool.idle = []
-    if len(_pool.idle) < 4:
-        _pool.idle.append(runner)
-
-
-# ---------------------------------------------------------------- sites
-
-
-class Site:
-    """Interception state of one module. Kept on its envoy between traces (with
-    its ``forward`` wrapper, built once); counters are reset for every trace."""
-
-    __slots__ = (
-        "envoy",
-        "interleaver",
-        "module",
-        "n_in",
-        "n_out",
-        "original",
-        "recorders",
-        "saved_forward",
-        "skip_value",
-        "waiting_in",
-        "waiting_out",
-        "wrapper",
-    )
-
-    def __init__(self, envoy: Any) -> None:
-        self.envoy = envoy
-        self.module = envoy._module
-        self.interleaver: Interleaver | None = None
-        self.original: Any = None
-        self.saved_forward: Any = _MISSING
-        self.recorders: list[Callable[[str, Any], None]] = []
-        self.wrapper = _make_wrapper(self)
-        self.reset()
-
-    def reset(self) -> None:
-        self.n_in = 0
-        self.n_out = 0
-        self.waiting_in = 0
-        self.waiting_out = 0
-        self.skip_value: Any = _MISSING
-        if self.recorders:
-            self.recorders = []
-
-    def count(self, kind: str) -> int:
-        return self.n_in if kind == "input" else self.n_out
-
-    def describe(self, kind: str, call: int | None = None) -> str:
-        text = f"{self.envoy._display}.{kind}"
-        return text if call is None else f"{text} (call {call})"
-
-
-class Consumer:
-    """User code that waits for values: the trace body or one invoke body."""
-
-    __slots__ = (
-        "at",
-        "at_kind",
-        "current",
-        "done",
-        "glet",
-        "name",
-        "on_yield",
-        "replaced",
-        "requested_at",
-        "rows",
-        "run",
-        "soft",
-        "started",
-        "waiting",
-        "waiting_kind",
-        "wake",
-    )
-
-    def __init__(self, name: str, rows: Rows | None, run: Callable[[], Any] | None = None):
-        self.name = name
-        self.rows = rows
-        self.run = run  # None: the driver greenlet itself (inline body)
-        self.glet: greenlet.greenlet | None = None
-        self.waiting: Site | None = None
-        self.waiting_kind = ""
-        self.at: Site | None = None
-        self.at_kind = ""
-        self.current: Any = None
-        self.replaced = False
-        self.requested_at: tuple[Site, str, int] | None = None
-        self.done = False
-        self.started = False
-        self.on_yield: Callable[[], None] | None = None  # runs each time it hands back control
-        self.wake: Callable[[], None] | None = None  # runs once the forward has ended
-        self.soft = False  # the current wait ends quietly (ENDED) if the model finishes
-
-
-def _make_wrapper(site: Site) -> Callable[..., Any]:
-    """The ``forward`` installed on a touched module: passes straight through
-    for calls from user code (ad hoc calls), meets consumers at both
-    boundaries when the model itself calls it."""
-
-    def forward(*args: Any, **kwargs: Any) -> Any:
-        interleaver = site.interleaver
-        if interleaver is None or _getcurrent() is not interleaver.runner_glet:
-            return site.original(*args, **kwargs)
-        site.n_in += 1
-        if site.waiting_in or site.recorders:
-            args, kwargs = interleaver._boundary(site, "input", (args, kwargs), site.n_in)
-        if site.skip_value is not _MISSING:
-            output, site.skip_value = site.skip_value, _MISSING
-        else:
-            output = site.original(*args, **kwargs)
-        site.n_out += 1
-        if site.waiting_out or site.recorders:
-            return interleaver._boundary(site, "output", output, site.n_out)
-        interleaver.position = (site, "output", site.n_out)
-        return output
-
-    return forward
 
 
 # ---------------------------------------------------------------- interleaver
@@ -227,7 +57,7 @@ class Interleaver:
         self.batch_size = batch_size
         self.narrow_min_ndim = narrow_min_ndim
         self.driver = _getcurrent()
-        self.runner = _acquire_runner()
+        self.runner = acquire_runner()
         self.runner_glet = self.runner.glet
         self.sites: dict[int, Site] = {}
         self.installed: list[Site] = []
@@ -292,7 +122,7 @@ class Interleaver:
         if type(module).forward is _module_forward:
             return  # containers (ModuleList, ModuleDict) are never called
         self.installed.append(site)
-        site.saved_forward = module.__dict__.get("forward", _MISSING)
+        site.saved_forward = module.__dict__.get("forward", MISSING)
         site.original = module.forward
         site.wrapper.__wrapped__ = site.original  # keeps inspect.signature(module.forward)
         module.__dict__["forward"] = site.wrapper
@@ -334,19 +164,19 @@ class Interleaver:
             value = new
         consumer.current = None
         if self.stop_requested:
-            raise _Abort()
+            raise Abort()
         return value
 
     def _resume(self, consumer: Consumer, payload: Any) -> None:
         try:
             consumer.glet.switch(payload)  # type: ignore[union-attr]
-        except _Abort:
+        except Abort:
             raise
         except BaseException as exc:  # an invoke body raised: fail the trace
             consumer.done = True
             if self.consumer_error is None:
                 self.consumer_error = exc
-            raise _Abort() from None
+            raise Abort() from None
         if consumer.glet.dead:  # type: ignore[union-attr]
             consumer.done = True
         if consumer.on_yield is not None:
@@ -362,7 +192,7 @@ class Interleaver:
                 self.by_glet[consumer.glet] = consumer
                 self._resume(consumer, None)
                 if self.stop_requested:
-                    raise _Abort()
+                    raise Abort()
 
     def spawn(self, consumer: Consumer) -> None:
         """Runner side: start a consumer now (e.g. a ``tracer.all()`` body at
@@ -385,7 +215,7 @@ class Interleaver:
             while consumer.run is not None and not consumer.done and consumer.waiting is not None:
                 if consumer.soft:
                     self._clear_wait(consumer)
-                    self._resume(consumer, _JOB_ENDED)
+                    self._resume(consumer, JOB_ENDED)
                     continue
                 error = self._missed_error(consumer)
                 self._clear_wait(consumer)
@@ -413,7 +243,7 @@ class Interleaver:
         state = self.state
         if state != "running" and state != "new":
             if soft:
-                return _JOB_ENDED
+                return JOB_ENDED
             self._check_can_wait(site, kind)
         consumer.soft = soft
         consumer.waiting, consumer.waiting_kind = site, kind
@@ -423,8 +253,8 @@ class Interleaver:
             site.waiting_out += 1
         consumer.requested_at = self.position
         consumer.at = None
-        if self._wait(consumer) is _JOB_ENDED:
-            return _JOB_ENDED
+        if self._wait(consumer) is JOB_ENDED:
+            return JOB_ENDED
         return consumer.current
 
     def replace(self, envoy: Any, kind: str, value: Any) -> None:
@@ -485,17 +315,17 @@ class Interleaver:
         elif self.state == "running":  # _drive, inlined for the common case
             self.runner.driver = self.driver
             message = self.runner_glet.switch()
-            if message is _JOB_ENDED:
+            if message is JOB_ENDED:
                 self._collect()
         else:
             message = self._drive()
         self.model_grad = _is_grad_enabled()
         if user_grad != self.model_grad:
             _set_grad_enabled(user_grad)
-        if message is _JOB_ENDED:
+        if message is JOB_ENDED:
             if consumer.soft and self.state not in ("error",):
                 self._clear_wait(consumer)
-                return _JOB_ENDED
+                return JOB_ENDED
             self._raise_for_driver_wait(consumer)
         return message
 
@@ -509,7 +339,7 @@ class Interleaver:
             message = self.runner_glet.switch(self.job)
         else:
             message = self.runner_glet.switch()
-        if message is _JOB_ENDED:
+        if message is JOB_ENDED:
             self._collect()
         return message
 
@@ -578,8 +408,8 @@ class Interleaver:
         self.stop_requested = True
         if _getcurrent() is self.driver and self.state == "running":
             self.runner.driver = self.driver
-            message = self.runner_glet.throw(_Abort())
-            if message is _JOB_ENDED:
+            message = self.runner_glet.throw(Abort())
+            if message is JOB_ENDED:
                 self._collect()
         elif self.state == "new":
             self.state = "stopped"
@@ -591,7 +421,7 @@ class Interleaver:
                 self._clear_wait(consumer)
                 consumer.at = None
         if self.state in ("new", "running"):
-            while self._drive() is not _JOB_ENDED:
+            while self._drive() is not JOB_ENDED:
                 raise TraceStateError("internal: the runner returned to the driver mid-forward")
         if self.consumer_error is not None:
             error, self.consumer_error = self.consumer_error, None
@@ -617,13 +447,13 @@ class Interleaver:
         if self.state == "running":
             self.runner.driver = here
             try:
-                message = self.runner_glet.throw(_Abort())
-                if message is _JOB_ENDED:
+                message = self.runner_glet.throw(Abort())
+                if message is JOB_ENDED:
                     self.runner.take_outcome()
             finally:
                 self.state = "aborted"
         for site in reversed(self.installed):
-            if site.saved_forward is _MISSING:
+            if site.saved_forward is MISSING:
                 site.module.__dict__.pop("forward", None)
             else:
                 site.module.__dict__["forward"] = site.saved_forward
@@ -638,6 +468,6 @@ class Interleaver:
         self.job = None
         self.position = None
         if self.runner is not None:
-            _release_runner(self.runner)
+            release_runner(self.runner)
             self.runner = None  # type: ignore[assignment]
             self.runner_glet = None

@@ -33,8 +33,9 @@ from .cache import Cache
 from .capture import SkipBody, capture_body, skip_body
 from .deferred import Deferred
 from .errors import TraceStateError
-from .interleave import Consumer, Interleaver
+from .interleave import Interleaver
 from .patches import ClassPatch, PatchSet
+from .site import Consumer
 
 if TYPE_CHECKING:
     from .models.base import NNsight

@@ -21,7 +21,8 @@ from typing import Any
 
 from ..capture import SkipBody, capture_body, skip_body, write_back
 from ..errors import OutOfOrderError, TraceStateError
-from ..interleave import ENDED, Consumer
+from ..interleave import ENDED
+from ..site import Consumer
 from ..tracing import Tracer
 
 

@@ -1,0 +1,139 @@
+"""What the interleaver keeps per touched module, and the wrapper it installs.
+
+Offers:
+    Site            interception state of one module (kept on its envoy
+                    between traces; counters reset per trace)
+    make_wrapper    the ``forward`` put on a touched module: ad hoc calls from
+                    user code pass straight through; calls by the model meet
+                    waiting consumers at the input and output boundaries
+    Consumer        user code waiting for values: the trace body itself or
+                    one deferred invoke body
+    MISSING         "no value" marker (None is a legitimate module output)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import greenlet
+
+from .batching import Rows
+
+if TYPE_CHECKING:
+    from .interleave import Interleaver
+
+MISSING = object()
+_getcurrent = greenlet.getcurrent
+
+
+class Site:
+    """Interception state of one module. Kept on its envoy between traces (with
+    its ``forward`` wrapper, built once); counters are reset for every trace."""
+
+    __slots__ = (
+        "envoy",
+        "interleaver",
+        "module",
+        "n_in",
+        "n_out",
+        "original",
+        "recorders",
+        "saved_forward",
+        "skip_value",
+        "waiting_in",
+        "waiting_out",
+        "wrapper",
+    )
+
+    def __init__(self, envoy: Any) -> None:
+        self.envoy = envoy
+        self.module = envoy._module
+        self.interleaver: Interleaver | None = None
+        self.original: Any = None
+        self.saved_forward: Any = MISSING
+        self.recorders: list[Callable[[str, Any], None]] = []
+        self.wrapper = make_wrapper(self)
+        self.reset()
+
+    def reset(self) -> None:
+        self.n_in = 0
+        self.n_out = 0
+        self.waiting_in = 0
+        self.waiting_out = 0
+        self.skip_value: Any = MISSING
+        if self.recorders:
+            self.recorders = []
+
+    def count(self, kind: str) -> int:
+        return self.n_in if kind == "input" else self.n_out
+
+    def describe(self, kind: str, call: int | None = None) -> str:
+        text = f"{self.envoy._display}.{kind}"
+        return text if call is None else f"{text} (call {call})"
+
+
+class Consumer:
+    """User code that waits for values: the trace body or one invoke body."""
+
+    __slots__ = (
+        "at",
+        "at_kind",
+        "current",
+        "done",
+        "glet",
+        "name",
+        "on_yield",
+        "replaced",
+        "requested_at",
+        "rows",
+        "run",
+        "soft",
+        "started",
+        "waiting",
+        "waiting_kind",
+        "wake",
+    )
+
+    def __init__(self, name: str, rows: Rows | None, run: Callable[[], Any] | None = None):
+        self.name = name
+        self.rows = rows
+        self.run = run  # None: the driver greenlet itself (inline body)
+        self.glet: greenlet.greenlet | None = None
+        self.waiting: Site | None = None
+        self.waiting_kind = ""
+        self.at: Site | None = None
+        self.at_kind = ""
+        self.current: Any = None
+        self.replaced = False
+        self.requested_at: tuple[Site, str, int] | None = None
+        self.done = False
+        self.started = False
+        self.on_yield: Callable[[], None] | None = None  # runs each time it hands back control
+        self.wake: Callable[[], None] | None = None  # runs once the forward has ended
+        self.soft = False  # the current wait ends quietly (ENDED) if the model finishes
+
+
+def make_wrapper(site: Site) -> Callable[..., Any]:
+    """The ``forward`` installed on a touched module: passes straight through
+    for calls from user code (ad hoc calls), meets consumers at both
+    boundaries when the model itself calls it."""
+
+    def forward(*args: Any, **kwargs: Any) -> Any:
+        interleaver = site.interleaver
+        if interleaver is None or _getcurrent() is not interleaver.runner_glet:
+            return site.original(*args, **kwargs)
+        site.n_in += 1
+        if site.waiting_in or site.recorders:
+            args, kwargs = interleaver._boundary(site, "input", (args, kwargs), site.n_in)
+        if site.skip_value is not MISSING:
+            output, site.skip_value = site.skip_value, MISSING
+        else:
+            output = site.original(*args, **kwargs)
+        site.n_out += 1
+        if site.waiting_out or site.recorders:
+            return interleaver._boundary(site, "output", output, site.n_out)
+        interleaver.position = (site, "output", site.n_out)
+        return output
+
+    return forward
