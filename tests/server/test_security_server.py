@@ -1,0 +1,289 @@
+"""Hostile jobs against the real server (``glassbox serve`` in a subprocess), one attack per test.
+
+Each attack goes through the client (``model.trace(..., remote=True)``) or the raw transport,
+and while it is queued or running another user's ordinary job is submitted right behind it.
+After each: that job completes, its logits and softmax equal a local run of the same model
+bit for bit (so no weight, buffer or torch function of the worker changed), and the server
+still answers. Limits are small here (15 s per job, a 6 GiB worker, 100 MB results) so that the
+whole file runs in well under a minute and a half.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import pytest
+import torch
+
+from glassbox import CONFIG, LanguageModel
+from glassbox.cli import start_server
+from glassbox.errors import SandboxError
+from glassbox.offline import tiny_gpt2_path
+from glassbox.remote import transport
+from glassbox.remote.protocol import decode_values, encode_values, make_envelope
+from glassbox.remote.transport import RemoteError
+from glassbox.server.config import ServerConfig, default_max_memory_bytes
+
+# Small, but above what a 1 GB result takes to encode before the server's size check sees it
+# (4 s on 2 idle cores, 10 s when the machine is busy).
+MAX_SECONDS = 15
+MAX_MEMORY = 6 * 1024**3
+MAX_RESULT = 100_000_000
+RATE_LIMIT = 30
+MAX_JOBS = 4
+PROMPT = "The Eiffel Tower is in"
+WEIGHT = "model.transformer.h[0].mlp.c_fc.weight"
+# Another user's job: the logits of a fixed prompt, and torch.softmax of them (a monkeypatched
+# softmax in the worker would show here even if the model's own attention does not call it).
+VICTIM = "logits = model.output.logits.save()\nprobs = glassbox.save(torch.softmax(logits, dim=-1))\n"
+
+
+def raw_job(source: str, model: str, prompt: str = PROMPT, returns: tuple = ("logits", "probs", "h")):
+    """A job as the client sends it, with the model as ``model`` and torch / glassbox imported."""
+    desc, blob = encode_values({"vars": {}, "inputs": [prompt], "call": {}})
+    envelope = make_envelope("job", {
+        "model": model, "method": "trace", "source": source, "first_line": 2, "tracer_name": "tracer",
+        "model_refs": {"model": ""}, "modules": {"torch": "torch", "nn": "torch.nn", "glassbox": "glassbox"},
+        "values": desc, "writes": list(returns), "returns": list(returns),
+    })
+    return envelope, blob
+
+
+def finish(url: str, key: str, job: str, timeout: float = 60) -> tuple[dict, dict]:
+    """Follow a job to its end: (result envelope, saved values)."""
+    for _ in transport.events(url, key, job, timeout=timeout):
+        pass
+    envelope, blob = transport.result(url, key, job, timeout=timeout)
+    saved = decode_values(envelope["values"], blob)["saved"] if envelope["status"] == "COMPLETED" else {}
+    return envelope, saved
+
+
+@pytest.fixture(scope="module")
+def path():
+    return tiny_gpt2_path()
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, path):
+    args = ["--max-seconds", str(MAX_SECONDS), "--max-memory-bytes", str(MAX_MEMORY),
+            "--max-result-bytes", str(MAX_RESULT), "--rate-limit-per-minute", str(RATE_LIMIT),
+            "--max-jobs-per-key", str(MAX_JOBS), "--torch-threads", str(torch.get_num_threads())]
+    for attempt in range(3):
+        try:
+            running = start_server({path.name: str(path)}, state_dir=str(tmp_path_factory.mktemp("security")),
+                                   args=args)
+            break
+        except RuntimeError:  # the free port was taken by someone else before the server bound it
+            if attempt == 2:
+                raise
+    try:
+        yield running
+    finally:
+        running.stop()
+
+
+@pytest.fixture(scope="module")
+def gpt2(path):
+    return LanguageModel(path)
+
+
+@pytest.fixture(scope="module")
+def expected(gpt2):
+    """What the victim's job must return: the same block, run here."""
+    with gpt2.trace(PROMPT):
+        logits = gpt2.output.logits.save()
+    return logits, torch.softmax(logits, dim=-1)
+
+
+class Guarded:
+    """Runs an attack with a victim job right behind it, then checks the server is unharmed."""
+
+    def __init__(self, server, gpt2, expected, monkeypatch, name: str) -> None:
+        self.server, self.gpt2, self.expected = server, gpt2, expected
+        self.victim_key = server.create_key(f"victim {name}"[:60])
+        self.attacker_key = server.create_key(f"attacker {name}"[:60])
+        self.victims: list[str] = []
+        monkeypatch.setattr(CONFIG, "HOST", server.url)
+        monkeypatch.setattr(CONFIG, "API_KEY", self.attacker_key)
+        monkeypatch.setattr(CONFIG, "STATUS", False)
+        monkeypatch.setattr(CONFIG, "TIMEOUT", 60.0)
+        submit = transport.submit
+
+        def submit_then_victim(*args, **kwargs):
+            job = submit(*args, **kwargs)
+            self.submit_victim()
+            return job
+
+        # The client calls transport.submit at the moment it sends: the victim is queued right
+        # behind the attack, so it runs on whatever state the attack left.
+        monkeypatch.setattr(transport, "submit", submit_then_victim)
+        self.submit = submit  # the real one, for raw attacks
+
+    @property
+    def restarts(self) -> int:
+        return self.server.output().count(": ready in ")
+
+    def submit_victim(self) -> None:
+        job = self.submit(self.server.url, self.victim_key, *raw_job(VICTIM, self.gpt2._remote_name()),
+                           timeout=30)
+        self.victims.append(job)
+
+    @contextlib.contextmanager
+    def attack(self, error: type[BaseException] | None = None, match: str = "") -> Iterator[None]:
+        """``with guarded.attack(SandboxError, "would modify"):`` around the remote trace."""
+        if error is None:
+            yield
+        else:
+            with pytest.raises(error, match=match):
+                yield
+        self.check()
+
+    def check(self) -> None:
+        assert self.victims, "no victim job was submitted behind the attack"
+        logits, probs = self.expected
+        for job in self.victims:
+            envelope, saved = finish(self.server.url, self.victim_key, job)
+            assert envelope["status"] == "COMPLETED", (envelope.get("error"), self.server.output()[-2000:])
+            assert "restored" not in envelope  # the weights were already back before it started
+            assert torch.equal(saved["logits"], logits), "served weights differ from the model's files"
+            assert torch.equal(saved["probs"], probs), "torch.softmax differs in the worker"
+        health = httpx.get(self.server.url + "/v1/health", timeout=10).json()
+        assert health["status"] == "ok" and health["worker"] == "ready"
+
+
+@pytest.fixture
+def guarded(server, gpt2, expected, monkeypatch, request) -> Guarded:
+    return Guarded(server, gpt2, expected, monkeypatch, request.node.name)
+
+
+# ---------------------------------------------------------------- limits
+
+
+def test_an_endless_loop_is_stopped_and_the_next_job_runs(gpt2, guarded):
+    started, restarts = time.monotonic(), guarded.restarts
+    with guarded.attack(TimeoutError, f"exceeded the time limit of {MAX_SECONDS} s"):
+        with gpt2.trace("Hello", remote=True):
+            n = 0
+            while True:
+                n = n + 1
+    assert MAX_SECONDS <= time.monotonic() - started < MAX_SECONDS + 45
+    assert guarded.restarts == restarts + 1  # killing is the only way to stop it: one new worker
+
+
+def test_a_20_gb_allocation_fails_on_the_memory_limit_without_a_restart(gpt2, guarded):
+    restarts = guarded.restarts
+    with guarded.attack(MemoryError, r"exceeded the worker memory limit of 6\.0 GiB .*max_memory_bytes"):
+        with gpt2.trace("Hello", remote=True):
+            h = torch.zeros(5_000_000_000)  # 20 GB of float32
+            h.sum()
+    assert guarded.restarts == restarts  # the allocation failed; the worker went on
+
+
+def test_a_1_gb_result_is_refused_by_size(gpt2, guarded):
+    with guarded.attack(MemoryError, f"over this server's result limit of {MAX_RESULT:,}"):
+        with gpt2.trace("Hello", remote=True):
+            big = torch.zeros(250_000_000).save()  # noqa: F841 - sent back if it were allowed
+
+
+def test_a_flood_of_submissions_gets_429s_while_the_server_keeps_answering(server, path, guarded):
+    flood_key = server.create_key("flood")
+    request = raw_job("h = glassbox.save(torch.ones(2))\n", path.name)
+
+    def submit(_: int) -> int | str:
+        try:
+            guarded.submit(server.url, flood_key, *request, timeout=30)
+            return 202
+        except RemoteError as err:
+            return err.status_code or str(err)
+
+    with ThreadPoolExecutor(16) as pool:
+        futures = [pool.submit(submit, i) for i in range(100)]
+        started = time.monotonic()
+        health = httpx.get(server.url + "/v1/health", timeout=10)  # answered in the thick of it
+        health_seconds = time.monotonic() - started
+        codes = [future.result(timeout=60) for future in futures]
+    assert health.status_code == 200 and health_seconds < 5
+    assert set(codes) <= {202, 429}, codes
+    assert codes.count(202) <= RATE_LIMIT and codes.count(429) >= 100 - RATE_LIMIT
+    guarded.submit_victim()
+    guarded.check()
+
+
+# ---------------------------------------------------------------- the sandbox
+
+
+def test_import_os_is_refused(gpt2, guarded):
+    with guarded.attack(SandboxError, "import of 'os' is not allowed"):
+        with gpt2.trace("Hello", remote=True):
+            import os
+
+            h = os.getcwd()  # noqa: F841
+
+
+def test_opening_a_file_is_refused(gpt2, guarded):
+    with guarded.attack(SandboxError, "open\\(\\) is not available"):
+        with gpt2.trace("Hello", remote=True):
+            h = open("/etc/passwd").read()  # noqa: F841
+
+
+def test_a_dunder_walk_is_refused(gpt2, guarded):
+    with guarded.attack(SandboxError, '"__mro__" is an invalid attribute name'):
+        with gpt2.trace("Hello", remote=True):
+            h = ().__class__.__mro__  # noqa: F841
+
+
+def test_a_dunder_walk_through_getattr_is_refused(guarded, server, path):
+    source = "h = getattr((), '__cla' + 'ss__')\n"
+    job = guarded.submit(server.url, guarded.attacker_key, *raw_job(source, path.name), timeout=30)
+    guarded.submit_victim()
+    envelope, _ = finish(server.url, guarded.attacker_key, job)
+    assert envelope["status"] == "ERROR" and envelope["error"]["type"] == "SandboxError"
+    guarded.check()
+
+
+def test_writing_weights_through_param_data_is_refused(gpt2, guarded):
+    with guarded.attack(SandboxError, "would modify a model weight"):
+        with gpt2.trace("Hello", remote=True):
+            for param in gpt2.parameters():
+                param.data.zero_()
+
+
+def test_a_write_the_sandbox_misses_is_undone_before_the_next_job(guarded, server, path):
+    # A module of the job's own making that works in place is not checked by the sandbox; the
+    # worker's check of every weight after every job is what catches it.
+    source = f"with torch.no_grad():\n    nn.ReLU(inplace=True)({WEIGHT})\n"
+    job = guarded.submit(server.url, guarded.attacker_key, *raw_job(source, path.name), timeout=30)
+    guarded.submit_victim()
+    envelope, _ = finish(server.url, guarded.attacker_key, job)
+    assert envelope["status"] == "COMPLETED"
+    assert envelope["restored"] == ["transformer.h.0.mlp.c_fc.weight"]
+    guarded.check()
+
+
+def test_deleting_a_module_is_refused(gpt2, guarded):
+    with guarded.attack(SandboxError, "cannot be replaced"):
+        with gpt2.trace("Hello", remote=True):
+            del gpt2.transformer.h[0]
+
+
+def test_monkeypatching_torch_softmax_is_refused(gpt2, guarded):
+    with guarded.attack(SandboxError, "cannot assign .softmax"):
+        with gpt2.trace("Hello", remote=True):
+            torch.softmax = lambda x, dim=None: x
+
+
+# ---------------------------------------------------------------- the setting itself
+
+
+def test_memory_limit_defaults_to_a_share_of_this_machine():
+    import os
+
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    assert 0 < default_max_memory_bytes() <= 0.6 * total
+    assert ServerConfig().max_memory_bytes == default_max_memory_bytes()
+    with pytest.raises(ValueError, match="max_memory_bytes must be 0"):
+        ServerConfig(max_memory_bytes=-1)
