@@ -1,0 +1,275 @@
+"""What ``remote=True`` costs on top of a local trace: warm round trips to an embedded server.
+
+    .venv/bin/python bench/remote_latency.py                  # 30 timed runs per model
+    .venv/bin/python bench/remote_latency.py --runs 60 --json out.json
+
+Starts ``glassbox serve`` on loopback (``glassbox.cli.start_server``) holding the tiny GPT-2
+and SmolLM2 under their folder names, then for each model times the same small trace (one
+layer's output saved) locally and with ``remote=True``, alternating run by run after a
+warm-up, so both see the same machine load. Both sides use the same number of torch threads
+(``--threads``, default 1).
+
+Printed per model: median local and remote milliseconds and their ratio, then where a
+remote round trip goes:
+    client      building the request (capture, encoding) and applying the reply
+    submit      POST /v1/jobs until the 202 (key check, rate limit, store writes)
+    wait        from the 202 until the final event arrives on the websocket; of which
+      run_job     the server's own ``seconds``: time inside ``execute.run_job`` in the worker
+      serving     the rest: websocket, store, feeder, pipe to and from the worker
+    result      GET /v1/jobs/{id}/result
+and, measured in this process on the same request (the worker's code, called directly),
+where ``run_job`` goes: sandbox setup (``make_globals``), compiling, the trace itself,
+encoding the saved values, and ``_reset`` (the weight check after the job).
+
+Medians of per-run values; the parts need not add up to the total exactly. Nothing here
+asserts on time. Progress goes to stderr, results to stdout. On a shared machine compare
+numbers within one run only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+
+from glassbox import CONFIG, LanguageModel
+from glassbox.cli import start_server
+from glassbox.offline import smollm2_path, tiny_gpt2_path
+from glassbox.remote import transport
+
+PROMPT = "The Eiffel Tower is in the city of"
+
+
+def say(text: str) -> None:
+    print(f"[remote_latency] {text}", file=sys.stderr, flush=True)
+
+
+# The traces timed: one layer's output saved, as small a remote job as is useful.
+def trace_gpt2(model: LanguageModel, remote: bool) -> torch.Tensor:
+    with model.trace(PROMPT, remote=remote):
+        hidden = model.transformer.h[1].output.save()
+    return hidden
+
+
+def trace_smol(model: LanguageModel, remote: bool) -> torch.Tensor:
+    with model.trace(PROMPT, remote=remote):
+        hidden = model.model.layers[15].output.save()
+    return hidden
+
+
+class Probe:
+    """Wraps the transport calls the client makes, recording how long each part of a round trip
+    took (and the server's ``seconds``), and keeps the last request sent."""
+
+    def __init__(self) -> None:
+        self.parts: dict[str, float] = {}
+        self.request: tuple[dict, bytes] | None = None
+        self._real = (transport.submit, transport.events, transport.result)
+
+    @contextlib.contextmanager
+    def installed(self) -> Iterator[None]:
+        submit, events, result = self._real
+
+        def timed_submit(host: str, api_key: str | None, envelope: dict, blob: bytes, *args: Any,
+                         **kwargs: Any) -> str:
+            self.request = (envelope, blob)
+            started = time.perf_counter()
+            try:
+                return submit(host, api_key, envelope, blob, *args, **kwargs)
+            finally:
+                self.parts["submit"] = time.perf_counter() - started
+
+        def timed_events(*args: Any, **kwargs: Any) -> Iterator[dict]:
+            started = time.perf_counter()
+            for event in events(*args, **kwargs):
+                if event.get("status") in transport.FINAL:
+                    self.parts["wait"] = time.perf_counter() - started
+                yield event
+
+        def timed_result(*args: Any, **kwargs: Any) -> tuple[dict, bytes]:
+            started = time.perf_counter()
+            envelope, blob = result(*args, **kwargs)
+            self.parts["result"] = time.perf_counter() - started
+            self.parts["run_job"] = float(envelope.get("seconds") or 0.0)
+            return envelope, blob
+
+        transport.submit, transport.events, transport.result = timed_submit, timed_events, timed_result
+        try:
+            yield
+        finally:
+            transport.submit, transport.events, transport.result = self._real
+
+
+def median_ms(values: list[float]) -> float:
+    return statistics.median(values) * 1000 if values else float("nan")
+
+
+def time_model(name: str, model: LanguageModel, fn: Callable[[LanguageModel, bool], Any], runs: int,
+               warmup: int) -> dict[str, Any]:
+    probe = Probe()
+    local_times: list[float] = []
+    remote_times: list[float] = []
+    parts: dict[str, list[float]] = defaultdict(list)
+    with probe.installed():
+        local = fn(model, False)
+        remote = fn(model, True)
+        if not torch.equal(local, remote):
+            raise SystemExit(f"{name}: the remote value differs from the local one; timings would compare "
+                             "different work")
+        for i in range(warmup + runs):
+            for remote_run in ((False, True) if i % 2 == 0 else (True, False)):
+                probe.parts = {}
+                started = time.perf_counter()
+                fn(model, remote_run)
+                elapsed = time.perf_counter() - started
+                if i < warmup:
+                    continue
+                if remote_run:
+                    remote_times.append(elapsed)
+                    p = probe.parts
+                    parts["total"].append(elapsed)
+                    for key in ("submit", "wait", "result", "run_job"):
+                        parts[key].append(p.get(key, float("nan")))
+                    parts["serving"].append(p.get("wait", 0.0) - p.get("run_job", 0.0))
+                    parts["client"].append(elapsed - p.get("submit", 0.0) - p.get("wait", 0.0)
+                                           - p.get("result", 0.0))
+                else:
+                    local_times.append(elapsed)
+            if i + 1 == warmup or (i >= warmup and (i - warmup + 1) % 10 == 0):
+                say(f"{name}: {max(0, i - warmup + 1)}/{runs} timed runs")
+    assert probe.request is not None
+    return {"local": local_times, "remote": remote_times, "parts": dict(parts), "request": probe.request}
+
+
+def inside_run_job(specs: dict[str, str], requests: dict[str, tuple[dict, bytes]], runs: int,
+                   threads: int) -> dict[str, dict[str, float]]:
+    """Call the worker's ``run_job`` here on the very requests the client sent, timing its parts
+    by wrapping the functions it looks up at call time."""
+    from glassbox.server import execute
+
+    torch.set_num_threads(threads)
+    models = execute.load_models(specs)
+    names = ("make_globals", "compile_restricted_source", "encode_values", "_reset")
+    real = {name: getattr(execute, name) for name in names}
+    spent: dict[str, float] = defaultdict(float)
+
+    def timed(name: str) -> Callable:
+        fn = real[name]
+
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            started = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                spent[name] += time.perf_counter() - started
+        return wrapper
+
+    out: dict[str, dict[str, float]] = {}
+    for name, (envelope, blob) in requests.items():
+        rows: dict[str, list[float]] = defaultdict(list)
+        for i in range(runs + 3):
+            spent.clear()
+            for key in names:
+                setattr(execute, key, timed(key))
+            try:
+                torch.manual_seed(0)
+                started = time.perf_counter()
+                reply, _ = execute.run_job(models, envelope, blob, log=lambda text: None, limits={})
+                total = time.perf_counter() - started
+            finally:
+                for key in names:
+                    setattr(execute, key, real[key])
+            if reply.get("status") != "COMPLETED":
+                raise SystemExit(f"{name}: run_job failed here: {reply.get('error')}")
+            if i < 3:
+                continue
+            rows["run_job"].append(total)
+            for key in names:
+                rows[key].append(spent[key])
+            rows["trace and the rest"].append(total - sum(spent[key] for key in names))
+        out[name] = {key: median_ms(values) for key, values in rows.items()}
+        say(f"{name}: run_job in this process timed")
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--runs", type=int, default=30, help="timed runs per model and side (default 30)")
+    parser.add_argument("--warmup", type=int, default=5, help="untimed runs first (default 5)")
+    parser.add_argument("--threads", type=int, default=1, help=(
+        "torch threads here and in the server's worker (default 1: the two processes share this "
+        "machine's cores, and on a small machine OpenMP threads spinning against each other "
+        "multiply both times; measured 14 ms vs 5 ms for a tiny GPT-2 forward on 2 busy cores)"))
+    parser.add_argument("--json", help="also write every number to this file")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+
+    paths = {"tiny-gpt2": tiny_gpt2_path(), "smollm2": smollm2_path()}
+    specs = {path.name: str(path) for path in paths.values()}
+    traces = {"tiny-gpt2": trace_gpt2, "smollm2": trace_smol}
+    results: dict[str, dict[str, Any]] = {}
+    with tempfile.TemporaryDirectory(prefix="glassbox-bench-") as state:
+        say(f"starting the server ({', '.join(specs)}; {args.threads} torch threads)")
+        server = start_server(specs, state_dir=state, args=["--torch-threads", str(args.threads)])
+        try:
+            CONFIG.HOST, CONFIG.API_KEY, CONFIG.STATUS = server.url, server.create_key("bench"), False
+            for name, path in paths.items():
+                say(f"{name}: loading locally")
+                model = LanguageModel(path)
+                results[name] = time_model(name, model, traces[name], args.runs, args.warmup)
+        finally:
+            server.stop()
+        log = server.output()
+    say("timing run_job in this process")
+    inside = inside_run_job(specs, {name: r["request"] for name, r in results.items()}, args.runs,
+                            args.threads)
+
+    print(f"\nremote=True round trip vs local trace, median of {args.runs} warm runs, "
+          f"{args.threads} torch threads, {os.cpu_count()} CPUs\n")
+    print("| model | local ms | remote ms | ratio | remote - local ms |")
+    print("|---|---:|---:|---:|---:|")
+    summary: dict[str, Any] = {}
+    for name, r in results.items():
+        local, remote = median_ms(r["local"]), median_ms(r["remote"])
+        print(f"| {name} | {local:.1f} | {remote:.1f} | {remote / local:.1f}x | {remote - local:.1f} |")
+        summary[name] = {"local_ms": local, "remote_ms": remote,
+                         "parts_ms": {k: median_ms(v) for k, v in r["parts"].items()},
+                         "run_job_here_ms": inside[name]}
+    for name, data in summary.items():
+        parts, here = data["parts_ms"], data["run_job_here_ms"]
+        print(f"\n{name}: where a remote round trip goes (median ms)")
+        for key, label in (("client", "client: build request, apply reply"), ("submit", "submit (POST)"),
+                           ("wait", "wait for the final event"), ("run_job", "  run_job in the worker"),
+                           ("serving", "  serving: websocket, store, feeder, pipe"),
+                           ("result", "result (GET)")):
+            print(f"  {label:<44} {parts.get(key, float('nan')):8.1f}")
+        print(f"  run_job called in this process:{'':14}{here['run_job']:8.1f}")
+        for key, label in (("make_globals", "sandbox globals (make_globals)"),
+                           ("compile_restricted_source", "compile under restriction"),
+                           ("trace and the rest", "trace (exec) and the rest"),
+                           ("encode_values", "encode saved values"),
+                           ("_reset", "_reset: weight check and cleanup")):
+            print(f"    {label:<42} {here[key]:8.1f}")
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as file:
+            json.dump({"threads": args.threads, "runs": args.runs, "models": summary,
+                       "raw_seconds": {n: {"local": r["local"], "remote": r["remote"], "parts": r["parts"]}
+                                       for n, r in results.items()}}, file, indent=1)
+        say(f"wrote {args.json}")
+    if "ready in" not in log:
+        say("note: the server log did not show its start line:\n" + log[-2000:])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
