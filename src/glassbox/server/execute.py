@@ -4,6 +4,10 @@ Offers:
     JOB_KIND                      the envelope kind of a job request
     load_models(specs)            {name: folder or hub id} -> loaded LanguageModels
     run_job(models, envelope, blob, log=, limits=) -> (result envelope, blob)
+    after_job(models)             verify every weight and restore what changed, reset
+                                  torch state: the worker calls it after SENDING each
+                                  result and before taking the next job, so the
+                                  checksum (~0.2 s on SmolLM2) is off the round trip
 
 Call hierarchy (inside the worker process, which holds models, no secrets)::
 
@@ -14,6 +18,7 @@ Call hierarchy (inside the worker process, which holds models, no secrets)::
       ├─ compile_restricted_source + make_globals   sandbox (server/sandbox.py)
       ├─ exec under collect_saved()            a normal local trace of the served model
       ├─ _returned                             exactly the saved values (and containers of them)
+    after_job (once the reply is on its way, before the next job)
       └─ WeightGuard.verify / restore          no job can leave the weights changed
 
 User errors never escape: they come back as an ERROR result with the
@@ -87,12 +92,11 @@ def run_job(
         model = models[name]
         _guard(model)  # snapshot before the first job touches it
         reply, out_blob = _execute(model, payload, blob, filename, log, limits)
-    except Exception as exc:
+    except Exception as exc:  # every failure of the job becomes an ERROR result
         reply, out_blob = _error(exc, filename, payload), b""
     finally:
-        restored = _reset(model) if model is not None else []
-    if restored:
-        reply["restored"] = restored
+        if model is not None:
+            model.__dict__["_active"] = None
     reply["seconds"] = round(time.perf_counter() - started, 4)
     return make_envelope(RESULT_KIND, reply), out_blob
 
@@ -126,14 +130,33 @@ def _execute(model: Any, payload: dict, blob: bytes, filename: str, log: Callabl
         tracer = namespace.get(payload.get("tracer_name") or "", None)
         if payload.get("method") == "generate" and tracer is not None:
             result = getattr(tracer, "result", None)
+        max_bytes = limits.get("max_result_bytes")
+        if max_bytes and _tensor_bytes([returned, result]) > max_bytes:
+            raise MemoryError(
+                f"the saved values hold {_tensor_bytes([returned, result]):,} bytes of tensors, over "
+                f"this server's result limit of {max_bytes:,}; save fewer or smaller values "
+                "(e.g. one position: h[:, -1])"
+            )
         desc, out_blob = encode_values({"saved": returned, "result": result})
-    max_bytes = limits.get("max_result_bytes")
     if max_bytes and len(out_blob) > max_bytes:
         raise MemoryError(
             f"the saved values are {len(out_blob):,} bytes, over this server's result limit of "
             f"{max_bytes:,}; save fewer or smaller values (e.g. one position: h[:, -1])"
         )
     return {"status": "COMPLETED", "values": desc, "unsaved": unsaved}, out_blob
+
+
+def _tensor_bytes(value: Any, depth: int = 0) -> int:
+    """Bytes of the tensors in ``value`` (checked before spending time encoding them)."""
+    if isinstance(value, torch.Tensor):
+        return value.numel() * value.element_size()
+    if depth > 16:
+        return 0
+    if isinstance(value, dict):
+        return sum(_tensor_bytes(v, depth + 1) for v in value.values())
+    if isinstance(value, (list, tuple)):
+        return sum(_tensor_bytes(v, depth + 1) for v in value)
+    return 0
 
 
 def _job_source(payload: dict) -> str:
@@ -219,23 +242,29 @@ def _error(exc: BaseException, filename: str, payload: dict) -> dict:
     }
 
 
+def after_job(models: dict[str, Any]) -> dict[str, list[str]]:
+    """Between two jobs: put back any weight a job changed (by model name)."""
+    restored = {}
+    for name, model in models.items():
+        changed = _reset(model)
+        if changed:
+            restored[name] = changed
+            print(f"[glassbox worker] restored weights of {name} after a job: {changed}",
+                  file=sys.stderr, flush=True)
+    return restored
+
+
 def _reset(model: Any) -> list[str]:
     """Leave nothing from this job for the next: weights, grads, torch state.
     Returns the names of tensors that had changed (and were restored).
 
-    Every weight is checked after every job, on purpose, although it is the largest cost of a
-    small job on a CPU-served model (bench/remote_latency.py: SmolLM2, 135M float32 parameters,
-    0.2-0.3 s of a 0.4-0.6 s round trip on 2 busy cores). Cheaper schedules were considered and refused:
-    - Checking only after jobs in which the sandbox saw an attempted weight write, or only after
-      jobs that raised, plus a sample of the others: a job can write a weight along a path the
-      sandbox does not see and still complete normally, e.g. a module of its own making that
-      works in place, ``nn.ReLU(inplace=True)(weight)`` under ``torch.no_grad()``
-      (tests/server/test_security_server.py). Skipping its check would hand the next user, whose
-      job is often already queued, a changed model, and results silently wrong.
-    - Version counters instead of content: ``param.data.zero_()`` does not move them.
-    What would be safe: doing this check after the result has been sent but before the worker
-    takes the next job (the same guarantee, out of the round trip), and a faster checksum
-    (CRC-32 of several tensors at once on several threads: zlib releases the GIL)."""
+    Every weight is checked after every job, on purpose: a job can write a weight
+    along a path the sandbox does not see and still complete normally, and a
+    version counter does not move on ``param.data.zero_()``. Checking only after
+    suspicious jobs would hand the next user (often already queued) a changed
+    model. The check runs in ``after_job``, after the reply has been sent and
+    before the next job starts: the same guarantee, off the round trip
+    (bench/remote_latency.py measured it at 0.2-0.3 s of a SmolLM2 round trip)."""
     guard = _guard(model)
     changed = guard.verify()
     if changed:

@@ -18,6 +18,8 @@ import types
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
+import torch
+
 if TYPE_CHECKING:
     from .guards import Policy
 
@@ -171,6 +173,8 @@ class ModuleView:
         if isinstance(value, type):
             if spec.classes is not None and attr not in spec.classes:
                 raise policy.refuse(f"{where} is not available in remote code")
+            if issubclass(value, torch.nn.Module) and _takes_inplace(value):
+                value = _without_inplace(value, where, policy)
         elif spec.guard_calls and callable(value):
             value = policy.guard_call(value, where, spec.mutates_args)
         cache[attr] = value
@@ -198,3 +202,28 @@ class ModuleView:
         return sorted(n for n in names if not n.startswith("_")) + sorted(spec.submodules)
 
 
+def _takes_inplace(cls: type) -> bool:
+    import inspect
+
+    try:
+        return "inplace" in inspect.signature(cls.__init__).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def _without_inplace(cls: type, where: str, policy: Policy) -> Any:
+    """``cls`` as a constructor that refuses in-place modules: ``nn.ReLU(inplace=True)(w)``
+    writes into ``w`` from C, where no guard sees it, and ``w`` may be a weight."""
+
+    def construct(*args: Any, **kwargs: Any) -> Any:
+        module = cls(*args, **kwargs)
+        if any(getattr(m, "inplace", False) is True for m in module.modules()):
+            raise policy.refuse(
+                f"{where}(..., inplace=True) is not available in remote code: an in-place module "
+                "can write into the model's weights; use inplace=False"
+            )
+        return module
+
+    construct.__name__ = cls.__name__
+    construct.__doc__ = cls.__doc__
+    return construct

@@ -152,6 +152,11 @@ def _worker_main(conn: multiprocessing.connection.Connection, specs: dict[str, s
                              "result": error_result("InternalError", f"cannot send the result: {err}")})
             except OSError:
                 return
+        del result, out
+        # The reply is on its way; now, before the next job, verify and restore the weights.
+        after_job = getattr(module, "after_job", None)
+        if after_job is not None:
+            after_job(models)
 
 
 def _run_one(module: Any, models: dict, job_id: str, request: bytes, limits: dict,
