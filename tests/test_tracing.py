@@ -288,3 +288,21 @@ def test_child_then_parent_is_in_order(gpt2):
         logits = gpt2.output.save()
     assert mlp_out.shape == block_out.shape == (1, 3, 32)
     assert logits.logits.shape == (1, 3, 100)
+
+
+def test_loop_variable_rebound_by_the_caller_wins_over_an_earlier_invokes_write(net, x):
+    layers = [net[0], net[2], net[4]]
+    outs = {}
+    with net.trace() as tracer:
+        for j, layer in enumerate(layers):
+            with tracer.invoke(x[:1]):
+                if j == 0:
+                    for layer in layers:  # noqa: B007 - rebinds `layer` inside invoke 0
+                        pass
+                outs[j] = layer.output.save()
+    with net.trace(x[:1]):
+        expected = [net[0].output.save(), net[2].output.save(), net[4].output.save()]
+    # run one after another, invoke 0 ends with layer = layers[-1], and the caller's loop then
+    # rebinds `layer` to layers[1] and layers[2] for invokes 1 and 2
+    assert torch.allclose(outs[0], expected[2]) and torch.allclose(outs[1], expected[1])
+    assert torch.allclose(outs[2], expected[2])

@@ -25,6 +25,12 @@ from .site import Consumer
 _UNSET = object()
 
 
+def _frame_value(frame: FrameType, name: str) -> Any:
+    if name in frame.f_locals:
+        return frame.f_locals[name]
+    return frame.f_globals.get(name, _UNSET)
+
+
 class _InvokeLocals(dict):
     """Locals of a deferred body: stores also reach its globals (so nested
     functions and comprehensions see them); a missing name that an earlier
@@ -59,10 +65,22 @@ class Deferred:
         for other in earlier:
             other.later.append(self)
         ns = body.namespace(frame)
-        # Names an earlier invoke sets must come from that invoke, not from
-        # whatever the caller's variable held before the trace.
-        produced = {name for other in earlier for name in other.body.writes}
-        self.fallback = {name: ns.pop(name) for name in list(ns) if name in produced}
+        # What the caller's variables held as this block was entered, for the names
+        # it sets (a later invoke compares against these; see below).
+        self.entered = {n: _frame_value(frame, n) for n in body.writes}
+        # A name an earlier invoke sets comes from that invoke (as if the blocks had run
+        # one after another), unless the caller rebound it after that invoke was entered:
+        # then, run in order, the caller's assignment came last (`for j, layer in ...`).
+        self.own: set[str] = set()
+        self.fallback: dict[str, Any] = {}
+        for name in list(ns):
+            producer = next((o for o in reversed(earlier) if name in o.body.writes), None)
+            if producer is None:
+                continue
+            if ns[name] is not producer.entered.get(name, _UNSET):
+                self.own.add(name)
+            else:
+                self.fallback[name] = ns.pop(name)
         self.ns = ns
         self.locals = _InvokeLocals(self)
         self.published: dict[str, Any] = {}
@@ -101,7 +119,8 @@ class Deferred:
             if value is not _UNSET and self.published.get(name, _UNSET) is not value:
                 self.published[name] = value
                 for other in self.later:
-                    other.ns[name] = value
+                    if name not in other.own:
+                        other.ns[name] = value
         for other in self.later:
             name = other.waiting_name
             if name is not None and (name in other.ns or not any(o.may_set(name) for o in other.earlier)):

@@ -253,7 +253,10 @@ class LanguageModel(NNsight):
             generate.setdefault("pad_token_id", self._pad_id())
             return module.generate(**kwargs, **generate)
         mask = kwargs["attention_mask"]
-        if "position_ids" not in kwargs and _accepts(module, "position_ids"):
+        accepts = self.__dict__.get("_accepts_positions")
+        if accepts is None or accepts[0] is not module:  # inspect.signature costs ~25 µs: once per model
+            accepts = self.__dict__["_accepts_positions"] = (module, _accepts(module, "position_ids"))
+        if "position_ids" not in kwargs and accepts[1]:
             kwargs["position_ids"] = (mask.cumsum(-1) - 1).clamp(min=0)
         return module(**kwargs)
 
