@@ -334,7 +334,8 @@ def _load_config(source: str, hf_kwargs: dict) -> Any:
         where = "a local folder" if os.path.isdir(source) else "a hub id (checked the local HF cache and hub)"
         raise OSError(
             f"could not load a model config from {source!r} as {where}: {exc}. "
-            "Pass a folder containing config.json (and weights), or a reachable hub id."
+            "Pass a folder containing config.json (and weights), a reachable hub id, or the name "
+            "of a model served by the glassbox server at glassbox.CONFIG.HOST."
         ) from exc
 
 
