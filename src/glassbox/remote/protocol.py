@@ -349,10 +349,11 @@ def decode_values(
         raise ProtocolError("malformed value description: expected an object with a 'values' object")
     tensors: dict[str, torch.Tensor] = {}
     if len(blob):
-        import safetensors.torch
+        # safetensors' own parser: a header and raw buffers, nothing that can run code
+        from safetensors.torch import load as load_safetensors
 
         try:
-            tensors = safetensors.torch.load(bytes(blob))
+            tensors = load_safetensors(bytes(blob))
         except Exception as err:  # safetensors raises its own (Rust) error types
             raise ProtocolError(f"the tensor blob is not valid safetensors data: {err}") from None
     decoder = _Decoder(tensors, max_depth, max_elements, numpy_as_tensor)
