@@ -99,7 +99,7 @@ class BackwardTracer:
         self.current: Any = None
         self.replaced = False
         self.handles: list[Any] = []
-        self.hooked: dict[int, int] = {}
+        self.hooked: set[int] = set()  # ids of tensors that already carry our hook
         self.error: BaseException | None = None
         self.finished = False
 
@@ -182,7 +182,7 @@ class BackwardTracer:
         if tensor.is_leaf and tensor.grad_fn is None and id(tensor) not in self.hooked and self.finished:
             return _grad_descriptor.__get__(tensor)
         if id(tensor) not in self.hooked:
-            self.hooked[id(tensor)] = 1
+            self.hooked.add(id(tensor))
             self.handles.append(tensor.register_hook(self._hook_for(tensor)))
         self.waiting = tensor
         message = self._resume()

@@ -25,7 +25,7 @@ import linecache
 import sys
 import textwrap
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from types import CodeType, FrameType
 from typing import Any
 
@@ -42,7 +42,6 @@ class CapturedBody:
     first_line: int
     reads: frozenset[str]
     writes: tuple[str, ...]
-    snapshot: dict[str, Any] = field(default_factory=dict)
     target: str | None = None  # the name after `as`, if any
     loads: frozenset[str] = frozenset()  # names whose value the body uses (for remote)
     trivial: bool = False  # only `pass` / constants: nothing to skip (and no line event to skip on)

@@ -166,10 +166,7 @@ class Envoy:
     def output(self) -> Any:
         """The module's output at its next call (or the current one, if the
         trace is already there). Assign to replace it; edit it in place."""
-        interleaver = self._root.__dict__["_active"] if "_active" in self._root.__dict__ else None
-        if interleaver is None:
-            interleaver = self._interleaver("output")
-        value = interleaver.request(self, "output")
+        value = self._interleaver("output").request(self, "output")
         return SavableTuple(value) if type(value) is tuple else value
 
     @output.setter

@@ -71,7 +71,6 @@ class Interleaver:
         self.position: tuple[Site, str, int] | None = None
         self.model_grad = _is_grad_enabled()
         self.stop_requested = False
-        self.step_listeners: list[Callable[[], None]] = []
 
     # ------------------------------------------------------------ setup
 
