@@ -8,6 +8,13 @@ Offers:
 
 A tensor belongs to the batch when its first dimension equals the batch size;
 everything else (configs, caches, scalars) is shared by all invokes as it is.
+
+Rows with ``trim`` (co-tenant batches on a server, where each request must see
+exactly what it would see alone): the batch is left-padded to ``width``
+positions, and the request's own inputs were only ``width - trim`` long, so
+every dimension (after the first) of size ``width`` is cut to its last
+``width - trim`` positions. The server only forms such batches when no other
+dimension of the model has that size (``cotenant.py``).
 Narrowed tensors are views, so in-place edits reach the model; replacements
 are spliced with ``torch.cat`` so autograd keeps working.
 """
@@ -24,6 +31,8 @@ import torch
 class Rows:
     start: int
     stop: int
+    trim: int = 0  # leading padding positions these rows do not see (see the module docstring)
+    width: int = 0  # the padded sequence length of the batch, when trim is set
 
     @property
     def count(self) -> int:
@@ -41,7 +50,8 @@ def _is_batched(value: Any, batch_size: int, min_ndim: int) -> bool:
 def narrow(value: Any, rows: Rows, batch_size: int, min_ndim: int = 1) -> Any:
     """The part of ``value`` that belongs to ``rows`` (views for tensors)."""
     if _is_batched(value, batch_size, min_ndim):
-        return value[rows.start : rows.stop]
+        view = value[rows.start : rows.stop]
+        return _trimmed(view, rows) if rows.trim else view
     if isinstance(value, tuple) and not hasattr(value, "_fields"):
         return tuple(narrow(v, rows, batch_size, min_ndim) for v in value)
     if isinstance(value, list):
@@ -50,6 +60,13 @@ def narrow(value: Any, rows: Rows, batch_size: int, min_ndim: int = 1) -> Any:
         items = {k: narrow(v, rows, batch_size, min_ndim) for k, v in value.items()}
         return _rebuild(value, items)
     return value
+
+
+def _trimmed(view: torch.Tensor, rows: Rows) -> torch.Tensor:
+    for dim in range(1, view.ndim):
+        if view.shape[dim] == rows.width:
+            view = view.narrow(dim, rows.trim, rows.width - rows.trim)
+    return view
 
 
 def _rebuild(like: dict, items: dict) -> dict:
@@ -68,6 +85,11 @@ def splice(full: Any, rows: Rows, new: Any, batch_size: int, min_ndim: int = 1) 
     if new is full:
         return full
     if _is_batched(full, batch_size, min_ndim):
+        if rows.trim and isinstance(new, torch.Tensor):
+            # the rows as they are, with the part these rows see replaced (autograd-safe: a clone)
+            block = full[rows.start : rows.stop].clone()
+            _trimmed(block, rows).copy_(new)
+            return splice(full, Rows(rows.start, rows.stop), block, batch_size, min_ndim)
         if isinstance(new, torch.Tensor) and new.shape[:1] == (rows.count,):
             pieces = [full[: rows.start], new.to(full.dtype), full[rows.stop :]]
             return torch.cat([p for p in pieces if p.shape[0]], dim=0)

@@ -29,7 +29,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from .server.config import ServerConfig, parse_model_spec
+from .server.config import ServerConfig, parse_model_spec, parse_replica_resources
 
 __all__ = ["RunningServer", "free_port", "main", "start_server"]
 
@@ -48,9 +48,9 @@ def _add_config_flags(parser: argparse.ArgumentParser, names: Sequence[str] | No
         if names is not None and item.name not in names:
             continue
         doc = item.metadata.get("doc", "")
-        if item.name == "models":
-            parser.add_argument("--model", dest="models", action="append", default=[], metavar="NAME=PATH",
-                                help=doc)
+        if item.name in _REPEATED:
+            flag, metavar = _REPEATED[item.name]
+            parser.add_argument(flag, dest=item.name, action="append", default=[], metavar=metavar, help=doc)
             continue
         default = item.default if item.default is not dataclasses.MISSING else None
         kind = {int: int, float: float}.get(type(default), str)
@@ -68,9 +68,25 @@ def _config(args: argparse.Namespace) -> ServerConfig:
                 # Absolute paths: the worker may run with another working directory.
                 values["models"] = {name: (os.path.abspath(path) if os.path.exists(path) else path)
                                     for name, path in specs.items()}
+        elif item.name == "replicas":
+            values["replicas"] = dict(_parse_replicas(text) for text in value or [])
+        elif item.name == "replica_resources":
+            values["replica_resources"] = dict(parse_replica_resources(text) for text in value or [])
         elif value is not None:
             values[item.name] = value
     return ServerConfig(**values)
+
+
+# The ServerConfig fields given as a repeatable NAME=VALUE flag: (flag, metavar).
+_REPEATED = {"models": ("--model", "NAME=PATH"), "replicas": ("--replicas", "NAME=N"),
+             "replica_resources": ("--replica-resources", "NAME=cpus:N,gpus:N,memory:SIZE")}
+
+
+def _parse_replicas(text: str) -> tuple[str, int]:
+    name, sep, count = text.partition("=")
+    if not sep or not name.strip() or not count.strip().isdigit():
+        raise ValueError(f"--replicas takes NAME=N (for example smollm2=2), got {text!r}")
+    return name.strip(), int(count)
 
 
 # ---------------------------------------------------------------- serve

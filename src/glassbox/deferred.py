@@ -15,7 +15,7 @@ will set waits for it instead of failing (or seeing a stale value).
 
 from __future__ import annotations
 
-from types import FrameType
+from types import CodeType, FrameType
 from typing import Any
 
 from .capture import CapturedBody, write_back
@@ -81,14 +81,31 @@ class Deferred:
                 self.own.add(name)
             else:
                 self.fallback[name] = ns.pop(name)
+        self._setup(ns, f"invoke {index}")
+
+    def _setup(self, ns: dict[str, Any], label: str) -> None:
         self.ns = ns
         self.locals = _InvokeLocals(self)
         self.published: dict[str, Any] = {}
         self.waiting_name: str | None = None
         self.interleaver: Interleaver | None = None
-        self.consumer = Consumer(f"invoke {index}", None, self._run)
+        self.consumer = Consumer(label, None, self._run)
         self.consumer.on_yield = self._share
         self.consumer.wake = self.wake_all
+
+    @classmethod
+    def detached(cls, code: CodeType, namespace: dict[str, Any], inputs: Any, label: str) -> Deferred:
+        """A body that runs in ``namespace`` (its globals) and shares no names with any other
+        invoke: one request of a server's co-tenant batch. After the trace, ``namespace`` holds
+        every name the body set."""
+        self = cls.__new__(cls)
+        self.body = CapturedBody(code=code, source="", filename=code.co_filename,
+                                 first_line=code.co_firstlineno, reads=frozenset(), writes=())
+        self.frame, self.inputs = None, inputs
+        self.earlier, self.later = [], []
+        self.entered, self.own, self.fallback = {}, set(), {}
+        self._setup(namespace, label)
+        return self
 
     def _run(self, _start: Any = None) -> None:
         exec(self.body.code, self.ns, self.locals)

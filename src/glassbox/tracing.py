@@ -148,6 +148,7 @@ class Tracer:
         self._interleaver: Interleaver | None = None
         self._saved_ids: set[int] = set()
         self._fallback_inputs: list[tuple[tuple, dict]] = []
+        self._trim_padding = False
         self.result: Any = None
 
     # ---------------------------------------------------------------- context
@@ -244,6 +245,8 @@ class Tracer:
                 "invoke an input, e.g. tracer.invoke('some text')"
             )
         args, kwargs, rows = root._batch([d.inputs for d in batched])
+        if self._trim_padding:
+            rows = root._trim_rows([d.inputs for d in batched], rows)
         for deferred, r in zip(batched, rows):
             deferred.consumer.rows = r
         interleaver.batch_size = rows[-1].stop
@@ -353,6 +356,17 @@ class Invoker:
             self.tracer.model.__dict__["_active"] = self._outer
             self._inline = None
         return False
+
+
+def run_detached(model: NNsight, bodies: list[Deferred], *, trim_padding: bool = False) -> Any:
+    """Run ``Deferred.detached`` bodies as the invokes of ONE trace of ``model`` (a server's
+    co-tenant batch) and return the model's output. With ``trim_padding`` every body sees its
+    rows without the padding its input did not have (``batching.Rows.trim``)."""
+    tracer = Tracer(model, (), {})
+    tracer._trim_padding = trim_padding
+    with tracer:
+        tracer._invokes.extend(bodies)
+    return tracer.result
 
 
 def _push(tracer: Tracer) -> None:

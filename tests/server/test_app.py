@@ -57,7 +57,7 @@ def server(tmp_path_factory, tiny_path):
     running = start_server({"gpt2": tiny_path}, state_dir=str(state), args=[
         "--max-seconds", str(MAX_SECONDS), "--max-request-bytes", str(MAX_REQUEST_BYTES),
         "--rate-limit-per-minute", str(RATE_LIMIT), "--max-jobs-per-key", str(MAX_JOBS),
-        "--torch-threads", "1",
+        "--torch-threads", "1", "--max-batch", "1",  # queue order is under test: one job at a time
     ])
     try:
         yield running
@@ -364,7 +364,7 @@ def _worker_pids(process_id: int) -> list[int]:
 
 def test_queued_jobs_survive_kill_9_and_their_owner_fetches_them(tmp_path, tiny_path):
     state = str(tmp_path / "state")
-    args = ["--max-seconds", "2", "--torch-threads", "1"]
+    args = ["--max-seconds", "2", "--torch-threads", "1", "--max-batch", "1"]  # the queue must wait
     first = start_server({"gpt2": tiny_path}, state_dir=state, args=args)
     try:
         key = first.create_key("dana")

@@ -61,8 +61,9 @@ def worker(tmp_path_factory, tiny_path):
     saved_env = {name: os.environ.get(name) for name in SECRETS}
     os.environ.update(SECRETS)  # present in the API process for the whole module: no worker may see them
     store = JobStore(f"sqlite:///{tmp_path_factory.mktemp('worker') / 'jobs.db'}")
+    # Batching off: these tests are about one job at a time (tests/server/test_cotenant.py batches).
     config = ServerConfig(models={"gpt2": tiny_path}, max_seconds=MAX_SECONDS, max_log_bytes=2000,
-                          torch_threads=1)
+                          torch_threads=1, max_batch=1)
     events = Events()
     handle = WorkerHandle(config, store, on_event=events, say=lambda text: None)
     handle.events = events  # type: ignore[attr-defined]
@@ -96,9 +97,10 @@ def _wait(handle: WorkerHandle, job: str, timeout: float = 90.0):
     raise AssertionError(f"job {job} did not finish within {timeout} s: {handle.store.get(job)}")
 
 
-def _wait_running(handle: WorkerHandle, job: str, timeout: float = 60.0) -> None:
+def _wait_running(handle: WorkerHandle, job: str, timeout: float = 60.0,
+                  other_than: int | None = None) -> None:
     deadline = time.monotonic() + timeout
-    while handle.running_job != job:
+    while handle.running_job != job or handle.pid == other_than or handle.state != "ready":
         assert time.monotonic() < deadline, "the job never started"
         time.sleep(0.01)
 
@@ -157,15 +159,30 @@ def test_time_limit_kills_the_job_and_the_next_job_runs(worker):
 
 
 @pytest.mark.skipif(sys.platform == "win32", reason="SIGKILL")
-def test_a_crashed_worker_fails_its_job_and_is_restarted(worker):
+def test_a_job_whose_worker_dies_runs_once_more_and_fails_if_it_dies_again(worker):
     doomed = _submit(worker, FOREVER)
     after = _submit(worker, ECHO, marker="survivor")
     _wait_running(worker, doomed)
-    os.kill(worker.pid, signal.SIGKILL)  # what the out-of-memory killer does
+    first_pid = worker.pid
+    os.kill(first_pid, signal.SIGKILL)  # what the out-of-memory killer does
+    _wait_running(worker, doomed, other_than=first_pid)  # crash_retries=1: it runs again
+    os.kill(worker.pid, signal.SIGKILL)
     info = _wait(worker, doomed)
     assert info.status == "ERROR" and info.error["type"] == "WorkerCrashed"
     assert "SIGKILL" in info.error["message"] and "restarted" in info.error["message"]
+    assert "2 time(s)" in info.error["message"] and info.attempts == 2
     assert _saved(worker, after)["echo"] == "survivor"
+    assert worker.restarts >= 2
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="SIGKILL")
+def test_a_job_whose_worker_died_once_completes_on_the_restarted_one(worker):
+    job = _submit(worker, "n = 0\nfor i in range(2_000_000):\n    n = n + 1\necho = glassbox.save(n)\n")
+    _wait_running(worker, job)
+    os.kill(worker.pid, signal.SIGKILL)
+    info = _wait(worker, job)
+    assert info.status == "COMPLETED" and info.attempts == 2
+    assert _saved(worker, job)["echo"] == 2_000_000
 
 
 def test_cancelling_the_running_job_kills_it_and_keeps_the_queue(worker):

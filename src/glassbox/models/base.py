@@ -92,5 +92,9 @@ class NNsight(Envoy):
     def _batch(self, prepared: list[tuple[tuple, dict]]) -> tuple[tuple, dict, list[Rows]]:
         return concat_args(prepared)
 
+    def _trim_rows(self, prepared: list[Any], spans: list[Rows]) -> list[Rows]:
+        """Rows without the padding an input did not have alone; plain modules are not padded."""
+        return spans
+
     def _execute(self, args: tuple, kwargs: dict, **call: Any) -> Any:
         return self._module(*args, **kwargs)

@@ -231,6 +231,15 @@ class LanguageModel(NNsight):
         kwargs = {"input_ids": ids, "attention_mask": mask, **extra}
         return (), kwargs, spans
 
+    def _trim_rows(self, prepared: list[_Prompt], spans: list[Rows]) -> list[Rows]:
+        """``spans`` with the padding each prompt did not have alone marked to be cut."""
+        width = max(len(r) for prompt in prepared for r in prompt.rows)
+        trimmed = []
+        for prompt, span in zip(prepared, spans):
+            trim = width - max(len(r) for r in prompt.rows)
+            trimmed.append(Rows(span.start, span.stop, trim, width) if trim else span)
+        return trimmed
+
     def _single(self, prepared: _Prompt) -> tuple[tuple, dict]:
         args, kwargs, _ = self._batch([prepared])
         return args, kwargs

@@ -10,7 +10,7 @@ Offers:
 
 Endpoints (all JSON unless said otherwise)::
 
-    GET    /v1/health               {"glassbox": version, "protocol": N, "worker": state}   no key
+    GET    /v1/health               {"glassbox", "protocol", "worker", "backend", "replicas"}   no key
     GET    /v1/models               {"models": [{"name", "status", "class", "parameters", ...}]} no key
     GET    /v1/models/{name}/files  {"files": {filename: text}}: config and tokenizer files, no key
     POST   /v1/jobs                 body: a framed job request (remote/framing.py) -> 202 {"id", ...}
@@ -68,8 +68,9 @@ from .. import __version__
 from ..remote.framing import frame, unframe
 from ..remote.protocol import PROTOCOL_VERSION, ProtocolError, check_envelope
 from .config import ServerConfig
+from .pool import WorkerPool
 from .store import TERMINAL, JobInfo, JobStore, KeyInfo, TooManyJobs
-from .worker import WorkerHandle, error_result
+from .worker import error_result
 
 __all__ = ["JOB_KIND", "MODEL_FILES", "Hub", "RateLimiter", "create_app", "read_model_files"]
 
@@ -249,7 +250,7 @@ def create_app(
     store = store or JobStore(config.database_url())
     hub = Hub(store)
     limiter = RateLimiter(config.rate_limit_per_minute)
-    worker = WorkerHandle(config, store, on_event=hub.publish, say=say)
+    worker = WorkerPool(config, store, on_event=hub.publish, say=say)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -309,7 +310,8 @@ def create_app(
     @app.get("/v1/health")
     async def health() -> dict:
         return {"glassbox": __version__, "protocol": PROTOCOL_VERSION, "status": "ok",
-                "worker": worker.state, "running": worker.running_job is not None}
+                "worker": worker.state, "running": worker.running_job is not None,
+                "backend": config.backend, "replicas": worker.replicas()}
 
     @app.get("/v1/models")
     async def models() -> dict:

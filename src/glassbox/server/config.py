@@ -20,7 +20,8 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-__all__ = ["ServerConfig", "default_max_memory_bytes", "default_state_dir", "parse_model_spec"]
+__all__ = ["ServerConfig", "default_max_memory_bytes", "default_state_dir", "parse_model_spec",
+           "parse_replica_resources"]
 
 
 def default_state_dir() -> Path:
@@ -65,6 +66,35 @@ def parse_model_spec(text: str) -> tuple[str, str]:
             f"model name {name!r} must be letters, digits, '-', '_' or '.', starting with a letter"
         )
     return name, path
+
+
+_UNITS = {"kib": 1024, "mib": 1024**2, "gib": 1024**3, "tib": 1024**4, "kb": 1000, "mb": 1000**2,
+          "gb": 1000**3, "b": 1}
+
+
+def parse_replica_resources(text: str) -> tuple[str, dict[str, float]]:
+    """``NAME=cpus:2,gpus:0.5,memory:4GiB`` (as given to ``--replica-resources``) -> the model
+    name and its Ray resource request ``{"num_cpus": 2.0, "num_gpus": 0.5, "memory": 4294967296.0}``."""
+    name, sep, spec = text.partition("=")
+    usage = "--replica-resources takes NAME=cpus:N,gpus:N,memory:SIZE (for example smollm2=cpus:1,gpus:0.5)"
+    if not sep or not name.strip() or not spec.strip():
+        raise ValueError(f"{usage}, got {text!r}")
+    keys = {"cpus": "num_cpus", "gpus": "num_gpus", "memory": "memory"}
+    request: dict[str, float] = {}
+    for part in spec.split(","):
+        key, colon, value = part.strip().partition(":")
+        if not colon or key.strip() not in keys:
+            raise ValueError(f"{usage}; {part.strip()!r} is not cpus:N, gpus:N or memory:SIZE")
+        value = value.strip().lower()
+        unit = next((u for u in sorted(_UNITS, key=len, reverse=True) if value.endswith(u)), "")
+        try:
+            number = float(value[: len(value) - len(unit)] if unit else value) * (_UNITS[unit] if unit else 1)
+        except ValueError:
+            raise ValueError(f"{usage}; {value!r} is not a number") from None
+        if number < 0:
+            raise ValueError(f"{usage}; {key.strip()} cannot be negative")
+        request[keys[key.strip()]] = number
+    return name.strip(), request
 
 
 def _doc(text: str, **kwargs: object) -> dict:
@@ -134,23 +164,68 @@ class ServerConfig:
     worker_start_timeout: float = field(**_doc(
         "Seconds the worker may take to start and load every model before the server gives up."
     ), default=600.0)
+    max_batch: int = field(**_doc(
+        "Co-tenant batching: most jobs run together in ONE batched forward pass. Concurrent plain "
+        "traces of the same model whose blocks can share a pass (no tracer calls, no gradients, "
+        "the same trace arguments) each run as their own invoke on their own rows, with results "
+        "equal to running alone. 1 turns batching off."
+    ), default=16)
+    batch_window_ms: float = field(**_doc(
+        "How long a worker that has taken a job waits for compatible jobs to join its batch. "
+        "Under load the queue already holds them and nothing waits; a lone job waits this long."
+    ), default=5.0)
+    crash_retries: int = field(**_doc(
+        "How many more times a job runs after its worker process or replica died under it "
+        "(killed, crashed, out of memory) before it fails with WorkerCrashed."
+    ), default=1)
     backend: str = field(**_doc(
-        "Where jobs run: 'local' (one worker process on this machine). Ray comes later."
+        "Where jobs run: 'local' (one worker process on this machine holding every model) or "
+        "'ray' (each model's replicas run as Ray actors placed by Ray's scheduler)."
     ), default="local")
+    ray_address: str = field(**_doc(
+        "With --backend ray: the cluster to join ('auto': the one `ray start` runs on this "
+        "machine; 'ray://host:10001' or 'host:6379': a remote head). Empty: start a private Ray "
+        "instance inside this server process, sized to the replicas' requests."
+    ), default="")
+    replicas: dict[str, int] = field(**_doc(
+        "With --backend ray: replicas of a model, each a Ray actor holding its own copy; given as "
+        "--replicas NAME=N, repeatable. Models not named get 1."
+    ), default_factory=dict)
+    replica_resources: dict[str, dict[str, float]] = field(**_doc(
+        "With --backend ray: what one replica of a model asks Ray for, given as --replica-resources "
+        "NAME=cpus:2,gpus:1,memory:4GiB, repeatable (memory in bytes or with KiB/MiB/GiB). "
+        "Default: 1 CPU, no GPU, no memory reservation."
+    ), default_factory=dict)
     executor: str = field(**_doc(
         "Module the worker takes load_models() and run_job() from. Change only to test the "
         "server machinery or to plug in another executor."
     ), default="glassbox.server.execute")
 
     def __post_init__(self) -> None:
-        if self.backend != "local":
-            raise ValueError(f"backend {self.backend!r} is not available; this server offers 'local'")
+        if self.backend not in ("local", "ray"):
+            raise ValueError(f"backend {self.backend!r} is not available; choose 'local' or 'ray'")
+        if self.max_batch < 1:
+            raise ValueError(f"max_batch must be 1 (batching off) or more, got {self.max_batch}")
+        if self.batch_window_ms < 0:
+            raise ValueError(f"batch_window_ms must be 0 or more, got {self.batch_window_ms}")
+        for name, count in self.replicas.items():
+            if name not in self.models:
+                raise ValueError(f"--replicas names {name!r}, which is not served "
+                                 f"(add --model {name}=PATH)")
+            if int(count) < 1:
+                raise ValueError(f"--replicas {name}={count}: a model needs at least 1 replica")
+        for name in self.replica_resources:
+            if name not in self.models:
+                raise ValueError(f"--replica-resources names {name!r}, which is not served")
+        if self.backend == "local" and any(int(n) > 1 for n in self.replicas.values()):
+            raise ValueError("--replicas needs --backend ray (the local backend runs one worker process)")
         for name in ("max_request_bytes", "max_result_bytes", "max_saved_values", "max_log_bytes"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         if self.max_seconds <= 0:
             raise ValueError(f"max_seconds must be positive, got {self.max_seconds}")
-        for name in ("rate_limit_per_minute", "max_jobs_per_key", "torch_threads", "max_memory_bytes"):
+        for name in ("rate_limit_per_minute", "max_jobs_per_key", "torch_threads", "max_memory_bytes",
+                     "crash_retries"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be 0 (off / default) or positive, got {getattr(self, name)}")
 

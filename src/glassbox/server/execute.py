@@ -4,6 +4,7 @@ Offers:
     JOB_KIND                      the envelope kind of a job request
     load_models(specs)            {name: folder or hub id} -> loaded LanguageModels
     run_job(models, envelope, blob, log=, limits=) -> (result envelope, blob)
+    run_batch(models, items, logs=, limits=)  several jobs in one forward (cotenant.py)
     after_job(models)             verify every weight and restore what changed, reset
                                   torch state: the worker calls it after SENDING each
                                   result and before taking the next job, so the
@@ -46,6 +47,7 @@ RESULT_KIND = "result"
 _METHODS = ("trace", "generate", "session")
 _guards: dict[int, WeightGuard] = {}
 _job_counter = 0
+_last_model: list[str] = []  # the models the last job(s) ran on: the only ones they could reach
 
 
 def load_models(specs: dict[str, str]) -> dict[str, Any]:
@@ -76,37 +78,66 @@ def run_job(
     limits: dict | None = None,
 ) -> tuple[dict, bytes]:
     """Execute one job; never raises for anything the user's code does."""
-    global _job_counter
-    _job_counter += 1
     limits = limits or {}
     started = time.perf_counter()
     model = None
-    filename = f"<glassbox job {_job_counter}>"
+    filename = next_filename()
     payload: dict = {}
     try:
         payload = check_envelope(envelope, JOB_KIND, receiver="server")
-        name = payload.get("model")
-        if name not in models:
-            served = ", ".join(sorted(models)) or "none"
-            raise LookupError(f"model {name!r} is not served here; this server serves: {served}")
-        model = models[name]
-        _last_model[:] = [name]
-        _guard(model)  # snapshot before the first job touches it
+        model = use_model(models, payload.get("model"))
         reply, out_blob = _execute(model, payload, blob, filename, log, limits)
     except Exception as exc:  # every failure of the job becomes an ERROR result
         reply, out_blob = _error(exc, filename, payload), b""
     finally:
         if model is not None:
             model.__dict__["_active"] = None
+    return result_envelope(reply, started), out_blob
+
+
+def next_filename() -> str:
+    """The file name a job's code runs under (tracebacks and line numbers point into it)."""
+    global _job_counter
+    _job_counter += 1
+    return f"<glassbox job {_job_counter}>"
+
+
+def use_model(models: dict[str, Any], name: Any) -> Any:
+    """The served model a job asks for (LookupError naming the served ones if there is none);
+    its weights are snapshotted before the first job touches it and checked after each job."""
+    if name not in models:
+        served = ", ".join(sorted(models)) or "none"
+        raise LookupError(f"model {name!r} is not served here; this server serves: {served}")
+    if name not in _last_model:
+        _last_model.append(name)
+    _guard(models[name])
+    return models[name]
+
+
+def result_envelope(reply: dict, started: float) -> dict:
     reply["seconds"] = round(time.perf_counter() - started, 4)
-    return make_envelope(RESULT_KIND, reply), out_blob
+    return make_envelope(RESULT_KIND, reply)
 
 
 def _execute(model: Any, payload: dict, blob: bytes, filename: str, log: Callable, limits: dict):
-    values = decode_values(payload["values"], blob, numpy_as_tensor=True)
     source = _job_source(payload)
     register_source(filename, source)
     code = compile_restricted_source(source, filename)
+    namespace = job_namespace(model, payload, blob, log)
+    with collect_saved() as saved:
+        exec(code, namespace)
+        tracer = namespace.get(payload.get("tracer_name") or "", None)
+        result = None
+        if payload.get("method") == "generate" and tracer is not None:
+            result = getattr(tracer, "result", None)
+        return job_reply(namespace, payload, saved, limits, result)
+
+
+def job_namespace(model: Any, payload: dict, blob: bytes, log: Callable[[str], None]) -> dict[str, Any]:
+    """The sandboxed globals one job's code runs in: the served model (``glassbox_model``), the
+    module references and values the client sent, the modules it imports, its functions (compiled
+    under restriction), and ``print`` going to ``log``."""
+    values = decode_values(payload["values"], blob, numpy_as_tensor=True)
     allowed: dict[str, Any] = {"glassbox_model": model}
     for name, path in payload.get("model_refs", {}).items():
         allowed[name] = model._at(path)
@@ -124,21 +155,22 @@ def _execute(model: Any, payload: dict, blob: bytes, filename: str, log: Callabl
         namespace[name] = importer(module_name, None, None, ("*",) if "." in module_name else (), 0)
     for fn in functions.values():
         compile_function(fn, namespace)
-    with collect_saved() as saved:
-        exec(code, namespace)
-        returned, unsaved = _returned(namespace, payload, saved, limits)
-        result = None
-        tracer = namespace.get(payload.get("tracer_name") or "", None)
-        if payload.get("method") == "generate" and tracer is not None:
-            result = getattr(tracer, "result", None)
-        max_bytes = limits.get("max_result_bytes")
-        if max_bytes and _tensor_bytes([returned, result]) > max_bytes:
-            raise MemoryError(
-                f"the saved values hold {_tensor_bytes([returned, result]):,} bytes of tensors, over "
-                f"this server's result limit of {max_bytes:,}; save fewer or smaller values "
-                "(e.g. one position: h[:, -1])"
-            )
-        desc, out_blob = encode_values({"saved": returned, "result": result})
+    return namespace
+
+
+def job_reply(namespace: dict, payload: dict, saved: dict[int, Any], limits: dict,
+              result: Any = None) -> tuple[dict, bytes]:
+    """What a job that ran sends back: exactly its saved values (and containers of them), within
+    the server's limits; a value over a limit fails the job with a MemoryError saying which."""
+    returned, unsaved = _returned(namespace, payload, saved, limits)
+    max_bytes = limits.get("max_result_bytes")
+    if max_bytes and _tensor_bytes([returned, result]) > max_bytes:
+        raise MemoryError(
+            f"the saved values hold {_tensor_bytes([returned, result]):,} bytes of tensors, over "
+            f"this server's result limit of {max_bytes:,}; save fewer or smaller values "
+            "(e.g. one position: h[:, -1])"
+        )
+    desc, out_blob = encode_values({"saved": returned, "result": result})
     if max_bytes and len(out_blob) > max_bytes:
         raise MemoryError(
             f"the saved values are {len(out_blob):,} bytes, over this server's result limit of "
@@ -243,9 +275,6 @@ def _error(exc: BaseException, filename: str, payload: dict) -> dict:
     }
 
 
-_last_model: list[str] = []  # the model the last job ran on: the only one it could reach
-
-
 def after_job(models: dict[str, Any]) -> dict[str, list[str]]:
     """Between two jobs: put back any weight the last job changed (by model name).
     A job only ever holds its own model, so only that one is checked (checking
@@ -281,3 +310,11 @@ def _reset(model: Any) -> list[str]:
     torch.set_grad_enabled(True)
     model.__dict__["_active"] = None
     return changed
+
+
+def run_batch(models: dict[str, Any], items: list[tuple[dict, bytes]], *, logs: list[Callable[[str], None]],
+              limits: dict | None = None) -> list[tuple[dict, bytes]]:
+    """Several jobs, sharing one forward pass where they can (``cotenant.run_batch``)."""
+    from .cotenant import run_batch as run
+
+    return run(models, items, logs=logs, limits=limits)

@@ -311,6 +311,11 @@ class JobStore:
         return self._transition(job_id, ("RUNNING",), status="QUEUED", started=None, logs="",
                                 attempts=_Job.attempts - 1)
 
+    def retry(self, job_id: str) -> bool:
+        """RUNNING -> QUEUED at the head of the queue for a job whose worker died under it: unlike
+        ``requeue`` the attempt counts (the worker decides from ``attempts`` whether to retry)."""
+        return self._transition(job_id, ("RUNNING",), status="QUEUED", started=None, logs="")
+
     def finish(self, job_id: str, status: str, *, result: bytes | None = None, error: dict | None = None,
                logs: str | None = None) -> bool:
         """Move a job that is not final yet to a final ``status``; False if it already was final
@@ -361,18 +366,21 @@ class JobStore:
         with self._session() as session:
             return session.scalar(select(_Job.result).where(_Job.id == job_id))
 
-    def queued(self) -> list[JobInfo]:
-        """Every QUEUED job, first to run first."""
+    def queued(self, models: list[str] | None = None, limit: int | None = None) -> list[JobInfo]:
+        """QUEUED jobs (for ``models`` only, if given), first to run first; at most ``limit``."""
+        query = select(*_INFO_COLUMNS).where(_Job.status == "QUEUED")
+        if models is not None:
+            query = query.where(_Job.model.in_(list(models)))
+        query = query.order_by(_Job.seq)
+        if limit is not None:
+            query = query.limit(limit)
         with self._session() as session:
-            rows = session.execute(select(*_INFO_COLUMNS).where(_Job.status == "QUEUED").order_by(_Job.seq))
-            return [_info_from_columns(row) for row in rows]
+            return [_info_from_columns(row) for row in session.execute(query)]
 
-    def next_queued(self) -> JobInfo | None:
-        with self._session() as session:
-            row = session.execute(
-                select(*_INFO_COLUMNS).where(_Job.status == "QUEUED").order_by(_Job.seq).limit(1)
-            ).first()
-            return _info_from_columns(row) if row is not None else None
+    def next_queued(self, models: list[str] | None = None) -> JobInfo | None:
+        """The job that runs next (of those for ``models``, if given)."""
+        jobs = self.queued(models, limit=1)
+        return jobs[0] if jobs else None
 
     def position(self, job_id: str) -> int | None:
         """How many queued jobs run before this one (0: it is next), None if it is not queued."""

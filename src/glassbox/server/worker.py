@@ -53,6 +53,7 @@ import multiprocessing
 import multiprocessing.connection
 import os
 import re
+import sys
 import threading
 import time
 import traceback
@@ -62,9 +63,10 @@ from typing import Any
 from ..remote.framing import frame, unframe
 from ..remote.protocol import PROTOCOL_VERSION, ProtocolError
 from .config import ServerConfig
-from .store import JobStore
+from .store import JobInfo, JobStore
 
-__all__ = ["SENSITIVE_ENV", "WorkerHandle", "WorkerStartError", "error_result", "is_out_of_memory"]
+__all__ = ["SENSITIVE_ENV", "ChannelClosed", "LocalProcess", "WorkerHandle", "WorkerStartError",
+           "error_result", "handle_message", "is_out_of_memory"]
 
 SENSITIVE_ENV = re.compile(r"KEY|TOKEN|SECRET|PASSW|CREDENTIAL|AUTH|DB_URL|DATABASE|COOKIE|SESSION",
                            re.IGNORECASE)
@@ -137,32 +139,75 @@ def _worker_main(conn: multiprocessing.connection.Connection, specs: dict[str, s
             message, blob = unframe(conn.recv_bytes())
         except (EOFError, OSError):
             return  # the parent is gone
-        if message.get("op") != "job":
+        if message.get("op") not in ("job", "batch"):
             return  # "stop", or anything unexpected: end cleanly
-        job_id = str(message["job"])
-        torch.manual_seed(0)
-        result, out = _run_one(module, models, job_id, blob, dict(message.get("limits") or {}), conn)
-        if limit and result.get("status") == "ERROR" and is_out_of_memory(result.get("error") or {}):
-            result = _over_memory_limit(result, limit)
+
+        def send(reply: dict, out: bytes = b"") -> None:
+            _send(conn, reply, out)
+
         try:
-            _send(conn, {"op": "result", "job": job_id, "result": result}, out)
-        except (OSError, ProtocolError, MemoryError) as err:  # MemoryError: framing a huge result
-            try:
-                _send(conn, {"op": "result", "job": job_id,
-                             "result": error_result("InternalError", f"cannot send the result: {err}")})
-            except OSError:
-                return
-        del result, out
-        # The reply is on its way; now, before the next job, verify and restore the weights.
-        after_job = getattr(module, "after_job", None)
-        if after_job is not None:
-            after_job(models)
+            handle_message(module, models, message, blob, send, memory_limit=limit)
+        except OSError:
+            return  # the pipe is gone: so is the parent
 
 
-def _run_one(module: Any, models: dict, job_id: str, request: bytes, limits: dict,
-             conn: multiprocessing.connection.Connection) -> tuple[dict, bytes]:
-    # Capped here, in the worker, so a print loop cannot flood the pipe and the API process.
-    left = [int(limits.pop("max_log_bytes", 0) or 0) or None]  # bytes still allowed; None: no cap
+def handle_message(module: Any, models: dict, message: dict, blob: bytes, send: Callable[[dict, bytes], None],
+                   *, memory_limit: int = 0) -> None:
+    """Run what one ``job`` or ``batch`` message asks (see ``WorkerHandle._send_jobs``), sending
+    ``log`` and ``result`` messages through ``send(message, blob)``; then, with every reply on its
+    way, verify and restore the weights (``after_job``). Shared by the local worker process and
+    the Ray replicas, so both run jobs exactly alike."""
+    limits = dict(message.get("limits") or {})
+    if message.get("op") == "batch":
+        ids = [str(job_id) for job_id in message["jobs"]]
+        sizes = [int(size) for size in message["sizes"]]
+        offsets = [sum(sizes[:i]) for i in range(len(sizes))]
+        requests = [blob[start:start + size] for start, size in zip(offsets, sizes)]
+    else:
+        ids, requests = [str(message["job"])], [blob]
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        torch.manual_seed(0)
+    results = _run_many(module, models, ids, requests, limits, send)
+    for job_id, (result, out) in zip(ids, results):
+        if memory_limit and result.get("status") == "ERROR" and is_out_of_memory(result.get("error") or {}):
+            result = _over_memory_limit(result, memory_limit)
+        try:
+            send({"op": "result", "job": job_id, "result": result}, out)
+        except (ProtocolError, MemoryError) as err:  # MemoryError: framing a huge result
+            send({"op": "result", "job": job_id,
+                  "result": error_result("InternalError", f"cannot send the result: {err}")}, b"")
+    del results
+    # The replies are on their way; now, before the next job, verify and restore the weights.
+    after_job = getattr(module, "after_job", None)
+    if after_job is not None:
+        after_job(models)
+
+
+def _run_many(module: Any, models: dict, ids: list[str], requests: list[bytes], limits: dict,
+              send: Callable[[dict, bytes], None]) -> list[tuple[dict, bytes]]:
+    """One job alone, or several through the executor's ``run_batch`` (one forward pass) when
+    it has one; their printed output is kept per job and sent before each one's result."""
+    if len(ids) == 1 or getattr(module, "run_batch", None) is None:
+        return [_run_one(module, models, job_id, request, dict(limits), send)
+                for job_id, request in zip(ids, requests)]
+    logs = [_job_log(job_id, int(limits.get("max_log_bytes", 0) or 0), send) for job_id in ids]
+    job_limits = {k: v for k, v in limits.items() if k != "max_log_bytes"}
+    try:
+        items = [unframe(request) for request in requests]
+        results = module.run_batch(models, items, logs=logs, limits=job_limits)
+        if len(results) != len(ids):
+            raise TypeError(f"run_batch returned {len(results)} results for {len(ids)} jobs")
+        return [(result, bytes(out or b"")) for result, out in results]
+    except Exception as err:  # run_batch isolates the jobs' own errors; this is a server bug
+        failed = error_result("InternalError", f"the server failed to run this job: {err!r}")
+        return [(failed, b"") for _ in ids]
+
+
+def _job_log(job_id: str, max_bytes: int, send: Callable[[dict, bytes], None]) -> Callable[[str], None]:
+    """A ``print`` target for one job: sends its output as ``log`` messages, capped at
+    ``max_bytes`` (0: no cap) so a print loop cannot flood the pipe and the API process."""
+    left = [max_bytes or None]  # bytes still allowed; None: no cap
 
     def log(text: str) -> None:
         text = str(text)
@@ -176,8 +221,14 @@ def _run_one(module: Any, models: dict, job_id: str, request: bytes, limits: dic
                 left[0] = 0
             else:
                 left[0] -= len(data)
-        _send(conn, {"op": "log", "job": job_id, "text": text})
+        send({"op": "log", "job": job_id, "text": text}, b"")
 
+    return log
+
+
+def _run_one(module: Any, models: dict, job_id: str, request: bytes, limits: dict,
+             send: Callable[[dict, bytes], None]) -> tuple[dict, bytes]:
+    log = _job_log(job_id, int(limits.pop("max_log_bytes", 0) or 0), send)
     try:
         envelope, blob = unframe(request)
         result, out = module.run_job(models, envelope, blob, log=log, limits=limits)
@@ -271,12 +322,146 @@ def _exit_with_parent() -> None:
 # ================================================================ in the API process
 
 
+class ChannelClosed(Exception):
+    """The process (or Ray actor) on the other side of a channel is gone."""
+
+
+class LocalProcess:
+    """The channel to one spawned worker process on this machine (the ``local`` backend).
+
+    Every channel offers the same few calls, which is all ``WorkerHandle`` uses (the Ray
+    backend's ``RayReplica`` is the other one):
+
+        start(stopping) -> ready      spawn and wait until the models are loaded (WorkerStartError)
+        send(message, blob)           hand over a ``job`` / ``batch`` message
+        receive(timeout)              the next ``log`` / ``result`` message, or None; ChannelClosed
+        alive() / kill() / exit_reason() / pid / label / serves (model names it holds)
+    """
+
+    def __init__(self, config: ServerConfig, say: Callable[[str], None]) -> None:
+        self.config = config
+        self.say = say
+        self.serves = list(config.models)
+        self._process: multiprocessing.process.BaseProcess | None = None
+        self._conn: multiprocessing.connection.Connection | None = None
+        self._exit_code: int | None = None
+
+    @property
+    def pid(self) -> int | None:
+        return self._process.pid if self._process is not None else None
+
+    @property
+    def label(self) -> str:
+        return f"worker {self.pid}"
+
+    def start(self, stopping: threading.Event) -> dict:
+        context = multiprocessing.get_context("spawn")
+        parent_conn, child_conn = context.Pipe(duplex=True)
+        config = self.config
+        process = context.Process(
+            target=_worker_main,
+            args=(child_conn, dict(config.models), config.executor, config.torch_threads,
+                  config.max_memory_bytes),
+            name="glassbox-worker",
+            daemon=True,
+        )
+        # The child inherits the environment as it is at start: take secrets out for that moment.
+        with _ENV_LOCK:
+            hidden = {name: os.environ.pop(name) for name in list(os.environ) if SENSITIVE_ENV.search(name)}
+            try:
+                process.start()
+            finally:
+                os.environ.update(hidden)
+        child_conn.close()
+        self._process, self._conn, self._exit_code = process, parent_conn, None
+        names = ", ".join(config.models) or "no models"
+        self.say(f"worker {process.pid}: loading {names}")
+        deadline = time.monotonic() + config.worker_start_timeout
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                self.kill()
+                limit = config.worker_start_timeout
+                raise WorkerStartError(f"the worker did not load its models within {limit:g} s "
+                                       "(the server's worker_start_timeout)")
+            ready = multiprocessing.connection.wait([parent_conn, process.sentinel], min(remaining, 1.0))
+            if stopping.is_set():
+                self.kill()
+                raise WorkerStartError("the server is stopping")
+            if parent_conn in ready:
+                try:
+                    message, _ = unframe(parent_conn.recv_bytes())
+                except (EOFError, OSError, ProtocolError):
+                    message = {"op": "failed", "error": "the worker process exited while loading the models"}
+                if message.get("op") == "ready":
+                    note = f"{message.get('threads')} torch threads{_memory_note(message)}"
+                    return {**message, "note": note}
+                self.kill()
+                raise WorkerStartError(str(message.get("error") or message))
+            if process.sentinel in ready:
+                code = process.exitcode
+                self.kill()
+                raise WorkerStartError(
+                    f"the worker process exited while loading the models ({_exit_reason(code)})")
+
+    def send(self, message: dict, blob: bytes = b"") -> None:
+        if self._conn is None:
+            raise ChannelClosed("no worker process")
+        try:
+            self._conn.send_bytes(frame(message, blob))
+        except OSError as err:
+            raise ChannelClosed(str(err)) from None
+
+    def receive(self, timeout: float) -> tuple[dict, bytes] | None:
+        conn, process = self._conn, self._process
+        if conn is None or process is None:
+            raise ChannelClosed("no worker process")
+        ready = multiprocessing.connection.wait([conn, process.sentinel], timeout)
+        if conn in ready:
+            try:
+                return unframe(conn.recv_bytes())
+            except (EOFError, OSError, ProtocolError):
+                raise ChannelClosed("the pipe closed") from None
+        if process.sentinel in ready:
+            raise ChannelClosed("the worker exited")
+        return None
+
+    def exit_reason(self) -> str:
+        if self._process is not None:
+            self._process.join(1)  # the pipe can close a moment before the exit status is known
+            self._exit_code = self._process.exitcode
+        return _exit_reason(self._exit_code)
+
+    def alive(self) -> bool:
+        return self._process is not None and self._process.is_alive()
+
+    def kill(self) -> None:
+        process, conn = self._process, self._conn
+        self._process = self._conn = None
+        if process is not None:
+            if process.is_alive():
+                process.kill()
+            process.join(10)
+            self._exit_code = process.exitcode
+            if process.exitcode is not None:
+                process.close()
+        if conn is not None:
+            conn.close()
+
+
 class WorkerHandle:
-    """Runs queued jobs from ``store`` in a worker process, one at a time, first come first served.
+    """Feeds queued jobs from ``store`` to one channel (a local worker process by default, or one
+    Ray replica), first come first served; compatible jobs for the same model are claimed together
+    and run as one batch (co-tenant batching, see ``cotenant.py``).
 
         handle = WorkerHandle(ServerConfig(models={"gpt2": path}), store, on_event=print)
         handle.start()                  # returns once the models are loaded
         handle.wake()                   # after store.mark_queued(job_id)
+
+    Several handles may feed from one store (one per Ray replica): ``store.claim`` is atomic, so a
+    job runs on exactly one of them. ``solo`` (shared by those handles) holds jobs that must run
+    alone: the members of a batch that timed out or crashed, which then run one by one so that
+    only the job at fault fails.
     """
 
     def __init__(
@@ -286,32 +471,42 @@ class WorkerHandle:
         *,
         on_event: Callable[[str, dict], None] | None = None,
         say: Callable[[str], None] | None = None,
+        channel: Any = None,
+        solo: set[str] | None = None,
     ) -> None:
         self.config = config
         self.store = store
         self.on_event = on_event or (lambda job_id, event: None)
         self.say = say or (lambda text: None)
-        self.state = "stopped"  # stopped | starting | ready | failed
+        self.channel = channel if channel is not None else LocalProcess(config, self.say)
+        self.solo = solo if solo is not None else set()
+        self.state = "stopped"  # stopped | starting | ready | restarting | failed
         self.models: dict[str, dict] = {}
         self.error: str | None = None
-        self.running_job: str | None = None
+        self.running: list[str] = []
         self.restarts = 0
-        self._process: multiprocessing.process.BaseProcess | None = None
-        self._conn: multiprocessing.connection.Connection | None = None
+        self.batches = 0  # batches of more than one job run so far
         self._wake = threading.Event()
         self._stopping = threading.Event()
         self._cancel: set[str] = set()
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
+        self._keys: dict[str, Any] = {}  # job id -> batch key (None: runs alone)
+        self._loaded_once = False
 
     @property
     def pid(self) -> int | None:
-        return self._process.pid if self._process is not None else None
+        return self.channel.pid
+
+    @property
+    def running_job(self) -> str | None:
+        running = self.running
+        return running[0] if running else None
 
     # ------------------------------------------------------------ control
 
     def start(self, wait: bool = True) -> None:
-        """Spawn the worker and start feeding it. With ``wait``, return once the models are loaded
+        """Start the worker and start feeding it. With ``wait``, return once the models are loaded
         (raising ``WorkerStartError`` if they cannot be); otherwise load in the background."""
         if self._thread is not None:
             return
@@ -324,10 +519,10 @@ class WorkerHandle:
         self._wake.set()
 
     def cancel(self, job_id: str) -> bool:
-        """Ask the feeder to kill the job ``job_id`` if it is the one running (it then becomes
+        """Ask the feeder to kill the job ``job_id`` if it is running here (it then becomes
         CANCELLED and the worker restarts). Returns whether it was running."""
         with self._lock:
-            if self.running_job != job_id:
+            if job_id not in self.running:
                 return False
             self._cancel.add(job_id)
         self._wake.set()
@@ -339,7 +534,7 @@ class WorkerHandle:
         if self._thread is not None:
             self._thread.join(timeout)
             self._thread = None
-        self._kill()
+        self.channel.kill()
         self.state = "stopped"
 
     # ------------------------------------------------------------ process
@@ -347,75 +542,18 @@ class WorkerHandle:
     def _spawn(self) -> None:
         self.state = "starting"
         self.error = None
-        context = multiprocessing.get_context("spawn")
-        parent_conn, child_conn = context.Pipe(duplex=True)
-        process = context.Process(
-            target=_worker_main,
-            args=(child_conn, dict(self.config.models), self.config.executor, self.config.torch_threads,
-                  self.config.max_memory_bytes),
-            name="glassbox-worker",
-            daemon=True,
-        )
-        # The child inherits the environment as it is at start: take secrets out for that moment.
-        with _ENV_LOCK:
-            hidden = {name: os.environ.pop(name) for name in list(os.environ) if SENSITIVE_ENV.search(name)}
-            try:
-                process.start()
-            finally:
-                os.environ.update(hidden)
-        child_conn.close()
-        self._process, self._conn = process, parent_conn
-        names = ", ".join(self.config.models) or "no models"
-        self.say(f"worker {process.pid}: loading {names}")
-        deadline = time.monotonic() + self.config.worker_start_timeout
-        while True:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                self._kill()
-                limit = self.config.worker_start_timeout
-                self._failed(f"the worker did not load its models within {limit:g} s "
-                             "(the server's worker_start_timeout)")
-            ready = multiprocessing.connection.wait([parent_conn, process.sentinel], min(remaining, 1.0))
-            if self._stopping.is_set():
-                self._kill()
-                raise WorkerStartError("the server is stopping")
-            if parent_conn in ready:
-                try:
-                    message, _ = unframe(parent_conn.recv_bytes())
-                except (EOFError, OSError, ProtocolError):
-                    message = {"op": "failed", "error": "the worker process exited while loading the models"}
-                if message.get("op") == "ready":
-                    self.models = dict(message.get("models") or {})
-                    self.state = "ready"
-                    self.say(f"worker {process.pid}: ready in {message.get('seconds')} s "
-                             f"({message.get('threads')} torch threads{_memory_note(message)})")
-                    return
-                self._kill()
-                self._failed(str(message.get("error") or message))
-            elif process.sentinel in ready:
-                code = process.exitcode
-                self._kill()
-                self._failed(f"the worker process exited while loading the models ({_exit_reason(code)})")
-
-    def _failed(self, error: str) -> None:
-        self.state = "failed"
-        self.error = error
-        raise WorkerStartError(f"the worker could not load its models:\n{error}")
-
-    def _kill(self) -> None:
-        process, conn = self._process, self._conn
-        self._process = self._conn = None
-        if process is not None:
-            if process.is_alive():
-                process.kill()
-            process.join(10)
-            if process.exitcode is not None:
-                process.close()
-        if conn is not None:
-            conn.close()
-
-    def _alive(self) -> bool:
-        return self._process is not None and self._process.is_alive()
+        try:
+            ready = self.channel.start(self._stopping)
+        except WorkerStartError as err:
+            self.state = "failed"
+            self.error = str(err)
+            raise WorkerStartError(f"the worker could not load its models:\n{err}") from None
+        self.models = dict(ready.get("models") or {})
+        if self._loaded_once:
+            self.restarts += 1
+        self._loaded_once = True
+        self.state = "ready"
+        self.say(f"{self.channel.label}: ready in {ready.get('seconds')} s ({ready.get('note', '')})")
 
     # ------------------------------------------------------------ feeding
 
@@ -423,8 +561,8 @@ class WorkerHandle:
         backoff = 1.0
         while not self._stopping.is_set():
             try:
-                if not self._alive():
-                    self._kill()
+                if not self.channel.alive():
+                    self.channel.kill()
                     try:
                         self._spawn()
                         backoff = 1.0
@@ -435,85 +573,205 @@ class WorkerHandle:
                         self._stopping.wait(backoff)
                         backoff = min(backoff * 2, 60.0)
                         continue
-                job = self.store.next_queued()
-                if job is None:
+                jobs = self._take()
+                if not jobs:
                     self._wake.wait(0.5)
                     self._wake.clear()
                     continue
-                # Known as running before the claim, so a cancel that sees RUNNING in the store
-                # always finds it here.
-                with self._lock:
-                    self.running_job = job.id
-                if self.store.claim(job.id):
-                    self._run(job.id)
-                else:
-                    with self._lock:
-                        self.running_job = None
+                self._run(jobs)
             except Exception:  # the feeder must survive anything (e.g. a database hiccup)
                 self.say(f"feeder error (continuing):\n{traceback.format_exc()}")
+                with self._lock:
+                    self.running = []
                 self._stopping.wait(0.5)
 
-    def _run(self, job_id: str) -> None:
-        logs: list[str] = []
+    def _claim(self, job: JobInfo) -> bool:
+        # Known as running before the claim, so a cancel that sees RUNNING in the store
+        # always finds it here.
+        with self._lock:
+            self.running = [*self.running, job.id]
+        if self.store.claim(job.id):
+            return True
+        with self._lock:
+            self.running = [j for j in self.running if j != job.id]
+        return False
+
+    def _take(self) -> list[JobInfo]:
+        """Claim the next queued job this channel serves and, when batching is on and it can
+        share, compatible jobs queued now or within ``batch_window_ms``: one batch."""
+        job = self.store.next_queued(self.channel.serves)
+        if job is None or not self._claim(job):
+            return []
+        batch = [job]
         try:
-            self.on_event(job_id, {"status": "RUNNING"})
-            request = self.store.request(job_id)
-            if request is None:
-                self._finish(job_id, error_result("InternalError", "the request of this job was lost"), logs)
+            self._gather(job, batch)
+        except Exception:  # the claimed jobs must run whatever went wrong while gathering
+            self.say(f"could not gather a batch (running {len(batch)} job(s)):\n{traceback.format_exc()}")
+        for other in batch:
+            self._keys.pop(other.id, None)
+        return batch
+
+    def _gather(self, job: JobInfo, batch: list[JobInfo]) -> None:
+        key = self._key(job)
+        if key is None or self.config.max_batch <= 1:
+            return
+        deadline = time.monotonic() + self.config.batch_window_ms / 1000.0
+        while len(batch) < self.config.max_batch:
+            found = False
+            for other in self.store.queued([job.model], limit=4 * self.config.max_batch):
+                if len(batch) >= self.config.max_batch:
+                    break
+                if self._key(other) == key and self._claim(other):
+                    batch.append(other)
+                    found = True
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or self._stopping.is_set():
+                break
+            if not found:
+                self._wake.wait(min(remaining, 0.002))
+                self._wake.clear()
+
+    def _key(self, job: JobInfo) -> Any:
+        """The job's batch key (None: it runs alone), computed once per job from its request."""
+        if job.id in self.solo or self.config.max_batch <= 1:
+            return None
+        if job.id not in self._keys:
+            if len(self._keys) > 10_000:
+                self._keys.clear()
+            from .cotenant import batch_key
+
+            request = self.store.request(job.id)
+            self._keys[job.id] = batch_key(request) if request is not None else None
+        return self._keys[job.id]
+
+    def _run(self, jobs: list[JobInfo]) -> None:
+        ids = [job.id for job in jobs]
+        attempts = {job.id: job.attempts + 1 for job in jobs}  # counted by the claim
+        logs: dict[str, list[str]] = {job_id: [] for job_id in ids}
+        pending = list(ids)
+        try:
+            requests = {}
+            for job_id in ids:
+                self.on_event(job_id, {"status": "RUNNING"})
+                request = self.store.request(job_id)
+                if request is None:
+                    lost = error_result("InternalError", "the request of this job was lost")
+                    self._finish(job_id, lost, [])
+                    pending.remove(job_id)
+                else:
+                    requests[job_id] = request
+            if not pending:
                 return
-            limits = {**self.config.limits(), "max_log_bytes": self.config.max_log_bytes}
-            conn, process = self._conn, self._process
-            assert conn is not None and process is not None
+            if len(pending) > 1:
+                self.batches += 1
             try:
-                conn.send_bytes(frame({"op": "job", "job": job_id, "limits": limits}, request))
-            except OSError:
-                self._crashed(job_id, logs)
+                self._send_jobs(pending, requests)
+            except ChannelClosed:
+                self._crashed(pending, attempts, logs)
                 return
             deadline = time.monotonic() + self.config.max_seconds
-            while True:
+            while pending:
                 if self._stopping.is_set():
-                    # Not the job's fault: it runs again, from the start, when the server is back.
-                    self._kill()
-                    self.store.requeue(job_id)
+                    # Not the jobs' fault: they run again, from the start, when the server is back.
+                    self._drop_channel()
+                    for job_id in pending:
+                        self.store.requeue(job_id)
                     return
-                if job_id in self._cancel:
-                    self._kill()
-                    cancelled = error_result("Cancelled", "the job was cancelled by its owner")
-                    self._finish(job_id, cancelled, logs, status="CANCELLED")
+                cancelled = [job_id for job_id in pending if job_id in self._cancel]
+                if cancelled:
+                    self._drop_channel()
+                    for job_id in pending:
+                        if job_id in cancelled:
+                            result = error_result("Cancelled", "the job was cancelled by its owner")
+                            self._finish(job_id, result, logs[job_id], status="CANCELLED")
+                        else:
+                            self._interrupted(job_id)
                     return
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
-                    self._kill()
-                    limit = f"{self.config.max_seconds:g}"
-                    self._finish(job_id, error_result(
-                        "TimeoutError",
-                        f"the job exceeded the time limit of {limit} s and was stopped "
-                        "(the server's max_seconds)"), logs)
+                    self._drop_channel()
+                    self._timed_out(pending, len(ids) > 1, logs)
                     return
-                ready = multiprocessing.connection.wait([conn, process.sentinel], min(remaining, _POLL))
-                if conn in ready:
-                    try:
-                        message, blob = unframe(conn.recv_bytes())
-                    except (EOFError, OSError, ProtocolError):
-                        self._crashed(job_id, logs)
-                        return
-                    if message.get("job") != job_id:
-                        continue  # left over from a job that was already settled
-                    if message.get("op") == "log":
-                        text = str(message.get("text", ""))
-                        offset = sum(len(chunk) for chunk in logs)
-                        logs.append(text)
-                        self.on_event(job_id, {"status": "RUNNING", "log": text, "offset": offset})
-                    elif message.get("op") == "result":
-                        self._completed(job_id, message.get("result"), blob, logs)
-                        return
-                elif process.sentinel in ready:
-                    self._crashed(job_id, logs)
+                try:
+                    received = self.channel.receive(min(remaining, _POLL))
+                except ChannelClosed:
+                    self._crashed(pending, attempts, logs, batch=len(ids) > 1)
                     return
+                if received is None:
+                    continue
+                message, blob = received
+                job_id = str(message.get("job"))
+                if job_id not in pending:
+                    continue  # left over from a job that was already settled
+                if message.get("op") == "log":
+                    text = str(message.get("text", ""))
+                    offset = sum(len(chunk) for chunk in logs[job_id])
+                    logs[job_id].append(text)
+                    self.on_event(job_id, {"status": "RUNNING", "log": text, "offset": offset})
+                elif message.get("op") == "result":
+                    pending.remove(job_id)
+                    self._completed(job_id, message.get("result"), blob, logs[job_id])
         finally:
             with self._lock:
-                self.running_job = None
-                self._cancel.discard(job_id)
+                self.running = []
+                self._cancel.difference_update(ids)
+
+    def _drop_channel(self) -> None:
+        """Kill the worker (the only way to stop arbitrary code); the feeder starts a new one."""
+        self.channel.kill()
+        self.state = "restarting"
+
+    def _send_jobs(self, ids: list[str], requests: dict[str, bytes]) -> None:
+        limits = {**self.config.limits(), "max_log_bytes": self.config.max_log_bytes}
+        if len(ids) == 1:
+            self.channel.send({"op": "job", "job": ids[0], "limits": limits}, requests[ids[0]])
+            return
+        sizes = [len(requests[job_id]) for job_id in ids]
+        self.channel.send({"op": "batch", "jobs": ids, "sizes": sizes, "limits": limits},
+                          b"".join(requests[job_id] for job_id in ids))
+
+    def _interrupted(self, job_id: str, *, alone: bool = False) -> None:
+        """Back to the head of the queue through no fault of its own (a batch it shared failed)."""
+        if alone:
+            self.solo.add(job_id)
+        if self.store.requeue(job_id):
+            self.on_event(job_id, {"status": "QUEUED", "position": 0})
+
+    def _timed_out(self, pending: list[str], batch: bool, logs: dict[str, list[str]]) -> None:
+        if batch:
+            # Which of them ran too long is unknown: each runs again alone, so only that one fails.
+            self.say(f"a batch of {len(pending)} jobs exceeded the time limit; running each alone")
+            for job_id in pending:
+                self._interrupted(job_id, alone=True)
+            return
+        limit = f"{self.config.max_seconds:g}"
+        self._finish(pending[0], error_result(
+            "TimeoutError",
+            f"the job exceeded the time limit of {limit} s and was stopped (the server's max_seconds)"),
+            logs[pending[0]])
+
+    def _crashed(self, pending: list[str], attempts: dict[str, int], logs: dict[str, list[str]], *,
+                 batch: bool = False) -> None:
+        reason = self.channel.exit_reason()
+        label = self.channel.label
+        self._drop_channel()
+        if batch:
+            self.say(f"{label} died while running a batch of {len(pending)} jobs ({reason}); "
+                     "running each alone")
+            for job_id in pending:
+                self._interrupted(job_id, alone=True)
+            return
+        for job_id in pending:
+            if attempts.get(job_id, 1) <= self.config.crash_retries:
+                self.say(f"{label} died while running job {job_id} ({reason}); it runs once more")
+                self.solo.add(job_id)
+                if self.store.retry(job_id):
+                    self.on_event(job_id, {"status": "QUEUED", "position": 0})
+                continue
+            self._finish(job_id, error_result("WorkerCrashed", (
+                f"the worker died while running this job ({reason}), {attempts.get(job_id, 1)} time(s); "
+                "the job may need more memory than the server has. The worker was restarted.")),
+                logs[job_id])
 
     def _completed(self, job_id: str, result: Any, blob: bytes, logs: list[str]) -> None:
         if not isinstance(result, dict):
@@ -528,18 +786,9 @@ class WorkerHandle:
             result = {"protocol": PROTOCOL_VERSION, "kind": "result", **result}
         self._finish(job_id, result, logs, blob=blob)
 
-    def _crashed(self, job_id: str, logs: list[str]) -> None:
-        code = None
-        if self._process is not None:
-            self._process.join(1)  # the pipe can close a moment before the exit status is known
-            code = self._process.exitcode
-        self._kill()
-        self._finish(job_id, error_result("WorkerCrashed", (
-            f"the worker process died while running this job ({_exit_reason(code)}); the job may "
-            "need more memory than the server has. The worker was restarted.")), logs)
-
     def _finish(self, job_id: str, result: dict, logs: list[str], *, blob: bytes = b"",
                 status: str | None = None) -> None:
+        self.solo.discard(job_id)
         status = status or ("COMPLETED" if result.get("status") == "COMPLETED" else "ERROR")
         error = result.get("error") if status != "COMPLETED" else None
         try:

@@ -1,0 +1,230 @@
+"""Co-tenant batching: concurrent requests for one model share ONE forward pass.
+
+Offers:
+    batch_key(request) -> tuple | None     which requests may share a pass (API process: no torch)
+    run_batch(models, items, logs=, limits=) -> [(result envelope, blob), ...]   (worker)
+
+How a batch runs (inside the worker)::
+
+    request 0: "The cat sat"      ─┐   each one: its own sandbox namespace, its own print,
+    request 1: "Hello"            ─┼─► its body compiled alone  ──►  Deferred.detached(...)
+    request 2: "A longer prompt"  ─┘                                      │
+                                          tracing.run_detached(model, bodies, trim_padding=True)
+                                          one left-padded forward; each body is an invoke on
+                                          its own rows and sees them WITHOUT the padding its
+                                          prompt did not have alone (batching.Rows.trim)
+
+What may share a pass (``batch_key``): plain traces of the same model with no trace arguments
+beyond the input, whose block does not use the tracer (invokes, stop, cache), gradients, module
+skipping or ``.next()``. Everything else runs alone, as before. Two requests that share a pass
+share nothing else: names, printed output, saved values, errors and limits are per request.
+
+Isolation: a request that fails on its own (bad code, a sandbox refusal, a value over a limit)
+fails alone and the others go on. A failure inside the shared pass (one body raising while the
+model runs, an order error) cannot be pinned on one request from inside it, so every request of
+that batch runs again alone: the one at fault fails alone and the others get the results they
+would have had anyway. A batch over the time limit, or whose worker dies, is likewise run again
+request by request (``worker.WorkerHandle``). Printed output of a batched request is therefore
+sent when its batch has finished, not while it runs.
+
+Equality with running alone: within 1e-4 on CPU (kernels differ slightly across batch shapes)
+with and without padding. Cutting the padding relies on telling the sequence dimension apart: a
+batch is padded only when its padded length equals no other dimension size of the model (hidden,
+heads, head size, vocabulary...); otherwise requests are grouped by their exact length.
+"""
+
+from __future__ import annotations
+
+import ast
+import time
+from typing import Any
+
+from ..remote.framing import unframe
+from ..remote.protocol import ProtocolError, check_envelope
+
+__all__ = ["batch_key", "run_batch"]
+
+# Attributes whose use keeps a request out of batches: they need the trace to themselves.
+_ALONE_ATTRIBUTES = frozenset({
+    "backward", "grad", "retain_grad", "requires_grad_", "register_hook", "invoke", "skip", "next",
+    "trace", "generate", "session", "stop", "cache", "iter", "all",
+})
+_NO_CALL = {"t": "dict", "v": {}}
+
+
+def batch_key(request: bytes) -> tuple | None:
+    """The key shared by requests that may run in one pass, or None if this one runs alone."""
+    try:
+        envelope, _blob = unframe(request)
+        payload = check_envelope(envelope, "job", receiver="server")
+    except (ProtocolError, ValueError, TypeError):
+        return None
+    values = payload.get("values")
+    values = values.get("values") if isinstance(values, dict) else None  # encode_values' wrapper
+    if payload.get("method") != "trace" or not isinstance(values, dict) or values.get("call") != _NO_CALL:
+        return None
+    inputs = values.get("inputs")
+    if not isinstance(inputs, dict) or inputs.get("t") != "list" or len(inputs.get("v") or ()) != 1:
+        return None
+    source, tracer = payload.get("source"), payload.get("tracer_name")
+    if not isinstance(source, str) or not _shareable(source, tracer):
+        return None
+    return ("trace", str(payload.get("model")))
+
+
+def _shareable(source: str, tracer: Any) -> bool:
+    try:
+        tree = ast.parse(source)
+    except SyntaxError:
+        return False  # it fails alone, with its own error
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Name) and node.id == tracer:
+            return False
+        if isinstance(node, ast.Attribute) and node.attr in _ALONE_ATTRIBUTES:
+            return False
+        if isinstance(node, (ast.Global, ast.Nonlocal)):
+            return False
+    return True
+
+
+# ================================================================ inside the worker
+
+
+class _Request:
+    """One request of a batch, prepared to run as an invoke."""
+
+    def __init__(self, index: int, envelope: dict, blob: bytes, log: Any) -> None:
+        self.index, self.envelope, self.blob, self.log = index, envelope, blob, log
+        self.payload: dict = {}
+        self.printed: list[str] = []
+        self.filename = ""
+        self.model: Any = None
+        self.name = ""
+        self.code: Any = None
+        self.namespace: dict[str, Any] = {}
+        self.prompt: Any = None
+        self.started = time.perf_counter()
+
+    def prepare(self, models: dict[str, Any]) -> None:
+        from . import execute
+        from .sandbox import compile_restricted_source, register_source
+
+        self.filename = execute.next_filename()
+        self.payload = check_envelope(self.envelope, execute.JOB_KIND, receiver="server")
+        self.name = str(self.payload.get("model"))
+        self.model = execute.use_model(models, self.name)
+        first_line = max(2, int(self.payload.get("first_line", 2)))
+        source = "\n" * (first_line - 1) + self.payload["source"]
+        register_source(self.filename, source)
+        self.code = compile_restricted_source(source, self.filename)
+        self.namespace = execute.job_namespace(self.model, self.payload, self.blob, self.printed.append)
+        self.prompt = self.model._prepare(tuple(self.namespace["glassbox_inputs"]), {})
+
+    def length(self) -> int:
+        return max(len(row) for row in self.prompt.rows)
+
+
+def run_batch(models: dict[str, Any], items: list[tuple[dict, bytes]], *, logs: list[Any],
+              limits: dict | None = None) -> list[tuple[dict, bytes]]:
+    """Run several job requests, sharing one forward pass where they can; a result per request,
+    in order. Never raises for anything the requests' code does."""
+    from . import execute
+
+    limits = limits or {}
+    results: list[Any] = [None] * len(items)
+    ready: list[_Request] = []
+    for index, (envelope, blob) in enumerate(items):
+        request = _Request(index, envelope, blob, logs[index])
+        try:
+            request.prepare(models)
+        except Exception as exc:  # this request fails alone, before anything ran
+            results[index] = (execute.result_envelope(execute._error(exc, request.filename, request.payload),
+                                                      request.started), b"")
+        else:
+            ready.append(request)
+    for group in _groups(ready):
+        if len(group) > 1:
+            try:
+                done = _run_together(group, limits)
+            except Exception:  # the shared pass failed: each runs again alone (see the docstring)
+                done = None
+            if done is not None:
+                for request, result in zip(group, done):
+                    results[request.index] = result
+                continue
+        for request in group:
+            results[request.index] = execute.run_job(models, request.envelope, request.blob,
+                                                     log=request.log, limits=limits)
+    return results
+
+
+def _groups(requests: list[_Request]) -> list[list[_Request]]:
+    """Requests that run together: one model each; padded together only where the padded length
+    cannot be mistaken for another dimension of the model."""
+    by_model: dict[str, list[_Request]] = {}
+    for request in requests:
+        by_model.setdefault(request.name, []).append(request)
+    groups = []
+    for same_model in by_model.values():
+        lengths = {request.length() for request in same_model}
+        if len(lengths) == 1 or max(lengths) not in _model_sizes(same_model[0].model):
+            groups.append(same_model)
+            continue
+        by_length: dict[int, list[_Request]] = {}
+        for request in same_model:
+            by_length.setdefault(request.length(), []).append(request)
+        groups.extend(by_length.values())
+    return groups
+
+
+_sizes: dict[int, frozenset[int]] = {}
+
+
+def _model_sizes(model: Any) -> frozenset[int]:
+    """Every dimension size in the model other than batch and sequence: weight shapes, plus the
+    head counts and head sizes of its config (they shape attention's intermediate tensors)."""
+    module = model._module
+    if id(module) not in _sizes:
+        sizes = {n for tensor in [*module.parameters(), *module.buffers()] for n in tensor.shape}
+        config = getattr(module, "config", None)
+        for attr in ("num_attention_heads", "num_key_value_heads", "n_head", "head_dim", "hidden_size",
+                     "n_embd", "intermediate_size", "n_inner", "vocab_size"):
+            value = getattr(config, attr, None)
+            if isinstance(value, int):
+                sizes.add(value)
+        heads = getattr(config, "num_attention_heads", None) or getattr(config, "n_head", None)
+        hidden = getattr(config, "hidden_size", None) or getattr(config, "n_embd", None)
+        if isinstance(heads, int) and isinstance(hidden, int) and heads:
+            sizes.update({hidden // heads, hidden // heads // 2})
+        _sizes[id(module)] = frozenset(sizes)
+    return _sizes[id(module)]
+
+
+def _run_together(group: list[_Request], limits: dict) -> list[tuple[dict, bytes]]:
+    from ..deferred import Deferred
+    from ..tracing import collect_saved, run_detached
+    from . import execute
+
+    model = group[0].model
+    bodies = [Deferred.detached(r.code, r.namespace, r.prompt, f"request {r.index}") for r in group]
+    # The saved-value cap is per request: a batch of n may hold n times as many.
+    shared_limits = dict(limits)
+    if shared_limits.get("max_saved_values"):
+        shared_limits["max_saved_values"] = int(shared_limits["max_saved_values"]) * len(group)
+    results = []
+    try:
+        with collect_saved() as saved:
+            run_detached(model, bodies, trim_padding=True)
+            for request in group:
+                try:
+                    reply, blob = execute.job_reply(request.namespace, request.payload, saved, shared_limits)
+                except Exception as exc:  # over a limit: this request alone fails
+                    reply, blob = execute._error(exc, request.filename, request.payload), b""
+                reply["batch_size"] = len(group)
+                results.append((execute.result_envelope(reply, request.started), blob))
+    finally:
+        model.__dict__["_active"] = None
+    for request in group:  # printed output is sent only for a batch that stands
+        for text in request.printed:
+            request.log(text)
+    return results

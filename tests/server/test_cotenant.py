@@ -1,0 +1,258 @@
+"""Co-tenant batching: several users' requests in ONE forward pass, each as if it ran alone.
+
+Real requests (as the client frames them) on the real tiny GPT-2 and SmolLM2, compared with the
+same requests run one by one through ``run_job``.
+"""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from glassbox import LanguageModel
+from glassbox.offline import smollm2_path, tiny_gpt2_path
+from glassbox.remote.framing import frame, unframe
+from glassbox.remote.protocol import decode_values, encode_values, make_envelope
+from glassbox.server.config import ServerConfig
+from glassbox.server.cotenant import batch_key, run_batch
+from glassbox.server.execute import run_job
+from glassbox.server.store import JobStore
+from glassbox.server.worker import WorkerHandle
+
+GPT2_READ = ("h = model.transformer.h[1].output.save()\n"
+             "model.transformer.h[2].output[:, -1] *= 2\n"
+             "logits = model.output.logits.save()\n")
+SMOL_READ = ("h = model.model.layers[1].output.save()\n"
+             "model.model.layers[2].output[:, -1] *= 2\n"
+             "logits = model.output.logits.save()\n")
+PADDED = ["The Eiffel Tower is in the city of", "Hello there",
+          "A much longer prompt, with many more tokens than the other two"]
+
+
+def request(source: str, prompt="The Eiffel Tower is in", *, model="m", method="trace", call=None,
+            first_line=10, values=None):
+    desc, blob = encode_values({"vars": values or {}, "inputs": [prompt], "call": call or {}})
+    envelope = make_envelope("job", {
+        "model": model, "method": method, "source": source, "first_line": first_line, "tracer_name": "tracer",
+        "model_refs": {"model": ""}, "modules": {"torch": "torch", "glassbox": "glassbox"}, "values": desc,
+        "writes": ["h", "logits", "n"], "returns": ["h", "logits", "n"],
+    })
+    return envelope, blob
+
+
+def saved(result):
+    reply, blob = result
+    assert reply["status"] == "COMPLETED", reply.get("error")
+    return decode_values(reply["values"], blob)["saved"]
+
+
+def alone(models, item):
+    return run_job(models, *item, log=lambda text: None, limits={})
+
+
+@pytest.fixture(scope="module")
+def gpt2():
+    return {"m": LanguageModel(tiny_gpt2_path(), dispatch=True)}
+
+
+@pytest.fixture(scope="module")
+def smol():
+    return {"m": LanguageModel(smollm2_path(), dispatch=True)}
+
+
+def _batch(models, items, limits=None):
+    printed = [[] for _ in items]
+    results = run_batch(models, items, logs=[p.append for p in printed], limits=limits or {})
+    return results, printed
+
+
+# ---------------------------------------------------------------- which requests may share
+
+
+def _key(source, **kw):
+    envelope, blob = request(source, **kw)
+    return batch_key(frame(envelope, blob))
+
+
+def test_plain_traces_of_one_model_share_a_key():
+    assert _key(GPT2_READ) == _key("n = model.output.logits.save()\n", prompt="other") is not None
+    assert _key(GPT2_READ, model="m") != _key(GPT2_READ, model="other")
+
+
+@pytest.mark.parametrize("source", [
+    "h = model.output.save()\ntracer.stop()\n",                       # uses the tracer
+    "with tracer.invoke('x'):\n    h = model.output.save()\n",       # its own invokes
+    "h = model.output.logits.sum()\nh.backward()\n",                  # gradients
+    "g = model.transformer.h[0].output.grad\n",
+    "model.transformer.h[0].skip(model.transformer.h[0].input)\n",   # module skipping
+    "h = model.transformer.h[0].next().output.save()\n",
+    "def f(\n",                                                        # does not even parse
+])
+def test_requests_that_need_the_trace_to_themselves_run_alone(source):
+    assert _key(source) is None
+
+
+def test_generation_sessions_and_trace_arguments_run_alone():
+    assert _key(GPT2_READ, method="generate") is None
+    assert _key(GPT2_READ, method="session") is None
+    assert _key(GPT2_READ, call={"output_attentions": True}) is None
+    assert batch_key(b"not a request") is None
+
+
+# ---------------------------------------------------------------- equal to running alone
+
+
+def test_a_padded_batch_equals_each_request_alone(gpt2):
+    items = [request(GPT2_READ, prompt) for prompt in PADDED]
+    results, _ = _batch(gpt2, items)
+    assert [r[0]["batch_size"] for r in results] == [3, 3, 3]  # one shared forward pass
+    for item, result in zip(items, results):
+        expected, got = saved(alone(gpt2, item)), saved(result)
+        for name in ("h", "logits"):
+            assert got[name].shape == expected[name].shape  # no padding shows
+            assert (got[name] - expected[name]).abs().max() <= 1e-4
+
+
+def test_an_unpadded_batch_equals_each_request_alone(gpt2):
+    prompts = ["The cat sat on the", "The dog ran to the", "The cow ate all the"]
+    assert len({len(gpt2["m"].tokenizer(p)["input_ids"]) for p in prompts}) == 1
+    items = [request(GPT2_READ, prompt) for prompt in prompts]
+    results, _ = _batch(gpt2, items)
+    for item, result in zip(items, results):
+        expected, got = saved(alone(gpt2, item)), saved(result)
+        assert result[0]["batch_size"] == 3
+        assert (got["logits"] - expected["logits"]).abs().max() <= 1e-4
+        assert (got["h"] - expected["h"]).abs().max() <= 1e-4
+
+
+def test_smollm2_padded_batch_equals_alone(smol):
+    items = [request(SMOL_READ, prompt) for prompt in PADDED]
+    results, _ = _batch(smol, items)
+    for item, result in zip(items, results):
+        expected, got = saved(alone(smol, item)), saved(result)
+        assert result[0]["batch_size"] == 3 and got["h"].shape == expected["h"].shape
+        assert (got["logits"] - expected["logits"]).abs().max() <= 1e-4
+        # SmolLM2's residual stream reaches |h| ~ 1e2: the same 1e-4, relative to its scale
+        scale = expected["h"].abs().max().clamp(min=1.0)
+        assert (got["h"] - expected["h"]).abs().max() <= 1e-4 * scale
+
+
+def test_an_edit_reaches_only_its_own_request(gpt2):
+    zero = "model.transformer.h[0].output[:] = 0\nlogits = model.output.logits.save()\n"
+    plain = "logits = model.output.logits.save()\n"
+    items = [request(zero, PADDED[0]), request(plain, PADDED[1]), request(plain, PADDED[2])]
+    results, _ = _batch(gpt2, items)
+    for item, result in zip(items, results):
+        assert (saved(result)["logits"] - saved(alone(gpt2, item))["logits"]).abs().max() <= 1e-4
+    untouched = saved(alone(gpt2, request(plain, PADDED[0])))["logits"]
+    assert (saved(results[0])["logits"] - untouched).abs().max() > 1e-2  # the edit did act
+
+
+def test_names_and_printed_output_stay_with_their_request(gpt2):
+    source = ("n = glassbox.save(marker)\nprint('I am', marker)\n"
+              "h = model.transformer.h[0].output[:, -1].save()\n")
+    items = [request(source, p, values={"marker": m}) for p, m in zip(PADDED, ["a", "b", "c"])]
+    results, printed = _batch(gpt2, items)
+    assert [saved(r)["n"] for r in results] == ["a", "b", "c"]
+    assert printed == [["I am a\n"], ["I am b\n"], ["I am c\n"]]
+
+
+# ---------------------------------------------------------------- one request's failure is its own
+
+
+def test_an_error_in_one_request_fails_only_that_request(gpt2):
+    bad = "h = model.transformer.h[1].output.save()\nx = 1 / 0\n"
+    items = [request(GPT2_READ, PADDED[0]), request(bad, PADDED[1], first_line=30),
+             request(GPT2_READ, PADDED[2])]
+    results, _ = _batch(gpt2, items)
+    error = results[1][0]["error"]
+    assert (error["type"], error["lineno"], error["line"]) == ("ZeroDivisionError", 31, "x = 1 / 0")
+    for index in (0, 2):
+        expected = saved(alone(gpt2, items[index]))
+        assert (saved(results[index])["logits"] - expected["logits"]).abs().max() <= 1e-4
+
+
+def test_a_refused_request_fails_before_the_pass_and_the_rest_share_it(gpt2):
+    items = [request("h = model.__class__\n", PADDED[0]), request(GPT2_READ, PADDED[1]),
+             request(GPT2_READ, PADDED[2])]
+    results, _ = _batch(gpt2, items)
+    assert results[0][0]["status"] == "ERROR" and "__class__" in results[0][0]["error"]["message"]
+    assert [r[0]["batch_size"] for r in results[1:]] == [2, 2]
+
+
+def test_a_request_over_a_limit_fails_alone_inside_the_batch(gpt2):
+    big = "h = model.output.logits.save()\n"
+    small = "h = model.transformer.h[0].output[:, -1].save()\n"
+    items = [request(big, PADDED[0]), request(small, PADDED[1]), request(small, PADDED[2])]
+    results, _ = _batch(gpt2, items, limits={"max_result_bytes": 100_000})
+    error = results[0][0]["error"]
+    assert error["type"] == "MemoryError" and "result limit" in error["message"]
+    assert [r[0]["batch_size"] for r in results[1:]] == [3, 3]
+    assert saved(results[1])["h"].shape == (1, 64)
+
+
+def test_a_padded_length_that_matches_a_model_size_is_not_padded(gpt2):
+    # The tiny GPT-2 has 4 heads: a batch padded to 4 positions could not tell heads from positions.
+    tokenizer = gpt2["m"].tokenizer
+    two, four = "Hello there", "The cat sat down"
+    assert [len(tokenizer(p)["input_ids"]) for p in (two, four)] == [2, 4]
+    items = [request(GPT2_READ, two), request(GPT2_READ, four), request(GPT2_READ, four)]
+    results, _ = _batch(gpt2, items)
+    assert "batch_size" not in results[0][0] and [r[0]["batch_size"] for r in results[1:]] == [2, 2]
+    for item, result in zip(items, results):
+        assert (saved(result)["h"] - saved(alone(gpt2, item))["h"]).abs().max() <= 1e-4
+
+
+# ---------------------------------------------------------------- the worker forms batches
+
+
+@pytest.fixture
+def handle(tmp_path):
+    store = JobStore(f"sqlite:///{tmp_path / 'jobs.db'}")
+    config = ServerConfig(models={"m": str(tiny_gpt2_path())}, max_seconds=4.0, torch_threads=1,
+                          batch_window_ms=50.0)
+    worker = WorkerHandle(config, store)
+    try:
+        worker.start()
+        yield worker
+    finally:
+        worker.stop()
+        store.close()
+
+
+def _submit(handle, source, prompt):
+    job = handle.store.create_job("k", "m", frame(*request(source, prompt)))
+    handle.store.mark_queued(job)
+    return job
+
+
+def _result(handle, job, timeout=60.0):
+    deadline = time.monotonic() + timeout
+    while not (info := handle.store.get(job)).terminal:
+        assert time.monotonic() < deadline, f"job {job} did not finish: {info}"
+        time.sleep(0.02)
+    return unframe(handle.store.result(job)), info
+
+
+def test_jobs_queued_together_run_as_one_batch(handle):
+    jobs = [_submit(handle, GPT2_READ, prompt) for prompt in PADDED]
+    handle.wake()
+    results = [_result(handle, job)[0] for job in jobs]
+    assert [r[0]["batch_size"] for r in results] == [3, 3, 3] and handle.batches == 1
+    local = {"m": LanguageModel(tiny_gpt2_path(), dispatch=True)}
+    for prompt, result in zip(PADDED, results):
+        expected = saved(alone(local, request(GPT2_READ, prompt)))
+        assert (saved(result)["logits"] - expected["logits"]).abs().max() <= 1e-4
+
+
+def test_a_batch_over_the_time_limit_reruns_alone_and_only_the_slow_job_fails(handle):
+    forever = "n = 0\nwhile True:\n    n = n + 1\n"
+    jobs = [_submit(handle, GPT2_READ, PADDED[0]), _submit(handle, forever, PADDED[1]),
+            _submit(handle, GPT2_READ, PADDED[2])]
+    handle.wake()
+    (slow, info) = _result(handle, jobs[1])
+    assert info.status == "ERROR" and slow[0]["error"]["type"] == "TimeoutError"
+    for job in (jobs[0], jobs[2]):
+        result, info = _result(handle, job)
+        assert info.status == "COMPLETED" and "batch_size" not in result[0]  # re-run alone
