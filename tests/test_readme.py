@@ -26,3 +26,13 @@ def test_readme_examples_run(capsys):
         exec(compile(source, filename, "exec"), namespace)  # the documented examples
     printed = capsys.readouterr().out
     assert "Sequential" in printed and "capital of France" in printed
+
+
+def test_every_server_flag_is_in_the_operators_table():
+    from glassbox.cli import _REPEATED
+    from glassbox.server.config import ServerConfig
+
+    text = README.read_text()
+    for field in ServerConfig.fields():
+        flag = _REPEATED[field.name][0] if field.name in _REPEATED else "--" + field.name.replace("_", "-")
+        assert f"| `{flag}` |" in text, f"{flag} is missing from the README's table of server flags"
