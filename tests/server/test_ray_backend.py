@@ -1,0 +1,257 @@
+"""The ``ray`` backend with real Ray: ``glassbox serve --backend ray`` in a subprocess, starting a
+private Ray instance, each replica of the tiny GPT-2 a Ray actor.
+
+Equal values to a local run from every replica of two models (replicas that hold no secrets of
+the server's environment; Ray listening on loopback only); a replica killed (SIGKILL) under a
+running job: the job runs once more and completes, the jobs behind it complete, the server
+answers throughout and the replica comes back; the API process killed with jobs queued: none is
+lost; a replica no node can hold: the server does not start, and says which resource and flag.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import signal
+import threading
+import time
+
+import httpx
+import psutil
+import pytest
+import torch
+
+from glassbox import CONFIG, LanguageModel
+from glassbox.cli import start_server
+from glassbox.offline import tiny_gpt2_path
+from glassbox.remote import transport
+from glassbox.remote.protocol import decode_values, encode_values, make_envelope
+
+pytest.importorskip("ray")  # the [ray] extra
+
+PROMPT = "The Eiffel Tower is in"
+ECHO = "echo = glassbox.save(marker)\n"
+SECRET = ("GLASSBOX_RAY_TEST_TOKEN", "not-for-replicas")  # in the server's environment only
+# Plain Python in the sandbox: about 2 s on one idle core here; long enough to find it running.
+# What it prints first arrives while it runs (output streams from the replica), and says that
+# it is past being claimed and batched: jobs submitted from then on queue behind it.
+LONG = "print('looping')\nn = 0\nfor i in range(30_000_000):\n    n = n + 1\necho = glassbox.save(marker)\n"
+
+
+def request(source: str, marker: str) -> tuple[dict, bytes]:
+    """A job as the glassbox client sends it, for the tiny GPT-2 (served under its folder's name,
+    which is what ``LanguageModel(path)`` asks a server for)."""
+    desc, blob = encode_values({"vars": {"marker": marker}, "inputs": [PROMPT], "call": {}})
+    envelope = make_envelope("job", {
+        "model": tiny_gpt2_path().name, "method": "trace", "source": source, "first_line": 2,
+        "tracer_name": "tracer", "model_refs": {}, "modules": {"glassbox": "glassbox"}, "values": desc,
+        "writes": ["echo"], "returns": ["echo"],
+    })
+    return envelope, blob
+
+
+def submit(url: str, key: str, source: str, marker: str) -> str:
+    return transport.submit(url, key, *request(source, marker), timeout=30)
+
+
+def final(url: str, key: str, job: str, timeout: float = 90) -> dict:
+    deadline = time.monotonic() + timeout
+    while True:
+        state = transport.status(url, key, job)
+        if state["status"] in transport.FINAL:
+            return state
+        assert time.monotonic() < deadline, f"job {job} is still {state['status']} after {timeout} s"
+        time.sleep(0.05)
+
+
+def echoed(url: str, key: str, job: str) -> str:
+    envelope, blob = transport.result(url, key, job)
+    assert envelope["status"] == "COMPLETED", envelope.get("error")
+    return decode_values(envelope["values"], blob)["saved"]["echo"]
+
+
+def health(url: str) -> dict:
+    return httpx.get(url + "/v1/health", timeout=10).json()
+
+
+def until(condition, what: str, timeout: float = 60):
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        assert time.monotonic() < deadline, f"{what}: not within {timeout} s"
+        time.sleep(0.05)
+
+
+def loopback(address: str) -> bool:
+    ip = ipaddress.ip_address(address)
+    return ip.is_loopback or bool(ip.version == 6 and ip.ipv4_mapped and ip.ipv4_mapped.is_loopback)
+
+
+def gone(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+@pytest.fixture(scope="module")
+def path() -> str:
+    return str(tiny_gpt2_path())
+
+
+@pytest.fixture(scope="module")
+def name(path) -> str:
+    return os.path.basename(path)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, path, name):
+    os.environ[SECRET[0]] = SECRET[1]  # the server's environment has it; its replicas must not
+    try:
+        # The tiny GPT-2 twice: under its folder's name (two replicas) and as "twin" (one).
+        state_dir = str(tmp_path_factory.mktemp("ray"))
+        running = start_server({name: path, "twin": path}, state_dir=state_dir, args=[
+            "--backend", "ray", "--replicas", f"{name}=2", "--torch-threads", str(torch.get_num_threads()),
+            "--max-seconds", "60",
+        ])
+    finally:
+        del os.environ[SECRET[0]]
+    try:
+        yield running
+    finally:
+        running.stop()
+    assert running.process.returncode in (0, -signal.SIGTERM)
+    assert "Traceback" not in running.output()
+
+
+def test_replicas_give_the_values_of_a_local_run(server, path, name, monkeypatch):
+    state = health(server.url)
+    assert state["backend"] == "ray" and state["worker"] == "ready"
+    replicas = state["replicas"]
+    assert [r["models"] for r in replicas] == [[name], [name], ["twin"]]
+    assert all(r["state"] == "ready" and isinstance(r["pid"], int) for r in replicas)
+    assert len({r["pid"] for r in replicas}) == 3
+    served = httpx.get(server.url + "/v1/models", timeout=10).json()["models"]
+    assert {m["name"]: m["replicas"] for m in served} == {name: 2, "twin": 1}
+    assert "started a private Ray instance" in server.output()
+    for replica in replicas:
+        with open(f"/proc/{replica['pid']}/environ", "rb") as file:
+            assert SECRET[1].encode() not in file.read()
+    listening = set()
+    for process in psutil.Process(server.process.pid).children(recursive=True):
+        try:
+            sockets = process.net_connections("inet")
+            listening |= {c.laddr.ip for c in sockets if c.status == psutil.CONN_LISTEN}
+        except psutil.NoSuchProcess:
+            pass
+    assert listening and all(loopback(ip) for ip in listening), listening
+
+    model = LanguageModel(path)
+    with model.trace(PROMPT):
+        local_hidden = model.transformer.h[0].output[0].save()
+        local_logits = model.output.logits.save()
+    monkeypatch.setattr(CONFIG, "HOST", server.url)
+    monkeypatch.setattr(CONFIG, "API_KEY", server.create_key("parity"))
+    monkeypatch.setattr(CONFIG, "STATUS", False)
+    for _ in range(3):  # on either replica
+        with model.trace(PROMPT, remote=True):
+            hidden = model.transformer.h[0].output[0].save()
+            logits = model.output.logits.save()
+        assert torch.equal(hidden, local_hidden) and torch.equal(logits, local_logits)
+    twin = LanguageModel(path, remote_name="twin")
+    with twin.trace(PROMPT, remote=True):
+        logits = twin.output.logits.save()
+    assert torch.equal(logits, local_logits)
+
+
+def test_a_replica_killed_under_a_job_comes_back_and_the_job_runs_again(server):
+    key = server.create_key("fault")
+    long = submit(server.url, key, LONG, "long")
+    until(lambda: transport.status(server.url, key, long)["logs"] == "looping\n", "the long job prints")
+    busy = [(i, r) for i, r in enumerate(health(server.url)["replicas"]) if r["running"]]
+    assert len(busy) == 1, busy  # the long job, nothing else
+    index, replica = busy[0]
+    assert replica["state"] == "ready"
+    behind = [submit(server.url, key, ECHO, f"behind {i}") for i in range(4)]
+
+    answers: list[float] = []
+    failures: list[BaseException] = []
+    polling = threading.Event()
+
+    def poll() -> None:
+        while not polling.is_set():
+            started = time.monotonic()
+            try:
+                assert health(server.url)["status"] == "ok"
+                answers.append(time.monotonic() - started)
+            except BaseException as err:
+                failures.append(err)
+            time.sleep(0.05)
+
+    poller = threading.Thread(target=poll)
+    poller.start()
+    try:
+        os.kill(replica["pid"], signal.SIGKILL)
+        state = final(server.url, key, long)
+        assert state["status"] == "COMPLETED" and state["attempts"] == 2, state
+        assert echoed(server.url, key, long) == "long"
+        for i, job in enumerate(behind):
+            assert final(server.url, key, job)["status"] == "COMPLETED"
+            assert echoed(server.url, key, job) == f"behind {i}"
+        back = until(lambda: (lambda r: r["state"] == "ready" and r["restarts"] >= 1 and r)(
+            health(server.url)["replicas"][index]), "the killed replica is back")
+    finally:
+        polling.set()
+        poller.join()
+    assert not failures, failures[0]
+    assert len(answers) > 10 and max(answers) < 5
+    assert back["pid"] != replica["pid"] and gone(replica["pid"])
+    assert f"died while running job {long}" in server.output()
+    # The restarted replica runs jobs like the others.
+    jobs = [submit(server.url, key, ECHO, f"after {i}") for i in range(4)]
+    for i, job in enumerate(jobs):
+        assert final(server.url, key, job)["status"] == "COMPLETED"
+        assert echoed(server.url, key, job) == f"after {i}"
+
+
+def test_queued_jobs_survive_a_killed_api_process(tmp_path, path, name):
+    state_dir = str(tmp_path / "state")
+    args = ["--backend", "ray", "--torch-threads", "1"]
+    first = start_server({name: path}, state_dir=state_dir, args=args)
+    try:
+        key = first.create_key("dana")
+        blocker = submit(first.url, key, LONG, "blocker")
+        until(lambda: transport.status(first.url, key, blocker)["logs"] == "looping\n", "the blocker runs")
+        queued = [submit(first.url, key, ECHO, f"q{i}") for i in range(4)]
+        assert transport.status(first.url, key, queued[-1])["status"] == "QUEUED"
+        replicas = [r["pid"] for r in health(first.url)["replicas"]]
+        assert all(replicas)
+    finally:
+        first.kill()
+    # The private Ray instance ends with the process that started it, and its replicas with it.
+    until(lambda: all(gone(pid) for pid in replicas), "the old replicas exit", timeout=30)
+
+    second = start_server({name: path}, state_dir=state_dir, args=args)
+    try:
+        assert "1 interrupted and queued again" in second.output()
+        for i, job in enumerate(queued):
+            assert final(second.url, key, job)["status"] == "COMPLETED"
+            assert echoed(second.url, key, job) == f"q{i}"
+        # The job that was running when the API process died ran again, from the start.
+        interrupted = final(second.url, key, blocker)
+        assert interrupted["status"] == "COMPLETED" and interrupted["attempts"] == 2
+        assert echoed(second.url, key, blocker) == "blocker"
+    finally:
+        second.stop()
+    assert second.process.returncode in (0, -signal.SIGTERM)
+    assert "Traceback" not in second.output()
+
+
+def test_a_replica_no_node_can_hold_stops_the_server_naming_the_resource(tmp_path, path, name):
+    with pytest.raises(RuntimeError, match=r"glassbox serve exited") as err:
+        start_server({name: path}, state_dir=str(tmp_path), args=[
+            "--backend", "ray", "--replica-resources", f"{name}=cpus:1,gpus:64"])
+    message = str(err.value)
+    assert "64 GPUs" in message and "--replica-resources" in message, message
