@@ -6,6 +6,15 @@ import pytest
 import torch
 
 from glassbox import OutOfOrderError
+from glassbox.backward import BackwardTracer
+
+
+@pytest.fixture(autouse=True, params=["greenlet", "thread"])
+def backward_mode(request, monkeypatch):
+    """Every test both ways: the CPU's greenlet, and the thread CUDA needs (autograd calls hooks
+    on device threads there), forced on the CPU."""
+    monkeypatch.setattr(BackwardTracer, "always_threaded", request.param == "thread")
+    return request.param
 
 
 def _reference_grads(mlp, x):
@@ -70,3 +79,20 @@ def test_plain_backward_outside_trace_is_torch(mlp, x):
     loss = mlp(x).sum()
     assert loss.backward() is None
     assert mlp[0].weight.grad is not None
+
+
+def test_leaving_the_backward_block_early_ends_the_pass(net, x):
+    import threading
+
+    before = threading.active_count()
+    with pytest.raises(ZeroDivisionError):
+        with net.trace(x):
+            h = net[1].output
+            loss = net.output.sum()
+            with loss.backward():
+                _ = h.grad
+                1 / 0
+    assert threading.active_count() == before  # no backward thread left waiting
+    with net.trace(x):
+        out = net.output.save()
+    assert out.shape[0] == x.shape[0]

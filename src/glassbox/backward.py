@@ -4,7 +4,7 @@ Offers:
     patched_backward      ``Tensor.backward`` while a trace is open: used as a
                           context manager it returns a BackwardTracer; called as
                           a plain statement it is torch's own backward.
-    BackwardTracer        runs the backward pass in a greenlet; inside its block
+    BackwardTracer        runs the backward pass in a greenlet (a thread on CUDA); inside its block
                           ``h.grad`` waits for the gradient of activation ``h``
                           and ``h.grad = g`` replaces it for the rest of the pass.
 
@@ -32,6 +32,10 @@ _WITH_OPS = frozenset({"BEFORE_WITH", "SETUP_WITH", "LOAD_SPECIAL"})
 _with_cache: dict[tuple[Any, int], bool] = {}
 _state = threading.local()
 _DONE = object()
+
+
+class _Aborted(Exception):
+    """Ends a threaded backward pass whose block was left early."""
 
 
 def _followed_by_with(frame: FrameType) -> bool:
@@ -88,6 +92,8 @@ class BackwardTracer:
                 g = h.grad.save()
     """
 
+    always_threaded = False  # the tests set it to run the CUDA way on the CPU
+
     def __init__(self, loss: torch.Tensor, args: tuple, kwargs: dict) -> None:
         self.loss = loss
         self.args = args
@@ -102,6 +108,14 @@ class BackwardTracer:
         self.hooked: set[int] = set()  # ids of tensors that already carry our hook
         self.error: BaseException | None = None
         self.finished = False
+        # On CUDA (any device but the CPU) autograd calls hooks on its own device threads, from
+        # which no greenlet can switch: there the backward pass runs in a thread of ours and
+        # hands control back and forth through a condition instead (``_resume_threaded``).
+        self.threaded = self.always_threaded or loss.device.type != "cpu"
+        self.cond = threading.Condition()
+        self.turn = "user"
+        self.thread: threading.Thread | None = None
+        self.aborting = False
 
     def __enter__(self) -> BackwardTracer:
         if getattr(_state, "active", None) is not None:
@@ -125,6 +139,13 @@ class BackwardTracer:
     def _close(self) -> None:
         _state.active = None
         _grad_patch.release()
+        thread = self.thread
+        if thread is not None and thread.is_alive():
+            with self.cond:  # stop the backward pass at the hook it waits in
+                self.aborting, self.turn = True, "backward"
+                self.cond.notify_all()
+            thread.join()
+        self.thread = None
         glet = self.glet
         if glet is not None and not glet.dead:
             glet.parent = greenlet.getcurrent()
@@ -155,7 +176,10 @@ class BackwardTracer:
                 return None
             self.waiting = None
             self.at, self.current, self.replaced = tensor, grad, False
-            self.user.switch(grad)
+            if self.threaded:
+                self._hand_to_user()
+            else:
+                self.user.switch(grad)
             self.at = None
             value, self.current = self.current, None
             return value if self.replaced else None
@@ -164,9 +188,39 @@ class BackwardTracer:
 
     # ------------------------------------------------------------ user side
 
+    def _hand_to_user(self) -> None:
+        """In the backward thread, at a hook: let the user's block run until it resumes us."""
+        with self.cond:
+            self.turn = "user"
+            self.cond.notify_all()
+            while self.turn != "backward":
+                self.cond.wait()
+        if self.aborting:
+            raise _Aborted()
+
+    def _run_threaded(self) -> None:
+        self._run()
+        with self.cond:
+            self.turn = "user"
+            self.cond.notify_all()
+
+    def _resume_threaded(self) -> Any:
+        with self.cond:
+            self.turn = "backward"
+            if self.thread is None:
+                self.thread = threading.Thread(target=self._run_threaded, name="glassbox-backward",
+                                               daemon=True)
+                self.thread.start()
+            self.cond.notify_all()
+            while self.turn != "user":
+                self.cond.wait()
+        return _DONE if self.finished else self.current
+
     def _resume(self) -> Any:
         if self.finished:
             return _DONE
+        if self.threaded:
+            return self._resume_threaded()
         if self.glet is None:
             self.glet = greenlet.greenlet(self._run, parent=self.user)
         return self.glet.switch()
