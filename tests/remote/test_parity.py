@@ -2,7 +2,8 @@
 
 The server is ``glassbox serve`` in a subprocess on 127.0.0.1 holding SmolLM2 and
 the tiny GPT-2 under their folder names (what ``LanguageModel(path)`` asks for),
-with as many torch threads as this process, so results match bit for bit.
+with as many torch threads as this process, so results match bit for bit; every
+test runs against the local backend and against Ray with two replicas per model.
 """
 
 from __future__ import annotations
@@ -16,11 +17,19 @@ from glassbox.cli import start_server
 from glassbox.offline import smollm2_path, tiny_gpt2_path
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
+@pytest.fixture(scope="module", params=["local", "ray"])
+def server(request, tmp_path_factory):
+    """The same suite against both backends: one worker process, and Ray with two replicas of
+    each model (a private Ray instance inside the server process, on 127.0.0.1)."""
     models = {p.name: str(p) for p in (smollm2_path(), tiny_gpt2_path())}
-    running = start_server(models, state_dir=str(tmp_path_factory.mktemp("parity")),
-                           args=["--torch-threads", str(torch.get_num_threads())])
+    args = ["--torch-threads", str(torch.get_num_threads())]
+    if request.param == "ray":
+        pytest.importorskip("ray")
+        args += ["--backend", "ray"]
+        for name in models:
+            args += ["--replicas", f"{name}=2"]
+    running = start_server(models, state_dir=str(tmp_path_factory.mktemp(f"parity-{request.param}")),
+                           args=args)
     try:
         yield running
     finally:
