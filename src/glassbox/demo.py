@@ -140,6 +140,7 @@ def _remote_section(path: str) -> dict[str, Any]:
                         model.model.layers[24].output[:, -1] *= 0.5
                         logits = model.output.logits[:, -1].save()
                     rows.append((remote, hidden, logits, time.perf_counter() - began))
+                batched = _cotenant(model, server.url)
             finally:
                 CONFIG.HOST, CONFIG.API_KEY, CONFIG.STATUS = saved
     (_, h_local, l_local, t_local), (_, h_remote, l_remote, t_remote) = rows[2:]
@@ -149,7 +150,29 @@ def _remote_section(path: str) -> dict[str, Any]:
     print(f"  saved values identical local vs remote: {same}   (top next token remotely: {top!r})")
     diff_h, diff_l = ((a - b).abs().max().item() for a, b in ((h_local, h_remote), (l_local, l_remote)))
     print(f"  max |difference|: hidden {diff_h:.2e}, logits {diff_l:.2e}")
-    return {"remote_identical": same}
+    return {"remote_identical": same, **batched}
+
+
+def _cotenant(model: Any, url: str) -> dict[str, Any]:
+    """Four users' traces queued at once: the server runs them in shared forward passes."""
+    import httpx
+
+    prompts = ["The Colosseum is in", "Paris is the capital of", "Hello", "The tallest mountain on Earth is"]
+    jobs = []
+    for prompt in prompts:  # blocking=False: submitted back to back, like four users at once
+        with model.trace(prompt, remote=True, blocking=False) as tracer:
+            last = model.output.logits[:, -1].save()  # noqa: F841  (comes back by its name)
+        jobs.append(tracer.job)
+    remote = [job.result(timeout=120) for job in jobs]
+    worst = 0.0
+    for prompt, values in zip(prompts, remote):
+        with model.trace(prompt):
+            logits = model.output.logits[:, -1].save()
+        worst = max(worst, (values["last"] - logits).abs().max().item())
+    batches = sum(r["batches"] for r in httpx.get(url + "/v1/health", timeout=10).json()["replicas"])
+    print(f"  4 traces submitted at once: {batches} shared forward pass(es) on the server "
+          f"(co-tenant batching); max |difference| to local {worst:.2e}")
+    return {"cotenant_batches": batches, "cotenant_max_diff": worst}
 
 
 if __name__ == "__main__":
