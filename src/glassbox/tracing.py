@@ -149,6 +149,7 @@ class Tracer:
         self._saved_ids: set[int] = set()
         self._fallback_inputs: list[tuple[tuple, dict]] = []
         self._trim_padding = False
+        self._pad_to = 0  # pad invokes to at least this many positions (co-tenant batches)
         self.result: Any = None
 
     # ---------------------------------------------------------------- context
@@ -244,9 +245,9 @@ class Tracer:
                 "every tracer.invoke() in this trace is empty: give at least one "
                 "invoke an input, e.g. tracer.invoke('some text')"
             )
-        args, kwargs, rows = root._batch([d.inputs for d in batched])
+        args, kwargs, rows = root._batch([d.inputs for d in batched], self._pad_to)
         if self._trim_padding:
-            rows = root._trim_rows([d.inputs for d in batched], rows)
+            rows = root._trim_rows([d.inputs for d in batched], rows, self._pad_to)
         for deferred, r in zip(batched, rows):
             deferred.consumer.rows = r
         interleaver.batch_size = rows[-1].stop
@@ -358,12 +359,14 @@ class Invoker:
         return False
 
 
-def run_detached(model: NNsight, bodies: list[Deferred], *, trim_padding: bool = False) -> Any:
+def run_detached(model: NNsight, bodies: list[Deferred], *, trim_padding: bool = False,
+                 pad_to: int = 0) -> Any:
     """Run ``Deferred.detached`` bodies as the invokes of ONE trace of ``model`` (a server's
     co-tenant batch) and return the model's output. With ``trim_padding`` every body sees its
-    rows without the padding its input did not have (``batching.Rows.trim``)."""
+    rows without the padding its input did not have (``batching.Rows.trim``); ``pad_to`` pads
+    the batch to at least that many positions."""
     tracer = Tracer(model, (), {})
-    tracer._trim_padding = trim_padding
+    tracer._trim_padding, tracer._pad_to = trim_padding, pad_to
     with tracer:
         tracer._invokes.extend(bodies)
     return tracer.result

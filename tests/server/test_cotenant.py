@@ -192,16 +192,20 @@ def test_a_request_over_a_limit_fails_alone_inside_the_batch(gpt2):
     assert saved(results[1])["h"].shape == (1, 64)
 
 
-def test_a_padded_length_that_matches_a_model_size_is_not_padded(gpt2):
-    # The tiny GPT-2 has 4 heads: a batch padded to 4 positions could not tell heads from positions.
+def test_a_padded_length_that_matches_a_model_size_is_padded_one_further(gpt2):
+    # The tiny GPT-2 has 4 heads: a batch padded to 4 positions could not tell heads from
+    # positions, so it is padded to 5, and every request still sees its own length.
     tokenizer = gpt2["m"].tokenizer
     two, four = "Hello there", "The cat sat down"
     assert [len(tokenizer(p)["input_ids"]) for p in (two, four)] == [2, 4]
     items = [request(GPT2_READ, two), request(GPT2_READ, four), request(GPT2_READ, four)]
     results, _ = _batch(gpt2, items)
-    assert "batch_size" not in results[0][0] and [r[0]["batch_size"] for r in results[1:]] == [2, 2]
+    assert [r[0]["batch_size"] for r in results] == [3, 3, 3]
     for item, result in zip(items, results):
-        assert (saved(result)["h"] - saved(alone(gpt2, item))["h"]).abs().max() <= 1e-4
+        expected, got = saved(alone(gpt2, item)), saved(result)
+        assert got["h"].shape == expected["h"].shape and got["logits"].shape == expected["logits"].shape
+        assert (got["h"] - expected["h"]).abs().max() <= 1e-4
+        assert (got["logits"] - expected["logits"]).abs().max() <= 1e-4
 
 
 # ---------------------------------------------------------------- the worker forms batches

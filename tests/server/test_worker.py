@@ -207,6 +207,8 @@ def test_the_worker_process_gets_no_secrets(worker):
         environ = file.read()  # what the process was started with, not only what it kept
     assert b"gbx_top_secret" not in environ and b"user:pw" not in environ
     assert b"GLASSBOX_HARMLESS=kept" in environ
+    if "OMP_WAIT_POLICY" not in os.environ:  # the workers' default, not the API process's
+        assert b"OMP_WAIT_POLICY=PASSIVE" in environ
     assert os.environ["GLASSBOX_API_KEY"] == "gbx_top_secret"  # the server's own environment is intact
 
 

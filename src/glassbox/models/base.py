@@ -89,10 +89,10 @@ class NNsight(Envoy):
         """The model call for one prepared input traced alone (no batching needed)."""
         return prepared
 
-    def _batch(self, prepared: list[tuple[tuple, dict]]) -> tuple[tuple, dict, list[Rows]]:
+    def _batch(self, prepared: list[tuple[tuple, dict]], width: int = 0) -> tuple[tuple, dict, list[Rows]]:
         return concat_args(prepared)
 
-    def _trim_rows(self, prepared: list[Any], spans: list[Rows]) -> list[Rows]:
+    def _trim_rows(self, prepared: list[Any], spans: list[Rows], width: int = 0) -> list[Rows]:
         """Rows without the padding an input did not have alone; plain modules are not padded."""
         return spans
 

@@ -213,14 +213,14 @@ class LanguageModel(NNsight):
             raise TraceStateError("this model has no tokenizer: pass token ids, or tokenizer=...")
         return self.tokenizer(text)["input_ids"]
 
-    def _batch(self, prepared: list[_Prompt]) -> tuple[tuple, dict, list[Rows]]:
+    def _batch(self, prepared: list[_Prompt], width: int = 0) -> tuple[tuple, dict, list[Rows]]:
         rows: list[list[int]] = []
         spans, start = [], 0
         for prompt in prepared:
             rows.extend(prompt.rows)
             spans.append(Rows(start, start + len(prompt.rows)))
             start += len(prompt.rows)
-        width = max(len(r) for r in rows)
+        width = max(width, *(len(r) for r in rows))  # at least ``width``: see cotenant._groups
         pad = self._pad_id()
         ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows], dtype=torch.long)
         mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], dtype=torch.long)
@@ -231,9 +231,9 @@ class LanguageModel(NNsight):
         kwargs = {"input_ids": ids, "attention_mask": mask, **extra}
         return (), kwargs, spans
 
-    def _trim_rows(self, prepared: list[_Prompt], spans: list[Rows]) -> list[Rows]:
+    def _trim_rows(self, prepared: list[_Prompt], spans: list[Rows], width: int = 0) -> list[Rows]:
         """``spans`` with the padding each prompt did not have alone marked to be cut."""
-        width = max(len(r) for prompt in prepared for r in prompt.rows)
+        width = max(width, *(len(r) for prompt in prepared for r in prompt.rows))
         trimmed = []
         for prompt, span in zip(prepared, spans):
             trim = width - max(len(r) for r in prompt.rows)

@@ -84,8 +84,6 @@ from ..remote.framing import frame, unframe
 from ..remote.protocol import ProtocolError
 from .config import ServerConfig
 from .worker import (
-    _ENV_LOCK,
-    SENSITIVE_ENV,
     ChannelClosed,
     WorkerStartError,
     _describe,
@@ -93,6 +91,7 @@ from .worker import (
     _memory_in_use,
     _memory_note,
     _scrub_environment,
+    child_environment,
     error_result,
     handle_message,
     is_out_of_memory,
@@ -286,15 +285,10 @@ class RayBackend:
         try:
             if self.private:
                 # The Ray processes started now (and through them every replica) inherit this
-                # environment: take what looks like a secret out for that moment, as the local
-                # backend does for its worker. Ray's own settings (RAY_*) stay.
-                with _ENV_LOCK:
-                    hidden = {name: os.environ.pop(name) for name in list(os.environ)
-                              if SENSITIVE_ENV.search(name) and not name.startswith("RAY_")}
-                    try:
-                        ray.init(**self._init_options())
-                    finally:
-                        os.environ.update(hidden)
+                # environment: no secrets and the workers' defaults, as for the local backend's
+                # worker. Ray's own settings (RAY_*) stay.
+                with child_environment(keep=lambda name: name.startswith("RAY_")):
+                    ray.init(**self._init_options())
             else:
                 ray.init(**self._init_options())
         except BaseException as err:

@@ -48,6 +48,7 @@ Process layout and why::
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import multiprocessing
 import multiprocessing.connection
@@ -57,7 +58,7 @@ import sys
 import threading
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from ..remote.framing import frame, unframe
@@ -65,8 +66,8 @@ from ..remote.protocol import PROTOCOL_VERSION, ProtocolError
 from .config import ServerConfig
 from .store import JobInfo, JobStore
 
-__all__ = ["SENSITIVE_ENV", "ChannelClosed", "LocalProcess", "WorkerHandle", "WorkerStartError",
-           "error_result", "handle_message", "is_out_of_memory"]
+__all__ = ["SENSITIVE_ENV", "WORKER_ENV", "ChannelClosed", "LocalProcess", "WorkerHandle", "WorkerStartError",
+           "child_environment", "error_result", "handle_message", "is_out_of_memory"]
 
 SENSITIVE_ENV = re.compile(r"KEY|TOKEN|SECRET|PASSW|CREDENTIAL|AUTH|DB_URL|DATABASE|COOKIE|SESSION",
                            re.IGNORECASE)
@@ -76,6 +77,31 @@ _GIB = 1024**3
 # How allocation failures read once the limit is hit: torch's CPU allocator, libc's errno text,
 # and Python's own MemoryError (which has no message for a plain allocation failure).
 _ALLOCATION_FAILED = re.compile(r"can't allocate memory|Cannot allocate memory|std::bad_alloc")
+
+
+# Defaults for the processes that run jobs, unless the operator's environment says otherwise.
+# OMP_WAIT_POLICY=PASSIVE: idle OpenMP threads sleep instead of spinning. On a machine whose cores
+# are shared (the API process, other replicas) spinning threads slowed a SmolLM2 forward pass from
+# 91 ms to 1,960 ms (bench/throughput.py's findings); results are the same either way.
+WORKER_ENV = {"OMP_WAIT_POLICY": "PASSIVE"}
+
+
+@contextlib.contextmanager
+def child_environment(keep: Callable[[str], bool] = lambda name: False) -> Iterator[None]:
+    """While a process that will run jobs starts (it inherits the environment as it is then):
+    no variable that looks like a secret (``SENSITIVE_ENV``, unless ``keep(name)``), and the
+    ``WORKER_ENV`` defaults. The API process's own environment is put back afterwards."""
+    with _ENV_LOCK:
+        hidden = {name: os.environ.pop(name) for name in list(os.environ)
+                  if SENSITIVE_ENV.search(name) and not keep(name)}
+        added = [name for name in WORKER_ENV if name not in os.environ]
+        os.environ.update({name: WORKER_ENV[name] for name in added})
+        try:
+            yield
+        finally:
+            for name in added:
+                os.environ.pop(name, None)
+            os.environ.update(hidden)
 
 
 class WorkerStartError(RuntimeError):
@@ -365,13 +391,8 @@ class LocalProcess:
             name="glassbox-worker",
             daemon=True,
         )
-        # The child inherits the environment as it is at start: take secrets out for that moment.
-        with _ENV_LOCK:
-            hidden = {name: os.environ.pop(name) for name in list(os.environ) if SENSITIVE_ENV.search(name)}
-            try:
-                process.start()
-            finally:
-                os.environ.update(hidden)
+        with child_environment():
+            process.start()
         child_conn.close()
         self._process, self._conn, self._exit_code = process, parent_conn, None
         names = ", ".join(config.models) or "no models"
