@@ -28,6 +28,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import _cases  # needs the path above
+import _peer
 import smollm2
 
 
@@ -59,23 +60,11 @@ def main() -> None:
     parser.add_argument("--all", action="store_true", help="run every round alone, print the results")
     args = parser.parse_args()
 
-    protocol, sys.stdout = sys.stdout, sys.stderr  # stray prints must not break the protocol
-
-    def send(document: dict) -> None:
-        protocol.write(json.dumps(document) + "\n")
-        protocol.flush()
-
+    send = _peer.worker_protocol()
     smollm2.configure_torch()
+    versions = _peer.peer_versions()
     import nnsight
-    import torch
-    import transformers
 
-    versions = {
-        "nnsight": nnsight.__version__,
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "python": sys.version.split()[0],
-    }
     settings = smollm2.settings_for(args.quick)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", nnsight.NNsightDeprecationWarning)

@@ -24,6 +24,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import _cases  # needs the path above
+import _peer
 
 
 def prepare(models: list[str], settings: _cases.Settings) -> dict[str, _cases.Rounds]:
@@ -54,23 +55,9 @@ def main() -> None:
     parser.add_argument("--all", action="store_true", help="run every round alone, print the results")
     args = parser.parse_args()
 
-    protocol, sys.stdout = sys.stdout, sys.stderr  # stray prints must not break the protocol
-
-    def send(document: dict) -> None:
-        protocol.write(json.dumps(document) + "\n")
-        protocol.flush()
-
+    send = _peer.worker_protocol()
     _cases.configure_torch()
-    import nnsight
-    import torch
-    import transformers
-
-    versions = {
-        "nnsight": nnsight.__version__,
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "python": sys.version.split()[0],
-    }
+    versions = _peer.peer_versions()
     settings = _cases.QUICK if args.quick else _cases.FULL
     prepared = prepare(args.models.split(","), settings)
     if args.all:

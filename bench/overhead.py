@@ -42,9 +42,9 @@ from typing import Any
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import _cases  # needs the path above
+import _peer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PEERS_PYTHON = os.path.join(ROOT, ".venv-peers", "bin", "python")
 WORKER = os.path.join(ROOT, "bench", "_nnsight_worker.py")
 
 TARGET_FIXED_US = 15.0
@@ -78,65 +78,23 @@ def prepare_glassbox(models: list[str], settings: _cases.Settings) -> tuple[dict
     return prepared, layer_counts
 
 
-class NnsightPeer:
-    """The nnsight worker (``_nnsight_worker.py``) in the peers virtualenv, driven one
-    round at a time so that it and this process take turns under the same load."""
-
-    def __init__(self, process: subprocess.Popen) -> None:
-        self.process = process
-        self.versions: dict[str, str] = {}
-
-    @classmethod
-    def start(cls, models: list[str], quick: bool) -> NnsightPeer | None:
-        if not os.path.exists(PEERS_PYTHON):
-            _cases.log(f"nnsight: SKIPPED: {PEERS_PYTHON} is missing; "
-                       "create it with `bash bench/setup_peers.sh`")
-            return None
-        command = [PEERS_PYTHON, WORKER, "--models", ",".join(models)] + (["--quick"] if quick else [])
-        _cases.log(f"nnsight: starting {' '.join(command)}")
-        process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-        peer = cls(process)
-        ready = peer._ask(None)
-        if ready is None:
-            return None
-        peer.versions = ready["versions"]
-        return peer
-
-    def _ask(self, command: dict | None) -> dict | None:
-        try:
-            if command is not None:
-                self.process.stdin.write(json.dumps(command) + "\n")  # type: ignore[union-attr]
-                self.process.stdin.flush()  # type: ignore[union-attr]
-            line = self.process.stdout.readline()  # type: ignore[union-attr]
-        except OSError:
-            line = ""
-        if not line:
-            code = self.process.wait()
-            _cases.log(f"nnsight: SKIPPED: the worker stopped (exit {code}); see its stderr above")
-            return None
-        return json.loads(line)
-
-    def round(self, model: str, r: int) -> bool:
-        return self._ask({"round": [model, r]}) is not None
-
-    def finish(self) -> dict[str, Any] | None:
-        document = self._ask({"results": True})
-        self.process.wait()
-        return document
-
-
 def run_all(
     models: list[str], settings: _cases.Settings, with_nnsight: bool, quick: bool
 ) -> tuple[dict[str, Any], dict[str, Any] | None, dict[str, int]]:
     """Alternate rounds: glassbox process, then nnsight worker, round after round."""
-    peer = NnsightPeer.start(models, quick) if with_nnsight else None
+    args = ["--models", ",".join(models)] + (["--quick"] if quick else [])
+    peer = _peer.PeerProcess.launch(WORKER, args) if with_nnsight else None
+    if peer is not None and not peer.wait_ready():
+        peer = None
     prepared, layer_counts = prepare_glassbox(models, settings)
     for name, rounds in prepared.items():
         for r in range(settings.rounds):
             rounds.run(r)
-            if peer is not None and not peer.round(name, r):
+            if peer is not None and peer.ask({"round": [name, r]}) is None:
                 peer = None
-    nn = peer.finish() if peer is not None else None
+    nn = peer.ask({"results": True}) if peer is not None else None
+    if peer is not None:
+        peer.process.wait()
     return {name: rounds.results() for name, rounds in prepared.items()}, nn, layer_counts
 
 

@@ -55,7 +55,6 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -67,10 +66,10 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import _cases  # needs the path above
+import _peer
 
 BENCH = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(BENCH)
-PEERS_PYTHON = os.path.join(ROOT, ".venv-peers", "bin", "python")
 WORKER = os.path.join(BENCH, "_nnsight_smollm2_worker.py")
 
 CLEAN = "The Eiffel Tower is located in the city of Paris, which is the capital"
@@ -386,54 +385,15 @@ def prepare_glassbox(settings: _cases.Settings) -> Rounds:
     return Rounds(jobs, settings, "glassbox")
 
 
-class NnsightPeer:
-    """``_nnsight_smollm2_worker.py`` in the peers virtualenv, one round per request, so that
-    it and this process take turns under the same load."""
-
-    def __init__(self, process: subprocess.Popen) -> None:
-        self.process = process
-        self.versions: dict[str, str] = {}
-
-    @classmethod
-    def start(cls, model_path: str, quick: bool) -> NnsightPeer | None:
-        if not os.path.exists(PEERS_PYTHON):
-            _cases.log(f"nnsight: SKIPPED: {PEERS_PYTHON} is missing; create it with "
-                       "`bash bench/setup_peers.sh`")
-            return None
-        command = [PEERS_PYTHON, WORKER, "--model-path", model_path] + (["--quick"] if quick else [])
-        env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
-        _cases.log(f"nnsight: starting {' '.join(command)}")
-        process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
-        return cls(process)
-
-    def wait_ready(self) -> bool:
-        ready = self.ask(None)
-        if ready is not None:
-            self.versions = ready["versions"]
-        return ready is not None
-
-    def ask(self, command: dict | None) -> dict | None:
-        """Send ``command`` (if any), return the worker's next JSON line (None: it stopped)."""
-        try:
-            if command is not None:
-                self.process.stdin.write(json.dumps(command) + "\n")  # type: ignore[union-attr]
-                self.process.stdin.flush()  # type: ignore[union-attr]
-            line = self.process.stdout.readline()  # type: ignore[union-attr]
-        except OSError:
-            line = ""
-        if not line:
-            _cases.log(f"nnsight: SKIPPED: the worker stopped (exit {self.process.wait()}); see above")
-            return None
-        return json.loads(line)
-
-
 def run_all(settings: _cases.Settings, with_nnsight: bool, quick: bool) -> tuple[Rounds, dict | None]:
     from glassbox.offline import smollm2_path
 
     path = str(smollm2_path())
     # The worker prepares (loads, checks, warms up) while this process does the same; the
     # timed rounds then alternate.
-    peer = NnsightPeer.start(path, quick) if with_nnsight else None
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    args = ["--model-path", path] + (["--quick"] if quick else [])
+    peer = _peer.PeerProcess.launch(WORKER, args, env) if with_nnsight else None
     rounds = prepare_glassbox(settings)
     if peer is not None and not peer.wait_ready():
         peer = None
