@@ -148,8 +148,9 @@ class Tracer:
         self._interleaver: Interleaver | None = None
         self._saved_ids: set[int] = set()
         self._fallback_inputs: list[tuple[tuple, dict]] = []
-        self._trim_padding = False
-        self._pad_to = 0  # pad invokes to at least this many positions (co-tenant batches)
+        # A server's co-tenant batch (run_detached): pad the invokes to at least this many
+        # positions and cut from each the padding its input did not have. None: ordinary invokes.
+        self._detached_width: int | None = None
         self.result: Any = None
 
     # ---------------------------------------------------------------- context
@@ -245,9 +246,10 @@ class Tracer:
                 "every tracer.invoke() in this trace is empty: give at least one "
                 "invoke an input, e.g. tracer.invoke('some text')"
             )
-        args, kwargs, rows = root._batch([d.inputs for d in batched], self._pad_to)
-        if self._trim_padding:
-            rows = root._trim_rows([d.inputs for d in batched], rows, self._pad_to)
+        width = self._detached_width
+        args, kwargs, rows = root._batch([d.inputs for d in batched], width or 0)
+        if width is not None:
+            rows = root._trim_rows([d.inputs for d in batched], rows, width)
         for deferred, r in zip(batched, rows):
             deferred.consumer.rows = r
         interleaver.batch_size = rows[-1].stop
@@ -359,14 +361,13 @@ class Invoker:
         return False
 
 
-def run_detached(model: NNsight, bodies: list[Deferred], *, trim_padding: bool = False,
-                 pad_to: int = 0) -> Any:
+def run_detached(model: NNsight, bodies: list[Deferred], *, pad_to: int = 0) -> Any:
     """Run ``Deferred.detached`` bodies as the invokes of ONE trace of ``model`` (a server's
-    co-tenant batch) and return the model's output. With ``trim_padding`` every body sees its
-    rows without the padding its input did not have (``batching.Rows.trim``); ``pad_to`` pads
-    the batch to at least that many positions."""
+    co-tenant batch) and return the model's output. Every body sees its rows without the
+    padding its input did not have (``batching.Rows.trim``); ``pad_to`` pads the batch to at
+    least that many positions."""
     tracer = Tracer(model, (), {})
-    tracer._trim_padding, tracer._pad_to = trim_padding, pad_to
+    tracer._detached_width = pad_to
     with tracer:
         tracer._invokes.extend(bodies)
     return tracer.result

@@ -256,6 +256,7 @@ def test_a_batch_over_the_time_limit_reruns_alone_and_only_the_slow_job_fails(ha
             _submit(handle, GPT2_READ, PADDED[2])]
     handle.wake()
     (slow, info) = _result(handle, jobs[1])
+    assert handle.batches >= 1  # they did start as one batch
     assert info.status == "ERROR" and slow[0]["error"]["type"] == "TimeoutError"
     for job in (jobs[0], jobs[2]):
         result, info = _result(handle, job)

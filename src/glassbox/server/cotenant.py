@@ -9,7 +9,7 @@ How a batch runs (inside the worker)::
     request 0: "The cat sat"      ─┐   each one: its own sandbox namespace, its own print,
     request 1: "Hello"            ─┼─► its body compiled alone  ──►  Deferred.detached(...)
     request 2: "A longer prompt"  ─┘                                      │
-                                          tracing.run_detached(model, bodies, trim_padding=True)
+                                          tracing.run_detached(model, bodies, pad_to=...)
                                           one left-padded forward; each body is an invoke on
                                           its own rows and sees them WITHOUT the padding its
                                           prompt did not have alone (batching.Rows.trim)
@@ -216,7 +216,7 @@ def _run_together(group: list[_Request], limits: dict, width: int) -> list[tuple
     results = []
     try:
         with collect_saved() as saved:
-            run_detached(model, bodies, trim_padding=True, pad_to=width)
+            run_detached(model, bodies, pad_to=width)
             for request in group:
                 try:
                     reply, blob = execute.job_reply(request.namespace, request.payload, saved, shared_limits)

@@ -688,7 +688,7 @@ class WorkerHandle:
             try:
                 self._send_jobs(pending, requests)
             except ChannelClosed:
-                self._crashed(pending, attempts, logs)
+                self._crashed(pending, attempts, logs, batch=len(pending) > 1)
                 return
             deadline = time.monotonic() + self.config.max_seconds
             while pending:
