@@ -110,8 +110,8 @@ def gradients(gpu: LanguageModel) -> None:
 @guarded
 def cotenant_batch(gpu: LanguageModel) -> None:
     from glassbox.remote.protocol import decode_values, encode_values, make_envelope
-    from glassbox.server.cotenant import run_batch
-    from glassbox.server.execute import run_job
+    from glassbox.server.jobs.cotenant import run_batch
+    from glassbox.server.jobs.execute import run_job
 
     models = {"m": gpu}
     source = "h = model.model.layers[1].output.save()\nlogits = model.output.logits.save()\n"

@@ -14,12 +14,12 @@ remote round trip goes:
     client      building the request (capture, encoding) and applying the reply
     submit      POST /v1/jobs until the 202 (key check, rate limit, store writes)
     wait        from the 202 until the final event arrives on the websocket; of which
-      run_job     the server's own ``seconds``: time inside ``execute.run_job`` in the worker
+      run_job     the server's own ``seconds``: time inside ``jobs.execute.run_job`` in the worker
       serving     the rest: websocket, store, feeder, pipe to and from the worker
     result      GET /v1/jobs/{id}/result
 and, measured in this process on the same request (the worker's code, called directly),
 where ``run_job`` goes: sandbox setup (``make_globals``), compiling, the trace itself,
-encoding the saved values, and ``_reset`` (the weight check after the job).
+and encoding the saved values (the weight check runs after the reply is sent: ``served.after_job``).
 
 Medians of per-run values; the parts need not add up to the total exactly. Nothing here
 asserts on time. Progress goes to stderr, results to stdout. On a shared machine compare
@@ -155,11 +155,11 @@ def inside_run_job(specs: dict[str, str], requests: dict[str, tuple[dict, bytes]
                    threads: int) -> dict[str, dict[str, float]]:
     """Call the worker's ``run_job`` here on the very requests the client sent, timing its parts
     by wrapping the functions it looks up at call time."""
-    from glassbox.server import execute
+    from glassbox.server.jobs import execute, served
 
     torch.set_num_threads(threads)
-    models = execute.load_models(specs)
-    names = ("make_globals", "compile_restricted_source", "encode_values", "_reset")
+    models = served.load_models(specs)
+    names = ("make_globals", "compile_restricted_source", "encode_values")
     real = {name: getattr(execute, name) for name in names}
     spent: dict[str, float] = defaultdict(float)
 
@@ -257,8 +257,7 @@ def main(argv: list[str] | None = None) -> int:
         for key, label in (("make_globals", "sandbox globals (make_globals)"),
                            ("compile_restricted_source", "compile under restriction"),
                            ("trace and the rest", "trace (exec) and the rest"),
-                           ("encode_values", "encode saved values"),
-                           ("_reset", "_reset: weight check and cleanup")):
+                           ("encode_values", "encode saved values")):
             print(f"    {label:<42} {here[key]:8.1f}")
     if args.json:
         with open(args.json, "w", encoding="utf-8") as file:

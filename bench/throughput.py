@@ -36,7 +36,7 @@ prompt, with the size of the batch it came from, and how many results were over 
 handed to the wrong client thread would show here too.
 
 ``--omp-wait-policy PASSIVE`` runs the servers with OpenMP threads that sleep rather than spin
-while waiting; ``--profile-worker`` afterwards times ``worker.handle_message`` in this process
+while waiting; ``--profile-worker`` afterwards times ``child.handle_message`` in this process
 for batches of 1, 4, 16 requests, with ``after_job`` (the weight check) apart.
 
 Nothing asserts on time. Progress goes to stderr, the table to stdout. On a shared machine
@@ -439,22 +439,23 @@ def _reason(err: BaseException) -> str:
 
 def profile_worker(path: str, name: str, threads: int, sizes: list[int], repeats: int) -> list[dict]:
     """Where the worker's time goes, measured in this process on the requests the client sent:
-    ``worker.handle_message`` (what the local worker and a Ray replica run per message) for one
+    ``child.handle_message`` (what the local worker and a Ray replica run per message) for one
     job and for batches of n, split into the jobs themselves and ``after_job`` (the weight check
     after every message). Run after the servers are stopped, so nothing else of ours competes."""
     from glassbox.remote.framing import frame
-    from glassbox.server import execute, worker
     from glassbox.server.config import ServerConfig
+    from glassbox.server.jobs import executor
+    from glassbox.server.workers import child
 
     torch.set_num_threads(threads)
-    models = execute.load_models({name: path})
+    models = executor.load_models({name: path})
     requests = [frame(*REQUESTS[prompt]) for prompt in PROMPTS if prompt in REQUESTS]
     if not requests:
         return []
     config = ServerConfig(models={name: path})
     limits = {**config.limits(), "max_log_bytes": config.max_log_bytes}
     spent = [0.0]
-    real_after_job = execute.after_job
+    real_after_job = executor.after_job
 
     def after_job(models: dict) -> Any:
         started = time.perf_counter()
@@ -467,7 +468,7 @@ def profile_worker(path: str, name: str, threads: int, sizes: list[int], repeats
         frame(message, blob)  # what the pipe would carry
 
     rows = []
-    execute.after_job = after_job  # handle_message looks it up on the module at call time
+    executor.after_job = after_job  # handle_message looks it up on the module at call time
     try:
         for n in sizes:
             chosen = [requests[i % len(requests)] for i in range(n)]
@@ -481,7 +482,7 @@ def profile_worker(path: str, name: str, threads: int, sizes: list[int], repeats
             for i in range(repeats + 1):
                 spent[0] = 0.0
                 started = time.perf_counter()
-                worker.handle_message(execute, models, dict(message), blob, send)
+                child.handle_message(executor, models, dict(message), blob, send)
                 if i:  # the first is a warm-up
                     totals.append(time.perf_counter() - started)
                     checks.append(spent[0])
@@ -491,7 +492,7 @@ def profile_worker(path: str, name: str, threads: int, sizes: list[int], repeats
             say(f"worker profile: {n} request(s) per message: {1000 * total:.0f} ms "
                 f"(after_job {1000 * check:.0f} ms)")
     finally:
-        execute.after_job = real_after_job
+        executor.after_job = real_after_job
     return rows
 
 

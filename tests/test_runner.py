@@ -1,4 +1,4 @@
-"""The pooled runner greenlet: reused across traces, never holding a job's values."""
+"""The pooled runner greenlet: reused across traces, never holding a task's values."""
 
 from __future__ import annotations
 
@@ -29,9 +29,9 @@ def test_a_parked_runner_holds_no_activations(net, x):
     assert all(r.outcome is None and r.driver is None for r in runner._pool.idle)
 
 
-def test_a_job_is_run_and_its_outcome_handed_back_once():
+def test_a_task_is_run_and_its_outcome_handed_back_once():
     worker = runner.acquire_runner()
-    worker.driver = greenlet.getcurrent()  # who gets control back when the job ends
-    assert worker.glet.switch(lambda: 41 + 1) is runner.JOB_ENDED
+    worker.driver = greenlet.getcurrent()  # who gets control back when the task ends
+    assert worker.glet.switch(lambda: 41 + 1) is runner.TASK_ENDED
     assert worker.take_outcome() == ("done", 42) and worker.outcome is None
     runner.release_runner(worker)

@@ -9,11 +9,11 @@
 from .cache import Cache, CacheEntry
 from .config import CONFIG
 from .envoy import Envoy
-from .errors import GlassboxError, MissedModuleError, OutOfOrderError, TraceStateError
+from .errors import GlassboxError, MissedModuleError, OutOfOrderError, RemoteError, TraceStateError
 from .models.base import NNsight
 from .models.generation import GenerateTracer
 from .models.language import LanguageModel
-from .remote.client import JobHandle, NotSavedError, RemoteError
+from .remote.client import JobHandle, NotSavedError
 from .session import Session
 from .tracing import Invoker, Tracer, save
 

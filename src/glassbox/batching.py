@@ -9,12 +9,12 @@ Offers:
 A tensor belongs to the batch when its first dimension equals the batch size;
 everything else (configs, caches, scalars) is shared by all invokes as it is.
 
-Rows with ``trim`` (co-tenant batches on a server, where each request must see
-exactly what it would see alone): the batch is left-padded to ``width``
-positions, and the request's own inputs were only ``width - trim`` long, so
-every dimension (after the first) of size ``width`` is cut to its last
-``width - trim`` positions. The server only forms such batches when no other
-dimension of the model has that size (``cotenant.py``).
+Rows with ``trim`` (``tracing.run_together``, where each independent body must
+see exactly what it would see alone): the batch is left-padded to ``width``
+positions, and the body's own input was only ``width - trim`` long, so every
+dimension (after the first) of size ``width`` is cut to its last
+``width - trim`` positions. The caller must therefore choose a ``width`` that no
+other dimension of the model has (a server's co-tenant batches do).
 Narrowed tensors are views, so in-place edits reach the model; replacements
 are spliced with ``torch.cat`` so autograd keeps working.
 """

@@ -104,7 +104,7 @@ def _serve(args: argparse.Namespace) -> int:
     try:
         import uvicorn
 
-        from .server.app import create_app
+        from .server.api.app import create_app
     except ImportError as err:
         _say(f"the server needs its extra dependencies ({err.name} is missing): "
              "pip install 'glassbox[server]'")
@@ -184,7 +184,8 @@ def _keys(args: argparse.Namespace) -> int:
 
 
 def _models(args: argparse.Namespace) -> int:
-    from .remote.transport import RemoteError, models
+    from .errors import RemoteError
+    from .remote.transport import models
 
     host = args.host or os.environ.get("GLASSBOX_HOST") or "http://127.0.0.1:8765"
     try:

@@ -1,8 +1,10 @@
 """Deferred invoke bodies: run a captured block as a consumer greenlet.
 
 Offers:
-    Deferred   one ``tracer.invoke`` block: its input, its namespace, and a
-               Consumer whose greenlet executes the block during the forward.
+    Deferred   one body run during the forward by a Consumer greenlet: a
+               ``tracer.invoke`` block (``Deferred.invoke``: its input, its
+               namespace shared in order with the other invokes), or an
+               independent body of ``tracing.run_together``.
 
 Several invokes run interleaved in one forward pass, yet must behave as if
 they had run one after another: a later invoke may read a variable that an
@@ -19,8 +21,8 @@ from types import CodeType, FrameType
 from typing import Any
 
 from .capture import CapturedBody, write_back
+from .intercept import Consumer
 from .interleave import Interleaver
-from .site import Consumer
 
 _UNSET = object()
 
@@ -53,38 +55,22 @@ class _InvokeLocals(dict):
 
 
 class Deferred:
-    """A captured ``tracer.invoke`` body, run as a consumer of the forward."""
+    """A body run as a consumer of the forward: a ``tracer.invoke`` block (``Deferred.invoke``),
+    or one independent body of ``tracing.run_together`` (the plain constructor), which shares
+    no names with the others and leaves every name it set in ``namespace``."""
 
-    def __init__(self, body: CapturedBody, frame: FrameType, inputs: Any, earlier: list[Deferred]):
-        index = len(earlier)
-        self.body = body
-        self.frame: FrameType | None = frame
+    def __init__(self, code: CodeType, namespace: dict[str, Any], inputs: Any, label: str,
+                 writes: tuple[str, ...] = ()) -> None:
+        self.code = code
+        self.writes = writes  # the names shared with later invokes and written back to the caller
+        self.frame: FrameType | None = None
         self.inputs = inputs
-        self.earlier = list(earlier)
+        self.earlier: list[Deferred] = []
         self.later: list[Deferred] = []
-        for other in earlier:
-            other.later.append(self)
-        ns = body.namespace(frame)
-        # What the caller's variables held as this block was entered, for the names
-        # it sets (a later invoke compares against these; see below).
-        self.entered = {n: _frame_value(frame, n) for n in body.writes}
-        # A name an earlier invoke sets comes from that invoke (as if the blocks had run
-        # one after another), unless the caller rebound it after that invoke was entered:
-        # then, run in order, the caller's assignment came last (`for j, layer in ...`).
+        self.entered: dict[str, Any] = {}
         self.own: set[str] = set()
         self.fallback: dict[str, Any] = {}
-        for name in list(ns):
-            producer = next((o for o in reversed(earlier) if name in o.body.writes), None)
-            if producer is None:
-                continue
-            if ns[name] is not producer.entered.get(name, _UNSET):
-                self.own.add(name)
-            else:
-                self.fallback[name] = ns.pop(name)
-        self._setup(ns, f"invoke {index}")
-
-    def _setup(self, ns: dict[str, Any], label: str) -> None:
-        self.ns = ns
+        self.ns = namespace
         self.locals = _InvokeLocals(self)
         self.published: dict[str, Any] = {}
         self.waiting_name: str | None = None
@@ -94,21 +80,32 @@ class Deferred:
         self.consumer.wake = self.wake_all
 
     @classmethod
-    def detached(cls, code: CodeType, namespace: dict[str, Any], inputs: Any, label: str) -> Deferred:
-        """A body that runs in ``namespace`` (its globals) and shares no names with any other
-        invoke: one request of a server's co-tenant batch. After the trace, ``namespace`` holds
-        every name the body set."""
-        self = cls.__new__(cls)
-        self.body = CapturedBody(code=code, source="", filename=code.co_filename,
-                                 first_line=code.co_firstlineno, reads=frozenset(), writes=())
-        self.frame, self.inputs = None, inputs
-        self.earlier, self.later = [], []
-        self.entered, self.own, self.fallback = {}, set(), {}
-        self._setup(namespace, label)
+    def invoke(cls, body: CapturedBody, frame: FrameType, inputs: Any, earlier: list[Deferred]) -> Deferred:
+        """One ``tracer.invoke`` block entered in ``frame``, after the ``earlier`` ones."""
+        ns = body.namespace(frame)
+        self = cls(body.code, ns, inputs, f"invoke {len(earlier)}", tuple(body.writes))
+        self.frame = frame
+        self.earlier = list(earlier)
+        for other in earlier:
+            other.later.append(self)
+        # What the caller's variables held as this block was entered, for the names
+        # it sets (a later invoke compares against these; see below).
+        self.entered = {n: _frame_value(frame, n) for n in body.writes}
+        # A name an earlier invoke sets comes from that invoke (as if the blocks had run
+        # one after another), unless the caller rebound it after that invoke was entered:
+        # then, run in order, the caller's assignment came last (`for j, layer in ...`).
+        for name in list(ns):
+            producer = next((o for o in reversed(earlier) if name in o.writes), None)
+            if producer is None:
+                continue
+            if ns[name] is not producer.entered.get(name, _UNSET):
+                self.own.add(name)
+            else:
+                self.fallback[name] = ns.pop(name)
         return self
 
     def _run(self, _start: Any = None) -> None:
-        exec(self.body.code, self.ns, self.locals)
+        exec(self.code, self.ns, self.locals)
 
     # ---------------------------------------------------------------- sharing
 
@@ -126,12 +123,12 @@ class Deferred:
         return ns[name]
 
     def may_set(self, name: str) -> bool:
-        return name in self.body.writes and not self.consumer.done
+        return name in self.writes and not self.consumer.done
 
     def _share(self) -> None:
         """Runs in the runner each time this body hands back control."""
         ns = self.ns
-        for name in self.body.writes:
+        for name in self.writes:
             value = ns.get(name, _UNSET)
             if value is not _UNSET and self.published.get(name, _UNSET) is not value:
                 self.published[name] = value
@@ -141,16 +138,16 @@ class Deferred:
         for other in self.later:
             name = other.waiting_name
             if name is not None and (name in other.ns or not any(o.may_set(name) for o in other.earlier)):
-                self.interleaver._resume(other.consumer, None)  # type: ignore[union-attr]
+                self.interleaver.resume(other.consumer, None)  # type: ignore[union-attr]
 
     def wake_all(self) -> None:
         """After the forward: let a body still waiting for a name fail or fall back."""
         if self.waiting_name is not None and not self.consumer.done:
-            self.interleaver._resume(self.consumer, None)  # type: ignore[union-attr]
+            self.interleaver.resume(self.consumer, None)  # type: ignore[union-attr]
 
     def publish(self) -> None:
         """After the trace: the names this body set become the caller's variables."""
-        values = {n: self.ns[n] for n in self.body.writes if n in self.ns}
+        values = {n: self.ns[n] for n in self.writes if n in self.ns}
         if self.frame is not None:
             write_back(self.frame, values)
         self.frame = None

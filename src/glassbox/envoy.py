@@ -154,7 +154,7 @@ class Envoy:
     # ---------------------------------------------------------------- values
 
     def _interleaver(self, what: str) -> Any:
-        interleaver = self._root.__dict__.get("_active")
+        interleaver = self._root.active
         if interleaver is None:
             raise TraceStateError(
                 f"{self._display}.{what} is only available inside `with model.trace(...)` "

@@ -7,6 +7,10 @@ Offers:
     TraceStateError     an API was used where it cannot work (outside a trace,
                         from another thread, after tracer.stop(), ...)
     SandboxError        remote code tried something the server does not allow
+    RemoteError         a remote run failed: no server, a refused request
+                        (``status_code``: the HTTP status), a time-out, or a
+                        job that failed with an exception type that is not a
+                        builtin or one of the above
 """
 
 from __future__ import annotations
@@ -34,3 +38,12 @@ class MissedModuleError(GlassboxError):
 
 class SandboxError(GlassboxError):
     """Remote code tried something the server's sandbox does not allow; the message says what instead."""
+
+
+class RemoteError(GlassboxError):
+    """A remote run failed; the message says what went wrong and what to do about it.
+    ``status_code`` is the HTTP status when the server refused a request (401, 404, 429, ...)."""
+
+    def __init__(self, message: str, status_code: int | None = None) -> None:
+        super().__init__(message)
+        self.status_code = status_code

@@ -12,11 +12,11 @@ Call hierarchy::
 
     trace body (driver greenlet)            runner greenlet (pooled per thread)
     ─────────────────────────────           ────────────────────────────────────
-    envoy.output ─► request() ── switch ──► job(): model(*inputs)
+    envoy.output ─► request() ── switch ──► task(): model(*inputs)
                                               wrapped module.forward
                                                 └─► boundary(site, "output", out)
                       value ◄── switch ────────────┘  (serve each waiting consumer)
-    tracer.__exit__ ─► finish() ─ switch ──► ... forward returns ─► JOB_ENDED
+    tracer.__exit__ ─► finish() ─ switch ──► ... forward returns ─► TASK_ENDED
     any error      ─► cleanup(): abort runner, kill invoke greenlets, unwrap
 
 Why wrappers and not hooks: torch binds ``self.forward`` and decides on its
@@ -36,10 +36,10 @@ import torch
 
 from .batching import narrow, splice
 from .errors import MissedModuleError, OutOfOrderError, TraceStateError
-from .runner import JOB_ENDED, Abort, acquire_runner, release_runner
-from .site import MISSING, Consumer, Site
+from .intercept import MISSING, Consumer, Site
+from .runner import TASK_ENDED, Abort, acquire_runner, release_runner
 
-ENDED = JOB_ENDED  # what a soft request returns when the model finished first
+ENDED = TASK_ENDED  # what a soft request returns when the model finished first
 _module_forward = torch.nn.Module.forward
 _getcurrent = greenlet.getcurrent
 _is_grad_enabled = torch.is_grad_enabled
@@ -63,7 +63,7 @@ class Interleaver:
         self.installed: list[Site] = []
         self.consumers: list[Consumer] = []
         self.by_glet: dict[Any, Consumer] = {}
-        self.job: Callable[[], Any] | None = None
+        self.task: Callable[[], Any] | None = None
         self.state = "new"  # new -> running -> done | error | stopped | aborted
         self.result: Any = None
         self.error: BaseException | None = None
@@ -128,7 +128,7 @@ class Interleaver:
 
     # ------------------------------------------------------------ runner side
 
-    def _boundary(self, site: Site, kind: str, value: Any, call: int) -> Any:
+    def boundary(self, site: Site, kind: str, value: Any, call: int) -> Any:
         self.position = (site, kind, call)
         waiting = site.waiting_in if kind == "input" else site.waiting_out
         if waiting:
@@ -154,7 +154,7 @@ class Interleaver:
             if _is_grad_enabled() != self.model_grad:
                 _set_grad_enabled(self.model_grad)
         else:
-            self._resume(consumer, view)
+            self.resume(consumer, view)
         consumer.at = None
         if consumer.replaced:
             new = consumer.current
@@ -166,7 +166,7 @@ class Interleaver:
             raise Abort()
         return value
 
-    def _resume(self, consumer: Consumer, payload: Any) -> None:
+    def resume(self, consumer: Consumer, payload: Any) -> None:
         try:
             consumer.glet.switch(payload)  # type: ignore[union-attr]
         except Abort:
@@ -189,7 +189,7 @@ class Interleaver:
                 consumer.started = True
                 consumer.glet = greenlet.greenlet(consumer.run)
                 self.by_glet[consumer.glet] = consumer
-                self._resume(consumer, None)
+                self.resume(consumer, None)
                 if self.stop_requested:
                     raise Abort()
 
@@ -200,10 +200,10 @@ class Interleaver:
         consumer.started = True
         consumer.glet = greenlet.greenlet(consumer.run)
         self.by_glet[consumer.glet] = consumer
-        self._resume(consumer, None)
+        self.resume(consumer, None)
 
-    def run_job(self, model_call: Callable[[], Any]) -> Any:
-        """Runner-side job: start deferred invoke bodies, run the model, then
+    def run_task(self, model_call: Callable[[], Any]) -> Any:
+        """Runner-side task: start deferred invoke bodies, run the model, then
         tell consumers still waiting that their module never came."""
         self._start_consumers()
         result = model_call()
@@ -214,7 +214,7 @@ class Interleaver:
             while consumer.run is not None and not consumer.done and consumer.waiting is not None:
                 if consumer.soft:
                     self._clear_wait(consumer)
-                    self._resume(consumer, JOB_ENDED)
+                    self.resume(consumer, TASK_ENDED)
                     continue
                 error = self._missed_error(consumer)
                 self._clear_wait(consumer)
@@ -242,7 +242,7 @@ class Interleaver:
         state = self.state
         if state != "running" and state != "new":
             if soft:
-                return JOB_ENDED
+                return TASK_ENDED
             self._check_can_wait(site, kind)
         consumer.soft = soft
         consumer.waiting, consumer.waiting_kind = site, kind
@@ -252,8 +252,8 @@ class Interleaver:
             site.waiting_out += 1
         consumer.requested_at = self.position
         consumer.at = None
-        if self._wait(consumer) is JOB_ENDED:
-            return JOB_ENDED
+        if self._wait(consumer) is TASK_ENDED:
+            return TASK_ENDED
         return consumer.current
 
     def replace(self, envoy: Any, kind: str, value: Any) -> None:
@@ -314,17 +314,17 @@ class Interleaver:
         elif self.state == "running":  # _drive, inlined for the common case
             self.runner.driver = self.driver
             message = self.runner_glet.switch()
-            if message is JOB_ENDED:
+            if message is TASK_ENDED:
                 self._collect()
         else:
             message = self._drive()
         self.model_grad = _is_grad_enabled()
         if user_grad != self.model_grad:
             _set_grad_enabled(user_grad)
-        if message is JOB_ENDED:
+        if message is TASK_ENDED:
             if consumer.soft and self.state not in ("error",):
                 self._clear_wait(consumer)
-                return JOB_ENDED
+                return TASK_ENDED
             self._raise_for_driver_wait(consumer)
         return message
 
@@ -332,13 +332,13 @@ class Interleaver:
         """Driver only: resume the model (starting it if needed)."""
         self.runner.driver = self.driver
         if self.state == "new":
-            if self.job is None:
+            if self.task is None:
                 raise TraceStateError("this trace has no input to run the model on")
             self.state = "running"
-            message = self.runner_glet.switch(self.job)
+            message = self.runner_glet.switch(self.task)
         else:
             message = self.runner_glet.switch()
-        if message is JOB_ENDED:
+        if message is TASK_ENDED:
             self._collect()
         return message
 
@@ -408,7 +408,7 @@ class Interleaver:
         if _getcurrent() is self.driver and self.state == "running":
             self.runner.driver = self.driver
             message = self.runner_glet.throw(Abort())
-            if message is JOB_ENDED:
+            if message is TASK_ENDED:
                 self._collect()
         elif self.state == "new":
             self.state = "stopped"
@@ -420,7 +420,7 @@ class Interleaver:
                 self._clear_wait(consumer)
                 consumer.at = None
         if self.state in ("new", "running"):
-            while self._drive() is not JOB_ENDED:
+            while self._drive() is not TASK_ENDED:
                 raise TraceStateError("internal: the runner returned to the driver mid-forward")
         if self.consumer_error is not None:
             error, self.consumer_error = self.consumer_error, None
@@ -447,7 +447,7 @@ class Interleaver:
             self.runner.driver = here
             try:
                 message = self.runner_glet.throw(Abort())
-                if message is JOB_ENDED:
+                if message is TASK_ENDED:
                     self.runner.take_outcome()
             finally:
                 self.state = "aborted"
@@ -464,7 +464,7 @@ class Interleaver:
         self.sites.clear()
         self.consumers.clear()
         self.by_glet.clear()
-        self.job = None
+        self.task = None
         self.position = None
         if self.runner is not None:
             release_runner(self.runner)

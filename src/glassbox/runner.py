@@ -2,8 +2,9 @@
 
 Offers:
     Abort            thrown into the runner to unwind the model's forward
-    JOB_ENDED        what the runner hands its driver when a job is over
-    Runner           a long-lived greenlet running one job at a time
+    TASK_ENDED       what the runner hands its driver when a task is over
+    Runner           a long-lived greenlet running one task at a time
+                     (a task: one model call with its interventions)
     acquire_runner() / release_runner(runner)   a small per-thread pool
 
 Starting a fresh greenlet costs ~8 µs here; switching into a parked one
@@ -18,7 +19,7 @@ from typing import Any
 
 import greenlet
 
-JOB_ENDED = object()
+TASK_ENDED = object()
 
 
 class Abort(BaseException):
@@ -26,7 +27,7 @@ class Abort(BaseException):
 
 
 class Runner:
-    """A long-lived greenlet that runs one job at a time (starting a fresh
+    """A long-lived greenlet that runs one task at a time (starting a fresh
     greenlet costs ~8 µs here; switching into a parked one ~0.3 µs)."""
 
     def __init__(self) -> None:
@@ -34,19 +35,19 @@ class Runner:
         self.driver: greenlet.greenlet | None = None
         self.outcome: tuple[str, Any] | None = None
 
-    def _loop(self, job: Callable[[], Any]) -> None:
+    def _loop(self, task: Callable[[], Any]) -> None:
         while True:
             try:
-                self.outcome = ("done", job())
+                self.outcome = ("done", task())
             except Abort:
                 self.outcome = ("aborted", None)
             except greenlet.GreenletExit:
                 raise
             except BaseException as exc:
                 self.outcome = ("error", exc)
-            job = None  # type: ignore[assignment]  # hold nothing while parked
+            task = None  # type: ignore[assignment]  # hold nothing while parked
             driver, self.driver = self.driver, None
-            job = driver.switch(JOB_ENDED)
+            task = driver.switch(TASK_ENDED)
 
     def take_outcome(self) -> tuple[str, Any]:
         outcome, self.outcome = self.outcome, None

@@ -36,11 +36,9 @@ class Session:
 
     def __enter__(self) -> Session:
         if self.remote:
-            from .remote.client import RemoteRun
-
             frame = sys._getframe(1)
-            self._run = RemoteRun(
-                self.model, "session", capture_body(frame, "session"), frame, [], {},
+            self._run = self.model._run_remotely(
+                "session", capture_body(frame, "session"), frame, [], {},
                 timeout=self.timeout, blocking=self.blocking,
             ).enter()
         return self

@@ -7,6 +7,12 @@ Offers:
               invokes share ONE batched forward (each sees its own rows).
     save(x)   keep ``x`` after the trace (identity locally; remote traces send
               back exactly the saved values).
+    collect_saved()   every value saved in this thread while it is open
+    Body / run_together(model, bodies, pad_to=0)
+              the seam for running several INDEPENDENT bodies in one forward
+              pass (a server's co-tenant batch): each in its own namespace, each
+              seeing exactly what it would see alone (its rows, no padding its
+              input did not have)
     current_tracer()
 
 Call hierarchy::
@@ -26,6 +32,8 @@ from __future__ import annotations
 
 import sys
 import threading
+from dataclasses import dataclass
+from types import CodeType
 from typing import TYPE_CHECKING, Any
 
 from . import backward as _backward
@@ -33,9 +41,9 @@ from .cache import Cache
 from .capture import SkipBody, capture_body, skip_body
 from .deferred import Deferred
 from .errors import TraceStateError
+from .intercept import Consumer
 from .interleave import Interleaver
 from .patches import ClassPatch, PatchSet
-from .site import Consumer
 
 if TYPE_CHECKING:
     from .models.base import NNsight
@@ -77,7 +85,7 @@ class collect_saved:
         _state.collector = self.previous
 
 
-def _tensor_save(self: Any) -> Any:
+def tensor_save(self: Any) -> Any:
     # the common local case (one trace, nobody collecting) stays a few attribute reads
     stack = getattr(_state, "stack", None)
     if stack:
@@ -102,12 +110,12 @@ def _get_patches() -> PatchSet:
         if not _patches:
             import torch
 
-            _patches.append(ClassPatch(torch.Tensor, "save", _tensor_save))
+            _patches.append(ClassPatch(torch.Tensor, "save", tensor_save))
             _patches.append(ClassPatch(torch.Tensor, "backward", _backward.patched_backward))
             _patch_sets.append(PatchSet(list(_patches)))
         generic = sys.modules.get("transformers.utils.generic")
         if generic is not None and not _model_output_patched:
-            _patches.append(ClassPatch(generic.ModelOutput, "save", _tensor_save))
+            _patches.append(ClassPatch(generic.ModelOutput, "save", tensor_save))
             _model_output_patched = True
             _patch_sets.append(PatchSet(list(_patches)))
         return _patch_sets[-1]
@@ -134,6 +142,7 @@ class Tracer:
         timeout: float | None = None,
         blocking: bool = True,
         remote_call: dict | None = None,
+        exact_rows: int | None = None,
     ) -> None:
         self.model = model
         self._inputs = (args, kwargs) if (args or kwargs) else None
@@ -148,9 +157,9 @@ class Tracer:
         self._interleaver: Interleaver | None = None
         self._saved_ids: set[int] = set()
         self._fallback_inputs: list[tuple[tuple, dict]] = []
-        # A server's co-tenant batch (run_detached): pad the invokes to at least this many
-        # positions and cut from each the padding its input did not have. None: ordinary invokes.
-        self._detached_width: int | None = None
+        # run_together: pad the invokes to at least this many positions and cut from each the
+        # padding its input did not have. None: ordinary invokes (which see the batch's padding).
+        self._exact_rows = exact_rows
         self.result: Any = None
 
     # ---------------------------------------------------------------- context
@@ -160,7 +169,7 @@ class Tracer:
         if self._remote:
             self._enter_remote(sys._getframe(1))
             return self
-        if root.__dict__.get("_active") is not None:
+        if root.active is not None:
             raise TraceStateError(
                 "this model is already being traced (a trace is open in this or another "
                 "thread); finish that trace first, or wrap a second copy of the module"
@@ -173,10 +182,10 @@ class Tracer:
             if self._inputs is not None:
                 # one input, the body as the only consumer: it sees the whole batch, no rows
                 args, kwargs = root._single(root._prepare(*self._inputs))
-                interleaver.job = self._job(interleaver, args, kwargs)
+                interleaver.task = self._task(interleaver, args, kwargs)
                 interleaver.add_consumer(Consumer("trace body", None))
             self._interleaver = interleaver
-            root.__dict__["_active"] = interleaver
+            root.active = interleaver
             _push(self)
         except BaseException:
             patches.release()
@@ -184,13 +193,11 @@ class Tracer:
         return self
 
     def _enter_remote(self, frame: Any) -> None:
-        from .remote.client import RemoteRun
-
         args, kwargs = self._remote_args
         if args and kwargs.keys() & {"input_ids"}:
             raise TypeError("give the input once: positionally or as input_ids=")
-        self._remote_run = RemoteRun(
-            self.model, self._method, capture_body(frame, self._method), frame, args, kwargs,
+        self._remote_run = self.model._run_remotely(
+            self._method, capture_body(frame, self._method), frame, args, kwargs,
             timeout=self._timeout, blocking=self._blocking,
         ).enter()
 
@@ -210,17 +217,17 @@ class Tracer:
             if exc is None:
                 if self._invokes:
                     self._schedule_invokes(interleaver)
-                elif self._inputs is None and interleaver.job is None:
+                elif self._inputs is None and interleaver.task is None:
                     if not self._fallback_inputs:
                         raise TraceStateError(
                             "model.trace() was given no input: pass it as "
                             "model.trace(input), or add `with tracer.invoke(input):` blocks"
                         )
-                if interleaver.job is not None:
+                if interleaver.task is not None:
                     self.result = interleaver.finish()
         finally:
             interleaver.cleanup()
-            root.__dict__["_active"] = None
+            root.active = None
             self._interleaver = None
             _pop(self)
             self._patches.release()
@@ -230,13 +237,13 @@ class Tracer:
                 deferred.publish()
         return False
 
-    def _job(self, interleaver: Interleaver, args: tuple, kwargs: dict) -> Any:
+    def _task(self, interleaver: Interleaver, args: tuple, kwargs: dict) -> Any:
         execute, call = self.model._execute, self._call
 
-        def job() -> Any:
-            return interleaver.run_job(lambda: execute(args, kwargs, **call))
+        def task() -> Any:
+            return interleaver.run_task(lambda: execute(args, kwargs, **call))
 
-        return job
+        return task
 
     def _schedule_invokes(self, interleaver: Interleaver) -> None:
         root = self.model
@@ -246,17 +253,17 @@ class Tracer:
                 "every tracer.invoke() in this trace is empty: give at least one "
                 "invoke an input, e.g. tracer.invoke('some text')"
             )
-        width = self._detached_width
+        width = self._exact_rows
         args, kwargs, rows = root._batch([d.inputs for d in batched], width or 0)
         if width is not None:
-            rows = root._trim_rows([d.inputs for d in batched], rows, width)
+            rows = root._exact_rows([d.inputs for d in batched], rows, width)
         for deferred, r in zip(batched, rows):
             deferred.consumer.rows = r
         interleaver.batch_size = rows[-1].stop
         for deferred in self._invokes:
             deferred.interleaver = interleaver
             interleaver.add_consumer(deferred.consumer)
-        interleaver.job = self._job(interleaver, args, kwargs)
+        interleaver.task = self._task(interleaver, args, kwargs)
 
     # ---------------------------------------------------------------- API
 
@@ -284,7 +291,7 @@ class Tracer:
         print(*values)
 
     def _active(self) -> Interleaver:
-        interleaver = self.model.__dict__.get("_active")
+        interleaver = self.model.active
         if interleaver is None:
             raise TraceStateError("this tracer's trace has already ended")
         return interleaver
@@ -314,7 +321,7 @@ class Invoker:
         root = tracer.model
         inputs = root._prepare(self.args, self.kwargs) if (self.args or self.kwargs) else None
         if body is not None:
-            tracer._invokes.append(Deferred(body, frame, inputs, tracer._invokes))
+            tracer._invokes.append(Deferred.invoke(body, frame, inputs, tracer._invokes))
             if not body.trivial:
                 self._skipping = skip_body(frame, body)
             return self
@@ -337,10 +344,10 @@ class Invoker:
             items = [inputs]
         args, kwargs, rows = root._batch(items)
         interleaver = Interleaver(root, rows[-1].stop, root._narrow_min_ndim)
-        interleaver.job = tracer._job(interleaver, args, kwargs)
+        interleaver.task = tracer._task(interleaver, args, kwargs)
         interleaver.add_consumer(Consumer("invoke", None))
-        self._outer = root.__dict__["_active"]
-        root.__dict__["_active"] = interleaver
+        self._outer = root.active
+        root.active = interleaver
         self._inline = interleaver
 
     def __exit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> bool:
@@ -356,20 +363,31 @@ class Invoker:
                 self.tracer.result = interleaver.finish()
         finally:
             interleaver.cleanup()
-            self.tracer.model.__dict__["_active"] = self._outer
+            self.tracer.model.active = self._outer
             self._inline = None
         return False
 
 
-def run_detached(model: NNsight, bodies: list[Deferred], *, pad_to: int = 0) -> Any:
-    """Run ``Deferred.detached`` bodies as the invokes of ONE trace of ``model`` (a server's
-    co-tenant batch) and return the model's output. Every body sees its rows without the
-    padding its input did not have (``batching.Rows.trim``); ``pad_to`` pads the batch to at
-    least that many positions."""
-    tracer = Tracer(model, (), {})
-    tracer._detached_width = pad_to
+@dataclass(frozen=True)
+class Body:
+    """One independent body for ``run_together``: compiled code, the globals it runs in (which
+    afterwards hold every name it set), its input as ``model._prepare`` made it, a label."""
+
+    code: CodeType
+    namespace: dict[str, Any]
+    inputs: Any
+    label: str
+
+
+def run_together(model: NNsight, bodies: list[Body], *, pad_to: int = 0) -> Any:
+    """Run independent bodies as the invokes of ONE forward pass of ``model``; return the model's
+    output. Unlike invokes, they share no names, and each sees exactly what it would see alone:
+    its own rows, without the padding its input did not have (``batching.Rows.trim``). ``pad_to``
+    pads the batch to at least that many positions (see ``Rows.trim`` for why a caller may need
+    to choose the length). A body's exception propagates, as in any trace."""
+    tracer = Tracer(model, (), {}, exact_rows=pad_to)
     with tracer:
-        tracer._invokes.extend(bodies)
+        tracer._invokes.extend(Deferred(b.code, b.namespace, b.inputs, b.label) for b in bodies)
     return tracer.result
 
 

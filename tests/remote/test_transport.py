@@ -12,12 +12,12 @@ import json
 import httpx
 import pytest
 
+from glassbox import RemoteError
 from glassbox.cli import free_port
 from glassbox.errors import GlassboxError
 from glassbox.remote import transport
 from glassbox.remote.framing import MAX_HEADER_BYTES, frame, unframe
 from glassbox.remote.protocol import ProtocolError, make_envelope
-from glassbox.remote.transport import RemoteError
 
 HOST = "http://glassbox.test:8765"
 

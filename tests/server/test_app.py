@@ -19,11 +19,11 @@ import psutil
 import pytest
 from websockets.sync.client import connect
 
+from glassbox import RemoteError
 from glassbox.cli import start_server
 from glassbox.remote import transport
 from glassbox.remote.framing import frame
 from glassbox.remote.protocol import PROTOCOL_VERSION, decode_values, encode_values, make_envelope
-from glassbox.remote.transport import RemoteError
 
 MAX_SECONDS = 3
 MAX_REQUEST_BYTES = 1_000_000

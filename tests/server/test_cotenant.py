@@ -15,10 +15,11 @@ from glassbox.offline import smollm2_path, tiny_gpt2_path
 from glassbox.remote.framing import frame, unframe
 from glassbox.remote.protocol import decode_values, encode_values, make_envelope
 from glassbox.server.config import ServerConfig
-from glassbox.server.cotenant import batch_key, run_batch
-from glassbox.server.execute import run_job
+from glassbox.server.jobs.batchable import batch_key
+from glassbox.server.jobs.cotenant import run_batch
+from glassbox.server.jobs.execute import run_job
 from glassbox.server.store import JobStore
-from glassbox.server.worker import WorkerHandle
+from glassbox.server.workers.feeder import Feeder
 
 GPT2_READ = ("h = model.transformer.h[1].output.save()\n"
              "model.transformer.h[2].output[:, -1] *= 2\n"
@@ -216,7 +217,7 @@ def handle(tmp_path):
     store = JobStore(f"sqlite:///{tmp_path / 'jobs.db'}")
     config = ServerConfig(models={"m": str(tiny_gpt2_path())}, max_seconds=4.0, torch_threads=1,
                           batch_window_ms=50.0)
-    worker = WorkerHandle(config, store)
+    worker = Feeder(config, store)
     try:
         worker.start()
         yield worker

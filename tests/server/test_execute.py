@@ -8,7 +8,8 @@ import torch
 from glassbox import LanguageModel
 from glassbox.offline import tiny_gpt2_path
 from glassbox.remote.protocol import decode_values, encode_values, make_envelope
-from glassbox.server.execute import after_job, run_job
+from glassbox.server.jobs.execute import run_job
+from glassbox.server.jobs.served import after_job
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import glassbox
-from glassbox.server.integrity import WeightGuard, _device_checksum, content_checksum
+from glassbox.server.jobs.integrity import WeightGuard, _device_checksum, content_checksum
 
 
 @pytest.fixture

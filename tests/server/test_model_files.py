@@ -17,12 +17,13 @@ import pytest
 import torch
 from fastapi.testclient import TestClient
 
+from glassbox import RemoteError
 from glassbox.cli import start_server
 from glassbox.offline import smollm2_path, tiny_gpt2_path
 from glassbox.remote import transport
-from glassbox.remote.transport import RemoteError
-from glassbox.server import app as app_module
-from glassbox.server.app import MODEL_FILES, create_app, read_model_files
+from glassbox.server.api import models_routes as app_module
+from glassbox.server.api.app import create_app
+from glassbox.server.api.models_routes import MODEL_FILES, read_model_files
 from glassbox.server.config import ServerConfig
 
 EXTRAS = ("model.safetensors", "pytorch_model.bin", "glassbox-prepared.json", "secret.txt", "README.md",

@@ -18,9 +18,8 @@ import torch
 
 import glassbox
 from glassbox.remote.protocol import RemoteFunction
-from glassbox.server.guards import Policy
-from glassbox.server.integrity import WeightGuard
-from glassbox.server.sandbox import (
+from glassbox.server.jobs.integrity import WeightGuard
+from glassbox.server.sandbox.compile import (
     GUARD_NAMES,
     SandboxError,
     compile_function,
@@ -29,6 +28,7 @@ from glassbox.server.sandbox import (
     make_globals,
     register_source,
 )
+from glassbox.server.sandbox.guards import Policy
 
 _jobs = itertools.count()
 

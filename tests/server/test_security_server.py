@@ -19,13 +19,12 @@ import httpx
 import pytest
 import torch
 
-from glassbox import CONFIG, LanguageModel
+from glassbox import CONFIG, LanguageModel, RemoteError
 from glassbox.cli import start_server
 from glassbox.errors import SandboxError
 from glassbox.offline import tiny_gpt2_path
 from glassbox.remote import transport
 from glassbox.remote.protocol import decode_values, encode_values, make_envelope
-from glassbox.remote.transport import RemoteError
 from glassbox.server.config import ServerConfig, default_max_memory_bytes
 
 # Small, but above what a 1 GB result takes to encode before the server's size check sees it

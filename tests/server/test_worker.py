@@ -1,6 +1,6 @@
 """The worker process and its feeder: FIFO jobs, printed output, time limit, crashes, cancel, no secrets.
 
-Real jobs on a real (tiny, random) GPT-2 through ``glassbox.server.execute``.
+Real jobs on a real (tiny, random) GPT-2 through ``glassbox.server.jobs.execute``.
 """
 
 from __future__ import annotations
@@ -16,7 +16,8 @@ from glassbox.remote.framing import frame, unframe
 from glassbox.remote.protocol import decode_values, encode_values, make_envelope
 from glassbox.server.config import ServerConfig
 from glassbox.server.store import JobStore
-from glassbox.server.worker import WorkerHandle, WorkerStartError
+from glassbox.server.workers.channel import WorkerStartError
+from glassbox.server.workers.feeder import Feeder
 
 MAX_SECONDS = 3.0
 ECHO = "echo = glassbox.save(marker)\n"
@@ -65,7 +66,7 @@ def worker(tmp_path_factory, tiny_path):
     config = ServerConfig(models={"gpt2": tiny_path}, max_seconds=MAX_SECONDS, max_log_bytes=2000,
                           torch_threads=1, max_batch=1)
     events = Events()
-    handle = WorkerHandle(config, store, on_event=events, say=lambda text: None)
+    handle = Feeder(config, store, on_event=events, say=lambda text: None)
     handle.events = events  # type: ignore[attr-defined]
     try:
         handle.start()
@@ -80,14 +81,14 @@ def worker(tmp_path_factory, tiny_path):
                 os.environ[name] = value
 
 
-def _submit(handle: WorkerHandle, source: str, marker: str = "m") -> str:
+def _submit(handle: Feeder, source: str, marker: str = "m") -> str:
     job = handle.store.create_job("k1", "gpt2", job_request(source, marker))
     handle.store.mark_queued(job)
     handle.wake()
     return job
 
 
-def _wait(handle: WorkerHandle, job: str, timeout: float = 90.0):
+def _wait(handle: Feeder, job: str, timeout: float = 90.0):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         info = handle.store.get(job)
@@ -97,7 +98,7 @@ def _wait(handle: WorkerHandle, job: str, timeout: float = 90.0):
     raise AssertionError(f"job {job} did not finish within {timeout} s: {handle.store.get(job)}")
 
 
-def _wait_running(handle: WorkerHandle, job: str, timeout: float = 60.0,
+def _wait_running(handle: Feeder, job: str, timeout: float = 60.0,
                   other_than: int | None = None) -> None:
     deadline = time.monotonic() + timeout
     while handle.running_job != job or handle.pid == other_than or handle.state != "ready":
@@ -105,7 +106,7 @@ def _wait_running(handle: WorkerHandle, job: str, timeout: float = 60.0,
         time.sleep(0.01)
 
 
-def _saved(handle: WorkerHandle, job: str) -> dict:
+def _saved(handle: Feeder, job: str) -> dict:
     _wait(handle, job)
     envelope, blob = unframe(handle.store.result(job))
     assert envelope["status"] == "COMPLETED", envelope
@@ -214,7 +215,7 @@ def test_the_worker_process_gets_no_secrets(worker):
 
 def test_a_model_that_cannot_load_stops_the_start_with_the_reason(tmp_path):
     store = JobStore(f"sqlite:///{tmp_path / 'jobs.db'}")
-    handle = WorkerHandle(ServerConfig(models={"broken": str(tmp_path / "no-such-model")}), store)
+    handle = Feeder(ServerConfig(models={"broken": str(tmp_path / "no-such-model")}), store)
     try:
         with pytest.raises(WorkerStartError, match="no-such-model"):
             handle.start()

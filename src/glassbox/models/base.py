@@ -1,14 +1,25 @@
 """NNsight: wrap any ``torch.nn.Module`` for tracing.
 
 Offers:
-    NNsight    the root Envoy plus ``trace()``, ``session()``; subclasses
-               (LanguageModel) override the four input hooks below.
+    NNsight    the root Envoy plus ``trace()``, ``session()``, and ``active`` (the
+               interleaver of the trace open on it, or None); subclasses
+               (LanguageModel) override the hooks below.
 
-Input hooks a subclass may override:
-    _ensure_ready()          load weights etc. before the first trace
-    _prepare(args, kwargs)   one invoke's input -> (args, kwargs)
-    _batch(prepared_list)    several invokes -> (args, kwargs, [Rows])
-    _execute(args, kwargs)   run the model (in the runner greenlet)
+Hooks a subclass may override (the tracing core calls only these):
+    _ensure_ready()                      load weights etc. before the first trace
+    _prepare(args, kwargs)               one invoke's input -> a prepared input
+    _single(prepared)                    one prepared input traced alone -> (args, kwargs)
+    _batch(prepared_list, width=0)       several -> (args, kwargs, [Rows]); ``width``: pad
+                                         sequences to at least this length
+    _exact_rows(prepared_list, rows, width)  each input's Rows without the padding it did
+                                         not have alone (``tracing.run_together``)
+    _execute(args, kwargs, **call)       run the model (in the runner greenlet)
+    _missed_hint(envoy)                  advice for a module that never ran
+    _remote_name()                       the name a server knows this model by
+    _run_remotely(method, body, frame, inputs, call, timeout=, blocking=)
+                                         ``remote=True``: the remote run of a captured block
+                                         (an object with ``enter()``, ``exit(exc_type)``,
+                                         ``job`` and ``result``); plain modules refuse
 """
 
 from __future__ import annotations
@@ -22,6 +33,8 @@ from ..envoy import Envoy
 from ..errors import TraceStateError
 from ..session import Session
 from ..tracing import Tracer
+
+_REMOTE_NEEDS_NAME = "remote execution needs a glassbox.LanguageModel: the server hosts models by name"
 
 
 class NNsight(Envoy):
@@ -43,6 +56,15 @@ class NNsight(Envoy):
         super().__init__(module)
         self.__dict__["_active"] = None
 
+    @property
+    def active(self) -> Any:
+        """The interleaver of the trace open on this model (None: no trace is open)."""
+        return self.__dict__["_active"]
+
+    @active.setter
+    def active(self, interleaver: Any) -> None:
+        self.__dict__["_active"] = interleaver
+
     # ---------------------------------------------------------------- contexts
 
     def trace(
@@ -61,9 +83,11 @@ class NNsight(Envoy):
         return Session(self, remote=remote, timeout=timeout, blocking=blocking)
 
     def _remote_name(self) -> str:
-        raise TraceStateError(
-            "remote execution needs a glassbox.LanguageModel: the server hosts models by name"
-        )
+        raise TraceStateError(_REMOTE_NEEDS_NAME)
+
+    def _run_remotely(self, method: str, body: Any, frame: Any, inputs: list, call: dict, *,
+                      timeout: float | None, blocking: bool) -> Any:
+        raise TraceStateError(_REMOTE_NEEDS_NAME)
 
     def _envoy_of(self, module: Any) -> Envoy:
         if isinstance(module, Envoy):
@@ -92,7 +116,7 @@ class NNsight(Envoy):
     def _batch(self, prepared: list[tuple[tuple, dict]], width: int = 0) -> tuple[tuple, dict, list[Rows]]:
         return concat_args(prepared)
 
-    def _trim_rows(self, prepared: list[Any], spans: list[Rows], width: int = 0) -> list[Rows]:
+    def _exact_rows(self, prepared: list[Any], spans: list[Rows], width: int = 0) -> list[Rows]:
         """Rows without the padding an input did not have alone; plain modules are not padded."""
         return spans
 

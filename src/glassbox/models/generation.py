@@ -21,8 +21,8 @@ from typing import Any
 
 from ..capture import SkipBody, capture_body, skip_body, write_back
 from ..errors import OutOfOrderError, TraceStateError
+from ..intercept import Consumer
 from ..interleave import ENDED
-from ..site import Consumer
 from ..tracing import Tracer
 
 
@@ -85,7 +85,7 @@ class _StepSelector:
 def _iterate(tracer: GenerateTracer, steps: Any) -> Iterator[int]:
     root = tracer.model
     for step in steps:
-        interleaver = root.__dict__.get("_active")
+        interleaver = root.active
         if interleaver is None:
             return
         if not _reach_step(interleaver, root, step):

@@ -146,7 +146,7 @@ class LanguageModel(NNsight):
     ) -> GenerateTracer:
         """``with model.generate(prompt, max_new_tokens=N) as tracer:`` — a trace
         around Hugging Face ``generate``; each forward call is one step."""
-        if self.__dict__.get("_active") is not None:
+        if self.active is not None:
             raise TraceStateError(
                 "model.generate() opens its own trace and cannot run inside another one. "
                 "Write:\n    with model.generate(prompt, max_new_tokens=N) as tracer:\n"
@@ -160,6 +160,12 @@ class LanguageModel(NNsight):
         folder name or hub id it was created from."""
         name = self.__dict__.get("_remote_as") or self._source
         return os.path.basename(os.path.normpath(name)) if os.path.isdir(str(name)) else str(name)
+
+    def _run_remotely(self, method: str, body: Any, frame: Any, inputs: list, call: dict, *,
+                      timeout: float | None, blocking: bool) -> Any:
+        from ..remote.client import RemoteRun
+
+        return RemoteRun(self, method, body, frame, inputs, call, timeout=timeout, blocking=blocking)
 
     # ---------------------------------------------------------------- inputs
 
@@ -231,7 +237,7 @@ class LanguageModel(NNsight):
         kwargs = {"input_ids": ids, "attention_mask": mask, **extra}
         return (), kwargs, spans
 
-    def _trim_rows(self, prepared: list[_Prompt], spans: list[Rows], width: int = 0) -> list[Rows]:
+    def _exact_rows(self, prepared: list[_Prompt], spans: list[Rows], width: int = 0) -> list[Rows]:
         """``spans`` with the padding each prompt did not have alone marked to be cut."""
         width = max(width, *(len(r) for prompt in prepared for r in prompt.rows))
         trimmed = []

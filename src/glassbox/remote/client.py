@@ -7,7 +7,6 @@ Offers:
     JobHandle     what ``blocking=False`` gives: ``.status()``, ``.result()``,
                   ``.cancel()``; ``JobHandle(job_id)`` works from a new process too.
     NotSaved      stands in for a variable the block set but did not save.
-    RemoteError   a server-side failure whose exception type is not a builtin.
 
 Call hierarchy::
 
@@ -31,15 +30,16 @@ from .. import errors as _errors
 from ..capture import CapturedBody, write_back
 from ..config import CONFIG
 from ..envoy import Envoy
-from ..errors import GlassboxError, TraceStateError
-from .protocol import check_envelope, decode_values, encode_values, make_envelope
-
-JOB_KIND = "job"
-_FINAL = ("COMPLETED", "ERROR", "CANCELLED")
-
-
-class RemoteError(GlassboxError):
-    """The remote job failed with an exception type that is not a builtin."""
+from ..errors import GlassboxError, RemoteError, TraceStateError
+from .protocol import (
+    FINAL_STATUSES,
+    JOB_KIND,
+    RESULT_KIND,
+    check_envelope,
+    decode_values,
+    encode_values,
+    make_envelope,
+)
 
 
 class NotSavedError(GlassboxError):
@@ -199,7 +199,7 @@ class RemoteRun:
     def _apply(self, reply_envelope: dict, blob: bytes) -> None:
         frame = self.frame
         self.frame = None
-        reply = check_envelope(reply_envelope, "result", receiver="client")
+        reply = check_envelope(reply_envelope, RESULT_KIND, receiver="client")
         if reply.get("status") != "COMPLETED":
             raise _remote_exception(reply.get("error") or {}, self.body.filename)
         decoded = decode_values(reply["values"], blob)
@@ -255,7 +255,7 @@ def _follow(job: JobHandle, timeout: float) -> None:
             status = event.get("status")
             if status_line is not None and status:
                 status_line.show(status, event.get("position"), event.get("elapsed"))
-            if status in _FINAL:
+            if status in FINAL_STATUSES:
                 return
             if time.monotonic() > deadline:
                 job.cancel()
@@ -341,7 +341,7 @@ class JobHandle:
 
         _follow(self, timeout or CONFIG.TIMEOUT)
         reply_envelope, blob = transport.result(self.host, self.api_key, self.id)
-        reply = check_envelope(reply_envelope, "result", receiver="client")
+        reply = check_envelope(reply_envelope, RESULT_KIND, receiver="client")
         if reply.get("status") != "COMPLETED":
             raise _remote_exception(reply.get("error") or {}, "<remote block>")
         decoded = decode_values(reply["values"], blob)

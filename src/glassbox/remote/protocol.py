@@ -2,6 +2,8 @@
 
 Offers:
     PROTOCOL_VERSION                  bumped on any incompatible change
+    JOB_KIND, RESULT_KIND             the envelope kinds of a job request and of its result
+    JOB_STATUSES, FINAL_STATUSES      a job's life on a server; the ones it ends in
     ProtocolError                     a value cannot be sent, or a message cannot be read
     RemoteFunction(name, source)      a user function as it travels: source text, never code
     encode_values(values)             {name: value} -> (JSON-able description, safetensors blob)
@@ -42,6 +44,11 @@ import torch
 from ..errors import GlassboxError
 
 PROTOCOL_VERSION = 1
+
+JOB_KIND = "job"
+RESULT_KIND = "result"
+JOB_STATUSES = ("RECEIVED", "QUEUED", "RUNNING", "COMPLETED", "ERROR", "CANCELLED")
+FINAL_STATUSES = frozenset({"COMPLETED", "ERROR", "CANCELLED"})
 
 DEFAULT_MAX_BYTES = 2 * 1024**3
 DEFAULT_MAX_DEPTH = 64

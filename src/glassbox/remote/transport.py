@@ -13,7 +13,7 @@ Offers:
         (config.json, tokenizer.json, ...: whichever it has), to build its module tree and
         tokenizer here without its weights
     health(host) -> {"glassbox": version, "protocol": N, ...}
-    RemoteError       every failure here: what went wrong and what to do about it
+    (every failure here raises glassbox.RemoteError: what went wrong and what to do about it)
 
     job = submit("http://127.0.0.1:8765", key, envelope, blob, timeout=60)
     for event in events("http://127.0.0.1:8765", key, job):
@@ -37,11 +37,11 @@ from urllib.parse import quote
 
 import httpx
 
-from ..errors import GlassboxError
+from ..errors import RemoteError
 from .framing import frame, unframe
 from .protocol import ProtocolError
 
-__all__ = ["RemoteError", "cancel", "events", "health", "model_files", "models", "result", "status", "submit"]
+__all__ = ["cancel", "events", "health", "model_files", "models", "result", "status", "submit"]
 
 FINAL = frozenset({"COMPLETED", "ERROR", "CANCELLED"})
 _POLL_SECONDS = 0.1
@@ -50,14 +50,6 @@ _REQUEST_SECONDS = 60.0
 
 _client_lock = threading.Lock()
 _client: httpx.Client | None = None
-
-
-class RemoteError(GlassboxError):
-    """Talking to the glassbox server failed; ``status_code`` is the HTTP status, if there was one."""
-
-    def __init__(self, message: str, status_code: int | None = None) -> None:
-        super().__init__(message)
-        self.status_code = status_code
 
 
 def _http() -> httpx.Client:

@@ -1,1 +1,18 @@
-"""The glassbox server: sandboxed execution of remote trace bodies, weight integrity checks."""
+"""The glassbox server: an HTTP API in front of worker processes that run remote trace bodies.
+
+Layout (dependencies point down; nothing imports upward)::
+
+    api/        HTTP routes, auth, live events          (the API process)
+      │
+    workers/    feeders, the local process, Ray replicas (claim, batch, deadline, crash)
+      │             ╎ imported by name, inside the worker process only
+    jobs/       the executor: one job, co-tenant batches, served models, weight integrity
+      │
+    sandbox/    restricted compile, runtime guards, module whitelist
+
+    config.py   ServerConfig (every knob; drives `glassbox serve --help` and the README table)
+    store.py    JobStore: API keys and the durable job queue (SQLite, or any SQLAlchemy URL)
+
+``api`` and ``workers`` both use ``config`` and ``store``; ``jobs`` and ``sandbox`` know nothing
+of either (a job never sees keys or the database).
+"""

@@ -197,9 +197,9 @@ class ServerConfig:
         "Default: 1 CPU, no GPU, no memory reservation."
     ), default_factory=dict)
     executor: str = field(**_doc(
-        "Module the worker takes load_models() and run_job() from. Change only to test the "
-        "server machinery or to plug in another executor."
-    ), default="glassbox.server.execute")
+        "Module the worker takes load_models() and run_job() from (the contract: server/jobs/executor.py). "
+        "Change only to test the server machinery or to plug in another executor."
+    ), default="glassbox.server.jobs.executor")
 
     def __post_init__(self) -> None:
         if self.backend not in ("local", "ray"):

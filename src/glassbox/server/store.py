@@ -72,6 +72,8 @@ from sqlalchemy import (
 from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
+from ..remote.protocol import FINAL_STATUSES, JOB_STATUSES
+
 __all__ = [
     "MAX_ATTEMPTS",
     "STATUSES",
@@ -83,8 +85,8 @@ __all__ = [
     "hash_key",
 ]
 
-STATUSES = ("RECEIVED", "QUEUED", "RUNNING", "COMPLETED", "ERROR", "CANCELLED")
-TERMINAL = frozenset({"COMPLETED", "ERROR", "CANCELLED"})
+STATUSES = JOB_STATUSES  # the protocol's names: clients see these
+TERMINAL = FINAL_STATUSES
 ACTIVE = ("RECEIVED", "QUEUED", "RUNNING")
 MAX_ATTEMPTS = 2
 KEY_PREFIX = "gbx_"

@@ -137,8 +137,8 @@ from RestrictedPython.transformer import (
     copy_locations,
 )
 
-from ..envoy import Envoy
-from ..remote.protocol import RemoteFunction
+from ...envoy import Envoy
+from ...remote.protocol import RemoteFunction
 from .guards import ModuleView, Policy, SandboxError, deny
 
 __all__ = [
@@ -355,7 +355,7 @@ def make_globals(
     }
     # glassbox defers `with tracer.invoke(...)` bodies and compiles them itself; this
     # key tells it to compile them here, under the same policy (older glassbox: no key).
-    from .. import capture
+    from ... import capture
 
     compiler_key = getattr(capture, "COMPILER_KEY", None)
     if compiler_key is not None:

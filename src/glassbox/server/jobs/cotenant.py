@@ -1,20 +1,21 @@
 """Co-tenant batching: concurrent requests for one model share ONE forward pass.
 
 Offers:
-    batch_key(request) -> tuple | None     which requests may share a pass (API process: no torch)
-    run_batch(models, items, logs=, limits=) -> [(result envelope, blob), ...]   (worker)
+    run_batch(models, items, logs=, limits=) -> [(result envelope, blob), ...]   (in the worker)
+
+Which requests may share a pass is decided in the API process by ``batchable.batch_key``.
 
 How a batch runs (inside the worker)::
 
     request 0: "The cat sat"      ─┐   each one: its own sandbox namespace, its own print,
-    request 1: "Hello"            ─┼─► its body compiled alone  ──►  Deferred.detached(...)
+    request 1: "Hello"            ─┼─► its body compiled alone  ──►  tracing.Body(...)
     request 2: "A longer prompt"  ─┘                                      │
-                                          tracing.run_detached(model, bodies, pad_to=...)
+                                          tracing.run_together(model, bodies, pad_to=...)
                                           one left-padded forward; each body is an invoke on
                                           its own rows and sees them WITHOUT the padding its
                                           prompt did not have alone (batching.Rows.trim)
 
-What may share a pass (``batch_key``): plain traces of the same model with no trace arguments
+What may share a pass (``batchable.batch_key``): plain traces of the same model with no trace arguments
 beyond the input, whose block does not use the tracer (invokes, stop, cache), gradients, module
 skipping or ``.next()``. Everything else runs alone, as before. Two requests that share a pass
 share nothing else: names, printed output, saved values, errors and limits are per request.
@@ -24,7 +25,7 @@ fails alone and the others go on. A failure inside the shared pass (one body rai
 model runs, an order error) cannot be pinned on one request from inside it, so every request of
 that batch runs again alone: the one at fault fails alone and the others get the results they
 would have had anyway. A batch over the time limit, or whose worker dies, is likewise run again
-request by request (``worker.WorkerHandle``). Printed output of a batched request is therefore
+request by request (``workers/feeder.py``). Printed output of a batched request is therefore
 sent when its batch has finished, not while it runs.
 
 Equality with running alone: not bit for bit, since CPU kernels block their work differently
@@ -37,60 +38,15 @@ vocabulary...), one or more positions longer than its longest prompt where neede
 
 from __future__ import annotations
 
-import ast
 import time
 from typing import Any
 
-from ..remote.framing import unframe
-from ..remote.protocol import ProtocolError, check_envelope
+from ...remote.protocol import JOB_KIND, check_envelope
+from ...tracing import Body, collect_saved, run_together
+from ..sandbox.compile import compile_restricted_source, register_source
+from . import execute, served
 
-__all__ = ["batch_key", "run_batch"]
-
-# Attributes whose use keeps a request out of batches: they need the trace to themselves.
-_ALONE_ATTRIBUTES = frozenset({
-    "backward", "grad", "retain_grad", "requires_grad_", "register_hook", "invoke", "skip", "next",
-    "trace", "generate", "session", "stop", "cache", "iter", "all",
-})
-_NO_CALL = {"t": "dict", "v": {}}
-
-
-def batch_key(request: bytes) -> tuple | None:
-    """The key shared by requests that may run in one pass, or None if this one runs alone."""
-    try:
-        envelope, _blob = unframe(request)
-        payload = check_envelope(envelope, "job", receiver="server")
-    except (ProtocolError, ValueError, TypeError):
-        return None
-    values = payload.get("values")
-    values = values.get("values") if isinstance(values, dict) else None  # encode_values' wrapper
-    if payload.get("method") != "trace" or not isinstance(values, dict) or values.get("call") != _NO_CALL:
-        return None
-    inputs = values.get("inputs")
-    if not isinstance(inputs, dict) or inputs.get("t") != "list" or len(inputs.get("v") or ()) != 1:
-        return None
-    source, tracer = payload.get("source"), payload.get("tracer_name")
-    if not isinstance(source, str) or not _shareable(source, tracer):
-        return None
-    return ("trace", str(payload.get("model")))
-
-
-def _shareable(source: str, tracer: Any) -> bool:
-    try:
-        tree = ast.parse(source)
-    except SyntaxError:
-        return False  # it fails alone, with its own error
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Name) and node.id == tracer:
-            return False
-        if isinstance(node, ast.Attribute) and node.attr in _ALONE_ATTRIBUTES:
-            return False
-        if isinstance(node, (ast.Global, ast.Nonlocal)):
-            return False
-    return True
-
-
-# ================================================================ inside the worker
-
+__all__ = ["run_batch"]
 
 class _Request:
     """One request of a batch, prepared to run as an invoke."""
@@ -108,13 +64,10 @@ class _Request:
         self.started = time.perf_counter()
 
     def prepare(self, models: dict[str, Any]) -> None:
-        from . import execute
-        from .sandbox import compile_restricted_source, register_source
-
         self.filename = execute.next_filename()
-        self.payload = check_envelope(self.envelope, execute.JOB_KIND, receiver="server")
+        self.payload = check_envelope(self.envelope, JOB_KIND, receiver="server")
         self.name = str(self.payload.get("model"))
-        self.model = execute.use_model(models, self.name)
+        self.model = served.use_model(models, self.name)
         first_line = max(2, int(self.payload.get("first_line", 2)))
         source = "\n" * (first_line - 1) + self.payload["source"]
         register_source(self.filename, source)
@@ -130,8 +83,6 @@ def run_batch(models: dict[str, Any], items: list[tuple[dict, bytes]], *, logs: 
               limits: dict | None = None) -> list[tuple[dict, bytes]]:
     """Run several job requests, sharing one forward pass where they can; a result per request,
     in order. Never raises for anything the requests' code does."""
-    from . import execute
-
     limits = limits or {}
     results: list[Any] = [None] * len(items)
     ready: list[_Request] = []
@@ -140,8 +91,8 @@ def run_batch(models: dict[str, Any], items: list[tuple[dict, bytes]], *, logs: 
         try:
             request.prepare(models)
         except Exception as exc:  # this request fails alone, before anything ran
-            results[index] = (execute.result_envelope(execute._error(exc, request.filename, request.payload),
-                                                      request.started), b"")
+            reply = execute.error_reply(exc, request.filename, request.payload)
+            results[index] = (execute.result_envelope(reply, request.started), b"")
         else:
             ready.append(request)
     for group, width in _groups(ready):
@@ -203,12 +154,8 @@ def _model_sizes(model: Any) -> frozenset[int]:
 
 
 def _run_together(group: list[_Request], limits: dict, width: int) -> list[tuple[dict, bytes]]:
-    from ..deferred import Deferred
-    from ..tracing import collect_saved, run_detached
-    from . import execute
-
     model = group[0].model
-    bodies = [Deferred.detached(r.code, r.namespace, r.prompt, f"request {r.index}") for r in group]
+    bodies = [Body(r.code, r.namespace, r.prompt, f"request {r.index}") for r in group]
     # The saved-value cap is per request: a batch of n may hold n times as many.
     shared_limits = dict(limits)
     if shared_limits.get("max_saved_values"):
@@ -216,16 +163,16 @@ def _run_together(group: list[_Request], limits: dict, width: int) -> list[tuple
     results = []
     try:
         with collect_saved() as saved:
-            run_detached(model, bodies, pad_to=width)
+            run_together(model, bodies, pad_to=width)
             for request in group:
                 try:
                     reply, blob = execute.job_reply(request.namespace, request.payload, saved, shared_limits)
                 except Exception as exc:  # over a limit: this request alone fails
-                    reply, blob = execute._error(exc, request.filename, request.payload), b""
+                    reply, blob = execute.error_reply(exc, request.filename, request.payload), b""
                 reply["batch_size"] = len(group)
                 results.append((execute.result_envelope(reply, request.started), blob))
     finally:
-        model.__dict__["_active"] = None
+        model.active = None
     for request in group:  # printed output is sent only for a batch that stands
         for text in request.printed:
             request.log(text)

@@ -125,14 +125,14 @@ def make_wrapper(site: Site) -> Callable[..., Any]:
             return site.original(*args, **kwargs)
         site.n_in += 1
         if site.waiting_in or site.recorders:
-            args, kwargs = interleaver._boundary(site, "input", (args, kwargs), site.n_in)
+            args, kwargs = interleaver.boundary(site, "input", (args, kwargs), site.n_in)
         if site.skip_value is not MISSING:
             output, site.skip_value = site.skip_value, MISSING
         else:
             output = site.original(*args, **kwargs)
         site.n_out += 1
         if site.waiting_out or site.recorders:
-            return interleaver._boundary(site, "output", output, site.n_out)
+            return interleaver.boundary(site, "output", output, site.n_out)
         interleaver.position = (site, "output", site.n_out)
         return output
 

@@ -29,8 +29,8 @@ from typing import Any
 
 import torch
 
-from ..envoy import Envoy
-from ..errors import SandboxError
+from ...envoy import Envoy
+from ...errors import SandboxError
 from .whitelist import SPECS, ModuleView, dangerous, importable_modules
 
 _MISSING = object()
@@ -555,14 +555,14 @@ def _check_format(template: str) -> None:
 
 
 def _glassbox_save(obj: Any) -> bool:
-    from ..envoy import SavableTuple
-    from ..tracing import _tensor_save
+    from ...envoy import SavableTuple
+    from ...tracing import tensor_save
 
-    return getattr(type(obj), "save", None) in (_tensor_save, SavableTuple.save)
+    return getattr(type(obj), "save", None) in (tensor_save, SavableTuple.save)
 
 
 def _is_tracer(obj: Any) -> bool:
-    from ..tracing import Tracer
+    from ...tracing import Tracer
 
     return isinstance(obj, Tracer)
 

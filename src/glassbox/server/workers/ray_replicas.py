@@ -5,7 +5,7 @@ Offers:
       .channels()               one ``RayReplica`` per replica; touches no Ray yet
       .connect()                start a private Ray instance, or join the cluster at ``ray_address``
       .disconnect()             kill the replicas; leave Ray (a private instance stops with it)
-    RayReplica                  the channel to one replica: what ``worker.LocalProcess`` offers
+    RayReplica                  the channel to one replica: what ``local.LocalProcess`` offers
     GlassboxReplica             the actor class (one model, jobs one at a time)
 
     glassbox serve --backend ray --model smollm2=DIR --replicas smollm2=2 --model gpt2=DIR \\
@@ -15,8 +15,8 @@ Layout::
 
     API process                                         Ray actor GlassboxReplica (one model)
     ───────────                                         ─────────────────────────────────────
-    WorkerHandle ── RayReplica                          max_concurrency=4 (threads):
-      send(message, blob)   ── run.remote(frame) ──►      run: worker.handle_message(...), one at a
+    Feeder ── RayReplica                          max_concurrency=4 (threads):
+      send(message, blob)   ── run.remote(frame) ──►      run: child.handle_message(...), one at a
       receive(timeout)      ◄── take.remote(1 s) ──         time (a lock); every log / result goes
         one take call outstanding at a time, kept           into an outbox as a framed message
         across receive() calls; returns the outbox        take: waits up to 1 s for the outbox,
@@ -29,11 +29,11 @@ Layout::
   given to it.
 - **Restarts** are the feeder's: the actor is created with ``max_restarts=0``. When it dies (killed,
   crashed, out of memory, node lost) the pending ``take`` raises ``RayActorError``, the channel
-  reports ``ChannelClosed``, and ``WorkerHandle`` settles the job (a retry, ``crash_retries``) and
+  reports ``ChannelClosed``, and ``Feeder`` settles the job (a retry, ``crash_retries``) and
   calls ``start()`` again, which creates a fresh actor. Ray's own restarts would bring the actor back
   behind the feeder's back, replaying or dropping the method calls in flight, so the feeder could
   not tell which job died with it.
-- **Loading**: the actor's ``__init__`` only scrubs its environment (``worker.SENSITIVE_ENV``: no
+- **Loading**: the actor's ``__init__`` only scrubs its environment (``child.SENSITIVE_ENV``: no
   secrets where user code runs) and sets ``RLIMIT_DATA`` (``max_memory_bytes``, per replica).
   ``load`` then sets torch's threads (``torch_threads``; when 0, Ray's ``OMP_NUM_THREADS``, i.e.
   the replica's CPUs), loads the one model through the executor and describes it like the local
@@ -70,7 +70,6 @@ Layout::
 from __future__ import annotations
 
 import collections
-import importlib
 import logging
 import math
 import os
@@ -80,22 +79,11 @@ import traceback
 from collections.abc import Callable
 from typing import Any
 
-from ..remote.framing import frame, unframe
-from ..remote.protocol import ProtocolError
-from .config import ServerConfig
-from .worker import (
-    ChannelClosed,
-    WorkerStartError,
-    _describe,
-    _limit_memory,
-    _memory_in_use,
-    _memory_note,
-    _scrub_environment,
-    child_environment,
-    error_result,
-    handle_message,
-    is_out_of_memory,
-)
+from ...remote.framing import frame, unframe
+from ...remote.protocol import ProtocolError
+from ..config import ServerConfig
+from .channel import ChannelClosed, WorkerStartError, error_result, ready_note
+from .child import child_environment, handle_message, limit_memory, scrub_environment, start
 
 __all__ = ["GlassboxReplica", "RayBackend", "RayReplica"]
 
@@ -114,11 +102,11 @@ class GlassboxReplica:
 
     def __init__(self, specs: dict[str, str], executor: str, torch_threads: int,
                  max_memory_bytes: int) -> None:
-        _scrub_environment()
+        scrub_environment()
         self._specs = dict(specs)
         self._executor = executor
         self._torch_threads = int(torch_threads)
-        self._limit = _limit_memory(int(max_memory_bytes))
+        self._limit = limit_memory(int(max_memory_bytes))
         self._module: Any = None
         self._models: dict[str, Any] = {}
         self._outbox: collections.deque[bytes] = collections.deque()
@@ -130,27 +118,9 @@ class GlassboxReplica:
 
     def load(self) -> bytes:
         """Load the model; a framed ``ready`` (with the description) or ``failed`` (why) message."""
-        started = time.monotonic()
-        try:
-            import torch
-
-            if self._torch_threads:
-                torch.set_num_threads(self._torch_threads)
-            try:
-                torch.set_num_interop_threads(1)  # jobs run one at a time; fewer idle threads
-            except RuntimeError:
-                pass  # already fixed by an import that ran parallel work: harmless
-            self._module = importlib.import_module(self._executor)
-            self._models = self._module.load_models(self._specs)
-        except BaseException as err:  # the server must hear why, whatever it was
-            error = traceback.format_exc()
-            if self._limit and is_out_of_memory({"type": type(err).__name__, "message": str(err)}):
-                error += (f"\nThe replica's memory limit is {self._limit / _GIB:.1f} GiB (max_memory_bytes, "
-                          "models included): raise it, or 0 for no limit.")
-            return frame({"op": "failed", "error": error})
-        return frame({"op": "ready", "models": {name: _describe(m) for name, m in self._models.items()},
-                      "seconds": round(time.monotonic() - started, 3), "threads": torch.get_num_threads(),
-                      "memory": _memory_in_use(), "memory_limit": self._limit})
+        self._module, self._models, reply = start(self._executor, self._specs, self._torch_threads,
+                                                  self._limit)
+        return frame(reply)
 
     def run(self, request: bytes) -> None:
         """Run one framed ``job`` / ``batch`` message; its output goes to the outbox."""
@@ -372,7 +342,7 @@ class RayBackend:
 
 
 class RayReplica:
-    """The channel to one Ray replica of one model; offers what ``worker.LocalProcess`` offers."""
+    """The channel to one Ray replica of one model; offers what ``local.LocalProcess`` offers."""
 
     def __init__(self, backend: RayBackend, model: str, index: int) -> None:
         self.backend = backend
@@ -438,8 +408,7 @@ class RayReplica:
                         raise WorkerStartError(str(message.get("error") or message))
                     if self.pid is None:
                         self.pid = int(ray.get(actor.pid.remote()))
-                    note = f"{message.get('threads')} torch threads{_memory_note(message)}"
-                    return {**message, "note": note}
+                    return {**message, "note": ready_note(message)}
                 if self.pid is None and not noticed and time.monotonic() - started > _PLACE_NOTICE:
                     noticed = True
                     backend.say(f"{self.label}: still waiting for Ray to place and start it; it asks "

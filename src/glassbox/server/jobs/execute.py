@@ -1,26 +1,24 @@
 """Run one remote job: decode it, compile it under restriction, trace, reply.
 
 Offers:
-    JOB_KIND                      the envelope kind of a job request
-    load_models(specs)            {name: folder or hub id} -> loaded LanguageModels
     run_job(models, envelope, blob, log=, limits=) -> (result envelope, blob)
-    run_batch(models, items, logs=, limits=)  several jobs in one forward (cotenant.py)
-    after_job(models)             verify every weight and restore what changed, reset
-                                  torch state: the worker calls it after SENDING each
-                                  result and before taking the next job, so the
-                                  checksum (~0.2 s on SmolLM2) is off the round trip
+    job_namespace(model, payload, blob, log)   the sandboxed globals of one job
+    job_reply(namespace, payload, saved, limits, result=None) -> (reply, blob)
+    error_reply(exc, filename, payload)        an ERROR reply pointing at the user's line
+    result_envelope(reply, started)            the reply as a result envelope
+    next_filename()                            "<glassbox job N>": what tracebacks name
 
 Call hierarchy (inside the worker process, which holds models, no secrets)::
 
     run_job
       ├─ check_envelope / decode_values         data only: no pickle, functions as source
+      ├─ served.use_model                       the model asked for (weights guarded)
       ├─ _job_source                            "with glassbox_model.trace(...) as tracer:" +
       │                                          the user's block, on its original line numbers
-      ├─ compile_restricted_source + make_globals   sandbox (server/sandbox.py)
+      ├─ compile_restricted_source + make_globals   sandbox (server/sandbox/)
       ├─ exec under collect_saved()            a normal local trace of the served model
       ├─ _returned                             exactly the saved values (and containers of them)
-    after_job (once the reply is on its way, before the next job)
-      └─ WeightGuard.verify / restore          no job can leave the weights changed
+    (after the reply is on its way: served.after_job verifies and restores the weights)
 
 User errors never escape: they come back as an ERROR result with the
 exception type, message and the line number in the user's own file.
@@ -28,7 +26,6 @@ exception type, message and the line number in the user's own file.
 
 from __future__ import annotations
 
-import sys
 import textwrap
 import time
 import traceback
@@ -37,36 +34,21 @@ from typing import Any
 
 import torch
 
-from ..remote.protocol import RemoteFunction, check_envelope, decode_values, encode_values, make_envelope
-from ..tracing import collect_saved
-from .integrity import WeightGuard
-from .sandbox import compile_function, compile_restricted_source, make_globals, register_source
+from ...remote.protocol import (
+    JOB_KIND,
+    RESULT_KIND,
+    RemoteFunction,
+    check_envelope,
+    decode_values,
+    encode_values,
+    make_envelope,
+)
+from ...tracing import collect_saved
+from ..sandbox.compile import compile_function, compile_restricted_source, make_globals, register_source
+from .served import use_model
 
-JOB_KIND = "job"
-RESULT_KIND = "result"
 _METHODS = ("trace", "generate", "session")
-_guards: dict[int, WeightGuard] = {}
 _job_counter = 0
-_last_model: list[str] = []  # the models the last job(s) ran on: the only ones they could reach
-
-
-def load_models(specs: dict[str, str]) -> dict[str, Any]:
-    """Load each served model with its weights (``LanguageModel(path, dispatch=True)``)."""
-    from ..models.language import LanguageModel
-
-    models = {}
-    for name, path in specs.items():
-        print(f"[glassbox worker] loading {name} from {path}", file=sys.stderr, flush=True)
-        models[name] = LanguageModel(path, dispatch=True)
-        _guard(models[name])
-    return models
-
-
-def _guard(model: Any) -> WeightGuard:
-    guard = _guards.get(id(model._module))
-    if guard is None:
-        guard = _guards[id(model._module)] = WeightGuard(model._module)
-    return guard
 
 
 def run_job(
@@ -88,10 +70,10 @@ def run_job(
         model = use_model(models, payload.get("model"))
         reply, out_blob = _execute(model, payload, blob, filename, log, limits)
     except Exception as exc:  # every failure of the job becomes an ERROR result
-        reply, out_blob = _error(exc, filename, payload), b""
+        reply, out_blob = error_reply(exc, filename, payload), b""
     finally:
         if model is not None:
-            model.__dict__["_active"] = None
+            model.active = None
     return result_envelope(reply, started), out_blob
 
 
@@ -100,18 +82,6 @@ def next_filename() -> str:
     global _job_counter
     _job_counter += 1
     return f"<glassbox job {_job_counter}>"
-
-
-def use_model(models: dict[str, Any], name: Any) -> Any:
-    """The served model a job asks for (LookupError naming the served ones if there is none);
-    its weights are snapshotted before the first job touches it and checked after each job."""
-    if name not in models:
-        served = ", ".join(sorted(models)) or "none"
-        raise LookupError(f"model {name!r} is not served here; this server serves: {served}")
-    if name not in _last_model:
-        _last_model.append(name)
-    _guard(models[name])
-    return models[name]
 
 
 def result_envelope(reply: dict, started: float) -> dict:
@@ -258,7 +228,7 @@ def _returned(namespace: dict, payload: dict, saved: dict[int, Any], limits: dic
     return returned, unsaved
 
 
-def _error(exc: BaseException, filename: str, payload: dict) -> dict:
+def error_reply(exc: BaseException, filename: str, payload: dict) -> dict:
     lineno = None
     for frame, line in traceback.walk_tb(exc.__traceback__):
         if frame.f_code.co_filename == filename:
@@ -275,46 +245,3 @@ def _error(exc: BaseException, filename: str, payload: dict) -> dict:
     }
 
 
-def after_job(models: dict[str, Any]) -> dict[str, list[str]]:
-    """Between two jobs: put back any weight the last job changed (by model name).
-    A job only ever holds its own model, so only that one is checked (checking
-    SmolLM2 after every job on a tiny model would delay the next job ~0.2 s)."""
-    restored = {}
-    names, _last_model[:] = list(_last_model), []
-    for name in (n for n in names if n in models):
-        model = models[name]
-        changed = _reset(model)
-        if changed:
-            restored[name] = changed
-            print(f"[glassbox worker] restored weights of {name} after a job: {changed}",
-                  file=sys.stderr, flush=True)
-    return restored
-
-
-def _reset(model: Any) -> list[str]:
-    """Leave nothing from this job for the next: weights, grads, torch state.
-    Returns the names of tensors that had changed (and were restored).
-
-    Every weight is checked after every job, on purpose: a job can write a weight
-    along a path the sandbox does not see and still complete normally, and a
-    version counter does not move on ``param.data.zero_()``. Checking only after
-    suspicious jobs would hand the next user (often already queued) a changed
-    model. The check runs in ``after_job``, after the reply has been sent and
-    before the next job starts: the same guarantee, off the round trip
-    (bench/remote_latency.py measured it at 0.2-0.3 s of a SmolLM2 round trip)."""
-    guard = _guard(model)
-    changed = guard.verify()
-    if changed:
-        guard.restore()
-    guard.clear_grads()
-    torch.set_grad_enabled(True)
-    model.__dict__["_active"] = None
-    return changed
-
-
-def run_batch(models: dict[str, Any], items: list[tuple[dict, bytes]], *, logs: list[Callable[[str], None]],
-              limits: dict | None = None) -> list[tuple[dict, bytes]]:
-    """Several jobs, sharing one forward pass where they can (``cotenant.run_batch``)."""
-    from .cotenant import run_batch as run
-
-    return run(models, items, logs=logs, limits=limits)

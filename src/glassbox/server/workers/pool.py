@@ -10,10 +10,10 @@ Offers:
 
 Layout::
 
-    backend local:  WorkerPool ── WorkerHandle ── LocalProcess (one process, every model)
-    backend ray:    WorkerPool ─┬ WorkerHandle ── RayReplica(smollm2, 0) ── Ray actor
-                                ├ WorkerHandle ── RayReplica(smollm2, 1) ── Ray actor
-                                └ WorkerHandle ── RayReplica(gpt2, 0)    ── Ray actor
+    backend local:  WorkerPool ── Feeder ── LocalProcess (one process, every model)
+    backend ray:    WorkerPool ─┬ Feeder ── RayReplica(smollm2, 0) ── Ray actor
+                                ├ Feeder ── RayReplica(smollm2, 1) ── Ray actor
+                                └ Feeder ── RayReplica(gpt2, 0)    ── Ray actor
 
 Every handle feeds itself from the one job store (claims are atomic), so a free replica takes
 the next job for its model; the handles share the set of jobs that must run alone.
@@ -25,9 +25,10 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
-from .config import ServerConfig
-from .store import JobStore
-from .worker import WorkerHandle, WorkerStartError
+from ..config import ServerConfig
+from ..store import JobStore
+from .channel import WorkerStartError
+from .feeder import Feeder
 
 __all__ = ["WorkerPool"]
 
@@ -52,13 +53,13 @@ class WorkerPool:
         self.solo: set[str] = set()
         self._backend: Any = None
         if config.backend == "ray":
-            from .ray_backend import RayBackend
+            from .ray_replicas import RayBackend
 
             self._backend = RayBackend(config, self.say)
             channels = self._backend.channels()
         else:
-            channels = [None]  # WorkerHandle's default: one LocalProcess for every model
-        self.handles = [WorkerHandle(config, store, on_event=on_event, say=self.say, channel=channel,
+            channels = [None]  # Feeder's default: one LocalProcess for every model
+        self.handles = [Feeder(config, store, on_event=on_event, say=self.say, channel=channel,
                                      solo=self.solo) for channel in channels]
 
     # ------------------------------------------------------------ control
@@ -70,7 +71,7 @@ class WorkerPool:
             self._backend.connect()
         errors: list[BaseException] = []
 
-        def start(handle: WorkerHandle) -> None:
+        def start(handle: Feeder) -> None:
             try:
                 handle.start()
             except BaseException as err:  # reported below, in the caller's thread

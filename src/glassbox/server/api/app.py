@@ -1,0 +1,123 @@
+"""The HTTP API of a glassbox server.
+
+Offers:
+    create_app(config, *, store=None, say=None) -> FastAPI     the whole server, ready for uvicorn
+
+Endpoints (all JSON unless said otherwise)::
+
+    GET    /v1/health               {"glassbox", "protocol", "worker", "backend", "replicas"}   no key
+    GET    /v1/models               {"models": [{"name", "status", "class", "parameters", ...}]} no key
+    GET    /v1/models/{name}/files  {"files": {filename: text}}: config and tokenizer files, no key
+    POST   /v1/jobs                 body: a framed job request (remote/framing.py) -> 202 {"id", ...}
+    GET    /v1/jobs                 the caller's jobs (no logs, no results)
+    GET    /v1/jobs/{id}            status, queue position, printed output from ?log_offset=N
+    WS     /v1/jobs/{id}/events     {"status", "position", "log", "offset", "elapsed", "error"} events
+    GET    /v1/jobs/{id}/result     the framed result envelope (+ safetensors blob) of a final job
+    DELETE /v1/jobs/{id}            cancel: queued -> CANCELLED; running -> worker killed, CANCELLED
+
+Every endpoint but health and the two model ones needs an API key (``Authorization: Bearer <key>`` or
+``X-API-Key: <key>``; the websocket also takes ``{"api_key": ...}`` as its first message). A job
+is visible to the key that submitted it only: for any other key it does not exist (404).
+
+Request lifecycle::
+
+    client                       API process (this file)                    worker process
+    ──────                       ───────────────────────                    ──────────────
+    POST /v1/jobs ──────────►  key ─► rate limit ─► size ─► unframe +
+                               check_envelope ─► model served?
+                               store: RECEIVED ─► QUEUED ──► 202 {id}
+    WS  /events   ◄────────── QUEUED (position n) ... (position 0)
+                               feeder: claim ─► RUNNING ───────────────►  run_job(...)
+                  ◄────────── {"log": ...}  ◄──────────────────────────  print(...)
+                               store: COMPLETED / ERROR + result  ◄────  (result, blob)
+                  ◄────────── COMPLETED
+    GET /result   ──────────►  framed result bytes (owner only)
+                               ... deleted ``result_ttl_seconds`` after it finished
+
+Refusals: 400 not a glassbox request / protocol version mismatch (the message says what to
+upgrade), 401 no or unknown key, 404 unknown job or model (the model message lists the served
+ones), 409 result of an unfinished job, 413 request over ``max_request_bytes``, 429 over
+``rate_limit_per_minute`` or ``max_jobs_per_key``. An unexpected failure answers 500 and the
+server goes on; a failure of the job itself is a job in state ERROR, not an HTTP error.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import traceback
+from collections.abc import AsyncIterator, Callable
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+
+from ... import __version__
+from ..config import ServerConfig
+from ..store import JobStore
+from ..workers.pool import WorkerPool
+from . import jobs_routes, models_routes
+from .auth import RateLimiter, in_thread
+from .hub import Hub
+
+__all__ = ["create_app"]
+
+
+def create_app(
+    config: ServerConfig,
+    *,
+    store: JobStore | None = None,
+    say: Callable[[str], None] | None = None,
+) -> FastAPI:
+    """The glassbox API for ``config``. Starting it (uvicorn runs the lifespan) settles jobs left
+    by a previous run, starts the worker and waits until the models are loaded.
+
+        app = create_app(ServerConfig(models={"gpt2": path}))
+        uvicorn.run(app, host="127.0.0.1", port=8765)
+    """
+    say = say or (lambda text: print(f"[glassbox] {text}", flush=True))
+    store = store or JobStore(config.database_url())
+    hub = Hub(store)
+    worker = WorkerPool(config, store, on_event=hub.publish, say=say)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        hub.loop = asyncio.get_running_loop()
+        counts = await in_thread(store.recover)
+        if counts["requeued"] or counts["failed"] or counts["dropped"] or counts["queued"]:
+            say(f"jobs from the previous run: {counts['queued']} still queued, {counts['requeued']} "
+                f"interrupted and queued again, {counts['failed'] + counts['dropped']} failed")
+        await in_thread(store.delete_expired, config.result_ttl_seconds)
+        await in_thread(worker.start)  # WorkerStartError here stops the server with the reason
+        janitor = asyncio.create_task(_janitor())
+        try:
+            yield
+        finally:
+            janitor.cancel()
+            await in_thread(worker.stop)
+            hub.loop = None
+            store.close()
+
+    async def _janitor() -> None:
+        period = max(1.0, min(60.0, config.result_ttl_seconds / 4))
+        while True:
+            await asyncio.sleep(period)
+            try:
+                await in_thread(store.delete_expired, config.result_ttl_seconds)
+            except Exception:
+                say(f"could not delete expired jobs (will retry):\n{traceback.format_exc()}")
+
+    app = FastAPI(title="glassbox", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None)
+    state = app.state
+    state.config, state.store, state.worker, state.hub, state.say = config, store, worker, hub, say
+    state.limiter = RateLimiter(config.rate_limit_per_minute)
+    state.file_answers = models_routes.FileAnswers()
+    app.include_router(models_routes.router)
+    app.include_router(jobs_routes.router)
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        say(f"error while serving {request.method} {request.url.path}:\n{traceback.format_exc()}")
+        return JSONResponse({"detail": f"internal server error ({type(exc).__name__}); the server goes on"},
+                            status_code=500)
+
+    return app

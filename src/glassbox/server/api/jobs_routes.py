@@ -1,0 +1,245 @@
+"""The job endpoints: submit, list, status, live events, result, cancel (each needs an API key).
+
+Offers:
+    router      the routes below, for ``app.include_router``
+
+    POST   /v1/jobs                 body: a framed job request (remote/framing.py) -> 202 {"id", ...}
+    GET    /v1/jobs                 the caller's jobs (no logs, no results)
+    GET    /v1/jobs/{id}            status, queue position, printed output from ?log_offset=N
+    WS     /v1/jobs/{id}/events     {"status", "position", "log", "offset", "elapsed", "error"} events
+    GET    /v1/jobs/{id}/result     the framed result envelope (+ safetensors blob) of a final job
+    DELETE /v1/jobs/{id}            cancel: queued -> CANCELLED; running -> worker killed, CANCELLED
+
+A job is visible to the key that submitted it only: for any other key it does not exist (404).
+Refusals: 400 not a glassbox request / protocol version mismatch (the message says what to
+upgrade), 404 unknown job or model (the model message lists the served ones), 409 result of an
+unfinished job, 413 request over ``max_request_bytes``, 429 over ``rate_limit_per_minute`` or
+``max_jobs_per_key``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+import traceback
+from typing import Any
+
+from fastapi import APIRouter, HTTPException, Request, WebSocket, WebSocketDisconnect
+from fastapi.responses import Response
+
+from ...remote.framing import frame, unframe
+from ...remote.protocol import FINAL_STATUSES, JOB_KIND, ProtocolError, check_envelope
+from ..store import JobInfo, KeyInfo, TooManyJobs
+from ..workers.channel import error_result
+from .auth import BAD_KEY, MISSING_KEY, ApiKey, in_thread, key_of
+
+__all__ = ["router"]
+
+_WS_TICK = 0.5  # seconds between queue-position checks / heartbeats on a quiet websocket
+_HEARTBEAT = 2.0
+
+router = APIRouter()
+
+
+def _state(request: Request) -> tuple[Any, Any, Any, Any]:
+    state = request.app.state
+    return state.config, state.store, state.hub, state.worker
+
+
+async def _owned_job(request: Request, job_id: str, key: KeyInfo) -> JobInfo:
+    job = await in_thread(request.app.state.store.get, job_id)
+    if job is None or job.key_id != key.id:
+        # The same answer for "never existed", "expired" and "someone else's": ids leak nothing.
+        ttl = request.app.state.config.result_ttl_seconds
+        raise HTTPException(404, f"no job {job_id!r} for this API key (finished jobs are deleted "
+                                 f"{ttl:g} s after they finish)")
+    return job
+
+
+@router.post("/v1/jobs", status_code=202)
+async def submit(request: Request, key: ApiKey) -> dict:
+    config, store, hub, worker = _state(request)
+    wait = request.app.state.limiter.hit(key.id)
+    if wait is not None:
+        raise HTTPException(429, (
+            f"rate limit: this API key may submit {config.rate_limit_per_minute} jobs per minute "
+            f"(the server's rate_limit_per_minute); try again in {wait:.0f} s"
+        ), headers={"Retry-After": str(int(wait) + 1)})
+    body = await _read_body(request, config.max_request_bytes)
+    try:
+        envelope, _blob = unframe(body)
+        payload = check_envelope(envelope, JOB_KIND, receiver="server")
+    except ProtocolError as err:
+        raise HTTPException(400, str(err)) from None
+    model = payload.get("model")
+    if not isinstance(model, str) or model not in config.models:
+        served = ", ".join(sorted(config.models)) or "none"
+        raise HTTPException(404, f"model {model!r} is not served here; this server serves: {served}")
+    try:
+        job_id = await in_thread(store.create_job, key.id, model, body, max_active=config.max_jobs_per_key)
+    except TooManyJobs as err:
+        raise HTTPException(429, (
+            f"this API key already has {err.active} jobs queued or running, the server's limit "
+            f"(max_jobs_per_key = {err.limit}); wait for one to finish or cancel one"
+        ), headers={"Retry-After": "1"}) from None
+    await in_thread(store.mark_queued, job_id)
+    position = await in_thread(store.position, job_id)
+    hub.publish(job_id, {"status": "QUEUED", "position": position})
+    worker.wake()
+    return {"id": job_id, "status": "QUEUED", "position": position, "model": model}
+
+@router.get("/v1/jobs")
+async def list_jobs(request: Request, key: ApiKey) -> dict:
+    store = request.app.state.store
+    jobs = await in_thread(store.jobs_of, key.id)
+    return {"jobs": [_summary(job) for job in jobs]}
+
+@router.get("/v1/jobs/{job_id}")
+async def job_status(job_id: str, request: Request, key: ApiKey, log_offset: int = 0) -> dict:
+    _config, store, hub, _worker = _state(request)
+    live = hub.live_logs(job_id)  # read before the store: see Hub for why this order is safe
+    job = await _owned_job(request, job_id, key)
+    logs = job.logs if job.terminal or live is None else live
+    position = await in_thread(store.position, job_id) if job.status == "QUEUED" else None
+    offset = max(0, log_offset)
+    return {**_summary(job), "position": position, "logs": logs[offset:], "log_length": len(logs),
+            "error": job.error}
+
+@router.get("/v1/jobs/{job_id}/result")
+async def job_result(job_id: str, request: Request, key: ApiKey) -> Response:
+    store = request.app.state.store
+    job = await _owned_job(request, job_id, key)
+    if not job.terminal:
+        raise HTTPException(409, (
+            f"job {job_id} is not finished (status {job.status}); wait for it on "
+            f"/v1/jobs/{job_id}/events or poll /v1/jobs/{job_id}"
+        ))
+    data = await in_thread(store.result, job_id)
+    if data is None:
+        data = frame(error_result("InternalError", f"the result of job {job_id} was not stored"))
+    return Response(content=data, media_type="application/octet-stream")
+
+@router.delete("/v1/jobs/{job_id}")
+async def cancel(job_id: str, request: Request, key: ApiKey) -> dict:
+    _config, store, hub, worker = _state(request)
+    job = await _owned_job(request, job_id, key)
+    if job.terminal:
+        return {"id": job_id, "status": job.status, "cancelled": False}
+    result = frame(error_result("Cancelled", "the job was cancelled by its owner before it ran"))
+    status = await in_thread(store.cancel, job_id, result=result)
+    if status == "CANCELLED":
+        hub.publish(job_id, {"status": "CANCELLED"})
+        return {"id": job_id, "status": "CANCELLED", "cancelled": True}
+    if status == "RUNNING" and worker.cancel(job_id):
+        deadline = time.monotonic() + 15.0
+        while time.monotonic() < deadline:
+            job = await _owned_job(request, job_id, key)
+            if job.terminal:
+                break
+            await asyncio.sleep(0.05)
+    job = await _owned_job(request, job_id, key)
+    return {"id": job_id, "status": job.status, "cancelled": job.status == "CANCELLED"}
+
+@router.websocket("/v1/jobs/{job_id}/events")
+async def events(websocket: WebSocket, job_id: str) -> None:
+    await websocket.accept()
+    try:
+        await _stream_events(websocket, job_id)
+    except (WebSocketDisconnect, RuntimeError):
+        pass  # the client went away (RuntimeError: starlette's "send after close")
+    except Exception:
+        websocket.app.state.say(f"error on the events websocket of job {job_id}:\n{traceback.format_exc()}")
+    with contextlib.suppress(Exception):
+        await websocket.close()
+
+async def _stream_events(websocket: WebSocket, job_id: str) -> None:
+    store, hub = websocket.app.state.store, websocket.app.state.hub
+    info, key = await key_of(websocket)
+    if info is None:
+        await websocket.send_json({"error": BAD_KEY if key else MISSING_KEY, "code": 401})
+        await websocket.close(code=4401)
+        return
+    job = await in_thread(store.get, job_id)
+    if job is None or job.key_id != info.id:
+        await websocket.send_json({"error": f"no job {job_id!r} for this API key", "code": 404})
+        await websocket.close(code=4404)
+        return
+    queue, job, logs = await in_thread(hub.subscribe, job_id)
+    try:
+        await _follow(websocket, queue, job, logs)
+    finally:
+        hub.unsubscribe(job_id, queue)
+
+async def _follow(websocket: WebSocket, queue: asyncio.Queue, job: JobInfo | None, logs: str) -> None:
+    store = websocket.app.state.store
+    if job is None:
+        return
+    created = job.created
+
+    async def send(event: dict) -> None:
+        await websocket.send_json({**event, "elapsed": round(time.time() - created, 3)})
+
+    status = job.status
+    position = await in_thread(store.position, job.id) if status == "QUEUED" else None
+    first: dict[str, Any] = {"status": status, "position": position}
+    if logs:
+        first.update(log=logs, offset=0)
+    if job.terminal and job.error:
+        first["error"] = job.error
+    await send(first)
+    if job.terminal:
+        return
+    last_sent = time.monotonic()
+    while True:
+        try:
+            event = await asyncio.wait_for(queue.get(), _WS_TICK)
+        except asyncio.TimeoutError:
+            event = None
+        if event is None:
+            current = await in_thread(store.get, job.id)
+            if current is None:
+                return
+            if current.status == "QUEUED":
+                now_position = await in_thread(store.position, job.id)
+                if now_position != position:
+                    position = now_position
+                    await send({"status": "QUEUED", "position": position})
+                    last_sent = time.monotonic()
+                    continue
+            if time.monotonic() - last_sent >= _HEARTBEAT:
+                # Also how a client that went away is noticed.
+                await send({"status": current.status, "position": position})
+                last_sent = time.monotonic()
+            continue
+        if event.get("status") != "QUEUED":
+            position = None
+        else:
+            position = event.get("position", position)
+        await send({**event, "position": position})
+        last_sent = time.monotonic()
+        if event.get("status") in FINAL_STATUSES:
+            return
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    too_big = (
+        "the request is {size} bytes, over this server's limit of {limit:,} bytes (max_request_bytes); "
+        "send smaller inputs or fewer values (tensors the block reads travel with it)"
+    )
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > limit:
+        raise HTTPException(413, too_big.format(size=f"{int(declared):,}", limit=limit))
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            raise HTTPException(413, too_big.format(size=f"more than {limit:,}", limit=limit))
+    return bytes(body)
+
+
+def _summary(job: JobInfo) -> dict:
+    end = job.finished or time.time()
+    return {"id": job.id, "model": job.model, "status": job.status, "created": job.created,
+            "started": job.started, "finished": job.finished, "elapsed": round(end - job.created, 3),
+            "attempts": job.attempts}

@@ -1,0 +1,12 @@
+"""Running jobs inside a worker: the executor contract and the default executor.
+
+    executor.py    the Executor Protocol; the default executor (``--executor`` default)
+    execute.py     one job: decode, compile under the sandbox, trace, reply
+    cotenant.py    several jobs in ONE forward pass, each on its own rows
+    batchable.py   which requests may share a pass (runs in the API process; no torch models)
+    served.py      the served models: load, hand out, verify and restore after each job
+    integrity.py   WeightGuard: keyed weight checksums, snapshot and restore
+
+May import: ``glassbox`` (the tracing core, models, remote protocol), ``server.sandbox``.
+Never imports ``server.api`` or ``server.workers``: workers call into jobs, not the reverse.
+"""

@@ -1,0 +1,42 @@
+"""The executor contract (what ``--executor`` names), and the default executor.
+
+Offers:
+    Executor            the Protocol a custom executor module implements
+    load_models, run_job, run_batch, after_job      the default executor (this module is the
+                                                    default ``--executor``)
+
+A worker (``workers/child.py``) imports the executor module by name and calls::
+
+    models = load_models(specs)                     once, at start: {name: model}
+    result, blob = run_job(models, envelope, blob, log=print_fn, limits={...})
+    results = run_batch(models, [(envelope, blob), ...], logs=[print_fn, ...], limits={...})
+                                                    optional: several jobs in one pass; without
+                                                    it a batch runs job by job
+    after_job(models)                               optional: after every job or batch, once
+                                                    its replies are on their way
+
+``run_job`` / ``run_batch`` never raise for anything a job's code does: a failure is an
+``ERROR`` result envelope. ``limits`` holds ``max_result_bytes`` and ``max_saved_values``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, Protocol
+
+from .cotenant import run_batch
+from .execute import run_job
+from .served import after_job, load_models
+
+__all__ = ["Executor", "after_job", "load_models", "run_batch", "run_job"]
+
+
+class Executor(Protocol):
+    """What a worker takes from the module named by ``--executor`` (see the module docstring)."""
+
+    def load_models(self, specs: dict[str, str]) -> dict[str, Any]: ...
+
+    def run_job(self, models: dict[str, Any], envelope: dict, blob: bytes, *,
+                log: Callable[[str], None], limits: dict | None = None) -> tuple[dict, bytes]: ...
+
+    # Optional (looked up with getattr): run_batch(models, items, *, logs, limits) and after_job(models).

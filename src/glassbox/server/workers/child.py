@@ -1,0 +1,293 @@
+"""Inside a process that runs jobs (the local worker, a Ray replica): load, run, limit, describe.
+
+Offers:
+    start(executor, specs, torch_threads, memory_limit) -> (module, models, reply)
+                         import the executor, load the models; ``reply`` is the ``ready`` (or
+                         ``failed``) message for the feeder
+    handle_message(module, models, message, blob, send, memory_limit=0)
+                         run one ``job`` / ``batch`` message (see ``channel.py``), then ``after_job``
+    limit_memory(limit) / memory_in_use()      RLIMIT_DATA, and what it counts now
+    is_out_of_memory(error)                    is a job's error a failed host allocation?
+    SENSITIVE_ENV / WORKER_ENV / child_environment() / scrub_environment() / exit_with_parent()
+    describe(model)                            what /v1/models says about a served model
+
+Shared by ``local.py`` (the spawned worker process) and ``ray_replicas.py`` (the Ray actor), so
+both run jobs exactly alike.
+
+Memory: a worker limits itself to ``max_memory_bytes`` (``RLIMIT_DATA``, set before torch is
+imported, so the models count too). An allocation over it fails inside the job (torch's "can't
+allocate memory", Python's MemoryError) and the job ends with a MemoryError that names the
+limit; the process lives on, so the next job does not wait for a restart. Without a limit the
+same job would be killed by the kernel's OOM killer, or take the machine down with it. Why
+``RLIMIT_DATA`` and not ``RLIMIT_AS``: both stop ``torch.zeros(5_000_000_000)`` here (measured on
+CPU: the same error, and both models load and run under a 4 GiB limit), but ``RLIMIT_AS`` counts
+address space that holds no memory: glibc's per-thread malloc arenas (64 MiB reserved each),
+memory-mapped weight files, and CUDA's unified-address reservation (far more than the GPU has),
+which makes CUDA fail to initialise under any realistic limit. ``RLIMIT_DATA`` counts private
+writable mappings, i.e. memory a job can actually fill (Linux >= 4.7).
+
+Every job starts from ``torch.manual_seed(0)``: sampling inside a job is reproducible and no job
+inherits the random state of the one before.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import os
+import re
+import sys
+import threading
+import time
+import traceback
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from ...remote.framing import unframe
+from ...remote.protocol import ProtocolError
+from .channel import error_result, gib
+
+__all__ = ["SENSITIVE_ENV", "WORKER_ENV", "child_environment", "describe", "exit_with_parent",
+           "handle_message", "is_out_of_memory", "limit_memory", "memory_in_use", "scrub_environment",
+           "start"]
+
+SENSITIVE_ENV = re.compile(r"KEY|TOKEN|SECRET|PASSW|CREDENTIAL|AUTH|DB_URL|DATABASE|COOKIE|SESSION",
+                           re.IGNORECASE)
+_ENV_LOCK = threading.Lock()
+
+
+# How allocation failures read once the limit is hit: torch's CPU allocator, libc's errno text,
+# and Python's own MemoryError (which has no message for a plain allocation failure).
+_ALLOCATION_FAILED = re.compile(r"can't allocate memory|Cannot allocate memory|std::bad_alloc")
+
+
+# Defaults for the processes that run jobs, unless the operator's environment says otherwise.
+# OMP_WAIT_POLICY=PASSIVE: idle OpenMP threads sleep instead of spinning. On a machine whose cores
+# are shared (the API process, other replicas) spinning threads slowed a SmolLM2 forward pass from
+# 91 ms to 1,960 ms (bench/throughput.py's findings); results are the same either way.
+WORKER_ENV = {"OMP_WAIT_POLICY": "PASSIVE"}
+
+
+@contextlib.contextmanager
+def child_environment(keep: Callable[[str], bool] = lambda name: False) -> Iterator[None]:
+    """While a process that will run jobs starts (it inherits the environment as it is then):
+    no variable that looks like a secret (``SENSITIVE_ENV``, unless ``keep(name)``), and the
+    ``WORKER_ENV`` defaults. The API process's own environment is put back afterwards."""
+    with _ENV_LOCK:
+        hidden = {name: os.environ.pop(name) for name in list(os.environ)
+                  if SENSITIVE_ENV.search(name) and not keep(name)}
+        added = [name for name in WORKER_ENV if name not in os.environ]
+        os.environ.update({name: WORKER_ENV[name] for name in added})
+        try:
+            yield
+        finally:
+            for name in added:
+                os.environ.pop(name, None)
+            os.environ.update(hidden)
+
+
+def is_out_of_memory(error: dict) -> bool:
+    """Whether a job's error is a failed host-memory allocation (and not, say, CUDA running out of
+    GPU memory, or a size limit of the server, which say what they are themselves)."""
+    kind, message = str(error.get("type", "")), str(error.get("message", ""))
+    if "CUDA" in message or "GPU" in message or "server" in message:
+        return False
+    if kind == "MemoryError":
+        return True
+    return kind in ("RuntimeError", "OutOfMemoryError") and bool(_ALLOCATION_FAILED.search(message))
+
+
+def start(executor: str, specs: dict[str, str], torch_threads: int,
+          memory_limit: int) -> tuple[Any, dict, dict]:
+    """Import the executor module and load the models (call ``limit_memory`` first: the models
+    count toward it). Returns ``(module, models, reply)``: ``reply`` is the ``ready`` message
+    (model descriptions, seconds, threads, memory), or ``failed`` with the reason (then
+    ``module`` and ``models`` are None and {})."""
+    started = time.monotonic()
+    try:
+        import torch
+
+        if torch_threads:
+            torch.set_num_threads(torch_threads)
+        try:
+            torch.set_num_interop_threads(1)  # jobs run one at a time; fewer idle threads
+        except RuntimeError:
+            pass  # already fixed by an import that ran parallel work: harmless
+        module = importlib.import_module(executor)
+        models = module.load_models(specs)
+    except BaseException as err:  # the feeder must hear why, whatever it was
+        error = traceback.format_exc()
+        if memory_limit and is_out_of_memory({"type": type(err).__name__, "message": str(err)}):
+            error += (f"\nThe worker's memory limit is {gib(memory_limit)} GiB (max_memory_bytes, models "
+                      "included) and starting it and loading the models needs more: raise it, or 0 for no "
+                      "limit.")
+        return None, {}, {"op": "failed", "error": error}
+    return module, models, {
+        "op": "ready", "models": {name: describe(model) for name, model in models.items()},
+        "seconds": round(time.monotonic() - started, 3), "threads": torch.get_num_threads(),
+        "memory": memory_in_use(), "memory_limit": memory_limit}
+
+
+def handle_message(module: Any, models: dict, message: dict, blob: bytes, send: Callable[[dict, bytes], None],
+                   *, memory_limit: int = 0) -> None:
+    """Run what one ``job`` or ``batch`` message asks (see ``channel.py``), sending
+    ``log`` and ``result`` messages through ``send(message, blob)``; then, with every reply on its
+    way, verify and restore the weights (``after_job``). Shared by the local worker process and
+    the Ray replicas, so both run jobs exactly alike."""
+    limits = dict(message.get("limits") or {})
+    if message.get("op") == "batch":
+        ids = [str(job_id) for job_id in message["jobs"]]
+        sizes = [int(size) for size in message["sizes"]]
+        offsets = [sum(sizes[:i]) for i in range(len(sizes))]
+        requests = [blob[start:start + size] for start, size in zip(offsets, sizes)]
+    else:
+        ids, requests = [str(message["job"])], [blob]
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        torch.manual_seed(0)
+    results = _run_many(module, models, ids, requests, limits, send)
+    for job_id, (result, out) in zip(ids, results):
+        if memory_limit and result.get("status") == "ERROR" and is_out_of_memory(result.get("error") or {}):
+            result = over_memory_limit(result, memory_limit)
+        try:
+            send({"op": "result", "job": job_id, "result": result}, out)
+        except (ProtocolError, MemoryError) as err:  # MemoryError: framing a huge result
+            send({"op": "result", "job": job_id,
+                  "result": error_result("InternalError", f"cannot send the result: {err}")}, b"")
+    del results
+    # The replies are on their way; now, before the next job, verify and restore the weights.
+    after_job = getattr(module, "after_job", None)
+    if after_job is not None:
+        after_job(models)
+
+
+def _run_many(module: Any, models: dict, ids: list[str], requests: list[bytes], limits: dict,
+              send: Callable[[dict, bytes], None]) -> list[tuple[dict, bytes]]:
+    """One job alone, or several through the executor's ``run_batch`` (one forward pass) when
+    it has one; their printed output is kept per job and sent before each one's result."""
+    if len(ids) == 1 or getattr(module, "run_batch", None) is None:
+        return [_run_one(module, models, job_id, request, dict(limits), send)
+                for job_id, request in zip(ids, requests)]
+    logs = [_job_log(job_id, int(limits.get("max_log_bytes", 0) or 0), send) for job_id in ids]
+    job_limits = {k: v for k, v in limits.items() if k != "max_log_bytes"}
+    try:
+        items = [unframe(request) for request in requests]
+        results = module.run_batch(models, items, logs=logs, limits=job_limits)
+        if len(results) != len(ids):
+            raise TypeError(f"run_batch returned {len(results)} results for {len(ids)} jobs")
+        return [(result, bytes(out or b"")) for result, out in results]
+    except Exception as err:  # run_batch isolates the jobs' own errors; this is a server bug
+        failed = error_result("InternalError", f"the server failed to run this job: {err!r}")
+        return [(failed, b"") for _ in ids]
+
+
+def _job_log(job_id: str, max_bytes: int, send: Callable[[dict, bytes], None]) -> Callable[[str], None]:
+    """A ``print`` target for one job: sends its output as ``log`` messages, capped at
+    ``max_bytes`` (0: no cap) so a print loop cannot flood the pipe and the API process."""
+    left = [max_bytes or None]  # bytes still allowed; None: no cap
+
+    def log(text: str) -> None:
+        text = str(text)
+        if left[0] is not None:
+            if left[0] <= 0:
+                return
+            data = text.encode("utf-8", "replace")
+            if len(data) > left[0]:
+                text = data[:left[0]].decode("utf-8", "ignore")
+                text += "\n[glassbox] later output of this job was dropped (over the server's log limit)\n"
+                left[0] = 0
+            else:
+                left[0] -= len(data)
+        send({"op": "log", "job": job_id, "text": text}, b"")
+
+    return log
+
+
+def _run_one(module: Any, models: dict, job_id: str, request: bytes, limits: dict,
+             send: Callable[[dict, bytes], None]) -> tuple[dict, bytes]:
+    log = _job_log(job_id, int(limits.pop("max_log_bytes", 0) or 0), send)
+    try:
+        envelope, blob = unframe(request)
+        result, out = module.run_job(models, envelope, blob, log=log, limits=limits)
+        if not isinstance(result, dict):
+            raise TypeError(f"run_job returned {type(result).__name__}, not a dict")
+        return result, bytes(out or b"")
+    except Exception as err:  # run_job handles user errors; this is a server bug
+        return error_result("InternalError", f"the server failed to run this job: {err!r}"), b""
+
+
+def limit_memory(limit: int) -> int:
+    """Cap this process's private writable memory at ``limit`` bytes (0: leave it alone); returns
+    the limit in force (the lower one if the process already had a lower hard limit)."""
+    if limit <= 0:
+        return 0
+    import resource
+
+    _soft, hard = resource.getrlimit(resource.RLIMIT_DATA)
+    if hard != resource.RLIM_INFINITY:
+        limit = min(limit, hard)
+    # The hard limit too: nothing in the worker may raise it again.
+    resource.setrlimit(resource.RLIMIT_DATA, (limit, limit))
+    return limit
+
+
+def memory_in_use() -> int | None:
+    """This process's private writable memory (what RLIMIT_DATA counts), in bytes."""
+    try:
+        with open("/proc/self/status") as file:
+            for line in file:
+                if line.startswith("VmData:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def over_memory_limit(result: dict, limit: int) -> dict:
+    """The job's error, reworded to say which limit it ran into and what to do."""
+    error = dict(result.get("error") or {})
+    original = str(error.get("message") or "").strip()
+    used = memory_in_use()  # the job's memory is freed by now: this is the models and the worker
+    held = f"; the models and the worker hold {gib(used)} GiB of it" if used else ""
+    asked = re.search(r"tried to allocate (\d+) bytes", original)
+    what = f": an allocation of {gib(int(asked.group(1)))} GiB failed" if asked else ""
+    error["message"] = (
+        f"the job exceeded the worker memory limit of {gib(limit)} GiB (the server's "
+        f"max_memory_bytes{held}){what}. Use smaller tensors or batches, or save fewer values"
+    )
+    error["type"] = "MemoryError"
+    return {**result, "error": error}
+
+
+def describe(model: Any) -> dict:
+    module = getattr(model, "_module", model)
+    info: dict[str, Any] = {"class": type(module).__name__}
+    try:
+        info["parameters"] = int(sum(p.numel() for p in module.parameters()))
+    except Exception:  # a description is best effort
+        pass
+    config = getattr(module, "config", None)
+    for attr in ("model_type", "num_hidden_layers", "hidden_size", "vocab_size"):
+        value = getattr(config, attr, None)
+        if isinstance(value, (int, str)):
+            info[attr] = value
+    return info
+
+
+def scrub_environment() -> None:
+    for name in list(os.environ):
+        if SENSITIVE_ENV.search(name):
+            del os.environ[name]
+
+
+def exit_with_parent() -> None:
+    parent = os.getppid()
+
+    def watch() -> None:
+        while True:
+            time.sleep(0.5)
+            if os.getppid() != parent:
+                os._exit(0)  # orphaned: the API process died; free the models' memory now
+
+    threading.Thread(target=watch, name="glassbox-parent-watch", daemon=True).start()
+

@@ -1,0 +1,396 @@
+"""The feeder: takes jobs from the store and runs them on one channel, one job or one batch at a time.
+
+Offers:
+    Feeder(config, store, on_event=None, say=None, channel=None, solo=None)
+      .start(wait=True)      start the channel, wait until its models are loaded, start feeding it
+      .wake()                a job was queued: look at the store now rather than at the next tick
+      .cancel(job_id)        stop a running job (kills and restarts the channel); False if not running
+      .stop()                end the feeder and the channel
+      .state / .models / .error / .pid / .running / .restarts / .batches
+
+What it does for any backend (``local.LocalProcess`` or ``ray_replicas.RayReplica``)::
+
+    _feed (a thread):
+      channel dead? ── start it again (backoff while it fails)
+      _take: claim the next queued job it serves ─► _gather compatible ones (co-tenant batch,
+             within batch_window_ms, up to max_batch) ─► one job or one batch
+      _run:  send ─► receive log / result messages until all are settled, or
+             deadline passed / cancel / server stopping: kill the channel; a batch's jobs then
+             run again alone (``solo``) so that only the one at fault fails
+             channel died: the job runs again (crash_retries), else WorkerCrashed
+
+The deadline counts from when the job (or batch) is sent. Killing is the only way to stop
+arbitrary code, so cancel and timeout both kill; the queue is untouched (it is in the store).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import traceback
+from collections.abc import Callable
+from typing import Any
+
+from ...remote.framing import frame
+from ...remote.protocol import PROTOCOL_VERSION, RESULT_KIND, ProtocolError
+from ..config import ServerConfig
+from ..jobs.batchable import batch_key
+from ..store import JobInfo, JobStore
+from .channel import Channel, ChannelClosed, WorkerStartError, error_result
+from .local import LocalProcess
+
+__all__ = ["Feeder"]
+
+_POLL = 0.05  # seconds between looks at the deadline / cancel flag while a job runs
+
+
+class Feeder:
+    """Feeds queued jobs from ``store`` to one channel (a local worker process by default, or one
+    Ray replica), first come first served; compatible jobs for the same model are claimed together
+    and run as one batch (co-tenant batching, see ``jobs/cotenant.py``).
+
+        handle = Feeder(ServerConfig(models={"gpt2": path}), store, on_event=print)
+        handle.start()                  # returns once the models are loaded
+        handle.wake()                   # after store.mark_queued(job_id)
+
+    Several handles may feed from one store (one per Ray replica): ``store.claim`` is atomic, so a
+    job runs on exactly one of them. ``solo`` (shared by those handles) holds jobs that must run
+    alone: the members of a batch that timed out or crashed, which then run one by one so that
+    only the job at fault fails.
+    """
+
+    def __init__(
+        self,
+        config: ServerConfig,
+        store: JobStore,
+        *,
+        on_event: Callable[[str, dict], None] | None = None,
+        say: Callable[[str], None] | None = None,
+        channel: Any = None,
+        solo: set[str] | None = None,
+    ) -> None:
+        self.config = config
+        self.store = store
+        self.on_event = on_event or (lambda job_id, event: None)
+        self.say = say or (lambda text: None)
+        self.channel: Channel = channel if channel is not None else LocalProcess(config, self.say)
+        self.solo = solo if solo is not None else set()
+        self.state = "stopped"  # stopped | starting | ready | restarting | failed
+        self.models: dict[str, dict] = {}
+        self.error: str | None = None
+        self.running: list[str] = []
+        self.restarts = 0
+        self.batches = 0  # batches of more than one job run so far
+        self._wake = threading.Event()
+        self._stopping = threading.Event()
+        self._cancel: set[str] = set()
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+        self._keys: dict[str, Any] = {}  # job id -> batch key (None: runs alone)
+        self._loaded_once = False
+
+    @property
+    def pid(self) -> int | None:
+        return self.channel.pid
+
+    @property
+    def running_job(self) -> str | None:
+        running = self.running
+        return running[0] if running else None
+
+    # ------------------------------------------------------------ control
+
+    def start(self, wait: bool = True) -> None:
+        """Start the worker and start feeding it. With ``wait``, return once the models are loaded
+        (raising ``WorkerStartError`` if they cannot be); otherwise load in the background."""
+        if self._thread is not None:
+            return
+        if wait:
+            self._spawn()
+        self._thread = threading.Thread(target=self._feed, name="glassbox-feeder", daemon=True)
+        self._thread.start()
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    def cancel(self, job_id: str) -> bool:
+        """Ask the feeder to kill the job ``job_id`` if it is running here (it then becomes
+        CANCELLED and the worker restarts). Returns whether it was running."""
+        with self._lock:
+            if job_id not in self.running:
+                return False
+            self._cancel.add(job_id)
+        self._wake.set()
+        return True
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self._stopping.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            self._thread = None
+        self.channel.kill()
+        self.state = "stopped"
+
+    # ------------------------------------------------------------ process
+
+    def _spawn(self) -> None:
+        self.state = "starting"
+        self.error = None
+        try:
+            ready = self.channel.start(self._stopping)
+        except WorkerStartError as err:
+            self.state = "failed"
+            self.error = str(err)
+            raise WorkerStartError(f"the worker could not load its models:\n{err}") from None
+        self.models = dict(ready.get("models") or {})
+        if self._loaded_once:
+            self.restarts += 1
+        self._loaded_once = True
+        self.state = "ready"
+        self.say(f"{self.channel.label}: ready in {ready.get('seconds')} s ({ready.get('note', '')})")
+
+    # ------------------------------------------------------------ feeding
+
+    def _feed(self) -> None:
+        backoff = 1.0
+        while not self._stopping.is_set():
+            try:
+                if not self.channel.alive():
+                    self.channel.kill()
+                    try:
+                        self._spawn()
+                        backoff = 1.0
+                    except WorkerStartError as err:
+                        if self._stopping.is_set():
+                            return
+                        self.say(f"{err}\nretrying in {backoff:.0f} s")
+                        self._stopping.wait(backoff)
+                        backoff = min(backoff * 2, 60.0)
+                        continue
+                jobs = self._take()
+                if not jobs:
+                    self._wake.wait(0.5)
+                    self._wake.clear()
+                    continue
+                self._run(jobs)
+            except Exception:  # the feeder must survive anything (e.g. a database hiccup)
+                self.say(f"feeder error (continuing):\n{traceback.format_exc()}")
+                with self._lock:
+                    self.running = []
+                self._stopping.wait(0.5)
+
+    def _claim(self, job: JobInfo) -> bool:
+        # Known as running before the claim, so a cancel that sees RUNNING in the store
+        # always finds it here.
+        with self._lock:
+            self.running = [*self.running, job.id]
+        if self.store.claim(job.id):
+            return True
+        with self._lock:
+            self.running = [j for j in self.running if j != job.id]
+        return False
+
+    def _take(self) -> list[JobInfo]:
+        """Claim the next queued job this channel serves and, when batching is on and it can
+        share, compatible jobs queued now or within ``batch_window_ms``: one batch."""
+        job = self.store.next_queued(self.channel.serves)
+        if job is None or not self._claim(job):
+            return []
+        batch = [job]
+        try:
+            self._gather(job, batch)
+        except Exception:  # the claimed jobs must run whatever went wrong while gathering
+            self.say(f"could not gather a batch (running {len(batch)} job(s)):\n{traceback.format_exc()}")
+        for other in batch:
+            self._keys.pop(other.id, None)
+        return batch
+
+    def _gather(self, job: JobInfo, batch: list[JobInfo]) -> None:
+        key = self._key(job)
+        if key is None or self.config.max_batch <= 1:
+            return
+        deadline = time.monotonic() + self.config.batch_window_ms / 1000.0
+        while len(batch) < self.config.max_batch:
+            found = False
+            for other in self.store.queued([job.model], limit=4 * self.config.max_batch):
+                if len(batch) >= self.config.max_batch:
+                    break
+                if self._key(other) == key and self._claim(other):
+                    batch.append(other)
+                    found = True
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or self._stopping.is_set():
+                break
+            if not found:
+                self._wake.wait(min(remaining, 0.002))
+                self._wake.clear()
+
+    def _key(self, job: JobInfo) -> Any:
+        """The job's batch key (None: it runs alone), computed once per job from its request."""
+        if job.id in self.solo or self.config.max_batch <= 1:
+            return None
+        if job.id not in self._keys:
+            if len(self._keys) > 10_000:
+                self._keys.clear()
+            request = self.store.request(job.id)
+            self._keys[job.id] = batch_key(request) if request is not None else None
+        return self._keys[job.id]
+
+    def _run(self, jobs: list[JobInfo]) -> None:
+        ids = [job.id for job in jobs]
+        attempts = {job.id: job.attempts + 1 for job in jobs}  # counted by the claim
+        logs: dict[str, list[str]] = {job_id: [] for job_id in ids}
+        pending = list(ids)
+        try:
+            requests = {}
+            for job_id in ids:
+                self.on_event(job_id, {"status": "RUNNING"})
+                request = self.store.request(job_id)
+                if request is None:
+                    lost = error_result("InternalError", "the request of this job was lost")
+                    self._finish(job_id, lost, [])
+                    pending.remove(job_id)
+                else:
+                    requests[job_id] = request
+            if not pending:
+                return
+            if len(pending) > 1:
+                self.batches += 1
+            try:
+                self._send_jobs(pending, requests)
+            except ChannelClosed:
+                self._crashed(pending, attempts, logs, batch=len(pending) > 1)
+                return
+            deadline = time.monotonic() + self.config.max_seconds
+            while pending:
+                if self._stopping.is_set():
+                    # Not the jobs' fault: they run again, from the start, when the server is back.
+                    self._drop_channel()
+                    for job_id in pending:
+                        self.store.requeue(job_id)
+                    return
+                cancelled = [job_id for job_id in pending if job_id in self._cancel]
+                if cancelled:
+                    self._drop_channel()
+                    for job_id in pending:
+                        if job_id in cancelled:
+                            result = error_result("Cancelled", "the job was cancelled by its owner")
+                            self._finish(job_id, result, logs[job_id], status="CANCELLED")
+                        else:
+                            self._interrupted(job_id)
+                    return
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    self._drop_channel()
+                    self._timed_out(pending, len(ids) > 1, logs)
+                    return
+                try:
+                    received = self.channel.receive(min(remaining, _POLL))
+                except ChannelClosed:
+                    self._crashed(pending, attempts, logs, batch=len(ids) > 1)
+                    return
+                if received is None:
+                    continue
+                message, blob = received
+                job_id = str(message.get("job"))
+                if job_id not in pending:
+                    continue  # left over from a job that was already settled
+                if message.get("op") == "log":
+                    text = str(message.get("text", ""))
+                    offset = sum(len(chunk) for chunk in logs[job_id])
+                    logs[job_id].append(text)
+                    self.on_event(job_id, {"status": "RUNNING", "log": text, "offset": offset})
+                elif message.get("op") == "result":
+                    pending.remove(job_id)
+                    self._completed(job_id, message.get("result"), blob, logs[job_id])
+        finally:
+            with self._lock:
+                self.running = []
+                self._cancel.difference_update(ids)
+
+    def _drop_channel(self) -> None:
+        """Kill the worker (the only way to stop arbitrary code); the feeder starts a new one."""
+        self.channel.kill()
+        self.state = "restarting"
+
+    def _send_jobs(self, ids: list[str], requests: dict[str, bytes]) -> None:
+        limits = {**self.config.limits(), "max_log_bytes": self.config.max_log_bytes}
+        if len(ids) == 1:
+            self.channel.send({"op": "job", "job": ids[0], "limits": limits}, requests[ids[0]])
+            return
+        sizes = [len(requests[job_id]) for job_id in ids]
+        self.channel.send({"op": "batch", "jobs": ids, "sizes": sizes, "limits": limits},
+                          b"".join(requests[job_id] for job_id in ids))
+
+    def _interrupted(self, job_id: str, *, alone: bool = False) -> None:
+        """Back to the head of the queue through no fault of its own (a batch it shared failed)."""
+        if alone:
+            self.solo.add(job_id)
+        if self.store.requeue(job_id):
+            self.on_event(job_id, {"status": "QUEUED", "position": 0})
+
+    def _timed_out(self, pending: list[str], batch: bool, logs: dict[str, list[str]]) -> None:
+        if batch:
+            # Which of them ran too long is unknown: each runs again alone, so only that one fails.
+            self.say(f"a batch of {len(pending)} jobs exceeded the time limit; running each alone")
+            for job_id in pending:
+                self._interrupted(job_id, alone=True)
+            return
+        limit = f"{self.config.max_seconds:g}"
+        self._finish(pending[0], error_result(
+            "TimeoutError",
+            f"the job exceeded the time limit of {limit} s and was stopped (the server's max_seconds)"),
+            logs[pending[0]])
+
+    def _crashed(self, pending: list[str], attempts: dict[str, int], logs: dict[str, list[str]], *,
+                 batch: bool = False) -> None:
+        reason = self.channel.exit_reason()
+        label = self.channel.label
+        self._drop_channel()
+        if batch:
+            self.say(f"{label} died while running a batch of {len(pending)} jobs ({reason}); "
+                     "running each alone")
+            for job_id in pending:
+                self._interrupted(job_id, alone=True)
+            return
+        for job_id in pending:
+            if attempts.get(job_id, 1) <= self.config.crash_retries:
+                self.say(f"{label} died while running job {job_id} ({reason}); it runs once more")
+                self.solo.add(job_id)
+                if self.store.retry(job_id):
+                    self.on_event(job_id, {"status": "QUEUED", "position": 0})
+                continue
+            self._finish(job_id, error_result("WorkerCrashed", (
+                f"the worker died while running this job ({reason}), {attempts.get(job_id, 1)} time(s); "
+                "the job may need more memory than the server has. The worker was restarted.")),
+                logs[job_id])
+
+    def _completed(self, job_id: str, result: Any, blob: bytes, logs: list[str]) -> None:
+        if not isinstance(result, dict):
+            result = error_result("InternalError", "the worker sent a malformed result")
+            blob = b""
+        if len(blob) > self.config.max_result_bytes:
+            result = error_result("MemoryError", (
+                f"the result is {len(blob):,} bytes, over this server's limit of "
+                f"{self.config.max_result_bytes:,} (max_result_bytes); save fewer or smaller values"))
+            blob = b""
+        if "protocol" not in result:
+            result = {"protocol": PROTOCOL_VERSION, "kind": RESULT_KIND, **result}
+        self._finish(job_id, result, logs, blob=blob)
+
+    def _finish(self, job_id: str, result: dict, logs: list[str], *, blob: bytes = b"",
+                status: str | None = None) -> None:
+        self.solo.discard(job_id)
+        status = status or ("COMPLETED" if result.get("status") == "COMPLETED" else "ERROR")
+        error = result.get("error") if status != "COMPLETED" else None
+        try:
+            data = frame(result, blob)
+        except ProtocolError as err:
+            result = error_result("InternalError", f"the result could not be stored: {err}")
+            status, error, data = "ERROR", result["error"], frame(result)
+        if self.store.finish(job_id, status, result=data, error=error, logs="".join(logs)):
+            event: dict[str, Any] = {"status": status}
+            if error:
+                event["error"] = error
+            self.on_event(job_id, event)

@@ -1,0 +1,185 @@
+"""The ``local`` backend: one spawned worker process on this machine that holds every model.
+
+Offers:
+    LocalProcess(config, say)    the channel to it (``channel.Channel``)
+    worker_main(conn, ...)       the worker process's main loop (``spawn`` target)
+
+Process layout and why::
+
+    API process (keys, database)                       worker process (models, no secrets)
+    ───────────────────────────                        ──────────────────────────────────
+    Feeder thread:                                     worker_main:
+      store.next_queued() ── claim ──► pipe ─ job ──►    child.handle_message(...)
+      wait(pipe, sentinel, deadline)  ◄── log ────────        print(...) -> log messages
+      store.finish(...)               ◄── result ─────
+
+- The worker is started with the ``spawn`` method: a fresh interpreter that inherits no memory of
+  the API process (no database engine, no keys), and it is given only the model specs, the
+  executor's module name and the torch thread count. Environment variables whose names look like
+  secrets (``child.SENSITIVE_ENV``) are removed before it starts and again inside it.
+- Both directions of the pipe carry ``framing`` messages (JSON + bytes), never pickle: the API
+  process must not unpickle what a process running untrusted code sends it.
+- A worker left behind by an API process that died (``kill -9``) notices its parent is gone and
+  exits, so a restarted server does not find the old one still holding the models' memory.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import multiprocessing.connection
+import threading
+import time
+from collections.abc import Callable
+
+from ...remote.framing import frame, unframe
+from ...remote.protocol import ProtocolError
+from ..config import ServerConfig
+from .channel import ChannelClosed, WorkerStartError, exit_reason, ready_note
+from .child import child_environment, exit_with_parent, handle_message, limit_memory, scrub_environment, start
+
+__all__ = ["LocalProcess", "worker_main"]
+
+
+def worker_main(conn: multiprocessing.connection.Connection, specs: dict[str, str], executor: str,
+                torch_threads: int, max_memory_bytes: int = 0) -> None:
+    scrub_environment()
+    exit_with_parent()
+    # Before anything big is imported or loaded: the models count toward the limit, so a server
+    # whose limit cannot even hold them fails at start, saying so, rather than at the first job.
+    limit = limit_memory(max_memory_bytes)
+    module, models, reply = start(executor, specs, torch_threads, limit)
+
+    def send(message: dict, out: bytes = b"") -> None:
+        conn.send_bytes(frame(message, out))
+
+    send(reply)
+    if module is None:
+        return
+    while True:
+        try:
+            message, blob = unframe(conn.recv_bytes())
+        except (EOFError, OSError):
+            return  # the parent is gone
+        if message.get("op") not in ("job", "batch"):
+            return  # "stop", or anything unexpected: end cleanly
+        try:
+            handle_message(module, models, message, blob, send, memory_limit=limit)
+        except OSError:
+            return  # the pipe is gone: so is the parent
+
+
+class LocalProcess:
+    """The channel to one spawned worker process on this machine (the ``local`` backend).
+
+    A ``channel.Channel``: the few calls a ``Feeder`` uses (``ray_replicas.RayReplica`` is the other
+    one):
+
+        start(stopping) -> ready      spawn and wait until the models are loaded (WorkerStartError)
+        send(message, blob)           hand over a ``job`` / ``batch`` message
+        receive(timeout)              the next ``log`` / ``result`` message, or None; ChannelClosed
+        alive() / kill() / exit_reason() / pid / label / serves (model names it holds)
+    """
+
+    def __init__(self, config: ServerConfig, say: Callable[[str], None]) -> None:
+        self.config = config
+        self.say = say
+        self.serves = list(config.models)
+        self._process: multiprocessing.process.BaseProcess | None = None
+        self._conn: multiprocessing.connection.Connection | None = None
+        self._exit_code: int | None = None
+
+    @property
+    def pid(self) -> int | None:
+        return self._process.pid if self._process is not None else None
+
+    @property
+    def label(self) -> str:
+        return f"worker {self.pid}"
+
+    def start(self, stopping: threading.Event) -> dict:
+        context = multiprocessing.get_context("spawn")
+        parent_conn, child_conn = context.Pipe(duplex=True)
+        config = self.config
+        process = context.Process(
+            target=worker_main,
+            args=(child_conn, dict(config.models), config.executor, config.torch_threads,
+                  config.max_memory_bytes),
+            name="glassbox-worker",
+            daemon=True,
+        )
+        with child_environment():
+            process.start()
+        child_conn.close()
+        self._process, self._conn, self._exit_code = process, parent_conn, None
+        names = ", ".join(config.models) or "no models"
+        self.say(f"worker {process.pid}: loading {names}")
+        deadline = time.monotonic() + config.worker_start_timeout
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                self.kill()
+                limit = config.worker_start_timeout
+                raise WorkerStartError(f"the worker did not load its models within {limit:g} s "
+                                       "(the server's worker_start_timeout)")
+            ready = multiprocessing.connection.wait([parent_conn, process.sentinel], min(remaining, 1.0))
+            if stopping.is_set():
+                self.kill()
+                raise WorkerStartError("the server is stopping")
+            if parent_conn in ready:
+                try:
+                    message, _ = unframe(parent_conn.recv_bytes())
+                except (EOFError, OSError, ProtocolError):
+                    message = {"op": "failed", "error": "the worker process exited while loading the models"}
+                if message.get("op") == "ready":
+                    return {**message, "note": ready_note(message)}
+                self.kill()
+                raise WorkerStartError(str(message.get("error") or message))
+            if process.sentinel in ready:
+                code = process.exitcode
+                self.kill()
+                raise WorkerStartError(
+                    f"the worker process exited while loading the models ({exit_reason(code)})")
+
+    def send(self, message: dict, blob: bytes = b"") -> None:
+        if self._conn is None:
+            raise ChannelClosed("no worker process")
+        try:
+            self._conn.send_bytes(frame(message, blob))
+        except OSError as err:
+            raise ChannelClosed(str(err)) from None
+
+    def receive(self, timeout: float) -> tuple[dict, bytes] | None:
+        conn, process = self._conn, self._process
+        if conn is None or process is None:
+            raise ChannelClosed("no worker process")
+        ready = multiprocessing.connection.wait([conn, process.sentinel], timeout)
+        if conn in ready:
+            try:
+                return unframe(conn.recv_bytes())
+            except (EOFError, OSError, ProtocolError):
+                raise ChannelClosed("the pipe closed") from None
+        if process.sentinel in ready:
+            raise ChannelClosed("the worker exited")
+        return None
+
+    def exit_reason(self) -> str:
+        if self._process is not None:
+            self._process.join(1)  # the pipe can close a moment before the exit status is known
+            self._exit_code = self._process.exitcode
+        return exit_reason(self._exit_code)
+
+    def alive(self) -> bool:
+        return self._process is not None and self._process.is_alive()
+
+    def kill(self) -> None:
+        process, conn = self._process, self._conn
+        self._process = self._conn = None
+        if process is not None:
+            if process.is_alive():
+                process.kill()
+            process.join(10)
+            self._exit_code = process.exitcode
+            if process.exitcode is not None:
+                process.close()
+        if conn is not None:
+            conn.close()
