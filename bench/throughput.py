@@ -159,7 +159,7 @@ class Config:
         if self.max_batch:
             args += ["--max-batch", str(self.max_batch)]
         if self.backend == "ray":
-            args += ["--backend", "ray", "--replicas", f"{name}={self.replicas}"]
+            args += ["--backend", "ray", "--isolation", "none", "--replicas", f"{name}={self.replicas}"]
         return args
 
 

@@ -3,6 +3,8 @@
 Offers:
     Rows                      which rows of the batch belong to one invoke
     narrow(value, rows, n)    the view an invoke sees of a batched value
+    own_copy(view)            what a body with ``Rows.own`` is handed instead: a copy
+    copy_back(view, copy)     its in-place edits, written back into the batch
     splice(full, rows, new, n)  put an invoke's replacement back into the batch
     concat_args(list)         batch positional/keyword inputs of plain modules
 
@@ -17,6 +19,13 @@ dimension (after the first) of size ``width`` is cut to its last
 other dimension of the model has (a server's co-tenant batches do).
 Narrowed tensors are views, so in-place edits reach the model; replacements
 are spliced with ``torch.cat`` so autograd keeps working.
+
+Rows with ``own`` (every body of ``tracing.run_together``: requests of different
+users) are handed a COPY of their part instead of a view, so that no API
+(``as_strided``, ``.base``, storage access) reaches another body's rows; the
+copy is written back into the batch when the body hands control back, so in-place
+edits still reach the model. Objects that are not tensors, containers or plain
+scalars (a key/value cache holding every row, a module) are handed as None.
 """
 
 from __future__ import annotations
@@ -33,6 +42,7 @@ class Rows:
     stop: int
     trim: int = 0  # leading padding positions these rows do not see (see the module docstring)
     width: int = 0  # the padded sequence length of the batch, when trim is set
+    own: bool = False  # hand a copy, not a view (see the module docstring)
 
     @property
     def count(self) -> int:
@@ -67,6 +77,41 @@ def _trimmed(view: torch.Tensor, rows: Rows) -> torch.Tensor:
         if view.shape[dim] == rows.width:
             view = view.narrow(dim, rows.trim, rows.width - rows.trim)
     return view
+
+
+_PLAIN = (int, float, bool, str, bytes, complex, torch.dtype, torch.device, torch.Size, type(None))
+
+
+def own_copy(view: Any) -> Any:
+    """A copy of ``view`` that shares no memory with the batch: tensors cloned (contiguous, their
+    own storage), containers rebuilt, plain scalars kept, any other object replaced by None."""
+    if isinstance(view, torch.Tensor):
+        # detached: the autograd graph would lead back to the batch (batched bodies use no gradients)
+        return view.detach().clone(memory_format=torch.contiguous_format)
+    if isinstance(view, _PLAIN):
+        return view
+    if isinstance(view, tuple) and not hasattr(view, "_fields"):
+        return tuple(own_copy(v) for v in view)
+    if isinstance(view, list):
+        return [own_copy(v) for v in view]
+    if isinstance(view, dict):
+        return _rebuild(view, {k: own_copy(v) for k, v in view.items()})
+    return None
+
+
+def copy_back(view: Any, copy: Any) -> None:
+    """Write a body's (possibly edited) ``own_copy`` back into the batch ``view`` it came from."""
+    if isinstance(view, torch.Tensor):
+        if isinstance(copy, torch.Tensor) and copy.shape == view.shape and copy is not view:
+            with torch.no_grad():
+                view.copy_(copy)
+    elif isinstance(view, (tuple, list)) and isinstance(copy, (tuple, list)) and len(view) == len(copy):
+        for v, c in zip(view, copy):
+            copy_back(v, c)
+    elif isinstance(view, dict) and isinstance(copy, dict):
+        for key, v in view.items():
+            if key in copy:
+                copy_back(v, copy[key])
 
 
 def _rebuild(like: dict, items: dict) -> dict:

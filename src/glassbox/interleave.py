@@ -34,7 +34,7 @@ from typing import Any
 import greenlet
 import torch
 
-from .batching import narrow, splice
+from .batching import copy_back, narrow, own_copy, splice
 from .errors import MissedModuleError, OutOfOrderError, TraceStateError
 from .intercept import MISSING, Consumer, Site
 from .runner import TASK_ENDED, Abort, acquire_runner, release_runner
@@ -147,15 +147,18 @@ class Interleaver:
             site.waiting_in -= 1
         rows = consumer.rows
         view = value if rows is None else narrow(value, rows, self.batch_size, self.narrow_min_ndim)
+        given = own_copy(view) if rows is not None and rows.own else view
         consumer.at, consumer.at_kind = site, kind
-        consumer.current, consumer.replaced = view, False
+        consumer.current, consumer.replaced = given, False
         if consumer.run is None:  # the inline body: it never ends or raises into the runner
-            consumer.glet.switch(view)  # type: ignore[union-attr]
+            consumer.glet.switch(given)  # type: ignore[union-attr]
             if _is_grad_enabled() != self.model_grad:
                 _set_grad_enabled(self.model_grad)
         else:
-            self.resume(consumer, view)
+            self.resume(consumer, given)
         consumer.at = None
+        if given is not view and not consumer.replaced:
+            copy_back(view, given)  # its in-place edits reach the model; its copy stays its own
         if consumer.replaced:
             new = consumer.current
             if rows is not None:

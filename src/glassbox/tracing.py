@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import sys
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from types import CodeType
 from typing import TYPE_CHECKING, Any
 
@@ -255,8 +255,8 @@ class Tracer:
             )
         width = self._exact_rows
         args, kwargs, rows = root._batch([d.inputs for d in batched], width or 0)
-        if width is not None:
-            rows = root._exact_rows([d.inputs for d in batched], rows, width)
+        if width is not None:  # run_together: exact rows, each body with a copy of its own
+            rows = [replace(r, own=True) for r in root._exact_rows([d.inputs for d in batched], rows, width)]
         for deferred, r in zip(batched, rows):
             deferred.consumer.rows = r
         interleaver.batch_size = rows[-1].stop
@@ -382,7 +382,8 @@ class Body:
 def run_together(model: NNsight, bodies: list[Body], *, pad_to: int = 0) -> Any:
     """Run independent bodies as the invokes of ONE forward pass of ``model``; return the model's
     output. Unlike invokes, they share no names, and each sees exactly what it would see alone:
-    its own rows, without the padding its input did not have (``batching.Rows.trim``). ``pad_to``
+    its own rows, without the padding its input did not have (``batching.Rows.trim``), as a copy
+    that shares no memory with the batch (``batching.Rows.own``). ``pad_to``
     pads the batch to at least that many positions (see ``Rows.trim`` for why a caller may need
     to choose the length). A body's exception propagates, as in any trace."""
     tracer = Tracer(model, (), {}, exact_rows=pad_to)

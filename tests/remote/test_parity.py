@@ -25,7 +25,7 @@ def server(request, tmp_path_factory):
     args = ["--torch-threads", str(torch.get_num_threads())]
     if request.param == "ray":
         pytest.importorskip("ray")
-        args += ["--backend", "ray"]
+        args += ["--backend", "ray", "--isolation", "none"]
         for name in models:
             args += ["--replicas", f"{name}=2"]
     running = start_server(models, state_dir=str(tmp_path_factory.mktemp(f"parity-{request.param}")),

@@ -70,8 +70,10 @@ def echoed(url: str, key: str, job: str) -> str:
     return decode_values(envelope["values"], blob)["saved"]["echo"]
 
 
-def health(url: str) -> dict:
-    return httpx.get(url + "/v1/health", timeout=10).json()
+def health(url: str, key: str | None = None) -> dict:
+    """/v1/health; the replicas are listed only to a request with a valid key."""
+    headers = {"X-API-Key": key} if key else {}
+    return httpx.get(url + "/v1/health", headers=headers, timeout=10).json()
 
 
 def until(condition, what: str, timeout: float = 60):
@@ -113,7 +115,8 @@ def server(tmp_path_factory, path, name):
         # The tiny GPT-2 twice: under its folder's name (two replicas) and as "twin" (one).
         state_dir = str(tmp_path_factory.mktemp("ray"))
         running = start_server({name: path, "twin": path}, state_dir=state_dir, args=[
-            "--backend", "ray", "--replicas", f"{name}=2", "--torch-threads", str(torch.get_num_threads()),
+            "--backend", "ray", "--isolation", "none", "--replicas", f"{name}=2",
+            "--torch-threads", str(torch.get_num_threads()),
             "--max-seconds", "60",
         ])
     finally:
@@ -127,7 +130,7 @@ def server(tmp_path_factory, path, name):
 
 
 def test_replicas_give_the_values_of_a_local_run(server, path, name, monkeypatch):
-    state = health(server.url)
+    state = health(server.url, server.create_key("health"))
     assert state["backend"] == "ray" and state["worker"] == "ready"
     replicas = state["replicas"]
     assert [r["models"] for r in replicas] == [[name], [name], ["twin"]]
@@ -170,7 +173,7 @@ def test_a_replica_killed_under_a_job_comes_back_and_the_job_runs_again(server):
     key = server.create_key("fault")
     long = submit(server.url, key, LONG, "long")
     until(lambda: transport.status(server.url, key, long)["logs"] == "looping\n", "the long job prints")
-    busy = [(i, r) for i, r in enumerate(health(server.url)["replicas"]) if r["running"]]
+    busy = [(i, r) for i, r in enumerate(health(server.url, key)["replicas"]) if r["running"]]
     assert len(busy) == 1, busy  # the long job, nothing else
     index, replica = busy[0]
     assert replica["state"] == "ready"
@@ -201,7 +204,7 @@ def test_a_replica_killed_under_a_job_comes_back_and_the_job_runs_again(server):
             assert final(server.url, key, job)["status"] == "COMPLETED"
             assert echoed(server.url, key, job) == f"behind {i}"
         back = until(lambda: (lambda r: r["state"] == "ready" and r["restarts"] >= 1 and r)(
-            health(server.url)["replicas"][index]), "the killed replica is back")
+            health(server.url, key)["replicas"][index]), "the killed replica is back")
     finally:
         polling.set()
         poller.join()
@@ -218,7 +221,7 @@ def test_a_replica_killed_under_a_job_comes_back_and_the_job_runs_again(server):
 
 def test_queued_jobs_survive_a_killed_api_process(tmp_path, path, name):
     state_dir = str(tmp_path / "state")
-    args = ["--backend", "ray", "--torch-threads", "1"]
+    args = ["--backend", "ray", "--isolation", "none", "--torch-threads", "1"]
     first = start_server({name: path}, state_dir=state_dir, args=args)
     try:
         key = first.create_key("dana")
@@ -226,7 +229,7 @@ def test_queued_jobs_survive_a_killed_api_process(tmp_path, path, name):
         until(lambda: transport.status(first.url, key, blocker)["logs"] == "looping\n", "the blocker runs")
         queued = [submit(first.url, key, ECHO, f"q{i}") for i in range(4)]
         assert transport.status(first.url, key, queued[-1])["status"] == "QUEUED"
-        replicas = [r["pid"] for r in health(first.url)["replicas"]]
+        replicas = [r["pid"] for r in health(first.url, key)["replicas"]]
         assert all(replicas)
     finally:
         first.kill()
@@ -252,6 +255,6 @@ def test_queued_jobs_survive_a_killed_api_process(tmp_path, path, name):
 def test_a_replica_no_node_can_hold_stops_the_server_naming_the_resource(tmp_path, path, name):
     with pytest.raises(RuntimeError, match=r"glassbox serve exited") as err:
         start_server({name: path}, state_dir=str(tmp_path), args=[
-            "--backend", "ray", "--replica-resources", f"{name}=cpus:1,gpus:64"])
+            "--backend", "ray", "--isolation", "none", "--replica-resources", f"{name}=cpus:1,gpus:64"])
     message = str(err.value)
     assert "64 GPUs" in message and "--replica-resources" in message, message

@@ -24,6 +24,9 @@ __all__ = ["ServerConfig", "default_max_memory_bytes", "default_state_dir", "par
            "parse_replica_resources"]
 
 
+ISOLATIONS = ("process", "process-unconfined", "none")
+
+
 def default_state_dir() -> Path:
     """``$GLASSBOX_STATE_DIR``, else ``~/.glassbox/server``."""
     env = os.environ.get("GLASSBOX_STATE_DIR")
@@ -130,7 +133,8 @@ class ServerConfig:
         "Largest request body accepted (code plus the values it reads, framed); larger ones get 413."
     ), default=256 * 1024**2)
     max_result_bytes: int = field(**_doc(
-        "Largest result a job may return (the saved values, as sent back); a larger one fails the job."
+        "Largest result a job may return, counting every byte sent back: tensors and the strings, "
+        "numbers and lists it saved, as framed. A larger one fails the job."
     ), default=1024**3)
     max_seconds: float = field(**_doc(
         "Wall-clock limit of one job, from the moment the worker receives it. A job over it is "
@@ -154,6 +158,11 @@ class ServerConfig:
     max_jobs_per_key: int = field(**_doc(
         "Most jobs one API key may have queued or running at once; more get 429. 0: no limit."
     ), default=32)
+    max_stored_bytes_per_key: int = field(**_doc(
+        "Most bytes of finished jobs' results one API key may hold on the server (kept until they "
+        "expire, result_ttl_seconds after they finish); a key at or over it gets 429 on submit "
+        "until some expire. 0: no quota."
+    ), default=2 * 1024**3)
     result_ttl_seconds: float = field(**_doc(
         "How long finished jobs (results, errors, logs) are kept before they are deleted."
     ), default=3600.0)
@@ -200,10 +209,24 @@ class ServerConfig:
         "Module the worker takes load_models() and run_job() from (the contract: server/jobs/executor.py). "
         "Change only to test the server machinery or to plug in another executor."
     ), default="glassbox.server.jobs.executor")
+    isolation: str = field(**_doc(
+        "How jobs are kept apart (README: Security). 'process': each job or batch runs in a fresh "
+        "process forked from the worker and confined by the OS (Landlock + seccomp); the worker "
+        "refuses to start on a kernel without them. 'process-unconfined': the same, confined as far "
+        "as the kernel allows. 'none': every job runs in the worker's own process, weights checked "
+        "after each (the only choice with --backend ray)."
+    ), default="process")
 
     def __post_init__(self) -> None:
         if self.backend not in ("local", "ray"):
             raise ValueError(f"backend {self.backend!r} is not available; choose 'local' or 'ray'")
+        if self.isolation not in ISOLATIONS:
+            raise ValueError(f"isolation {self.isolation!r} is not available; choose one of {ISOLATIONS}")
+        if self.backend == "ray" and self.isolation != "none":
+            raise ValueError(
+                "--backend ray runs jobs inside each replica's own process (Ray actors need sockets and "
+                "threads, so they can be neither forked per job nor OS-confined): pass --isolation none "
+                "to accept that (README: Security)")
         if self.max_batch < 1:
             raise ValueError(f"max_batch must be 1 (batching off) or more, got {self.max_batch}")
         if self.batch_window_ms < 0:
@@ -224,8 +247,8 @@ class ServerConfig:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         if self.max_seconds <= 0:
             raise ValueError(f"max_seconds must be positive, got {self.max_seconds}")
-        for name in ("rate_limit_per_minute", "max_jobs_per_key", "torch_threads", "max_memory_bytes",
-                     "crash_retries"):
+        for name in ("rate_limit_per_minute", "max_jobs_per_key", "max_stored_bytes_per_key",
+                     "torch_threads", "max_memory_bytes", "crash_retries"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be 0 (off / default) or positive, got {getattr(self, name)}")
 

@@ -10,8 +10,10 @@ Offers:
     content_checksum(tensor, key=None)
 
 The sandbox blocks the write paths it knows; this is the check that does not
-depend on knowing them. Version counters are not enough: ``param.data.zero_()``
-and writes through ``param.detach().numpy()`` leave ``param._version`` alone,
+depend on knowing them. Parameters in read-only memory (``sealed.py``) cannot
+change: they are neither checksummed nor copied (only their identity is
+checked). Version counters are not enough: ``param.data.zero_()`` and writes
+through ``param.detach().numpy()`` leave ``param._version`` alone,
 so the content itself is compared, bit for bit (NaN, -0.0 and bfloat16 too):
 - CPU tensors: CRC-32 of the raw bytes (zlib, hardware-assisted: ~0.1 s for
   the 0.5 GB of a 135M-parameter float32 model on 2 cores; a position-weighted
@@ -35,6 +37,8 @@ import zlib
 from dataclasses import dataclass
 
 import torch
+
+from .sealed import is_sealed
 
 _CHUNK = 1 << 22
 _MASK = (1 << 64) - 1
@@ -135,9 +139,11 @@ class WeightGuard:
                                          tensor.device, tensor.requires_grad)
             key = id(tensor)
             if key not in self._sums:
-                self._sums[key] = content_checksum(tensor, self._key)
+                # Read-only memory (sealed.py) cannot change: no checksum, and it is its own copy.
+                self._sums[key] = 0 if is_sealed(tensor) else content_checksum(tensor, self._key)
                 if self._pristine is not None:
-                    self._pristine[key] = tensor.detach().to("cpu", copy=True)
+                    sealed = is_sealed(tensor)
+                    self._pristine[key] = tensor if sealed else tensor.detach().to("cpu", copy=True)
 
     def verify(self) -> list[str]:
         """Names of parameters and buffers that differ from the snapshot in any way
@@ -152,7 +158,7 @@ class WeightGuard:
                 continue
             key = id(entry.tensor)
             if key not in sums:
-                sums[key] = content_checksum(entry.tensor, self._key)
+                sums[key] = 0 if is_sealed(entry.tensor) else content_checksum(entry.tensor, self._key)
             if sums[key] != self._sums[key]:
                 changed.append(name)
         changed.extend(name for name in current if name not in self._entries)

@@ -1,7 +1,9 @@
 """The models a worker serves, and what keeps them the same for every job.
 
 Offers:
-    load_models(specs)            {name: folder or hub id} -> loaded LanguageModels (weights snapshotted)
+    load_models(specs)            {name: folder or hub id} -> loaded LanguageModels: parameters in
+                                  read-only memory (sealed.py), server paths hidden, the rest
+                                  (buffers) snapshotted
     use_model(models, name)       the model a job asks for (LookupError naming the served ones)
     after_job(models) -> {name: [restored tensors]}
                                   verify every weight of the models the last job(s) used and restore
@@ -18,6 +20,7 @@ from typing import Any
 import torch
 
 from .integrity import WeightGuard
+from .sealed import seal
 
 __all__ = ["after_job", "load_models", "use_model"]
 
@@ -32,9 +35,33 @@ def load_models(specs: dict[str, str]) -> dict[str, Any]:
     models = {}
     for name, path in specs.items():
         print(f"[glassbox worker] loading {name} from {path}", file=sys.stderr, flush=True)
-        models[name] = LanguageModel(path, dispatch=True)
-        _guard(models[name])
+        model = LanguageModel(path, dispatch=True)
+        sealed = seal(model._module)
+        print(f"[glassbox worker] {name}: {sealed / 2**20:.0f} MiB of weights in read-only memory",
+              file=sys.stderr, flush=True)
+        _hide_paths(model, name)
+        _guard(model)
+        models[name] = model
     return models
+
+
+def _hide_paths(model: Any, name: str) -> None:
+    """Where the weights lie on the server is nobody's business: the config, generation config and
+    tokenizer say the served name instead."""
+    for obj in (getattr(model._module, "config", None), getattr(model._module, "generation_config", None)):
+        if obj is not None and hasattr(obj, "_name_or_path"):
+            obj._name_or_path = name
+    tokenizer = getattr(model, "tokenizer", None)
+    if tokenizer is not None:
+        if hasattr(tokenizer, "name_or_path"):
+            try:
+                tokenizer.name_or_path = name
+            except AttributeError:  # a read-only property in some tokenizer classes
+                pass
+        init_kwargs = getattr(tokenizer, "init_kwargs", None)
+        if isinstance(init_kwargs, dict):
+            for key in ("name_or_path", "vocab_file", "merges_file", "tokenizer_file"):
+                init_kwargs.pop(key, None)
 
 
 def _guard(model: Any) -> WeightGuard:

@@ -58,6 +58,8 @@ _USER_CONTAINERS = (list, dict, set)
 _TENSOR_BLOCKED = frozenset({
     "numpy", "storage", "untyped_storage", "typed_storage", "set_", "share_memory_", "module_load",
     "apply_", "map_", "map2_", "data_ptr", "from_file",
+    # uninitialised memory: it may still hold values of the requests sharing this forward pass
+    "new_empty", "new_empty_strided", "resize_", "resize_as_",
 })
 
 # Module methods that only read. Everything else callable on a served module is refused.

@@ -113,6 +113,20 @@ SPECS: dict[str, _Spec] = {
 }
 
 
+# Fresh allocations are zero-filled: freed memory may still hold values of the other requests
+# of the same forward pass (across jobs, each job's memory dies with its process).
+_ZERO_FILLED = frozenset({"empty", "empty_like", "empty_strided"})
+
+
+def _zero_filled(allocate: Any) -> Any:
+    def allocate_zeroed(*args: Any, **kwargs: Any) -> Any:
+        tensor = allocate(*args, **kwargs)
+        with torch.no_grad():
+            return tensor.zero_() if isinstance(tensor, torch.Tensor) else tensor
+
+    return allocate_zeroed
+
+
 def importable_modules() -> list[str]:
     """The module names remote code may import (those installed here)."""
     out = []
@@ -176,6 +190,8 @@ class ModuleView:
             if issubclass(value, torch.nn.Module) and _takes_inplace(value):
                 value = _without_inplace(value, where, policy)
         elif spec.guard_calls and callable(value):
+            if name == "torch" and attr in _ZERO_FILLED:
+                value = _zero_filled(value)
             value = policy.guard_call(value, where, spec.mutates_args)
         cache[attr] = value
         return value

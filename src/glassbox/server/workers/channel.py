@@ -13,8 +13,11 @@ Messages on a channel are ``framing`` frames (JSON + bytes), never pickle::
 
     feeder ──► channel:  {"op": "job", "job": id, "limits": {...}} + request
                          {"op": "batch", "jobs": [ids], "sizes": [n...], "limits": {...}} + requests
+                         {"op": "abort"}    (can_abort channels: stop the running job, keep the models)
     channel ──► feeder:  {"op": "log", "job": id, "text": ...}
                          {"op": "result", "job": id, "result": envelope} + blob
+                         {"op": "crashed", "job": id, "reason": ..., "lineno": n}   its process died
+                         {"op": "aborted"}  the running job was stopped
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ class Channel(Protocol):
     """One place jobs run (``local.LocalProcess``, ``ray_replicas.RayReplica``); all a feeder uses."""
 
     serves: list[str]  # the names of the models it holds
+    can_abort: bool  # whether an ``abort`` message stops the running job without ending the channel
 
     @property
     def label(self) -> str: ...  # for logs: "worker 1234", "replica smollm2#0 (pid 99)"

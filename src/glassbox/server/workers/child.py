@@ -58,6 +58,8 @@ _ENV_LOCK = threading.Lock()
 
 # How allocation failures read once the limit is hit: torch's CPU allocator, libc's errno text,
 # and Python's own MemoryError (which has no message for a plain allocation failure).
+_LOG_SECONDS = 0.05  # printed output is sent at most this often per job...
+_LOG_CHUNK = 65536  # ...unless this many characters are waiting
 _ALLOCATION_FAILED = re.compile(r"can't allocate memory|Cannot allocate memory|std::bad_alloc")
 
 
@@ -65,7 +67,9 @@ _ALLOCATION_FAILED = re.compile(r"can't allocate memory|Cannot allocate memory|s
 # OMP_WAIT_POLICY=PASSIVE: idle OpenMP threads sleep instead of spinning. On a machine whose cores
 # are shared (the API process, other replicas) spinning threads slowed a SmolLM2 forward pass from
 # 91 ms to 1,960 ms (bench/throughput.py's findings); results are the same either way.
-WORKER_ENV = {"OMP_WAIT_POLICY": "PASSIVE"}
+# OPENBLAS_NUM_THREADS=1: numpy's OpenBLAS would start a thread at import; a process with threads
+# cannot be fully confined by Landlock below ABI 8, nor forked safely (confine.py, forked.py).
+WORKER_ENV = {"OMP_WAIT_POLICY": "PASSIVE", "OPENBLAS_NUM_THREADS": "1"}
 
 
 @contextlib.contextmanager
@@ -113,6 +117,7 @@ def start(executor: str, specs: dict[str, str], torch_threads: int,
             torch.set_num_interop_threads(1)  # jobs run one at a time; fewer idle threads
         except RuntimeError:
             pass  # already fixed by an import that ran parallel work: harmless
+        _no_progress_thread()
         module = importlib.import_module(executor)
         models = module.load_models(specs)
     except BaseException as err:  # the feeder must hear why, whatever it was
@@ -128,12 +133,22 @@ def start(executor: str, specs: dict[str, str], torch_threads: int,
         "memory": memory_in_use(), "memory_limit": memory_limit}
 
 
+def _no_progress_thread() -> None:
+    """tqdm (transformers' loading bar) starts a monitor thread; a worker must stay single-threaded
+    until it is confined and forks (confine.py, forked.py), and nobody watches its bars anyway."""
+    try:
+        import tqdm
+    except ImportError:
+        return
+    tqdm.tqdm.monitor_interval = 0
+
+
 def handle_message(module: Any, models: dict, message: dict, blob: bytes, send: Callable[[dict, bytes], None],
-                   *, memory_limit: int = 0) -> None:
+                   *, memory_limit: int = 0, after: bool = True) -> None:
     """Run what one ``job`` or ``batch`` message asks (see ``channel.py``), sending
     ``log`` and ``result`` messages through ``send(message, blob)``; then, with every reply on its
-    way, verify and restore the weights (``after_job``). Shared by the local worker process and
-    the Ray replicas, so both run jobs exactly alike."""
+    way and ``after``, verify and restore the weights (``after_job``; a forked job's process needs
+    none: it ends). Shared by the local worker (in a forked child) and the Ray replicas."""
     limits = dict(message.get("limits") or {})
     if message.get("op") == "batch":
         ids = [str(job_id) for job_id in message["jobs"]]
@@ -157,7 +172,7 @@ def handle_message(module: Any, models: dict, message: dict, blob: bytes, send: 
     del results
     # The replies are on their way; now, before the next job, verify and restore the weights.
     after_job = getattr(module, "after_job", None)
-    if after_job is not None:
+    if after and after_job is not None:
         after_job(models)
 
 
@@ -168,11 +183,13 @@ def _run_many(module: Any, models: dict, ids: list[str], requests: list[bytes], 
     if len(ids) == 1 or getattr(module, "run_batch", None) is None:
         return [_run_one(module, models, job_id, request, dict(limits), send)
                 for job_id, request in zip(ids, requests)]
-    logs = [_job_log(job_id, int(limits.get("max_log_bytes", 0) or 0), send) for job_id in ids]
+    logs = [_JobLog(job_id, int(limits.get("max_log_bytes", 0) or 0), send) for job_id in ids]
     job_limits = {k: v for k, v in limits.items() if k != "max_log_bytes"}
     try:
         items = [unframe(request) for request in requests]
         results = module.run_batch(models, items, logs=logs, limits=job_limits)
+        for log in logs:
+            log.flush()
         if len(results) != len(ids):
             raise TypeError(f"run_batch returned {len(results)} results for {len(ids)} jobs")
         return [(result, bytes(out or b"")) for result, out in results]
@@ -181,34 +198,54 @@ def _run_many(module: Any, models: dict, ids: list[str], requests: list[bytes], 
         return [(failed, b"") for _ in ids]
 
 
-def _job_log(job_id: str, max_bytes: int, send: Callable[[dict, bytes], None]) -> Callable[[str], None]:
-    """A ``print`` target for one job: sends its output as ``log`` messages, capped at
-    ``max_bytes`` (0: no cap) so a print loop cannot flood the pipe and the API process."""
-    left = [max_bytes or None]  # bytes still allowed; None: no cap
+class _JobLog:
+    """A ``print`` target for one job: its output goes out as ``log`` messages, coalesced (at most
+    one message per ``_LOG_SECONDS`` or ``_LOG_CHUNK`` bytes, so 20,000 empty prints are a handful
+    of messages, not 20,000 trips through the feeder) and capped at ``max_bytes`` (0: no cap),
+    where every print counts at least one byte, so a loop of empty prints meets the cap too."""
 
-    def log(text: str) -> None:
+    def __init__(self, job_id: str, max_bytes: int, send: Callable[[dict, bytes], None]) -> None:
+        self.job_id, self.send = job_id, send
+        self.left = max_bytes or None  # bytes still allowed; None: no cap
+        self.pending: list[str] = []
+        self.size = 0
+        self.last = time.monotonic()
+
+    def __call__(self, text: str) -> None:
         text = str(text)
-        if left[0] is not None:
-            if left[0] <= 0:
+        if self.left is not None:
+            if self.left <= 0:
                 return
             data = text.encode("utf-8", "replace")
-            if len(data) > left[0]:
-                text = data[:left[0]].decode("utf-8", "ignore")
+            cost = len(data) + 1
+            if cost > self.left:
+                text = data[:max(0, self.left - 1)].decode("utf-8", "ignore")
                 text += "\n[glassbox] later output of this job was dropped (over the server's log limit)\n"
-                left[0] = 0
+                self.left = 0
             else:
-                left[0] -= len(data)
-        send({"op": "log", "job": job_id, "text": text}, b"")
+                self.left -= cost
+        self.pending.append(text)
+        self.size += len(text)
+        if self.size >= _LOG_CHUNK or time.monotonic() - self.last >= _LOG_SECONDS:
+            self.flush()
 
-    return log
+    def flush(self) -> None:
+        self.last = time.monotonic()
+        if self.pending:
+            text, self.pending, self.size = "".join(self.pending), [], 0
+            if text:
+                self.send({"op": "log", "job": self.job_id, "text": text}, b"")
 
 
 def _run_one(module: Any, models: dict, job_id: str, request: bytes, limits: dict,
              send: Callable[[dict, bytes], None]) -> tuple[dict, bytes]:
-    log = _job_log(job_id, int(limits.pop("max_log_bytes", 0) or 0), send)
+    log = _JobLog(job_id, int(limits.pop("max_log_bytes", 0) or 0), send)
     try:
         envelope, blob = unframe(request)
-        result, out = module.run_job(models, envelope, blob, log=log, limits=limits)
+        try:
+            result, out = module.run_job(models, envelope, blob, log=log, limits=limits)
+        finally:
+            log.flush()
         if not isinstance(result, dict):
             raise TypeError(f"run_job returned {type(result).__name__}, not a dict")
         return result, bytes(out or b"")

@@ -42,6 +42,7 @@ from .local import LocalProcess
 __all__ = ["Feeder"]
 
 _POLL = 0.05  # seconds between looks at the deadline / cancel flag while a job runs
+_ABORT_SECONDS = 10.0  # how long a forking worker may take to confirm it stopped a job
 
 
 class Feeder:
@@ -241,6 +242,7 @@ class Feeder:
         ids = [job.id for job in jobs]
         attempts = {job.id: job.attempts + 1 for job in jobs}  # counted by the claim
         logs: dict[str, list[str]] = {job_id: [] for job_id in ids}
+        logged = dict.fromkeys(ids, 0)  # characters of printed output so far (the next offset)
         pending = list(ids)
         try:
             requests = {}
@@ -266,13 +268,13 @@ class Feeder:
             while pending:
                 if self._stopping.is_set():
                     # Not the jobs' fault: they run again, from the start, when the server is back.
-                    self._drop_channel()
+                    self._stop_running()
                     for job_id in pending:
                         self.store.requeue(job_id)
                     return
                 cancelled = [job_id for job_id in pending if job_id in self._cancel]
                 if cancelled:
-                    self._drop_channel()
+                    self._stop_running()
                     for job_id in pending:
                         if job_id in cancelled:
                             result = error_result("Cancelled", "the job was cancelled by its owner")
@@ -282,7 +284,7 @@ class Feeder:
                     return
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
-                    self._drop_channel()
+                    self._stop_running()
                     self._timed_out(pending, len(ids) > 1, logs)
                     return
                 try:
@@ -298,9 +300,12 @@ class Feeder:
                     continue  # left over from a job that was already settled
                 if message.get("op") == "log":
                     text = str(message.get("text", ""))
-                    offset = sum(len(chunk) for chunk in logs[job_id])
+                    offset, logged[job_id] = logged[job_id], logged[job_id] + len(text)
                     logs[job_id].append(text)
                     self.on_event(job_id, {"status": "RUNNING", "log": text, "offset": offset})
+                elif message.get("op") == "crashed":  # its process died; the worker lives on
+                    self._crashed(pending, attempts, logs, batch=len(ids) > 1, reason=message)
+                    return
                 elif message.get("op") == "result":
                     pending.remove(job_id)
                     self._completed(job_id, message.get("result"), blob, logs[job_id])
@@ -313,6 +318,24 @@ class Feeder:
         """Kill the worker (the only way to stop arbitrary code); the feeder starts a new one."""
         self.channel.kill()
         self.state = "restarting"
+
+    def _stop_running(self) -> None:
+        """Stop the job or batch that is running: a channel that can (a forking worker) kills just
+        the job's process and keeps its models, so a cancel or a time-out stalls nobody else;
+        otherwise, or if it does not confirm in time, the whole worker goes."""
+        if not getattr(self.channel, "can_abort", False):
+            self._drop_channel()
+            return
+        try:
+            self.channel.send({"op": "abort"})
+            deadline = time.monotonic() + _ABORT_SECONDS
+            while time.monotonic() < deadline:
+                received = self.channel.receive(_POLL)
+                if received is not None and received[0].get("op") == "aborted":
+                    return
+        except ChannelClosed:
+            pass
+        self._drop_channel()
 
     def _send_jobs(self, ids: list[str], requests: dict[str, bytes]) -> None:
         limits = {**self.config.limits(), "max_log_bytes": self.config.max_log_bytes}
@@ -344,27 +367,37 @@ class Feeder:
             logs[pending[0]])
 
     def _crashed(self, pending: list[str], attempts: dict[str, int], logs: dict[str, list[str]], *,
-                 batch: bool = False) -> None:
-        reason = self.channel.exit_reason()
+                 batch: bool = False, reason: dict | None = None) -> None:
+        """The process running ``pending`` died: the worker itself (``reason`` None: restart it), or
+        only the job's own forked process (``reason``: the worker's ``crashed`` message)."""
         label = self.channel.label
-        self._drop_channel()
+        lineno = None
+        if reason is None:
+            why, restarted = self.channel.exit_reason(), " The worker was restarted."
+            self._drop_channel()
+        else:
+            why, restarted = str(reason.get("reason") or "unknown"), ""
+            lineno = reason.get("lineno") if isinstance(reason.get("lineno"), int) else None
+            label += " (the job's own process)"
         if batch:
-            self.say(f"{label} died while running a batch of {len(pending)} jobs ({reason}); "
+            self.say(f"{label} died while running a batch of {len(pending)} jobs ({why}); "
                      "running each alone")
             for job_id in pending:
                 self._interrupted(job_id, alone=True)
             return
         for job_id in pending:
             if attempts.get(job_id, 1) <= self.config.crash_retries:
-                self.say(f"{label} died while running job {job_id} ({reason}); it runs once more")
+                self.say(f"{label} died while running job {job_id} ({why}); it runs once more")
                 self.solo.add(job_id)
                 if self.store.retry(job_id):
                     self.on_event(job_id, {"status": "QUEUED", "position": 0})
                 continue
-            self._finish(job_id, error_result("WorkerCrashed", (
-                f"the worker died while running this job ({reason}), {attempts.get(job_id, 1)} time(s); "
-                "the job may need more memory than the server has. The worker was restarted.")),
-                logs[job_id])
+            hint = "" if reason else "; the job may need more memory than the server has"
+            result = error_result("WorkerCrashed", (
+                f"the process running this job died ({why}), {attempts.get(job_id, 1)} time(s){hint}."
+                f"{restarted}"))
+            result["error"]["lineno"] = lineno
+            self._finish(job_id, result, logs[job_id])
 
     def _completed(self, job_id: str, result: Any, blob: bytes, logs: list[str]) -> None:
         if not isinstance(result, dict):

@@ -25,8 +25,11 @@ Process layout and why::
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
 import multiprocessing.connection
+import os
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -36,36 +39,91 @@ from ...remote.protocol import ProtocolError
 from ..config import ServerConfig
 from .channel import ChannelClosed, WorkerStartError, exit_reason, ready_note
 from .child import child_environment, exit_with_parent, handle_message, limit_memory, scrub_environment, start
+from .confine import confine_job, confine_worker
+from .forked import prepare_parent, run_forked
 
 __all__ = ["LocalProcess", "worker_main"]
 
 
 def worker_main(conn: multiprocessing.connection.Connection, specs: dict[str, str], executor: str,
-                torch_threads: int, max_memory_bytes: int = 0) -> None:
+                torch_threads: int, max_memory_bytes: int = 0, isolation: str = "process") -> None:
     scrub_environment()
-    exit_with_parent()
     # Before anything big is imported or loaded: the models count toward the limit, so a server
     # whose limit cannot even hold them fails at start, saying so, rather than at the first job.
     limit = limit_memory(max_memory_bytes)
-    module, models, reply = start(executor, specs, torch_threads, limit)
+    forking = isolation != "none"
 
     def send(message: dict, out: bytes = b"") -> None:
         conn.send_bytes(frame(message, out))
 
+    # A forking worker keeps one torch thread (forked.py says why); its children use the rest.
+    module, models, reply = start(executor, specs, 1 if forking else torch_threads, limit)
+    if module is not None and forking:
+        try:
+            reply["isolation"] = _isolate(isolation)
+            reply["threads"] = torch_threads or _default_threads()
+        except Exception as err:  # the operator must hear why, and nothing may run unconfined
+            module, reply = None, {"op": "failed", "error": f"{type(err).__name__}: {err}"}
     send(reply)
     if module is None:
         return
+    exit_with_parent()  # a thread: only once confined (Landlock covers threads started after it)
+    threads = torch_threads or _default_threads()
     while True:
         try:
             message, blob = unframe(conn.recv_bytes())
         except (EOFError, OSError):
             return  # the parent is gone
-        if message.get("op") not in ("job", "batch"):
+        op = message.get("op")
+        if op == "abort":
+            send({"op": "aborted"})  # nothing was running
+            continue
+        if op not in ("job", "batch"):
             return  # "stop", or anything unexpected: end cleanly
         try:
-            handle_message(module, models, message, blob, send, memory_limit=limit)
+            if not forking:
+                handle_message(module, models, message, blob, send, memory_limit=limit)
+                continue
+            ids = [str(j) for j in message["jobs"]] if op == "batch" else [str(message["job"])]
+
+            def work(child_send: Callable[[dict, bytes], None], message: dict = message,
+                     blob: bytes = blob) -> None:
+                handle_message(module, models, message, blob, child_send, memory_limit=limit, after=False)
+
+            run_forked(work, ids, send, conn, threads=threads, confine=_confine_job(isolation),
+                       max_log_bytes=int((message.get("limits") or {}).get("max_log_bytes", 0) or 0))
         except OSError:
             return  # the pipe is gone: so is the parent
+
+
+def _isolate(isolation: str) -> str:
+    """Seal the fork-ready state and confine this process (``confine.py``); returns what was applied."""
+    prepare_parent()
+    confinement = confine_worker(read_paths=_python_paths(), allow_fork=True,
+                                 require=isolation == "process")
+    return confinement.describe()
+
+
+def _confine_job(isolation: str) -> Callable[[], None]:
+    return lambda: confine_job(require=isolation == "process")
+
+
+def _python_paths() -> list[str]:
+    """What a confined worker may still read: the Python installation and its packages (torch and
+    transformers import modules lazily while jobs run). Nothing else: no models (loaded already),
+    no state directory, no home."""
+    import sysconfig
+
+    paths = {sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix}
+    for key in ("stdlib", "platstdlib", "purelib", "platlib"):
+        with contextlib.suppress(KeyError):
+            paths.add(sysconfig.get_paths()[key])
+    paths.update(p for p in sys.path if p and os.path.isdir(p))
+    return sorted(p for p in paths if os.path.exists(p))
+
+
+def _default_threads() -> int:
+    return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
 
 
 class LocalProcess:
@@ -84,6 +142,8 @@ class LocalProcess:
         self.config = config
         self.say = say
         self.serves = list(config.models)
+        # A forking worker stops a job by killing the job's process, not itself (forked.py).
+        self.can_abort = config.isolation != "none"
         self._process: multiprocessing.process.BaseProcess | None = None
         self._conn: multiprocessing.connection.Connection | None = None
         self._exit_code: int | None = None
@@ -103,7 +163,7 @@ class LocalProcess:
         process = context.Process(
             target=worker_main,
             args=(child_conn, dict(config.models), config.executor, config.torch_threads,
-                  config.max_memory_bytes),
+                  config.max_memory_bytes, config.isolation),
             name="glassbox-worker",
             daemon=True,
         )

@@ -350,6 +350,7 @@ class RayReplica:
         self.model = model
         self.index = index
         self.serves = [model]
+        self.can_abort = False  # a job runs inside the actor: stopping it means killing the actor
         self.pid: int | None = None
         self._actor: Any = None
         self._poll: Any = None  # the outstanding take call

@@ -1,0 +1,78 @@
+"""Read-only weights: a CPU model's parameters moved into memory the process cannot write.
+
+Offers:
+    seal(module) -> int          move every CPU parameter into one anonymous mapping and make it
+                                 read-only (``mprotect(PROT_READ)``); returns the bytes sealed
+    is_sealed(tensor) -> bool    does the tensor's memory lie in a sealed mapping?
+
+Why: the sandbox refuses the write paths it knows, and a checksum after the job finds the ones it
+does not, but only AFTER the job: co-tenants of a batched pass would already have computed with
+the changed weights. Read-only memory makes the whole class impossible: a write from any path
+(``param.data.zero_()``, a module the user built around a weight, C code, numpy) faults, the
+process that ran the job dies, and the job fails alone (the worker forks a fresh process per job
+or batch, see ``workers/forked.py``).
+
+What stays writable: buffers (models may update them, e.g. a rotary cache), gradients (``.grad``
+is new memory), and anything on a GPU (the device has no such protection; see the README).
+Tied parameters (``lm_head.weight is embed_tokens.weight``) stay tied: each storage is copied once
+and every parameter over it is re-pointed at the copy with its own size, stride and offset.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import mmap
+
+import torch
+
+__all__ = ["is_sealed", "seal"]
+
+_ALIGN = 64
+_regions: list[tuple[int, int, mmap.mmap]] = []  # (start address, size, mapping): kept for life
+
+
+def seal(module: torch.nn.Module) -> int:
+    """Make ``module``'s CPU parameters read-only memory (see the module docstring)."""
+    storages: dict[int, torch.UntypedStorage] = {}
+    params = []
+    for param in module.parameters(recurse=True):
+        if param.device.type != "cpu" or param.numel() == 0 or is_sealed(param):
+            continue
+        storage = param.untyped_storage()
+        storages.setdefault(storage.data_ptr(), storage)
+        params.append(param)
+    if not storages:
+        return 0
+    offsets, total = {}, 0
+    for ptr, storage in storages.items():
+        offsets[ptr] = total
+        total += (storage.nbytes() + _ALIGN - 1) // _ALIGN * _ALIGN
+    region = mmap.mmap(-1, total, flags=mmap.MAP_SHARED | mmap.MAP_ANONYMOUS)
+    whole = torch.frombuffer(region, dtype=torch.uint8)
+    for ptr, storage in storages.items():
+        start = offsets[ptr]
+        whole[start:start + storage.nbytes()].copy_(torch.frombuffer(_bytes_of(storage), dtype=torch.uint8))
+    with torch.no_grad():
+        for param in params:
+            start = offsets[param.untyped_storage().data_ptr()]  # a multiple of _ALIGN bytes
+            # as_strided's offset counts from the start of the whole region, in elements
+            offset = start // param.element_size() + param.storage_offset()
+            param.data = whole.view(param.dtype).as_strided(param.size(), param.stride(), offset)
+    address = whole.data_ptr()
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.mprotect(ctypes.c_void_p(address), ctypes.c_size_t(total), mmap.PROT_READ) != 0:
+        raise OSError(ctypes.get_errno(), "mprotect(PROT_READ) of the model weights failed")
+    _regions.append((address, total, region))
+    return total
+
+
+def is_sealed(tensor: torch.Tensor) -> bool:
+    if tensor.device.type != "cpu":
+        return False
+    ptr = tensor.untyped_storage().data_ptr()
+    return any(start <= ptr < start + size for start, size, _ in _regions)
+
+
+def _bytes_of(storage: torch.UntypedStorage) -> memoryview:
+    raw = (ctypes.c_ubyte * storage.nbytes()).from_address(storage.data_ptr())
+    return memoryview(raw).cast("B")

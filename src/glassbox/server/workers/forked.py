@@ -1,0 +1,237 @@
+"""Run each job or batch in a fresh process forked from the worker: memory that dies with it.
+
+Offers:
+    run_forked(work, ids, forward, control, *, threads, confine, max_log_bytes) -> None
+        fork; in the child: confine it further, run ``work(send)``; in the worker: pass the
+        child's ``log`` / ``result`` frames on to the feeder (checked: only this message's jobs,
+        one result each, logs within their cap), stop the child on ``abort``, and report a
+        child that died (``crashed``, with the user's line when the C stack of Python shows it)
+    prepare_parent()   the worker's part of making fork safe (one torch thread; gc frozen)
+
+Why a process per job (``isolation = "process"``, the default on CPU):
+- Nothing a job does outlives it. Hooks on the served model, replaced torch functions, edited
+  configs, module globals, a generator parked inside ``torch.autocast``, caches, freed memory
+  holding its activations: all of it lives in the child and ends with it. The worker that forks
+  the next job never ran user code, so the next job starts from exactly the state the models
+  were loaded in, and ``torch.empty`` can never return an earlier job's numbers.
+- The weights need no check afterwards: the child's writes to the worker's memory are
+  copy-on-write (and the parameters are read-only memory anyway, ``jobs/sealed.py``).
+- A crash (a write to read-only weights, a C stack overflow) kills the child only: the job (or
+  its batch, whose members then run again alone) fails; the worker and its loaded models stay.
+- Cancel and time-out kill the child, not the worker: no model reload, no stall for others.
+
+Cost, measured on SmolLM2 (bench/remote_latency.py): the fork itself ~10 ms; the child's first
+allocations are page faults instead of reused heap. The worker keeps ONE torch thread: GNU OpenMP
+cannot be used in a forked child once the parent has run a parallel region (the child hangs), so
+every parallel region runs in children, with ``threads`` threads.
+
+The child talks to the worker through a private pipe (length-prefixed frames), not the feeder's
+pipe: if it dies mid-frame, the worker sees a short read, not a corrupted stream to the feeder,
+and nothing a child writes reaches the feeder unchecked.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import faulthandler
+import gc
+import os
+import re
+import select
+import signal
+import struct
+from collections.abc import Callable
+from typing import Any
+
+from ...remote.framing import frame, unframe
+from ...remote.protocol import ProtocolError
+from .channel import exit_reason
+
+__all__ = ["prepare_parent", "run_forked"]
+
+_HEADER = struct.Struct("<Q")
+_PR_SET_PDEATHSIG = 1
+_MAX_FRAME = 1 << 40
+_LINE = re.compile(r'File "<glassbox job \d+>", line (\d+)')
+
+
+def prepare_parent() -> None:
+    """In the worker, before its first fork: one torch thread (see the module docstring), and the
+    objects that exist now frozen out of the garbage collector, so that a child's collections do
+    not touch (and copy) every page of the models' Python objects."""
+    import torch
+
+    torch.set_num_threads(1)
+    gc.collect()
+    gc.freeze()
+
+
+def run_forked(work: Callable[[Callable[[dict, bytes], None]], None], ids: list[str],
+               forward: Callable[[dict, bytes], None], control: Any, *, threads: int,
+               confine: Callable[[], None] | None, max_log_bytes: int = 0) -> bool:
+    """Run ``work(send)`` in a forked child; see the module docstring. ``control`` is the feeder's
+    connection (its ``abort`` stops the child). Returns False if it was aborted."""
+    out_r, out_w = os.pipe()
+    fault_r, fault_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # ---------------------------------------------------------------- the child
+        code = 70
+        try:
+            os.close(out_r)
+            os.close(fault_r)
+            _child_setup(fault_w, threads, confine)
+            work(_writer(out_w))
+            code = 0
+        finally:
+            os._exit(code)
+    # ---------------------------------------------------------------------------- the worker
+    os.close(out_w)
+    os.close(fault_w)
+    relay = _Relay(ids, forward, max_log_bytes)
+    aborted = False
+    try:
+        reader = _FrameReader(out_r)
+        while True:
+            ready, _, _ = select.select([out_r, control], [], [])
+            if control in ready and _abort_requested(control):
+                os.kill(pid, signal.SIGKILL)
+                aborted = True
+                break
+            if out_r in ready:
+                frames = reader.read()
+                if frames is None:
+                    break  # the child closed its end: it ended (or died)
+                for data in frames:
+                    relay.pass_on(data)
+    finally:
+        _, status = os.waitpid(pid, 0)
+        fault = _drain(fault_r)
+        os.close(out_r)
+        os.close(fault_r)
+    if aborted:
+        forward({"op": "aborted"}, b"")
+        return False
+    code = os.waitstatus_to_exitcode(status)
+    if code != 0 or relay.unanswered():
+        relay.crashed(_crash_reason(code, fault))
+    return True
+
+
+def _child_setup(fault_w: int, threads: int, confine: Callable[[], None] | None) -> None:
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)  # the worker killed (time-out, stop): so is this
+    if os.getppid() == 1:
+        os._exit(0)  # the worker died before the line above ran
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, signal.SIG_DFL)
+    faulthandler.enable(file=fault_w, all_threads=False)  # the user's line, if it crashes
+    if confine is not None:
+        confine()
+    import torch
+
+    torch.set_num_threads(max(1, threads))
+
+
+def _writer(fd: int) -> Callable[[dict, bytes], None]:
+    def send(message: dict, blob: bytes = b"") -> None:
+        data = frame(message, blob)
+        view = memoryview(_HEADER.pack(len(data)) + data)
+        while view:
+            written = os.write(fd, view)
+            view = view[written:]
+
+    return send
+
+
+class _FrameReader:
+    """Length-prefixed frames from the child's pipe, as they complete."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self.buffer = bytearray()
+
+    def read(self) -> list[bytes] | None:
+        chunk = os.read(self.fd, 1 << 20)
+        if not chunk:
+            return None
+        self.buffer += chunk
+        frames = []
+        while len(self.buffer) >= _HEADER.size:
+            (size,) = _HEADER.unpack_from(self.buffer)
+            if size > _MAX_FRAME:
+                return None  # nonsense from the child: treat it as dead
+            if len(self.buffer) < _HEADER.size + size:
+                break
+            frames.append(bytes(self.buffer[_HEADER.size:_HEADER.size + size]))
+            del self.buffer[:_HEADER.size + size]
+        return frames
+
+
+class _Relay:
+    """What the worker passes on from a child: ``log`` and ``result`` messages of this message's
+    jobs only, one result per job, logs within ``max_log_bytes`` per job (an escaped child could
+    write anything into its pipe; the feeder must only see what a job may say)."""
+
+    def __init__(self, ids: list[str], forward: Callable[[dict, bytes], None], max_log_bytes: int) -> None:
+        self.ids = list(ids)
+        self.forward = forward
+        self.answered: set[str] = set()
+        self.logged = dict.fromkeys(ids, 0)
+        self.max_log_bytes = max_log_bytes
+
+    def pass_on(self, data: bytes) -> None:
+        try:
+            message, blob = unframe(data)
+        except ProtocolError:
+            return
+        job, op = str(message.get("job")), message.get("op")
+        if job not in self.logged or job in self.answered:
+            return
+        if op == "log":
+            text = str(message.get("text", ""))
+            self.logged[job] += len(text) + 1
+            if self.max_log_bytes and self.logged[job] > self.max_log_bytes + 200:
+                return  # the child's own cap says so first; this one holds if it did not
+            self.forward({"op": "log", "job": job, "text": text}, b"")
+        elif op == "result" and isinstance(message.get("result"), dict):
+            self.answered.add(job)
+            self.forward({"op": "result", "job": job, "result": message["result"]}, blob)
+
+    def unanswered(self) -> list[str]:
+        return [job for job in self.ids if job not in self.answered]
+
+    def crashed(self, reason: dict) -> None:
+        for job in self.unanswered():
+            self.forward({"op": "crashed", "job": job, **reason}, b"")
+
+
+def _crash_reason(code: int, fault: str) -> dict:
+    """Why the child died, in words, with the user's line when faulthandler printed it."""
+    reason = exit_reason(code) if code else "ended without answering"
+    if code == -signal.SIGSEGV or code == -signal.SIGBUS:
+        reason += (": the job wrote to the served model's weights (read-only memory), or recursed "
+                   "deeper than the C stack allows (e.g. hashing, printing or comparing a deeply "
+                   "nested object)")
+    lines = _LINE.findall(fault)
+    return {"reason": reason, "lineno": int(lines[0]) if lines else None}
+
+
+def _abort_requested(control: Any) -> bool:
+    """Whether the feeder sent ``abort``; anything else it sends while a job runs is dropped."""
+    try:
+        message, _ = unframe(control.recv_bytes())
+    except (EOFError, OSError, ProtocolError):
+        return True  # the feeder is gone: stop the child
+    return message.get("op") == "abort"
+
+
+def _drain(fd: int) -> str:
+    chunks = []
+    with contextlib.suppress(OSError):
+        while True:
+            chunk = os.read(fd, 65536)
+            if not chunk:
+                break
+            chunks.append(chunk)
+    return b"".join(chunks).decode("utf-8", "replace")

@@ -1,0 +1,182 @@
+"""Isolation that does not depend on the sandbox: a real server whose executor runs RAW Python.
+
+``raw_executor`` (test-only) runs each job's source with no sandbox at all, as if a job had
+escaped it. What must still hold, each shown against a real ``glassbox serve``:
+- the OS confinement of the job's process: no files outside Python's own, no writes, no
+  sockets, no exec, no new processes;
+- nothing a job does outlives it: hooks, patched torch functions, module globals, torch's global
+  state, edited configs, objects left for ``gc`` to find, freed memory;
+- the weights are read-only memory: a raw write kills only that job's process; the worker, its
+  models and the next tenant's numbers are untouched, and no worker restart is needed.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Iterator
+
+import httpx
+import pytest
+import torch
+
+from glassbox import LanguageModel
+from glassbox.cli import start_server
+from glassbox.offline import tiny_gpt2_path
+from glassbox.remote import transport
+from glassbox.remote.protocol import decode_values, encode_values, make_envelope
+from glassbox.server.workers.confine import available
+
+PROMPT = "The Eiffel Tower is in"
+
+pytestmark = pytest.mark.skipif(
+    not available()["landlock_abi"] or not available()["seccomp"],
+    reason="the kernel lacks Landlock or seccomp (isolation='process' refuses to start there)")
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str]]:
+    here = os.path.dirname(os.path.abspath(__file__))  # where raw_executor is
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [here, os.environ.get("PYTHONPATH")])))
+        running = start_server({"gpt2": str(tiny_gpt2_path())}, state_dir=str(tmp_path_factory.mktemp("raw")),
+                               args=["--executor", "raw_executor", "--max-batch", "1", "--max-seconds", "60",
+                                     "--crash-retries", "0"])
+    try:
+        yield running.url, running.create_key("mallory")
+    finally:
+        running.stop()
+
+
+def _run(server: tuple[str, str], source: str) -> dict:
+    """Run raw ``source`` as one job; its ``out`` dict, or the ERROR result's error."""
+    url, key = server
+    desc, blob = encode_values({"vars": {}, "inputs": [PROMPT], "call": {}})
+    envelope = make_envelope("job", {
+        "model": "gpt2", "method": "trace", "source": source, "first_line": 1, "tracer_name": "tracer",
+        "model_refs": {}, "modules": {}, "values": desc, "writes": [], "returns": [],
+    })
+    job = transport.submit(url, key, envelope, blob, 60)
+    for _ in transport.events(url, key, job, timeout=90):
+        pass
+    result, out = transport.result(url, key, job, timeout=60)
+    if result["status"] != "COMPLETED":
+        return {"error": result["error"]}
+    return decode_values(result["values"], out)["saved"]["out"]
+
+
+def _worker_pids(server: tuple[str, str]) -> list:
+    url, key = server
+    health = httpx.get(url + "/v1/health", headers={"Authorization": f"Bearer {key}"}, timeout=10).json()
+    return [replica.get("pid") for replica in health.get("replicas", [])]
+
+
+# What a fresh job sees: compared before and after hostile jobs.
+STATE = """
+import gc, sys, glassbox
+import torch.nn.functional as F
+layers = list(model._module.modules())
+out["hooks"] = sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in layers)
+out["linear_patched"] = F.linear is not torch._C._nn.linear
+out["leak"] = hasattr(glassbox, "LEAKED")
+out["grad"] = torch.is_grad_enabled()
+out["inference"] = torch.is_inference_mode_enabled()
+out["autocast"] = torch.is_autocast_enabled("cpu")
+out["dtype"] = str(torch.get_default_dtype())
+out["deterministic"] = torch.are_deterministic_algorithms_enabled()
+out["threads_ok"] = torch.get_num_threads() >= 1
+out["config_edit"] = getattr(model._module.config, "stolen", None)
+out["input_names"] = list(model.tokenizer.model_input_names)
+out["found_secret"] = any(isinstance(o, str) and o.startswith("SECRET-OF-A-") for o in gc.get_objects())
+fresh = torch.empty(4_000_000)
+out["stale_memory"] = bool((fresh == 1234.5).any())
+out["rand"] = float(torch.rand(1))
+with model.trace(prompt):
+    logits = model.output.logits
+out["logits"] = logits
+"""
+
+HOSTILE = """
+import gc, glassbox, torch.nn.functional as F
+secret = "SECRET-OF-A-" + "x" * 10
+glassbox.LEAKED = [secret]
+model._module.transformer.h[0].register_forward_hook(lambda m, i, o: o * 0)
+F.linear = lambda *a, **k: None
+torch.set_grad_enabled(False)
+torch.set_default_dtype(torch.float64)
+torch.use_deterministic_algorithms(True)
+torch.manual_seed(12345)
+model._module.config.stolen = secret
+model.tokenizer.model_input_names.append("stolen")
+def parked():
+    with torch.autocast("cpu", dtype=torch.bfloat16), torch.inference_mode():
+        yield 1
+generator = parked(); next(generator)
+glassbox.PARKED = generator
+big = torch.full((4_000_000,), 1234.5)
+del big
+gc.collect()
+out["done"] = True
+"""
+
+
+def test_the_job_process_cannot_reach_files_sockets_or_other_processes(server: tuple[str, str],
+                                                                       tmp_path) -> None:
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(1)
+    port = listener.getsockname()[1]
+    target = tmp_path / "written.txt"
+    try:
+        out = _run(server, f"""
+import os, socket, subprocess
+def attempt(name, fn):
+    try:
+        fn()
+        out[name] = "allowed"
+    except Exception as err:
+        out[name] = type(err).__name__
+attempt("read_passwd", lambda: open("/etc/passwd").read())
+attempt("write_file", lambda: open({str(target)!r}, "w").write("x"))
+attempt("connect", lambda: socket.create_connection(("127.0.0.1", {port}), timeout=2))
+attempt("exec", lambda: os.execv("/bin/true", ["true"]))
+attempt("subprocess", lambda: subprocess.run(["/bin/true"]))
+attempt("fork", lambda: os._exit(0) if os.fork() == 0 else None)
+attempt("environ_secret", lambda: [k for k in os.environ if "KEY" in k or "DB_URL" in k][0])
+""")
+    finally:
+        listener.close()
+    assert "error" not in out, out
+    for name in ("read_passwd", "write_file", "connect", "exec", "subprocess", "fork", "environ_secret"):
+        assert out[name] != "allowed", (name, out)
+    assert not target.exists()
+
+
+def test_nothing_a_job_does_outlives_it(server: tuple[str, str]) -> None:
+    before = _run(server, STATE)
+    assert "error" not in before, before
+    hostile = _run(server, HOSTILE)
+    assert hostile == {"done": True}
+    after = _run(server, STATE)
+    for name in ("hooks", "linear_patched", "leak", "grad", "inference", "autocast", "dtype",
+                 "deterministic", "config_edit", "input_names", "found_secret", "stale_memory", "rand"):
+        assert after[name] == before[name], name
+    assert after["hooks"] == 0 and not after["leak"]
+    assert not after["found_secret"] and not after["stale_memory"]
+    assert torch.equal(after["logits"], before["logits"])
+    local = LanguageModel(str(tiny_gpt2_path()), dispatch=True)
+    with local.trace(PROMPT):
+        expected = local.output.logits.save()
+    assert torch.equal(after["logits"], expected)
+
+
+def test_a_raw_write_to_the_weights_kills_only_that_job(server: tuple[str, str]) -> None:
+    before = _run(server, STATE)
+    pids = _worker_pids(server)
+    write = "model._module.transformer.h[0].mlp.c_fc.weight.data.zero_()\nout['wrote'] = True\n"
+    crashed = _run(server, write)
+    assert "error" in crashed and crashed["error"]["type"] == "WorkerCrashed", crashed
+    assert "read-only" in crashed["error"]["message"]
+    after = _run(server, STATE)
+    assert torch.equal(after["logits"], before["logits"])  # the weights are what they were
+    assert _worker_pids(server) == pids  # the same worker: nothing had to be reloaded
