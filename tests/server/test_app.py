@@ -99,9 +99,18 @@ def _wait_status(url: str, key: str, job: str, wanted: str, timeout: float = 60)
 # ---------------------------------------------------------------- open endpoints and keys
 
 
-def test_health_and_models_need_no_key(server):
+def test_health_and_models_need_no_key(server, key):
     health = httpx.get(server.url + "/v1/health", timeout=10).json()
     assert health["protocol"] == PROTOCOL_VERSION and health["glassbox"] and health["worker"] == "ready"
+    # Without a valid key nothing about what runs where (pids, other tenants' jobs and batches).
+    assert set(health) == {"glassbox", "protocol", "status", "worker"}
+    wrong = httpx.get(server.url + "/v1/health", headers={"X-API-Key": "gbx_wrong"}, timeout=10)
+    assert wrong.status_code == 200 and set(wrong.json()) == set(health)
+    for headers in ({"X-API-Key": key}, {"Authorization": f"Bearer {key}"}):
+        full = httpx.get(server.url + "/v1/health", headers=headers, timeout=10).json()
+        assert full["backend"] == "local" and full["running"] in (True, False)
+        [replica] = full["replicas"]
+        assert isinstance(replica["pid"], int) and {"running", "restarts", "batches"} <= set(replica)
     served = transport.models(server.url)
     assert [m["name"] for m in served] == ["gpt2"]
     assert served[0]["class"] == "GPT2LMHeadModel" and served[0]["parameters"] > 0
@@ -287,7 +296,8 @@ def test_time_limit_stops_a_job_the_next_runs_and_active_jobs_per_key_are_capped
     envelope, _ = transport.result(server.url, key, slow)
     assert envelope["status"] == "ERROR" and envelope["error"]["type"] == "TimeoutError"
     for i, job in enumerate(waiting):
-        assert _wait_final(server.url, key, job)["status"] == "COMPLETED"
+        final = _wait_final(server.url, key, job)
+        assert final["status"] == "COMPLETED", final.get("error")
         envelope, blob = transport.result(server.url, key, job)
         assert decode_values(envelope["values"], blob)["saved"]["echo"] == f"w{i}"
 

@@ -69,9 +69,10 @@ def prepare_parent() -> None:
 
 def run_forked(work: Callable[[Callable[[dict, bytes], None]], None], ids: list[str],
                forward: Callable[[dict, bytes], None], control: Any, *, threads: int,
-               confine: Callable[[], None] | None, max_log_bytes: int = 0) -> bool:
+               confine: Callable[[], None] | None, max_log_bytes: int = 0) -> list[tuple[dict, bytes]]:
     """Run ``work(send)`` in a forked child; see the module docstring. ``control`` is the feeder's
-    connection (its ``abort`` stops the child). Returns False if it was aborted."""
+    connection: its ``abort`` stops the child; anything else it sends meanwhile (the next job,
+    sent as soon as this one's results arrived) is returned, for the worker to handle next."""
     out_r, out_w = os.pipe()
     fault_r, fault_w = os.pipe()
     pid = os.fork()
@@ -90,14 +91,18 @@ def run_forked(work: Callable[[Callable[[dict, bytes], None]], None], ids: list[
     os.close(fault_w)
     relay = _Relay(ids, forward, max_log_bytes)
     aborted = False
+    later: list[tuple[dict, bytes]] = []
     try:
         reader = _FrameReader(out_r)
         while True:
             ready, _, _ = select.select([out_r, control], [], [])
-            if control in ready and _abort_requested(control):
-                os.kill(pid, signal.SIGKILL)
-                aborted = True
-                break
+            if control in ready:
+                message = _receive(control)
+                if message is None or message[0].get("op") == "abort":
+                    os.kill(pid, signal.SIGKILL)
+                    aborted = True
+                    break
+                later.append(message)
             if out_r in ready:
                 frames = reader.read()
                 if frames is None:
@@ -111,11 +116,11 @@ def run_forked(work: Callable[[Callable[[dict, bytes], None]], None], ids: list[
         os.close(fault_r)
     if aborted:
         forward({"op": "aborted"}, b"")
-        return False
+        return later
     code = os.waitstatus_to_exitcode(status)
     if code != 0 or relay.unanswered():
         relay.crashed(_crash_reason(code, fault))
-    return True
+    return later
 
 
 def _child_setup(fault_w: int, threads: int, confine: Callable[[], None] | None) -> None:
@@ -217,13 +222,12 @@ def _crash_reason(code: int, fault: str) -> dict:
     return {"reason": reason, "lineno": int(lines[0]) if lines else None}
 
 
-def _abort_requested(control: Any) -> bool:
-    """Whether the feeder sent ``abort``; anything else it sends while a job runs is dropped."""
+def _receive(control: Any) -> tuple[dict, bytes] | None:
+    """The feeder's next message; None if it is gone (then the child is stopped)."""
     try:
-        message, _ = unframe(control.recv_bytes())
+        return unframe(control.recv_bytes())
     except (EOFError, OSError, ProtocolError):
-        return True  # the feeder is gone: stop the child
-    return message.get("op") == "abort"
+        return None
 
 
 def _drain(fd: int) -> str:

@@ -69,9 +69,10 @@ def worker_main(conn: multiprocessing.connection.Connection, specs: dict[str, st
         return
     exit_with_parent()  # a thread: only once confined (Landlock covers threads started after it)
     threads = torch_threads or _default_threads()
+    waiting: list[tuple[dict, bytes]] = []  # sent while a forked job was still finishing
     while True:
         try:
-            message, blob = unframe(conn.recv_bytes())
+            message, blob = waiting.pop(0) if waiting else unframe(conn.recv_bytes())
         except (EOFError, OSError):
             return  # the parent is gone
         op = message.get("op")
@@ -90,8 +91,9 @@ def worker_main(conn: multiprocessing.connection.Connection, specs: dict[str, st
                      blob: bytes = blob) -> None:
                 handle_message(module, models, message, blob, child_send, memory_limit=limit, after=False)
 
-            run_forked(work, ids, send, conn, threads=threads, confine=_confine_job(isolation),
-                       max_log_bytes=int((message.get("limits") or {}).get("max_log_bytes", 0) or 0))
+            max_log = int((message.get("limits") or {}).get("max_log_bytes", 0) or 0)
+            waiting += run_forked(work, ids, send, conn, threads=threads, confine=_confine_job(isolation),
+                                  max_log_bytes=max_log)
         except OSError:
             return  # the pipe is gone: so is the parent
 
