@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/remote_latency.py                  # 30 timed runs per model
     .venv/bin/python bench/remote_latency.py --runs 60 --json out.json
+    .venv/bin/python bench/remote_latency.py --isolation process,none   # the default: both, side by side
 
 Starts ``glassbox serve`` on loopback (``glassbox.cli.start_server``) holding the tiny GPT-2
 and SmolLM2 under their folder names, then for each model times the same small trace (one
@@ -115,40 +116,47 @@ def median_ms(values: list[float]) -> float:
 
 
 def time_model(name: str, model: LanguageModel, fn: Callable[[LanguageModel, bool], Any], runs: int,
-               warmup: int) -> dict[str, Any]:
+               warmup: int, servers: dict[str, tuple[str, str]]) -> dict[str, Any]:
+    """Local and every server (by isolation mode) in turn, the order rotating run by run."""
     probe = Probe()
-    local_times: list[float] = []
-    remote_times: list[float] = []
-    parts: dict[str, list[float]] = defaultdict(list)
+    sides = ["local", *servers]
+    times: dict[str, list[float]] = {side: [] for side in sides}
+    parts: dict[str, dict[str, list[float]]] = {mode: defaultdict(list) for mode in servers}
+
+    def call(side: str) -> Any:
+        if side != "local":
+            CONFIG.HOST, CONFIG.API_KEY = servers[side]
+        return fn(model, side != "local")
+
     with probe.installed():
-        local = fn(model, False)
-        remote = fn(model, True)
-        if not torch.equal(local, remote):
-            raise SystemExit(f"{name}: the remote value differs from the local one; timings would compare "
-                             "different work")
+        local = call("local")
+        for mode in servers:
+            if not torch.equal(local, call(mode)):
+                raise SystemExit(f"{name}: the remote value ({mode}) differs from the local one; timings "
+                                 "would compare different work")
         for i in range(warmup + runs):
-            for remote_run in ((False, True) if i % 2 == 0 else (True, False)):
+            order = sides[i % len(sides):] + sides[:i % len(sides)]
+            for side in order:
                 probe.parts = {}
                 started = time.perf_counter()
-                fn(model, remote_run)
+                call(side)
                 elapsed = time.perf_counter() - started
                 if i < warmup:
                     continue
-                if remote_run:
-                    remote_times.append(elapsed)
-                    p = probe.parts
-                    parts["total"].append(elapsed)
-                    for key in ("submit", "wait", "result", "run_job"):
-                        parts[key].append(p.get(key, float("nan")))
-                    parts["serving"].append(p.get("wait", 0.0) - p.get("run_job", 0.0))
-                    parts["client"].append(elapsed - p.get("submit", 0.0) - p.get("wait", 0.0)
-                                           - p.get("result", 0.0))
-                else:
-                    local_times.append(elapsed)
+                times[side].append(elapsed)
+                if side == "local":
+                    continue
+                p, kept = probe.parts, parts[side]
+                kept["total"].append(elapsed)
+                for key in ("submit", "wait", "result", "run_job"):
+                    kept[key].append(p.get(key, float("nan")))
+                kept["serving"].append(p.get("wait", 0.0) - p.get("run_job", 0.0))
+                spent = p.get("submit", 0.0) + p.get("wait", 0.0) + p.get("result", 0.0)
+                kept["client"].append(elapsed - spent)
             if i + 1 == warmup or (i >= warmup and (i - warmup + 1) % 10 == 0):
                 say(f"{name}: {max(0, i - warmup + 1)}/{runs} timed runs")
     assert probe.request is not None
-    return {"local": local_times, "remote": remote_times, "parts": dict(parts), "request": probe.request}
+    return {"times": times, "parts": {mode: dict(p) for mode, p in parts.items()}, "request": probe.request}
 
 
 def inside_run_job(specs: dict[str, str], requests: dict[str, tuple[dict, bytes]], runs: int,
@@ -210,6 +218,9 @@ def main(argv: list[str] | None = None) -> int:
         "torch threads here and in the server's worker (default 1: the two processes share this "
         "machine's cores, and on a small machine OpenMP threads spinning against each other "
         "multiply both times; measured 14 ms vs 5 ms for a tiny GPT-2 forward on 2 busy cores)"))
+    parser.add_argument("--isolation", default="process,none", help=(
+        "comma-separated --isolation modes, one server each, timed side by side (default process,none: "
+        "a forked, confined process per job vs every job in the worker's process)"))
     parser.add_argument("--json", help="also write every number to this file")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -217,43 +228,56 @@ def main(argv: list[str] | None = None) -> int:
     paths = {"tiny-gpt2": tiny_gpt2_path(), "smollm2": smollm2_path()}
     specs = {path.name: str(path) for path in paths.values()}
     traces = {"tiny-gpt2": trace_gpt2, "smollm2": trace_smol}
+    modes = [mode.strip() for mode in args.isolation.split(",") if mode.strip()]
     results: dict[str, dict[str, Any]] = {}
+    running: dict[str, Any] = {}
+    logs: list[str] = []
     with tempfile.TemporaryDirectory(prefix="glassbox-bench-") as state:
-        say(f"starting the server ({', '.join(specs)}; {args.threads} torch threads)")
-        server = start_server(specs, state_dir=state, args=["--torch-threads", str(args.threads)])
         try:
-            CONFIG.HOST, CONFIG.API_KEY, CONFIG.STATUS = server.url, server.create_key("bench"), False
+            for mode in modes:
+                say(f"starting a server with --isolation {mode} ({', '.join(specs)}; "
+                    f"{args.threads} torch threads)")
+                running[mode] = start_server(specs, state_dir=os.path.join(state, mode), args=[
+                    "--torch-threads", str(args.threads), "--isolation", mode])
+            servers = {mode: (server.url, server.create_key("bench")) for mode, server in running.items()}
+            CONFIG.STATUS = False
             for name, path in paths.items():
                 say(f"{name}: loading locally")
                 model = LanguageModel(path)
-                results[name] = time_model(name, model, traces[name], args.runs, args.warmup)
+                results[name] = time_model(name, model, traces[name], args.runs, args.warmup, servers)
         finally:
-            server.stop()
-        log = server.output()
+            for server in running.values():
+                server.stop()
+                logs.append(server.output())
     say("timing run_job in this process")
     inside = inside_run_job(specs, {name: r["request"] for name, r in results.items()}, args.runs,
                             args.threads)
 
     print(f"\nremote=True round trip vs local trace, median of {args.runs} warm runs, "
-          f"{args.threads} torch threads, {os.cpu_count()} CPUs\n")
-    print("| model | local ms | remote ms | ratio | remote - local ms |")
-    print("|---|---:|---:|---:|---:|")
+          f"{args.threads} torch threads, {os.cpu_count()} CPUs, servers called in rotating order\n")
+    print("| model | isolation | local ms | remote ms | remote / local | remote - local ms |")
+    print("|---|---|---:|---:|---:|---:|")
     summary: dict[str, Any] = {}
     for name, r in results.items():
-        local, remote = median_ms(r["local"]), median_ms(r["remote"])
-        print(f"| {name} | {local:.1f} | {remote:.1f} | {remote / local:.1f}x | {remote - local:.1f} |")
-        summary[name] = {"local_ms": local, "remote_ms": remote,
-                         "parts_ms": {k: median_ms(v) for k, v in r["parts"].items()},
-                         "run_job_here_ms": inside[name]}
+        local = median_ms(r["times"]["local"])
+        summary[name] = {"local_ms": local, "run_job_here_ms": inside[name], "modes": {}}
+        for mode in modes:
+            remote = median_ms(r["times"][mode])
+            print(f"| {name} | {mode} | {local:.1f} | {remote:.1f} | {remote / local:.2f}x "
+                  f"| {remote - local:.1f} |")
+            parts_ms = {k: median_ms(v) for k, v in r["parts"][mode].items()}
+            summary[name]["modes"][mode] = {"remote_ms": remote, "parts_ms": parts_ms}
     for name, data in summary.items():
-        parts, here = data["parts_ms"], data["run_job_here_ms"]
-        print(f"\n{name}: where a remote round trip goes (median ms)")
-        for key, label in (("client", "client: build request, apply reply"), ("submit", "submit (POST)"),
-                           ("wait", "wait for the final event"), ("run_job", "  run_job in the worker"),
-                           ("serving", "  serving: websocket, store, feeder, pipe"),
-                           ("result", "result (GET)")):
-            print(f"  {label:<44} {parts.get(key, float('nan')):8.1f}")
-        print(f"  run_job called in this process:{'':14}{here['run_job']:8.1f}")
+        here = data["run_job_here_ms"]
+        for mode, numbers in data["modes"].items():
+            parts = numbers["parts_ms"]
+            print(f"\n{name}, --isolation {mode}: where a remote round trip goes (median ms)")
+            for key, label in (("client", "client: build request, apply reply"), ("submit", "submit (POST)"),
+                               ("wait", "wait for the final event"), ("run_job", "  run_job in the worker"),
+                               ("serving", "  serving: websocket, store, feeder, pipe, fork"),
+                               ("result", "result (GET)")):
+                print(f"  {label:<48} {parts.get(key, float('nan')):8.1f}")
+        print(f"\n{name}: run_job called in this process:{'':10}{here['run_job']:8.1f}")
         for key, label in (("make_globals", "sandbox globals (make_globals)"),
                            ("compile_restricted_source", "compile under restriction"),
                            ("trace and the rest", "trace (exec) and the rest"),
@@ -262,11 +286,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         with open(args.json, "w", encoding="utf-8") as file:
             json.dump({"threads": args.threads, "runs": args.runs, "models": summary,
-                       "raw_seconds": {n: {"local": r["local"], "remote": r["remote"], "parts": r["parts"]}
+                       "raw_seconds": {n: {"times": r["times"], "parts": r["parts"]}
                                        for n, r in results.items()}}, file, indent=1)
         say(f"wrote {args.json}")
-    if "ready in" not in log:
-        say("note: the server log did not show its start line:\n" + log[-2000:])
+    for log in logs:
+        if "ready in" not in log:
+            say("note: a server log did not show its start line:\n" + log[-2000:])
     return 0
 
 

@@ -411,7 +411,7 @@ def test_queued_jobs_survive_kill_9_and_their_owner_fetches_them(tmp_path, tiny_
     finally:
         second.stop()
     assert second.process.returncode in (0, -signal.SIGTERM)  # uvicorn re-raises the signal it handled
-    assert "Traceback" not in second.output()
+    assert "Traceback" not in second.output(), second.output()[-3000:]
 
 
 def test_serve_refuses_to_start_without_models_or_with_a_bad_one(tmp_path):

@@ -173,7 +173,8 @@ def test_an_endless_loop_is_stopped_and_the_next_job_runs(gpt2, guarded):
             while True:
                 n = n + 1
     assert MAX_SECONDS <= time.monotonic() - started < MAX_SECONDS + 45
-    assert guarded.restarts == restarts + 1  # killing is the only way to stop it: one new worker
+    # Only the job's own process was killed: the worker and its loaded models stay (no stall for others).
+    assert guarded.restarts == restarts
 
 
 def test_a_20_gb_allocation_fails_on_the_memory_limit_without_a_restart(gpt2, guarded):

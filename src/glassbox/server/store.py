@@ -4,14 +4,16 @@ Offers:
     JobStore(url)                     open (and create) the database
       .create_key(name) -> (KeyInfo, key)       the key is returned once; only its sha256 is stored
       .list_keys() / .revoke_key(name_or_id) / .authenticate(key) -> KeyInfo | None
-      .create_job(key_id, model, request, max_active=0) -> job id        (status RECEIVED)
+      .create_job(key_id, model, request, max_active=0, max_stored_bytes=0) -> job id  (RECEIVED)
       .mark_queued(id) / .claim(id) / .requeue(id) / .finish(id, status, ...) / .cancel(id)
       .get(id) -> JobInfo | None / .request(id) / .result(id)
       .queued() -> [JobInfo] in FIFO order / .next_queued() / .position(id) / .active_count(key_id)
+      .stored_bytes(key_id) -> bytes of results the key's jobs hold (until they expire)
       .recover() -> {what: count}       run once at startup: decide the fate of interrupted jobs
       .delete_expired(ttl_seconds) -> n
     KeyInfo, JobInfo                  plain snapshots (no live database rows leak out)
     TooManyJobs                       create_job refused: the key is at its max_active
+    OverQuota                         create_job refused: the key's stored results are at its quota
     STATUSES, TERMINAL
 
     store = JobStore("sqlite:///tmp/glassbox.db")
@@ -81,6 +83,7 @@ __all__ = [
     "JobInfo",
     "JobStore",
     "KeyInfo",
+    "OverQuota",
     "TooManyJobs",
     "hash_key",
 ]
@@ -98,6 +101,15 @@ class TooManyJobs(Exception):
     def __init__(self, active: int, limit: int) -> None:
         super().__init__(f"{active} jobs active, limit {limit}")
         self.active = active
+        self.limit = limit
+
+
+class OverQuota(Exception):
+    """The results the key's jobs hold in the store are at or over ``max_stored_bytes``."""
+
+    def __init__(self, stored: int, limit: int) -> None:
+        super().__init__(f"{stored} bytes of results stored, quota {limit}")
+        self.stored = stored
         self.limit = limit
 
 
@@ -278,10 +290,12 @@ class JobStore:
 
     # ------------------------------------------------------------ jobs
 
-    def create_job(self, key_id: str, model: str, request: bytes, *, max_active: int = 0) -> str:
+    def create_job(self, key_id: str, model: str, request: bytes, *, max_active: int = 0,
+                   max_stored_bytes: int = 0) -> str:
         """Store a request as RECEIVED and return its new id. With ``max_active``, refuse
         (``TooManyJobs``) when the key already has that many jobs received, queued or running;
-        the count and the insert are one transaction, so concurrent submits cannot overshoot."""
+        with ``max_stored_bytes``, refuse (``OverQuota``) when the results its jobs hold are at or
+        over that many bytes. The counts and the insert are one transaction."""
         now = time.time()
         job_id = secrets.token_urlsafe(16)
         with self._session() as session:
@@ -290,6 +304,10 @@ class JobStore:
                     _Job.key_id == key_id, _Job.status.in_(ACTIVE))) or 0
                 if active >= max_active:
                     raise TooManyJobs(active, max_active)
+            if max_stored_bytes:
+                stored = _stored_bytes(session, key_id)
+                if stored >= max_stored_bytes:
+                    raise OverQuota(stored, max_stored_bytes)
             session.add(_Job(id=job_id, key_id=key_id, model=model, status="RECEIVED", created=now,
                              updated=now, attempts=0, request=bytes(request), logs=""))
         return job_id
@@ -398,6 +416,12 @@ class JobStore:
             return session.scalar(select(func.count()).select_from(_Job).where(
                 _Job.key_id == key_id, _Job.status.in_(ACTIVE))) or 0
 
+    def stored_bytes(self, key_id: str) -> int:
+        """Bytes of results the key's jobs hold now (each one's framed result, as its owner
+        fetches it), kept until the job expires (``delete_expired``)."""
+        with self._session() as session:
+            return _stored_bytes(session, key_id)
+
     def jobs_of(self, key_id: str) -> list[JobInfo]:
         with self._session() as session:
             rows = session.execute(select(*_INFO_COLUMNS).where(_Job.key_id == key_id).order_by(_Job.seq))
@@ -444,6 +468,13 @@ class JobStore:
         with self._session() as session:
             done = session.execute(delete(_Job).where(_Job.status.in_(TERMINAL), _Job.finished < cutoff))
             return done.rowcount
+
+
+def _stored_bytes(session: Session, key_id: str) -> int:
+    # length() of a BLOB / bytea is its size in bytes (SQLite reads it from the record header,
+    # without loading the blob), so no size column has to be kept in step with the results.
+    return int(session.scalar(select(func.coalesce(func.sum(func.length(_Job.result)), 0))
+                              .where(_Job.key_id == key_id)) or 0)
 
 
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:

@@ -5,7 +5,8 @@ Offers:
 
 Endpoints (all JSON unless said otherwise)::
 
-    GET    /v1/health               {"glassbox", "protocol", "worker", "backend", "replicas"}   no key
+    GET    /v1/health               {"glassbox", "protocol", "status", "worker"}   no key; with a valid key
+                                    also {"running", "backend", "replicas"} (other tenants' activity)
     GET    /v1/models               {"models": [{"name", "status", "class", "parameters", ...}]} no key
     GET    /v1/models/{name}/files  {"files": {filename: text}}: config and tokenizer files, no key
     POST   /v1/jobs                 body: a framed job request (remote/framing.py) -> 202 {"id", ...}
@@ -37,8 +38,9 @@ Request lifecycle::
 Refusals: 400 not a glassbox request / protocol version mismatch (the message says what to
 upgrade), 401 no or unknown key, 404 unknown job or model (the model message lists the served
 ones), 409 result of an unfinished job, 413 request over ``max_request_bytes``, 429 over
-``rate_limit_per_minute`` or ``max_jobs_per_key``. An unexpected failure answers 500 and the
-server goes on; a failure of the job itself is a job in state ERROR, not an HTTP error.
+``rate_limit_per_minute``, ``max_jobs_per_key`` or ``max_stored_bytes_per_key``. An unexpected
+failure answers 500 and the server goes on; a failure of the job itself is a job in state ERROR,
+not an HTTP error.
 """
 
 from __future__ import annotations

@@ -13,8 +13,8 @@ Offers:
 A job is visible to the key that submitted it only: for any other key it does not exist (404).
 Refusals: 400 not a glassbox request / protocol version mismatch (the message says what to
 upgrade), 404 unknown job or model (the model message lists the served ones), 409 result of an
-unfinished job, 413 request over ``max_request_bytes``, 429 over ``rate_limit_per_minute`` or
-``max_jobs_per_key``.
+unfinished job, 413 request over ``max_request_bytes``, 429 over ``rate_limit_per_minute``,
+``max_jobs_per_key`` or ``max_stored_bytes_per_key``.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from fastapi.responses import Response
 
 from ...remote.framing import frame, unframe
 from ...remote.protocol import FINAL_STATUSES, JOB_KIND, ProtocolError, check_envelope
-from ..store import JobInfo, KeyInfo, TooManyJobs
+from ..store import JobInfo, KeyInfo, OverQuota, TooManyJobs
 from ..workers.channel import error_result
 from .auth import BAD_KEY, MISSING_KEY, ApiKey, in_thread, key_of
 
@@ -77,12 +77,20 @@ async def submit(request: Request, key: ApiKey) -> dict:
         served = ", ".join(sorted(config.models)) or "none"
         raise HTTPException(404, f"model {model!r} is not served here; this server serves: {served}")
     try:
-        job_id = await in_thread(store.create_job, key.id, model, body, max_active=config.max_jobs_per_key)
+        job_id = await in_thread(store.create_job, key.id, model, body, max_active=config.max_jobs_per_key,
+                                 max_stored_bytes=config.max_stored_bytes_per_key)
     except TooManyJobs as err:
         raise HTTPException(429, (
             f"this API key already has {err.active} jobs queued or running, the server's limit "
             f"(max_jobs_per_key = {err.limit}); wait for one to finish or cancel one"
         ), headers={"Retry-After": "1"}) from None
+    except OverQuota as err:
+        raise HTTPException(429, (
+            f"this API key's finished jobs hold {err.stored:,} bytes of results on this server, at or "
+            f"over its quota of {err.limit:,} bytes (--max-stored-bytes-per-key); fetch the results "
+            f"you need and let them expire (finished jobs are deleted "
+            f"{config.result_ttl_seconds:g} s after they finish), or ask the operator for a larger quota"
+        )) from None
     await in_thread(store.mark_queued, job_id)
     position = await in_thread(store.position, job_id)
     hub.publish(job_id, {"status": "QUEUED", "position": position})

@@ -1,7 +1,8 @@
 """The open endpoints: health, the served models, and the files a client builds a model from.
 
 Offers:
-    router              GET /v1/health, GET /v1/models, GET /v1/models/{name}/files (no key)
+    router              GET /v1/health, GET /v1/models, GET /v1/models/{name}/files (no key;
+                        health shows replicas and running jobs only to a valid key)
     FileAnswers         the cache behind the files endpoint (``app.state.file_answers``)
     MODEL_FILES         the files of a served model's folder that /v1/models/{name}/files hands out
     read_model_files(path) -> {filename: text}   those of them that exist for one model
@@ -19,7 +20,7 @@ from fastapi.responses import Response
 
 from ... import __version__
 from ...remote.protocol import PROTOCOL_VERSION
-from .auth import in_thread
+from .auth import in_thread, presented_key
 
 __all__ = ["MODEL_FILES", "FileAnswers", "read_model_files", "router"]
 
@@ -38,10 +39,18 @@ router = APIRouter()
 
 @router.get("/v1/health")
 async def health(request: Request) -> dict:
+    """Open to all: the version, protocol and worker state. With a valid API key also what runs
+    where (backend, replicas with pids, running jobs, restarts, batches): that is other tenants'
+    activity, so it is not shown to callers without a key. A wrong key is not an error here (a
+    load balancer's check must not fail on it): it gets the open answer."""
     state = request.app.state
-    return {"glassbox": __version__, "protocol": PROTOCOL_VERSION, "status": "ok",
-            "worker": state.worker.state, "running": state.worker.running_job is not None,
-            "backend": state.config.backend, "replicas": state.worker.replicas()}
+    answer = {"glassbox": __version__, "protocol": PROTOCOL_VERSION, "status": "ok",
+              "worker": state.worker.state}
+    key = presented_key(request.headers)
+    if key and await in_thread(state.store.authenticate, key) is not None:
+        answer.update(running=state.worker.running_job is not None, backend=state.config.backend,
+                      replicas=state.worker.replicas())
+    return answer
 
 
 @router.get("/v1/models")

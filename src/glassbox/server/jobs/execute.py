@@ -4,7 +4,8 @@ Offers:
     run_job(models, envelope, blob, log=, limits=) -> (result envelope, blob)
     job_namespace(model, payload, blob, log)   the sandboxed globals of one job
     job_reply(namespace, payload, saved, limits, result=None) -> (reply, blob)
-    error_reply(exc, filename, payload)        an ERROR reply pointing at the user's line
+    error_reply(exc, filename, payload)        an ERROR reply pointing at the user's line (no server paths)
+    without_server_paths(message)              absolute paths replaced by "<server path>"
     result_envelope(reply, started)            the reply as a result envelope
     next_filename()                            "<glassbox job N>": what tracebacks name
 
@@ -26,6 +27,8 @@ exception type, message and the line number in the user's own file.
 
 from __future__ import annotations
 
+import json
+import re
 import textwrap
 import time
 import traceback
@@ -141,12 +144,27 @@ def job_reply(namespace: dict, payload: dict, saved: dict[int, Any], limits: dic
             "(e.g. one position: h[:, -1])"
         )
     desc, out_blob = encode_values({"saved": returned, "result": result})
-    if max_bytes and len(out_blob) > max_bytes:
-        raise MemoryError(
-            f"the saved values are {len(out_blob):,} bytes, over this server's result limit of "
-            f"{max_bytes:,}; save fewer or smaller values (e.g. one position: h[:, -1])"
-        )
-    return {"status": "COMPLETED", "values": desc, "unsaved": unsaved}, out_blob
+    reply = {"status": "COMPLETED", "values": desc, "unsaved": unsaved}
+    if max_bytes:
+        # Every byte sent back counts: strings, numbers and lists live in the JSON part, not the blob.
+        size = _framed_size(reply, out_blob)
+        if size > max_bytes:
+            raise MemoryError(
+                f"the saved values are {size:,} bytes as sent back ({len(out_blob):,} of tensors, "
+                f"{size - len(out_blob):,} of strings, numbers, lists and their description), over "
+                f"this server's result limit of {max_bytes:,}; save fewer or smaller values "
+                "(e.g. one position: h[:, -1])"
+            )
+    return reply, out_blob
+
+
+def _framed_size(reply: dict, blob: bytes) -> int:
+    """Bytes of ``reply`` framed as remote/framing.py frames it (its JSON part the same way, the
+    few fields added later aside), plus the blob."""
+    envelope = make_envelope(RESULT_KIND, {**reply, "seconds": 0.0})
+    header = json.dumps(envelope, separators=(",", ":"))
+    # ensure_ascii (json's default, as framing uses it) makes the text ASCII: characters are bytes.
+    return 8 + len(header) + len(blob)
 
 
 def _tensor_bytes(value: Any, depth: int = 0) -> int:
@@ -241,7 +259,34 @@ def error_reply(exc: BaseException, filename: str, payload: dict) -> dict:
             text = lines[index].strip()
     return {
         "status": "ERROR",
-        "error": {"type": type(exc).__name__, "message": str(exc), "lineno": lineno, "line": text},
+        "error": {"type": type(exc).__name__, "message": without_server_paths(str(exc)), "lineno": lineno,
+                  "line": text},
     }
+
+
+SERVER_PATH = "<server path>"
+# A quoted absolute path (it may hold spaces): 'No such file: "/srv/my models/x"', File "/a/b.py".
+_QUOTED_PATH = re.compile(r"""(?P<q>['"])/(?=[^\s'"/])[^'"\n]*(?P=q)""")
+# An unquoted one: "/" starting a name (not a digit: "x /2"), not after a word, a dot, a colon or
+# another slash, so "1/2", "a/b", "x.y/z" and URLs ("https://host/a") are left alone.
+_BARE_PATH = re.compile(r"(?<![\w.:/~\\-])/[A-Za-z_.@+~-][\w.@+~=%-]*(?:/[\w.@+~=%-]+)*/?")
+_FILE_URL = re.compile(r"file://[^\s'\",;]*")
+
+
+def without_server_paths(message: str) -> str:
+    """``message`` with every absolute filesystem path replaced by ``<server path>``: an error
+    sent to a user must not tell where the server keeps its models, packages or files.
+
+        without_server_paths("No such file: '/srv/models/gpt2/x.bin'")   # "No such file: '<server path>'"
+    """
+    message = _FILE_URL.sub(_unquoted, message)
+    message = _QUOTED_PATH.sub(lambda m: m["q"] + SERVER_PATH + m["q"], message)
+    return _BARE_PATH.sub(_unquoted, message)
+
+
+def _unquoted(match: re.Match) -> str:
+    # A sentence's full stop or colon after a path is not part of it: "... in /srv/x." keeps its "."
+    path = match.group()
+    return SERVER_PATH + path[len(path.rstrip(".:")):]
 
 

@@ -27,7 +27,7 @@ import torch
 
 __all__ = ["is_sealed", "seal"]
 
-_ALIGN = 64
+_PAGE = mmap.PAGESIZE
 _regions: list[tuple[int, int, mmap.mmap]] = []  # (start address, size, mapping): kept for life
 
 
@@ -45,8 +45,13 @@ def seal(module: torch.nn.Module) -> int:
         return 0
     offsets, total = {}, 0
     for ptr, storage in storages.items():
+        # Each copy keeps its original's address modulo a page: CPU kernels pick their code paths
+        # by alignment, so a differently aligned copy computes slightly different numbers
+        # (measured: greedy-generation logits 4e-6 apart), and remote would not equal local.
+        total += (ptr - total) % _PAGE
         offsets[ptr] = total
-        total += (storage.nbytes() + _ALIGN - 1) // _ALIGN * _ALIGN
+        total += storage.nbytes()
+    total = (total + 63) // 64 * 64 or 64  # whole.view(dtype) needs a multiple of every element size
     region = mmap.mmap(-1, total, flags=mmap.MAP_SHARED | mmap.MAP_ANONYMOUS)
     whole = torch.frombuffer(region, dtype=torch.uint8)
     for ptr, storage in storages.items():
@@ -54,7 +59,7 @@ def seal(module: torch.nn.Module) -> int:
         whole[start:start + storage.nbytes()].copy_(torch.frombuffer(_bytes_of(storage), dtype=torch.uint8))
     with torch.no_grad():
         for param in params:
-            start = offsets[param.untyped_storage().data_ptr()]  # a multiple of _ALIGN bytes
+            start = offsets[param.untyped_storage().data_ptr()]  # aligned as the original was
             # as_strided's offset counts from the start of the whole region, in elements
             offset = start // param.element_size() + param.storage_offset()
             param.data = whole.view(param.dtype).as_strided(param.size(), param.stride(), offset)

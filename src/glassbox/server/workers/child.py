@@ -58,7 +58,7 @@ _ENV_LOCK = threading.Lock()
 
 # How allocation failures read once the limit is hit: torch's CPU allocator, libc's errno text,
 # and Python's own MemoryError (which has no message for a plain allocation failure).
-_LOG_SECONDS = 0.05  # printed output is sent at most this often per job...
+_LOG_SECONDS = 0.05  # printed output waits at most this long to be sent, with what follows it...
 _LOG_CHUNK = 65536  # ...unless this many characters are waiting
 _ALLOCATION_FAILED = re.compile(r"can't allocate memory|Cannot allocate memory|std::bad_alloc")
 
@@ -160,6 +160,7 @@ def handle_message(module: Any, models: dict, message: dict, blob: bytes, send: 
     torch = sys.modules.get("torch")
     if torch is not None:
         torch.manual_seed(0)
+    send = _serialized(send)  # printed output may be sent from a timer thread (_JobLog)
     results = _run_many(module, models, ids, requests, limits, send)
     for job_id, (result, out) in zip(ids, results):
         if memory_limit and result.get("status") == "ERROR" and is_out_of_memory(result.get("error") or {}):
@@ -176,6 +177,16 @@ def handle_message(module: Any, models: dict, message: dict, blob: bytes, send: 
         after_job(models)
 
 
+def _serialized(send: Callable[[dict, bytes], None]) -> Callable[[dict, bytes], None]:
+    lock = threading.Lock()
+
+    def send_one(message: dict, blob: bytes = b"") -> None:
+        with lock:
+            send(message, blob)
+
+    return send_one
+
+
 def _run_many(module: Any, models: dict, ids: list[str], requests: list[bytes], limits: dict,
               send: Callable[[dict, bytes], None]) -> list[tuple[dict, bytes]]:
     """One job alone, or several through the executor's ``run_batch`` (one forward pass) when
@@ -189,7 +200,7 @@ def _run_many(module: Any, models: dict, ids: list[str], requests: list[bytes], 
         items = [unframe(request) for request in requests]
         results = module.run_batch(models, items, logs=logs, limits=job_limits)
         for log in logs:
-            log.flush()
+            log.close()
         if len(results) != len(ids):
             raise TypeError(f"run_batch returned {len(results)} results for {len(ids)} jobs")
         return [(result, bytes(out or b"")) for result, out in results]
@@ -199,17 +210,20 @@ def _run_many(module: Any, models: dict, ids: list[str], requests: list[bytes], 
 
 
 class _JobLog:
-    """A ``print`` target for one job: its output goes out as ``log`` messages, coalesced (at most
-    one message per ``_LOG_SECONDS`` or ``_LOG_CHUNK`` bytes, so 20,000 empty prints are a handful
-    of messages, not 20,000 trips through the feeder) and capped at ``max_bytes`` (0: no cap),
-    where every print counts at least one byte, so a loop of empty prints meets the cap too."""
+    """A ``print`` target for one job: its output goes out as ``log`` messages, coalesced (what is
+    printed within ``_LOG_SECONDS`` goes out as one message, sent by a timer even if the job then
+    computes in silence), so 20,000 empty prints are a handful of messages, not 20,000 trips
+    through the feeder; capped at ``max_bytes`` (0: no cap), every print counting at least one
+    byte, so a loop of empty prints meets the cap too. ``send`` must be safe to call from the
+    timer's thread (``handle_message`` serialises it)."""
 
     def __init__(self, job_id: str, max_bytes: int, send: Callable[[dict, bytes], None]) -> None:
         self.job_id, self.send = job_id, send
         self.left = max_bytes or None  # bytes still allowed; None: no cap
         self.pending: list[str] = []
         self.size = 0
-        self.last = time.monotonic()
+        self.lock = threading.Lock()
+        self.timer: threading.Timer | None = None
 
     def __call__(self, text: str) -> None:
         text = str(text)
@@ -224,13 +238,29 @@ class _JobLog:
                 self.left = 0
             else:
                 self.left -= cost
-        self.pending.append(text)
-        self.size += len(text)
-        if self.size >= _LOG_CHUNK or time.monotonic() - self.last >= _LOG_SECONDS:
-            self.flush()
+        with self.lock:
+            self.pending.append(text)
+            self.size += len(text)
+            if self.size >= _LOG_CHUNK:
+                self._send_pending()
+            elif self.timer is None:
+                self.timer = threading.Timer(_LOG_SECONDS, self.flush)
+                self.timer.daemon = True
+                self.timer.start()
 
     def flush(self) -> None:
-        self.last = time.monotonic()
+        with self.lock:
+            self._send_pending()
+
+    def close(self) -> None:
+        """Send what is left, now (before the job's result)."""
+        with self.lock:
+            if self.timer is not None:
+                self.timer.cancel()
+            self._send_pending()
+
+    def _send_pending(self) -> None:
+        self.timer = None
         if self.pending:
             text, self.pending, self.size = "".join(self.pending), [], 0
             if text:
@@ -245,7 +275,7 @@ def _run_one(module: Any, models: dict, job_id: str, request: bytes, limits: dic
         try:
             result, out = module.run_job(models, envelope, blob, log=log, limits=limits)
         finally:
-            log.flush()
+            log.close()
         if not isinstance(result, dict):
             raise TypeError(f"run_job returned {type(result).__name__}, not a dict")
         return result, bytes(out or b"")

@@ -53,6 +53,7 @@ __all__ = ["prepare_parent", "run_forked"]
 _HEADER = struct.Struct("<Q")
 _PR_SET_PDEATHSIG = 1
 _MAX_FRAME = 1 << 40
+_LOG_SLACK = 65536  # the child caps bytes plus one per print; this counts characters of batches
 _LINE = re.compile(r'File "<glassbox job \d+>", line (\d+)')
 
 
@@ -195,9 +196,9 @@ class _Relay:
             return
         if op == "log":
             text = str(message.get("text", ""))
-            self.logged[job] += len(text) + 1
-            if self.max_log_bytes and self.logged[job] > self.max_log_bytes + 200:
-                return  # the child's own cap says so first; this one holds if it did not
+            self.logged[job] += len(text)
+            if self.max_log_bytes and self.logged[job] > 2 * self.max_log_bytes + _LOG_SLACK:
+                return  # a backstop: the child's own cap (child.py) ends its output first
             self.forward({"op": "log", "job": job, "text": text}, b"")
         elif op == "result" and isinstance(message.get("result"), dict):
             self.answered.add(job)

@@ -47,6 +47,19 @@ __all__ = ["LocalProcess", "worker_main"]
 
 def worker_main(conn: multiprocessing.connection.Connection, specs: dict[str, str], executor: str,
                 torch_threads: int, max_memory_bytes: int = 0, isolation: str = "process") -> None:
+    try:
+        _serve(conn, specs, executor, torch_threads, max_memory_bytes, isolation)
+    finally:
+        # No interpreter teardown: a confined worker may not run multiprocessing's finalizers
+        # (unlinking the semaphore tqdm made while loading is a write Landlock refuses), and it
+        # holds nothing that needs cleaning up.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
+
+
+def _serve(conn: multiprocessing.connection.Connection, specs: dict[str, str], executor: str,
+           torch_threads: int, max_memory_bytes: int, isolation: str) -> None:
     scrub_environment()
     # Before anything big is imported or loaded: the models count toward the limit, so a server
     # whose limit cannot even hold them fails at start, saying so, rather than at the first job.
