@@ -60,6 +60,7 @@ _ENV_LOCK = threading.Lock()
 # and Python's own MemoryError (which has no message for a plain allocation failure).
 _LOG_SECONDS = 0.05  # printed output waits at most this long to be sent, with what follows it...
 _LOG_CHUNK = 65536  # ...unless this many characters are waiting
+_DROPPED = "\n[glassbox] later output of this job was dropped (over the server's log limit)\n"
 _ALLOCATION_FAILED = re.compile(r"can't allocate memory|Cannot allocate memory|std::bad_alloc")
 
 
@@ -220,6 +221,7 @@ class _JobLog:
     def __init__(self, job_id: str, max_bytes: int, send: Callable[[dict, bytes], None]) -> None:
         self.job_id, self.send = job_id, send
         self.left = max_bytes or None  # bytes still allowed; None: no cap
+        self.noted = False  # the note that later output was dropped has been added
         self.pending: list[str] = []
         self.size = 0
         self.lock = threading.Lock()
@@ -229,13 +231,14 @@ class _JobLog:
         text = str(text)
         if self.left is not None:
             if self.left <= 0:
-                return
+                if self.noted:
+                    return
+                text = ""
             data = text.encode("utf-8", "replace")
             cost = len(data) + 1
             if cost > self.left:
-                text = data[:max(0, self.left - 1)].decode("utf-8", "ignore")
-                text += "\n[glassbox] later output of this job was dropped (over the server's log limit)\n"
-                self.left = 0
+                text = data[:max(0, self.left - 1)].decode("utf-8", "ignore") + _DROPPED
+                self.left, self.noted = 0, True
             else:
                 self.left -= cost
         with self.lock:
