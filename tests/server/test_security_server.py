@@ -19,6 +19,7 @@ import httpx
 import pytest
 import torch
 
+import glassbox
 from glassbox import CONFIG, LanguageModel, RemoteError
 from glassbox.cli import start_server
 from glassbox.errors import SandboxError
@@ -190,6 +191,30 @@ def test_a_1_gb_result_is_refused_by_size(gpt2, guarded):
     with guarded.attack(MemoryError, f"over this server's result limit of {MAX_RESULT:,}"):
         with gpt2.trace("Hello", remote=True):
             big = torch.zeros(250_000_000).save()  # noqa: F841 - sent back if it were allowed
+
+
+def test_recursion_deeper_than_the_c_stack_kills_only_that_jobs_process(gpt2, guarded):
+    restarts = guarded.restarts
+    with guarded.attack(RemoteError, r"WorkerCrashed: .*recursed deeper than the C stack"):
+        with gpt2.trace("Hello", remote=True):
+            nested = ()
+            for _ in range(2_000_000):
+                nested = (nested,)
+            h = glassbox.save(hash(nested))  # noqa: F841 - tuple hashing recurses in C, past any limit
+    assert guarded.restarts == restarts  # the worker and its loaded model stayed
+
+
+def test_a_flood_of_empty_prints_is_a_few_log_messages(server, path, guarded):
+    job = guarded.submit(server.url, guarded.attacker_key,
+                         *raw_job("for i in range(20000):\n    print()\nh = glassbox.save(1)\n", path.name),
+                         timeout=30)
+    guarded.submit_victim()
+    events = list(transport.events(server.url, guarded.attacker_key, job, timeout=60))
+    logs = [event["log"] for event in events if event.get("log")]
+    assert events[-1]["status"] == "COMPLETED"
+    assert "".join(logs) == "\n" * 20000  # every print arrived, in order...
+    assert len(logs) < 100  # ...in a few coalesced messages, not 20,000 trips through the server
+    guarded.check()
 
 
 def test_a_flood_of_submissions_gets_429s_while_the_server_keeps_answering(server, path, guarded):
