@@ -8,7 +8,7 @@ import torch
 from glassbox import LanguageModel
 from glassbox.offline import tiny_gpt2_path
 from glassbox.remote.protocol import decode_values, encode_values, make_envelope
-from glassbox.server.jobs.execute import run_job
+from glassbox.server.jobs.execute import error_reply, run_job, without_server_paths
 from glassbox.server.jobs.served import after_job
 
 
@@ -22,7 +22,8 @@ def _job(source: str, values: dict | None = None, model: str = "tiny", first_lin
     envelope = make_envelope("job", {
         "model": model, "method": "trace", "source": source, "filename": "user.py",
         "first_line": first_line, "tracer_name": "tracer", "model_refs": {"model": ""},
-        "modules": {"torch": "torch"}, "values": desc, "writes": ["h", "u"], "returns": ["h", "u"],
+        "modules": {"torch": "torch", "glassbox": "glassbox"}, "values": desc, "writes": ["h", "u"],
+        "returns": ["h", "u"],
     })
     return envelope, blob
 
@@ -66,3 +67,59 @@ def test_after_job_restores_a_weight_changed_behind_the_sandbox(models):
     assert after_job(models) == {"tiny": ["transformer.h.0.mlp.c_fc.weight"]}
     assert torch.equal(model.transformer.h[0].mlp.c_fc.weight, reference)
     assert after_job(models) == {}
+
+
+# ---------------------------------------------------------------- every byte sent back counts
+
+
+@pytest.mark.parametrize("source", [
+    'h = glassbox.save("x" * 30_000_000)\n',                              # one 30 MB string
+    'h = glassbox.save(["y" * 1_000_000 for i in range(30)])\n',          # a list of strings
+])
+def test_saved_strings_count_against_the_result_limit(models, source):
+    reply, _, _ = _run(models, source, limits={"max_result_bytes": 20_000_000})
+    error = reply["error"]
+    assert error["type"] == "MemoryError", error
+    assert "over this server's result limit of 20,000,000" in error["message"]
+    assert "0 of tensors" in error["message"]  # all of it strings: nothing was in the blob
+    reply, values, _ = _run(models, source, limits={"max_result_bytes": 40_000_000})
+    assert reply["status"] == "COMPLETED" and len("".join(values["h"])) == 30_000_000
+
+
+# ---------------------------------------------------------------- errors do not disclose server paths
+
+
+def test_error_messages_name_no_server_path():
+    reply = error_reply(OSError(2, "No such file or directory", "/srv/models/gpt2/model.safetensors"),
+                        "<glassbox job 1>", {})
+    assert reply["error"]["message"] == "[Errno 2] No such file or directory: '<server path>'"
+    cases = {
+        'File "/usr/lib/python3/site-packages/torch/nn/modules/module.py", line 5':
+            'File "<server path>", line 5',
+        "loaded from /root/.cache/glassbox/tiny gpt2 and file:///etc/passwd, at /pytorch/aten/x.cpp:12":
+            "loaded from <server path> gpt2 and <server path>, at <server path>:12",
+        '[Errno 13] Permission denied: "/home/op/my models/w.bin"':
+            '[Errno 13] Permission denied: "<server path>"',
+    }
+    for message, expected in cases.items():
+        assert without_server_paths(message) == expected
+    kept = ["mat1 and mat2 shapes cannot be multiplied (2x64 and 3x3)", "1/2 of the rows, a/b and x /2",
+            "unsupported operand type(s) for /: 'int' and 'str'", "see https://pytorch.org/docs/stable/x.html",
+            "'(' was never closed (<glassbox job 7>, line 2)", "h[:, -1] // 2", "'/'", "~/.cache is relative"]
+    for message in kept:
+        assert without_server_paths(message) == message
+
+
+def test_a_job_error_that_holds_a_server_path_comes_back_without_it(models):
+    served_at = str(tiny_gpt2_path())  # where this server keeps the model; the job finds it out
+    source = ("x = model.config.name_or_path\n"
+              "raise FileNotFoundError(2, 'No such file or directory', x + '/weights.bin')\n")
+    reply, _, _ = _run(models, source, first_line=20)
+    error = reply["error"]
+    assert error["message"] == "[Errno 2] No such file or directory: '<server path>'"
+    assert served_at not in str(reply) and (error["type"], error["lineno"]) == ("FileNotFoundError", 21)
+    # An ordinary message is left as it is, and so is the job's own file name.
+    reply, _, _ = _run(models, "h = model.transformer.h[0].output\nh = h @ torch.ones(3, 3)\n")
+    assert reply["error"]["message"] == "mat1 and mat2 shapes cannot be multiplied (2x64 and 3x3)"
+    reply, _, _ = _run(models, "h = (\n")
+    assert reply["error"]["type"] == "SyntaxError" and "(<glassbox job " in reply["error"]["message"]

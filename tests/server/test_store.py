@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from glassbox.server.store import MAX_ATTEMPTS, JobStore, TooManyJobs, hash_key
+from glassbox.server.store import MAX_ATTEMPTS, JobStore, OverQuota, TooManyJobs, hash_key
 
 
 @pytest.fixture
@@ -185,3 +185,25 @@ def test_listing_a_keys_jobs_skips_blobs(store):
     _queued(store, key_id="bob")
     jobs = store.jobs_of("alice")
     assert [job.id for job in jobs] == [a] and not jobs[0].has_result
+
+
+def test_stored_results_are_counted_per_key_and_the_quota_refuses_at_or_over_it(store):
+    big, small = _queued(store), _queued(store)
+    for job, result in ((big, b"r" * 600), (small, b"s" * 400)):
+        store.claim(job)
+        store.finish(job, "COMPLETED", result=result)
+    cancelled = _queued(store)
+    store.cancel(cancelled, result=b"c" * 24)  # what its owner fetches counts too
+    _queued(store, key_id="k2")
+    assert store.stored_bytes("k1") == 1024 and store.stored_bytes("k2") == 0
+    assert store.stored_bytes("nobody") == 0
+    store.create_job("k1", "gpt2", b"x", max_stored_bytes=1025)  # under it: accepted
+    with pytest.raises(OverQuota) as err:
+        store.create_job("k1", "gpt2", b"x", max_stored_bytes=1024)  # at it: refused
+    assert (err.value.stored, err.value.limit) == (1024, 1024)
+    store.create_job("k2", "gpt2", b"x", max_stored_bytes=1024)  # other keys are not affected
+    store.create_job("k1", "gpt2", b"x", max_stored_bytes=0)  # 0: no quota
+    # Results are held until they expire; then the key may submit again.
+    assert store.delete_expired(3600, now=time.time() + 7200) == 3
+    assert store.stored_bytes("k1") == 0
+    store.create_job("k1", "gpt2", b"x", max_stored_bytes=1024)
