@@ -19,12 +19,13 @@ per-model trace state (``model._active`` belongs to local traces only), skipping
 ``sys.settrace`` and the frame's own tracer (both per thread), the captured-body cache is locked,
 the HTTP pool (one httpx.Client) is shared and thread-safe, and saved values are written back
 into each thread's own frame. ``CONFIG.HOST`` / ``API_KEY`` are process-wide: all clients share
-one key per server. To see each request's ``batch_size`` (the server sets it on a batched
-result), ``glassbox.remote.transport.result`` is wrapped to keep each thread's last envelope.
+one key per server. ``glassbox.remote.transport.result`` is wrapped to keep each thread's last
+envelope.
 
 Printed per configuration: requests/s, p50 and p95 latency (ms), the mean batch size (requests
-per forward pass, from the result envelopes: passes = sum of 1/batch_size), the share of
-requests that ran batched, the batches of more than one job counted by ``/v1/health``, and
+per forward pass) and the share of requests that ran batched (from the counts ``/v1/health``
+shows a key holder: batches of more than one job and the jobs they held; a result does not say
+whether it shared a pass), the batches of more than one job, and
 where the CPU went, in CPU-milliseconds per request: this client process, the server's API
 process, its worker process(es) (every descendant: the local worker, or Ray's processes and
 replicas), and everything else on the machine (other users). Then per backend the throughput
@@ -58,6 +59,7 @@ import traceback
 from dataclasses import dataclass, field
 from typing import Any
 
+import httpx
 import torch
 
 from glassbox import CONFIG, LanguageModel
@@ -172,8 +174,8 @@ class Outcome:
     first_failure: str = ""
     seconds: float = 0.0
     latencies: list[float] = field(default_factory=list)
-    batch_sizes: list[int] = field(default_factory=list)
-    health_batches: int | None = 0
+    health_batches: int | None = 0  # batches of more than one job, from /v1/health
+    batched_jobs: int = 0  # the jobs those batches held
     capped: bool = False  # a round stopped at --seconds-per-config before all its requests
     cpu: dict[str, float] = field(default_factory=dict)  # CPU seconds: client, api, worker, others
     reference: dict[str, torch.Tensor] = field(default_factory=dict)  # prompt -> its result run alone
@@ -194,21 +196,26 @@ class Outcome:
 
     @property
     def mean_batch(self) -> float:
-        passes = sum(1.0 / max(1, b) for b in self.batch_sizes)
-        return len(self.batch_sizes) / passes if passes else float("nan")
+        if self.health_batches is None or not self.requests:
+            return float("nan")
+        passes = self.requests - self.batched_jobs + self.health_batches
+        return self.requests / passes if passes else float("nan")
 
     @property
     def batched_share(self) -> float:
-        return sum(b > 1 for b in self.batch_sizes) / len(self.batch_sizes) if self.batch_sizes else 0.0
+        return self.batched_jobs / self.requests if self.requests else 0.0
 
     def cpu_ms(self, part: str) -> float:
         return 1000 * self.cpu[part] / self.requests if part in self.cpu and self.requests else float("nan")
 
 
-def health_batches(url: str) -> int | None:
+def health_counts(url: str, key: str) -> tuple[int, int] | None:
+    """(batches of more than one job, the jobs they held) so far, summed over the replicas."""
     try:
-        replicas = transport.health(url).get("replicas") or []
-        return sum(int(r.get("batches") or 0) for r in replicas)
+        health = httpx.get(url + "/v1/health", headers={"Authorization": f"Bearer {key}"}, timeout=10).json()
+        replicas = health.get("replicas") or []
+        return (sum(int(r.get("batches") or 0) for r in replicas),
+                sum(int(r.get("batched_jobs") or 0) for r in replicas))
     except Exception:
         return None
 
@@ -270,18 +277,17 @@ def load(model: LanguageModel, clients: int, per_client: int, outcome: Outcome, 
                 break
             prompt = PROMPTS[(index + i) % len(PROMPTS)]
             try:
-                logits, elapsed, envelope = traced(model, prompt)
+                logits, elapsed, _envelope = traced(model, prompt)
             except Exception as err:
                 with lock:
                     outcome.failures += 1
                     outcome.first_failure = outcome.first_failure or f"{type(err).__name__}: {err}"
                 continue
-            size = int(envelope.get("batch_size") or 1)
+            size = 0  # unknown: a result does not say whether it shared a pass
             reference = outcome.reference.get(prompt)
             diff = (logits - reference).abs().max().item() if reference is not None else math.nan
             with lock:
                 outcome.latencies.append(elapsed)
-                outcome.batch_sizes.append(size)
                 done[0] += 1
                 outcome.over += diff > TOLERANCE
                 if not diff <= outcome.worst.get(prompt, (-1.0, 0))[0]:
@@ -335,9 +341,7 @@ def warm_up(outcome: Outcome, model: LanguageModel, args: argparse.Namespace) ->
     try:
         use(outcome)
         for prompt in PROMPTS:  # one at a time: nothing to share a pass with
-            logits, _, envelope = traced(model, prompt)
-            if int(envelope.get("batch_size") or 1) != 1:
-                raise RuntimeError(f"a request sent alone ran in a batch of {envelope['batch_size']}")
+            logits, _, _envelope = traced(model, prompt)
             outcome.reference[prompt] = logits
             REQUESTS.setdefault(prompt, ENVELOPES.local.request)
         warm = Outcome(outcome.config, reference=outcome.reference)
@@ -368,19 +372,21 @@ def measure_round(outcome: Outcome, model: LanguageModel, clients: int, per_clie
     use(outcome)
     label = f"{outcome.config.label}, round {round_no}"
     meter = CpuMeter(outcome.server)
-    before = health_batches(outcome.server.url)
+    before = health_counts(outcome.server.url, outcome.key)
     requests, seconds = outcome.requests, outcome.seconds
     meter.start()
     load(model, clients, per_client, outcome, label=label, seconds=cap)
     meter.stop(outcome.cpu)
-    after = health_batches(outcome.server.url)
+    after = health_counts(outcome.server.url, outcome.key)
     if before is None or after is None or outcome.health_batches is None:
         outcome.health_batches = None
+        batches = jobs = 0
     else:
-        outcome.health_batches += after - before
+        batches, jobs = after[0] - before[0], after[1] - before[1]
+        outcome.health_batches += batches
+        outcome.batched_jobs += jobs
     n, s = outcome.requests - requests, outcome.seconds - seconds
-    sizes = outcome.batch_sizes[-n:] if n else []
-    mean = len(sizes) / sum(1.0 / b for b in sizes) if sizes else float("nan")
+    mean = n / (n - jobs + batches) if n and n - jobs + batches else float("nan")
     failed = f", {outcome.failures} failed so far (first: {outcome.first_failure})" * bool(outcome.failures)
     say(f"  {label}: {n} requests in {s:.1f} s = {n / s:.1f}/s, mean batch {mean:.2f}{failed}")
 
@@ -548,7 +554,7 @@ def report(outcomes: list[Outcome], args: argparse.Namespace) -> dict:
             continue
         worst = max(d for d, _ in o.worst.values())
         largest = max(r.abs().max().item() for r in o.reference.values())
-        detail = ", ".join(f"{p!r} {d:.1e} (batch {b})" for p, (d, b) in o.worst.items())
+        detail = ", ".join(f"{p!r} {d:.1e}" for p, (d, _) in o.worst.items())
         print(f"correctness, {o.config.label}: all {o.requests} results vs the same request alone: max abs "
               f"diff {worst:.2e}, {o.over} over {TOLERANCE:g} ({'PASS' if not o.over else 'MISS'}; "
               f"largest logit {largest:.1f}); worst per prompt: {detail}")

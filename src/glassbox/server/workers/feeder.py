@@ -6,7 +6,7 @@ Offers:
       .wake()                a job was queued: look at the store now rather than at the next tick
       .cancel(job_id)        stop a running job (kills and restarts the channel); False if not running
       .stop()                end the feeder and the channel
-      .state / .models / .error / .pid / .running / .restarts / .batches
+      .state / .models / .error / .pid / .running / .restarts / .batches / .batched_jobs
 
 What it does for any backend (``local.LocalProcess`` or ``ray_replicas.RayReplica``)::
 
@@ -82,6 +82,7 @@ class Feeder:
         self.running: list[str] = []
         self.restarts = 0
         self.batches = 0  # batches of more than one job run so far
+        self.batched_jobs = 0  # the jobs those batches held
         self._wake = threading.Event()
         self._stopping = threading.Event()
         self._cancel: set[str] = set()
@@ -259,6 +260,7 @@ class Feeder:
                 return
             if len(pending) > 1:
                 self.batches += 1
+                self.batched_jobs += len(pending)
             try:
                 self._send_jobs(pending, requests)
             except ChannelClosed:

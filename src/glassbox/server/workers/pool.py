@@ -128,5 +128,6 @@ class WorkerPool:
     def replicas(self) -> list[dict]:
         """One entry per worker: what it serves, its state, process id, how many jobs it runs now."""
         return [{"label": h.channel.label, "models": list(h.channel.serves), "state": h.state,
-                 "pid": h.pid, "running": len(h.running), "restarts": h.restarts, "batches": h.batches}
+                 "pid": h.pid, "running": len(h.running), "restarts": h.restarts, "batches": h.batches,
+                 "batched_jobs": h.batched_jobs}
                 for h in self.handles]
