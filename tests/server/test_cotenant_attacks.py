@@ -144,3 +144,24 @@ def test_a_write_the_sandbox_misses_kills_only_the_batchs_process_and_the_neighb
         expected = saved(alone(sealed_gpt2, item))["logits"]
         assert (saved(result)["logits"] - expected).abs().max() <= 1e-4
     assert feeder.restarts == 0  # the worker and its loaded model stayed
+
+
+def test_batch_scope_key_lets_only_one_keys_jobs_share_a_pass(tmp_path):
+    store = JobStore(f"sqlite:///{tmp_path / 'jobs.db'}")
+    config = ServerConfig(models={"m": str(tiny_gpt2_path())}, torch_threads=1, batch_window_ms=200.0,
+                          batch_scope="key")
+    worker = Feeder(config, store)
+    try:
+        worker.start()
+        jobs = []
+        for owner, prompt in (("alice", PADDED[0]), ("bob", PADDED[1]), ("alice", PADDED[2])):
+            job = store.create_job(owner, "m", frame(*request(VICTIM, prompt)))
+            store.mark_queued(job)
+            jobs.append(job)
+        worker.wake()
+        for job in jobs:
+            assert _final(worker, job)[0]["status"] == "COMPLETED"
+        assert worker.batches == 1 and worker.batched_jobs == 2  # alice's two together, bob alone
+    finally:
+        worker.stop()
+        store.close()

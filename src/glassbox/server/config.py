@@ -179,6 +179,11 @@ class ServerConfig:
         "the same trace arguments) each run as their own invoke on their own rows, with results "
         "equal to running alone. 1 turns batching off."
     ), default=16)
+    batch_scope: str = field(**_doc(
+        "Whose jobs may share a forward pass: 'any' (any API keys; each request works on a copy of "
+        "its own rows, see the README's Security) or 'key' (only jobs of the same API key: a "
+        "request that escaped the sandbox could then reach only its own key's rows)."
+    ), default="any")
     batch_window_ms: float = field(**_doc(
         "How long a worker that has taken a job waits for compatible jobs to join its batch. "
         "Under load the queue already holds them and nothing waits; a lone job waits this long."
@@ -220,6 +225,8 @@ class ServerConfig:
     def __post_init__(self) -> None:
         if self.backend not in ("local", "ray"):
             raise ValueError(f"backend {self.backend!r} is not available; choose 'local' or 'ray'")
+        if self.batch_scope not in ("any", "key"):
+            raise ValueError(f"batch_scope {self.batch_scope!r} is not available; choose 'any' or 'key'")
         if self.isolation not in ISOLATIONS:
             raise ValueError(f"isolation {self.isolation!r} is not available; choose one of {ISOLATIONS}")
         if self.backend == "ray" and self.isolation != "none":

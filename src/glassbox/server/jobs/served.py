@@ -67,7 +67,10 @@ def _hide_paths(model: Any, name: str) -> None:
 def _guard(model: Any) -> WeightGuard:
     guard = _guards.get(id(model._module))
     if guard is None:
-        guard = _guards[id(model._module)] = WeightGuard(model._module)
+        # Weights off the CPU cannot be sealed (sealed.py): their checksum is keyed, so that code
+        # that found a write path cannot also forge a change that keeps the sum.
+        keyed = any(p.device.type != "cpu" for p in model._module.parameters())
+        guard = _guards[id(model._module)] = WeightGuard(model._module, keyed=keyed)
     return guard
 
 
