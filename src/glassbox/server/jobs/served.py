@@ -5,6 +5,7 @@ Offers:
                                   read-only memory (sealed.py), server paths hidden, the rest
                                   (buffers) snapshotted
     use_model(models, name)       the model a job asks for (LookupError naming the served ones)
+    warm_up(models)               one server-made trace per model, so forked jobs start warm
     after_job(models) -> {name: [restored tensors]}
                                   verify every weight of the models the last job(s) used and restore
                                   what changed; reset grads and torch state. The worker calls it
@@ -22,7 +23,7 @@ import torch
 from .integrity import WeightGuard
 from .sealed import seal
 
-__all__ = ["after_job", "load_models", "use_model"]
+__all__ = ["after_job", "load_models", "use_model", "warm_up"]
 
 _guards: dict[int, WeightGuard] = {}
 _last_model: list[str] = []  # the models the last job(s) ran on: the only ones they could reach
@@ -84,6 +85,21 @@ def use_model(models: dict[str, Any], name: Any) -> Any:
         _last_model.append(name)
     _guard(models[name])
     return models[name]
+
+
+def warm_up(models: dict[str, Any]) -> None:
+    """One plain trace of each model on a fixed, server-made prompt, in the worker before it forks
+    its first job: torch's and the kernels' lazily built state (operator dispatch, kernel caches,
+    transformers' lookups) is then built once and inherited by every job's process instead of
+    being built again in each (measured: a SmolLM2 job ~70 ms slower in a cold child). Nothing of
+    any job is involved; the values are discarded."""
+    for model in models.values():
+        tokenizer = getattr(model, "tokenizer", None)
+        if tokenizer is None:
+            continue
+        with torch.no_grad(), model.trace("Hello, world. The weather today is"):
+            model.output.logits.sum()
+        model.active = None
 
 
 def after_job(models: dict[str, Any]) -> dict[str, list[str]]:

@@ -1,11 +1,12 @@
 """Run each job or batch in a fresh process forked from the worker: memory that dies with it.
 
 Offers:
-    run_forked(work, ids, forward, control, *, threads, confine, max_log_bytes) -> None
-        fork; in the child: confine it further, run ``work(send)``; in the worker: pass the
-        child's ``log`` / ``result`` frames on to the feeder (checked: only this message's jobs,
-        one result each, logs within their cap), stop the child on ``abort``, and report a
-        child that died (``crashed``, with the user's line when the C stack of Python shows it)
+    JobProcess(handler, threads=, confine=)   fork a process that waits for one job: confined
+        further, its torch threads set; ``.run(message, blob, ids, forward, control)`` hands it
+        the job and, in the worker, passes the process's ``log`` / ``result`` frames on to the
+        feeder (checked: only this message's jobs, one result each, logs within their cap),
+        stops it on ``abort``, and reports a process that died (``crashed``, with the user's line
+        when Python's own traceback of the crash shows it); ``.discard()`` if no job comes
     prepare_parent()   the worker's part of making fork safe (one torch thread; gc frozen)
 
 Why a process per job (``isolation = "process"``, the default on CPU):
@@ -20,8 +21,13 @@ Why a process per job (``isolation = "process"``, the default on CPU):
   its batch, whose members then run again alone) fails; the worker and its loaded models stay.
 - Cancel and time-out kill the child, not the worker: no model reload, no stall for others.
 
-Cost, measured on SmolLM2 (bench/remote_latency.py): the fork itself ~10 ms; the child's first
-allocations are page faults instead of reused heap. The worker keeps ONE torch thread: GNU OpenMP
+Cost, measured on SmolLM2 (bench/remote_latency.py, README: Performance): the fork itself
+~17 ms, paid ahead (the next job's process is forked as soon as the last one ends); the job then
+runs ~50 ms slower than in a warm process: ~6,000 copy-on-write page faults (Python writes
+reference counts into pages it shares with the worker; allocations reuse the worker's freed
+heap), although the worker warms itself up once (``jobs.served.warm_up``) and its weights live in
+private read-only memory whose page tables the fork copies (a shared mapping faulted every page
+in again: ~70 ms more). The worker keeps ONE torch thread: GNU OpenMP
 cannot be used in a forked child once the parent has run a parallel region (the child hangs), so
 every parallel region runs in children, with ``threads`` threads.
 
@@ -48,7 +54,7 @@ from ...remote.framing import frame, unframe
 from ...remote.protocol import ProtocolError
 from .channel import exit_reason
 
-__all__ = ["prepare_parent", "run_forked"]
+__all__ = ["JobProcess", "prepare_parent"]
 
 _HEADER = struct.Struct("<Q")
 _PR_SET_PDEATHSIG = 1
@@ -68,60 +74,90 @@ def prepare_parent() -> None:
     gc.freeze()
 
 
-def run_forked(work: Callable[[Callable[[dict, bytes], None]], None], ids: list[str],
-               forward: Callable[[dict, bytes], None], control: Any, *, threads: int,
-               confine: Callable[[], None] | None, max_log_bytes: int = 0) -> list[tuple[dict, bytes]]:
-    """Run ``work(send)`` in a forked child; see the module docstring. ``control`` is the feeder's
-    connection: its ``abort`` stops the child; anything else it sends meanwhile (the next job,
-    sent as soon as this one's results arrived) is returned, for the worker to handle next."""
-    out_r, out_w = os.pipe()
-    fault_r, fault_w = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # ---------------------------------------------------------------- the child
-        code = 70
+class JobProcess:
+    """A process forked from the worker ahead of its job (so the fork is off the job's path),
+    waiting for exactly one job; ``handler(message, blob, send)`` runs it there.
+
+        spare = JobProcess(handler, threads=2, confine=confine_job)
+        later = spare.run(message, blob, ids, forward, control)   # then fork the next spare
+    """
+
+    def __init__(self, handler: Callable[[dict, bytes, Callable[[dict, bytes], None]], None], *,
+                 threads: int, confine: Callable[[], None] | None) -> None:
+        job_r, job_w = os.pipe()
+        out_r, out_w = os.pipe()
+        fault_r, fault_w = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # ------------------------------------------------------------ the child
+            code = 70
+            try:
+                for fd in (job_w, out_r, fault_r):
+                    os.close(fd)
+                _child_setup(fault_w, threads, confine)
+                frames = _FrameReader(job_r).read_one()
+                os.close(job_r)
+                if frames is not None:
+                    message, blob = unframe(frames)
+                    handler(message, blob, _writer(out_w))
+                code = 0
+            finally:
+                os._exit(code)
+        for fd in (job_r, out_w, fault_w):  # ---------------------------------------- the worker
+            os.close(fd)
+        self.pid, self.job_w, self.out_r, self.fault_r = pid, job_w, out_r, fault_r
+
+    def run(self, message: dict, blob: bytes, ids: list[str], forward: Callable[[dict, bytes], None],
+            control: Any, *, max_log_bytes: int = 0) -> list[tuple[dict, bytes]]:
+        """Hand over the job and pass on what the process says until it ends; see the module
+        docstring. ``control`` is the feeder's connection: its ``abort`` stops the process;
+        anything else it sends meanwhile (the next job, sent as soon as this one's results
+        arrived) is returned, for the worker to handle next."""
+        pid, out_r = self.pid, self.out_r
+        relay = _Relay(ids, forward, max_log_bytes)
+        aborted = False
+        later: list[tuple[dict, bytes]] = []
         try:
-            os.close(out_r)
-            os.close(fault_r)
-            _child_setup(fault_w, threads, confine)
-            work(_writer(out_w))
-            code = 0
+            with contextlib.suppress(OSError):  # a process that died already: reported below
+                _writer(self.job_w)(message, blob)
+            os.close(self.job_w)
+            reader = _FrameReader(out_r)
+            while True:
+                ready, _, _ = select.select([out_r, control], [], [])
+                if control in ready:
+                    received = _receive(control)
+                    if received is None or received[0].get("op") == "abort":
+                        os.kill(pid, signal.SIGKILL)
+                        aborted = True
+                        break
+                    later.append(received)
+                if out_r in ready:
+                    frames = reader.read()
+                    if frames is None:
+                        break  # the process closed its end: it ended (or died)
+                    for data in frames:
+                        relay.pass_on(data)
         finally:
-            os._exit(code)
-    # ---------------------------------------------------------------------------- the worker
-    os.close(out_w)
-    os.close(fault_w)
-    relay = _Relay(ids, forward, max_log_bytes)
-    aborted = False
-    later: list[tuple[dict, bytes]] = []
-    try:
-        reader = _FrameReader(out_r)
-        while True:
-            ready, _, _ = select.select([out_r, control], [], [])
-            if control in ready:
-                message = _receive(control)
-                if message is None or message[0].get("op") == "abort":
-                    os.kill(pid, signal.SIGKILL)
-                    aborted = True
-                    break
-                later.append(message)
-            if out_r in ready:
-                frames = reader.read()
-                if frames is None:
-                    break  # the child closed its end: it ended (or died)
-                for data in frames:
-                    relay.pass_on(data)
-    finally:
-        _, status = os.waitpid(pid, 0)
-        fault = _drain(fault_r)
-        os.close(out_r)
-        os.close(fault_r)
-    if aborted:
-        forward({"op": "aborted"}, b"")
+            _, status = os.waitpid(pid, 0)
+            fault = _drain(self.fault_r)
+            os.close(out_r)
+            os.close(self.fault_r)
+        if aborted:
+            forward({"op": "aborted"}, b"")
+            return later
+        code = os.waitstatus_to_exitcode(status)
+        if code != 0 or relay.unanswered():
+            relay.crashed(_crash_reason(code, fault))
         return later
-    code = os.waitstatus_to_exitcode(status)
-    if code != 0 or relay.unanswered():
-        relay.crashed(_crash_reason(code, fault))
-    return later
+
+    def discard(self) -> None:
+        """End a process that will get no job (the worker is stopping)."""
+        with contextlib.suppress(OSError):
+            os.close(self.job_w)  # it reads an empty job and exits
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(self.pid, 0)
+        for fd in (self.out_r, self.fault_r):
+            with contextlib.suppress(OSError):
+                os.close(fd)
 
 
 def _child_setup(fault_w: int, threads: int, confine: Callable[[], None] | None) -> None:
@@ -156,6 +192,15 @@ class _FrameReader:
     def __init__(self, fd: int) -> None:
         self.fd = fd
         self.buffer = bytearray()
+
+    def read_one(self) -> bytes | None:
+        """Block until one whole frame has arrived; None if the pipe closes first."""
+        while True:
+            frames = self.read()
+            if frames is None:
+                return None
+            if frames:
+                return frames[0]
 
     def read(self) -> list[bytes] | None:
         chunk = os.read(self.fd, 1 << 20)

@@ -40,7 +40,7 @@ from ..config import ServerConfig
 from .channel import ChannelClosed, WorkerStartError, exit_reason, ready_note
 from .child import child_environment, exit_with_parent, handle_message, limit_memory, scrub_environment, start
 from .confine import confine_job, confine_worker
-from .forked import prepare_parent, run_forked
+from .forked import JobProcess, prepare_parent
 
 __all__ = ["LocalProcess", "worker_main"]
 
@@ -65,6 +65,10 @@ def _serve(conn: multiprocessing.connection.Connection, specs: dict[str, str], e
     # whose limit cannot even hold them fails at start, saying so, rather than at the first job.
     limit = limit_memory(max_memory_bytes)
     forking = isolation != "none"
+    if forking:
+        # The Rust tokenizers' thread pool would start threads in this process (which must stay
+        # single-threaded to be confined and forked) and cannot survive a fork anyway.
+        os.environ["TOKENIZERS_PARALLELISM"] = "false"
 
     def send(message: dict, out: bytes = b"") -> None:
         conn.send_bytes(frame(message, out))
@@ -73,6 +77,9 @@ def _serve(conn: multiprocessing.connection.Connection, specs: dict[str, str], e
     module, models, reply = start(executor, specs, 1 if forking else torch_threads, limit)
     if module is not None and forking:
         try:
+            warm_up = getattr(module, "warm_up", None)
+            if warm_up is not None:
+                warm_up(models)  # in this process, once: every job's process starts warm
             reply["isolation"] = _isolate(isolation)
             reply["threads"] = torch_threads or _default_threads()
         except Exception as err:  # the operator must hear why, and nothing may run unconfined
@@ -82,33 +89,41 @@ def _serve(conn: multiprocessing.connection.Connection, specs: dict[str, str], e
         return
     exit_with_parent()  # a thread: only once confined (Landlock covers threads started after it)
     threads = torch_threads or _default_threads()
+
+    def handler(message: dict, blob: bytes, child_send: Callable[[dict, bytes], None]) -> None:
+        handle_message(module, models, message, blob, child_send, memory_limit=limit, after=False)
+
+    def fork() -> JobProcess:
+        return JobProcess(handler, threads=threads, confine=_confine_job(isolation))
+
+    spare = fork() if forking else None  # the next job's process, forked ahead
     waiting: list[tuple[dict, bytes]] = []  # sent while a forked job was still finishing
-    while True:
-        try:
-            message, blob = waiting.pop(0) if waiting else unframe(conn.recv_bytes())
-        except (EOFError, OSError):
-            return  # the parent is gone
-        op = message.get("op")
-        if op == "abort":
-            send({"op": "aborted"})  # nothing was running
-            continue
-        if op not in ("job", "batch"):
-            return  # "stop", or anything unexpected: end cleanly
-        try:
-            if not forking:
-                handle_message(module, models, message, blob, send, memory_limit=limit)
+    try:
+        while True:
+            try:
+                message, blob = waiting.pop(0) if waiting else unframe(conn.recv_bytes())
+            except (EOFError, OSError):
+                return  # the parent is gone
+            op = message.get("op")
+            if op == "abort":
+                send({"op": "aborted"})  # nothing was running
                 continue
-            ids = [str(j) for j in message["jobs"]] if op == "batch" else [str(message["job"])]
-
-            def work(child_send: Callable[[dict, bytes], None], message: dict = message,
-                     blob: bytes = blob) -> None:
-                handle_message(module, models, message, blob, child_send, memory_limit=limit, after=False)
-
-            max_log = int((message.get("limits") or {}).get("max_log_bytes", 0) or 0)
-            waiting += run_forked(work, ids, send, conn, threads=threads, confine=_confine_job(isolation),
-                                  max_log_bytes=max_log)
-        except OSError:
-            return  # the pipe is gone: so is the parent
+            if op not in ("job", "batch"):
+                return  # "stop", or anything unexpected: end cleanly
+            try:
+                if spare is None:
+                    handle_message(module, models, message, blob, send, memory_limit=limit)
+                    continue
+                ids = [str(j) for j in message["jobs"]] if op == "batch" else [str(message["job"])]
+                process, spare = spare, None
+                max_log = int((message.get("limits") or {}).get("max_log_bytes", 0) or 0)
+                waiting += process.run(message, blob, ids, send, conn, max_log_bytes=max_log)
+                spare = fork()
+            except OSError:
+                return  # the pipe is gone: so is the parent
+    finally:
+        if spare is not None:
+            spare.discard()
 
 
 def _isolate(isolation: str) -> str:
