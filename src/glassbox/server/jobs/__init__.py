@@ -6,6 +6,7 @@
     batchable.py   which requests may share a pass (runs in the API process; no torch models)
     served.py      the served models: load, hand out, verify and restore after each job
     integrity.py   WeightGuard: keyed weight checksums, snapshot and restore
+    sealed.py      read-only weights: CPU parameters in mprotect(PROT_READ) memory
 
 May import: ``glassbox`` (the tracing core, models, remote protocol), ``server.sandbox``.
 Never imports ``server.api`` or ``server.workers``: workers call into jobs, not the reverse.

@@ -1,4 +1,4 @@
-"""Detect and undo changes to a served model's weights, after every job.
+"""Detect and undo changes to a served model's weights, after every job (``--isolation none``).
 
 Offers:
     WeightGuard(module, keep_copy=True, keyed=False)
