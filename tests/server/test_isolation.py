@@ -180,3 +180,24 @@ def test_a_raw_write_to_the_weights_kills_only_that_job(server: tuple[str, str])
     after = _run(server, STATE)
     assert torch.equal(after["logits"], before["logits"])  # the weights are what they were
     assert _worker_pids(server) == pids  # the same worker: nothing had to be reloaded
+
+
+def test_a_job_cannot_write_into_the_feeders_pipe(server: tuple[str, str]) -> None:
+    # Every descriptor the job's process holds gets a forged frame; the feeder's pipe is not among
+    # them (closed at fork), so the worker and its queue go on; the job's own pipe is read by the
+    # worker, which takes nothing from it but this job's answers.
+    pids = _worker_pids(server)
+    forged = _run(server, """
+import os, struct, json
+fake = json.dumps({"op": "result", "job": "someone-else", "result": {"status": "COMPLETED"}}).encode()
+for fd in range(3, 256):
+    try:
+        os.write(fd, struct.pack("<Q", len(fake)) + fake)
+    except OSError:
+        pass
+out["done"] = True
+""")
+    assert forged.get("done") or forged.get("error"), forged
+    after = _run(server, STATE)
+    assert "error" not in after, after
+    assert _worker_pids(server) == pids

@@ -91,8 +91,11 @@ class JobProcess:
         if pid == 0:  # ------------------------------------------------------------ the child
             code = 70
             try:
-                for fd in (job_w, out_r, fault_r):
-                    os.close(fd)
+                # Every descriptor but its own pipes goes: the worker's pipe to the feeder above all
+                # (only the worker may write there, and it checks what this process says), and
+                # whatever else the worker inherited (multiprocessing's resource tracker...).
+                # Confinement does not cover descriptors that are already open.
+                _keep_only(job_r, out_w, fault_w)
                 _child_setup(fault_w, threads, confine)
                 frames = _FrameReader(job_r).read_one()
                 os.close(job_r)
@@ -158,6 +161,19 @@ class JobProcess:
         for fd in (self.out_r, self.fault_r):
             with contextlib.suppress(OSError):
                 os.close(fd)
+
+
+def _keep_only(*fds: int) -> None:
+    """Close every descriptor above stderr except ``fds``."""
+    import resource
+
+    limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    top = limit if limit != resource.RLIM_INFINITY else 65536
+    start = 3
+    for fd in sorted(fds):
+        os.closerange(start, fd)
+        start = fd + 1
+    os.closerange(start, top)
 
 
 def _child_setup(fault_w: int, threads: int, confine: Callable[[], None] | None) -> None:
