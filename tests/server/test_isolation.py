@@ -201,3 +201,18 @@ out["done"] = True
     after = _run(server, STATE)
     assert "error" not in after, after
     assert _worker_pids(server) == pids
+
+
+def test_a_job_cannot_signal_the_worker_that_forked_it(server: tuple[str, str]) -> None:
+    pids = _worker_pids(server)
+    out = _run(server, """
+import os, signal
+try:
+    os.kill(os.getppid(), signal.SIGKILL)
+    out["kill"] = "allowed"
+except OSError as err:
+    out["kill"] = type(err).__name__
+""")
+    assert out.get("kill") == "PermissionError", out
+    assert "error" not in _run(server, STATE)
+    assert _worker_pids(server) == pids  # the same worker: nothing to reload for anyone

@@ -6,7 +6,8 @@ Offers:
                           user code runs: no_new_privs, Landlock, a seccomp filter
     confine_job(*, require=True)
                           in a forked per-job child of a confined worker: no new processes from now
-                          on (a second seccomp filter, stacked on the worker's)
+                          on (a second seccomp filter, stacked on the worker's), and no signals to
+                          the worker or other jobs (a Landlock domain of its own, ABI >= 6)
     available() -> dict   what this kernel offers: {"landlock_abi": N, "seccomp": bool}; never raises
     Confinement           what was applied; ``describe()`` is one line for the server log
     ConfinementUnavailable  ``require=True`` and a layer is missing or cannot cover the process
@@ -344,3 +345,26 @@ def confine_job(*, require: bool = True) -> None:
     except (OSError, ConfinementUnavailable) as err:
         if require:
             raise ConfinementUnavailable(f"seccomp: {err}") from err
+    try:
+        _scope_job()
+    except OSError as err:
+        if require:
+            raise ConfinementUnavailable(f"landlock scope: {err}") from err
+
+
+def _scope_job() -> None:
+    """A Landlock domain of the job's own (ABI >= 6) that scopes signals and abstract unix sockets:
+    the job can no longer signal the worker that forked it (a SIGKILL there would make every
+    tenant wait for the models to load again) or its siblings. Nothing else is restricted anew:
+    the worker's domain, inherited, already covers files and the network."""
+    if _landlock_abi() < 6:
+        return
+    attr = _RulesetAttr(handled_access_fs=0, handled_access_net=0, scoped=_SCOPES)
+    ruleset = _syscall(_SYS_CREATE_RULESET, ctypes.byref(attr), 24, 0)
+    if ruleset < 0:
+        raise _oserror("landlock_create_ruleset (scope)")
+    try:
+        if _syscall(_SYS_RESTRICT_SELF, ruleset, 0) < 0:
+            raise _oserror("landlock_restrict_self (scope)")
+    finally:
+        os.close(ruleset)
