@@ -137,9 +137,9 @@ class ServerConfig:
         "numbers and lists it saved, as framed. A larger one fails the job."
     ), default=1024**3)
     max_seconds: float = field(**_doc(
-        "Wall-clock limit of one job, from the moment the worker receives it. A job over it is "
-        "killed together with the worker process, fails with 'exceeded the time limit', and the "
-        "worker is restarted; the queue is kept."
+        "Wall-clock limit of one job, from the moment the worker receives it. A job over it fails "
+        "with 'exceeded the time limit': its own process is killed (--isolation process), or, "
+        "with --isolation none, the worker process, which restarts; the queue is kept."
     ), default=300.0)
     max_memory_bytes: int = field(**_doc(
         "Memory limit of the worker process, models included (RLIMIT_DATA: its private writable "
@@ -189,8 +189,8 @@ class ServerConfig:
         "Under load the queue already holds them and nothing waits; a lone job waits this long."
     ), default=5.0)
     crash_retries: int = field(**_doc(
-        "How many more times a job runs after its worker process or replica died under it "
-        "(killed, crashed, out of memory) before it fails with WorkerCrashed."
+        "How many more times a job runs after the process running it (its own, the worker or a "
+        "replica) died under it (killed, crashed, out of memory) before it fails with WorkerCrashed."
     ), default=1)
     backend: str = field(**_doc(
         "Where jobs run: 'local' (one worker process on this machine holding every model) or "
