@@ -40,7 +40,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str]
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [here, os.environ.get("PYTHONPATH")])))
         running = start_server({"gpt2": str(tiny_gpt2_path())}, state_dir=str(tmp_path_factory.mktemp("raw")),
-                               args=["--executor", "raw_executor", "--max-batch", "1", "--max-seconds", "60",
+                               args=["--executor", "raw_executor", "--max-batch", "1", "--max-seconds", "10",
                                      "--crash-retries", "0"])
     try:
         yield running.url, running.create_key("mallory")
@@ -216,3 +216,16 @@ except OSError as err:
     assert out.get("kill") == "PermissionError", out
     assert "error" not in _run(server, STATE)
     assert _worker_pids(server) == pids  # the same worker: nothing to reload for anyone
+
+
+def test_a_job_that_closes_its_pipe_and_runs_on_is_stopped_without_a_restart(server: tuple[str, str]) -> None:
+    pids = _worker_pids(server)
+    out = _run(server, """
+import os
+os.closerange(3, 256)   # its pipe to the worker included: the worker sees it as finished
+while True:
+    pass
+""")
+    assert out["error"]["type"] == "TimeoutError", out
+    assert "error" not in _run(server, STATE)
+    assert _worker_pids(server) == pids  # stopped by the worker, not by restarting it

@@ -140,7 +140,8 @@ class JobProcess:
                     for data in frames:
                         relay.pass_on(data)
         finally:
-            _, status = os.waitpid(pid, 0)
+            status, stopped = _wait(pid, control, later, already=aborted)
+            aborted = aborted or stopped
             fault = _drain(self.fault_r)
             os.close(out_r)
             os.close(self.fault_r)
@@ -161,6 +162,31 @@ class JobProcess:
         for fd in (self.out_r, self.fault_r):
             with contextlib.suppress(OSError):
                 os.close(fd)
+
+
+def _wait(pid: int, control: Any, later: list[tuple[dict, bytes]], *, already: bool) -> tuple[int, bool]:
+    """Wait for the job's process to end, still listening to the feeder: a process that closed its
+    pipe but runs on (raw code can do that) is stopped by an ``abort`` like any other, instead of
+    holding the worker until the feeder gives up on it and restarts it. Returns (wait status,
+    whether it was aborted here)."""
+    stopped = already
+    if not stopped:
+        exited = os.pidfd_open(pid)  # readable once the process has ended
+        try:
+            while True:
+                ready, _, _ = select.select([exited, control], [], [])
+                if exited in ready:
+                    break
+                received = _receive(control)
+                if received is None or received[0].get("op") == "abort":
+                    os.kill(pid, signal.SIGKILL)
+                    stopped = True
+                    break
+                later.append(received)
+        finally:
+            os.close(exited)
+    _, status = os.waitpid(pid, 0)
+    return status, stopped and not already
 
 
 def _keep_only(*fds: int) -> None:
