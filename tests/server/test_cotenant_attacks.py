@@ -7,15 +7,13 @@ neighbours' values equal their lone runs, and the attacker learned nothing of th
 
 from __future__ import annotations
 
-import time
-
 import pytest
 import torch
-from test_cotenant import PADDED, _batch, alone, forward_passes, request, saved
+from test_cotenant import PADDED, _batch, _result, alone, forward_passes, request, saved
 
 from glassbox import LanguageModel
 from glassbox.offline import tiny_gpt2_path
-from glassbox.remote.framing import frame, unframe
+from glassbox.remote.framing import frame
 from glassbox.server.config import ServerConfig
 from glassbox.server.jobs.sealed import is_sealed, seal
 from glassbox.server.store import JobStore
@@ -114,14 +112,6 @@ def feeder(tmp_path):
         store.close()
 
 
-def _final(feeder, job, timeout=90.0):
-    deadline = time.monotonic() + timeout
-    while not (info := feeder.store.get(job)).terminal:
-        assert time.monotonic() < deadline, f"job {job} did not finish: {info}"
-        time.sleep(0.02)
-    return unframe(feeder.store.result(job))
-
-
 def test_a_write_the_sandbox_misses_kills_only_the_batchs_process_and_the_neighbours_rerun(feeder,
                                                                                              sealed_gpt2):
     # Embedding(max_norm=...) renormalises its weight in place from C code: the sandbox does not see
@@ -135,7 +125,7 @@ def test_a_write_the_sandbox_misses_kills_only_the_batchs_process_and_the_neighb
         feeder.store.mark_queued(job)
         jobs.append(job)
     feeder.wake()
-    results = [_final(feeder, job) for job in jobs]
+    results = [_result(feeder, job, timeout=90.0)[0] for job in jobs]
     assert feeder.batches >= 1  # they did share a pass first
     error = results[0][0]["error"]
     assert error["type"] == "WorkerCrashed" and "read-only" in error["message"]
@@ -160,7 +150,7 @@ def test_batch_scope_key_lets_only_one_keys_jobs_share_a_pass(tmp_path):
             jobs.append(job)
         worker.wake()
         for job in jobs:
-            assert _final(worker, job)[0]["status"] == "COMPLETED"
+            assert _result(worker, job)[0][0]["status"] == "COMPLETED"
         assert worker.batches == 1 and worker.batched_jobs == 2  # alice's two together, bob alone
     finally:
         worker.stop()

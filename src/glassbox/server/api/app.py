@@ -3,18 +3,8 @@
 Offers:
     create_app(config, *, store=None, say=None) -> FastAPI     the whole server, ready for uvicorn
 
-Endpoints (all JSON unless said otherwise)::
-
-    GET    /v1/health               {"glassbox", "protocol", "status", "worker"}   no key; with a valid key
-                                    also {"running", "backend", "replicas"} (other tenants' activity)
-    GET    /v1/models               {"models": [{"name", "status", "class", "parameters", ...}]} no key
-    GET    /v1/models/{name}/files  {"files": {filename: text}}: config and tokenizer files, no key
-    POST   /v1/jobs                 body: a framed job request (remote/framing.py) -> 202 {"id", ...}
-    GET    /v1/jobs                 the caller's jobs (no logs, no results)
-    GET    /v1/jobs/{id}            status, queue position, printed output from ?log_offset=N
-    WS     /v1/jobs/{id}/events     {"status", "position", "log", "offset", "elapsed", "error"} events
-    GET    /v1/jobs/{id}/result     the framed result envelope (+ safetensors blob) of a final job
-    DELETE /v1/jobs/{id}            cancel: queued -> CANCELLED; running -> worker killed, CANCELLED
+Endpoints: ``models_routes.py`` (health, models, model files: no key) and ``jobs_routes.py``
+(submit, list, status, live events, result, cancel), each listing its routes and refusals.
 
 Every endpoint but health and the two model ones needs an API key (``Authorization: Bearer <key>`` or
 ``X-API-Key: <key>``; the websocket also takes ``{"api_key": ...}`` as its first message). A job
@@ -35,12 +25,8 @@ Request lifecycle::
     GET /result   ──────────►  framed result bytes (owner only)
                                ... deleted ``result_ttl_seconds`` after it finished
 
-Refusals: 400 not a glassbox request / protocol version mismatch (the message says what to
-upgrade), 401 no or unknown key, 404 unknown job or model (the model message lists the served
-ones), 409 result of an unfinished job, 413 request over ``max_request_bytes``, 429 over
-``rate_limit_per_minute``, ``max_jobs_per_key`` or ``max_stored_bytes_per_key``. An unexpected
-failure answers 500 and the server goes on; a failure of the job itself is a job in state ERROR,
-not an HTTP error.
+Besides the routes' own refusals: 401 no or unknown key; an unexpected failure answers 500 and
+the server goes on; a failure of the job itself is a job in state ERROR, not an HTTP error.
 """
 
 from __future__ import annotations

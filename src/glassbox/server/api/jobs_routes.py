@@ -8,7 +8,7 @@ Offers:
     GET    /v1/jobs/{id}            status, queue position, printed output from ?log_offset=N
     WS     /v1/jobs/{id}/events     {"status", "position", "log", "offset", "elapsed", "error"} events
     GET    /v1/jobs/{id}/result     the framed result envelope (+ safetensors blob) of a final job
-    DELETE /v1/jobs/{id}            cancel: queued -> CANCELLED; running -> worker killed, CANCELLED
+    DELETE /v1/jobs/{id}            cancel: queued -> CANCELLED; running -> its process killed, CANCELLED
 
 A job is visible to the key that submitted it only: for any other key it does not exist (404).
 Refusals: 400 not a glassbox request / protocol version mismatch (the message says what to

@@ -26,10 +26,10 @@ model runs, an order error) cannot be pinned on one request from inside it, so e
 that batch runs again alone: the one at fault fails alone and the others get the results they
 would have had anyway. Each request works on a copy of its own rows (``tracing.run_together``),
 and the weights are read-only memory; what else is writable (buffers, weights on a GPU) is
-compared with a snapshot before any reply leaves, and a change makes every request run again
-alone. A batch over the time limit, or whose worker dies, is likewise run again
-request by request (``workers/feeder.py``). Printed output of a batched request is therefore
-sent when its batch has finished, not while it runs.
+checked against the model as loaded (``served.restore_changed``) before any reply leaves, and a
+change is put back and makes every request run again alone. A batch over the time limit, or
+whose process dies, is likewise run again request by request (``workers/feeder.py``). Printed
+output of a batched request is therefore sent when its batch has finished, not while it runs.
 
 Equality with running alone: not bit for bit, since CPU kernels block their work differently
 for other batch shapes. Measured on SmolLM2 (bench/throughput.py): logits within 1e-4 for
@@ -44,15 +44,13 @@ from __future__ import annotations
 import time
 from typing import Any
 
-import torch
-
 from ...remote.protocol import JOB_KIND, check_envelope
 from ...tracing import Body, collect_saved, run_together
 from ..sandbox.compile import compile_restricted_source, register_source
 from . import execute, served
-from .sealed import is_sealed
 
 __all__ = ["run_batch"]
+
 
 class _Request:
     """One request of a batch, prepared to run as an invoke."""
@@ -139,35 +137,6 @@ def _groups(requests: list[_Request]) -> list[tuple[list[_Request], int]]:
 _sizes: dict[int, frozenset[int]] = {}
 
 
-class _Writable:
-    """What one request of a pass could change for the others besides its own rows: buffers, and
-    parameters that are not read-only memory (on a GPU, say). Snapshotted before the pass; if any
-    changed, ``check`` puts it back and raises, so every request runs again alone and nobody
-    receives values computed with altered weights."""
-
-    def __init__(self, module: Any) -> None:
-        tensors = [*module.named_parameters(), *module.named_buffers()]
-        self.kept = [(name, tensor, tensor.detach().clone()) for name, tensor in tensors
-                     if tensor is not None and not is_sealed(tensor)]
-
-    def check(self) -> None:
-        changed = [name for name, tensor, copy in self.kept if not _same(tensor, copy)]
-        if changed:
-            with torch.no_grad():
-                for _name, tensor, copy in self.kept:
-                    tensor.copy_(copy)
-            raise RuntimeError(f"a request changed {', '.join(changed[:3])} during a shared pass")
-
-
-def _same(tensor: Any, copy: Any) -> bool:
-    """Bit for bit (NaN equals itself, -0.0 differs from 0.0)."""
-    if tensor.shape != copy.shape or tensor.dtype != copy.dtype:
-        return False
-    if tensor.dtype.is_floating_point or tensor.dtype.is_complex:
-        return torch.equal(tensor.detach().contiguous().view(torch.uint8), copy.view(torch.uint8))
-    return torch.equal(tensor.detach(), copy)
-
-
 def _model_sizes(model: Any) -> frozenset[int]:
     """Every dimension size in the model other than batch and sequence: weight shapes, plus the
     head counts and head sizes of its config (they shape attention's intermediate tensors)."""
@@ -196,11 +165,14 @@ def _run_together(group: list[_Request], limits: dict, width: int) -> list[tuple
     if shared_limits.get("max_saved_values"):
         shared_limits["max_saved_values"] = int(shared_limits["max_saved_values"]) * len(group)
     results = []
-    writable = _Writable(model._module)
     try:
         with collect_saved() as saved:
             run_together(model, bodies, pad_to=width)
-            writable.check()  # before anyone receives values computed in this pass
+            # Before anyone receives values computed in this pass: if a request changed what is
+            # writable (buffers; weights off the CPU), put it back; every request then runs alone.
+            changed = served.restore_changed(model)
+            if changed:
+                raise RuntimeError(f"a request changed {', '.join(changed[:3])} during a shared pass")
             for request in group:
                 try:
                     reply, blob = execute.job_reply(request.namespace, request.payload, saved, shared_limits)

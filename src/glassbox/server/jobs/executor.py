@@ -15,8 +15,6 @@ A worker (``workers/child.py``) imports the executor module by name and calls::
     after_job(models)                               optional: after every job or batch, once
                                                     its replies are on their way (workers that
                                                     run each job in a process of its own skip it)
-    warm_up(models)                                 optional: once, before the first job, in a
-                                                    worker that forks a process per job
 
 ``run_job`` / ``run_batch`` never raise for anything a job's code does: a failure is an
 ``ERROR`` result envelope. ``limits`` holds ``max_result_bytes`` and ``max_saved_values``.
@@ -29,9 +27,9 @@ from typing import Any, Protocol
 
 from .cotenant import run_batch
 from .execute import run_job
-from .served import after_job, load_models, warm_up
+from .served import after_job, load_models
 
-__all__ = ["Executor", "after_job", "load_models", "run_batch", "run_job", "warm_up"]
+__all__ = ["Executor", "after_job", "load_models", "run_batch", "run_job"]
 
 
 class Executor(Protocol):
@@ -42,5 +40,4 @@ class Executor(Protocol):
     def run_job(self, models: dict[str, Any], envelope: dict, blob: bytes, *,
                 log: Callable[[str], None], limits: dict | None = None) -> tuple[dict, bytes]: ...
 
-    # Optional (looked up with getattr): run_batch(models, items, *, logs, limits), after_job(models),
-    # warm_up(models).
+    # Optional (looked up with getattr): run_batch(models, items, *, logs, limits) and after_job(models).

@@ -5,7 +5,8 @@ Offers:
                                   read-only memory (sealed.py), server paths hidden, the rest
                                   (buffers) snapshotted
     use_model(models, name)       the model a job asks for (LookupError naming the served ones)
-    warm_up(models)               one server-made trace per model, so forked jobs start warm
+    restore_changed(model) -> [names]   put back what changed since loading (co-tenant batches
+                                  call it before replying; after_job after each job)
     after_job(models) -> {name: [restored tensors]}
                                   verify every weight of the models the last job(s) used and restore
                                   what changed; reset grads and torch state. The worker calls it
@@ -23,7 +24,7 @@ import torch
 from .integrity import WeightGuard
 from .sealed import seal
 
-__all__ = ["after_job", "load_models", "use_model", "warm_up"]
+__all__ = ["after_job", "load_models", "restore_changed", "use_model"]
 
 _guards: dict[int, WeightGuard] = {}
 _last_model: list[str] = []  # the models the last job(s) ran on: the only ones they could reach
@@ -87,19 +88,14 @@ def use_model(models: dict[str, Any], name: Any) -> Any:
     return models[name]
 
 
-def warm_up(models: dict[str, Any]) -> None:
-    """One plain trace of each model on a fixed, server-made prompt, in the worker before it forks
-    its first job: torch's and the kernels' lazily built state (operator dispatch, kernel caches,
-    transformers' lookups) is then built once and inherited by every job's process instead of
-    being built again in each (measured: a SmolLM2 job ~70 ms slower in a cold child). Nothing of
-    any job is involved; the values are discarded."""
-    for model in models.values():
-        tokenizer = getattr(model, "tokenizer", None)
-        if tokenizer is None:
-            continue
-        with torch.no_grad(), model.trace("Hello, world. The weather today is"):
-            model.output.logits.sum()
-        model.active = None
+def restore_changed(model: Any) -> list[str]:
+    """Put back whatever of ``model``'s weights and buffers changed since it was loaded; their
+    names ([] if none). Read-only parameters (sealed.py) cost only an identity check."""
+    guard = _guard(model)
+    changed = guard.verify()
+    if changed:
+        guard.restore()
+    return changed
 
 
 def after_job(models: dict[str, Any]) -> dict[str, list[str]]:
@@ -130,9 +126,7 @@ def _reset(model: Any) -> list[str]:
     before the next job starts: the same guarantee, off the round trip
     (bench/remote_latency.py measured it at 0.2-0.3 s of a SmolLM2 round trip)."""
     guard = _guard(model)
-    changed = guard.verify()
-    if changed:
-        guard.restore()
+    changed = restore_changed(model)
     guard.clear_grads()
     torch.set_grad_enabled(True)
     model.active = None

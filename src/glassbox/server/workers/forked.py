@@ -21,15 +21,17 @@ Why a process per job (``isolation = "process"``, the default on CPU):
   its batch, whose members then run again alone) fails; the worker and its loaded models stay.
 - Cancel and time-out kill the child, not the worker: no model reload, no stall for others.
 
-Cost, measured on SmolLM2 (bench/remote_latency.py, README: Performance): the fork itself
-~17 ms, paid ahead (the next job's process is forked as soon as the last one ends); the job then
-runs ~50 ms slower than in a warm process: ~6,000 copy-on-write page faults (Python writes
-reference counts into pages it shares with the worker; allocations reuse the worker's freed
-heap), although the worker warms itself up once (``jobs.served.warm_up``) and its weights live in
-private read-only memory whose page tables the fork copies (a shared mapping faulted every page
-in again: ~70 ms more). The worker keeps ONE torch thread: GNU OpenMP
-cannot be used in a forked child once the parent has run a parallel region (the child hangs), so
-every parallel region runs in children, with ``threads`` threads.
+Cost, measured on SmolLM2 (bench/remote_latency.py, README: Performance): the fork itself is
+paid ahead (the next job's process is forked as soon as the last one ends); the job then runs
+slower than in the worker itself (SmolLM2: ~185 ms in its process vs ~145 ms, the bench's
+"run_job in the worker" line for each mode), most likely copy-on-write page faults: Python writes
+reference counts into pages it shares with the worker, and allocations reuse the worker's freed
+heap. The weights live in private read-only memory, whose page tables the fork copies (with a
+shared mapping each job faulted them in again: ~14 ms slower in that bench).
+
+The worker keeps ONE torch thread: GNU OpenMP cannot be used in a forked child once the parent
+has run a parallel region (the child hangs), so every parallel region runs in children, with
+``threads`` threads.
 
 The child talks to the worker through a private pipe (length-prefixed frames), not the feeder's
 pipe: if it dies mid-frame, the worker sees a short read, not a corrupted stream to the feeder,
@@ -64,12 +66,9 @@ _LINE = re.compile(r'File "<glassbox job \d+>", line (\d+)')
 
 
 def prepare_parent() -> None:
-    """In the worker, before its first fork: one torch thread (see the module docstring), and the
-    objects that exist now frozen out of the garbage collector, so that a child's collections do
-    not touch (and copy) every page of the models' Python objects."""
-    import torch
-
-    torch.set_num_threads(1)
+    """In the worker, before its first fork (which loaded its models with one torch thread: see
+    the module docstring): the objects that exist now frozen out of the garbage collector, so that
+    a child's collections do not touch (and copy) every page of the models' Python objects."""
     gc.collect()
     gc.freeze()
 
@@ -126,13 +125,9 @@ class JobProcess:
             reader = _FrameReader(out_r)
             while True:
                 ready, _, _ = select.select([out_r, control], [], [])
-                if control in ready:
-                    received = _receive(control)
-                    if received is None or received[0].get("op") == "abort":
-                        os.kill(pid, signal.SIGKILL)
-                        aborted = True
-                        break
-                    later.append(received)
+                if control in ready and _feeder_says_abort(control, pid, later):
+                    aborted = True
+                    break
                 if out_r in ready:
                     frames = reader.read()
                     if frames is None:
@@ -177,12 +172,9 @@ def _wait(pid: int, control: Any, later: list[tuple[dict, bytes]], *, already: b
                 ready, _, _ = select.select([exited, control], [], [])
                 if exited in ready:
                     break
-                received = _receive(control)
-                if received is None or received[0].get("op") == "abort":
-                    os.kill(pid, signal.SIGKILL)
+                if _feeder_says_abort(control, pid, later):
                     stopped = True
                     break
-                later.append(received)
         finally:
             os.close(exited)
     _, status = os.waitpid(pid, 0)
@@ -310,12 +302,18 @@ def _crash_reason(code: int, fault: str) -> dict:
     return {"reason": reason, "lineno": int(lines[0]) if lines else None}
 
 
-def _receive(control: Any) -> tuple[dict, bytes] | None:
-    """The feeder's next message; None if it is gone (then the child is stopped)."""
+def _feeder_says_abort(control: Any, pid: int, later: list[tuple[dict, bytes]]) -> bool:
+    """Read the feeder's next message: ``abort`` (or the feeder gone) kills the job's process and
+    returns True; anything else is kept in ``later`` for the worker."""
     try:
-        return unframe(control.recv_bytes())
+        received = unframe(control.recv_bytes())
     except (EOFError, OSError, ProtocolError):
-        return None
+        received = None
+    if received is None or received[0].get("op") == "abort":
+        os.kill(pid, signal.SIGKILL)
+        return True
+    later.append(received)
+    return False
 
 
 def _drain(fd: int) -> str:

@@ -77,9 +77,6 @@ def _serve(conn: multiprocessing.connection.Connection, specs: dict[str, str], e
     module, models, reply = start(executor, specs, 1 if forking else torch_threads, limit)
     if module is not None and forking:
         try:
-            warm_up = getattr(module, "warm_up", None)
-            if warm_up is not None:
-                warm_up(models)  # in this process, once: every job's process starts warm
             reply["isolation"] = _isolate(isolation)
             reply["threads"] = torch_threads or _default_threads()
         except Exception as err:  # the operator must hear why, and nothing may run unconfined
