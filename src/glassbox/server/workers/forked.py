@@ -23,8 +23,8 @@ Why a process per job (``isolation = "process"``, the default on CPU):
 
 Cost, measured on SmolLM2 (bench/remote_latency.py, README: Performance): the fork itself is
 paid ahead (the next job's process is forked as soon as the last one ends); the job then runs
-slower than in the worker itself (SmolLM2: ~185 ms in its process vs ~145 ms, the bench's
-"run_job in the worker" line for each mode), most likely copy-on-write page faults: Python writes
+slower than in the worker itself (SmolLM2: 163 vs 127 ms in one run, the bench's "run_job in
+the worker" line for each mode), most likely copy-on-write page faults: Python writes
 reference counts into pages it shares with the worker, and allocations reuse the worker's freed
 heap. The weights live in private read-only memory, whose page tables the fork copies (with a
 shared mapping each job faulted them in again: ~14 ms slower in that bench).
