@@ -254,7 +254,7 @@ def _follow(job: JobHandle, timeout: float) -> None:
                 sys.stdout.flush()
             status = event.get("status")
             if status_line is not None and status:
-                status_line.show(status, event.get("position"), event.get("elapsed"))
+                status_line.show(status, event.get("position"), event.get("elapsed"), event.get("note"))
             if status in FINAL_STATUSES:
                 return
             if time.monotonic() > deadline:
@@ -276,17 +276,18 @@ class _StatusLine:
         self.last: tuple | None = None
         self.width = 0
 
-    def show(self, status: str, position: Any, elapsed: Any) -> None:
-        where = f" (position {position})" if position else ""
+    def show(self, status: str, position: Any, elapsed: Any, note: Any = None) -> None:
+        # note: what the server is doing for this job now, e.g. "loading llama70b" (a cold model)
+        where = f" (position {position})" if position else (f" ({note})" if note else "")
         if self.live:
             seconds = f" {float(elapsed):.1f} s" if elapsed is not None else ""
             line = f"[glassbox] job {self.job_id}: {status}{where}{seconds}"
             sys.stderr.write("\r" + line.ljust(self.width))
             self.width = len(line)
             sys.stderr.flush()
-        elif (status, position) != self.last:
+        elif (status, position, note) != self.last:
             print(f"[glassbox] job {self.job_id}: {status}{where}", file=sys.stderr, flush=True)
-        self.last = (status, position)
+        self.last = (status, position, note)
 
     def clear(self) -> None:
         if self.live and self.width:

@@ -20,6 +20,8 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .catalog import LOAD_MODES, CatalogError, parse_size, read_catalog
+
 __all__ = ["ServerConfig", "default_max_memory_bytes", "default_state_dir", "parse_model_spec",
            "parse_replica_resources"]
 
@@ -100,8 +102,10 @@ def parse_replica_resources(text: str) -> tuple[str, dict[str, float]]:
     return name.strip(), request
 
 
-def _doc(text: str, **kwargs: object) -> dict:
-    return {"metadata": {"doc": text}, **kwargs}
+def _doc(text: str, *, cli: bool = True, size: bool = False, **kwargs: object) -> dict:
+    """A field's metadata: its ``doc`` (the flag's help), whether it is a flag (``cli``), whether
+    the flag takes a size such as 16GiB (``size``)."""
+    return {"metadata": {"doc": text, "cli": cli, "size": size}, **kwargs}
 
 
 @dataclass
@@ -120,6 +124,21 @@ class ServerConfig:
     models: dict[str, str] = field(**_doc(
         "Models to serve, name -> path of a directory that transformers' from_pretrained loads "
         "(or a hub id, if the server may download). Given as --model name=path, repeatable."
+    ), default_factory=dict)
+    models_file: str = field(**_doc(
+        "A model catalog (TOML, README: Operating a server): each model's path, dtype, device_map, "
+        "max_memory, offload_folder, ..., load = 'eager' or 'on_demand', pinned, replicas, resources; "
+        "and [server] settings. Flags given on the command line win over the file."
+    ), default="")
+    memory_budget: int = field(**_doc(
+        "What loaded models may take on this host (bytes, or a size such as 16GiB), by the estimate "
+        "`glassbox plan` prints. A job for a cold (on_demand) model loads it, first evicting the "
+        "least recently used unpinned models to stay under. 0: no budget (nothing is evicted).",
+        size=True
+    ), default=0)
+    model_settings: dict[str, dict] = field(**_doc(
+        "Per model, from the catalog: {'options': LanguageModel options, 'load': 'eager' | "
+        "'on_demand', 'pinned': bool}. Not a flag: use --models-file.", cli=False
     ), default_factory=dict)
     state_dir: str = field(**_doc(
         "Directory for the job database (and nothing else). Default: $GLASSBOX_STATE_DIR, "
@@ -234,6 +253,7 @@ class ServerConfig:
                 "--backend ray runs jobs inside each replica's own process (Ray actors need sockets and "
                 "threads, so they can be neither forked per job nor OS-confined): pass --isolation none "
                 "to accept that (README: Security)")
+        self._check_catalog()
         if self.max_batch < 1:
             raise ValueError(f"max_batch must be 1 (batching off) or more, got {self.max_batch}")
         if self.batch_window_ms < 0:
@@ -258,6 +278,71 @@ class ServerConfig:
                      "torch_threads", "max_memory_bytes", "crash_retries"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be 0 (off / default) or positive, got {getattr(self, name)}")
+
+    def _check_catalog(self) -> None:
+        if isinstance(self.memory_budget, str):
+            self.memory_budget = parse_size(self.memory_budget, "memory_budget")
+        if self.memory_budget < 0:
+            raise ValueError(f"memory_budget must be 0 (no budget) or positive, got {self.memory_budget}")
+        for name, settings in self.model_settings.items():
+            if name not in self.models:
+                raise ValueError(f"model_settings names {name!r}, which is not served")
+            unknown = set(settings) - {"options", "load", "pinned"}
+            if unknown:
+                raise ValueError(f"model_settings[{name!r}] has unknown keys {sorted(unknown)}")
+            if settings.get("load", "eager") not in LOAD_MODES:
+                raise ValueError(f"model {name!r}: load = {settings['load']!r}; choose one of "
+                                 f"{list(LOAD_MODES)}")
+        on_demand = [n for n in self.models if self.load_mode(n) == "on_demand"]
+        if on_demand and self.backend == "ray":
+            raise ValueError(f"load = 'on_demand' ({', '.join(on_demand)}) needs --backend local: a Ray "
+                             "replica holds its model for its whole life (use replicas and resources)")
+        for name in on_demand:
+            if "offload_folder" in self.load_options(name) and self.isolation == "process":
+                raise ValueError(
+                    f"model {name!r}: offload_folder with load = 'on_demand' cannot work under --isolation "
+                    "process (the worker may not write files once confined); load it 'eager', or use "
+                    "--isolation process-unconfined")
+
+    def load_options(self, name: str) -> dict:
+        """The LanguageModel options a model is loaded with (dtype, device_map, ...); {} by default."""
+        return dict((self.model_settings.get(name) or {}).get("options") or {})
+
+    def load_mode(self, name: str) -> str:
+        """'eager' (loaded when the worker starts) or 'on_demand' (at its first job)."""
+        return str((self.model_settings.get(name) or {}).get("load", "eager"))
+
+    def pinned(self, name: str) -> bool:
+        """Whether an on-demand server may evict the model to make room for another."""
+        return bool((self.model_settings.get(name) or {}).get("pinned", False))
+
+    def worker_specs(self, names: list[str] | None = None) -> dict[str, dict]:
+        """What a worker loads, by model: ``{"path": ..., "options": {...}}`` (executor.load_models)."""
+        return {name: {"path": self.models[name], "options": self.load_options(name)}
+                for name in (self.models if names is None else names)}
+
+    @classmethod
+    def from_catalog(cls, path: str, **given: object) -> ServerConfig:
+        """A config from the catalog at ``path`` (catalog.read_catalog), with ``given`` values (the
+        command line's) winning over its [server] table; ``given["models"]`` add to its models."""
+        catalog = read_catalog(path)
+        settings = {f.name for f in cls.fields() if f.metadata.get("cli", True)}
+        settings -= {"models", "models_file", "replicas", "replica_resources"}
+        for key in catalog.server:
+            if key not in settings:
+                raise CatalogError(f"{path}: [server] {key!r} is not a server setting; the settings are "
+                                   "those of `glassbox serve --help` by their names (memory_budget, "
+                                   "max_seconds, ...)")
+        values: dict = {**catalog.server, **given, "models_file": str(path)}
+        values["models"] = {**{n: e.path for n, e in catalog.models.items()},
+                            **dict(given.get("models") or {})}
+        values["model_settings"] = {n: {"options": e.options, "load": e.load, "pinned": e.pinned}
+                                    for n, e in catalog.models.items()}
+        values["replicas"] = {**{n: e.replicas for n, e in catalog.models.items() if e.replicas != 1},
+                              **dict(given.get("replicas") or {})}
+        values["replica_resources"] = {**{n: e.resources for n, e in catalog.models.items() if e.resources},
+                                       **dict(given.get("replica_resources") or {})}
+        return cls(**values)
 
     def state_path(self) -> Path:
         return Path(self.state_dir).expanduser() if self.state_dir else default_state_dir()

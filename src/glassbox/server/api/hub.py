@@ -2,6 +2,7 @@
 
 Offers:
     Hub(store)      .publish(job_id, event) from any thread; .subscribe / .unsubscribe / .live_logs
+                    / .note (what the server does for a job now, e.g. "loading smollm2")
 """
 
 from __future__ import annotations
@@ -32,14 +33,18 @@ class Hub:
         self.loop: asyncio.AbstractEventLoop | None = None
         self._lock = threading.Lock()
         self._logs: dict[str, list[str]] = {}
+        self._notes: dict[str, str] = {}  # the latest "note" of a running job, for late listeners
         self._listeners: dict[str, set[asyncio.Queue]] = defaultdict(set)
 
     def publish(self, job_id: str, event: dict) -> None:
         with self._lock:
             if "log" in event:
                 self._logs.setdefault(job_id, []).append(event["log"])
+            if "note" in event:
+                self._notes[job_id] = str(event["note"])
             if event.get("status") in FINAL_STATUSES:
                 self._logs.pop(job_id, None)
+                self._notes.pop(job_id, None)
             loop = self.loop
             if loop is None or loop.is_closed():
                 return
@@ -50,6 +55,10 @@ class Hub:
         with self._lock:
             chunks = self._logs.get(job_id)
             return "".join(chunks) if chunks is not None else None
+
+    def note(self, job_id: str) -> str | None:
+        with self._lock:
+            return self._notes.get(job_id)
 
     def subscribe(self, job_id: str) -> tuple[asyncio.Queue, JobInfo | None, str]:
         """A queue of this job's future events, with its state and printed output right now."""

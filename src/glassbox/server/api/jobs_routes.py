@@ -191,6 +191,9 @@ async def _follow(websocket: WebSocket, queue: asyncio.Queue, job: JobInfo | Non
     status = job.status
     position = await in_thread(store.position, job.id) if status == "QUEUED" else None
     first: dict[str, Any] = {"status": status, "position": position}
+    note = websocket.app.state.hub.note(job.id) if not job.terminal else None
+    if note:
+        first["note"] = note
     if logs:
         first.update(log=logs, offset=0)
     if job.terminal and job.error:

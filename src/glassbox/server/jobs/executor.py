@@ -7,7 +7,10 @@ Offers:
 
 A worker (``workers/child.py``) imports the executor module by name and calls::
 
-    models = load_models(specs)                     once, at start: {name: model}
+    models = load_models(specs)                     once, at start: {name: model}; a spec is a
+                                                    path or {"path": ..., "options": {...}}
+    models[name] = load_model(name, spec)           optional (on-demand loading): one more model
+    unload_model(models, name)                      optional: evict one, freeing its memory
     result, blob = run_job(models, envelope, blob, log=print_fn, limits={...})
     results = run_batch(models, [(envelope, blob), ...], logs=[print_fn, ...], limits={...})
                                                     optional: several jobs in one pass; without
@@ -27,17 +30,18 @@ from typing import Any, Protocol
 
 from .cotenant import run_batch
 from .execute import run_job
-from .served import after_job, load_models
+from .served import after_job, load_model, load_models, unload_model
 
-__all__ = ["Executor", "after_job", "load_models", "run_batch", "run_job"]
+__all__ = ["Executor", "after_job", "load_model", "load_models", "run_batch", "run_job", "unload_model"]
 
 
 class Executor(Protocol):
     """What a worker takes from the module named by ``--executor`` (see the module docstring)."""
 
-    def load_models(self, specs: dict[str, str]) -> dict[str, Any]: ...
+    def load_models(self, specs: dict[str, Any]) -> dict[str, Any]: ...
 
     def run_job(self, models: dict[str, Any], envelope: dict, blob: bytes, *,
                 log: Callable[[str], None], limits: dict | None = None) -> tuple[dict, bytes]: ...
 
-    # Optional (looked up with getattr): run_batch(models, items, *, logs, limits) and after_job(models).
+    # Optional (looked up with getattr): run_batch(models, items, *, logs, limits), after_job(models),
+    # load_model(name, spec) and unload_model(models, name) (needed for load = "on_demand").

@@ -4,6 +4,7 @@ Offers:
     seal(module) -> int          move every CPU parameter into one anonymous mapping and make it
                                  read-only (``mprotect(PROT_READ)``); returns the bytes sealed
     is_sealed(tensor) -> bool    does the tensor's memory lie in a sealed mapping?
+    release(module) -> int       unmap that memory again (the model is being evicted)
 
 Why: the sandbox refuses the write paths it knows, and a checksum after the job finds the ones it
 does not, but only AFTER the job: co-tenants of a batched pass would already have computed with
@@ -24,10 +25,11 @@ from __future__ import annotations
 
 import ctypes
 import mmap
+import sys
 
 import torch
 
-__all__ = ["is_sealed", "seal"]
+__all__ = ["is_sealed", "release", "seal"]
 
 _PAGE = mmap.PAGESIZE
 _regions: list[tuple[int, int, mmap.mmap]] = []  # (start address, size, mapping): kept for life
@@ -75,6 +77,31 @@ def seal(module: torch.nn.Module) -> int:
         raise OSError(ctypes.get_errno(), "mprotect(PROT_READ) of the model weights failed")
     _regions.append((address, total, region))
     return total
+
+
+def release(module: torch.nn.Module) -> int:
+    """Unmap the read-only memory that ``seal`` made for ``module`` (the module is being evicted);
+    returns the bytes unmapped. Its parameters are first pointed away from that memory; a region
+    that something else still references (checked by reference count) is kept: unmapping memory a
+    live tensor points to would crash the worker at its next use."""
+    params = [p for p in module.parameters(recurse=True) if is_sealed(p)]
+    starts = {next(start for start, size, _ in _regions
+                   if start <= p.untyped_storage().data_ptr() < start + size) for p in params}
+    with torch.no_grad():
+        for param in params:
+            param.data = torch.empty(0, dtype=param.dtype)
+    del params
+    freed = 0
+    for entry in [e for e in _regions if e[0] in starts]:
+        region = entry[2]
+        # Referenced by: its _regions tuple, ``region`` and getrefcount's argument. A tensor's
+        # storage over the memory holds one more (torch.frombuffer keeps its buffer alive).
+        if sys.getrefcount(region) > 3:
+            continue
+        _regions.remove(entry)
+        freed += entry[1]
+        region.close()
+    return freed
 
 
 def is_sealed(tensor: torch.Tensor) -> bool:

@@ -1,9 +1,11 @@
 """The models a worker serves, and what keeps them the same for every job.
 
 Offers:
-    load_models(specs)            {name: folder or hub id} -> loaded LanguageModels: parameters in
-                                  read-only memory (sealed.py), server paths hidden, the rest
-                                  (buffers) snapshotted
+    load_models(specs)            {name: folder or hub id, or {"path": ..., "options": {...}}} ->
+                                  loaded LanguageModels (``options``: dtype, device_map, ... as
+                                  LanguageModel takes them): parameters in read-only memory
+                                  (sealed.py), server paths hidden, the rest (buffers) snapshotted
+    load_model(name, spec) / unload_model(models, name)   one model, for on-demand loading
     use_model(models, name)       the model a job asks for (LookupError naming the served ones)
     restore_changed(model) -> [names]   put back what changed since loading (co-tenant batches
                                   call it before replying; after_job after each job)
@@ -16,35 +18,65 @@ Offers:
 
 from __future__ import annotations
 
+import ctypes
+import gc
 import sys
 from typing import Any
 
 import torch
 
 from .integrity import WeightGuard
-from .sealed import seal
+from .sealed import release, seal
 
-__all__ = ["after_job", "load_models", "restore_changed", "use_model"]
+__all__ = ["after_job", "load_model", "load_models", "restore_changed", "unload_model", "use_model"]
 
 _guards: dict[int, WeightGuard] = {}
 _last_model: list[str] = []  # the models the last job(s) ran on: the only ones they could reach
 
 
-def load_models(specs: dict[str, str]) -> dict[str, Any]:
-    """Load each served model with its weights (``LanguageModel(path, dispatch=True)``)."""
+def load_models(specs: dict[str, Any]) -> dict[str, Any]:
+    """Load each served model with its weights (``LanguageModel(path, dispatch=True, **options)``)."""
+    return {name: load_model(name, spec) for name, spec in specs.items()}
+
+
+def load_model(name: str, spec: Any) -> Any:
+    """One model: ``spec`` is its path, or ``{"path": ..., "options": {...}}`` (the catalog's
+    LanguageModel options: dtype, device_map, max_memory, offload_folder, ...), meaning exactly
+    what they mean to a local ``LanguageModel``, so remote values equal local ones."""
     from ...models.language import LanguageModel
 
-    models = {}
-    for name, path in specs.items():
-        print(f"[glassbox worker] loading {name} from {path}", file=sys.stderr, flush=True)
-        model = LanguageModel(path, dispatch=True)
-        sealed = seal(model._module)
-        print(f"[glassbox worker] {name}: {sealed / 2**20:.0f} MiB of weights in read-only memory",
-              file=sys.stderr, flush=True)
-        _hide_paths(model, name)
-        _guard(model)
-        models[name] = model
-    return models
+    path, options = (spec, {}) if isinstance(spec, str) else (spec["path"], dict(spec.get("options") or {}))
+    shown = ", ".join(f"{k}={v!r}" for k, v in options.items())
+    print(f"[glassbox worker] loading {name} from {path}{' (' + shown + ')' if shown else ''}",
+          file=sys.stderr, flush=True)
+    model = LanguageModel(path, dispatch=True, **options)
+    sealed = seal(model._module)
+    print(f"[glassbox worker] {name}: {sealed / 2**20:.0f} MiB of weights in read-only memory",
+          file=sys.stderr, flush=True)
+    _hide_paths(model, name)
+    _guard(model)
+    return model
+
+
+def unload_model(models: dict[str, Any], name: str) -> int:
+    """Evict ``name`` from ``models`` and give its memory back to the system; returns the bytes of
+    read-only weight memory unmapped. Only the worker calls it, between jobs: no job holds the model."""
+    model = models.pop(name, None)
+    if model is None:
+        return 0
+    _guards.pop(id(model._module), None)
+    if name in _last_model:
+        _last_model.remove(name)
+    freed = release(model._module)
+    del model
+    gc.collect()
+    try:  # hand freed heap pages (buffers, Python objects) back to the OS now, not at some later malloc
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
+    print(f"[glassbox worker] evicted {name} ({freed / 2**20:.0f} MiB of weights unmapped)",
+          file=sys.stderr, flush=True)
+    return freed
 
 
 def _hide_paths(model: Any, name: str) -> None:

@@ -6,6 +6,8 @@ Offers:
                          ``failed``) message for the feeder
     handle_message(module, models, message, blob, send, memory_limit=0)
                          run one ``job`` / ``batch`` message (see ``channel.py``), then ``after_job``
+    handle_load(module, models, message, memory_limit=0) -> reply
+                         a ``load`` message: evict what it names, load its model (on-demand loading)
     limit_memory(limit) / memory_in_use()      RLIMIT_DATA, and what it counts now
     is_out_of_memory(error)                    is a job's error a failed host allocation?
     SENSITIVE_ENV / WORKER_ENV / child_environment() / scrub_environment() / exit_with_parent()
@@ -48,8 +50,8 @@ from ...remote.protocol import ProtocolError
 from .channel import error_result, gib
 
 __all__ = ["SENSITIVE_ENV", "WORKER_ENV", "child_environment", "describe", "exit_with_parent",
-           "handle_message", "is_out_of_memory", "limit_memory", "memory_in_use", "scrub_environment",
-           "start"]
+           "handle_load", "handle_message", "is_out_of_memory", "limit_memory", "memory_in_use",
+           "scrub_environment", "start"]
 
 SENSITIVE_ENV = re.compile(r"KEY|TOKEN|SECRET|PASSW|CREDENTIAL|AUTH|DB_URL|DATABASE|COOKIE|SESSION",
                            re.IGNORECASE)
@@ -132,6 +134,31 @@ def start(executor: str, specs: dict[str, str], torch_threads: int,
         "op": "ready", "models": {name: describe(model) for name, model in models.items()},
         "seconds": round(time.monotonic() - started, 3), "threads": torch.get_num_threads(),
         "memory": memory_in_use(), "memory_limit": memory_limit}
+
+
+def handle_load(module: Any, models: dict, message: dict, memory_limit: int = 0) -> dict:
+    """Evict the models ``message["evict"]`` names, then load ``message["model"]`` from
+    ``message["spec"]`` (the executor's ``unload_model`` / ``load_model``). The reply is ``loaded``
+    (its description, seconds, the memory now in use) or ``load_failed`` with the reason; either
+    way the worker and its other models go on."""
+    name = str(message.get("model"))
+    started = time.monotonic()
+    evicted = []
+    try:
+        for other in message.get("evict") or []:
+            if other in models:
+                module.unload_model(models, other)
+                evicted.append(other)
+        models[name] = module.load_model(name, message["spec"])
+    except BaseException as err:  # the feeder must hear why, and the worker must live on
+        models.pop(name, None)
+        error = f"{type(err).__name__}: {err}"
+        if memory_limit and is_out_of_memory({"type": type(err).__name__, "message": str(err)}):
+            error += (f" (the worker's memory limit is {gib(memory_limit)} GiB, max_memory_bytes: raise it, "
+                      "or lower memory_budget so that fewer models are loaded at once)")
+        return {"op": "load_failed", "model": name, "error": error, "evicted": evicted}
+    return {"op": "loaded", "model": name, "info": describe(models[name]), "evicted": evicted,
+            "seconds": round(time.monotonic() - started, 3), "memory": memory_in_use()}
 
 
 def _no_progress_thread() -> None:

@@ -33,22 +33,34 @@ import sys
 import threading
 import time
 from collections.abc import Callable
+from typing import Any
 
 from ...remote.framing import frame, unframe
 from ...remote.protocol import ProtocolError
 from ..config import ServerConfig
 from .channel import ChannelClosed, WorkerStartError, exit_reason, ready_note
-from .child import child_environment, exit_with_parent, handle_message, limit_memory, scrub_environment, start
+from .child import (
+    child_environment,
+    exit_with_parent,
+    handle_load,
+    handle_message,
+    limit_memory,
+    scrub_environment,
+    start,
+)
 from .confine import confine_job, confine_worker
 from .forked import JobProcess, prepare_parent
 
 __all__ = ["LocalProcess", "worker_main"]
 
 
-def worker_main(conn: multiprocessing.connection.Connection, specs: dict[str, str], executor: str,
-                torch_threads: int, max_memory_bytes: int = 0, isolation: str = "process") -> None:
+def worker_main(conn: multiprocessing.connection.Connection, specs: dict[str, Any], executor: str,
+                torch_threads: int, max_memory_bytes: int = 0, isolation: str = "process",
+                read_paths: tuple[str, ...] = ()) -> None:
+    """``specs``: the models to load now; ``read_paths``: what the confined worker must still read
+    later (the folders of models loaded on demand, offload folders)."""
     try:
-        _serve(conn, specs, executor, torch_threads, max_memory_bytes, isolation)
+        _serve(conn, specs, executor, torch_threads, max_memory_bytes, isolation, read_paths)
     finally:
         # No interpreter teardown: a confined worker may not run multiprocessing's finalizers
         # (unlinking the semaphore tqdm made while loading is a write Landlock refuses), and it
@@ -58,8 +70,8 @@ def worker_main(conn: multiprocessing.connection.Connection, specs: dict[str, st
         os._exit(0)
 
 
-def _serve(conn: multiprocessing.connection.Connection, specs: dict[str, str], executor: str,
-           torch_threads: int, max_memory_bytes: int, isolation: str) -> None:
+def _serve(conn: multiprocessing.connection.Connection, specs: dict[str, Any], executor: str,
+           torch_threads: int, max_memory_bytes: int, isolation: str, read_paths: tuple[str, ...]) -> None:
     scrub_environment()
     # Before anything big is imported or loaded: the models count toward the limit, so a server
     # whose limit cannot even hold them fails at start, saying so, rather than at the first job.
@@ -77,7 +89,7 @@ def _serve(conn: multiprocessing.connection.Connection, specs: dict[str, str], e
     module, models, reply = start(executor, specs, 1 if forking else torch_threads, limit)
     if module is not None and forking:
         try:
-            reply["isolation"] = _isolate(isolation)
+            reply["isolation"] = _isolate(isolation, read_paths)
             reply["threads"] = torch_threads or _default_threads()
         except Exception as err:  # the operator must hear why, and nothing may run unconfined
             module, reply = None, {"op": "failed", "error": f"{type(err).__name__}: {err}"}
@@ -105,6 +117,16 @@ def _serve(conn: multiprocessing.connection.Connection, specs: dict[str, str], e
             if op == "abort":
                 send({"op": "aborted"})  # nothing was running
                 continue
+            if op == "load":
+                # The spare was forked with the old set of models: fork it again after.
+                if spare is not None:
+                    spare.discard()
+                    spare = None
+                send(handle_load(module, models, message, memory_limit=limit))
+                if forking:
+                    prepare_parent()  # the new model's objects out of the collector, as at start
+                    spare = fork()
+                continue
             if op not in ("job", "batch"):
                 return  # "stop", or anything unexpected: end cleanly
             try:
@@ -123,10 +145,10 @@ def _serve(conn: multiprocessing.connection.Connection, specs: dict[str, str], e
             spare.discard()
 
 
-def _isolate(isolation: str) -> str:
+def _isolate(isolation: str, read_paths: tuple[str, ...]) -> str:
     """Seal the fork-ready state and confine this process (``confine.py``); returns what was applied."""
     prepare_parent()
-    confinement = confine_worker(read_paths=_python_paths(), allow_fork=True,
+    confinement = confine_worker(read_paths=[*_python_paths(), *read_paths], allow_fork=True,
                                  require=isolation == "process")
     return confinement.describe()
 
@@ -137,8 +159,8 @@ def _confine_job(isolation: str) -> Callable[[], None]:
 
 def _python_paths() -> list[str]:
     """What a confined worker may still read: the Python installation and its packages (torch and
-    transformers import modules lazily while jobs run). Nothing else: no models (loaded already),
-    no state directory, no home."""
+    transformers import modules lazily while jobs run). Nothing else: no models (loaded already;
+    those loaded on demand are added by the caller), no state directory, no home."""
     import sysconfig
 
     paths = {sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix}
@@ -147,6 +169,23 @@ def _python_paths() -> list[str]:
             paths.add(sysconfig.get_paths()[key])
     paths.update(p for p in sys.path if p and os.path.isdir(p))
     return sorted(p for p in paths if os.path.exists(p))
+
+
+def _later_reads(config: ServerConfig) -> tuple[str, ...]:
+    """What the worker reads after it is confined: every offload folder (offloaded weights are read
+    at each forward) and, when models load after start (on demand, or again after an eviction
+    under memory_budget), the models' folders (a hub id: the Hugging Face cache)."""
+    paths = [str(config.load_options(name)["offload_folder"]) for name in config.models
+             if config.load_options(name).get("offload_folder")]
+    if config.memory_budget or any(config.load_mode(name) == "on_demand" for name in config.models):
+        for path in config.models.values():
+            if os.path.exists(path):
+                paths.append(os.path.realpath(path))
+            else:
+                from huggingface_hub.constants import HF_HUB_CACHE
+
+                paths.append(HF_HUB_CACHE)
+    return tuple(dict.fromkeys(paths))
 
 
 def _default_threads() -> int:
@@ -169,6 +208,7 @@ class LocalProcess:
         self.config = config
         self.say = say
         self.serves = list(config.models)
+        self.loads_at_start = [name for name in config.models if config.load_mode(name) == "eager"]
         # A forking worker stops a job by killing the job's process, not itself (forked.py).
         self.can_abort = config.isolation != "none"
         self._process: multiprocessing.process.BaseProcess | None = None
@@ -189,8 +229,8 @@ class LocalProcess:
         config = self.config
         process = context.Process(
             target=worker_main,
-            args=(child_conn, dict(config.models), config.executor, config.torch_threads,
-                  config.max_memory_bytes, config.isolation),
+            args=(child_conn, config.worker_specs(self.loads_at_start), config.executor,
+                  config.torch_threads, config.max_memory_bytes, config.isolation, _later_reads(config)),
             name="glassbox-worker",
             daemon=True,
         )
@@ -198,7 +238,7 @@ class LocalProcess:
             process.start()
         child_conn.close()
         self._process, self._conn, self._exit_code = process, parent_conn, None
-        names = ", ".join(config.models) or "no models"
+        names = ", ".join(self.loads_at_start) or "no models (all load on demand)"
         self.say(f"worker {process.pid}: loading {names}")
         deadline = time.monotonic() + config.worker_start_timeout
         while True:

@@ -7,6 +7,7 @@ Offers:
       .cancel(job_id)     stop it wherever it runs; False if it runs nowhere
       .stop()
       .state / .models / .running_job / .replicas()   for /v1/health and /v1/models
+      .size_models()      estimate each model's memory (for /v1/models; the lifespan calls it)
 
 Layout::
 
@@ -26,6 +27,7 @@ from collections.abc import Callable
 from typing import Any
 
 from ..config import ServerConfig
+from ..sizing import estimate, problems
 from ..store import JobStore
 from .channel import WorkerStartError
 from .feeder import Feeder
@@ -67,6 +69,8 @@ class WorkerPool:
     def start(self) -> None:
         """Start every worker (in parallel) and return once each has loaded its models; raise
         ``WorkerStartError`` with the first failure."""
+        if self.config.memory_budget:
+            self._check_budget()
         if self._backend is not None:
             self._backend.connect()
         errors: list[BaseException] = []
@@ -85,6 +89,25 @@ class WorkerPool:
         if errors:
             self.stop()
             raise errors[0] if isinstance(errors[0], WorkerStartError) else WorkerStartError(str(errors[0]))
+        if not self.config.memory_budget:  # sized already otherwise; only /v1/models waits for it
+            threading.Thread(target=self.size_models, name="glassbox-sizing", daemon=True).start()
+
+    def _check_budget(self) -> None:
+        """A catalog whose eager models (or any one model) cannot fit memory_budget fails at
+        start, naming the model and the numbers (sizing.problems), not at some later job."""
+        config = self.config
+        try:
+            sizes = [estimate(name, path, config.load_options(name)) for name, path in config.models.items()]
+        except ValueError as err:
+            raise WorkerStartError(f"cannot check the memory_budget: {err}") from None
+        for handle in self.handles:
+            for size in sizes:
+                handle.residency.record(size.name, size.runtime_bytes)
+        found = problems(sizes, [n for n in config.models if config.load_mode(n) == "eager"],
+                         [n for n in config.models if config.pinned(n)], config.memory_budget)
+        if found:
+            raise WorkerStartError("the models do not fit this server's memory_budget:\n  "
+                                   + "\n  ".join(found))
 
     def wake(self) -> None:
         for handle in self.handles:
@@ -113,21 +136,45 @@ class WorkerPool:
 
     @property
     def models(self) -> dict[str, dict]:
+        """Every served model: its description once loaded (class, parameters, ...), ``state``
+        (``ready`` where any worker holds it, ``loading``, else ``cold``), estimated ``bytes``,
+        ``last_used`` (a Unix time or None), ``load``, ``pinned`` and ``replicas``."""
         described: dict[str, dict] = {}
-        for handle in self.handles:
-            for name, info in handle.models.items():
-                described.setdefault(name, dict(info))
-        for name in described:
-            described[name]["replicas"] = sum(name in h.channel.serves for h in self.handles)
+        for name in self.config.models:
+            serving = [h for h in self.handles if name in h.channel.serves]
+            info: dict[str, Any] = {}
+            for handle in serving:
+                info.update({k: v for k, v in handle.models.get(name, {}).items() if k not in info})
+            states = [h.residency.describe(name) for h in serving]
+            info.update(states[0] if states else {})
+            for wanted in ("ready", "loading"):
+                if any(state["state"] == wanted for state in states):
+                    info["state"] = wanted
+                    break
+            used = [state["last_used"] for state in states if state.get("last_used")]
+            info["last_used"] = max(used) if used else None
+            info["replicas"] = len(serving)
+            described[name] = info
         return described
+
+    def size_models(self) -> None:
+        """Estimate every model's memory (sizing.py, from its config) so that /v1/models shows it
+        before any model had to be loaded on demand; a model that cannot be sized is left out."""
+        for handle in self.handles:
+            for name in handle.channel.serves:
+                try:
+                    handle.residency.size(name)
+                except Exception as err:  # best effort: a hub id not in the cache, a custom model
+                    self.say(f"cannot estimate the memory of {name}: {err}")
 
     @property
     def running_job(self) -> str | None:
         return next((h.running_job for h in self.handles if h.running_job is not None), None)
 
     def replicas(self) -> list[dict]:
-        """One entry per worker: what it serves, its state, process id, how many jobs it runs now."""
+        """One entry per worker: what it serves, its state, process id, the Ray node it runs on
+        (``{"id", "ip"}``; None on the local backend), how many jobs it runs now."""
         return [{"label": h.channel.label, "models": list(h.channel.serves), "state": h.state,
-                 "pid": h.pid, "running": len(h.running), "restarts": h.restarts, "batches": h.batches,
-                 "batched_jobs": h.batched_jobs}
+                 "pid": h.pid, "node": getattr(h.channel, "node", None), "running": len(h.running),
+                 "restarts": h.restarts, "batches": h.batches, "batched_jobs": h.batched_jobs}
                 for h in self.handles]
