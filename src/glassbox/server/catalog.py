@@ -148,7 +148,7 @@ def _entry(path: Path, base: Path, name: str, table: Any) -> ModelEntry:
     if not isinstance(model_path, str) or not model_path.strip():
         raise CatalogError(f"{where}: path = \"...\" (a model folder, or a hub id in the local cache) "
                            "is required")
-    if _is_local(model_path):
+    if _is_local(model_path, base):
         model_path = str((base / Path(model_path).expanduser()).resolve())
     engine = table.get("engine", "hf")
     if engine != "hf":
@@ -169,9 +169,10 @@ def _entry(path: Path, base: Path, name: str, table: Any) -> ModelEntry:
                       replicas=replicas, resources=_resources(where, table.get("resources", {})))
 
 
-def _is_local(path: str) -> bool:
-    # A hub id is "org/name" or "name"; a folder is absolute, relative with ./ or ../, or exists.
-    return path.startswith(("/", "./", "../", "~")) or Path(path).expanduser().exists()
+def _is_local(path: str, base: Path) -> bool:
+    # A hub id is "org/name" or "name"; a folder is absolute, relative with ./ or ../, or exists
+    # beside the catalog.
+    return path.startswith(("/", "./", "../", "~")) or (base / path).exists()
 
 
 def _check_options(where: str, options: dict[str, Any], base: Path) -> None:

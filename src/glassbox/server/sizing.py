@@ -50,7 +50,8 @@ def estimate(name: str, path: str, options: dict[str, Any] | None = None) -> Mod
     options = dict(options or {})
     kwargs = {k: options[k] for k in ("revision", "subfolder", "trust_remote_code") if k in options}
     try:
-        config = AutoConfig.from_pretrained(path, **kwargs)
+        # Never a download: sizing reads what is on this machine (a hub id must be in the cache).
+        config = AutoConfig.from_pretrained(path, local_files_only=True, **kwargs)
     except (OSError, ValueError) as err:
         raise ValueError(f"model {name!r}: cannot read its config.json from {path!r} to size it "
                          f"({err})") from None

@@ -132,9 +132,14 @@ class WeightGuard:
         self._key = os.urandom(16) if keyed else None
         self._sums: dict[int, int | bytes] = {}
         self._pristine: dict[int, torch.Tensor] | None = {} if keep_copy else None
+        # Offloaded weights (accelerate's device_map "disk" / offloaded "cpu"): the module holds a
+        # meta placeholder that accelerate's hook swaps for the real tensor during each forward and
+        # back after it. The values live in the hook's weights map (read-only memory-mapped files
+        # for disk offload), not in the module, so they are not watched here (README: Security).
+        self._offloaded = {name for name, (_, t) in _named_tensors(module).items() if t.device.type == "meta"}
         for name, (kind, tensor) in _named_tensors(module).items():
-            if tensor.device.type == "meta":
-                raise ValueError(f"{name} is on the meta device: load the weights before guarding them")
+            if name in self._offloaded:
+                continue
             self._entries[name] = _Entry(kind, tensor, tensor.data_ptr(), tensor.dtype, tensor.shape,
                                          tensor.device, tensor.requires_grad)
             key = id(tensor)
@@ -161,7 +166,7 @@ class WeightGuard:
                 sums[key] = 0 if is_sealed(entry.tensor) else content_checksum(entry.tensor, self._key)
             if sums[key] != self._sums[key]:
                 changed.append(name)
-        changed.extend(name for name in current if name not in self._entries)
+        changed.extend(name for name in current if name not in self._entries and name not in self._offloaded)
         return changed
 
     @staticmethod

@@ -26,6 +26,7 @@ from typing import Any
 import torch
 
 from .integrity import WeightGuard
+from .offload import own_offload_files
 from .sealed import release, seal
 
 __all__ = ["after_job", "load_model", "load_models", "restore_changed", "unload_model", "use_model"]
@@ -50,6 +51,7 @@ def load_model(name: str, spec: Any) -> Any:
     print(f"[glassbox worker] loading {name} from {path}{' (' + shown + ')' if shown else ''}",
           file=sys.stderr, flush=True)
     model = LanguageModel(path, dispatch=True, **options)
+    own_offload_files(model._module)
     sealed = seal(model._module)
     print(f"[glassbox worker] {name}: {sealed / 2**20:.0f} MiB of weights in read-only memory",
           file=sys.stderr, flush=True)

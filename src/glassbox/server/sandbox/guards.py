@@ -31,6 +31,7 @@ import torch
 
 from ...envoy import Envoy
 from ...errors import SandboxError
+from .offloaded import offloaded_tensors
 from .whitelist import SPECS, ModuleView, dangerous, importable_modules
 
 _MISSING = object()
@@ -137,8 +138,9 @@ class Policy:
                 if id(module) not in self._module_ids:
                     self._module_ids.add(id(module))
                     self._modules.append(module)
-            for tensor in itertools.chain(value.parameters(), value.buffers()):
-                self._collect(tensor, spans)
+            for tensor in itertools.chain(value.parameters(), value.buffers(), offloaded_tensors(value)):
+                if tensor.device.type != "meta":  # an offloaded weight's placeholder: its values
+                    self._collect(tensor, spans)  # are in the hooks' weights map (offloaded.py)
         elif isinstance(value, torch.Tensor):
             if value.device.type == "meta":
                 raise ValueError(

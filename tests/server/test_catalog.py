@@ -1,0 +1,198 @@
+"""The model catalog and `glassbox plan`: what an operator writes, checked before any weight is read.
+
+Every error names the file, the model, the option and the value; the plan's numbers are those of
+the real model (parameters counted on the loaded weights, bytes at the served dtype).
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from glassbox.server.catalog import CatalogError, parse_size, read_catalog
+from glassbox.server.config import ServerConfig
+from glassbox.server.sizing import RUNTIME_FACTOR, estimate
+
+
+@pytest.fixture(scope="module")
+def smollm2() -> str:
+    from glassbox.offline import smollm2_path
+
+    return str(smollm2_path())
+
+
+@pytest.fixture(scope="module")
+def tiny() -> str:
+    from glassbox.offline import tiny_llama_path
+
+    return str(tiny_llama_path())
+
+
+def write(tmp_path, text: str) -> str:
+    path = tmp_path / "catalog.toml"
+    path.write_text(textwrap.dedent(text))
+    return str(path)
+
+
+def test_a_catalog_becomes_the_server_config(tmp_path, smollm2, tiny):
+    path = write(tmp_path, f"""
+        [server]
+        memory_budget = "2GiB"
+        max_seconds = 30
+
+        [models.smollm2]
+        path = "{smollm2}"
+        dtype = "bfloat16"
+        device_map = "auto"
+        max_memory = {{ cpu = "1GiB" }}
+        load = "on_demand"
+
+        [models.tiny]
+        path = "{tiny}"
+        pinned = true
+    """)
+    config = ServerConfig.from_catalog(path, max_seconds=10.0)
+    assert config.models == {"smollm2": smollm2, "tiny": tiny}
+    assert config.memory_budget == 2 * 1024**3
+    assert config.max_seconds == 10.0  # the command line wins over [server]
+    assert config.load_options("smollm2") == {"dtype": "bfloat16", "device_map": "auto",
+                                              "max_memory": {"cpu": 1024**3}}
+    assert config.load_mode("smollm2") == "on_demand" and config.load_mode("tiny") == "eager"
+    assert config.pinned("tiny") and not config.pinned("smollm2")
+    assert config.worker_specs(["tiny"]) == {"tiny": {"path": tiny, "options": {}}}
+
+
+def test_relative_paths_are_taken_from_the_catalogs_folder(tmp_path):
+    (tmp_path / "models" / "m").mkdir(parents=True)
+    catalog = read_catalog(write(tmp_path, """
+        [models.m]
+        path = "./models/m"
+        offload_folder = "offload"
+    """))
+    assert catalog.models["m"].path == str(tmp_path / "models" / "m")
+    assert catalog.models["m"].options["offload_folder"] == str(tmp_path / "offload")
+
+
+@pytest.mark.parametrize(("body", "words"), [
+    ('dtpye = "bfloat16"', ["model 'm'", "'dtpye'", "dtype"]),
+    ('dtype = "bf16"', ["model 'm'", "dtype = 'bf16'", "bfloat16"]),
+    ('device_map = "gpu"', ["model 'm'", "device_map = 'gpu'", "auto"]),
+    ('max_memory = { cpu = "lots" }', ["model 'm'", "max_memory['cpu']", "'lots' is not a size"]),
+    ('max_memory = { gpu0 = "1GiB" }', ["model 'm'", "'gpu0'", "not a device"]),
+    ('load = "lazy"', ["model 'm'", "load = 'lazy'", "on_demand"]),
+    ("replicas = 0", ["model 'm'", "replicas = 0"]),
+    ("resources = { tpus = 1 }", ["model 'm'", "resources.tpus"]),
+    ('engine = "vllm"', ["model 'm'", "engine 'vllm'"]),
+])
+def test_a_wrong_option_names_the_model_the_option_and_the_value(tmp_path, tiny, body, words):
+    path = write(tmp_path, f'[models.m]\npath = "{tiny}"\n{body}\n')
+    with pytest.raises(CatalogError) as caught:
+        read_catalog(path)
+    for word in [str(path), *words]:
+        assert word in str(caught.value)
+
+
+def test_whole_file_errors(tmp_path, tiny):
+    with pytest.raises(CatalogError, match="not valid TOML"):
+        read_catalog(write(tmp_path, "[models.m\n"))
+    with pytest.raises(CatalogError, match="no models"):
+        read_catalog(write(tmp_path, "[server]\nmax_seconds = 3\n"))
+    with pytest.raises(CatalogError, match="cannot read the model catalog"):
+        read_catalog(tmp_path / "missing.toml")
+    with pytest.raises(CatalogError, match=r"\[server\] 'max_secs' is not a server setting"):
+        ServerConfig.from_catalog(write(tmp_path, f'[server]\nmax_secs = 3\n[models.m]\npath = "{tiny}"\n'))
+
+
+def test_settings_that_cannot_work_together_fail_at_start(tmp_path, tiny):
+    on_demand = write(tmp_path, f'[models.m]\npath = "{tiny}"\nload = "on_demand"\noffload_folder = "off"\n')
+    with pytest.raises(ValueError, match="offload_folder with load = 'on_demand'"):
+        ServerConfig.from_catalog(on_demand)
+    with pytest.raises(ValueError, match="needs --backend local"):
+        ServerConfig.from_catalog(on_demand, backend="ray", isolation="none")
+
+
+def test_sizes_as_operators_write_them():
+    assert parse_size("16GiB") == 16 * 1024**3
+    assert parse_size("80 GB") == 80 * 1000**3
+    assert parse_size("1.5MiB") == int(1.5 * 1024**2)
+    assert parse_size(4096) == 4096
+    for bad in ("16 gigs", "", "-1GiB", True):
+        with pytest.raises(CatalogError, match="size"):
+            parse_size(bad)
+
+
+def test_the_estimate_counts_the_real_models_parameters_at_its_served_dtype(smollm2):
+    from transformers import AutoModelForCausalLM
+
+    real = AutoModelForCausalLM.from_pretrained(smollm2, dtype=torch.bfloat16)
+    tensors = {id(t): t for t in [*real.parameters(), *real.buffers()]}  # tied weights once
+    size = estimate("smollm2", smollm2, {"dtype": "bfloat16"})
+    assert size.parameters == sum(p.numel() for p in {id(p): p for p in real.parameters()}.values())
+    assert size.weight_bytes == sum(t.numel() * t.element_size() for t in tensors.values())
+    assert size.runtime_bytes == int(size.weight_bytes * RUNTIME_FACTOR)
+    assert estimate("smollm2", smollm2).weight_bytes == 2 * size.weight_bytes - _buffer_bytes(real)
+    assert size.devices(size.runtime_bytes) == 1 and size.devices(size.runtime_bytes - 1) == 2
+
+
+def _buffer_bytes(module: torch.nn.Module) -> int:
+    # buffers (rotary frequencies) stay float32 whatever the weights' dtype
+    return sum(b.numel() * b.element_size() for b in module.buffers())
+
+
+def plan(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "glassbox.cli", "plan", *args], capture_output=True,
+                          text=True, timeout=120)
+
+
+def test_glassbox_plan_prints_each_model_and_whether_the_catalog_fits(tmp_path, smollm2, tiny):
+    size = estimate("smollm2", smollm2, {"dtype": "bfloat16"})
+    fits = write(tmp_path, f"""
+        [server]
+        memory_budget = "1GiB"
+        [models.smollm2]
+        path = "{smollm2}"
+        dtype = "bfloat16"
+        load = "on_demand"
+        [models.tiny]
+        path = "{tiny}"
+    """)
+    done = plan(fits, "--gpu-memory", "80GiB")
+    assert done.returncode == 0, done.stderr
+    row = next(line for line in done.stdout.splitlines() if line.startswith("smollm2"))
+    assert row.split()[:9] == ["smollm2", f"{size.parameters / 1e6:.1f}", "M", "bfloat16",
+                               f"{size.weight_bytes / 1024**3:.2f}", "GiB",
+                               f"{size.runtime_bytes / 1024**3:.2f}", "GiB", "on_demand"]
+    assert row.split()[-1] == "1"  # GPUs per replica
+    assert done.stdout.rstrip().endswith("fits")
+
+    too_small = write(tmp_path, f"""
+        [server]
+        memory_budget = "100MiB"
+        [models.smollm2]
+        path = "{smollm2}"
+        dtype = "bfloat16"
+    """)
+    done = plan(too_small)
+    assert done.returncode == 1
+    assert "does not fit: the eager models (smollm2) need" in done.stdout
+    assert "memory_budget of 0.10 GiB" in done.stdout
+
+    done = plan(str(tmp_path / "nowhere.toml"))
+    assert done.returncode == 2 and "cannot read the model catalog" in done.stderr
+
+
+def test_a_70b_model_on_two_80gb_gpus(tmp_path):
+    """The README's worked example: Llama-3.1-70B's published config, sized without weights."""
+    from pathlib import Path
+
+    example = Path(__file__).resolve().parents[2] / "docs" / "examples"
+    done = plan(str(example / "llama70b.toml"), "--gpu-memory", "80GiB", "--gpus", "2")
+    assert done.returncode == 0, done.stdout + done.stderr
+    row = next(line for line in done.stdout.splitlines() if line.startswith("llama70b"))
+    assert row.split()[1:4] == ["70.55", "B", "bfloat16"]
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    assert done.stdout.strip() in readme, "the README shows this plan's output verbatim"
