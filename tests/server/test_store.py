@@ -1,19 +1,31 @@
-"""The job store: keys stored hashed, FIFO queue, atomic transitions, restart recovery, expiry."""
+"""The job store on SQLite and on PostgreSQL: keys stored hashed, FIFO queue, atomic transitions
+(claims racing across processes), restart recovery, expiry.
+
+Every test taking ``db_url`` or ``store`` runs once per database: a new SQLite file, or a new
+database on the session's private PostgreSQL server (``postgres.py``; skipped without one).
+"""
 
 from __future__ import annotations
 
-import sqlite3
 import threading
 import time
 
 import pytest
+from sqlalchemy import text
 
 from glassbox.server.store import MAX_ATTEMPTS, JobStore, OverQuota, TooManyJobs, hash_key
 
 
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db_url(request, tmp_path) -> str:
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'jobs.db'}"
+    return request.getfixturevalue("postgres").create_database("store")
+
+
 @pytest.fixture
-def store(tmp_path):
-    store = JobStore(f"sqlite:///{tmp_path / 'jobs.db'}")
+def store(db_url):
+    store = JobStore(db_url)
     yield store
     store.close()
 
@@ -30,9 +42,15 @@ def test_keys_are_stored_hashed_and_authenticate(store, tmp_path):
     assert store.authenticate(key) == info
     assert store.authenticate(key + "x") is None and store.authenticate("") is None
     assert store.authenticate(None) is None
-    raw = sqlite3.connect(tmp_path / "jobs.db").execute("select name, key_hash from api_keys").fetchall()
-    assert raw == [("alice", hash_key(key))]  # the key itself is nowhere in the database
-    assert key.encode() not in (tmp_path / "jobs.db").read_bytes()
+    with store.engine.connect() as connection:
+        raw = [tuple(row) for row in connection.execute(text("select name, key_hash from api_keys"))]
+        # The key itself is nowhere in the database, in no column of no table.
+        dumped = [str(tuple(row)) for table in ("api_keys", "jobs")
+                  for row in connection.execute(text(f"select * from {table}"))]
+    assert raw == [("alice", hash_key(key))]
+    assert not any(key in row for row in dumped)
+    if store.url.startswith("sqlite"):
+        assert key.encode() not in (tmp_path / "jobs.db").read_bytes()
 
 
 def test_revoke_by_name_or_id(store):
@@ -120,8 +138,8 @@ def test_max_active_per_key_is_enforced_atomically(store):
     store.create_job("k1", "gpt2", b"x", max_active=5)  # finished jobs do not count
 
 
-def test_recover_after_a_dead_server(tmp_path):
-    url = f"sqlite:///{tmp_path / 'jobs.db'}"
+def test_recover_after_a_dead_server(db_url):
+    url = db_url
     store = JobStore(url)
     queued = _queued(store)
     running = _queued(store)
@@ -207,3 +225,78 @@ def test_stored_results_are_counted_per_key_and_the_quota_refuses_at_or_over_it(
     assert store.delete_expired(3600, now=time.time() + 7200) == 3
     assert store.stored_bytes("k1") == 0
     store.create_job("k1", "gpt2", b"x", max_stored_bytes=1024)
+
+
+# ---------------------------------------------------------------- several processes, one database
+
+
+def test_claims_racing_from_two_stores_run_each_job_exactly_once(db_url):
+    """Two JobStores (two engines and connection pools: what two API processes have), four
+    claimers each, all racing for the same jobs: each job is claimed once, by one of them."""
+    stores = [JobStore(db_url), JobStore(db_url)]
+    try:
+        jobs = [_queued(stores[0]) for _ in range(30)]
+        won: list[tuple[int, str]] = []
+        start = threading.Barrier(8)
+
+        def claimer(n: int) -> None:
+            store = stores[n % 2]
+            start.wait(30)
+            # Each claimer walks the queue in its own order, so they collide mid-list too.
+            for job in jobs[n:] + jobs[:n]:
+                if store.claim(job):
+                    won.append((n, job))
+
+        threads = [threading.Thread(target=claimer, args=(n,)) for n in range(8)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(60)
+        assert sorted(job for _, job in won) == sorted(jobs)
+        assert {info.attempts for job in jobs if (info := stores[1].get(job))} == {1}
+        assert len({n for n, _ in won}) > 1  # the race really had several winners
+        assert stores[1].queued() == []
+    finally:
+        for store in stores:
+            store.close()
+
+
+def test_stores_opened_at_once_on_a_new_postgres_database_all_work(postgres):
+    # Several API processes starting together on one new database each create the tables if
+    # missing: none may fail. (PostgreSQL only: it is what several API processes share.)
+    db_url = postgres.create_database("schema")
+    stores, errors = [], []
+
+    def open_store() -> None:
+        try:
+            stores.append(JobStore(db_url))
+        except Exception as err:
+            errors.append(err)
+
+    threads = [threading.Thread(target=open_store) for _ in range(5)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    try:
+        assert errors == [] and len(stores) == 5
+        job = _queued(stores[0])
+        assert stores[4].get(job).status == "QUEUED"
+    finally:
+        for store in stores:
+            store.close()
+
+
+def test_blobs_timestamps_and_printed_text_survive_the_database(store):
+    request = bytes(range(256)) * 4096  # every byte value, 1 MiB: a binary column, not text
+    job = _queued(store, request=request)
+    assert store.request(job) == request
+    store.claim(job)
+    # A job may print anything, NUL included (which PostgreSQL text cannot hold).
+    store.finish(job, "ERROR", result=b"\x00" * 10, error={"message": "a\x00b ü"}, logs="x\x00y ü\n")
+    info = store.get(job)
+    assert info.logs == "x\N{REPLACEMENT CHARACTER}y ü\n" and info.error == {"message": "a\x00b ü"}
+    assert store.result(job) == b"\x00" * 10
+    # Timestamps keep sub-millisecond precision (double precision, not a 4-byte real).
+    assert isinstance(info.created, float) and info.created == store.jobs_of("k1")[0].created
+    assert info.created % 1 != 0 and info.started > info.created and info.finished > info.started

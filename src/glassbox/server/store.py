@@ -2,13 +2,14 @@
 
 Offers:
     JobStore(url)                     open (and create) the database
-      .create_key(name) -> (KeyInfo, key)       the key is returned once; only its sha256 is stored
+      .create_key(name, operator=False) -> (KeyInfo, key)   shown once; only its sha256 is stored
       .list_keys() / .revoke_key(name_or_id) / .authenticate(key) -> KeyInfo | None
       .create_job(key_id, model, request, max_active=0, max_stored_bytes=0) -> job id  (RECEIVED)
       .mark_queued(id) / .claim(id) / .requeue(id) / .finish(id, status, ...) / .cancel(id)
       .get(id) -> JobInfo | None / .request(id) / .result(id)
       .queued() -> [JobInfo] in FIFO order / .next_queued() / .position(id) / .active_count(key_id)
       .stored_bytes(key_id) -> bytes of results the key's jobs hold (until they expire)
+      .recent_jobs(statuses=None, limit=50) / .result_sizes(ids)   every key's jobs (the dashboard)
       .recover() -> {what: count}       run once at startup: decide the fate of interrupted jobs
       .delete_expired(ttl_seconds) -> n
     KeyInfo, JobInfo                  plain snapshots (no live database rows leak out)
@@ -37,7 +38,14 @@ Job lifecycle and durability (decisions):
     - RECEIVED jobs never got their id back to the client (the server died before answering),
       so nobody can fetch them: they fail rather than run unrequested.
 
-One server per database: ``recover`` assumes that no other server is running jobs from it.
+``recover`` assumes that no other server is running jobs from the database: it requeues (or
+fails) every RUNNING and RECEIVED job, whoever holds it.
+
+PostgreSQL (``postgresql+psycopg://user@host/db``) lets several API processes share one
+database: ``claim`` is one conditional UPDATE (``... WHERE status = 'QUEUED'``) whose row count
+says who won, which stays right under READ COMMITTED with claimers in other processes;
+``create_job`` takes a per-key advisory lock so that ``max_active`` and the quota hold across
+processes; the tables are created under an advisory lock (servers may start at once).
 
 SQLite is used from many threads of one process: every transaction takes one lock (SQLite
 writes are serialised anyway) and WAL journaling lets readers of other processes (``glassbox
@@ -58,6 +66,7 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import (
+    Boolean,
     Float,
     Index,
     Integer,
@@ -67,8 +76,11 @@ from sqlalchemy import (
     create_engine,
     delete,
     event,
+    false,
     func,
+    inspect,
     select,
+    text,
     update,
 )
 from sqlalchemy.engine import Engine, make_url
@@ -93,6 +105,7 @@ TERMINAL = FINAL_STATUSES
 ACTIVE = ("RECEIVED", "QUEUED", "RUNNING")
 MAX_ATTEMPTS = 2
 KEY_PREFIX = "gbx_"
+_SCHEMA_LOCK = 0x676C617373626F78  # PostgreSQL advisory lock id ("glassbox")
 
 
 class TooManyJobs(Exception):
@@ -131,6 +144,8 @@ class _ApiKey(_Base):
     key_hash: Mapped[str] = mapped_column(String(64), unique=True)
     created: Mapped[float] = mapped_column(Float)
     revoked: Mapped[float | None] = mapped_column(Float, nullable=True)
+    # Operators see every tenant's queue and replicas on the dashboard (never their code or values).
+    operator: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
 
 
 class _Job(_Base):
@@ -161,6 +176,7 @@ class KeyInfo:
     name: str
     created: float
     revoked: float | None
+    operator: bool = False  # sees the whole server on the dashboard
 
 
 @dataclass(frozen=True)
@@ -184,7 +200,7 @@ class JobInfo:
 
 
 def _key_info(row: _ApiKey) -> KeyInfo:
-    return KeyInfo(row.id, row.name, row.created, row.revoked)
+    return KeyInfo(row.id, row.name, row.created, row.revoked, bool(row.operator))
 
 
 # Columns of a job without its blobs: listing and polling must not read megabytes per row.
@@ -227,10 +243,17 @@ class JobStore:
 
                 kwargs["poolclass"] = StaticPool
             kwargs["connect_args"] = {"check_same_thread": False, "timeout": 30}
+        else:
+            # A database server may drop idle connections (restart, failover, idle timeout):
+            # test each one as it leaves the pool rather than fail the request that gets it.
+            kwargs["pool_pre_ping"] = True
+        self._postgres = parsed.get_backend_name() == "postgresql"
         self.engine: Engine = create_engine(url, **kwargs)
         if self._sqlite:
             event.listen(self.engine, "connect", _sqlite_pragmas)
-        _Base.metadata.create_all(self.engine)
+        with self._schema_lock():
+            _Base.metadata.create_all(self.engine)
+            _add_missing_columns(self.engine)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
         # SQLite: one writer at a time anyway, and a shared in-memory connection needs it.
         self._lock: contextlib.AbstractContextManager = (
@@ -245,15 +268,43 @@ class JobStore:
         with self._lock, self._sessions.begin() as session:
             yield session
 
+    @contextlib.contextmanager
+    def _schema_lock(self) -> Iterator[None]:
+        """PostgreSQL: one process at a time creates or alters the tables. Several API processes
+        starting at once on a new database would otherwise all see the tables missing and all
+        create them (all but one then fail). Not done for SQLite: one server per file, and a
+        ``glassbox keys`` racing that server's very first start is the only other opener."""
+        if not self._postgres:
+            yield
+            return
+        with self.engine.connect() as connection:
+            # A session lock on its own connection: the DDL runs on others, in its own transactions.
+            connection.execute(select(func.pg_advisory_lock(_SCHEMA_LOCK)))
+            try:
+                yield
+            finally:
+                connection.execute(select(func.pg_advisory_unlock(_SCHEMA_LOCK)))
+
+    def _lock_key(self, session: Session, key_id: str) -> None:
+        """PostgreSQL: serialise ``create_job`` per key until the transaction ends, so that two
+        submissions cannot both count N-1 active jobs and both insert (READ COMMITTED does not
+        see the other's uncommitted row). SQLite transactions already run one at a time."""
+        if self._postgres:
+            digest = hashlib.sha256(f"glassbox-key:{key_id}".encode()).digest()
+            lock_id = int.from_bytes(digest[:8], "big", signed=True)
+            session.execute(select(func.pg_advisory_xact_lock(lock_id)))
+
     # ------------------------------------------------------------ keys
 
-    def create_key(self, name: str) -> tuple[KeyInfo, str]:
-        """A new key for ``name``; the plain key is only ever in the return value."""
+    def create_key(self, name: str, *, operator: bool = False) -> tuple[KeyInfo, str]:
+        """A new key for ``name`` (an operator's with ``operator``); the plain key is only ever in
+        the return value."""
         name = name.strip()
         if not name:
             raise ValueError("a key needs a name (who or what uses it)")
         key = KEY_PREFIX + secrets.token_urlsafe(32)
-        row = _ApiKey(id=secrets.token_hex(6), name=name, key_hash=hash_key(key), created=time.time())
+        row = _ApiKey(id=secrets.token_hex(6), name=name, key_hash=hash_key(key), created=time.time(),
+                      operator=bool(operator))
         with self._session() as session:
             session.add(row)
             session.flush()
@@ -299,6 +350,8 @@ class JobStore:
         now = time.time()
         job_id = secrets.token_urlsafe(16)
         with self._session() as session:
+            if max_active or max_stored_bytes:
+                self._lock_key(session, key_id)
             if max_active:
                 active = session.scalar(select(func.count()).select_from(_Job).where(
                     _Job.key_id == key_id, _Job.status.in_(ACTIVE))) or 0
@@ -346,7 +399,9 @@ class JobStore:
         values: dict[str, Any] = {"status": status, "finished": now, "updated": now, "request": None,
                                   "result": result, "error": json.dumps(error) if error else None}
         if logs is not None:
-            values["logs"] = logs
+            # PostgreSQL text cannot hold NUL, which a job may print: on every database it reads
+            # back as U+FFFD (one character for one, so log offsets stay right).
+            values["logs"] = logs.replace("\x00", "\N{REPLACEMENT CHARACTER}")
         with self._session() as session:
             done = session.execute(
                 update(_Job).where(_Job.id == job_id, _Job.status.in_(ACTIVE)).values(**values)
@@ -427,6 +482,25 @@ class JobStore:
             rows = session.execute(select(*_INFO_COLUMNS).where(_Job.key_id == key_id).order_by(_Job.seq))
             return [_info_from_columns(row) for row in rows]
 
+    def recent_jobs(self, statuses: tuple[str, ...] | None = None, limit: int = 50) -> list[JobInfo]:
+        """Every key's jobs (in ``statuses``, if given), newest first, at most ``limit``: the
+        operator's dashboard."""
+        query = select(*_INFO_COLUMNS)
+        if statuses is not None:
+            query = query.where(_Job.status.in_(list(statuses)))
+        with self._session() as session:
+            return [_info_from_columns(row) for row in session.execute(query.order_by(_Job.seq.desc())
+                                                                       .limit(limit))]
+
+    def result_sizes(self, job_ids: list[str]) -> dict[str, int]:
+        """Bytes of the stored result of each of these jobs that has one (length() reads no blob)."""
+        if not job_ids:
+            return {}
+        with self._session() as session:
+            rows = session.execute(select(_Job.id, func.length(_Job.result))
+                                   .where(_Job.id.in_(list(job_ids)), _Job.result.is_not(None)))
+            return {job_id: int(size or 0) for job_id, size in rows}
+
     # ------------------------------------------------------------ housekeeping
 
     def recover(self, max_attempts: int = MAX_ATTEMPTS) -> dict[str, int]:
@@ -468,6 +542,16 @@ class JobStore:
         with self._session() as session:
             done = session.execute(delete(_Job).where(_Job.status.in_(TERMINAL), _Job.finished < cutoff))
             return done.rowcount
+
+
+def _add_missing_columns(engine: Engine) -> None:
+    # create_all makes missing tables, never missing columns: a database from before a column
+    # existed gets it here (the only migration so far; each column's default fills old rows).
+    present = {column["name"] for column in inspect(engine).get_columns("api_keys")}
+    if "operator" not in present:
+        with engine.begin() as connection:
+            connection.execute(
+                text("ALTER TABLE api_keys ADD COLUMN operator BOOLEAN NOT NULL DEFAULT FALSE"))
 
 
 def _stored_bytes(session: Session, key_id: str) -> int:
