@@ -11,9 +11,12 @@ Commands::
     glassbox serve --model smollm2=/models/smollm2 [--model gpt2=...] [--host 127.0.0.1] [--port 8765]
                    [--state-dir DIR] [--max-seconds 300] ...     every ServerConfig field is a flag
     glassbox keys create --name alice     prints the new key once (only its hash is stored)
-    glassbox keys list                    id, name, created, revoked
+    glassbox keys create ops --operator   a key that sees the whole server on the dashboard at /
+    glassbox keys list                    id, name, role, created, revoked
     glassbox keys revoke NAME_OR_ID
     glassbox models [--host URL]          what a server serves
+    glassbox plan catalog.toml [--gpu-memory 80GiB] [--gpus N]   size a catalog (server/sizing.py)
+    glassbox jobs list | status | logs | result | cancel     your jobs on a server (jobs_cli.py)
 
 ``keys`` works on the server's database directly (``--state-dir`` / ``--db-url``, the same
 defaults as ``serve``), so it runs on the server machine, while the server runs or not.
@@ -29,6 +32,8 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+from .jobs_cli import add_jobs_parser
+from .server.catalog import parse_size
 from .server.config import ServerConfig, parse_model_spec, parse_replica_resources
 
 __all__ = ["RunningServer", "free_port", "main", "start_server"]
@@ -48,12 +53,14 @@ def _add_config_flags(parser: argparse.ArgumentParser, names: Sequence[str] | No
         if names is not None and item.name not in names:
             continue
         doc = item.metadata.get("doc", "")
+        if not item.metadata.get("cli", True):
+            continue
         if item.name in _REPEATED:
             flag, metavar = _REPEATED[item.name]
             parser.add_argument(flag, dest=item.name, action="append", default=[], metavar=metavar, help=doc)
             continue
         default = item.default if item.default is not dataclasses.MISSING else None
-        kind = {int: int, float: float}.get(type(default), str)
+        kind = parse_size if item.metadata.get("size") else {int: int, float: float}.get(type(default), str)
         parser.add_argument(_flag(item.name), dest=item.name, type=kind, default=None,
                             metavar=item.name.upper(), help=f"{doc} (default: {default!r})")
 
@@ -74,6 +81,8 @@ def _config(args: argparse.Namespace) -> ServerConfig:
             values["replica_resources"] = dict(parse_replica_resources(text) for text in value or [])
         elif value is not None:
             values[item.name] = value
+    if values.get("models_file"):
+        return ServerConfig.from_catalog(values.pop("models_file"), **values)
     return ServerConfig(**values)
 
 
@@ -136,6 +145,22 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---------------------------------------------------------------- plan
+
+
+def _plan(args: argparse.Namespace) -> int:
+    from .server.sizing import plan
+
+    try:
+        config = ServerConfig.from_catalog(args.catalog)
+        result = plan(config, gpu_memory=args.gpu_memory, gpus=args.gpus)
+    except ValueError as err:
+        _say(str(err))
+        return 2
+    print(result.table())
+    return 0 if result.fits else 1
+
+
 # ---------------------------------------------------------------- keys
 
 
@@ -154,7 +179,9 @@ def _keys(args: argparse.Namespace) -> int:
     store = _store(args)
     try:
         if args.keys_command == "create":
-            info, key = store.create_key(args.name)
+            if not (args.name or args.key_name):
+                raise ValueError("give the key a name: `glassbox keys create NAME` (who or what uses it)")
+            info, key = store.create_key(args.name or args.key_name, operator=args.operator)
             print(key)
             _say(f"created key {info.id} for {info.name!r}. It is shown only this once: give it to its "
                  "user, who sets glassbox.CONFIG.API_KEY or GLASSBOX_API_KEY to it")
@@ -162,8 +189,9 @@ def _keys(args: argparse.Namespace) -> int:
             keys = store.list_keys()
             if not keys:
                 _say("no keys yet: create one with `glassbox keys create --name NAME`")
-            rows = [("ID", "NAME", "CREATED", "REVOKED")]
-            rows += [(k.id, k.name, _when(k.created), _when(k.revoked)) for k in keys]
+            rows = [("ID", "NAME", "ROLE", "CREATED", "REVOKED")]
+            rows += [(k.id, k.name, "operator" if k.operator else "user", _when(k.created), _when(k.revoked))
+                     for k in keys]
             _table(rows)
         elif args.keys_command == "revoke":
             revoked = store.revoke_key(args.name_or_id)
@@ -325,15 +353,30 @@ def _parser() -> argparse.ArgumentParser:
         sub = key_commands.add_parser(name, help=help_text)
         _add_config_flags(sub, ("state_dir", "db_url"))
         if name == "create":
-            sub.add_argument("--name", required=True, help="who or what will use the key")
+            sub.add_argument("key_name", nargs="?", metavar="NAME", help="who or what will use the key")
+            sub.add_argument("--name", help="the same as NAME")
+            sub.add_argument("--operator", action="store_true",
+                             help="an operator's key: the dashboard shows it every tenant's queue and jobs")
         if name == "revoke":
             sub.add_argument("name_or_id")
     keys.set_defaults(run=_keys)
+
+    planning = commands.add_parser(
+        "plan", help="size a model catalog without loading weights",
+        description="Each model's parameters, bytes at its dtype, estimated runtime memory and GPUs per "
+                    "replica, from its config alone; exit 0 if the catalog fits, 1 if not.")
+    planning.add_argument("catalog", help="the model catalog (TOML) of `glassbox serve --models-file`")
+    planning.add_argument("--gpu-memory", type=parse_size, default=0, metavar="SIZE",
+                          help="memory of one GPU (e.g. 80GiB): adds GPUs needed per replica")
+    planning.add_argument("--gpus", type=int, default=0, metavar="N",
+                          help="GPUs in the cluster: checks every replica fits at once")
+    planning.set_defaults(run=_plan)
 
     listing = commands.add_parser("models", help="list the models a server serves")
     listing.add_argument("--host", help="server URL (default: $GLASSBOX_HOST, else http://127.0.0.1:8765)")
     listing.add_argument("--api-key", help="not needed by glassbox servers; default: $GLASSBOX_API_KEY")
     listing.set_defaults(run=_models)
+    add_jobs_parser(commands)
     return parser
 
 

@@ -3,8 +3,9 @@
 Offers:
     create_app(config, *, store=None, say=None) -> FastAPI     the whole server, ready for uvicorn
 
-Endpoints: ``models_routes.py`` (health, models, model files: no key) and ``jobs_routes.py``
-(submit, list, status, live events, result, cancel), each listing its routes and refusals.
+Endpoints: ``models_routes.py`` (health, models, model files: no key), ``jobs_routes.py``
+(submit, list, status, live events, result, cancel), each listing its routes and refusals, and
+``dashboard.py`` (the page at ``/`` and the JSON it polls, ``/v1/dashboard``).
 
 Every endpoint but health and the two model ones needs an API key (``Authorization: Bearer <key>`` or
 ``X-API-Key: <key>``; the websocket also takes ``{"api_key": ...}`` as its first message). A job
@@ -43,7 +44,7 @@ from ... import __version__
 from ..config import ServerConfig
 from ..store import JobStore
 from ..workers.pool import WorkerPool
-from . import jobs_routes, models_routes
+from . import dashboard, jobs_routes, models_routes
 from .auth import RateLimiter, in_thread
 from .hub import Hub
 
@@ -101,6 +102,7 @@ def create_app(
     state.file_answers = models_routes.FileAnswers()
     app.include_router(models_routes.router)
     app.include_router(jobs_routes.router)
+    app.include_router(dashboard.router)
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
