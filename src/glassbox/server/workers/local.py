@@ -87,6 +87,12 @@ def _serve(conn: multiprocessing.connection.Connection, specs: dict[str, Any], e
 
     # A forking worker keeps one torch thread (forked.py says why); its children use the rest.
     module, models, reply = start(executor, specs, 1 if forking else torch_threads, limit)
+    on_gpu = [name for name, model in models.items() if _on_accelerator(model)]
+    if module is not None and forking and on_gpu:
+        module, reply = None, {"op": "failed", "error": (
+            f"{', '.join(on_gpu)} loaded onto a GPU, and --isolation {isolation} runs each job in a process "
+            "forked from the worker, which CUDA does not survive: serve GPU models with --isolation none "
+            "(each job then runs in the worker, its weights checked after it: README, Security)")}
     if module is not None and forking:
         try:
             reply["isolation"] = _isolate(isolation, read_paths)
@@ -143,6 +149,11 @@ def _serve(conn: multiprocessing.connection.Connection, specs: dict[str, Any], e
     finally:
         if spare is not None:
             spare.discard()
+
+
+def _on_accelerator(model: Any) -> bool:
+    module = getattr(model, "_module", model)
+    return any(p.device.type not in ("cpu", "meta") for p in module.parameters())
 
 
 def _isolate(isolation: str, read_paths: tuple[str, ...]) -> str:
