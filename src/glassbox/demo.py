@@ -6,19 +6,33 @@ walks through the seed's workflows, printing what a researcher would look at:
 activation analysis, the logit lens, activation patching, cross-prompt
 sharing in one batched forward, gradients, and steered generation.
 
+It also writes what sections 1-3 computed as PNG figures (``glassbox.plot``): per-layer norms,
+an attention pattern, the logit lens and a patching sweep, into ``./glassbox-demo-figures/``
+(``--figures DIR`` elsewhere, ``--no-figures`` none), and prints their paths; without matplotlib
+(``pip install "glassbox[plot]"``) it says so and goes on.
+
 Offers:
-    main(model_path=None)   run every section; returns a dict of key numbers
+    main(model_path=None, figures=FIGURES)   run every section; returns a dict of key numbers
+                                             (``numbers["figures"]``: the PNGs written)
 """
 
 from __future__ import annotations
 
+import argparse
+import importlib.util
+import os
 import sys
 import time
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
 
+from . import plot
 from .models.language import LanguageModel
+
+FIGURES = "glassbox-demo-figures"
 
 
 def _section(title: str) -> None:
@@ -34,19 +48,42 @@ def _prob(model: LanguageModel, logits: Any, word: str) -> float:
     return torch.softmax(logits[0, -1], -1)[token].item()
 
 
-def main(model_path: str | None = None) -> dict[str, Any]:
+class _Figures:
+    """Where the demo's PNGs go; without matplotlib it says so once and draws nothing."""
+
+    def __init__(self, folder: str | os.PathLike | None) -> None:
+        self.folder = None if folder is None else Path(folder)
+        self.paths: list[Path] = []
+        self.missing = self.folder is not None and importlib.util.find_spec("matplotlib") is None
+        if self.missing:
+            print('(figures skipped: matplotlib is not installed; pip install "glassbox[plot]")')
+
+    def draw(self, name: str, function: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
+        if self.folder is None or self.missing:
+            return
+        self.folder.mkdir(parents=True, exist_ok=True)
+        path = self.folder / f"{name}.png"
+        function(*args, path=path, **kwargs)
+        self.paths.append(path)
+        print(f"  figure: {path}")
+
+
+def main(model_path: str | None = None, figures: str | os.PathLike | None = FIGURES) -> dict[str, Any]:
     from .offline import smollm2_path
 
     numbers: dict[str, Any] = {}
     path = model_path or str(smollm2_path())
     started = time.perf_counter()
+    drawn = _Figures(figures)
     model = LanguageModel(path)
     layers = model.model.layers
     _section("Model (built on the meta device; weights load at the first trace)")
     print(f"{type(model._module).__name__}: {len(layers)} decoder layers at model.model.layers[i]")
 
-    _section("1. Activation analysis: 'The capital of France is'")
-    with model.trace("The capital of France is"):
+    prompt = "The capital of France is"
+    tokens = plot.token_strings(model.tokenizer(prompt)["input_ids"], model.tokenizer)
+    _section(f"1. Activation analysis: {prompt!r}")
+    with model.trace(prompt):
         outputs = [layer.output.save() for layer in layers]
         logits = model.output.save()
     norms = [h[0, -1].norm().item() for h in outputs]
@@ -55,18 +92,23 @@ def main(model_path: str | None = None) -> dict[str, Any]:
     for token, p in zip(top.indices, top.values):
         print(f"  {model.tokenizer.decode(token)!r:>12}  {p.item():.3f}  {_bar(p.item())}")
     numbers["top1"] = model.tokenizer.decode(top.indices[0])
+    per_position = torch.stack([h[0].norm(dim=-1) for h in outputs])  # [layers, positions]
+    drawn.draw("norms", plot.norms, per_position, series=tokens, log=True, ylabel="hidden-state norm")
+    _attention(path, prompt, tokens, drawn)
 
     _section("2. Logit lens: P(' Paris') read from each layer's residual stream")
     with torch.no_grad():
-        for i, h in enumerate(outputs):
-            lens = model.lm_head(model.model.norm(h[:, -1:]))
-            p = _prob(model, lens, " Paris")
-            if i % 6 == 5 or i >= len(layers) - 4:
-                print(f"  layer {i:2d}  {p:.3f}  {_bar(p)}")
+        lens = torch.stack([model.lm_head(model.model.norm(h[0])) for h in outputs])  # [layers, pos, vocab]
+    for i in range(len(layers)):
+        p = _prob(model, lens[i][None], " Paris")
+        if i % 6 == 5 or i >= len(layers) - 4:
+            print(f"  layer {i:2d}  {p:.3f}  {_bar(p)}")
+    drawn.draw("logit_lens", plot.logit_lens, lens, tokens, model.tokenizer)
 
     _section("3. Activation patching: Eiffel Tower -> Colosseum at layer 24, last token")
     with model.trace("The Eiffel Tower is in"):
-        clean = model.model.layers[24].output.save()
+        clean_all = [layer.output.save() for layer in layers]
+    clean = clean_all[24]
     with model.trace("The Colosseum is in"):
         corrupted = model.output.save()
     with model.trace("The Colosseum is in"):
@@ -76,6 +118,7 @@ def main(model_path: str | None = None) -> dict[str, Any]:
         paris, rome = _prob(model, out, " Paris"), _prob(model, out, " Rome")
         print(f"  {name:>9}: P(Paris)={paris:.3f}  P(Rome)={rome:.3f}")
     numbers["patched_paris"] = _prob(model, patched, " Paris")
+    _sweep(model, clean_all, drawn)
 
     _section("4. Two prompts, one batched forward: the dog gets the cat's layer 6")
     with model.trace() as tracer:
@@ -110,8 +153,47 @@ def main(model_path: str | None = None) -> dict[str, Any]:
         print(f"  {name:>7}: {text!r}")
 
     numbers.update(_remote_section(path))
+    numbers["figures"] = [str(p) for p in drawn.paths]
+    if drawn.paths:
+        print(f"\nfigures written to {drawn.folder}/: " + ", ".join(p.name for p in drawn.paths))
     print(f"\ndone in {time.perf_counter() - started:.1f} s", file=sys.stderr)
     return numbers
+
+
+def _attention(path: str, prompt: str, tokens: list[str], drawn: _Figures) -> None:
+    """Attention probabilities need eager attention with its softmax exposed: a second load."""
+    model = LanguageModel(path, attn_implementation="glassbox")
+    with model.trace(prompt):
+        pattern = model.model.layers[3].self_attn.attn_probs.output.save()  # [1, heads, query, key]
+    last = pattern[0, :, -1].mean(0)
+    shown = ", ".join(f"{tokens[k]!r} {last[k]:.2f}" for k in last.argsort(descending=True)[:3])
+    print(f"  layer 3, last token attends to (mean of {pattern.shape[1]} heads): {shown}")
+    drawn.draw("attention_layer3", plot.attention, pattern, tokens)
+
+
+def _sweep(model: LanguageModel, clean: list[torch.Tensor], drawn: _Figures) -> None:
+    """Every third layer (and the last) x every position patched, one invoke each, in ONE batched forward."""
+    corrupted = "The Colosseum is in"  # as many tokens as the clean prompt, so positions line up
+    ids = model.tokenizer(corrupted)["input_ids"]
+    paris, rome = model.tokenizer.encode(" Paris")[0], model.tokenizer.encode(" Rome")[0]
+    rows = [*range(0, len(clean) - 1, 3), len(clean) - 1]
+    logits = {}
+    with model.trace() as tracer:
+        for layer in rows:
+            for position in range(len(ids)):
+                with tracer.invoke(corrupted):
+                    model.model.layers[layer].output[:, position] = clean[layer][:, position]
+                    logits[layer, position] = model.output.logits[0, -1].save()
+    positions = range(len(ids))
+    scores = torch.tensor([[(logits[layer, p][paris] - logits[layer, p][rome]).item() for p in positions]
+                           for layer in rows])
+    best = divmod(scores.argmax().item(), len(ids))
+    tokens = plot.token_strings(ids, model.tokenizer)
+    print(f"  sweep of {scores.numel()} patches in one forward: logit(Paris) - logit(Rome) is highest "
+          f"({scores.max():.2f}) patching layer {rows[best[0]]} at {tokens[best[1]]!r}")
+    drawn.draw("patching", plot.patching, scores, tokens, layers=rows,
+               label="logit(' Paris') - logit(' Rome')",
+               title="Patching 'The Eiffel Tower is in' into 'The Colosseum is in'")
 
 
 def _remote_section(path: str) -> dict[str, Any]:
@@ -178,4 +260,10 @@ def _cotenant(model: Any, url: str) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1] if len(sys.argv) > 1 else None)
+    parser = argparse.ArgumentParser(prog="python -m glassbox.demo", description=__doc__.split("\n\n")[0])
+    parser.add_argument("model_path", nargs="?", help="a model folder (default: the offline SmolLM2)")
+    parser.add_argument("--figures", default=FIGURES, metavar="DIR",
+                        help=f"where the PNGs go (default ./{FIGURES})")
+    parser.add_argument("--no-figures", action="store_true", help="write no figures")
+    options = parser.parse_args()
+    main(options.model_path, None if options.no_figures else options.figures)
