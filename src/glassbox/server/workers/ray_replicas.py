@@ -5,7 +5,8 @@ Offers:
       .channels()               one ``RayReplica`` per replica; touches no Ray yet
       .connect()                start a private Ray instance, or join the cluster at ``ray_address``
       .disconnect()             kill the replicas; leave Ray (a private instance stops with it)
-    RayReplica                  the channel to one replica: what ``local.LocalProcess`` offers
+    RayReplica                  the channel to one replica: what ``local.LocalProcess`` offers, and
+                                .node ({"id", "ip"} of the Ray node it runs on)
     GlassboxReplica             the actor class (one model, jobs one at a time)
 
     glassbox serve --backend ray --model smollm2=DIR --replicas smollm2=2 --model gpt2=DIR \\
@@ -30,9 +31,10 @@ Layout::
 - **Restarts** are the feeder's: the actor is created with ``max_restarts=0``. When it dies (killed,
   crashed, out of memory, node lost) the pending ``take`` raises ``RayActorError``, the channel
   reports ``ChannelClosed``, and ``Feeder`` settles the job (a retry, ``crash_retries``) and
-  calls ``start()`` again, which creates a fresh actor. Ray's own restarts would bring the actor back
-  behind the feeder's back, replaying or dropping the method calls in flight, so the feeder could
-  not tell which job died with it.
+  calls ``start()`` again, which creates a fresh actor wherever the cluster has the resources now
+  (a lost node's replicas move to the nodes left; ``node`` says where each runs, in /v1/health).
+  Ray's own restarts would bring the actor back behind the feeder's back, replaying or dropping
+  the method calls in flight, so the feeder could not tell which job died with it.
 - **Loading**: the actor's ``__init__`` only scrubs its environment (``child.SENSITIVE_ENV``: no
   secrets where user code runs) and sets ``RLIMIT_DATA`` (``max_memory_bytes``, per replica).
   ``load`` then sets torch's threads (``torch_threads``; when 0, Ray's ``OMP_NUM_THREADS``, i.e.
@@ -98,7 +100,8 @@ _GIB = 1024**3
 
 class GlassboxReplica:
     """One replica of one model, as a Ray actor (``ray.remote`` is applied by ``RayBackend``, so
-    that importing this module needs no Ray). Every method returns plain bytes or lists of bytes."""
+    that importing this module needs no Ray). Every method returns plain bytes or lists of bytes
+    (``placed``: a list of an int and two strings), which ``RayReplica`` checks."""
 
     def __init__(self, specs: dict[str, str], executor: str, torch_threads: int,
                  max_memory_bytes: int) -> None:
@@ -113,8 +116,11 @@ class GlassboxReplica:
         self._ready = threading.Condition()
         self._run_lock = threading.Lock()  # jobs run one at a time, after_job included
 
-    def pid(self) -> int:
-        return os.getpid()
+    def placed(self) -> list:
+        """Where this replica runs: ``[pid, Ray's node id, the node's address]``."""
+        import ray  # inside an actor, Ray is there
+
+        return [os.getpid(), ray.get_runtime_context().get_node_id(), ray.util.get_node_ip_address()]
 
     def load(self) -> bytes:
         """Load the model; a framed ``ready`` (with the description) or ``failed`` (why) message."""
@@ -352,6 +358,7 @@ class RayReplica:
         self.serves = [model]
         self.can_abort = False  # a job runs inside the actor: stopping it means killing the actor
         self.pid: int | None = None
+        self.node: dict[str, str] | None = None  # {"id": Ray's node id, "ip": its address}; /v1/health
         self._actor: Any = None
         self._poll: Any = None  # the outstanding take call
         self._inbox: collections.deque[tuple[dict, bytes]] = collections.deque()
@@ -380,7 +387,7 @@ class RayReplica:
             {self.model: config.models[self.model]}, config.executor, config.torch_threads,
             config.max_memory_bytes)
         self._actor = actor
-        pid_ref, load_ref = actor.pid.remote(), actor.load.remote()
+        placed_ref, load_ref = actor.placed.remote(), actor.load.remote()
         started = time.monotonic()
         deadline = started + config.worker_start_timeout
         noticed = False
@@ -395,20 +402,22 @@ class RayReplica:
                             f"those resources, or lower --replica-resources {self.model}=... or --replicas")
                     raise WorkerStartError(f"{self.label} did not load {self.model} within "
                                            f"{config.worker_start_timeout:g} s (worker_start_timeout)")
-                waiting = [ref for ref in (pid_ref, load_ref) if ref is not None]
+                waiting = [ref for ref in (placed_ref, load_ref) if ref is not None]
                 ready, _ = ray.wait(waiting, num_returns=1, timeout=min(remaining, 0.5))
                 if stopping.is_set():
                     raise WorkerStartError("the server is stopping")
-                if pid_ref is not None and pid_ref in ready:
-                    self.pid, pid_ref = int(ray.get(pid_ref)), None
-                    backend.say(f"{self.label}: loading {self.model}")
+                if placed_ref is not None and placed_ref in ready:
+                    self._placed(ray.get(placed_ref))
+                    placed_ref = None
+                    backend.say(f"{self.label}: loading {self.model} on node {self.node['ip']} "
+                                f"({self.node['id'][:12]})")
                     continue
                 if load_ref in ready:
                     message, _ = unframe(_only_bytes(ray.get(load_ref)))
                     if message.get("op") != "ready":
                         raise WorkerStartError(str(message.get("error") or message))
                     if self.pid is None:
-                        self.pid = int(ray.get(actor.pid.remote()))
+                        self._placed(ray.get(actor.placed.remote()))
                     return {**message, "note": ready_note(message)}
                 if self.pid is None and not noticed and time.monotonic() - started > _PLACE_NOTICE:
                     noticed = True
@@ -445,13 +454,19 @@ class RayReplica:
         actor, self._actor = self._actor, None
         self._poll = None
         self._inbox.clear()
-        self.pid = None
+        self.pid = self.node = None
         ray = self.backend.ray
         if actor is not None and ray is not None:
             try:
                 ray.kill(actor, no_restart=True)
             except Exception:  # already gone, or Ray is gone: nothing left to kill
                 pass
+
+    def _placed(self, placed: Any) -> None:
+        if not (isinstance(placed, list) and len(placed) == 3 and isinstance(placed[0], int)
+                and all(isinstance(part, str) for part in placed[1:])):
+            raise ProtocolError(f"placed returned {type(placed).__name__}, not [pid, node id, address]")
+        self.pid, self.node = placed[0], {"id": placed[1], "ip": placed[2]}
 
     def exit_reason(self) -> str:
         return self._reason or "the Ray actor is gone (reason unknown)"

@@ -1,0 +1,243 @@
+"""A real Ray cluster of several nodes on this machine, for tests: ``ray start`` processes on loopback.
+
+Offers:
+    RayCluster(root)                  a cluster whose files (sessions, logs, auth token) live in ``root``
+      .add_node(cpus=1, gpus=0)       start a node (the first is the head); returns once the head knows it
+      .address                        the head's GCS, 127.0.0.2:PORT (what ``--ray-address`` takes)
+      .env                            what a driver (``glassbox serve``) needs in its environment to join
+      .shutdown()                     SIGKILL every node's processes; returns once none is left
+    RayNode                           one node: ``ray start --block``, in a process group of its own
+      .ip / .node_id / .resources / .pids() / .kill()    kill(): this node's processes only, as a lost machine
+
+    cluster = RayCluster("/tmp/short")  # Ray's socket paths under it must fit in 107 characters
+    head, gpu_node = cluster.add_node(cpus=1), cluster.add_node(cpus=2, gpus=2)
+    gpu_node.kill()                   # the head lives on; Ray declares the node dead a few seconds later
+
+Layout::
+
+    RayCluster.root/
+      auth_token           a token of its own for Ray's token authentication (RAY_AUTH_MODE=token everywhere:
+                           Ray 2.60's head turns it on by itself when ~/.ray/auth_token exists)
+      session_*/logs/      every node's logs (gcs_server.out: which nodes registered)
+      head.log, node1.log  what each ``ray start`` printed
+
+- **One process group per node.** ``ray start --block`` stays in the foreground as the node's
+  parent, and everything it starts (raylet, GCS on the head, agents, and through the raylet every
+  worker and actor) stays in its process group, so ``kill()`` ends exactly one node, however Ray
+  names its processes. ``ray stop`` cannot: it stops every Ray process of this machine, those of
+  other tests included.
+- **Loopback only, an address per node**: the head on 127.0.0.2, node *k* on 127.0.0.*k+2* (all of
+  127/8 is loopback on Linux), so each node is told apart by its address as machines would be. Not
+  127.0.0.1: Ray replaces that (and "localhost") with this machine's network address, in ``ray
+  start`` and in a driver's ``--address`` alike. A driver that joins ``address`` attaches to the
+  head (Ray prefers the head among the nodes it finds on its own machine).
+  Ray's GCS and raylets still listen on every interface: hence the token (the cluster runs jobs).
+- **Ports**: every port a node opens is chosen free beforehand (the GCS, the raylet, the agents,
+  the dashboard that ``ray start --head`` starts anyway); workers take ports the OS chooses.
+- **Node death** is noticed by the GCS's health checks of each raylet; the head here checks every
+  second and gives up after 4 misses, so a killed node is declared dead within seconds (Ray's
+  defaults: every 3 s, 5 misses).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+
+__all__ = ["RayCluster", "RayNode"]
+
+_RAY = [sys.executable, "-m", "ray.scripts.scripts"]  # the `ray` command of this interpreter's Ray
+_OBJECT_STORE = 100 * 1024**2  # bytes per node: the jobs here pass no large objects through Ray
+# A killed raylet refuses the check at once, so it is declared dead after 4 checks (about 4 s); a
+# live one that is slow (this machine may be busy) would have to miss 4 in a row by 2 s each.
+_HEALTH_CHECKS = {"RAY_health_check_initial_delay_ms": "0", "RAY_health_check_period_ms": "1000",
+                  "RAY_health_check_timeout_ms": "2000", "RAY_health_check_failure_threshold": "4"}
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _gone(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+class RayNode:
+    """One node of a ``RayCluster``: a ``ray start --block`` process and all it started.
+
+        node = cluster.add_node(cpus=2, gpus=2)
+        node.ip, node.node_id, node.resources    # 127.0.0.3, Ray's id of the node, what it declares
+        node.kill()                        # SIGKILL, as if the machine had lost power
+    """
+
+    def __init__(self, name: str, ip: str, process: subprocess.Popen, log_path: Path,
+                 resources: dict[str, float]) -> None:
+        self.name = name
+        self.ip = ip
+        self.process = process
+        self.log_path = log_path
+        self.resources = resources
+        self.node_id = ""
+
+    def output(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def pids(self) -> set[int]:
+        """Every live process of this node: its process group, and the descendants of ``ray start``
+        (in case Ray ever starts one in a session of its own)."""
+        group = self.process.pid  # start_new_session: the group's id is ray start's pid
+        found = set()
+        for process in psutil.process_iter():
+            try:
+                if os.getpgid(process.pid) == group and process.status() != psutil.STATUS_ZOMBIE:
+                    found.add(process.pid)
+            except (OSError, psutil.Error):
+                pass
+        try:
+            found |= {child.pid for child in psutil.Process(group).children(recursive=True)}
+            found.add(group)
+        except psutil.NoSuchProcess:
+            pass
+        return {pid for pid in found if not _gone(pid)}
+
+    def kill(self, timeout: float = 30.0) -> None:
+        """SIGKILL every process of this node and wait until none is left."""
+        deadline = time.monotonic() + timeout
+        while True:
+            pids = self.pids()
+            if not pids:
+                break
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{self.name}: {sorted(pids)} outlived SIGKILL for {timeout:g} s")
+            for pid in pids:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            time.sleep(0.1)
+        self.process.wait(timeout)
+
+    def _wait_started(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while "Ray runtime started" not in self.output():
+            if self.process.poll() is not None:
+                raise RuntimeError(f"ray start ({self.name}) exited with {self.process.returncode}:\n"
+                                   f"{self.output()}")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"ray start ({self.name}) did not start within {timeout:g} s:\n"
+                                   f"{self.output()}")
+            time.sleep(0.1)
+        while not self.node_id:  # the raylet is started by then; its command line names the node
+            for pid in self.pids():
+                try:
+                    process = psutil.Process(pid)
+                    found = [a for a in process.cmdline() if a.startswith("--node_id=")]
+                    if found and process.name() == "raylet":
+                        self.node_id = found[0].partition("=")[2]
+                except psutil.Error:
+                    continue
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{self.name}: no raylet found among {sorted(self.pids())}")
+            time.sleep(0.1)
+
+
+class RayCluster:
+    """A Ray cluster of ``ray start`` nodes on loopback (see the module docstring).
+
+        cluster = RayCluster(tempfile.mkdtemp(prefix="gbray-", dir="/tmp"))
+        try:
+            cluster.add_node(cpus=1); cluster.add_node(cpus=2, gpus=2)
+            start_server(..., args=["--backend", "ray", "--ray-address", cluster.address, ...])
+        finally:
+            cluster.shutdown()
+    """
+
+    def __init__(self, root: str | Path) -> None:
+        # Unix socket paths live under root and may hold 107 characters: a short root of our own.
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.nodes: list[RayNode] = []
+        self.port = _free_port()
+        token = self.root / "auth_token"
+        token.write_text(secrets.token_hex(32))
+        token.chmod(0o600)
+        self.env = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token),
+                    "RAY_USAGE_STATS_ENABLED": "0"}
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.2:{self.port}"
+
+    @property
+    def head(self) -> RayNode:
+        return self.nodes[0]
+
+    def add_node(self, *, cpus: float = 1, gpus: float = 0, timeout: float = 60.0) -> RayNode:
+        """Start a node declaring ``cpus`` and ``gpus`` (no device needed: Ray only counts them);
+        the first one started is the head. Returns once the head has registered it."""
+        head = not self.nodes
+        name = "head" if head else f"node{len(self.nodes)}"
+        ip = f"127.0.0.{len(self.nodes) + 2}"
+        command = [*_RAY, "start", "--block", "--node-ip-address", ip, "--temp-dir", str(self.root),
+                   "--num-cpus", f"{cpus:g}", "--num-gpus", f"{gpus:g}",
+                   "--object-store-memory", str(_OBJECT_STORE), "--disable-usage-stats",
+                   "--min-worker-port", "0", "--max-worker-port", "0"]
+        for flag in ("--node-manager-port", "--object-manager-port", "--metrics-export-port",
+                     "--dashboard-agent-listen-port", "--dashboard-agent-grpc-port",
+                     "--runtime-env-agent-port"):
+            command += [flag, str(_free_port())]
+        if head:
+            command += ["--head", "--port", str(self.port), "--include-dashboard", "false",
+                        "--dashboard-port", str(_free_port())]
+        else:
+            command += ["--address", self.address]
+        env = {**os.environ, **self.env}
+        if head:  # see the module docstring
+            env.update(_HEALTH_CHECKS)
+        log_path = self.root / f"{name}.log"
+        with open(log_path, "wb") as log:
+            process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
+                                       stdin=subprocess.DEVNULL, env=env, start_new_session=True)
+        node = RayNode(name, ip, process, log_path, {"CPU": float(cpus), "GPU": float(gpus)})
+        self.nodes.append(node)
+        node._wait_started(timeout)
+        self._wait_registered(node, timeout)
+        return node
+
+    def _wait_registered(self, node: RayNode, timeout: float) -> None:
+        """The GCS logs each node it registers; a driver that joins now sees this one."""
+        deadline = time.monotonic() + timeout
+        pattern = re.compile(rf"Regist\w+ [\w ]*node\W.*{node.node_id}", re.IGNORECASE)
+        while True:
+            for path in self.root.glob("session_*/logs/gcs_server.out"):
+                if pattern.search(path.read_text(errors="replace")):
+                    return
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the head did not register {node.name} ({node.node_id}) "
+                                   f"within {timeout:g} s")
+            time.sleep(0.1)
+
+    def shutdown(self) -> None:
+        """Kill every node, the head last (so workers do not linger waiting for it)."""
+        errors = []
+        for node in reversed(self.nodes):
+            try:
+                node.kill()
+            except RuntimeError as err:
+                errors.append(str(err))
+        if errors:
+            raise RuntimeError("; ".join(errors))
