@@ -15,7 +15,7 @@ import torch
 
 from glassbox.server.catalog import CatalogError, parse_size, read_catalog
 from glassbox.server.config import ServerConfig
-from glassbox.server.sizing import RUNTIME_FACTOR, estimate
+from glassbox.server.sizing import RUNTIME_FACTOR, RUNTIME_OVERHEAD, estimate
 
 
 @pytest.fixture(scope="module")
@@ -96,6 +96,28 @@ def test_a_wrong_option_names_the_model_the_option_and_the_value(tmp_path, tiny,
         assert word in str(caught.value)
 
 
+def test_a_replica_asks_ray_for_the_gpus_its_placement_names(tmp_path, tiny):
+    path = write(tmp_path, f"""
+        [models.two]
+        path = "{tiny}"
+        max_memory = {{ "0" = "75GiB", "1" = "75GiB", cpu = "100GiB" }}
+        [models.one]
+        path = "{tiny}"
+        device_map = "cuda:0"
+        [models.cpu]
+        path = "{tiny}"
+        [models.told]
+        path = "{tiny}"
+        device_map = "cuda:0"
+        resources = {{ gpus = 0.5, cpus = 2 }}
+    """)
+    catalog = read_catalog(path)
+    assert catalog.models["two"].resources == {"num_gpus": 2.0}
+    assert catalog.models["one"].resources == {"num_gpus": 1.0}
+    assert catalog.models["cpu"].resources == {}
+    assert catalog.models["told"].resources == {"num_gpus": 0.5, "num_cpus": 2.0}
+
+
 def test_whole_file_errors(tmp_path, tiny):
     with pytest.raises(CatalogError, match="not valid TOML"):
         read_catalog(write(tmp_path, "[models.m\n"))
@@ -133,7 +155,7 @@ def test_the_estimate_counts_the_real_models_parameters_at_its_served_dtype(smol
     size = estimate("smollm2", smollm2, {"dtype": "bfloat16"})
     assert size.parameters == sum(p.numel() for p in {id(p): p for p in real.parameters()}.values())
     assert size.weight_bytes == sum(t.numel() * t.element_size() for t in tensors.values())
-    assert size.runtime_bytes == int(size.weight_bytes * RUNTIME_FACTOR)
+    assert size.runtime_bytes == int(size.weight_bytes * RUNTIME_FACTOR) + RUNTIME_OVERHEAD
     assert estimate("smollm2", smollm2).weight_bytes == 2 * size.weight_bytes - _buffer_bytes(real)
     assert size.devices(size.runtime_bytes) == 1 and size.devices(size.runtime_bytes - 1) == 2
 
@@ -196,3 +218,22 @@ def test_a_70b_model_on_two_80gb_gpus(tmp_path):
     assert row.split()[1:4] == ["70.55", "B", "bfloat16"]
     readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
     assert done.stdout.strip() in readme, "the README shows this plan's output verbatim"
+
+
+def test_the_readme_catalog_reads_as_documented(tmp_path):
+    """The README's catalog example is a valid catalog that means what the README says."""
+    import re
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    example = next(block for block in re.findall(r"```toml\n(.*?)```", readme, flags=re.S)
+                   if "[models.llama8b]" in block)
+    config = ServerConfig.from_catalog(write(tmp_path, example))
+    assert config.memory_budget == 16 * 1024**3
+    assert config.load_mode("smollm2") == "on_demand" and config.pinned("llama8b")
+    assert config.load_options("llama8b")["max_memory"] == {0: 20 * 1024**3, "cpu": 30 * 1024**3}
+    assert config.load_options("llama8b")["offload_folder"] == str(tmp_path / "offload")
+    on_ray = example.replace('load = "on_demand"', "") + "replicas = 2\nresources = { gpus = 1 }\n"
+    ray = write(tmp_path, on_ray)
+    config = ServerConfig.from_catalog(ray, backend="ray", isolation="none")
+    assert config.replicas == {"llama8b": 2} and config.replica_resources == {"llama8b": {"num_gpus": 1.0}}

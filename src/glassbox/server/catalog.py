@@ -165,8 +165,22 @@ def _entry(path: Path, base: Path, name: str, table: Any) -> ModelEntry:
         raise CatalogError(f"{where}: replicas = {replicas!r}; a model needs a whole number >= 1")
     options = {key: table[key] for key in LOAD_OPTIONS if key in table}
     _check_options(where, options, base)
+    resources = _resources(where, table["resources"]) if "resources" in table else _gpus_named(options)
     return ModelEntry(name=name, path=model_path, options=options, load=load, pinned=pinned,
-                      replicas=replicas, resources=_resources(where, table.get("resources", {})))
+                      replicas=replicas, resources=resources)
+
+
+def _gpus_named(options: dict[str, Any]) -> dict[str, float]:
+    """What a Ray replica asks for when the catalog does not say: as many GPUs as its placement
+    names (max_memory's GPU numbers, or the GPUs of device_map); none for a CPU model."""
+    gpus = {key for key in (options.get("max_memory") or {}) if isinstance(key, int)}
+    device_map = options.get("device_map")
+    devices = device_map.values() if isinstance(device_map, dict) else [device_map]
+    for device in devices:
+        text = str(device)
+        if text.isdigit() or text.startswith("cuda"):
+            gpus.add(int(text.partition(":")[2] or 0) if text.startswith("cuda") else int(text))
+    return {"num_gpus": float(len(gpus))} if gpus else {}
 
 
 def _is_local(path: str, base: Path) -> bool:

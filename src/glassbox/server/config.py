@@ -126,7 +126,7 @@ class ServerConfig:
         "(or a hub id, if the server may download). Given as --model name=path, repeatable."
     ), default_factory=dict)
     models_file: str = field(**_doc(
-        "A model catalog (TOML, README: Operating a server): each model's path, dtype, device_map, "
+        "A model catalog (TOML, README: Running a server): each model's path, dtype, device_map, "
         "max_memory, offload_folder, ..., load = 'eager' or 'on_demand', pinned, replicas, resources; "
         "and [server] settings. Flags given on the command line win over the file."
     ), default="")

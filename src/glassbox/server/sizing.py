@@ -5,14 +5,16 @@ Offers:
     estimate(path, options) -> ModelSize     one model, built on the meta device
     ModelSize                                parameters, dtype, weight_bytes, runtime_bytes,
                                              devices(gpu_bytes)
-    RUNTIME_FACTOR                           runtime memory = weights x this (activations, allocator slack)
+    RUNTIME_FACTOR, RUNTIME_OVERHEAD         runtime memory = weights x RUNTIME_FACTOR + RUNTIME_OVERHEAD
     plan(config, gpu_memory=0, gpus=0) -> Plan    every model of a ServerConfig, and whether it fits
     Plan.table() -> str                      the table ``glassbox plan`` prints
 
 The estimate: the model is instantiated on the meta device from its ``config.json`` (no memory,
 no weights), its parameters and buffers counted at the dtype it will be served in (tied weights
-once), and the runtime estimate is that times ``RUNTIME_FACTOR`` = 1.15, the margin the reference
-service sizes GPUs with. ``bench/catalog.py`` compares it with what a loaded replica measures.
+once), and the runtime estimate is that times ``RUNTIME_FACTOR`` = 1.15 (activations and allocator
+slack, the margin the reference service sizes GPUs with) plus ``RUNTIME_OVERHEAD`` = 160 MiB for
+what does not grow with the weights (tokenizer, module objects, torch's runtime: 130-160 MiB
+measured on SmolLM2). ``bench/catalog.py`` compares it with what a loaded replica measures.
 """
 
 from __future__ import annotations
@@ -21,9 +23,10 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["RUNTIME_FACTOR", "ModelSize", "Plan", "estimate", "plan"]
+__all__ = ["RUNTIME_FACTOR", "RUNTIME_OVERHEAD", "ModelSize", "Plan", "estimate", "plan"]
 
 RUNTIME_FACTOR = 1.15
+RUNTIME_OVERHEAD = 160 * 2**20
 _GIB = 1024**3
 
 
@@ -33,7 +36,7 @@ class ModelSize:
     parameters: int
     dtype: str
     weight_bytes: int  # parameters and buffers at the served dtype
-    runtime_bytes: int  # weight_bytes x RUNTIME_FACTOR
+    runtime_bytes: int  # weight_bytes x RUNTIME_FACTOR + RUNTIME_OVERHEAD
 
     def devices(self, gpu_bytes: int) -> int:
         """GPUs of ``gpu_bytes`` each one replica needs (0 when no GPU size is given)."""
@@ -69,7 +72,7 @@ def estimate(name: str, path: str, options: dict[str, Any] | None = None) -> Mod
         if isinstance(tensor, torch.nn.Parameter):
             parameters += tensor.numel()
     return ModelSize(name=name, parameters=parameters, dtype=str(dtype).removeprefix("torch."),
-                     weight_bytes=weight, runtime_bytes=int(weight * RUNTIME_FACTOR))
+                     weight_bytes=weight, runtime_bytes=int(weight * RUNTIME_FACTOR) + RUNTIME_OVERHEAD)
 
 
 def _dtype(requested: Any, config: Any) -> Any:

@@ -57,7 +57,16 @@ def load_model(name: str, spec: Any) -> Any:
           file=sys.stderr, flush=True)
     _hide_paths(model, name)
     _guard(model)
+    _give_back_freed_memory()  # the weights' pre-seal copies: ~2x the model held until some later malloc
     return model
+
+
+def _give_back_freed_memory() -> None:
+    gc.collect()
+    try:  # hand freed heap pages back to the OS now (glibc keeps them otherwise)
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
 
 
 def unload_model(models: dict[str, Any], name: str) -> int:
@@ -71,11 +80,7 @@ def unload_model(models: dict[str, Any], name: str) -> int:
         _last_model.remove(name)
     freed = release(model._module)
     del model
-    gc.collect()
-    try:  # hand freed heap pages (buffers, Python objects) back to the OS now, not at some later malloc
-        ctypes.CDLL(None).malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc
-        pass
+    _give_back_freed_memory()
     print(f"[glassbox worker] evicted {name} ({freed / 2**20:.0f} MiB of weights unmapped)",
           file=sys.stderr, flush=True)
     return freed
