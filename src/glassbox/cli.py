@@ -247,10 +247,11 @@ class RunningServer:
             key = server.create_key("alice")
     """
 
-    def __init__(self, process: Any, url: str, state_dir: str, log_path: str) -> None:
+    def __init__(self, process: Any, url: str, state_dir: str, log_path: str, db_url: str = "") -> None:
         self.process = process
         self.url = url
         self.state_dir = state_dir
+        self.db_url = db_url  # the --db-url it was given, if any
         self.log_path = log_path
 
     def output(self) -> str:
@@ -260,7 +261,7 @@ class RunningServer:
     def create_key(self, name: str) -> str:
         from .server.store import JobStore
 
-        store = JobStore(ServerConfig(state_dir=self.state_dir).database_url())
+        store = JobStore(ServerConfig(state_dir=self.state_dir, db_url=self.db_url).database_url())
         try:
             return store.create_key(name)[1]
         finally:
@@ -315,7 +316,8 @@ def start_server(models: dict[str, str], *, state_dir: str, port: int | None = N
     log_path = os.path.join(state_dir, "server.log")
     with open(log_path, "ab") as log:
         process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-    server = RunningServer(process, f"http://127.0.0.1:{port}", state_dir, log_path)
+    db_url = next((args[i + 1] for i, arg in enumerate(args[:-1]) if arg == "--db-url"), "")
+    server = RunningServer(process, f"http://127.0.0.1:{port}", state_dir, log_path, db_url)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process.poll() is not None:

@@ -1,4 +1,5 @@
-"""The real server as a subprocess (``python -m glassbox.cli serve``) on loopback.
+"""The real server as a subprocess (``python -m glassbox.cli serve``) on loopback, on SQLite and on
+PostgreSQL.
 
 Keys on every endpoint, owner-only jobs, the 4xx refusals, ordered websocket events, time limit,
 cancel, concurrency without lost or swapped results, and durability across ``kill -9``.
@@ -51,10 +52,15 @@ def tiny_path() -> str:
     return str(tiny_gpt2_path())
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory, tiny_path):
+@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
+def server(tmp_path_factory, tiny_path, request):
+    """The same server on each database the store supports (a private PostgreSQL: conftest.py)."""
     state = tmp_path_factory.mktemp("server")
+    database = []
+    if request.param == "postgresql":
+        database = ["--db-url", request.getfixturevalue("postgres").create_database("app")]
     running = start_server({"gpt2": tiny_path}, state_dir=str(state), args=[
+        *database,
         "--max-seconds", str(MAX_SECONDS), "--max-request-bytes", str(MAX_REQUEST_BYTES),
         "--rate-limit-per-minute", str(RATE_LIMIT), "--max-jobs-per-key", str(MAX_JOBS),
         "--torch-threads", "1", "--max-batch", "1",  # queue order is under test: one job at a time
@@ -159,8 +165,9 @@ def test_transport_explains_a_rejected_key(server):
 
 def test_keys_cli_create_list_revoke(server):
     def cli(*args: str) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-m", "glassbox.cli", "keys", *args, "--state-dir",
-                               server.state_dir], capture_output=True, text=True, timeout=60)
+        where = ["--db-url", server.db_url] if server.db_url else ["--state-dir", server.state_dir]
+        return subprocess.run([sys.executable, "-m", "glassbox.cli", "keys", *args, *where],
+                              capture_output=True, text=True, timeout=60)
 
     made = cli("create", "--name", "carol")
     assert made.returncode == 0

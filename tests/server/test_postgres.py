@@ -2,8 +2,10 @@
 
 Two API processes (each with its own worker) share one database: the client's ``remote=True``
 traces and the CLI's keys work against either; jobs submitted to both all complete, each claimed
-and run exactly once, while both keep answering; and a job queued on a server whose worker is
-busy is run by the other one (every feeder takes from the one queue in the database).
+and run exactly once, while both keep answering; a job queued on a server whose worker is busy is
+run by the other one (every feeder takes from the one queue in the database), and a client that
+follows it on the first server gets its printed output and error; a running job is cancelled
+through the server that does not run it. (Servers that restart or die: test_shared_database.py.)
 
 How runs are counted without trusting the code under test: a trigger installed in the test
 database records every row update that moves a job to RUNNING (a claim that lost changes no row,
@@ -14,11 +16,13 @@ each marker must be in its own job's stored output exactly once.
 
 from __future__ import annotations
 
+import contextlib
 import subprocess
 import sys
 import threading
 import time
 from collections import Counter
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
@@ -50,9 +54,10 @@ CREATE TRIGGER jobs_claim_audit AFTER UPDATE ON jobs FOR EACH ROW EXECUTE FUNCTI
 """
 
 
-def job_request(source: str, marker: str) -> tuple[dict, bytes]:
-    """A job as the client sends it: the block's source plus the values it reads."""
-    desc, blob = encode_values({"vars": {"marker": marker}, "inputs": ["The Eiffel Tower is in"], "call": {}})
+def job_request(source: str, marker: str, **values: object) -> tuple[dict, bytes]:
+    """A job as the client sends it: the block's source plus the values it reads (``marker``, ``values``)."""
+    desc, blob = encode_values({"vars": {"marker": marker, **values}, "inputs": ["The Eiffel Tower is in"],
+                                "call": {}})
     envelope = make_envelope("job", {
         "model": "gpt2", "method": "trace", "source": source, "first_line": 2, "tracer_name": "tracer",
         "model_refs": {}, "modules": {"glassbox": "glassbox"}, "values": desc,
@@ -243,3 +248,70 @@ def test_a_job_queued_on_a_busy_server_is_run_by_the_other(servers, database, ke
     assert cancelled.json()["cancelled"] is True
     assert wait_final(busy, key, blocker)["status"] == "CANCELLED"
     assert [server for _, server, _ in claims(store, [blocker])] == [holder]
+
+
+@contextlib.contextmanager
+def one_worker_held(servers: dict[str, RunningServer], store: JobStore, key: str
+                    ) -> Iterator[tuple[str, str, str]]:
+    """(holder, other, blocker): a job that never ends runs on the server ``holder``, so the next
+    job submitted anywhere runs on ``other``. The blocker is cancelled at the end."""
+    blocker = transport.submit(servers[NAMES[0]].url, key, *job_request(FOREVER, "blocker"), timeout=30)
+    deadline = time.monotonic() + 60
+    while not (held := claims(store, [blocker])):
+        assert time.monotonic() < deadline, "the blocker was never claimed"
+        time.sleep(0.05)
+    [(_, holder, _)] = held
+    try:
+        yield holder, next(name for name in NAMES if name != holder), blocker
+    finally:
+        if not store.get(blocker).terminal:
+            httpx.delete(f"{servers[holder].url}/v1/jobs/{blocker}", headers={"X-API-Key": key}, timeout=30)
+        wait_final(servers[holder].url, key, blocker)
+
+
+# ---------------------------------------------------------------- following and cancelling across servers
+
+
+def test_a_client_following_a_job_on_a_server_that_does_not_run_it_gets_its_output(
+        servers, database, key, monkeypatch, capsys):
+    _url, store = database
+    model = LanguageModel(str(tiny_gpt2_path()), remote_name="gpt2")
+    monkeypatch.setattr(CONFIG, "API_KEY", key)
+    monkeypatch.setattr(CONFIG, "STATUS", False)
+    monkeypatch.setattr(CONFIG, "TIMEOUT", 60.0)
+    with one_worker_held(servers, store, key) as (holder, other, _blocker):
+        monkeypatch.setattr(CONFIG, "HOST", servers[holder].url)  # submitted and followed here, run there
+        capsys.readouterr()
+        with model.trace("The Eiffel Tower is in", remote=True):
+            print("printed on", "the other server")
+            logits = model.output.logits.save()
+        assert "printed on the other server\n" in capsys.readouterr().out
+        assert logits.shape[-1] == model.config.vocab_size
+        [job] = [info for info in store.jobs_of(store.authenticate(key).id) if info.id != _blocker]
+        assert [server for _, server, _ in claims(store, [job.id])] == [other]
+        # The polling fallback reads the same output (and a job's error) from the database.
+        assert transport.status(servers[holder].url, key, job.id)["logs"] == "printed on the other server\n"
+        failing = transport.submit(servers[holder].url, key, *job_request("print('x')\n1 / 0\n", "e"),
+                                   timeout=30)
+        events = list(transport.events(servers[holder].url, key, failing, timeout=60))
+        assert events[-1]["status"] == "ERROR" and events[-1]["error"]["type"] == "ZeroDivisionError"
+        assert "".join(event.get("log", "") for event in events) == "x\n"
+        assert [server for _, server, _ in claims(store, [failing])] == [other]
+
+
+def test_a_running_job_is_cancelled_through_a_server_that_does_not_run_it(servers, database, key):
+    _url, store = database
+    with one_worker_held(servers, store, key) as (holder, other, blocker):
+        answer = httpx.delete(f"{servers[other].url}/v1/jobs/{blocker}", headers={"X-API-Key": key},
+                              timeout=30)
+        assert answer.status_code == 200
+        assert answer.json() == {"id": blocker, "status": "CANCELLED", "cancelled": True,
+                                 "cancel_requested": True}
+        state = wait_final(servers[holder].url, key, blocker)
+        assert state["status"] == "CANCELLED" and state["attempts"] == 1
+        # The holder's worker is free again: a job submitted to the other server may run on either.
+        job = transport.submit(servers[other].url, key, *job_request(MARKED, "after"), timeout=30)
+        assert wait_final(servers[holder].url, key, job)["status"] == "COMPLETED"
+    assert [server for _, server, _ in claims(store, [blocker])] == [holder]
+    envelope, _blob = transport.result(servers[other].url, key, blocker)
+    assert envelope["error"]["type"] == "Cancelled"

@@ -1,5 +1,6 @@
 """The job store on SQLite and on PostgreSQL: keys stored hashed, FIFO queue, atomic transitions
-(claims racing across processes), restart recovery, expiry.
+(claims racing across processes), restart recovery, expiry, and several servers on one database:
+jobs held by live servers, orphans of dead ones, cancel flags.
 
 Every test taking ``db_url`` or ``store`` runs once per database: a new SQLite file, or a new
 database on the session's private PostgreSQL server (``postgres.py``; skipped without one).
@@ -140,7 +141,8 @@ def test_max_active_per_key_is_enforced_atomically(store):
 
 def test_recover_after_a_dead_server(db_url):
     url = db_url
-    store = JobStore(url)
+    store = JobStore(url, instance="server-1")
+    store.begin_life()
     queued = _queued(store)
     running = _queued(store)
     rerun_already = _queued(store)
@@ -153,9 +155,9 @@ def test_recover_after_a_dead_server(db_url):
         store.claim(rerun_already)
     store.close()
 
-    store = JobStore(url)  # "the server restarted"
+    store = JobStore(url, instance="server-1")  # "the server restarted" (the same id: see InstanceSlot)
     counts = store.recover()
-    assert counts == {"requeued": 1, "failed": 1, "dropped": 1, "queued": 2}
+    assert counts == {"requeued": 1, "failed": 1, "dropped": 1, "cancelled": 0, "queued": 2}
     # The interrupted job keeps its place: it was taken first, it runs first.
     assert [job.id for job in store.queued()] == [queued, running, later]
     assert store.get(running).attempts == 1 and store.request(running) == b"req"
@@ -163,7 +165,7 @@ def test_recover_after_a_dead_server(db_url):
     assert failed.status == "ERROR" and failed.error["type"] == "ServerRestarted"
     assert "not run again" in failed.error["message"]
     assert store.get(received).status == "ERROR" and "submit it again" in store.get(received).error["message"]
-    assert store.recover() == {"requeued": 0, "failed": 0, "dropped": 0, "queued": 3}
+    assert store.recover() == {"requeued": 0, "failed": 0, "dropped": 0, "cancelled": 0, "queued": 3}
     store.close()
 
 
@@ -300,3 +302,111 @@ def test_blobs_timestamps_and_printed_text_survive_the_database(store):
     # Timestamps keep sub-millisecond precision (double precision, not a 4-byte real).
     assert isinstance(info.created, float) and info.created == store.jobs_of("k1")[0].created
     assert info.created % 1 != 0 and info.started > info.created and info.finished > info.started
+
+
+# ---------------------------------------------------------------- servers that come and go
+
+
+def _make_silent(store: JobStore, instance: str, seconds: float = 3600) -> None:
+    """As if ``instance`` had not beaten for ``seconds``: its heartbeat moved back in the database."""
+    with store.engine.begin() as connection:
+        connection.execute(text("UPDATE instances SET heartbeat = heartbeat - :s WHERE id = :i"),
+                           {"s": seconds, "i": instance})
+
+
+def test_a_restarting_server_leaves_the_jobs_of_live_servers_alone(db_url):
+    a, b = JobStore(db_url, instance="a"), JobStore(db_url, instance="b")
+    try:
+        a.recover()
+        running = _queued(a)
+        assert a.claim(running)
+        received = a.create_job("k1", "gpt2", b"x")  # a's API answers its client in a moment
+        b.recover()
+        b.close()
+        b = JobStore(db_url, instance="b")  # b restarts while a runs a job
+        assert b.recover() == {"requeued": 0, "failed": 0, "dropped": 0, "cancelled": 0, "queued": 0}
+        assert (a.get(running).status, a.get(running).attempts) == ("RUNNING", 1)
+        assert a.get(received).status == "RECEIVED" and a.mark_queued(received)
+        assert b.requeue_orphans() == {"requeued": 0, "failed": 0, "dropped": 0, "cancelled": 0}
+        assert a.finish(running, "COMPLETED", result=b"r")
+    finally:
+        a.close()
+        b.close()
+
+
+def test_the_jobs_of_a_silent_server_run_once_more_elsewhere_and_it_cannot_undo_that(db_url):
+    a, b = JobStore(db_url, instance="a"), JobStore(db_url, instance="b")
+    try:
+        a.recover()
+        b.recover()
+        job, received, mine = _queued(a), a.create_job("k1", "gpt2", b"x"), _queued(b)
+        assert a.claim(job) and b.claim(mine)
+        _make_silent(a, "a")
+        assert b.requeue_orphans() == {"requeued": 1, "failed": 0, "dropped": 1, "cancelled": 0}
+        # Back at the head of the queue, the attempt counted (as after a crash); b's own job untouched.
+        assert [info.id for info in b.queued()] == [job] and b.get(job).attempts == 1
+        assert b.get(received).error["type"] == "ServerRestarted" and b.get(mine).status == "RUNNING"
+        assert b.claim(job)
+        # a was not dead after all: it can neither requeue nor finish what b runs now.
+        assert not a.requeue(job) and not a.retry(job) and not a.finish(job, "COMPLETED", result=b"a")
+        assert b.get(job).status == "RUNNING"
+        _make_silent(b, "b")  # then b goes silent too: run twice, the job fails; b's own runs again
+        a.heartbeat()
+        assert a.requeue_orphans() == {"requeued": 1, "failed": 1, "dropped": 0, "cancelled": 0}
+        assert a.get(job).error["type"] == "ServerRestarted" and "2 times" in a.get(job).error["message"]
+        assert a.get(mine).status == "QUEUED"
+    finally:
+        a.close()
+        b.close()
+
+
+def test_a_server_that_left_cleanly_has_its_leftovers_taken_at_once(db_url):
+    a, b = JobStore(db_url, instance="a"), JobStore(db_url, instance="b")
+    try:
+        a.recover()
+        b.recover()
+        job = _queued(a)
+        assert a.claim(job)
+        assert b.requeue_orphans()["requeued"] == 0
+        a.leave()  # its worker could not stop the job in time
+        assert b.requeue_orphans()["requeued"] == 1 and b.get(job).status == "QUEUED"
+        assert [i.id for i in b.instances()] == ["b", "a"] and b.instances()[1].heartbeat == 0
+    finally:
+        a.close()
+        b.close()
+
+
+def test_a_cancel_asked_anywhere_flags_the_running_job_for_its_server(db_url):
+    a, b = JobStore(db_url, instance="a"), JobStore(db_url, instance="b")
+    try:
+        a.recover()
+        b.recover()
+        job, other = _queued(a), _queued(a)
+        assert a.claim(job) and a.claim(other)
+        assert a.cancel_requests([job, other]) == []
+        assert b.cancel(job, result=b"c") == "RUNNING"  # through another server: only a flag
+        assert a.cancel_requests([job, other]) == [job] and a.cancel_requests([]) == []
+        assert a.get(job).status == "RUNNING" and a.result(job) is None
+        # Its server died before it saw the flag: the job is cancelled, not run again.
+        _make_silent(a, "a")
+        assert b.requeue_orphans() == {"requeued": 1, "failed": 0, "dropped": 0, "cancelled": 1}
+        assert (b.get(job).status, b.get(job).error["type"]) == ("CANCELLED", "Cancelled")
+    finally:
+        a.close()
+        b.close()
+
+
+def test_a_database_from_before_instances_gets_the_new_columns(db_url):
+    store = JobStore(db_url)
+    job = _queued(store)
+    with store.engine.begin() as connection:  # the jobs table as it was
+        connection.execute(text("ALTER TABLE jobs DROP COLUMN held_by"))
+        connection.execute(text("ALTER TABLE jobs DROP COLUMN cancel_requested"))
+    store.close()
+    store = JobStore(db_url, instance="new")
+    try:
+        assert store.recover()["queued"] == 1 and store.claim(job)
+        assert store.cancel(job) == "RUNNING" and store.cancel_requests([job]) == [job]
+        assert store.finish(job, "CANCELLED")
+    finally:
+        store.close()

@@ -11,7 +11,8 @@ Layout (dependencies point down; nothing imports upward)::
     sandbox/    restricted compile, runtime guards, module whitelist
 
     config.py   ServerConfig (every knob; drives `glassbox serve --help` and the README table)
-    store.py    JobStore: API keys and the durable job queue (SQLite, or any SQLAlchemy URL)
+    store.py    JobStore: the durable job queue (SQLite, or any SQLAlchemy URL), built on
+                keys.py (API keys), instances.py (servers sharing a database) and database.py
 
 ``api`` and ``workers`` both use ``config`` and ``store``; ``jobs`` and ``sandbox`` know nothing
 of either (a job never sees keys or the database).

@@ -141,7 +141,7 @@ class ServerConfig:
         "'on_demand', 'pinned': bool}. Not a flag: use --models-file.", cli=False
     ), default_factory=dict)
     state_dir: str = field(**_doc(
-        "Directory for the job database (and nothing else). Default: $GLASSBOX_STATE_DIR, "
+        "Directory for the job database and this server's instance id files. Default: $GLASSBOX_STATE_DIR, "
         "else ~/.glassbox/server. `glassbox keys` must use the same one to manage this server's keys."
     ), default="")
     db_url: str = field(**_doc(

@@ -42,6 +42,7 @@ from fastapi.responses import JSONResponse
 
 from ... import __version__
 from ..config import ServerConfig
+from ..instances import Heartbeat, InstanceSlot
 from ..store import JobStore
 from ..workers.pool import WorkerPool
 from . import dashboard, jobs_routes, models_routes
@@ -58,33 +59,49 @@ def create_app(
     say: Callable[[str], None] | None = None,
 ) -> FastAPI:
     """The glassbox API for ``config``. Starting it (uvicorn runs the lifespan) settles jobs left
-    by a previous run, starts the worker and waits until the models are loaded.
+    by a previous run (of this server, or of another one on the same database that stopped), starts
+    the worker and waits until the models are loaded; then it heartbeats (instances.py) until it stops.
 
         app = create_app(ServerConfig(models={"gpt2": path}))
         uvicorn.run(app, host="127.0.0.1", port=8765)
     """
     say = say or (lambda text: print(f"[glassbox] {text}", flush=True))
+    own_store = store is None
     store = store or JobStore(config.database_url())
     hub = Hub(store)
     worker = WorkerPool(config, store, on_event=hub.publish, say=say)
+    heartbeat = Heartbeat(store, on_requeued=worker.wake, say=say)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         hub.loop = asyncio.get_running_loop()
-        counts = await in_thread(store.recover)
-        if counts["requeued"] or counts["failed"] or counts["dropped"] or counts["queued"]:
-            say(f"jobs from the previous run: {counts['queued']} still queued, {counts['requeued']} "
-                f"interrupted and queued again, {counts['failed'] + counts['dropped']} failed")
-        await in_thread(store.delete_expired, config.result_ttl_seconds)
-        await in_thread(worker.start)  # WorkerStartError here stops the server with the reason
-        janitor = asyncio.create_task(_janitor())
+        janitor = slot = None
+        if own_store:
+            # The instance id of this server's previous life (same state dir), so that it settles at
+            # once the jobs that life left running. Taken on start: an app never started holds no lock.
+            slot = InstanceSlot(config.state_path())
+            store.instance = slot.id
         try:
+            counts = await in_thread(store.recover, timeout=heartbeat.timeout)
+            if counts["requeued"] or counts["failed"] or counts["dropped"] or counts["queued"]:
+                say(f"jobs from the previous run: {counts['queued']} still queued, {counts['requeued']} "
+                    f"interrupted and queued again, {counts['failed'] + counts['dropped']} failed")
+            heartbeat.start()
+            await in_thread(store.delete_expired, config.result_ttl_seconds)
+            await in_thread(worker.start)  # WorkerStartError here stops the server with the reason
+            janitor = asyncio.create_task(_janitor())
             yield
         finally:
-            janitor.cancel()
-            await in_thread(worker.stop)
+            if janitor is not None:  # else the worker did not start (and stopped itself)
+                janitor.cancel()
+                await in_thread(worker.stop)
+            heartbeat.stop()
+            with contextlib.suppress(Exception):  # others then take what it left at once, not in 30 s
+                await in_thread(store.leave)
             hub.loop = None
             store.close()
+            if slot is not None:
+                slot.release()
 
     async def _janitor() -> None:
         period = max(1.0, min(60.0, config.result_ttl_seconds / 4))

@@ -8,7 +8,8 @@ Offers:
     GET    /v1/jobs/{id}            status, queue position, printed output from ?log_offset=N
     WS     /v1/jobs/{id}/events     {"status", "position", "log", "offset", "elapsed", "error"} events
     GET    /v1/jobs/{id}/result     the framed result envelope (+ safetensors blob) of a final job
-    DELETE /v1/jobs/{id}            cancel: queued -> CANCELLED; running -> its process killed, CANCELLED
+    DELETE /v1/jobs/{id}            cancel: queued -> CANCELLED; running (on any API process sharing
+                                    the database) -> its process killed, CANCELLED
 
 A job is visible to the key that submitted it only: for any other key it does not exist (404).
 Refusals: 400 not a glassbox request / protocol version mismatch (the message says what to
@@ -38,6 +39,7 @@ __all__ = ["router"]
 
 _WS_TICK = 0.5  # seconds between queue-position checks / heartbeats on a quiet websocket
 _HEARTBEAT = 2.0
+_CANCEL_WAIT = 15.0  # seconds a cancel answer waits for the running job to end
 
 router = APIRouter()
 
@@ -124,12 +126,18 @@ async def job_result(job_id: str, request: Request, key: ApiKey) -> Response:
             f"/v1/jobs/{job_id}/events or poll /v1/jobs/{job_id}"
         ))
     data = await in_thread(store.result, job_id)
+    if data is None and job.error:  # ended by the store, not a worker (its server stopped)
+        data = frame(error_result(str(job.error.get("type")), str(job.error.get("message"))))
     if data is None:
         data = frame(error_result("InternalError", f"the result of job {job_id} was not stored"))
     return Response(content=data, media_type="application/octet-stream")
 
 @router.delete("/v1/jobs/{job_id}")
 async def cancel(job_id: str, request: Request, key: ApiKey) -> dict:
+    """A running job is flagged in the store, which the feeder running it (in this process or
+    another one on the same database) looks at every half second; this one is also told at once.
+    The answer waits up to ``_CANCEL_WAIT`` seconds for the job to end: ``cancelled`` says whether
+    it did, ``cancel_requested`` that a running job was asked to stop."""
     _config, store, hub, worker = _state(request)
     job = await _owned_job(request, job_id, key)
     if job.terminal:
@@ -139,15 +147,17 @@ async def cancel(job_id: str, request: Request, key: ApiKey) -> dict:
     if status == "CANCELLED":
         hub.publish(job_id, {"status": "CANCELLED"})
         return {"id": job_id, "status": "CANCELLED", "cancelled": True}
-    if status == "RUNNING" and worker.cancel(job_id):
-        deadline = time.monotonic() + 15.0
+    if status == "RUNNING":
+        worker.cancel(job_id)
+        deadline = time.monotonic() + _CANCEL_WAIT
         while time.monotonic() < deadline:
             job = await _owned_job(request, job_id, key)
             if job.terminal:
                 break
-            await asyncio.sleep(0.05)
+            await asyncio.sleep(0.1)
     job = await _owned_job(request, job_id, key)
-    return {"id": job_id, "status": job.status, "cancelled": job.status == "CANCELLED"}
+    return {"id": job_id, "status": job.status, "cancelled": job.status == "CANCELLED",
+            "cancel_requested": status == "RUNNING"}
 
 @router.websocket("/v1/jobs/{job_id}/events")
 async def events(websocket: WebSocket, job_id: str) -> None:
@@ -189,6 +199,7 @@ async def _follow(websocket: WebSocket, queue: asyncio.Queue, job: JobInfo | Non
         await websocket.send_json({**event, "elapsed": round(time.time() - created, 3)})
 
     status = job.status
+    sent = len(logs)  # characters of printed output sent so far: where the stored output resumes
     position = await in_thread(store.position, job.id) if status == "QUEUED" else None
     first: dict[str, Any] = {"status": status, "position": position}
     note = websocket.app.state.hub.note(job.id) if not job.terminal else None
@@ -211,6 +222,17 @@ async def _follow(websocket: WebSocket, queue: asyncio.Queue, job: JobInfo | Non
             current = await in_thread(store.get, job.id)
             if current is None:
                 return
+            if current.terminal:
+                # Ended with no final event here: it ran in another API process on the database, so
+                # its output and error are in the store only (which has all of it: what was sent
+                # here live is skipped, and events still on their way here are dropped).
+                final: dict[str, Any] = {"status": current.status, "position": None}
+                if current.logs[sent:]:
+                    final.update(log=current.logs[sent:], offset=sent)
+                if current.error:
+                    final["error"] = current.error
+                await send(final)
+                return
             if current.status == "QUEUED":
                 now_position = await in_thread(store.position, job.id)
                 if now_position != position:
@@ -227,6 +249,7 @@ async def _follow(websocket: WebSocket, queue: asyncio.Queue, job: JobInfo | Non
             position = None
         else:
             position = event.get("position", position)
+        sent += len(event.get("log") or "")
         await send({**event, "position": position})
         last_sent = time.monotonic()
         if event.get("status") in FINAL_STATUSES:

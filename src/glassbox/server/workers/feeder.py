@@ -44,6 +44,7 @@ from .residency import NoRoom, Residency
 __all__ = ["Feeder"]
 
 _POLL = 0.05  # seconds between looks at the deadline / cancel flag while a job runs
+_CANCEL_POLL = 0.5  # seconds between looks at the store for cancels asked through other API processes
 _ABORT_SECONDS = 10.0  # how long a forking worker may take to confirm it stopped a job
 
 
@@ -278,6 +279,7 @@ class Feeder:
                 self._crashed(pending, attempts, logs, batch=len(pending) > 1)
                 return
             deadline = time.monotonic() + self.config.max_seconds
+            look_again = 0.0  # when to ask the store for cancel requests next
             while pending:
                 if self._stopping.is_set():
                     # Not the jobs' fault: they run again, from the start, when the server is back.
@@ -285,6 +287,14 @@ class Feeder:
                     for job_id in pending:
                         self.store.requeue(job_id)
                     return
+                if time.monotonic() >= look_again:
+                    look_again = time.monotonic() + _CANCEL_POLL
+                    try:
+                        flagged = self.store.cancel_requests(pending)
+                    except Exception:  # a database hiccup must not abandon the running job
+                        flagged = []
+                    with self._lock:
+                        self._cancel.update(flagged)
                 cancelled = [job_id for job_id in pending if job_id in self._cancel]
                 if cancelled:
                     self._stop_running()
