@@ -10,6 +10,7 @@ from .cache import Cache, CacheEntry
 from .config import CONFIG
 from .envoy import Envoy
 from .errors import GlassboxError, MissedModuleError, OutOfOrderError, RemoteError, TraceStateError
+from .activations import ActivationDataset, extract
 from .models.base import NNsight
 from .models.generation import GenerateTracer
 from .models.language import LanguageModel
@@ -19,6 +20,7 @@ from .tracing import Invoker, Tracer, save
 
 __all__ = [
     "CONFIG",
+    "ActivationDataset",
     "Cache",
     "CacheEntry",
     "Envoy",
@@ -35,6 +37,7 @@ __all__ = [
     "Session",
     "TraceStateError",
     "Tracer",
+    "extract",
     "save",
 ]
 __version__ = "0.1.0"

@@ -134,8 +134,18 @@ def seed_analysis(model, remote):
     return [layer_outputs, logits.logits]
 
 
+def variables_that_are_none(model, remote):
+    """A variable bound to None reaches the block (it was once mistaken for an unsent builtin)."""
+    scale = None
+    with model.trace("The Eiffel Tower is in", remote=remote):
+        factor = 1.0 if scale is None else scale
+        h = (model.transformer.h[1].output * factor).save()
+    return [h]
+
+
 WORKFLOWS = [
-    ("gpt2", read_edit_save), ("gpt2", invokes_share_values), ("gpt2", gradients),
+    ("gpt2", read_edit_save), ("gpt2", variables_that_are_none), ("gpt2", invokes_share_values),
+    ("gpt2", gradients),
     ("smol", generate_steps), ("smol", session_flow), ("smol", seed_analysis),
 ]
 

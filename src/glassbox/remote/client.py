@@ -5,7 +5,7 @@ Offers:
                   block and the caller's frame; ``.run()`` submits it and, when
                   blocking, writes the saved values into the caller's variables.
     JobHandle     what ``blocking=False`` gives: ``.status()``, ``.result()``,
-                  ``.cancel()``; ``JobHandle(job_id)`` works from a new process too.
+                  ``.cancel()``, ``.forget()``; ``JobHandle(job_id)`` works from a new process too.
     NotSaved      stands in for a variable the block set but did not save.
 
 Call hierarchy::
@@ -156,8 +156,8 @@ class RemoteRun:
                 model_refs[name] = value._path
             elif isinstance(value, types.ModuleType):
                 modules[name] = value.__name__
-            elif value is getattr(builtins, name, None):
-                continue
+            elif hasattr(builtins, name) and value is getattr(builtins, name):
+                continue  # print, len, ...: the server has its own (a variable that is None is sent)
             else:
                 values[name] = value
         self.sent = values
@@ -334,6 +334,13 @@ class JobHandle:
         from . import transport
 
         transport.cancel(self.host, self.api_key, self.id)
+
+    def forget(self) -> None:
+        """Delete the finished job's result from the server (after ``result()``): it then no
+        longer counts toward the key's stored-bytes quota."""
+        from . import transport
+
+        transport.delete_result(self.host, self.api_key, self.id)
 
     def result(self, timeout: float | None = None) -> dict[str, Any]:
         """Wait for the job and return its saved values by variable name

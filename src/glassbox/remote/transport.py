@@ -8,6 +8,7 @@ Offers:
     status(host, api_key, job_id, log_offset=0) -> dict
     result(host, api_key, job_id) -> (result envelope, blob)
     cancel(host, api_key, job_id) -> dict
+    delete_result(host, api_key, job_id) -> dict   drop a finished job's stored result
     models(host, api_key=None) -> [{"name": ..., ...}]
     model_files(host, name) -> {filename: text}   a served model's config and tokenizer files
         (config.json, tokenizer.json, ...: whichever it has), to build its module tree and
@@ -175,6 +176,12 @@ def result(host: str, api_key: str | None, job_id: str, timeout: float | None = 
 def cancel(host: str, api_key: str | None, job_id: str) -> dict:
     """Cancel the job (a running one is stopped); returns {"id", "status", "cancelled"}."""
     return _json(_request("DELETE", host, f"/v1/jobs/{job_id}", api_key=api_key, job_id=job_id))
+
+
+def delete_result(host: str, api_key: str | None, job_id: str) -> dict:
+    """Drop a finished job's stored result from the server (its owner has it), freeing the key's
+    stored-bytes quota; returns {"id", "status", "deleted", "freed_bytes"}."""
+    return _json(_request("DELETE", host, f"/v1/jobs/{job_id}/result", api_key=api_key, job_id=job_id))
 
 
 def models(host: str, api_key: str | None = None) -> list[dict]:

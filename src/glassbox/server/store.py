@@ -9,7 +9,7 @@ Offers:
       .create_job(key_id, model, request, max_active=0, max_stored_bytes=0) -> job id  (RECEIVED)
       .mark_queued(id) / .claim(id) / .requeue(id) / .retry(id) / .finish(id, status, ...)
       .cancel(id) / .cancel_requests(ids)   cancel a job that waits; flag one that runs
-      .get(id) -> JobInfo | None / .request(id) / .result(id)
+      .get(id) -> JobInfo | None / .request(id) / .result(id) / .replace_result(id, note) -> freed
       .queued() -> [JobInfo] in FIFO order / .next_queued() / .position(id) / .active_count(key_id)
       .stored_bytes(key_id) -> bytes of results the key's jobs hold (until they expire)
       .jobs_of(key_id) / .recent_jobs(statuses=None, limit=50) / .result_sizes(ids)
@@ -311,6 +311,18 @@ class JobStore(KeyStore, InstanceStore):
     def result(self, job_id: str) -> bytes | None:
         with self._session() as session:
             return session.scalar(select(_Job.result).where(_Job.id == job_id))
+
+    def replace_result(self, job_id: str, result: bytes) -> int:
+        """Put ``result`` (small: a note that it was deleted) in place of a finished job's stored
+        result, so that its owner's quota is freed at once; returns the bytes freed (0 if the job
+        is not finished)."""
+        with self._session() as session:
+            old = session.scalar(select(func.length(_Job.result)).where(
+                _Job.id == job_id, _Job.status.in_(tuple(TERMINAL))))
+            if old is None:
+                return 0
+            session.execute(update(_Job).where(_Job.id == job_id).values(result=result, updated=time.time()))
+        return max(0, int(old) - len(result))
 
     def queued(self, models: list[str] | None = None, limit: int | None = None) -> list[JobInfo]:
         """QUEUED jobs (for ``models`` only, if given), first to run first; at most ``limit``."""

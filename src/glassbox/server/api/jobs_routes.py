@@ -132,6 +132,19 @@ async def job_result(job_id: str, request: Request, key: ApiKey) -> Response:
         data = frame(error_result("InternalError", f"the result of job {job_id} was not stored"))
     return Response(content=data, media_type="application/octet-stream")
 
+@router.delete("/v1/jobs/{job_id}/result")
+async def delete_result(job_id: str, request: Request, key: ApiKey) -> dict:
+    """The owner has the result: drop it now rather than at expiry, freeing the key's stored-bytes
+    quota (what a long remote extraction does after writing each chunk). Fetching it later
+    returns an error that says it was deleted."""
+    store = request.app.state.store
+    job = await _owned_job(request, job_id, key)
+    if not job.terminal:
+        raise HTTPException(409, f"job {job_id} is not finished (status {job.status}); it has no result yet")
+    note = frame(error_result("ResultDeleted", f"the result of job {job_id} was deleted by its owner"))
+    freed = await in_thread(store.replace_result, job_id, note)
+    return {"id": job_id, "status": job.status, "deleted": True, "freed_bytes": freed}
+
 @router.delete("/v1/jobs/{job_id}")
 async def cancel(job_id: str, request: Request, key: ApiKey) -> dict:
     """A running job is flagged in the store, which the feeder running it (in this process or
