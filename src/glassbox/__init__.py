@@ -6,11 +6,11 @@
         hidden = net[0].output.save()
 """
 
+from .activations import ActivationDataset, extract
 from .cache import Cache, CacheEntry
 from .config import CONFIG
 from .envoy import Envoy
 from .errors import GlassboxError, MissedModuleError, OutOfOrderError, RemoteError, TraceStateError
-from .activations import ActivationDataset, extract
 from .models.base import NNsight
 from .models.generation import GenerateTracer
 from .models.language import LanguageModel
