@@ -1,4 +1,4 @@
-"""The JSON-lines link between a benchmark and its nnsight worker in ``.venv-peers``.
+"""The JSON-lines link between a benchmark and its worker (nnsight, TransformerLens) in ``.venv-peers``.
 
 The benchmark drives the worker one round at a time, so that the two processes take turns under
 the same load: each command is one line of JSON on the worker's stdin, each answer one line on
@@ -28,23 +28,25 @@ PEERS_PYTHON = os.path.join(ROOT, ".venv-peers", "bin", "python")
 class PeerProcess:
     """A worker script running under ``PEERS_PYTHON``."""
 
-    def __init__(self, process: subprocess.Popen) -> None:
+    def __init__(self, process: subprocess.Popen, name: str = "nnsight") -> None:
         self.process = process
+        self.name = name  # labels the log lines: one bench may run several workers side by side
         self.versions: dict[str, str] = {}
 
     @classmethod
-    def launch(cls, worker: str, args: list[str], env: dict[str, str] | None = None) -> PeerProcess | None:
+    def launch(cls, worker: str, args: list[str], env: dict[str, str] | None = None,
+               name: str = "nnsight") -> PeerProcess | None:
         """Start ``worker`` with ``args``; None (and a log line saying how to fix it) without the
         peers virtualenv."""
         if not os.path.exists(PEERS_PYTHON):
-            _cases.log(f"nnsight: SKIPPED: {PEERS_PYTHON} is missing; create it with "
+            _cases.log(f"{name}: SKIPPED: {PEERS_PYTHON} is missing; create it with "
                        "`bash bench/setup_peers.sh`")
             return None
         command = [PEERS_PYTHON, worker, *args]
-        _cases.log(f"nnsight: starting {' '.join(command)}")
+        _cases.log(f"{name}: starting {' '.join(command)}")
         process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
                                    env=env)
-        return cls(process)
+        return cls(process, name)
 
     def wait_ready(self) -> bool:
         """Wait for the worker's first line (it has loaded and warmed up); False if it stopped."""
@@ -63,7 +65,7 @@ class PeerProcess:
         except OSError:
             line = ""
         if not line:
-            _cases.log(f"nnsight: SKIPPED: the worker stopped (exit {self.process.wait()}); see above")
+            _cases.log(f"{self.name}: SKIPPED: the worker stopped (exit {self.process.wait()}); see above")
             return None
         return json.loads(line)
 

@@ -1,9 +1,11 @@
 """extract() throughput, side by side: a plain HF loop with forward hooks writing the same files,
-glassbox extract locally, and extract(remote=True) through a local server.
+glassbox extract locally, extract(remote=True) through a local server, and the same loop in nnsight
+and TransformerLens.
 
     .venv/bin/python bench/extract.py                        # tiny Llama (4 layers), ~65k tokens
     .venv/bin/python bench/extract.py --model smollm2 --documents 96
     .venv/bin/python bench/extract.py --rounds 5 --json out.json
+    .venv/bin/python bench/extract.py --no-peers --no-remote         # hooks and extract only
 
 Corpus: ``--documents`` lines of random words, each at least ``--max-length`` tokens (so every
 batch is full: ``--batch-tokens / --max-length`` documents). Modules: three decoder layers at 1/4,
@@ -18,12 +20,19 @@ Variants (each writes a fresh folder per round; tokens/s counts real tokens):
     extract   ``glassbox.extract(...)``
     remote    ``glassbox.extract(..., remote=True)``: ``glassbox serve`` on 127.0.0.1 with this
               process's torch threads, 3 jobs in flight
-    nnsight / TransformerLens: the same loop under nnsight 0.8.1 / TransformerLens 4.3 need
-              ``.venv-peers`` (``bash bench/setup_peers.sh``); skipped, saying so, without it.
-Before timing, hooks' and extract's shards are checked equal (same rows, same values). Variants
-alternate in rotated order, round after round; reported: median tokens/s and the median of the
-per-round ratios. Targets (the issue's): extract >= 0.95x hooks; remote >= 0.8x local extract.
-Nothing here asserts on time.
+    nnsight   the same loop (``write_loop``: same batches, rows, dtype, files) with the forward
+              written ``with model.trace(batch) as tracer: layer.output.save() ...; tracer.stop()``
+              under nnsight 0.8.1
+    TransformerLens  the same loop with ``bridge.run_with_cache(ids, names_filter=[blocks.i.hook_out
+              ...], stop_at_layer=...)`` under TransformerLens 4.3 (its ``TransformerBridge`` over
+              the same local weights; see ``_extract_peer_worker.py`` for what it cannot stop)
+The last two run in ``.venv-peers`` (``bash bench/setup_peers.sh``), one worker process each,
+driven one round at a time through ``_peer.py`` and timed inside the worker (the pipe is not
+counted); without the venv (or with ``--no-peers``) their rows say SKIPPED and why.
+Before timing, every variant's warm-up folder is checked equal to hooks' (same rows, same values).
+Variants alternate in rotated order, round after round; reported: median tokens/s and the median
+of the per-round ratios. Targets (the issue's): extract >= 0.95x hooks; remote >= 0.8x local
+extract. Nothing here asserts on time.
 """
 
 from __future__ import annotations
@@ -36,13 +45,17 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
+import _peer  # bench/ is on the path: this script's folder (and the worker puts it there)
+
 ROOT = Path(__file__).resolve().parent.parent
-PEERS_PYTHON = ROOT / ".venv-peers" / "bin" / "python"
+PEERS_PYTHON = Path(_peer.PEERS_PYTHON)
+WORKER = str(Path(__file__).resolve().parent / "_extract_peer_worker.py")
 
 
 class _Stop(Exception):
@@ -58,12 +71,50 @@ def corpus(path: Path, documents: int, words: int) -> Path:
     return path
 
 
+Forward = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], dict[str, torch.Tensor]]
+
+
+def write_loop(tokenizer, texts: list[str], out: Path, batch_tokens: int, max_length: int,
+               forward: Forward) -> int:
+    """Tokenize, pack, run, gather the real tokens, write a shard per batch plus the index.
+
+    ``forward(input_ids, attention_mask, position_ids)`` returns ``{module path: [batch, width,
+    hidden]}``; it is the only part the plain-hooks, nnsight and TransformerLens loops write
+    differently (``_extract_peer_worker.py`` imports this function), so any gap between them is
+    the library's, and ``same_files`` can compare their folders. Packing is extract's: left
+    padding, ``batch_tokens // max_length`` documents per batch (every document is full length,
+    see ``corpus``), positions counted from each document's first real token."""
+    out.mkdir(parents=True)
+    per_batch = batch_tokens // max_length
+    tokens, shards, rows_done = 0, [], 0
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    for number, start in enumerate(range(0, len(texts), per_batch)):
+        chunk = texts[start:start + per_batch]
+        ids = tokenizer(chunk, truncation=True, max_length=max_length)["input_ids"]
+        width = max(len(r) for r in ids)
+        input_ids = torch.tensor([[pad] * (width - len(r)) + r for r in ids])
+        mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in ids])
+        with torch.no_grad():
+            captured = forward(input_ids, mask, (mask.cumsum(-1) - 1).clamp(min=0))
+        keep = mask.bool()
+        tensors = {p: t[keep].to(torch.bfloat16) for p, t in captured.items()}
+        document = torch.arange(start, start + len(chunk)).unsqueeze(1).expand_as(mask)[keep]
+        position = (mask.cumsum(-1) - 1)[keep]
+        tensors.update(document=document.contiguous(), position=position.contiguous())
+        name = f"shard-{number:05d}.safetensors"
+        save_file(tensors, str(out / name))
+        rows = int(keep.sum())
+        shards.append({"file": name, "rows": [rows_done, rows_done + rows]})
+        rows_done += rows
+        tokens += rows
+        (out / "index.json").write_text(json.dumps({"shards": shards, "rows": rows_done}))
+    return tokens
+
+
 def hooks_loop(hf: torch.nn.Module, tokenizer, texts: list[str], paths: list[str], out: Path,
                batch_tokens: int, max_length: int) -> int:
     """The plain loop: same packing, same rows, same files as extract."""
-    out.mkdir(parents=True)
     modules = [hf.get_submodule(p) for p in paths]
-    per_batch = batch_tokens // max_length  # every document is full length (see corpus)
     captured: dict[str, torch.Tensor] = {}
     handles = []
     for path, module in zip(paths, modules):
@@ -72,37 +123,20 @@ def hooks_loop(hf: torch.nn.Module, tokenizer, texts: list[str], paths: list[str
             if path == paths[-1]:
                 raise _Stop
         handles.append(module.register_forward_hook(hook))
-    tokens, shards, rows_done = 0, [], 0
+
+    def forward(input_ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor) -> dict:
+        captured.clear()
+        try:
+            hf(input_ids=input_ids, attention_mask=mask, position_ids=positions)
+        except _Stop:
+            pass
+        return {p: captured[p] for p in paths}
+
     try:
-        for number, start in enumerate(range(0, len(texts), per_batch)):
-            chunk = texts[start:start + per_batch]
-            ids = tokenizer(chunk, truncation=True, max_length=max_length)["input_ids"]
-            width = max(len(r) for r in ids)
-            pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-            input_ids = torch.tensor([[pad] * (width - len(r)) + r for r in ids])
-            mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in ids])
-            with torch.no_grad():
-                try:
-                    positions = (mask.cumsum(-1) - 1).clamp(min=0)
-                    hf(input_ids=input_ids, attention_mask=mask, position_ids=positions)
-                except _Stop:
-                    pass
-            keep = mask.bool()
-            tensors = {p: captured[p][keep].to(torch.bfloat16) for p in paths}
-            document = torch.arange(start, start + len(chunk)).unsqueeze(1).expand_as(mask)[keep]
-            position = (mask.cumsum(-1) - 1)[keep]
-            tensors.update(document=document.contiguous(), position=position.contiguous())
-            save_file(tensors, str(out / f"shard-{number:05d}.safetensors"))
-            rows = int(keep.sum())
-            name = f"shard-{number:05d}.safetensors"
-            shards.append({"file": name, "rows": [rows_done, rows_done + rows]})
-            rows_done += rows
-            tokens += rows
-            (out / "index.json").write_text(json.dumps({"shards": shards, "rows": rows_done}))
+        return write_loop(tokenizer, texts, out, batch_tokens, max_length, forward)
     finally:
         for handle in handles:
             handle.remove()
-    return tokens
 
 
 def same_files(a: Path, b: Path) -> str | None:
@@ -119,6 +153,33 @@ def same_files(a: Path, b: Path) -> str | None:
     return None
 
 
+# (label in the table, --library of the worker)
+PEERS = [("nnsight", "nnsight"), ("TransformerLens", "transformer_lens")]
+
+
+def start_peers(path: Path, source: Path, paths: list[str], options: argparse.Namespace,
+                skipped: dict[str, str]) -> dict[str, _peer.PeerProcess]:
+    """One worker per peer library, each loaded and waiting; a peer that cannot run goes to
+    ``skipped`` with the reason. Started before any timing: loading does not overlap a round."""
+    peers = {}
+    for label, library in PEERS:
+        peer = _peer.PeerProcess.launch(WORKER, [
+            "--library", library, "--model-path", str(path), "--corpus", str(source),
+            "--modules", ",".join(paths), "--batch-tokens", str(options.batch_tokens),
+            "--max-length", str(options.max_length), "--threads", str(torch.get_num_threads()),
+        ], name=label)
+        ready = peer.ask(None) if peer is not None else None
+        if ready is None:
+            skipped[label] = "the worker stopped while loading (its error is above)"
+        elif "skipped" in ready:
+            skipped[label] = ready["skipped"]
+            peer.process.wait()
+        else:
+            peer.versions = ready["versions"]
+            peers[label] = peer
+    return peers
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", choices=["tiny", "smollm2"], default="tiny")
@@ -127,6 +188,7 @@ def main() -> None:
     parser.add_argument("--max-length", type=int, default=128)
     parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--no-remote", action="store_true")
+    parser.add_argument("--no-peers", action="store_true", help="skip nnsight and TransformerLens")
     parser.add_argument("--json", help="also write every number here")
     options = parser.parse_args()
 
@@ -148,57 +210,96 @@ def main() -> None:
           f"batch_tokens {options.batch_tokens}, torch threads {torch.get_num_threads()}", file=sys.stderr)
 
     server = None
+    skipped: dict[str, str] = {}
+    peers: dict[str, _peer.PeerProcess] = {}
+    if options.no_peers:
+        skipped = {label: "--no-peers" for label, _ in PEERS}
+    elif not PEERS_PYTHON.exists():
+        skipped = {label: f"{PEERS_PYTHON} is missing; create it with `bash bench/setup_peers.sh`"
+                   for label, _ in PEERS}
+    else:
+        peers = start_peers(path, source, paths, options, skipped)
     if not options.no_remote:
         server = start_server({path.name: str(path)}, state_dir=str(work / "server"),
                               args=["--torch-threads", str(torch.get_num_threads())])
         CONFIG.HOST, CONFIG.API_KEY = server.url, server.create_key("bench")
 
-    def run(variant: str, out: Path) -> int:
+    def run(variant: str, out: Path) -> float:
+        """One whole extraction into ``out``; its tokens/s."""
+        if variant in peers:  # timed in the worker, so the pipe and JSON are not counted
+            answer = peers[variant].ask({"run": str(out)})
+            if answer is None:
+                raise SystemExit(f"{variant}: the worker stopped mid-run (its error is above)")
+            return float(answer["tokens_per_s"])
+        started = time.perf_counter()
         if variant == "hooks":
-            return hooks_loop(hf, model.tokenizer, texts, paths, out, options.batch_tokens,
-                              options.max_length)
-        ds = extract(model, source, out=out, remote=variant == "remote", **common)
-        return int(ds.index["tokens"])
+            tokens = hooks_loop(hf, model.tokenizer, texts, paths, out, options.batch_tokens,
+                                options.max_length)
+        else:
+            ds = extract(model, source, out=out, remote=variant == "remote", **common)
+            tokens = int(ds.index["tokens"])
+        return tokens / (time.perf_counter() - started)
 
-    variants = ["hooks", "extract"] + ([] if server is None else ["remote"])
+    variants = ["hooks", "extract"] + ([] if server is None else ["remote"]) + list(peers)
+    checks: dict[str, str] = {}
     try:
         run("hooks", work / "check-hooks")  # warm-up, and the equal-work check
-        run("extract", work / "check-extract")
-        problem = same_files(work / "check-hooks", work / "check-extract")
-        print(f"check hooks vs extract: {problem or 'same rows, same values'}", file=sys.stderr)
+        for variant in variants[1:]:  # every other variant's warm-up writes the folder it is checked on
+            run(variant, work / f"check-{variant}")
+            problem = same_files(work / "check-hooks", work / f"check-{variant}")
+            checks[variant] = problem or "same rows, same values"
+            print(f"check hooks vs {variant}: {checks[variant]}", file=sys.stderr)
         rates: dict[str, list[float]] = {v: [] for v in variants}
         for round_ in range(options.rounds):
+            # rotated order, round after round: drift and warm caches hit every variant alike
             order = variants[round_ % len(variants):] + variants[:round_ % len(variants)]
             for variant in order:
                 out = work / f"{variant}-{round_}"
-                started = time.perf_counter()
-                tokens = run(variant, out)
-                rates[variant].append(tokens / (time.perf_counter() - started))
+                rates[variant].append(run(variant, out))
                 shutil.rmtree(out)
                 print(f"round {round_} {variant}: {rates[variant][-1]:,.0f} tok/s", file=sys.stderr)
     finally:
+        for peer in peers.values():
+            if peer.process.poll() is None:
+                peer.process.stdin.close()  # end of input: the worker exits
+                peer.process.wait()
         if server is not None:
             server.stop()
         shutil.rmtree(work, ignore_errors=True)
 
+    def ratio(a: str, b: str) -> float | None:
+        """Median of the per-round ratios a/b (each round's pair ran under the same load)."""
+        if a not in rates or b not in rates:
+            return None
+        return statistics.median(x / y for x, y in zip(rates[a], rates[b]))
+
     result = {"model": path.name, "tokens_per_round": len(texts) * options.max_length,
+              "rounds": options.rounds, "threads": torch.get_num_threads(),
               "tokens_per_s": {v: statistics.median(r) for v, r in rates.items()},
-              "extract_over_hooks": statistics.median(
-                  e / h for e, h in zip(rates["extract"], rates["hooks"]))}
-    if "remote" in rates:
-        result["remote_over_extract"] = statistics.median(
-            r / e for r, e in zip(rates["remote"], rates["extract"]))
-    print("\n| variant | tokens/s |\n|---|---:|")
+              "checks": checks, "skipped": skipped,
+              "peer_versions": {label: peer.versions for label, peer in peers.items()},
+              "extract_over_hooks": ratio("extract", "hooks"),
+              "extract_over_nnsight": ratio("extract", "nnsight"),
+              "extract_over_transformerlens": ratio("extract", "TransformerLens"),
+              "remote_over_extract": ratio("remote", "extract")}
+    print("\n| variant | tokens/s (median) | vs hooks | check vs hooks |\n|---|---:|---:|---|")
     for variant, rate in result["tokens_per_s"].items():
-        print(f"| {variant} | {rate:,.0f} |")
-    print(f"\nextract / hooks: {result['extract_over_hooks']:.3f}x (target >= 0.95)")
-    if "remote_over_extract" in result:
-        print(f"remote / local extract: {result['remote_over_extract']:.3f}x (target >= 0.8)")
-    if not PEERS_PYTHON.exists():
+        versus = "1.000x" if variant == "hooks" else f"{ratio(variant, 'hooks'):.3f}x"
+        print(f"| {variant} | {rate:,.0f} | {versus} | {checks.get(variant, '(reference)')} |")
+    for label, reason in skipped.items():
+        print(f"| {label} | SKIPPED: {reason} | | |")
+    print()
+    for key, text, target in [("extract_over_hooks", "extract / hooks", " (target >= 0.95)"),
+                              ("extract_over_nnsight", "extract / nnsight", ""),
+                              ("extract_over_transformerlens", "extract / TransformerLens", ""),
+                              ("remote_over_extract", "remote / local extract", " (target >= 0.8)")]:
+        if result[key] is not None:
+            print(f"{text}: {result[key]:.3f}x{target}")
+    if len(skipped) == len(PEERS) and not PEERS_PYTHON.exists():
         print(f"nnsight, TransformerLens: SKIPPED: {PEERS_PYTHON} is missing; create it with "
               "`bash bench/setup_peers.sh`")
-    else:
-        print("nnsight, TransformerLens: not run by this bench yet (see the closing note)")
+    for label, peer in peers.items():
+        print(f"{label} worker: {', '.join(f'{k} {v}' for k, v in peer.versions.items())}")
     if options.json:
         Path(options.json).write_text(json.dumps(result, indent=1))
 
