@@ -156,12 +156,13 @@ def test_each_fetched_chunk_is_deleted_from_the_server(server, gpt2, tmp_path):
     from glassbox.server.store import JobStore
 
     running, key = server
-    ds = extract(gpt2, TEXTS, modules=[gpt2.transformer.h[1]], out=tmp_path / "acts", batch_tokens=16,
-                 max_length=8, remote=True)
     store = JobStore(ServerConfig(state_dir=running.state_dir).database_url())
     try:
         owner = store.authenticate(key)
-        jobs = [job for job in store.jobs_of(owner.id) if job.status == "COMPLETED"]
+        before = {job.id for job in store.jobs_of(owner.id)}  # other tests' jobs share this key
+        ds = extract(gpt2, TEXTS, modules=[gpt2.transformer.h[1]], out=tmp_path / "acts", batch_tokens=16,
+                     max_length=8, remote=True)
+        jobs = [job for job in store.jobs_of(owner.id) if job.id not in before and job.status == "COMPLETED"]
         sizes = store.result_sizes([job.id for job in jobs])
     finally:
         store.close()

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dis
 import threading
+from collections.abc import Callable
 from types import FrameType
 from typing import Any
 
@@ -52,9 +53,22 @@ def _followed_by_with(frame: FrameType) -> bool:
     return answer
 
 
+# The innermost open trace, if any: tracing.py (which imports this module, so this one must not
+# import it back) sets it to its current_tracer.
+def _no_tracer() -> Any:
+    return None
+
+
+find_tracer: Callable[[], Any] = _no_tracer
+
+
 def patched_backward(self: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
     import sys
 
+    tracer = find_tracer()
+    refusal = getattr(type(tracer.model), "_no_gradients", None) if tracer is not None else None
+    if refusal:  # a model whose engine keeps no autograd graph (glassbox.VLLM) says why, and what instead
+        raise TraceStateError(refusal)
     if _followed_by_with(sys._getframe(1)):
         return BackwardTracer(self, args, kwargs)
     return _original_backward(self, *args, **kwargs)

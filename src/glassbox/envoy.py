@@ -1,10 +1,12 @@
 """Envoy: a tree of light proxies that mirrors a model's submodules.
 
 Offers:
-    Envoy        attribute / index access to submodules; inside a trace,
-                 ``.output``, ``.input``, ``.inputs`` (read and assign),
+    Envoy        attribute / index access to submodules (and ``rename=`` aliases,
+                 see aliases.py); ``.get("a.b.0")``, ``.modules(include_fn)``,
+                 ``.named_modules(include_fn)``, ``.device`` / ``.devices``; inside
+                 a trace, ``.output``, ``.input``, ``.inputs`` (read and assign),
                  ``.skip(value)``, ``.next()``; calling it runs the module.
-    Savable      tuple subclass returned for tuple values, so ``.save()`` works.
+    SavableTuple tuple subclass returned for tuple values, so ``.save()`` works.
 
 Outside a trace an Envoy only forwards to its module: the module itself is
 untouched, so the wrapped model runs exactly as the bare one.
@@ -12,11 +14,12 @@ untouched, so the wrapped model runs exactly as the bare one.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
 
+from .aliases import bind_aliases, check_rename
 from .errors import TraceStateError
 
 
@@ -47,7 +50,8 @@ class Envoy:
         super().__init_subclass__(**kwargs)
         cls._RESERVED = _reserved(cls)
 
-    def __init__(self, module: torch.nn.Module, parent: Envoy | None = None, name: str = "") -> None:
+    def __init__(self, module: torch.nn.Module, parent: Envoy | None = None, name: str = "",
+                 rename: dict | None = None) -> None:
         d = self.__dict__
         d["_module"] = module
         d["_parent"] = parent
@@ -55,6 +59,7 @@ class Envoy:
         d["_name"] = name
         if parent is None:
             d["_path"], d["_display"] = "", "model"
+            d["_rename"] = check_rename(rename)
         else:
             d["_path"] = f"{parent._path}.{name}" if parent._path else name
             shown = f"[{name}]" if name.isdigit() else f".{name}"
@@ -67,6 +72,9 @@ class Envoy:
                 d[child_name] = envoy
         d["_children"] = children
         d["_child_list"] = tuple(children.values())  # indexing is on the hot path
+        aliases = d["_root"].__dict__.get("_rename")
+        if aliases:
+            bind_aliases(self, aliases)
 
     # ---------------------------------------------------------------- tree
 
@@ -123,12 +131,57 @@ class Envoy:
             node = node._children[part]
         return node
 
-    def modules(self) -> list[Envoy]:
-        """This envoy and all below it, in ``named_modules`` order."""
-        out = [self]
-        for child in self._children.values():
-            out.extend(child.modules())
+    def modules(self, include_fn: Callable[[Envoy], bool] | None = None) -> list[Envoy]:
+        """This envoy and all below it, in ``torch.nn.Module.modules()`` order; with
+        ``include_fn``, only those it returns True for."""
+        out = [self] if include_fn is None or include_fn(self) else []
+        for child in self._child_list:
+            out.extend(child.modules(include_fn))
         return out
+
+    def named_modules(self, include_fn: Callable[[Envoy], bool] | None = None) -> list[tuple[str, Envoy]]:
+        """``(path, envoy)`` pairs: the paths ``torch.nn.Module.named_modules()`` gives
+        (relative to this envoy, "" for itself), so ``self.get(path)`` finds each."""
+        start = len(self._path) + 1 if self._path else 0
+        return [(e._path[start:], e) for e in self.modules(include_fn)]
+
+    def get(self, path: str) -> Any:
+        """The envoy at dotted ``path`` below this one (submodule names, indices and
+        aliases): ``model.get("transformer.h.0.mlp")``; inside a trace the path may end in
+        ``.output`` / ``.input`` / ``.inputs``: ``model.get("transformer.h.0.mlp.output")``.
+        Nothing else is reached, so remote code can use it too."""
+        parts = [p for p in path.split(".") if p]
+        node: Envoy = self
+        for i, part in enumerate(parts):
+            found = node._children.get(part)
+            if found is None:
+                alias = node.__dict__.get(part)
+                found = alias if isinstance(alias, Envoy) else None
+            if found is not None:
+                node = found
+            elif i == len(parts) - 1 and part in ("output", "input", "inputs"):
+                return getattr(node, part)
+            else:
+                raise AttributeError(
+                    f"{node._display} has no submodule {part!r} (in {path!r}); its submodules are: "
+                    f"{', '.join(node._children) or 'none'}"
+                )
+        return node
+
+    @property
+    def device(self) -> torch.device | None:
+        """The device of this module's first parameter (else first buffer; None if it has neither)."""
+        for tensors in (self._module.parameters(), self._module.buffers()):
+            for tensor in tensors:
+                return tensor.device
+        return None
+
+    @property
+    def devices(self) -> set[torch.device]:
+        """Every device this module's parameters and buffers are on (a model split by
+        ``device_map`` spans several)."""
+        found = {p.device for p in self._module.parameters()}
+        return found | {b.device for b in self._module.buffers()}
 
     def _module_method(name: str):
         def method(self: Envoy, *args: Any, **kwargs: Any) -> Envoy:

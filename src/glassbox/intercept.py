@@ -77,6 +77,7 @@ class Consumer:
     """User code that waits for values: the trace body or one invoke body."""
 
     __slots__ = (
+        "absent",
         "at",
         "at_kind",
         "current",
@@ -112,6 +113,9 @@ class Consumer:
         self.on_yield: Callable[[], None] | None = None  # runs each time it hands back control
         self.wake: Callable[[], None] | None = None  # runs once the forward has ended
         self.soft = False  # the current wait ends quietly (ENDED) if the model finishes
+        # An engine that runs several requests in steps (glassbox.vllm) sets this for a step that
+        # holds none of this consumer's rows: it is not served there and waits for a later step.
+        self.absent = False
 
 
 def make_wrapper(site: Site) -> Callable[..., Any]:

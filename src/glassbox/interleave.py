@@ -133,7 +133,7 @@ class Interleaver:
         waiting = site.waiting_in if kind == "input" else site.waiting_out
         if waiting:
             for consumer in self.consumers:
-                if consumer.waiting is site and consumer.waiting_kind == kind:
+                if consumer.waiting is site and consumer.waiting_kind == kind and not consumer.absent:
                     value = self._serve(consumer, site, kind, value)
         for record in site.recorders:  # after edits: the cache holds what the model used
             record(kind, value)

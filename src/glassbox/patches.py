@@ -1,16 +1,28 @@
-"""Temporary, reference-counted attributes on shared classes.
+"""Temporary, reference-counted attributes on shared classes; ``.save()`` on builtins.
 
 Offers:
     ClassPatch(cls, name, value)   .acquire() installs on first use, .release()
                                    removes on last; thread-safe.
+    mount_builtin(types, name, fn) add a method to builtin types (list, dict, ...) for
+                                   the rest of the process; False where this Python
+                                   does not allow it.
 
 glassbox adds ``Tensor.save`` (and a few others) only while at least one trace
 is open anywhere in the process, so that outside a trace torch is untouched.
 Several threads may trace at once, hence the count.
+
+Builtin containers are different: Python forbids setting attributes on them, and
+the way around that (writing the type's dict, then telling the interpreter its
+method caches are stale) invalidates the caches of every subclass, ~20 µs a time,
+too slow for every trace. So ``.save()`` is added to them once, at the first
+trace, and stays (nnsight 0.8 does the same, for every object); outside a trace
+it raises an error that says what to do instead.
 """
 
 from __future__ import annotations
 
+import ctypes
+import gc
 import threading
 from typing import Any
 
@@ -67,3 +79,22 @@ class PatchSet:
     def release(self) -> None:
         for p in reversed(self.patches):
             p.release()
+
+
+def mount_builtin(types: tuple[type, ...], name: str, fn: Any) -> bool:
+    """Give every type of ``types`` the method ``name`` (where it has none). Returns
+    whether all of them have it now; a Python that hides a type's dict gives False."""
+    try:
+        modified = ctypes.pythonapi.PyType_Modified
+        modified.argtypes = [ctypes.py_object]
+        for cls in types:
+            if name in cls.__dict__:
+                continue
+            namespaces = [r for r in gc.get_referents(cls.__dict__) if isinstance(r, dict)]
+            if len(namespaces) != 1:
+                return False
+            namespaces[0][name] = fn
+            modified(cls)  # drop the interpreter's cached lookups of `name` on cls and subclasses
+        return all(getattr(cls, name, None) is fn for cls in types)
+    except (AttributeError, TypeError, ValueError, OSError):
+        return False

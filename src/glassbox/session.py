@@ -13,6 +13,7 @@ import sys
 from typing import Any
 
 from .capture import capture_body
+from .tracing import enter_session, exit_session, remote_where
 
 
 class Session:
@@ -25,7 +26,7 @@ class Session:
                 model[0].output[:] = h
     """
 
-    def __init__(self, model: Any, remote: bool = False, timeout: float | None = None,
+    def __init__(self, model: Any, remote: bool | str = False, timeout: float | None = None,
                  blocking: bool = True) -> None:
         self.model = model
         self.remote = remote
@@ -39,12 +40,15 @@ class Session:
             frame = sys._getframe(1)
             self._run = self.model._run_remotely(
                 "session", capture_body(frame, "session"), frame, [], {},
-                timeout=self.timeout, blocking=self.blocking,
+                timeout=self.timeout, blocking=self.blocking, **remote_where(self.remote),
             ).enter()
+        else:
+            enter_session()
         return self
 
     def __exit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> bool:
         if self._run is None:
+            exit_session()
             return False
         run, self._run = self._run, None
         swallowed = run.exit(exc_type)

@@ -6,7 +6,9 @@ Offers:
     Invoker   ``with tracer.invoke(inputs):``; bodies are deferred so that all
               invokes share ONE batched forward (each sees its own rows).
     save(x)   keep ``x`` after the trace (identity locally; remote traces send
-              back exactly the saved values).
+              back exactly the saved values); ``x.save()`` on tensors, model
+              outputs, lists, dicts, sets and tuples; either raises outside a trace.
+    enter_session() / exit_session()   a local session (saving allowed between traces)
     collect_saved()   every value saved in this thread while it is open
     Body / run_together(model, bodies, pad_to=0)
               the seam for running several INDEPENDENT bodies in one forward
@@ -43,7 +45,7 @@ from .deferred import Deferred
 from .errors import TraceStateError
 from .intercept import Consumer
 from .interleave import Interleaver
-from .patches import ClassPatch, PatchSet
+from .patches import ClassPatch, PatchSet, mount_builtin
 
 if TYPE_CHECKING:
     from .models.base import NNsight
@@ -57,19 +59,44 @@ def current_tracer() -> Tracer | None:
     return stack[-1] if stack else None
 
 
+_backward.find_tracer = current_tracer
+
+
+_SAVE_OUTSIDE = (
+    ".save() / glassbox.save() belong inside `with model.trace(...)` (or model.generate, "
+    "model.session): they mark a value to keep after the block. Outside a trace every value is "
+    "already yours: use it directly, or move this line into the block."
+)
+
+
 def save(value: Any) -> Any:
-    """Mark ``value`` to be kept after the trace and return it unchanged.
+    """Mark ``value`` (any value: tensors, lists, dicts, numbers...) to be kept after the
+    trace and return it unchanged; outside a trace it raises TraceStateError.
 
         with model.trace(x):
             hidden = glassbox.save(model.layer.output)
     """
-    tracer = current_tracer()
-    if tracer is not None:
-        tracer._saved_ids.add(id(value))
-    collector = getattr(_state, "collector", None)
-    if collector is not None:
-        collector[id(value)] = value  # held, so the id stays this object's
-    return value
+    return tensor_save(value)
+
+
+def remote_where(remote: bool | str) -> dict[str, Any]:
+    """Extra arguments of ``model._run_remotely`` for a ``remote=`` value: ``"local"`` runs the
+    block exactly as a server would, in this process."""
+    if remote == "local":
+        return {"local": True}
+    if isinstance(remote, str):
+        raise ValueError(f"remote= takes True (the server at CONFIG.HOST) or 'local', got {remote!r}")
+    return {}
+
+
+def enter_session() -> None:
+    """A local ``model.session()`` opened in this thread: saving between its traces is allowed
+    (a remote session saves there too)."""
+    _state.sessions = getattr(_state, "sessions", 0) + 1
+
+
+def exit_session() -> None:
+    _state.sessions -= 1
 
 
 class collect_saved:
@@ -86,13 +113,17 @@ class collect_saved:
 
 
 def tensor_save(self: Any) -> Any:
+    """``x.save()``: on tensors and model outputs while a trace is open, on lists, dicts,
+    sets and tuples always (see patches.mount_builtin)."""
     # the common local case (one trace, nobody collecting) stays a few attribute reads
     stack = getattr(_state, "stack", None)
     if stack:
         stack[-1]._saved_ids.add(id(self))
     collector = getattr(_state, "collector", None)
     if collector is not None:
-        collector[id(self)] = self
+        collector[id(self)] = self  # held, so the id stays this object's
+    elif not stack and not getattr(_state, "sessions", 0):
+        raise TraceStateError(_SAVE_OUTSIDE)
     return self
 
 
@@ -100,11 +131,13 @@ _patches: list[ClassPatch] = []
 _patches_lock = threading.Lock()
 _model_output_patched = False
 _patch_sets: list[PatchSet] = []  # the current set is reused by every trace
+# once, at import: outside a trace `[].save()` then says what to do instead of "no attribute"
+_builtins_savable = mount_builtin((list, dict, set, tuple), "save", tensor_save)
 
 
 def _get_patches() -> PatchSet:
-    """Patches for this trace. ModelOutput joins once transformers is imported;
-    each trace releases exactly the set it acquired."""
+    """Patches for this trace. ModelOutput joins once transformers is imported (unless
+    dict.save covers it); each trace releases exactly the set it acquired."""
     global _model_output_patched
     with _patches_lock:
         if not _patches:
@@ -114,7 +147,7 @@ def _get_patches() -> PatchSet:
             _patches.append(ClassPatch(torch.Tensor, "backward", _backward.patched_backward))
             _patch_sets.append(PatchSet(list(_patches)))
         generic = sys.modules.get("transformers.utils.generic")
-        if generic is not None and not _model_output_patched:
+        if generic is not None and not _model_output_patched and not _builtins_savable:
             _patches.append(ClassPatch(generic.ModelOutput, "save", tensor_save))
             _model_output_patched = True
             _patch_sets.append(PatchSet(list(_patches)))
@@ -138,7 +171,7 @@ class Tracer:
         kwargs: dict,
         call: dict | None = None,
         *,
-        remote: bool = False,
+        remote: bool | str = False,
         timeout: float | None = None,
         blocking: bool = True,
         remote_call: dict | None = None,
@@ -160,7 +193,7 @@ class Tracer:
         # run_together: pad the invokes to at least this many positions and cut from each the
         # padding its input did not have. None: ordinary invokes (which see the batch's padding).
         self._exact_rows = exact_rows
-        self.result: Any = None
+        self._result: Any = None
 
     # ---------------------------------------------------------------- context
 
@@ -198,7 +231,7 @@ class Tracer:
             raise TypeError("give the input once: positionally or as input_ids=")
         self._remote_run = self.model._run_remotely(
             self._method, capture_body(frame, self._method), frame, args, kwargs,
-            timeout=self._timeout, blocking=self._blocking,
+            timeout=self._timeout, blocking=self._blocking, **remote_where(self._remote),
         ).enter()
 
     def _exit_remote(self, exc_type: Any) -> bool:
@@ -236,6 +269,38 @@ class Tracer:
             for deferred in invokes:
                 deferred.publish()
         return False
+
+    @property
+    def result(self) -> Any:
+        """What the model returned (``generate``: the generated ids). After the block, the
+        value; inside it, the model runs to its end and the value is returned there, as in
+        nnsight: ``out = tracer.result.save()``."""
+        interleaver = self._interleaver
+        if interleaver is None or self.model.active is not interleaver:
+            return self._result
+        if interleaver.state == "done":  # e.g. after an open-ended `for step in tracer.iter[:]`
+            return interleaver.result
+        return self._result_envoy().output
+
+    @result.setter
+    def result(self, value: Any) -> None:
+        self._result = value
+
+    def _result_envoy(self) -> Any:
+        """The envoy whose output is the result inside the block (generate: model.generator)."""
+        return self.model
+
+    def _run_now(self) -> Any:
+        """``model.trace(x, trace=False)`` / ``model.generate(x)`` without ``with``: run the
+        model on the input now and return what it returned."""
+        if self._remote:
+            raise TraceStateError(
+                "a remote run needs a with block: `with model.trace(input, remote=True):` (or "
+                "model.generate(...)), saving what you need inside it"
+            )
+        with self:
+            pass
+        return self._result
 
     def _task(self, interleaver: Interleaver, args: tuple, kwargs: dict) -> Any:
         execute, call = self.model._execute, self._call

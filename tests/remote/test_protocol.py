@@ -183,7 +183,6 @@ class Probe:
     (torch.nn.Linear(2, 2), "Linear", "the model lives on the server"),
     (math, "module", "import it inside the trace"),
     (lambda x: x, "lambda", "define it with `def`"),
-    ({1, 2}, "set", "convert it to a list"),
     (len, "builtin_function_or_method", "only plain functions defined with def"),
     (iter([1]), "list_iterator", "convert it to a tensor or a list"),
 ])
@@ -212,9 +211,32 @@ def test_functions_without_source_are_refused():
         encode_values({"fn": namespace["made_up"]})
 
 
-def test_dict_keys_must_be_strings():
-    with pytest.raises(ProtocolError, match=r"cannot send d: key 1 is int; only str keys"):
-        encode_values({"d": {1: "a"}})
+def test_dicts_keep_int_and_tuple_keys_and_sets_travel():
+    h = torch.randn(2, 3)
+    value = {4: h, (2, "pos"): [1.5, {"x"}], None: frozenset({(1, 2)}), "nested": {0: {1: (h,)}}}
+    back = _round_trip({"d": value})["d"]
+    assert set(back) == {4, (2, "pos"), None, "nested"}
+    assert torch.equal(back[4], h) and back[(2, "pos")] == [1.5, {"x"}]
+    assert back[None] == frozenset({(1, 2)}) and type(back[None]) is frozenset
+    assert back["nested"][0][1][0] is back[4]  # one tensor object, sent once
+    desc, _ = encode_values({"d": {"a": 1}})
+    assert desc["values"]["d"]["t"] == "dict"  # str-keyed dicts keep the original form
+
+
+def test_a_tensors_grad_travels_with_it():
+    leaf = torch.ones(3, requires_grad=True)
+    hidden = leaf * 2
+    hidden.retain_grad()
+    (hidden ** 2).sum().backward()
+    back = _round_trip({"h": hidden, "leaf": leaf, "plain": hidden.detach()})
+    assert torch.equal(back["h"].grad, hidden.grad) and torch.equal(back["leaf"].grad, leaf.grad)
+    assert back["plain"].grad is None
+
+
+def test_unhashable_keys_are_refused_when_decoding():
+    desc = {"values": {"d": {"t": "map", "v": [[{"t": "list", "v": []}, {"t": "none"}]]}}}
+    with pytest.raises(ProtocolError, match="cannot be a key"):
+        decode_values(desc, b"")
 
 
 def test_cycles_are_refused():

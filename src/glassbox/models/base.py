@@ -16,8 +16,9 @@ Hooks a subclass may override (the tracing core calls only these):
     _execute(args, kwargs, **call)       run the model (in the runner greenlet)
     _missed_hint(envoy)                  advice for a module that never ran
     _remote_name()                       the name a server knows this model by
-    _run_remotely(method, body, frame, inputs, call, timeout=, blocking=)
+    _run_remotely(method, body, frame, inputs, call, timeout=, blocking=, local=False)
                                          ``remote=True``: the remote run of a captured block
+                                         (``local``: ``remote="local"``, run in this process)
                                          (an object with ``enter()``, ``exit(exc_type)``,
                                          ``job`` and ``result``); plain modules refuse
 """
@@ -47,13 +48,13 @@ class NNsight(Envoy):
 
     _narrow_min_ndim = 1
 
-    def __init__(self, module: torch.nn.Module) -> None:
+    def __init__(self, module: torch.nn.Module, *, rename: dict | None = None) -> None:
         if not isinstance(module, torch.nn.Module):
             raise TypeError(
                 f"NNsight wraps a torch.nn.Module, got {type(module).__name__}; for a "
                 "Hugging Face model id or folder use glassbox.LanguageModel"
             )
-        super().__init__(module)
+        super().__init__(module, rename=rename)
         self.__dict__["_active"] = None
 
     @property
@@ -68,25 +69,30 @@ class NNsight(Envoy):
     # ---------------------------------------------------------------- contexts
 
     def trace(
-        self, *args: Any, remote: bool = False, timeout: float | None = None, blocking: bool = True,
-        **kwargs: Any,
-    ) -> Tracer:
+        self, *args: Any, remote: bool | str = False, timeout: float | None = None, blocking: bool = True,
+        trace: bool = True, **kwargs: Any,
+    ) -> Any:
         """Open a trace. Inputs given here run as one batch entry; with none,
         add entries with ``tracer.invoke(...)``. Extra keyword arguments are
         passed to the model's forward. ``remote=True`` runs the block on the
-        glassbox server at ``CONFIG.HOST`` (``blocking=False``: ``tracer.job``)."""
-        return Tracer(self, args, kwargs, remote=remote, timeout=timeout, blocking=blocking)
+        glassbox server at ``CONFIG.HOST`` (``blocking=False``: ``tracer.job``);
+        ``remote="local"`` runs it as a server would, in this process.
+        ``trace=False`` runs the model on the input now and returns its output."""
+        tracer = Tracer(self, args, kwargs, remote=remote, timeout=timeout, blocking=blocking)
+        return tracer if trace else tracer._run_now()
 
-    def session(self, remote: bool = False, timeout: float | None = None, blocking: bool = True) -> Session:
+    def session(self, remote: bool | str = False, timeout: float | None = None,
+                blocking: bool = True) -> Session:
         """Group several traces (values flow between them as ordinary variables);
-        with ``remote=True`` the whole block is one job on the server."""
+        with ``remote=True`` the whole block is one job on the server (``"local"``: run
+        as one, in this process)."""
         return Session(self, remote=remote, timeout=timeout, blocking=blocking)
 
     def _remote_name(self) -> str:
         raise TraceStateError(_REMOTE_NEEDS_NAME)
 
     def _run_remotely(self, method: str, body: Any, frame: Any, inputs: list, call: dict, *,
-                      timeout: float | None, blocking: bool) -> Any:
+                      timeout: float | None, blocking: bool, local: bool = False) -> Any:
         raise TraceStateError(_REMOTE_NEEDS_NAME)
 
     def _envoy_of(self, module: Any) -> Envoy:

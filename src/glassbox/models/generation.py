@@ -5,7 +5,15 @@ Offers:
                      ``tracer.iter[0:5]`` / ``tracer.iter[:]`` / ``tracer.iter[[0, 3]]``
                      (a plain ``for`` loop over steps), ``tracer.all()`` (a
                      block applied at every step), ``tracer.result`` (the
-                     generated ids, after the block).
+                     generated ids: after the block, or inside it, where it
+                     waits for generation to end: ``out = tracer.result.save()``).
+    Generator, GeneratorEnvoy
+                     the module behind ``model.generator`` and its envoy: ``.output`` is what
+                     ``generate`` returned; ``.streamer.output`` each step's new
+                     tokens (Hugging Face's streamer protocol, prompt left out).
+    called_as_with(frame)  whether the call running in ``frame`` opens a ``with``
+                     (``model.generate(...)`` without one just generates);
+                     ``call_through(fn)`` marks a call wrapper it looks past.
 
 Every forward call of the model's root module is one step. Code before any
 loop acts on step 0; inside ``for step in tracer.iter[...]`` each access
@@ -15,11 +23,16 @@ ends, and code after the loop still runs.
 
 from __future__ import annotations
 
+import dis
 import sys
 from collections.abc import Iterator
+from types import FrameType
 from typing import Any
 
+import torch
+
 from ..capture import SkipBody, capture_body, skip_body, write_back
+from ..envoy import Envoy
 from ..errors import OutOfOrderError, TraceStateError
 from ..intercept import Consumer
 from ..interleave import ENDED
@@ -37,7 +50,7 @@ class GenerateTracer(Tracer):
 
     _method = "generate"
 
-    def __init__(self, model: Any, args: tuple, kwargs: dict, *, remote: bool = False,
+    def __init__(self, model: Any, args: tuple, kwargs: dict, *, remote: bool | str = False,
                  timeout: float | None = None, blocking: bool = True) -> None:
         original = dict(kwargs)
         input_kwargs = {k: kwargs.pop(k) for k in ("input_ids", "attention_mask") if k in kwargs}
@@ -52,6 +65,11 @@ class GenerateTracer(Tracer):
         """``tracer.iter[a:b]``, ``tracer.iter[:]``, ``tracer.iter[[0, 3]]``."""
         return _StepSelector(self)
 
+    def _reach_step(self, interleaver: Any, step: int) -> bool:
+        """Advance to the start of generation step ``step``; False if generation ended. (An engine
+        whose requests run different numbers of steps, glassbox.vllm, counts them per request.)"""
+        return _reach_step(interleaver, self.model, step)
+
     def all(self) -> _AllSteps:
         """``with tracer.all():`` runs its block at every step (or ``for _ in tracer.all()``)."""
         return _AllSteps(self)
@@ -64,6 +82,99 @@ class GenerateTracer(Tracer):
             if exc is None:
                 for body in per_step:
                     body.publish()
+
+    def _result_envoy(self) -> Any:
+        # LanguageModel's generator; an engine without one (its root's output is the result) works too
+        return self.model.__dict__.get("_generator") or self.model
+
+
+class Streamer(torch.nn.Module):
+    """Hugging Face's streamer protocol (``put`` / ``end``) as a module: every batch of
+    new tokens passes through ``forward``, so ``model.generator.streamer.output`` reads
+    it. The prompt (the first ``put``) is left out: one call per generated token. A
+    streamer the user passes to ``generate`` still gets every ``put`` and ``end``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.user: Any = None
+        self.prompt_seen = False
+
+    def attach(self, user: Any) -> Streamer:
+        """Start a generation; ``user`` is the caller's own streamer (or None)."""
+        self.user, self.prompt_seen = user, False
+        return self
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return tokens
+
+    def put(self, tokens: torch.Tensor) -> None:
+        if self.prompt_seen:
+            self(tokens)
+        self.prompt_seen = True
+        if self.user is not None:
+            self.user.put(tokens)
+
+    def end(self) -> None:
+        user, self.user = self.user, None
+        if user is not None:
+            user.end()
+
+
+class Generator(torch.nn.Module):
+    """``model.generator``: called once with what ``generate`` returned (``.output``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.streamer = Streamer()
+
+    def forward(self, generated: Any) -> Any:
+        return generated
+
+
+class GeneratorEnvoy(Envoy):
+    """``model.generator``: its output is the end of the run, so once generation has
+    finished (an open-ended ``for step in tracer.iter[:]`` runs to the end) reading it
+    still gives what generate returned."""
+
+    @property
+    def output(self) -> Any:
+        interleaver = self._interleaver("output")
+        if interleaver.state == "done":
+            return interleaver.result
+        return Envoy.output.fget(self)
+
+    @output.setter
+    def output(self, value: Any) -> None:
+        Envoy.output.fset(self, value)
+
+
+_WITH_OPS = frozenset({"BEFORE_WITH", "SETUP_WITH"})
+_with_calls: dict[tuple[Any, int], bool] = {}
+_call_through: set[Any] = set()
+
+
+def call_through(fn: Any) -> Any:
+    """Mark ``fn`` as a plain call wrapper (the sandbox's ``_apply``, which runs ``f(*a, **k)``
+    in restricted code): ``called_as_with`` looks past its frame to the user's line."""
+    _call_through.add(fn.__code__)
+    return fn
+
+
+def called_as_with(frame: FrameType) -> bool:
+    """Whether the call now running in ``frame`` is the expression of a ``with``
+    statement: its next instruction enters the context. Read from the bytecode,
+    so it needs no source (python -c, exec)."""
+    while frame.f_code in _call_through and frame.f_back is not None:
+        frame = frame.f_back
+    key = (frame.f_code, frame.f_lasti)
+    known = _with_calls.get(key)
+    if known is None:
+        # f_lasti may point into the CALL's inline cache entries: the next instruction is the
+        # first that starts after it
+        following = (i for i in dis.get_instructions(frame.f_code) if i.offset > frame.f_lasti)
+        after = next(following, None)
+        known = _with_calls[key] = after is not None and after.opname in _WITH_OPS
+    return known
 
 
 class _StepSelector:
@@ -88,7 +199,7 @@ def _iterate(tracer: GenerateTracer, steps: Any) -> Iterator[int]:
         interleaver = root.active
         if interleaver is None:
             return
-        if not _reach_step(interleaver, root, step):
+        if not tracer._reach_step(interleaver, step):
             return
         yield step
 

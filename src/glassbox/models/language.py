@@ -2,7 +2,7 @@
 
 Offers:
     LanguageModel(id_or_dir, device_map=, dtype=, dispatch=False,
-                  attn_implementation=, tokenizer=, automodel=, **hf_kwargs)
+                  attn_implementation=, tokenizer=, automodel=, rename=, **hf_kwargs)
         lazy: the module tree is built on the meta device (shapes only), real
         weights load at the first trace; ``.tokenizer``, ``.config``;
         ``.trace(...)`` and ``.generate(...)``.
@@ -25,10 +25,11 @@ from typing import Any
 import torch
 
 from ..batching import Rows
+from ..envoy import Envoy
 from ..errors import TraceStateError
 from . import attention
 from .base import NNsight
-from .generation import GenerateTracer
+from .generation import GenerateTracer, Generator, GeneratorEnvoy, called_as_with
 from .outputs import tensor_like
 
 
@@ -63,6 +64,7 @@ class LanguageModel(NNsight):
         attn_implementation: str | None = None,
         automodel: Any = None,
         remote_name: str | None = None,
+        rename: dict | None = None,
         **hf_kwargs: Any,
     ) -> None:
         self.__dict__["_remote_as"] = remote_name
@@ -83,7 +85,7 @@ class LanguageModel(NNsight):
             module = _meta_model(automodel, config, attn_implementation, dtype)
         if attn_implementation == attention.ATTN_IMPLEMENTATION:
             attention.add_probe_modules(module)
-        super().__init__(module)
+        super().__init__(module, rename=rename)
         d = self.__dict__
         d["_source"] = source
         d["_load"] = dict(
@@ -91,6 +93,8 @@ class LanguageModel(NNsight):
             attn_implementation=attn_implementation, hf_kwargs=hf_kwargs,
         )
         d["tokenizer"] = tokenizer if tokenizer is not None else _load_tokenizer(source)
+        # outside the module tree (the HF model is not changed): generate() calls it with its result
+        d["_generator"] = GeneratorEnvoy(Generator(), self, "generator")
         if dispatch:
             self._ensure_ready()
 
@@ -138,14 +142,22 @@ class LanguageModel(NNsight):
     def config(self) -> Any:
         return self._module.config
 
+    @property
+    def generator(self) -> Envoy:
+        """Inside ``model.generate(...)``: ``model.generator.output`` is what ``generate``
+        returns (the ids, prompt included), ``model.generator.streamer.output`` the new
+        token of one step (``[batch]``)."""
+        return self.__dict__["_generator"]
+
     # ---------------------------------------------------------------- contexts
 
     def generate(
-        self, *args: Any, remote: bool = False, timeout: float | None = None, blocking: bool = True,
+        self, *args: Any, remote: bool | str = False, timeout: float | None = None, blocking: bool = True,
         **kwargs: Any,
-    ) -> GenerateTracer:
+    ) -> Any:
         """``with model.generate(prompt, max_new_tokens=N) as tracer:`` — a trace
-        around Hugging Face ``generate``; each forward call is one step."""
+        around Hugging Face ``generate``; each forward call is one step. Called
+        without ``with`` it just generates and returns the ids."""
         if self.active is not None:
             raise TraceStateError(
                 "model.generate() opens its own trace and cannot run inside another one. "
@@ -153,7 +165,10 @@ class LanguageModel(NNsight):
                 "        model.<layer>.output[:, -1] *= 1.5   # step 0; use tracer.iter[...] or "
                 "tracer.all() for more steps\n    tokens = tracer.result"
             )
-        return GenerateTracer(self, args, kwargs, remote=remote, timeout=timeout, blocking=blocking)
+        tracer = GenerateTracer(self, args, kwargs, remote=remote, timeout=timeout, blocking=blocking)
+        if remote or called_as_with(sys._getframe(1)):
+            return tracer
+        return tracer._run_now()
 
     def _remote_name(self) -> str:
         """The name the server knows this model by: ``remote_name=``, else the
@@ -162,10 +177,11 @@ class LanguageModel(NNsight):
         return os.path.basename(os.path.normpath(name)) if os.path.isdir(str(name)) else str(name)
 
     def _run_remotely(self, method: str, body: Any, frame: Any, inputs: list, call: dict, *,
-                      timeout: float | None, blocking: bool) -> Any:
+                      timeout: float | None, blocking: bool, local: bool = False) -> Any:
         from ..remote.client import RemoteRun
 
-        return RemoteRun(self, method, body, frame, inputs, call, timeout=timeout, blocking=blocking)
+        return RemoteRun(self, method, body, frame, inputs, call, timeout=timeout, blocking=blocking,
+                         local=local)
 
     # ---------------------------------------------------------------- inputs
 
@@ -266,7 +282,12 @@ class LanguageModel(NNsight):
         if generate is not None:
             generate = dict(generate)
             generate.setdefault("pad_token_id", self._pad_id())
-            return module.generate(**kwargs, **generate)
+            generator = self.__dict__["_generator"]._module
+            config = getattr(module, "generation_config", None)
+            beams = generate.get("num_beams", getattr(config, "num_beams", 1))
+            if (beams or 1) == 1:  # transformers refuses a streamer with beam search
+                generate["streamer"] = generator.streamer.attach(generate.get("streamer"))
+            return generator(module.generate(**kwargs, **generate))
         mask = kwargs["attention_mask"]
         accepts = self.__dict__.get("_accepts_positions")
         if accepts is None or accepts[0] is not module:  # inspect.signature costs ~25 µs: once per model

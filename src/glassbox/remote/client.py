@@ -4,6 +4,8 @@ Offers:
     RemoteRun     one remote trace / generate / session: built from the captured
                   block and the caller's frame; ``.run()`` submits it and, when
                   blocking, writes the saved values into the caller's variables.
+                  ``local=True`` (``remote="local"``): the same request, run by the
+                  server's executor in this process (server/jobs/inprocess.py).
     JobHandle     what ``blocking=False`` gives: ``.status()``, ``.result()``,
                   ``.cancel()``, ``.forget()``; ``JobHandle(job_id)`` works from a new process too.
     NotSaved      stands in for a variable the block set but did not save.
@@ -87,7 +89,10 @@ class RemoteRun:
         *,
         timeout: float | None = None,
         blocking: bool = True,
+        local: bool = False,
     ) -> None:
+        if local and not blocking:
+            raise ValueError("remote='local' runs the block in this process: blocking=False is not available")
         if body is None:
             raise TraceStateError(
                 "remote=True needs the source of the block (run it from a file or a notebook cell, "
@@ -101,6 +106,7 @@ class RemoteRun:
         self.call = call
         self.timeout = timeout
         self.blocking = blocking
+        self.local = local
         self.sent: dict[str, Any] = {}
         self.result: Any = None
         self.job: JobHandle | None = None
@@ -158,11 +164,14 @@ class RemoteRun:
                 modules[name] = value.__name__
             elif hasattr(builtins, name) and value is getattr(builtins, name):
                 continue  # print, len, ...: the server has its own (a variable that is None is sent)
+            elif isinstance(value, NotSaved):
+                continue  # an earlier remote block's placeholder: it holds nothing to send
             else:
                 values[name] = value
         self.sent = values
         desc, blob = encode_values({"vars": values, "inputs": self.inputs, "call": self.call})
-        containers = {n for n, v in values.items() if isinstance(v, (list, dict))}  # may be filled remotely
+        # containers the block may fill remotely come back
+        containers = {n for n, v in values.items() if isinstance(v, (list, dict, set))}
         returns = sorted(set(self.body.writes) | containers)
         envelope = make_envelope(JOB_KIND, {
             "model": self.model._remote_name(),
@@ -186,6 +195,13 @@ class RemoteRun:
         from . import transport
 
         envelope, blob = self._request()
+        if self.local:
+            # the server's own executor, run here; imported only on this path (see its docstring)
+            from ..server.jobs.inprocess import run_in_process
+
+            reply, out_blob = run_in_process(self.model, envelope, blob, log=_show_log)
+            self._apply(reply, out_blob)
+            return
         host, key = CONFIG.HOST, CONFIG.API_KEY
         job_id = transport.submit(host, key, envelope, blob, self.timeout or CONFIG.TIMEOUT)
         self.job = JobHandle(job_id, host=host, api_key=key)
@@ -210,7 +226,7 @@ class RemoteRun:
             original = self.sent.get(name)
             if isinstance(original, list) and isinstance(value, list):
                 original[:] = value  # keep the caller's object: others may hold it
-            elif isinstance(original, dict) and isinstance(value, dict):
+            elif any(isinstance(original, kind) and isinstance(value, kind) for kind in (dict, set)):
                 original.clear()
                 original.update(value)
             else:
@@ -234,6 +250,11 @@ def _local_form(value: Any, depth: int = 0) -> Any:
     if isinstance(value, dict):
         return {k: _local_form(v, depth + 1) for k, v in value.items()}
     return value
+
+
+def _show_log(text: str) -> None:
+    sys.stdout.write(text)
+    sys.stdout.flush()
 
 
 def _follow(job: JobHandle, timeout: float) -> None:

@@ -17,14 +17,20 @@ Values are described by tagged JSON nodes::
 
     {"t": "none"} {"t": "bool", "v": true} {"t": "int", "v": 3} {"t": "float", "v": 0.5 | "nan" | "inf"}
     {"t": "str", "v": "..."} {"t": "bytes", "v": "<base64>"}
-    {"t": "list" | "tuple", "v": [node, ...]} {"t": "dict", "v": {"key": node, ...}}
+    {"t": "list" | "tuple" | "set" | "frozenset", "v": [node, ...]} {"t": "dict", "v": {"key": node, ...}}
+    {"t": "map", "v": [[key node, value node], ...]}   a dict with any non-str key (int, tuple, ...)
     {"t": "slice", "v": [node, node, node]} {"t": "dtype", "v": "float32"} {"t": "size", "v": [2, 3]}
     {"t": "device", "v": "cuda:0"} {"t": "function", "name": "f", "source": "def f(x): ..."}
-    {"t": "tensor", "key": "t0", "dtype": "bfloat16", "shape": [2, 3]}   (+ "numpy", "complex", "scalar")
+    {"t": "tensor", "key": "t0", "dtype": "bfloat16", "shape": [2, 3]}   (+ "numpy", "complex", "scalar",
+                                                                   "grad": node: its .grad, when it has one)
     {"t": "model_output", "cls": "transformers....CausalLMOutputWithPast", "v": {"key": node, ...}}
 
 Tensors travel in the blob under their ``key``; a tensor object that occurs
-twice is sent once and decodes to one object again. Functions are decoded as
+twice is sent once and decodes to one object again; a tensor's ``.grad`` (say
+after ``h.retain_grad()`` and ``loss.backward()``) travels with it. "map",
+"set", "frozenset" and "grad" came after protocol 1's first release: an older
+peer refuses them with "unknown value kind" (or, for "grad", drops it), so no
+bump was needed for the values both sides could already send. Functions are decoded as
 ``RemoteFunction`` (the server compiles them under restriction, if at all).
 """
 
@@ -32,17 +38,30 @@ from __future__ import annotations
 
 import ast
 import base64
-import binascii
 import inspect
 import math
 import textwrap
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from ..errors import GlassboxError
+from .decoder import Decoder
+from .wire import (
+    DEFAULT_MAX_BYTES,
+    DEFAULT_MAX_DEPTH,
+    DEFAULT_MAX_ELEMENTS,
+    DTYPES,
+    VIA_REAL,
+    ProtocolError,
+    RemoteFunction,
+    dtype_name,
+)
 
+__all__ = [
+    "DEFAULT_MAX_BYTES", "DEFAULT_MAX_DEPTH", "DEFAULT_MAX_ELEMENTS", "FINAL_STATUSES", "JOB_KIND",
+    "JOB_STATUSES", "PROTOCOL_VERSION", "RESULT_KIND", "ProtocolError", "RemoteFunction",
+    "check_envelope", "decode_values", "encode_values", "make_envelope",
+]
 PROTOCOL_VERSION = 1
 
 JOB_KIND = "job"
@@ -50,32 +69,11 @@ RESULT_KIND = "result"
 JOB_STATUSES = ("RECEIVED", "QUEUED", "RUNNING", "COMPLETED", "ERROR", "CANCELLED")
 FINAL_STATUSES = frozenset({"COMPLETED", "ERROR", "CANCELLED"})
 
-DEFAULT_MAX_BYTES = 2 * 1024**3
-DEFAULT_MAX_DEPTH = 64
-DEFAULT_MAX_ELEMENTS = 1_000_000
-
 _HEADER = ("protocol", "glassbox", "kind")
 _SUPPORTED = (
-    "tensors, numpy arrays, None, bool, int, float, str, bytes, lists, tuples, dicts with str keys, "
-    "slices, torch dtypes / sizes / devices and plain functions"
+    "tensors (with their .grad), numpy arrays, None, bool, int, float, str, bytes, lists, tuples, "
+    "sets, dicts (keys of these types), slices, torch dtypes / sizes / devices and plain functions"
 )
-
-
-class ProtocolError(GlassboxError):
-    """A value cannot be sent, or a received message is not one this side can read."""
-
-
-@dataclass(frozen=True)
-class RemoteFunction:
-    """A user-defined function as sent over the wire: its name and its source.
-
-        fn = RemoteFunction("double", "def double(x):\\n    return x * 2\\n")
-        desc, blob = encode_values({"double": fn})
-        assert decode_values(desc, blob)["double"] == fn
-    """
-
-    name: str
-    source: str
 
 
 def _version() -> str:
@@ -83,29 +81,6 @@ def _version() -> str:
     from .. import __version__
 
     return __version__
-
-
-# ---------------------------------------------------------------- dtypes
-
-# Everything safetensors can hold, by the name safetensors and torch share.
-_DTYPES: dict[str, torch.dtype] = {
-    name: getattr(torch, name)
-    for name in (
-        "bool", "uint8", "int8", "int16", "int32", "int64", "uint16", "uint32", "uint64",
-        "float16", "bfloat16", "float32", "float64", "complex64",
-        "float8_e4m3fn", "float8_e4m3fnuz", "float8_e5m2", "float8_e5m2fnuz",
-    )
-    if isinstance(getattr(torch, name, None), torch.dtype)
-}
-# Complex dtypes safetensors lacks travel as their real view (last dim 2).
-_VIA_REAL = {torch.complex128: torch.float64, torch.complex32: torch.float16}
-_ALL_DTYPES: dict[str, torch.dtype] = {
-    str(d).removeprefix("torch."): d for d in vars(torch).values() if isinstance(d, torch.dtype)
-}
-
-
-def _dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
 
 
 # ---------------------------------------------------------------- encoding
@@ -162,7 +137,7 @@ class _Encoder:
         if isinstance(value, torch.Tensor):
             return self.tensor(value, path)
         if isinstance(value, torch.dtype):
-            return {"t": "dtype", "v": _dtype_name(value)}
+            return {"t": "dtype", "v": dtype_name(value)}
         if isinstance(value, torch.Size):
             return {"t": "size", "v": [int(n) for n in value]}
         if isinstance(value, torch.device):
@@ -173,7 +148,7 @@ class _Encoder:
                                         for p, n in zip(parts, ("start", "stop", "step"))]}
         if isinstance(value, RemoteFunction):
             return {"t": "function", "name": value.name, "source": value.source}
-        if isinstance(value, (list, tuple, dict)):
+        if isinstance(value, (list, tuple, dict, set, frozenset)):
             return self.container(value, path, depth)
         if inspect.isfunction(value):
             return _function_node(value, path)
@@ -185,18 +160,20 @@ class _Encoder:
         self.open.add(id(value))
         try:
             if isinstance(value, dict):
-                items = {}
-                for key, item in value.items():
-                    if not isinstance(key, str):
-                        raise ProtocolError(
-                            f"cannot send {path}: key {key!r} is {type(key).__name__}; only str keys can "
-                            "be sent (convert the keys with str(), or send a list of pairs)"
-                        )
-                    items[key] = self.node(item, f"{path}[{key!r}]", depth + 1)
                 cls = _model_output_class(value)
+                if cls is None and not all(type(key) is str for key in value):
+                    # keys keep their type: clean_cache[layer], results[(layer, pos)]
+                    return {"t": "map", "v": [
+                        [self.node(key, f"{path} key {key!r}", depth + 1),
+                         self.node(item, f"{path}[{key!r}]", depth + 1)] for key, item in value.items()
+                    ]}
+                items = {key: self.node(item, f"{path}[{key!r}]", depth + 1) for key, item in value.items()}
                 if cls is not None:
                     return {"t": "model_output", "cls": cls, "v": items}
                 return {"t": "dict", "v": items}
+            if isinstance(value, (set, frozenset)):
+                kind = "set" if isinstance(value, set) else "frozenset"
+                return {"t": kind, "v": [self.node(v, f"{path} item", depth + 1) for v in value]}
             kind = "tuple" if isinstance(value, tuple) else "list"
             return {"t": kind, "v": [self.node(v, f"{path}[{i}]", depth + 1) for i, v in enumerate(value)]}
         finally:
@@ -213,14 +190,14 @@ class _Encoder:
         if value.device.type == "meta":
             raise ProtocolError(f"cannot send {path}: it is a meta tensor and holds no data")
         data = value.detach().resolve_conj().resolve_neg()
-        node: dict[str, Any] = {"t": "tensor", "dtype": _dtype_name(value.dtype), "shape": list(value.shape)}
-        if value.dtype in _VIA_REAL:
+        node: dict[str, Any] = {"t": "tensor", "dtype": dtype_name(value.dtype), "shape": list(value.shape)}
+        if value.dtype in VIA_REAL:
             data = torch.view_as_real(data)
             node["complex"] = True
-        elif _dtype_name(value.dtype) not in _DTYPES:
+        elif dtype_name(value.dtype) not in DTYPES:
             raise ProtocolError(
                 f"cannot send {path}: dtype {value.dtype} is not supported on the wire; "
-                f"convert it with .to(torch.float32) (supported: {', '.join(_DTYPES)})"
+                f"convert it with .to(torch.float32) (supported: {', '.join(DTYPES)})"
             )
         data = data.to("cpu").contiguous()
         # safetensors refuses two entries that share memory: copy the later one.
@@ -236,6 +213,10 @@ class _Encoder:
         node.update({mark: True for mark, on in marks.items() if on})
         self.keys[id(value)] = node
         self.alive.append(value)
+        # .grad of a non-leaf that does not retain it is always None (and reading it warns)
+        grad = value.grad if not marks and (value.is_leaf or value.retains_grad) else None
+        if grad is not None:
+            node["grad"] = self.tensor(grad, f"{path}.grad")
         return node
 
     def numpy(self, value: Any, path: str) -> dict:
@@ -319,8 +300,6 @@ def _unsupported(value: Any, path: str) -> str:
         hint = "modules cannot be sent; import it inside the trace (torch, math and einops are available)"
     elif callable(value):
         hint = "only plain functions defined with def can be sent; compute the value inside the trace"
-    elif isinstance(value, (set, frozenset)):
-        hint = "convert it to a list or a tuple"
     else:
         hint = "convert it to a tensor or a list"
     return f"cannot send {path} ({kind}): {hint}. Supported: {_SUPPORTED}."
@@ -363,169 +342,8 @@ def decode_values(
             tensors = load_safetensors(bytes(blob))
         except Exception as err:  # safetensors raises its own (Rust) error types
             raise ProtocolError(f"the tensor blob is not valid safetensors data: {err}") from None
-    decoder = _Decoder(tensors, max_depth, max_elements, numpy_as_tensor)
+    decoder = Decoder(tensors, max_depth, max_elements, numpy_as_tensor)
     return {str(name): decoder.value(node, str(name), 0) for name, node in desc["values"].items()}
-
-
-class _Decoder:
-    def __init__(self, tensors: dict, max_depth: int, max_elements: int, numpy_as_tensor: bool) -> None:
-        self.tensors = tensors
-        self.max_depth = max_depth
-        self.budget = max_elements
-        self.max_elements = max_elements
-        self.numpy_as_tensor = numpy_as_tensor
-        self.done: dict[str, Any] = {}
-
-    def value(self, node: Any, path: str, depth: int) -> Any:
-        if depth > self.max_depth:
-            raise ProtocolError(f"{path} is nested deeper than the limit of {self.max_depth} levels")
-        self.budget -= 1
-        if self.budget < 0:
-            raise ProtocolError(f"the message holds more than the limit of {self.max_elements:,} values")
-        if not isinstance(node, dict) or not isinstance(node.get("t"), str):
-            raise ProtocolError(f"malformed value description at {path}: {str(node)[:80]}")
-        kind = node["t"]
-        reader = getattr(self, f"read_{kind}", None)
-        if reader is None:
-            raise ProtocolError(
-                f"unknown value kind {kind!r} at {path}: the sender speaks a newer protocol? "
-                "Upgrade this side with `pip install -U glassbox`"
-            )
-        try:
-            return reader(node, path, depth)
-        except ProtocolError:
-            raise
-        except (KeyError, TypeError, ValueError, AttributeError, RuntimeError) as err:
-            raise ProtocolError(f"malformed {kind} value at {path}: {err}") from None
-
-    def read_none(self, node: dict, path: str, depth: int) -> None:
-        return None
-
-    def read_bool(self, node: dict, path: str, depth: int) -> bool:
-        return _typed(node["v"], bool, path)
-
-    def read_int(self, node: dict, path: str, depth: int) -> int:
-        v = node["v"]
-        if type(v) is not int:
-            raise ProtocolError(f"malformed int value at {path}")
-        return v
-
-    def read_float(self, node: dict, path: str, depth: int) -> float:
-        v = node["v"]
-        if isinstance(v, str) and v in ("nan", "inf", "-inf"):
-            return float(v)
-        if type(v) not in (int, float):
-            raise ProtocolError(f"malformed float value at {path}")
-        return float(v)
-
-    def read_str(self, node: dict, path: str, depth: int) -> str:
-        return _typed(node["v"], str, path)
-
-    def read_bytes(self, node: dict, path: str, depth: int) -> bytes:
-        try:
-            return base64.b64decode(_typed(node["v"], str, path), validate=True)
-        except binascii.Error:
-            raise ProtocolError(f"malformed base64 bytes at {path}") from None
-
-    def read_list(self, node: dict, path: str, depth: int) -> list:
-        items = _typed(node["v"], list, path)
-        return [self.value(item, f"{path}[{i}]", depth + 1) for i, item in enumerate(items)]
-
-    def read_tuple(self, node: dict, path: str, depth: int) -> tuple:
-        return tuple(self.read_list(node, path, depth))
-
-    def read_dict(self, node: dict, path: str, depth: int) -> dict:
-        items = _typed(node["v"], dict, path)
-        return {str(k): self.value(v, f"{path}[{k!r}]", depth + 1) for k, v in items.items()}
-
-    def read_model_output(self, node: dict, path: str, depth: int) -> Any:
-        fields = self.read_dict(node, path, depth)
-        cls = _resolve_model_output(_typed(node["cls"], str, path))
-        return fields if cls is None else cls(**fields)
-
-    def read_slice(self, node: dict, path: str, depth: int) -> slice:
-        parts = _typed(node["v"], list, path)
-        if len(parts) != 3:
-            raise ProtocolError(f"malformed slice at {path}")
-        start, stop, step = (self.value(p, f"{path}.{n}", depth + 1)
-                             for p, n in zip(parts, ("start", "stop", "step")))
-        return slice(start, stop, step)
-
-    def read_dtype(self, node: dict, path: str, depth: int) -> torch.dtype:
-        name = _typed(node["v"], str, path)
-        if name not in _ALL_DTYPES:
-            raise ProtocolError(f"unknown torch dtype {name!r} at {path}: is torch older on this side?")
-        return _ALL_DTYPES[name]
-
-    def read_size(self, node: dict, path: str, depth: int) -> torch.Size:
-        dims = _typed(node["v"], list, path)
-        if not all(type(d) is int for d in dims):
-            raise ProtocolError(f"malformed torch.Size at {path}")
-        return torch.Size(dims)
-
-    def read_device(self, node: dict, path: str, depth: int) -> torch.device:
-        return torch.device(_typed(node["v"], str, path))
-
-    def read_function(self, node: dict, path: str, depth: int) -> RemoteFunction:
-        name = _typed(node["name"], str, path)
-        if not name.isidentifier():
-            raise ProtocolError(f"malformed function name {name!r} at {path}")
-        return RemoteFunction(name, _typed(node["source"], str, path))
-
-    def read_tensor(self, node: dict, path: str, depth: int) -> Any:
-        key = _typed(node["key"], str, path)
-        if key in self.done:
-            return self.done[key]
-        if key not in self.tensors:
-            raise ProtocolError(f"{path} refers to tensor {key!r}, which is missing from the tensor blob")
-        tensor = self.tensors[key]
-        dtype_name = _typed(node["dtype"], str, path)
-        shape = _typed(node["shape"], list, path)
-        if node.get("complex"):
-            if dtype_name not in _ALL_DTYPES or _ALL_DTYPES[dtype_name] not in _VIA_REAL:
-                raise ProtocolError(f"malformed complex tensor at {path}")
-            expected = _VIA_REAL[_ALL_DTYPES[dtype_name]]
-            if tensor.dtype != expected or list(tensor.shape) != [*shape, 2]:
-                raise ProtocolError(f"tensor {key!r} at {path} does not match its description")
-            tensor = torch.view_as_complex(tensor.contiguous())
-        elif _dtype_name(tensor.dtype) != dtype_name or list(tensor.shape) != shape:
-            raise ProtocolError(
-                f"tensor {key!r} at {path} is {tensor.dtype} {list(tensor.shape)} in the blob but "
-                f"described as {dtype_name} {shape}"
-            )
-        value: Any = tensor
-        if node.get("numpy") and not self.numpy_as_tensor:
-            value = tensor.numpy()
-            if node.get("scalar"):
-                value = value[()]
-        self.done[key] = value
-        return value
-
-
-def _typed(value: Any, kind: type, path: str) -> Any:
-    if type(value) is not kind:
-        got = type(value).__name__
-        raise ProtocolError(f"malformed value at {path}: expected {kind.__name__}, got {got}")
-    return value
-
-
-def _resolve_model_output(qualname: str) -> type | None:
-    """The transformers ModelOutput class named ``qualname``, or None (then a dict is returned).
-    Only transformers classes derived from ModelOutput are ever looked up."""
-    module_name, _, name = qualname.rpartition(".")
-    if not module_name.startswith("transformers.") or not name.isidentifier():
-        return None
-    try:
-        import importlib
-
-        from transformers.utils import ModelOutput
-
-        cls = getattr(importlib.import_module(module_name), name, None)
-    except Exception:  # transformers missing or a different version: fall back to a dict
-        return None
-    if isinstance(cls, type) and issubclass(cls, ModelOutput):
-        return cls
-    return None
 
 
 # ---------------------------------------------------------------- envelope

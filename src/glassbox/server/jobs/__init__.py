@@ -4,7 +4,9 @@
     execute.py     one job: decode, compile under the sandbox, trace, reply
     cotenant.py    several jobs in ONE forward pass, each on its own rows
     batchable.py   which requests may share a pass (runs in the API process; no torch models)
-    served.py      the served models: load, hand out, verify and restore after each job
+    served.py      the served models: hand out, verify and restore after each job
+    loading.py     load and evict served models (read-only weights, paths hidden)
+    inprocess.py   ``remote="local"``: one job run in the client's process, as a worker runs it
     integrity.py   WeightGuard: keyed weight checksums, snapshot and restore
     sealed.py      read-only weights: CPU parameters in mprotect(PROT_READ) memory
 

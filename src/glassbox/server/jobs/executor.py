@@ -30,7 +30,8 @@ from typing import Any, Protocol
 
 from .cotenant import run_batch
 from .execute import run_job
-from .served import after_job, load_model, load_models, unload_model
+from .loading import load_model, load_models, unload_model
+from .served import after_job
 
 __all__ = ["Executor", "after_job", "load_model", "load_models", "run_batch", "run_job", "unload_model"]
 

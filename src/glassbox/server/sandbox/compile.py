@@ -138,6 +138,7 @@ from RestrictedPython.transformer import (
 )
 
 from ...envoy import Envoy
+from ...models.generation import call_through
 from ...remote.protocol import RemoteFunction
 from .guards import ModuleView, Policy, SandboxError, deny
 
@@ -382,6 +383,7 @@ def _blocked(name: str, why: str) -> Callable:
     return blocked
 
 
+@call_through  # `with model.generate(*a, **k):` still reads as a with block
 def _apply(fn: Callable, *args: Any, **kwargs: Any) -> Any:
     # RestrictedPython routes f(*a, **k) through here; the arguments need no
     # guarding of their own (every attribute they reach is guarded).

@@ -31,6 +31,7 @@ import torch
 
 from ...envoy import Envoy
 from ...errors import SandboxError
+from ...models.generation import call_through
 from .offloaded import offloaded_tensors
 from .whitelist import SPECS, ModuleView, dangerous, importable_modules
 
@@ -72,7 +73,9 @@ _MODULE_READ = frozenset({
 # Envoy API open to remote code. ``to``/``cuda``/``half``/``train``/``edit``... change the
 # served model for every later job, so they stay closed.
 _ENVOY_API = frozenset({"output", "input", "inputs", "skip", "next", "modules", "trace", "session",
-                        "generate", "tokenizer", "config", "device", "dtype", "source"})
+                        "generate", "tokenizer", "config", "device", "dtype", "source",
+                        # navigation (get walks submodules and aliases only) and generate's output
+                        "get", "named_modules", "devices", "generator"})
 _ENVOY_WRITABLE = frozenset({"output", "input", "inputs"})
 _LOCAL_ONLY_KWARGS = ("remote", "backend", "blocking")
 
@@ -582,4 +585,4 @@ def _local_only(method: Callable, name: str) -> Callable:
 
     call.__name__ = name
     call.__doc__ = method.__doc__
-    return call
+    return call_through(call)  # `with model.generate(...)` must still read as a with block

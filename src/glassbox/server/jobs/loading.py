@@ -1,0 +1,99 @@
+"""Loading and evicting the models a worker serves.
+
+Offers:
+    load_models(specs)            {name: folder or hub id, or {"path": ..., "options": {...}}} ->
+                                  loaded LanguageModels (``options``: dtype, device_map, ... as
+                                  LanguageModel takes them): parameters in read-only memory
+                                  (sealed.py), server paths hidden, the rest (buffers) snapshotted
+    load_model(name, spec) / unload_model(models, name)   one model, for on-demand loading
+                                  (a spec with ``"engine": "vllm"``: a glassbox.VLLM, vllm_served.py)
+
+The weight guards they register live in served.py, which every job uses.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import gc
+import sys
+from typing import Any
+
+from .offload import own_offload_files
+from .sealed import release, seal
+from .served import _guard, _guards, _last_model
+
+__all__ = ["load_model", "load_models", "unload_model"]
+
+
+def load_models(specs: dict[str, Any]) -> dict[str, Any]:
+    """Load each served model with its weights (``LanguageModel(path, dispatch=True, **options)``)."""
+    return {name: load_model(name, spec) for name, spec in specs.items()}
+
+
+def load_model(name: str, spec: Any) -> Any:
+    """One model: ``spec`` is its path, or ``{"path": ..., "options": {...}}`` (the catalog's
+    LanguageModel options: dtype, device_map, max_memory, offload_folder, ...), meaning exactly
+    what they mean to a local ``LanguageModel``, so remote values equal local ones."""
+    from ...models.language import LanguageModel
+
+    if isinstance(spec, dict) and spec.get("engine", "hf") != "hf":
+        from .vllm_served import load_vllm
+
+        return load_vllm(name, spec)
+    path, options = (spec, {}) if isinstance(spec, str) else (spec["path"], dict(spec.get("options") or {}))
+    shown = ", ".join(f"{k}={v!r}" for k, v in options.items())
+    print(f"[glassbox worker] loading {name} from {path}{' (' + shown + ')' if shown else ''}",
+          file=sys.stderr, flush=True)
+    model = LanguageModel(path, dispatch=True, **options)
+    own_offload_files(model._module)
+    sealed = seal(model._module)
+    print(f"[glassbox worker] {name}: {sealed / 2**20:.0f} MiB of weights in read-only memory",
+          file=sys.stderr, flush=True)
+    _hide_paths(model, name)
+    _guard(model)
+    _give_back_freed_memory()  # the weights' pre-seal copies: ~2x the model held until some later malloc
+    return model
+
+
+def _give_back_freed_memory() -> None:
+    gc.collect()
+    try:  # hand freed heap pages back to the OS now (glibc keeps them otherwise)
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
+
+
+def unload_model(models: dict[str, Any], name: str) -> int:
+    """Evict ``name`` from ``models`` and give its memory back to the system; returns the bytes of
+    read-only weight memory unmapped. Only the worker calls it, between jobs: no job holds the model."""
+    model = models.pop(name, None)
+    if model is None:
+        return 0
+    _guards.pop(id(model._module), None)
+    if name in _last_model:
+        _last_model.remove(name)
+    freed = release(model._module)
+    del model
+    _give_back_freed_memory()
+    print(f"[glassbox worker] evicted {name} ({freed / 2**20:.0f} MiB of weights unmapped)",
+          file=sys.stderr, flush=True)
+    return freed
+
+
+def _hide_paths(model: Any, name: str) -> None:
+    """Where the weights lie on the server is nobody's business: the config, generation config and
+    tokenizer say the served name instead."""
+    for obj in (getattr(model._module, "config", None), getattr(model._module, "generation_config", None)):
+        if obj is not None and hasattr(obj, "_name_or_path"):
+            obj._name_or_path = name
+    tokenizer = getattr(model, "tokenizer", None)
+    if tokenizer is not None:
+        if hasattr(tokenizer, "name_or_path"):
+            try:
+                tokenizer.name_or_path = name
+            except AttributeError:  # a read-only property in some tokenizer classes
+                pass
+        init_kwargs = getattr(tokenizer, "init_kwargs", None)
+        if isinstance(init_kwargs, dict):
+            for key in ("name_or_path", "vocab_file", "merges_file", "tokenizer_file"):
+                init_kwargs.pop(key, None)
