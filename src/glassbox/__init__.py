@@ -49,4 +49,11 @@ def __getattr__(name: str):
         import importlib
 
         return importlib.import_module(".plot", __name__)
+    # glassbox.VLLM on first use: vLLM pins its own torch and transformers and lives in its own
+    # virtualenv, so `import glassbox` never imports it (VLLM itself needs it only to start an engine:
+    # a handle on a server's vLLM model traces remotely without it)
+    if name == "VLLM":
+        from .vllm import VLLM
+
+        return VLLM
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -86,7 +86,9 @@ def test_relative_paths_are_taken_from_the_catalogs_folder(tmp_path):
     ('load = "lazy"', ["model 'm'", "load = 'lazy'", "on_demand"]),
     ("replicas = 0", ["model 'm'", "replicas = 0"]),
     ("resources = { tpus = 1 }", ["model 'm'", "resources.tpus"]),
-    ('engine = "vllm"', ["model 'm'", "engine 'vllm'"]),
+    ('engine = "tgi"', ["model 'm'", "engine = 'tgi'", "vllm"]),
+    ('engine = "vllm"\ndevice_map = "auto"', ["model 'm'", "'device_map'", "glassbox.VLLM"]),
+    ('engine = "vllm"\nload = "on_demand"', ["model 'm'", "engine 'vllm'", "eager"]),
 ])
 def test_a_wrong_option_names_the_model_the_option_and_the_value(tmp_path, tiny, body, words):
     path = write(tmp_path, f'[models.m]\npath = "{tiny}"\n{body}\n')

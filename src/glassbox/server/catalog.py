@@ -4,8 +4,10 @@ Offers:
     read_catalog(path) -> Catalog        parse and check a TOML catalog (``glassbox serve --models-file``)
     Catalog(server, models)              ``server``: ServerConfig values from ``[server]``;
                                          ``models``: name -> ModelEntry
-    ModelEntry(name, path, options, load, pinned, replicas, resources)
+    ModelEntry(name, path, options, load, pinned, replicas, resources, engine)
     LOAD_OPTIONS                         the per-model options passed on to ``LanguageModel(path, ...)``
+    VLLM_OPTIONS                         those passed on to ``glassbox.VLLM(path, ...)`` (engine = "vllm")
+    ENGINES                              "hf" (transformers, the default) and "vllm" (docs/vllm.md)
     LOAD_MODES                           "eager" (loaded at start) and "on_demand" (at its first job)
     parse_size("16GiB") -> bytes         sizes as operators write them (int bytes, KB/MB/GB, KiB/MiB/GiB)
     CatalogError                         a ValueError naming the file, the model, the option and the value
@@ -25,6 +27,11 @@ A catalog::
     replicas = 2                   # --backend ray: replicas, and what each asks Ray for
     resources = { gpus = 1 }
 
+    [models.smollm2-vllm]
+    path = "/models/smollm2"
+    engine = "vllm"                # its own worker process on vLLM (docs/vllm.md, "On a server")
+    dtype = "float32"              # and the glassbox.VLLM options max_model_len, kv_cache_gib
+
 Why checked here, before any weight is read: an operator's typo (``dtpye``, ``device_map =
 "gpu"``) must fail at start with the model, the option and the value named, not as a
 transformers traceback on the first job of the night.
@@ -42,14 +49,17 @@ try:
 except ImportError:  # Python 3.10: the same parser, packaged
     import tomli as tomllib  # type: ignore[no-redef]
 
-__all__ = ["LOAD_MODES", "LOAD_OPTIONS", "Catalog", "CatalogError", "ModelEntry", "parse_size",
-           "read_catalog"]
+__all__ = ["ENGINES", "LOAD_MODES", "LOAD_OPTIONS", "VLLM_OPTIONS", "Catalog", "CatalogError", "ModelEntry",
+           "parse_size", "read_catalog"]
 
 # The LanguageModel / from_pretrained options a catalog may set per model (the rest of a model's
 # table is the server's: path, load, pinned, replicas, resources). A closed list so that a typo
 # is an error, not an option silently passed to transformers and ignored.
 LOAD_OPTIONS = ("dtype", "device_map", "max_memory", "offload_folder", "offload_buffers",
                 "attn_implementation", "revision", "subfolder", "trust_remote_code", "low_cpu_mem_usage")
+# A vLLM model takes these instead (glassbox.VLLM's own options; docs/vllm.md).
+VLLM_OPTIONS = ("dtype", "max_model_len", "kv_cache_gib")
+ENGINES = ("hf", "vllm")
 _SERVER_KEYS = ("path", "load", "pinned", "replicas", "resources", "engine")
 LOAD_MODES = ("eager", "on_demand")
 _DTYPES = ("float32", "float16", "bfloat16", "float64", "auto")
@@ -92,10 +102,12 @@ class ModelEntry:
     pinned: bool = False
     replicas: int = 1
     resources: dict[str, float] = field(default_factory=dict)
+    engine: str = "hf"
 
     def worker_spec(self) -> dict[str, Any]:
         """What a worker needs to load it (the executor's ``load_models`` takes these)."""
-        return {"path": self.path, "options": dict(self.options)}
+        spec = {"path": self.path, "options": dict(self.options)}
+        return {**spec, "engine": self.engine} if self.engine != "hf" else spec
 
 
 @dataclass(frozen=True)
@@ -140,20 +152,24 @@ def _entry(path: Path, base: Path, name: str, table: Any) -> ModelEntry:
                            "starting with a letter")
     if not isinstance(table, dict):
         raise CatalogError(f"{where}: must be a table ([models.{name}]) with at least path = \"...\"")
-    unknown = sorted(set(table) - set(LOAD_OPTIONS) - set(_SERVER_KEYS))
+    engine = table.get("engine", "hf")
+    if engine not in ENGINES:
+        raise CatalogError(f"{where}: engine = {engine!r}; choose one of {list(ENGINES)} ('hf': "
+                           "transformers, 'vllm': vLLM, docs/vllm.md)")
+    takes = VLLM_OPTIONS if engine == "vllm" else LOAD_OPTIONS
+    unknown = sorted(set(table) - set(takes) - set(_SERVER_KEYS))
     if unknown:
+        kind = "glassbox.VLLM" if engine == "vllm" else "LanguageModel"
         raise CatalogError(f"{where}: unknown option(s) {unknown}; a model takes {list(_SERVER_KEYS)} and "
-                           f"the LanguageModel options {list(LOAD_OPTIONS)}")
+                           f"the {kind} options {list(takes)}")
     model_path = table.get("path")
     if not isinstance(model_path, str) or not model_path.strip():
         raise CatalogError(f"{where}: path = \"...\" (a model folder, or a hub id in the local cache) "
                            "is required")
     if _is_local(model_path, base):
         model_path = str((base / Path(model_path).expanduser()).resolve())
-    engine = table.get("engine", "hf")
-    if engine != "hf":
-        raise CatalogError(f"{where}: engine {engine!r} is not available on this server; the engine is 'hf' "
-                           "(transformers)")
+    if engine == "vllm":
+        _check_vllm(where, table)
     load = table.get("load", "eager")
     if load not in LOAD_MODES:
         raise CatalogError(f"{where}: load = {load!r}; choose one of {list(LOAD_MODES)}")
@@ -163,11 +179,26 @@ def _entry(path: Path, base: Path, name: str, table: Any) -> ModelEntry:
     replicas = table.get("replicas", 1)
     if not isinstance(replicas, int) or isinstance(replicas, bool) or replicas < 1:
         raise CatalogError(f"{where}: replicas = {replicas!r}; a model needs a whole number >= 1")
-    options = {key: table[key] for key in LOAD_OPTIONS if key in table}
+    options = {key: table[key] for key in takes if key in table}
     _check_options(where, options, base)
     resources = _resources(where, table["resources"]) if "resources" in table else _gpus_named(options)
     return ModelEntry(name=name, path=model_path, options=options, load=load, pinned=pinned,
-                      replicas=replicas, resources=resources)
+                      replicas=replicas, resources=resources, engine=engine)
+
+
+def _check_vllm(where: str, table: dict) -> None:
+    # A vLLM model runs in a worker process of its own for the server's whole life (docs/vllm.md).
+    if table.get("load", "eager") != "eager":
+        raise CatalogError(f"{where}: engine 'vllm' models load at start (load = 'eager'): each has a "
+                           "worker process of its own, outside the on-demand memory budget")
+    if table.get("replicas", 1) != 1:
+        raise CatalogError(f"{where}: engine 'vllm' serves one replica (its own local worker process)")
+    length = table.get("max_model_len")
+    if length is not None and (not isinstance(length, int) or isinstance(length, bool) or length < 1):
+        raise CatalogError(f"{where}: max_model_len = {length!r}; write a whole number of tokens")
+    size = table.get("kv_cache_gib")
+    if size is not None and (isinstance(size, bool) or not isinstance(size, (int, float)) or size <= 0):
+        raise CatalogError(f"{where}: kv_cache_gib = {size!r}; write the KV cache's size in GiB (> 0)")
 
 
 def _gpus_named(options: dict[str, Any]) -> dict[str, float]:

@@ -20,7 +20,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .catalog import LOAD_MODES, CatalogError, parse_size, read_catalog
+from .catalog import ENGINES, LOAD_MODES, CatalogError, parse_size, read_catalog
 
 __all__ = ["ServerConfig", "default_max_memory_bytes", "default_state_dir", "parse_model_spec",
            "parse_replica_resources"]
@@ -138,8 +138,14 @@ class ServerConfig:
     ), default=0)
     model_settings: dict[str, dict] = field(**_doc(
         "Per model, from the catalog: {'options': LanguageModel options, 'load': 'eager' | "
-        "'on_demand', 'pinned': bool}. Not a flag: use --models-file.", cli=False
+        "'on_demand', 'pinned': bool, 'engine': 'hf' | 'vllm'}. Not a flag: use --models-file.", cli=False
     ), default_factory=dict)
+    vllm_python: str = field(**_doc(
+        "The Python interpreter of the worker processes that serve engine = 'vllm' models (a virtualenv "
+        "with vLLM and glassbox, e.g. .venv-vllm/bin/python made by scripts/setup_vllm.sh). Default: this "
+        "server's own interpreter if it can import vLLM, else .venv-vllm/bin/python beside the glassbox "
+        "checkout if that exists."
+    ), default="")
     state_dir: str = field(**_doc(
         "Directory for the job database and this server's instance id files. Default: $GLASSBOX_STATE_DIR, "
         "else ~/.glassbox/server. `glassbox keys` must use the same one to manage this server's keys."
@@ -287,12 +293,23 @@ class ServerConfig:
         for name, settings in self.model_settings.items():
             if name not in self.models:
                 raise ValueError(f"model_settings names {name!r}, which is not served")
-            unknown = set(settings) - {"options", "load", "pinned"}
+            unknown = set(settings) - {"options", "load", "pinned", "engine"}
             if unknown:
                 raise ValueError(f"model_settings[{name!r}] has unknown keys {sorted(unknown)}")
             if settings.get("load", "eager") not in LOAD_MODES:
                 raise ValueError(f"model {name!r}: load = {settings['load']!r}; choose one of "
                                  f"{list(LOAD_MODES)}")
+        for name in self.models:
+            if self.engine(name) not in ENGINES:
+                raise ValueError(f"model {name!r}: engine {self.engine(name)!r}; choose one of "
+                                 f"{list(ENGINES)}")
+        vllm = [n for n in self.models if self.engine(n) == "vllm"]
+        for name in vllm:
+            if self.load_mode(name) != "eager":
+                raise ValueError(f"model {name!r}: engine 'vllm' models load at start (load = 'eager')")
+        if vllm and self.backend == "ray":
+            raise ValueError(f"engine 'vllm' ({', '.join(vllm)}) needs --backend local: each vLLM model runs "
+                             "in a local worker process of its own (docs/vllm.md)")
         on_demand = [n for n in self.models if self.load_mode(n) == "on_demand"]
         if on_demand and self.backend == "ray":
             raise ValueError(f"load = 'on_demand' ({', '.join(on_demand)}) needs --backend local: a Ray "
@@ -312,14 +329,34 @@ class ServerConfig:
         """'eager' (loaded when the worker starts) or 'on_demand' (at its first job)."""
         return str((self.model_settings.get(name) or {}).get("load", "eager"))
 
+    def engine(self, name: str) -> str:
+        """'hf' (transformers, in the shared worker) or 'vllm' (a worker process of its own)."""
+        return str((self.model_settings.get(name) or {}).get("engine", "hf"))
+
+    def vllm_interpreter(self) -> str:
+        """The Python that runs vLLM workers (``vllm_python``, else see its doc)."""
+        import importlib.util
+        import sys
+
+        if self.vllm_python:
+            return str(Path(self.vllm_python).expanduser())
+        if importlib.util.find_spec("vllm") is not None:
+            return sys.executable
+        beside = Path(__file__).resolve().parents[3] / ".venv-vllm" / "bin" / "python"
+        return str(beside) if beside.exists() else sys.executable
+
     def pinned(self, name: str) -> bool:
         """Whether an on-demand server may evict the model to make room for another."""
         return bool((self.model_settings.get(name) or {}).get("pinned", False))
 
     def worker_specs(self, names: list[str] | None = None) -> dict[str, dict]:
         """What a worker loads, by model: ``{"path": ..., "options": {...}}`` (executor.load_models)."""
-        return {name: {"path": self.models[name], "options": self.load_options(name)}
-                for name in (self.models if names is None else names)}
+        specs = {name: {"path": self.models[name], "options": self.load_options(name)}
+                 for name in (self.models if names is None else names)}
+        for name, spec in specs.items():
+            if self.engine(name) != "hf":
+                spec["engine"] = self.engine(name)
+        return specs
 
     @classmethod
     def from_catalog(cls, path: str, **given: object) -> ServerConfig:
@@ -336,7 +373,8 @@ class ServerConfig:
         values: dict = {**catalog.server, **given, "models_file": str(path)}
         values["models"] = {**{n: e.path for n, e in catalog.models.items()},
                             **dict(given.get("models") or {})}
-        values["model_settings"] = {n: {"options": e.options, "load": e.load, "pinned": e.pinned}
+        values["model_settings"] = {n: {"options": e.options, "load": e.load, "pinned": e.pinned,
+                                        **({"engine": e.engine} if e.engine != "hf" else {})}
                                     for n, e in catalog.models.items()}
         values["replicas"] = {**{n: e.replicas for n, e in catalog.models.items() if e.replicas != 1},
                               **dict(given.get("replicas") or {})}

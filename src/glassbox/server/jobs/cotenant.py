@@ -31,6 +31,12 @@ change is put back and makes every request run again alone. A batch over the tim
 whose process dies, is likewise run again request by request (``workers/feeder.py``). Printed
 output of a batched request is therefore sent when its batch has finished, not while it runs.
 
+On vLLM (``glassbox.VLLM``, whose ``_requests_per_invoke`` says so) each request is one engine
+request of ONE trace: it keeps its own sampling parameters (its trace arguments), nothing is padded
+(every request has exactly its own rows at every step), a block may step with ``tracer.iter``
+(its own view of the trace: steps counted for its request only), and ``tracer.result`` sent back
+is its own completion.
+
 Equality with running alone: not bit for bit, since CPU kernels block their work differently
 for other batch shapes. Measured on SmolLM2 (bench/throughput.py): logits within 1e-4 for
 batches of a few requests, up to 1.1e-4 (5e-6 of the largest logit) for batches of 15, with or
@@ -77,10 +83,19 @@ class _Request:
         register_source(self.filename, source)
         self.code = compile_restricted_source(source, self.filename)
         self.namespace = execute.job_namespace(self.model, self.payload, self.blob, self.printed.append)
-        self.prompt = self.model._prepare(tuple(self.namespace["glassbox_inputs"]), {})
+        own = per_request(self.model)
+        call = self.namespace["glassbox_call"] if own else {}  # on vLLM: this request's sampling
+        self.prompt = self.model._prepare(tuple(self.namespace["glassbox_inputs"]), call)
+        if own:  # its own tracer, never entered: tracer.iter counts this request's steps
+            self.namespace[str(self.payload.get("tracer_name") or "tracer")] = self.model.trace()
 
     def length(self) -> int:
         return max(len(row) for row in self.prompt.rows)
+
+
+def per_request(model: Any) -> bool:
+    """Whether each invoke of ``model`` is a request of its own (vLLM): no padding, own sampling."""
+    return bool(getattr(type(model), "_requests_per_invoke", False))
 
 
 def run_batch(models: dict[str, Any], items: list[tuple[dict, bytes]], *, logs: list[Any],
@@ -124,7 +139,7 @@ def _groups(requests: list[_Request]) -> list[tuple[list[_Request], int]]:
         by_model.setdefault(request.name, []).append(request)
     groups = []
     for same_model in by_model.values():
-        lengths = {request.length() for request in same_model}
+        lengths = {0} if per_request(same_model[0].model) else {request.length() for request in same_model}
         width = 0
         if len(lengths) > 1:
             width, sizes = max(lengths), _model_sizes(same_model[0].model)
@@ -167,15 +182,18 @@ def _run_together(group: list[_Request], limits: dict, width: int) -> list[tuple
     results = []
     try:
         with collect_saved() as saved:
-            run_together(model, bodies, pad_to=width)
+            output = run_together(model, bodies, pad_to=width)
+            wire = getattr(type(model), "_wire_result", None)  # vLLM: one completion per request
+            own = [wire(model, [one]) for one in output] if wire is not None else [None] * len(group)
             # Before anyone receives values computed in this pass: if a request changed what is
             # writable (buffers; weights off the CPU), put it back; every request then runs alone.
             changed = served.restore_changed(model)
             if changed:
                 raise RuntimeError(f"a request changed {', '.join(changed[:3])} during a shared pass")
-            for request in group:
+            for request, result in zip(group, own):
                 try:
-                    reply, blob = execute.job_reply(request.namespace, request.payload, saved, shared_limits)
+                    reply, blob = execute.job_reply(request.namespace, request.payload, saved, shared_limits,
+                                                    result)
                 except Exception as exc:  # over a limit: this request alone fails
                     reply, blob = execute.error_reply(exc, request.filename, request.payload), b""
                 results.append((execute.result_envelope(reply, request.started), blob))

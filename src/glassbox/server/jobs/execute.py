@@ -1,7 +1,7 @@
 """Run one remote job: decode it, compile it under restriction, trace, reply.
 
 Offers:
-    run_job(models, envelope, blob, log=, limits=) -> (result envelope, blob)
+    run_job(models, envelope, blob, log=, limits=, choose=use_model) -> (result envelope, blob)
     job_namespace(model, payload, blob, log)   the sandboxed globals of one job
     job_reply(namespace, payload, saved, limits, result=None) -> (reply, blob)
     error_reply(exc, filename, payload)        an ERROR reply pointing at the user's line (no server paths)
@@ -61,8 +61,11 @@ def run_job(
     *,
     log: Callable[[str], None],
     limits: dict | None = None,
+    choose: Callable[[dict[str, Any], Any], Any] = use_model,
 ) -> tuple[dict, bytes]:
-    """Execute one job; never raises for anything the user's code does."""
+    """Execute one job; never raises for anything the user's code does. ``choose(models, name)``
+    picks the job's model (a worker's ``use_model`` also snapshots its weights for the check
+    after the job; the in-process runner of ``remote="local"`` passes a plain lookup)."""
     limits = limits or {}
     started = time.perf_counter()
     model = None
@@ -70,7 +73,7 @@ def run_job(
     payload: dict = {}
     try:
         payload = check_envelope(envelope, JOB_KIND, receiver="server")
-        model = use_model(models, payload.get("model"))
+        model = choose(models, payload.get("model"))
         reply, out_blob = _execute(model, payload, blob, filename, log, limits)
     except Exception as exc:  # every failure of the job becomes an ERROR result
         reply, out_blob = error_reply(exc, filename, payload), b""
@@ -103,6 +106,9 @@ def _execute(model: Any, payload: dict, blob: bytes, filename: str, log: Callabl
         result = None
         if payload.get("method") == "generate" and tracer is not None:
             result = getattr(tracer, "result", None)
+        wire = getattr(type(model), "_wire_result", None)  # glassbox.VLLM: completions as plain data
+        if wire is not None and tracer is not None:
+            result = wire(model, getattr(tracer, "result", None))
         return job_reply(namespace, payload, saved, limits, result)
 
 
@@ -175,7 +181,7 @@ def _tensor_bytes(value: Any, depth: int = 0) -> int:
         return 0
     if isinstance(value, dict):
         return sum(_tensor_bytes(v, depth + 1) for v in value.values())
-    if isinstance(value, (list, tuple)):
+    if isinstance(value, (list, tuple, set, frozenset)):
         return sum(_tensor_bytes(v, depth + 1) for v in value)
     return 0
 
@@ -222,7 +228,7 @@ def _holds_saved(value: Any, saved: dict[int, Any], depth: int = 0) -> bool:
         return True
     if depth > 8:
         return False
-    if isinstance(value, (list, tuple)):
+    if isinstance(value, (list, tuple, set, frozenset)):
         return any(_holds_saved(v, saved, depth + 1) for v in value)
     if isinstance(value, dict):
         return any(_holds_saved(v, saved, depth + 1) for v in value.values())

@@ -241,7 +241,7 @@ class Feeder:
             if len(self._keys) > 10_000:
                 self._keys.clear()
             request = self.store.request(job.id)
-            key = batch_key(request) if request is not None else None
+            key = batch_key(request, self.config.engine(job.model)) if request is not None else None
             if key is not None and self.config.batch_scope == "key":
                 key = (*key, job.key_id)  # only jobs of one API key share a pass
             self._keys[job.id] = key

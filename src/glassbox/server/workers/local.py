@@ -1,7 +1,11 @@
 """The ``local`` backend: one spawned worker process on this machine that holds every model.
 
 Offers:
-    LocalProcess(config, say)    the channel to it (``channel.Channel``)
+    LocalProcess(config, say, models=None, python=None)
+                                 the channel to it (``channel.Channel``); ``models``: the ones it
+                                 serves (default: every Hugging Face one); ``python``: another
+                                 interpreter to run it (a vLLM model's worker: its own process,
+                                 ``--isolation none``, in the vLLM virtualenv; docs/vllm.md)
     worker_main(conn, ...)       the worker process's main loop (``spawn`` target)
 
 Process layout and why::
@@ -26,9 +30,11 @@ Process layout and why::
 from __future__ import annotations
 
 import contextlib
+import json
 import multiprocessing
 import multiprocessing.connection
 import os
+import subprocess
 import sys
 import threading
 import time
@@ -199,6 +205,40 @@ def _later_reads(config: ServerConfig) -> tuple[str, ...]:
     return tuple(dict.fromkeys(paths))
 
 
+_paths_of: dict[str, list[str]] = {}
+
+
+@contextlib.contextmanager
+def _interpreter(python: str | None):
+    """While a process starts (``child_environment`` holds its lock, so starts never overlap): spawn
+    it with ``python``, and hand it that interpreter's own ``sys.path`` (spawn gives the child the
+    parent's, which would import this virtualenv's torch into the vLLM one)."""
+    # abspath, not realpath: a virtualenv's python is a symlink to the base one, and it is the link
+    # (beside its pyvenv.cfg) that makes it that virtualenv's
+    if python is None or os.path.abspath(python) == os.path.abspath(sys.executable):
+        yield
+        return
+    if python not in _paths_of:
+        try:
+            shown = subprocess.run([python, "-c", "import json, sys; print(json.dumps(sys.path))"],
+                                   capture_output=True, text=True, timeout=60, check=True)
+        except (OSError, subprocess.SubprocessError) as err:
+            raise WorkerStartError(f"cannot run the vLLM worker's Python {python!r} (the server's "
+                                   f"vllm_python): {err}") from None
+        _paths_of[python] = [p for p in json.loads(shown.stdout) if p]
+    import multiprocessing.spawn as spawn
+
+    before_exe, before_path = spawn.get_executable(), list(sys.path)
+    spawn.set_executable(python)
+    sys.path[:] = _paths_of[python] + [p for p in before_path if p not in _paths_of[python] and
+                                       "site-packages" not in p]
+    try:
+        yield
+    finally:
+        sys.path[:] = before_path
+        spawn.set_executable(before_exe)
+
+
 def _default_threads() -> int:
     return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
 
@@ -215,13 +255,19 @@ class LocalProcess:
         alive() / kill() / exit_reason() / pid / label / serves (model names it holds)
     """
 
-    def __init__(self, config: ServerConfig, say: Callable[[str], None]) -> None:
+    def __init__(self, config: ServerConfig, say: Callable[[str], None], *, models: list[str] | None = None,
+                 python: str | None = None) -> None:
         self.config = config
         self.say = say
-        self.serves = list(config.models)
-        self.loads_at_start = [name for name in config.models if config.load_mode(name) == "eager"]
+        self.serves = list(models) if models is not None else [
+            name for name in config.models if config.engine(name) == "hf"]
+        self.loads_at_start = [name for name in self.serves if config.load_mode(name) == "eager"]
+        self.python = python
+        # vLLM runs threads (its engine core, OpenMP) in the process that holds it: that process can
+        # be neither forked per job nor confined, so its worker runs jobs in itself (docs/vllm.md).
+        self.isolation = "none" if python is not None else config.isolation
         # A forking worker stops a job by killing the job's process, not itself (forked.py).
-        self.can_abort = config.isolation != "none"
+        self.can_abort = self.isolation != "none"
         self._process: multiprocessing.process.BaseProcess | None = None
         self._conn: multiprocessing.connection.Connection | None = None
         self._exit_code: int | None = None
@@ -232,7 +278,7 @@ class LocalProcess:
 
     @property
     def label(self) -> str:
-        return f"worker {self.pid}"
+        return f"{'vLLM ' if self.python is not None else ''}worker {self.pid}"
 
     def start(self, stopping: threading.Event) -> dict:
         context = multiprocessing.get_context("spawn")
@@ -241,11 +287,11 @@ class LocalProcess:
         process = context.Process(
             target=worker_main,
             args=(child_conn, config.worker_specs(self.loads_at_start), config.executor,
-                  config.torch_threads, config.max_memory_bytes, config.isolation, _later_reads(config)),
+                  config.torch_threads, config.max_memory_bytes, self.isolation, _later_reads(config)),
             name="glassbox-worker",
             daemon=True,
         )
-        with child_environment():
+        with child_environment(), _interpreter(self.python):
             process.start()
         child_conn.close()
         self._process, self._conn, self._exit_code = process, parent_conn, None

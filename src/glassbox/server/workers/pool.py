@@ -11,7 +11,9 @@ Offers:
 
 Layout::
 
-    backend local:  WorkerPool ── Feeder ── LocalProcess (one process, every model)
+    backend local:  WorkerPool ┬ Feeder ── LocalProcess (one process, every Hugging Face model)
+                               └ Feeder ── LocalProcess(python=vllm_python) per engine = "vllm" model
+                                           (its own process on vLLM's virtualenv, docs/vllm.md)
     backend ray:    WorkerPool ─┬ Feeder ── RayReplica(smollm2, 0) ── Ray actor
                                 ├ Feeder ── RayReplica(smollm2, 1) ── Ray actor
                                 └ Feeder ── RayReplica(gpt2, 0)    ── Ray actor
@@ -60,7 +62,12 @@ class WorkerPool:
             self._backend = RayBackend(config, self.say)
             channels = self._backend.channels()
         else:
-            channels = [None]  # Feeder's default: one LocalProcess for every model
+            from .local import LocalProcess
+
+            hf = [name for name in config.models if config.engine(name) == "hf"]
+            channels = [LocalProcess(config, self.say, models=hf)] if hf else []
+            channels += [LocalProcess(config, self.say, models=[name], python=config.vllm_interpreter())
+                         for name in config.models if config.engine(name) == "vllm"]
         self.handles = [Feeder(config, store, on_event=on_event, say=self.say, channel=channel,
                                      solo=self.solo) for channel in channels]
 
