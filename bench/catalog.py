@@ -5,7 +5,7 @@
 For SmolLM2 (float32 and bfloat16), each in a fresh process, alternating so that drift and the
 page cache hit both alike (the checkpoint is read from the page cache after the first round):
 - cold load: ``AutoModelForCausalLM.from_pretrained(path, dtype=)`` vs what a worker does for a
-  catalog entry (``jobs/served.load_model``: LanguageModel + weights sealed read-only + paths hidden);
+  catalog entry (``jobs/loading.load_model``: LanguageModel + weights sealed read-only + paths hidden);
 - memory: the process's private resident memory (RssAnon: file pages of the checkpoint that the
   kernel can drop are not counted) grown by the worker's load, and its peak (sampled every 2 ms)
   through a 128-token trace, vs ``glassbox plan``'s estimate (sizing.estimate: weights x 1.15).
@@ -27,14 +27,14 @@ def anon():  # private memory: what the process really holds (file pages of the 
     with open("/proc/self/status") as f:
         return next(int(l.split()[1]) * 1024 for l in f if l.startswith("RssAnon:"))
 import torch, transformers  # imported before the clock starts: both sides need them
-from glassbox.server.jobs import served
+from glassbox.server.jobs import loading
 before = anon()
 start = time.perf_counter()
 if spec["how"] == "plain":
     dtype = getattr(torch, spec["dtype"])
     model = transformers.AutoModelForCausalLM.from_pretrained(spec["path"], dtype=dtype)
 else:
-    model = served.load_model("m", {"path": spec["path"], "options": {"dtype": spec["dtype"]}})
+    model = loading.load_model("m", {"path": spec["path"], "options": {"dtype": spec["dtype"]}})
 seconds = time.perf_counter() - start
 loaded = anon() - before
 peak = None

@@ -20,7 +20,7 @@ from typing import Any
 
 from .offload import own_offload_files
 from .sealed import release, seal
-from .served import _guard, _guards, _last_model
+from .served import unwatch, watch
 
 __all__ = ["load_model", "load_models", "unload_model"]
 
@@ -50,7 +50,7 @@ def load_model(name: str, spec: Any) -> Any:
     print(f"[glassbox worker] {name}: {sealed / 2**20:.0f} MiB of weights in read-only memory",
           file=sys.stderr, flush=True)
     _hide_paths(model, name)
-    _guard(model)
+    watch(model)
     _give_back_freed_memory()  # the weights' pre-seal copies: ~2x the model held until some later malloc
     return model
 
@@ -69,9 +69,7 @@ def unload_model(models: dict[str, Any], name: str) -> int:
     model = models.pop(name, None)
     if model is None:
         return 0
-    _guards.pop(id(model._module), None)
-    if name in _last_model:
-        _last_model.remove(name)
+    unwatch(model, name)
     freed = release(model._module)
     del model
     _give_back_freed_memory()

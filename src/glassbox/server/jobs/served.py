@@ -1,6 +1,7 @@
 """What keeps the models a worker serves the same for every job.
 
 Offers:
+    watch(model) / unwatch(model, name)   snapshot a loaded model's weights / forget an evicted one
     use_model(models, name)       the model a job asks for (LookupError naming the served ones)
     restore_changed(model) -> [names]   put back what changed since loading (co-tenant batches
                                   call it before replying; after_job after each job)
@@ -24,7 +25,7 @@ import torch
 
 from .integrity import WeightGuard
 
-__all__ = ["after_job", "restore_changed", "use_model"]
+__all__ = ["after_job", "restore_changed", "unwatch", "use_model", "watch"]
 
 _guards: dict[int, WeightGuard] = {}
 _last_model: list[str] = []  # the models the last job(s) ran on: the only ones they could reach
@@ -38,6 +39,18 @@ def _guard(model: Any) -> WeightGuard:
         keyed = any(p.device.type != "cpu" for p in model._module.parameters())
         guard = _guards[id(model._module)] = WeightGuard(model._module, keyed=keyed)
     return guard
+
+
+def watch(model: Any) -> None:
+    """Snapshot a newly loaded model's weights: every later job is checked against this."""
+    _guard(model)
+
+
+def unwatch(model: Any, name: str) -> None:
+    """Forget an evicted model's snapshot (and that the last job used it)."""
+    _guards.pop(id(model._module), None)
+    if name in _last_model:
+        _last_model.remove(name)
 
 
 def use_model(models: dict[str, Any], name: Any) -> Any:

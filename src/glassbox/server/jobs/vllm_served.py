@@ -22,7 +22,7 @@ from __future__ import annotations
 import sys
 from typing import Any
 
-from .served import _guard
+from .served import watch
 
 __all__ = ["load_vllm"]
 
@@ -38,7 +38,7 @@ def load_vllm(name: str, spec: dict[str, Any]) -> Any:
           file=sys.stderr, flush=True)
     model = VLLM(path, dispatch=True, **options)
     _hide_paths(model, name)
-    _guard(model)  # the snapshot every later job is checked against
+    watch(model)  # the snapshot every later job is checked against
     return model
 
 
