@@ -300,22 +300,26 @@ def free_port() -> int:
 
 
 def start_server(models: dict[str, str], *, state_dir: str, port: int | None = None,
-                 args: Sequence[str] = (), timeout: float = 180.0) -> RunningServer:
+                 args: Sequence[str] = (), timeout: float = 180.0,
+                 python: str | None = None) -> RunningServer:
     """Start ``python -m glassbox.cli serve`` on 127.0.0.1 and return once it answers /v1/health
-    (its models are loaded by then). Output goes to ``<state_dir>/server.log``."""
+    (its models are loaded by then). Output goes to ``<state_dir>/server.log``. ``python``: another
+    virtualenv's interpreter to run it with (this one's by default)."""
     import subprocess
 
     import httpx
 
     os.makedirs(state_dir, exist_ok=True)
     port = port or free_port()
-    command = [sys.executable, "-m", "glassbox.cli", "serve", "--host", "127.0.0.1", "--port", str(port),
-               "--state-dir", state_dir, *args]
+    command = [python or sys.executable, "-m", "glassbox.cli", "serve", "--host", "127.0.0.1",
+               "--port", str(port), "--state-dir", state_dir, *args]
     for name, path in models.items():
         command += ["--model", f"{name}={path}"]
     log_path = os.path.join(state_dir, "server.log")
     with open(log_path, "ab") as log:
-        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        env = {**os.environ, "VIRTUAL_ENV": os.path.dirname(os.path.dirname(python))} if python else None
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                   env=env)
     db_url = next((args[i + 1] for i, arg in enumerate(args[:-1]) if arg == "--db-url"), "")
     server = RunningServer(process, f"http://127.0.0.1:{port}", state_dir, log_path, db_url)
     deadline = time.monotonic() + timeout

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import glassbox
-from glassbox import CONFIG, LanguageModel, NotSavedError
+from glassbox import CONFIG, NotSavedError
 from glassbox.cli import start_server
 from glassbox.offline import smollm2_path, tiny_gpt2_path
 
@@ -34,24 +34,6 @@ def server(request, tmp_path_factory):
         yield running
     finally:
         running.stop()
-
-
-@pytest.fixture
-def remote(server, monkeypatch):
-    monkeypatch.setattr(CONFIG, "HOST", server.url)
-    monkeypatch.setattr(CONFIG, "API_KEY", server.create_key("parity"))
-    monkeypatch.setattr(CONFIG, "STATUS", False)
-    return server
-
-
-@pytest.fixture(scope="module")
-def gpt2():
-    return LanguageModel(tiny_gpt2_path())
-
-
-@pytest.fixture(scope="module")
-def smol():
-    return LanguageModel(smollm2_path())
 
 
 def _same(local, remote_value):

@@ -10,24 +10,13 @@ import pytest
 import torch
 
 import glassbox
-from glassbox import CONFIG, LanguageModel, NotSavedError
-from glassbox.offline import smollm2_path, tiny_gpt2_path
+from glassbox import CONFIG, NotSavedError
 
 
 @pytest.fixture(autouse=True)
 def no_server(monkeypatch):
     monkeypatch.setattr(CONFIG, "HOST", "http://127.0.0.1:9")
     monkeypatch.setattr(CONFIG, "API_KEY", None)
-
-
-@pytest.fixture(scope="module")
-def gpt2():
-    return LanguageModel(tiny_gpt2_path())
-
-
-@pytest.fixture(scope="module")
-def smol():
-    return LanguageModel(smollm2_path())
 
 
 def read_edit_save(model, remote):

@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from glassbox import CONFIG, LanguageModel, NotSavedError
+from glassbox import NotSavedError
 from glassbox.cli import start_server
 from glassbox.offline import tiny_gpt2_path
 
@@ -24,17 +24,9 @@ def server(tmp_path_factory):
         running.stop()
 
 
-@pytest.fixture
-def remote(server, monkeypatch):
-    monkeypatch.setattr(CONFIG, "HOST", server.url)
-    monkeypatch.setattr(CONFIG, "API_KEY", server.create_key("meaning"))
-    monkeypatch.setattr(CONFIG, "STATUS", False)
-    return server
-
-
 @pytest.fixture(scope="module")
-def model():
-    return LanguageModel(tiny_gpt2_path())
+def model(gpt2):
+    return gpt2
 
 
 def seed_gradients(model, remote):

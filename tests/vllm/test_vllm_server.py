@@ -11,11 +11,8 @@ vLLM trace (continuous batching) and each equals its run alone; the HF model is 
 
 from __future__ import annotations
 
-import os
-import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import httpx
@@ -23,7 +20,7 @@ import pytest
 import torch
 
 from glassbox import CONFIG, LanguageModel
-from glassbox.cli import RunningServer, free_port
+from glassbox.cli import RunningServer, start_server
 from glassbox.vllm import VLLM, Completion
 
 PROMPT = "The Eiffel Tower is in"
@@ -65,25 +62,9 @@ def _serve(catalog: Path, state: Path) -> RunningServer:
     """``glassbox serve`` on the main virtualenv's Python if there is one (else this one's)."""
     main = Path(__file__).resolve().parents[2] / ".venv" / "bin" / "python"
     python = str(main) if main.exists() else sys.executable
-    state.mkdir(parents=True)
-    port, log_path = free_port(), str(state / "server.log")
-    with open(log_path, "ab") as log:
-        process = subprocess.Popen(
-            [python, "-m", "glassbox.cli", "serve", "--host", "127.0.0.1", "--port", str(port), "--state-dir",
-             str(state), "--models-file", str(catalog)], stdout=log, stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL, env={**os.environ, "VIRTUAL_ENV": str(Path(python).parents[1])})
-    server = RunningServer(process, f"http://127.0.0.1:{port}", str(state), log_path)
-    for _ in range(3000):  # up to ~5 minutes (both workers load their models before it answers)
-        if process.poll() is not None:
-            raise RuntimeError(f"glassbox serve exited with {process.returncode}:\n{server.output()}")
-        try:
-            if httpx.get(server.url + "/v1/health", timeout=2).status_code == 200:
-                return server
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.1)
-    server.kill()
-    raise RuntimeError(f"glassbox serve did not answer:\n{server.output()}")
+    # both workers load their models before it answers
+    return start_server({}, state_dir=str(state), args=["--models-file", str(catalog)], timeout=300,
+                        python=python)
 
 
 def _steered(model, prompt: str, **sampling):

@@ -140,7 +140,7 @@ def plan(config: Any, *, gpu_memory: int = 0, gpus: int = 0) -> Plan:
     pinned = [n for n in config.models if config.pinned(n)]
     result = Plan(sizes=sizes, replicas=dict(config.replicas), eager=eager, pinned=pinned,
                   memory_budget=config.memory_budget, gpu_memory=gpu_memory, gpus=gpus)
-    result.problems = problems(sizes, eager, pinned, config.memory_budget)
+    result.problems = _problems(sizes, eager, pinned, config.memory_budget)
     if gpu_memory and gpus:
         needed = sum(s.devices(gpu_memory) * result.replicas.get(s.name, 1) for s in sizes)
         if needed > gpus:
@@ -149,7 +149,7 @@ def plan(config: Any, *, gpu_memory: int = 0, gpus: int = 0) -> Plan:
     return result
 
 
-def problems(sizes: list[ModelSize], eager: list[str], pinned: list[str], budget: int) -> list[str]:
+def _problems(sizes: list[ModelSize], eager: list[str], pinned: list[str], budget: int) -> list[str]:
     """What keeps these models from fitting ``budget`` (empty: they fit, or there is no budget)."""
     if not budget:
         return []

@@ -29,7 +29,7 @@ from collections.abc import Callable
 from typing import Any
 
 from ..config import ServerConfig
-from ..sizing import estimate, problems
+from ..sizing import plan
 from ..store import JobStore
 from .channel import WorkerStartError
 from .feeder import Feeder
@@ -101,20 +101,17 @@ class WorkerPool:
 
     def _check_budget(self) -> None:
         """A catalog whose eager models (or any one model) cannot fit memory_budget fails at
-        start, naming the model and the numbers (sizing.problems), not at some later job."""
-        config = self.config
+        start, naming the model and the numbers (what `glassbox plan` says), not at some later job."""
         try:
-            sizes = [estimate(name, path, config.load_options(name)) for name, path in config.models.items()]
+            sized = plan(self.config)
         except ValueError as err:
             raise WorkerStartError(f"cannot check the memory_budget: {err}") from None
         for handle in self.handles:
-            for size in sizes:
+            for size in sized.sizes:
                 handle.residency.record(size.name, size.runtime_bytes)
-        found = problems(sizes, [n for n in config.models if config.load_mode(n) == "eager"],
-                         [n for n in config.models if config.pinned(n)], config.memory_budget)
-        if found:
+        if sized.problems:
             raise WorkerStartError("the models do not fit this server's memory_budget:\n  "
-                                   + "\n  ".join(found))
+                                   + "\n  ".join(sized.problems))
 
     def wake(self) -> None:
         for handle in self.handles:
