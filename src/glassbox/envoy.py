@@ -120,9 +120,29 @@ class Envoy:
     def __repr__(self) -> str:
         return repr(self._module)
 
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        """Run the module directly (inside a trace: an ad hoc call, not intercepted)."""
+    def __call__(self, *args: Any, hook: bool = False, **kwargs: Any) -> Any:
+        """Run the module directly. Inside a trace this is an ad hoc call the trace does not see
+        (the logit lens: ``model.lm_head(hidden)``); with ``hook=True`` the trace watches it like
+        the model's own calls, so the module's internals are readable and editable by the other
+        bodies of the trace (an SAE or adapter attached to the model, applied in an edit)."""
+        if hook:
+            interleaver = self._root.active
+            if interleaver is not None:
+                return interleaver.hooked_call(self._module, args, kwargs)
         return self._module(*args, **kwargs)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        # Attaching a module (``model.layer.sae = SAE()``) attaches it to the torch module too
+        # and gives it an envoy, so it is traced like any other submodule.
+        if isinstance(value, torch.nn.Module) and not name.startswith("_") and name not in self._RESERVED:
+            setattr(self._module, name, value)
+            envoy = Envoy(value, self, name)
+            self._children[name] = envoy
+            d = self.__dict__
+            d["_child_list"] = tuple(self._children.values())
+            d[name] = envoy
+            return
+        object.__setattr__(self, name, value)
 
     def _at(self, path: str) -> Envoy:
         """The envoy at dotted ``path`` below this one ("" is this one)."""

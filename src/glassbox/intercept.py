@@ -82,7 +82,9 @@ class Consumer:
         "at_kind",
         "current",
         "done",
+        "first",
         "glet",
+        "iteration",
         "name",
         "on_yield",
         "replaced",
@@ -94,6 +96,7 @@ class Consumer:
         "waiting",
         "waiting_kind",
         "wake",
+        "want",
     )
 
     def __init__(self, name: str, rows: Rows | None, run: Callable[[], Any] | None = None):
@@ -116,6 +119,12 @@ class Consumer:
         # An engine that runs several requests in steps (glassbox.vllm) sets this for a step that
         # holds none of this consumer's rows: it is not served there and waits for a later step.
         self.absent = False
+        # Per-call iteration (``tracer.iter`` in a plain trace): while set, an access means the
+        # module's call ``iteration + 1``; ``want`` is the call being waited for (0: the next one)
+        # and ``first`` the first (site, kind) asked for in the iteration (iteration.py's anchor).
+        self.iteration: int | None = None
+        self.want = 0
+        self.first: tuple[Site, str] | None = None
 
 
 def make_wrapper(site: Site) -> Callable[..., Any]:

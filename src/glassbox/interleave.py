@@ -49,6 +49,15 @@ _set_grad_enabled = torch._C._set_grad_enabled
 # ---------------------------------------------------------------- interleaver
 
 
+class _HookedCall:
+    """What a consumer hands the runner for ``envoy(x, hook=True)``."""
+
+    __slots__ = ("args", "kwargs", "module")
+
+    def __init__(self, module: Any, args: tuple, kwargs: dict) -> None:
+        self.module, self.args, self.kwargs = module, args, kwargs
+
+
 class Interleaver:
     """Drive one model execution and serve module boundaries to consumers."""
 
@@ -71,6 +80,7 @@ class Interleaver:
         self.position: tuple[Site, str, int] | None = None
         self.model_grad = _is_grad_enabled()
         self.stop_requested = False
+        self.open_loop_ended = False  # a tracer.iter[:] loop ran the model to its end (error hint)
 
     # ------------------------------------------------------------ setup
 
@@ -133,7 +143,8 @@ class Interleaver:
         waiting = site.waiting_in if kind == "input" else site.waiting_out
         if waiting:
             for consumer in self.consumers:
-                if consumer.waiting is site and consumer.waiting_kind == kind and not consumer.absent:
+                if (consumer.waiting is site and consumer.waiting_kind == kind and not consumer.absent
+                        and (not consumer.want or consumer.want == call)):
                     value = self._serve(consumer, site, kind, value)
         for record in site.recorders:  # after edits: the cache holds what the model used
             record(kind, value)
@@ -151,7 +162,9 @@ class Interleaver:
         consumer.at, consumer.at_kind = site, kind
         consumer.current, consumer.replaced = given, False
         if consumer.run is None:  # the inline body: it never ends or raises into the runner
-            consumer.glet.switch(given)  # type: ignore[union-attr]
+            handed = consumer.glet.switch(given)  # type: ignore[union-attr]
+            if handed is not None:  # envoy(x, hook=True): run the call here, where it is watched
+                self._run_hooked(consumer, handed)
             if _is_grad_enabled() != self.model_grad:
                 _set_grad_enabled(self.model_grad)
         else:
@@ -171,7 +184,9 @@ class Interleaver:
 
     def resume(self, consumer: Consumer, payload: Any) -> None:
         try:
-            consumer.glet.switch(payload)  # type: ignore[union-attr]
+            handed = consumer.glet.switch(payload)  # type: ignore[union-attr]
+            if handed is not None and not consumer.glet.dead:  # type: ignore[union-attr]
+                self._run_hooked(consumer, handed)
         except Abort:
             raise
         except BaseException as exc:  # an invoke body raised: fail the trace
@@ -185,6 +200,33 @@ class Interleaver:
             consumer.on_yield()
         if _is_grad_enabled() != self.model_grad:
             _set_grad_enabled(self.model_grad)
+
+    def hooked_call(self, module: Any, args: tuple, kwargs: dict) -> Any:
+        """Consumer side of ``envoy(x, hook=True)``: run ``module`` on the runner greenlet, where
+        its modules' boundaries are served like the model's own calls (other bodies waiting on
+        its submodules see this call), and return its output. Only while this consumer is being
+        served a value: the model is paused there, so the call happens at that point of it."""
+        consumer = self.current_consumer()
+        if consumer.at is None or self.state != "running":
+            raise TraceStateError(
+                "module(..., hook=True) runs the call inside the model's forward, so it can only be "
+                "made while the trace holds a value of the model: read a module's .output or .input "
+                "first, then call it (or call it without hook=True)"
+            )
+        return self.runner_glet.switch(_HookedCall(module, args, kwargs))
+
+    def _run_hooked(self, consumer: Consumer, handed: Any) -> None:
+        """Runner side: run each call the consumer hands over and give it the result (its
+        error, if the call raised), until it hands back control for anything else."""
+        while type(handed) is _HookedCall:
+            try:
+                result = handed.module(*handed.args, **handed.kwargs)
+            except Abort:
+                raise
+            except Exception as exc:  # the caller sees the call's own error, where it made it
+                handed = consumer.glet.throw(exc)  # type: ignore[union-attr]
+            else:
+                handed = consumer.glet.switch(result)  # type: ignore[union-attr]
 
     def _start_consumers(self) -> None:
         for consumer in self.consumers:
@@ -240,6 +282,8 @@ class Interleaver:
         With ``soft``, return ENDED instead of raising if the model finishes."""
         consumer = self.by_glet.get(_getcurrent()) or self.current_consumer()
         site = self.sites.get(id(envoy._module)) or self.site(envoy)
+        if consumer.iteration is not None and not fresh:
+            return self.request_call(envoy, kind, consumer.iteration + 1, soft)
         if not fresh and consumer.at is site and consumer.at_kind == kind:
             return consumer.current
         state = self.state
@@ -258,6 +302,30 @@ class Interleaver:
         if self._wait(consumer) is TASK_ENDED:
             return TASK_ENDED
         return consumer.current
+
+    def request_call(self, envoy: Any, kind: str, call: int, soft: bool = False) -> Any:
+        """Like ``request``, for the module's call number ``call`` (1 is the first) of this
+        forward: the per-call iteration of ``tracer.iter`` in a plain trace."""
+        consumer = self.current_consumer()
+        site = self.site(envoy)
+        if consumer.first is None:
+            consumer.first = (site, kind)
+        count = site.count(kind)
+        if consumer.at is site and consumer.at_kind == kind and count == call:
+            return consumer.current
+        if count >= call:
+            raise OutOfOrderError(
+                f"{site.describe(kind, call)} was requested in iteration {call - 1} of tracer.iter, "
+                f"but the model has already made that call (it is at call {count}): access modules "
+                "in the order the model runs them within each iteration"
+            )
+        iteration, consumer.iteration = consumer.iteration, None
+        consumer.want = call
+        try:
+            return self.request(envoy, kind, fresh=True, soft=soft)
+        finally:
+            consumer.want = 0
+            consumer.iteration = iteration
 
     def replace(self, envoy: Any, kind: str, value: Any) -> None:
         """Replace the value at ``envoy``'s boundary (waiting for it first)."""
@@ -293,9 +361,16 @@ class Interleaver:
                 f"cannot access {site.describe(kind)}: the model was stopped by "
                 f"tracer.stop() at {where}"
             )
+        hint = ""
+        if self.open_loop_ended:
+            hint = (
+                ". An open-ended tracer.iter[:] loop ran the model to its end, waiting for another "
+                "call; read modules that run after the loop's module inside the loop, or give the "
+                "loop a bounded range (tracer.iter[0:3]); tracer.result still holds the output"
+            )
         raise OutOfOrderError(
             f"cannot access {site.describe(kind)}: the model has already finished "
-            f"(last boundary: {where})"
+            f"(last boundary: {where}){hint}"
         )
 
     def _clear_wait(self, consumer: Consumer) -> None:
@@ -375,6 +450,11 @@ class Interleaver:
     def _missed_error(self, consumer: Consumer) -> Exception:
         site, kind = consumer.waiting, consumer.waiting_kind
         assert site is not None
+        if consumer.want:
+            return MissedModuleError(
+                f"{site.describe(kind, consumer.want)} was requested (iteration {consumer.want - 1} of "
+                f"tracer.iter) but the module ran only {site.count(kind)} time(s) in this forward"
+            )
         wanted = site.describe(kind)
         before = consumer.requested_at
         if site.count(kind) > 0 and before is not None:

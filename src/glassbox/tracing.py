@@ -45,6 +45,7 @@ from .deferred import Deferred
 from .errors import TraceStateError
 from .intercept import Consumer
 from .interleave import Interleaver
+from .iteration import AllCalls, CallSelector
 from .patches import ClassPatch, PatchSet, mount_builtin
 
 if TYPE_CHECKING:
@@ -194,6 +195,7 @@ class Tracer:
         # padding its input did not have. None: ordinary invokes (which see the batch's padding).
         self._exact_rows = exact_rows
         self._result: Any = None
+        self._publishers: list[Any] = []  # run after a successful trace (tracer.all() bodies)
 
     # ---------------------------------------------------------------- context
 
@@ -265,10 +267,17 @@ class Tracer:
             _pop(self)
             self._patches.release()
             invokes, self._invokes = self._invokes, []
+            publishers, self._publishers = self._publishers, []
         if exc is None:
             for deferred in invokes:
                 deferred.publish()
+            for publish in publishers:
+                publish()
         return False
+
+    def _publish_later(self, publish: Any) -> None:
+        """Call ``publish`` once the trace has ended well (a captured block writes its names back)."""
+        self._publishers.append(publish)
 
     @property
     def result(self) -> Any:
@@ -341,6 +350,17 @@ class Tracer:
                 "add `with tracer.invoke(input):` blocks"
             )
         return Invoker(self, args, kwargs)
+
+    @property
+    def iter(self) -> CallSelector:
+        """``for i in tracer.iter[0:3]:`` (or ``[:]``, ``[2]``, ``[[0, 2]]``): in iteration ``i``
+        each module access means that module's call ``i + 1`` (modules called several times in one
+        forward). See iteration.py for how a loop ends when the calls run out."""
+        return CallSelector(self)
+
+    def all(self) -> AllCalls:
+        """``with tracer.all():`` runs its block at every call (``for _ in tracer.all()``: iter[:])."""
+        return AllCalls(self)
 
     def stop(self) -> None:
         """Stop the model here: the rest of the forward pass does not run."""

@@ -1,0 +1,200 @@
+"""Per-call iteration in a plain trace (tracer.iter / tracer.all) and envoy(x, hook=True)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import glassbox
+from glassbox.errors import OutOfOrderError, TraceStateError
+
+
+class Recurrent(torch.nn.Module):
+    """One block applied ``steps`` times (a shared layer / recurrent loop), then a head."""
+
+    def __init__(self, steps: int = 3) -> None:
+        super().__init__()
+        self.steps = steps
+        self.embed = torch.nn.Linear(6, 6)
+        self.block = torch.nn.Sequential(torch.nn.Linear(6, 6), torch.nn.Tanh())
+        self.head = torch.nn.Linear(6, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.embed(x)
+        for _ in range(self.steps):
+            h = h + self.block(h)
+        return self.head(h)
+
+
+class SAE(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.encoder = torch.nn.Linear(6, 12)
+        self.decoder = torch.nn.Linear(12, 6)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return self.decoder(torch.relu(self.encoder(h)))
+
+
+@pytest.fixture
+def rec() -> glassbox.NNsight:
+    torch.manual_seed(3)
+    return glassbox.NNsight(Recurrent().eval())
+
+
+@pytest.fixture
+def inp() -> torch.Tensor:
+    torch.manual_seed(4)
+    return torch.randn(2, 6)
+
+
+def by_hand(module: Recurrent, x: torch.Tensor, edit=None) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """Each call's block output and the model output, with ``edit(call, out)`` applied."""
+    outs = []
+    with torch.no_grad():
+        h = module.embed(x)
+        for call in range(module.steps):
+            out = module.block(h)
+            if edit is not None:
+                out = edit(call, out)
+            outs.append(out)
+            h = h + out
+        return outs, module.head(h)
+
+
+def test_iter_reads_every_call(rec, inp):
+    expected, final = by_hand(rec._module, inp)
+    with torch.no_grad(), rec.trace(inp) as tracer:
+        outs = glassbox.save([])
+        for _ in tracer.iter[:]:
+            outs.append(rec.block.output.clone())
+        after = tracer.result.save()  # code after an open-ended loop runs
+        with pytest.raises(OutOfOrderError, match=r"open-ended tracer\.iter"):
+            rec.head.output  # ... but the loop ran the model to its end: the message says so
+    assert len(outs) == 3
+    for got, want in zip(outs, expected):
+        assert torch.equal(got, want)
+    assert torch.equal(after, final)
+
+
+def test_iter_edits_one_call_only(rec, inp):
+    _, expected = by_hand(rec._module, inp, lambda call, out: out * 0 if call == 1 else out)
+    with torch.no_grad(), rec.trace(inp) as tracer:
+        for _ in tracer.iter[1]:
+            rec.block.output[:] = 0
+        out = rec.output.save()
+    assert torch.equal(out, expected)
+
+
+def test_iter_selected_list_and_input(rec, inp):
+    expected, _ = by_hand(rec._module, inp)
+    with torch.no_grad(), rec.trace(inp) as tracer:
+        seen = glassbox.save({})
+        for i in tracer.iter[[0, 2]]:
+            seen[i] = (rec.block.input.clone(), rec.block.output.clone())
+    assert sorted(seen) == [0, 2]
+    assert torch.equal(seen[2][1], expected[2])
+    # the input of call 3 is the residual after two calls
+    h = rec._module.embed(inp) + expected[0] + expected[1]
+    assert torch.allclose(seen[2][0], h)
+
+
+def test_bounded_loop_past_the_calls_warns_and_code_after_runs(rec, inp):
+    with torch.no_grad(), rec.trace(inp) as tracer:
+        n = glassbox.save([])
+        with pytest.warns(UserWarning, match="ran only 3 time"):
+            for _ in tracer.iter[0:5]:
+                n.append(rec.block.output.shape[0])
+        done = glassbox.save(True)
+    assert n == [2, 2, 2] and done
+
+
+def test_all_applies_at_every_call(rec, inp):
+    _, expected = by_hand(rec._module, inp, lambda call, out: out * 2)
+    with torch.no_grad(), rec.trace(inp) as tracer:
+        with tracer.all():
+            rec.block.output[:] *= 2
+        out = rec.output.save()
+    assert torch.allclose(out, expected)
+
+
+def test_iter_order_within_an_iteration_is_checked(rec, inp):
+    with pytest.raises(OutOfOrderError, match="iteration 0"):
+        with rec.trace(inp) as tracer:
+            for _ in tracer.iter[:]:
+                rec.block.output
+                rec.block.input
+    # the failed trace left the model clean
+    assert "forward" not in rec._module.block.__dict__
+    with torch.no_grad(), rec.trace(inp):
+        out = rec.output.save()
+    assert torch.equal(out, by_hand(rec._module, inp)[1])
+
+
+def test_iter_in_invokes_equals_each_alone(rec):
+    torch.manual_seed(5)
+    a, b = torch.randn(1, 6), torch.randn(1, 6)
+    with torch.no_grad(), rec.trace() as tracer:
+        with tracer.invoke(a):
+            ra = [rec.block.output.clone() for _ in tracer.iter[:]]
+        with tracer.invoke(b):
+            for _ in tracer.iter[2]:
+                rec.block.output[:] = 0
+            rb = rec.output.save()
+    alone_a, _ = by_hand(rec._module, a)
+    _, alone_b = by_hand(rec._module, b, lambda call, out: out * 0 if call == 2 else out)
+    assert all(torch.allclose(x, y, atol=1e-6) for x, y in zip(ra, alone_a)) and len(ra) == 3
+    assert torch.allclose(rb, alone_b, atol=1e-6)
+
+
+def test_without_iter_accesses_mean_the_next_call(rec, inp):
+    expected, _ = by_hand(rec._module, inp)
+    with torch.no_grad(), rec.trace(inp):
+        first = rec.block.output.clone().save()
+        second = rec.block.next().output.clone().save()
+    assert torch.equal(first, expected[0]) and torch.equal(second, expected[1])
+
+
+def test_hook_true_call_is_watched_by_other_bodies(rec, inp):
+    torch.manual_seed(6)
+    rec.sae = SAE()  # attached to the model: an envoy and a real submodule
+    assert isinstance(rec.sae, glassbox.Envoy) and rec._module.sae is rec.sae._module
+    sae = rec._module.sae
+    with torch.no_grad(), rec.trace() as tracer:
+        with tracer.invoke(inp):
+            h = rec.embed.output
+            rec.embed.output = rec.sae(h, hook=True)
+        with tracer.invoke():
+            latents = rec.sae.encoder.output.save()
+            out = rec.output.save()
+        cache = tracer.cache(modules=[rec.sae.decoder])
+    with torch.no_grad():
+        h = rec._module.embed(inp)
+        want_latents = sae.encoder(h)
+        replaced = sae(h)
+        for _ in range(3):
+            replaced = replaced + rec._module.block(replaced)
+        want_out = rec._module.head(replaced)
+    assert torch.equal(latents, want_latents)
+    assert torch.equal(cache["model.sae.decoder"].output, sae(h))
+    assert torch.equal(out, want_out)
+
+
+def test_ad_hoc_call_is_not_seen_and_hook_needs_a_value(rec, inp):
+    rec.sae = SAE()
+    with torch.no_grad(), rec.trace(inp) as tracer:
+        cache = tracer.cache(modules=[rec.sae.encoder])
+        h = rec.embed.output
+        rec.sae(h)  # ad hoc: the trace does not see it
+    assert cache["model.sae.encoder"].outputs == []
+    with pytest.raises(TraceStateError, match="hook=True"):
+        with rec.trace(inp):
+            rec.sae(inp, hook=True)
+
+
+def test_all_outside_the_body_start_is_refused(rec, inp):
+    with pytest.raises(TraceStateError, match=r"tracer\.all"):
+        with rec.trace(inp) as tracer:
+            rec.embed.output
+            with tracer.all():
+                rec.block.output[:] = 0
