@@ -366,10 +366,16 @@ class Tracer:
         """Stop the model here: the rest of the forward pass does not run."""
         self._active().stop()
 
-    def cache(self, modules: list | None = None, include_inputs: bool = False) -> Cache:
-        """Record outputs (and inputs) of ``modules`` (default: all) as they run."""
-        envoys = self.model.modules() if modules is None else [self.model._envoy_of(m) for m in modules]
-        return Cache.attach(self._active(), envoys, include_inputs)
+    def cache(self, modules: list | None = None, device: Any = "cpu", dtype: Any = None,
+              detach: bool = True, include_output: bool = True, include_inputs: bool = False) -> Cache:
+        """Record outputs (and inputs) of ``modules`` (envoys, modules or paths such as
+        ``"model.layers.0"``; default: every module) at every call, converted to ``device`` /
+        ``dtype`` and detached (see cache.py). The cache is saved: it comes back from remote runs."""
+        root = self.model
+        envoys = root.modules() if modules is None else [root._envoy_of(m) for m in modules]
+        cache = Cache.attach(self._active(), root, envoys, device=device, dtype=dtype, detach=detach,
+                             include_output=include_output, include_inputs=include_inputs)
+        return save(cache)
 
     def log(self, *values: Any) -> None:
         """``print`` (kept for nnsight compatibility; remote traces stream it)."""

@@ -96,8 +96,12 @@ class NNsight(Envoy):
         raise TraceStateError(_REMOTE_NEEDS_NAME)
 
     def _envoy_of(self, module: Any) -> Envoy:
+        """The envoy of an envoy, a submodule, or a path ("model.layers.0" or "layers.0")."""
         if isinstance(module, Envoy):
             return module
+        if isinstance(module, str):
+            path = module[len("model"):].lstrip(".") if module.split(".")[0] == "model" else module
+            return self.get(path)
         for envoy in self.modules():
             if envoy._module is module:
                 return envoy

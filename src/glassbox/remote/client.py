@@ -29,6 +29,7 @@ import types
 from typing import Any
 
 from .. import errors as _errors
+from ..cache import Cache
 from ..capture import CapturedBody, write_back
 from ..config import CONFIG
 from ..envoy import Envoy
@@ -241,7 +242,7 @@ def _local_form(value: Any, depth: int = 0) -> Any:
     """Model outputs index like their logits locally; make the returned ones do too."""
     from ..models.outputs import tensor_like
 
-    if depth > 8:
+    if depth > 8 or isinstance(value, Cache):
         return value
     if isinstance(value, dict) and hasattr(value, "to_tuple"):
         return tensor_like(value)

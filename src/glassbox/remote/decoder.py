@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from ..cache import Cache, CacheEntry, Entry
 from .wire import ALL_DTYPES, VIA_REAL, ProtocolError, RemoteFunction, dtype_name, typed
 
 
@@ -110,6 +111,18 @@ class Decoder:
         fields = self.read_dict(node, path, depth)
         cls = _resolve_model_output(typed(node["cls"], str, path))
         return fields if cls is None else cls(**fields)
+
+    def read_cache(self, node: dict, path: str, depth: int) -> Cache:
+        cache = Cache()
+        for key, visits in typed(node["v"], dict, path).items():
+            entry = cache[str(key)] = CacheEntry(str(key))
+            for i, visit in enumerate(typed(visits, list, path)):
+                if type(visit) is not list or len(visit) != 2:
+                    raise ProtocolError(f"malformed cache visit {i} of {key!r} at {path}")
+                output = self.value(visit[0], f"{path}[{key!r}].output", depth + 2)
+                inputs = self.value(visit[1], f"{path}[{key!r}].inputs", depth + 2)
+                entry.append(Entry(output, inputs))
+        return cache
 
     def read_slice(self, node: dict, path: str, depth: int) -> slice:
         parts = typed(node["v"], list, path)

@@ -24,11 +24,12 @@ Values are described by tagged JSON nodes::
     {"t": "tensor", "key": "t0", "dtype": "bfloat16", "shape": [2, 3]}   (+ "numpy", "complex", "scalar",
                                                                    "grad": node: its .grad, when it has one)
     {"t": "model_output", "cls": "transformers....CausalLMOutputWithPast", "v": {"key": node, ...}}
+    {"t": "cache", "v": {"model.layers.0": [[output node, inputs node], ...], ...}}   a tracer.cache()
 
 Tensors travel in the blob under their ``key``; a tensor object that occurs
 twice is sent once and decodes to one object again; a tensor's ``.grad`` (say
 after ``h.retain_grad()`` and ``loss.backward()``) travels with it. "map",
-"set", "frozenset" and "grad" came after protocol 1's first release: an older
+"set", "frozenset", "cache" and "grad" came after protocol 1's first release: an older
 peer refuses them with "unknown value kind" (or, for "grad", drops it), so no
 bump was needed for the values both sides could already send. Functions are decoded as
 ``RemoteFunction`` (the server compiles them under restriction, if at all).
@@ -45,6 +46,7 @@ from typing import Any
 
 import torch
 
+from ..cache import Cache
 from .decoder import Decoder
 from .wire import (
     DEFAULT_MAX_BYTES,
@@ -148,6 +150,12 @@ class _Encoder:
                                         for p, n in zip(parts, ("start", "stop", "step"))]}
         if isinstance(value, RemoteFunction):
             return {"t": "function", "name": value.name, "source": value.source}
+        if isinstance(value, Cache):  # before dict: it keeps its type and visits
+            return {"t": "cache", "v": {
+                key: [[self.node(e.output, f"{path}[{key!r}].output", depth + 2),
+                       self.node(e.inputs, f"{path}[{key!r}].inputs", depth + 2)] for e in entry]
+                for key, entry in value.items()
+            }}
         if isinstance(value, (list, tuple, dict, set, frozenset)):
             return self.container(value, path, depth)
         if inspect.isfunction(value):

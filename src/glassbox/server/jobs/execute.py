@@ -37,6 +37,7 @@ from typing import Any
 
 import torch
 
+from ...cache import Cache
 from ...remote.protocol import (
     JOB_KIND,
     RESULT_KIND,
@@ -202,20 +203,27 @@ def _job_source(payload: dict) -> str:
     return "\n" * (first_line - 2) + header + "\n" + body
 
 
-def _sendable(value: Any, depth: int = 0) -> Any:
-    """Saved values as the client can use them: a model output's key/value cache
-    (``cache`` / ``past_key_values``) only makes sense inside this process, so it is dropped."""
+def _sendable(value: Any, depth: int = 0, drop_kv: bool = False) -> Any:
+    """Saved values as the client can use them: a model's key/value cache (``cache`` /
+    ``past_key_values`` in a model output, or among a module's inputs in a ``tracer.cache()``)
+    only makes sense inside this process, so it is dropped."""
     if depth > 8:
         return value
+    if drop_kv and _is_cache(value):
+        return None
+    if isinstance(value, Cache):
+        return value.converted(lambda v: _sendable(v, depth + 1, drop_kv=True))
     if isinstance(value, dict) and hasattr(value, "to_tuple"):
-        fields = {k: None if _is_cache(v) else _sendable(v, depth + 1) for k, v in value.items()}
+        fields = {k: None if _is_cache(v) else _sendable(v, depth + 1, drop_kv) for k, v in value.items()}
         return type(value)(**fields)
     if isinstance(value, list):
-        return [_sendable(v, depth + 1) for v in value]
+        return [_sendable(v, depth + 1, drop_kv) for v in value]
     if isinstance(value, tuple):
-        return type(value)(_sendable(v, depth + 1) for v in value) if not hasattr(value, "_fields") else value
+        if hasattr(value, "_fields"):
+            return value
+        return type(value)(_sendable(v, depth + 1, drop_kv) for v in value)
     if isinstance(value, dict):
-        return {k: _sendable(v, depth + 1) for k, v in value.items()}
+        return {k: _sendable(v, depth + 1, drop_kv) for k, v in value.items()}
     return value
 
 
