@@ -17,6 +17,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import greenlet
+import torch
 
 from .batching import Rows
 
@@ -32,6 +33,8 @@ class Site:
     its ``forward`` wrapper, built once); counters are reset for every trace."""
 
     __slots__ = (
+        "bound",
+        "container",
         "envoy",
         "interleaver",
         "module",
@@ -52,6 +55,10 @@ class Site:
         self.interleaver: Interleaver | None = None
         self.original: Any = None
         self.saved_forward: Any = MISSING
+        # Containers (ModuleList, ModuleDict) are never called: nothing to install. ``bound`` keeps
+        # the class forward bound to the module across traces (installing is per access).
+        self.container = type(self.module).forward is torch.nn.Module.forward
+        self.bound: Any = None
         self.recorders: list[Callable[[str, Any], None]] = []
         self.wrapper = make_wrapper(self)
         self.reset()

@@ -40,7 +40,6 @@ from .intercept import MISSING, Consumer, Site
 from .runner import TASK_ENDED, Abort, acquire_runner, release_runner
 
 ENDED = TASK_ENDED  # what a soft request returns when the model finished first
-_module_forward = torch.nn.Module.forward
 _getcurrent = greenlet.getcurrent
 _is_grad_enabled = torch.is_grad_enabled
 _set_grad_enabled = torch._C._set_grad_enabled
@@ -128,13 +127,19 @@ class Interleaver:
         module = site.module
         self.sites[id(module)] = site
         site.interleaver = self
-        if type(module).forward is _module_forward:
-            return  # containers (ModuleList, ModuleDict) are never called
+        if site.container:
+            return
         self.installed.append(site)
-        site.saved_forward = module.__dict__.get("forward", MISSING)
-        site.original = module.forward
-        site.wrapper.__wrapped__ = site.original  # keeps inspect.signature(module.forward)
-        module.__dict__["forward"] = site.wrapper
+        namespace = module.__dict__
+        saved = site.saved_forward = namespace.get("forward", MISSING)
+        bound = site.bound
+        if saved is MISSING and bound is not None and bound.__func__ is type(module).forward:
+            site.original = bound  # the common case: as last trace, wrapper.__wrapped__ included
+        else:
+            site.original = module.forward
+            site.bound = site.original if saved is MISSING else None
+            site.wrapper.__wrapped__ = site.original  # keeps inspect.signature(module.forward)
+        namespace["forward"] = site.wrapper
 
     # ------------------------------------------------------------ runner side
 
@@ -539,10 +544,11 @@ class Interleaver:
                 site.module.__dict__.pop("forward", None)
             else:
                 site.module.__dict__["forward"] = site.saved_forward
-            site.original = site.saved_forward = None
+            site.saved_forward = None
         for site in self.sites.values():
             site.interleaver = None
-            site.recorders = []
+            if site.recorders:
+                site.recorders = []
         self.installed.clear()
         self.sites.clear()
         self.consumers.clear()

@@ -51,12 +51,22 @@ from .patches import ClassPatch, PatchSet, mount_builtin
 if TYPE_CHECKING:
     from .models.base import NNsight
 
-_state = threading.local()
+class _ThreadState(threading.local):
+    """Per-thread trace state. Attributes are set in ``__init__`` (run once per thread), so reads
+    never take the slow path of a missing attribute: ``.save()`` is on the per-access path."""
+
+    def __init__(self) -> None:
+        self.stack: list[Tracer] = []  # open traces, innermost last
+        self.collector: dict[int, Any] | None = None  # collect_saved's record, while one is open
+        self.sessions = 0  # open local sessions
+
+
+_state = _ThreadState()
 
 
 def current_tracer() -> Tracer | None:
     """The innermost open trace in this thread, if any."""
-    stack = getattr(_state, "stack", None)
+    stack = _state.stack
     return stack[-1] if stack else None
 
 
@@ -93,7 +103,7 @@ def remote_where(remote: bool | str) -> dict[str, Any]:
 def enter_session() -> None:
     """A local ``model.session()`` opened in this thread: saving between its traces is allowed
     (a remote session saves there too)."""
-    _state.sessions = getattr(_state, "sessions", 0) + 1
+    _state.sessions += 1
 
 
 def exit_session() -> None:
@@ -105,7 +115,7 @@ class collect_saved:
     job returns exactly these, across all the traces of a session)."""
 
     def __enter__(self) -> dict[int, Any]:
-        self.previous = getattr(_state, "collector", None)
+        self.previous = _state.collector
         _state.collector = {}
         return _state.collector
 
@@ -117,13 +127,14 @@ def tensor_save(self: Any) -> Any:
     """``x.save()``: on tensors and model outputs while a trace is open, on lists, dicts,
     sets and tuples always (see patches.mount_builtin)."""
     # the common local case (one trace, nobody collecting) stays a few attribute reads
-    stack = getattr(_state, "stack", None)
+    state = _state
+    stack = state.stack
     if stack:
         stack[-1]._saved_ids.add(id(self))
-    collector = getattr(_state, "collector", None)
+    collector = state.collector
     if collector is not None:
         collector[id(self)] = self  # held, so the id stays this object's
-    elif not stack and not getattr(_state, "sessions", 0):
+    elif not stack and not state.sessions:
         raise TraceStateError(_SAVE_OUTSIDE)
     return self
 
@@ -484,13 +495,11 @@ def run_together(model: NNsight, bodies: list[Body], *, pad_to: int = 0) -> Any:
 
 
 def _push(tracer: Tracer) -> None:
-    if not hasattr(_state, "stack"):
-        _state.stack = []
     _state.stack.append(tracer)
 
 
 def _pop(tracer: Tracer) -> None:
-    stack = getattr(_state, "stack", [])
+    stack = _state.stack
     if stack and stack[-1] is tracer:
         stack.pop()
     elif tracer in stack:
