@@ -225,6 +225,8 @@ class Tracer:
         patches.acquire()
         try:
             interleaver = Interleaver(root, batch_size=0, narrow_min_ndim=root._narrow_min_ndim)
+            for consumer in root._default_consumers(interleaver, self):  # edits: served first
+                interleaver.add_consumer(consumer)
             if self._inputs is not None:
                 # one input, the body as the only consumer: it sees the whole batch, no rows
                 args, kwargs = root._single(root._prepare(*self._inputs))
@@ -447,6 +449,8 @@ class Invoker:
         args, kwargs, rows = root._batch(items)
         interleaver = Interleaver(root, rows[-1].stop, root._narrow_min_ndim)
         interleaver.task = tracer._task(interleaver, args, kwargs)
+        for consumer in root._default_consumers(interleaver, tracer):  # edits: served first
+            interleaver.add_consumer(consumer)
         interleaver.add_consumer(Consumer("invoke", None))
         self._outer = root.active
         root.active = interleaver

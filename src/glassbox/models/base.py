@@ -3,10 +3,14 @@
 Offers:
     NNsight    the root Envoy plus ``trace()``, ``session()``, and ``active`` (the
                interleaver of the trace open on it, or None); subclasses
-               (LanguageModel) override the hooks below.
+               (LanguageModel) override the hooks below. ``edit()`` / ``clear_edits()``
+               (editing.py) and ``scan()`` (scan.py).
 
 Hooks a subclass may override (the tracing core calls only these):
-    _ensure_ready()                      load weights etc. before the first trace
+    _ensure_ready()                      load weights etc. before the first trace (not under
+                                         a fake-tensor mode: ``scan`` needs shapes only)
+    _default_consumers(interleaver, tracer)  consumers every trace starts with, served before
+                                         the user's bodies (the replays of ``edit()`` blocks)
     _prepare(args, kwargs)               one invoke's input -> a prepared input
     _single(prepared)                    one prepared input traced alone -> (args, kwargs)
     _batch(prepared_list, width=0)       several -> (args, kwargs, [Rows]); ``width``: pad
@@ -30,8 +34,10 @@ from typing import Any
 import torch
 
 from ..batching import Rows, concat_args
+from ..editing import EditTracer, clear_edits, edit_consumers
 from ..envoy import Envoy
 from ..errors import TraceStateError
+from ..scan import ScanTracer
 from ..session import Session
 from ..tracing import Tracer
 
@@ -87,6 +93,24 @@ class NNsight(Envoy):
         with ``remote=True`` the whole block is one job on the server (``"local"``: run
         as one, in this process)."""
         return Session(self, remote=remote, timeout=timeout, blocking=blocking)
+
+    def edit(self, *, inplace: bool = False) -> EditTracer:
+        """Store a block of interventions, replayed at every later trace. Without ``inplace``, on
+        a new wrapper of the same module (``with model.edit() as edited:``, or nnsight's
+        ``as (tracer, edited)``); with ``inplace=True``, on this one (``as tracer``)."""
+        return EditTracer(self, inplace=inplace)
+
+    def clear_edits(self) -> None:
+        """Remove every edit stored on this wrapper."""
+        clear_edits(self)
+
+    def scan(self, *args: Any, **kwargs: Any) -> ScanTracer:
+        """``with model.scan(input):`` a trace on fake tensors: shapes and dtypes, no compute,
+        no weights loaded; fakes left in variables become meta tensors after the block."""
+        return ScanTracer(self, args, kwargs)
+
+    def _default_consumers(self, interleaver: Any, tracer: Any) -> Any:
+        return edit_consumers(self, tracer)
 
     def _remote_name(self) -> str:
         raise TraceStateError(_REMOTE_NEEDS_NAME)

@@ -23,8 +23,10 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
+from torch._guards import detect_fake_mode
 
 from ..batching import Rows
+from ..editing import refuse_remote
 from ..envoy import Envoy
 from ..errors import TraceStateError
 from . import attention
@@ -101,7 +103,7 @@ class LanguageModel(NNsight):
     # ---------------------------------------------------------------- loading
 
     def _ensure_ready(self) -> None:
-        if self.__dict__["_loaded"]:
+        if self.__dict__["_loaded"] or detect_fake_mode() is not None:  # model.scan: no weights needed
             return
         if self.__dict__.get("_server_only"):
             from ..config import CONFIG
@@ -180,6 +182,7 @@ class LanguageModel(NNsight):
                       timeout: float | None, blocking: bool, local: bool = False) -> Any:
         from ..remote.client import RemoteRun
 
+        refuse_remote(self)  # edits run locally only
         return RemoteRun(self, method, body, frame, inputs, call, timeout=timeout, blocking=blocking,
                          local=local)
 
