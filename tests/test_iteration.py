@@ -198,3 +198,20 @@ def test_all_outside_the_body_start_is_refused(rec, inp):
             rec.embed.output
             with tracer.all():
                 rec.block.output[:] = 0
+
+
+def test_nnsight_barrier_form_shares_a_value_between_invokes(rec):
+    torch.manual_seed(7)
+    a, b = torch.randn(1, 6), torch.randn(1, 6)
+    with torch.no_grad(), rec.trace() as tracer:
+        barrier = tracer.barrier(2)
+        with tracer.invoke(a):
+            emb = rec.embed.output
+            barrier()
+        with tracer.invoke(b):
+            barrier()
+            rec.embed.output = emb
+            out_b = rec.output.save()
+    with torch.no_grad():
+        want = rec._module(a)
+    assert torch.allclose(out_b, want, atol=1e-6)

@@ -375,6 +375,14 @@ class Tracer:
         """``with tracer.all():`` runs its block at every call (``for _ in tracer.all()``: iter[:])."""
         return AllCalls(self)
 
+    def barrier(self, participants: int) -> Any:
+        """nnsight's ``tracer.barrier(n)``, for invokes that share a value at one module. Not
+        needed here: at a shared boundary invokes are served in order, and a later invoke that
+        reads a name an earlier one sets waits for it; the returned ``barrier()`` does nothing."""
+        if participants < 1:
+            raise ValueError("tracer.barrier(n) takes the number of invokes that meet, at least 1")
+        return _no_barrier
+
     def stop(self) -> None:
         """Stop the model here: the rest of the forward pass does not run."""
         self._active().stop()
@@ -496,6 +504,10 @@ def run_together(model: NNsight, bodies: list[Body], *, pad_to: int = 0) -> Any:
     with tracer:
         tracer._invokes.extend(Deferred(b.code, b.namespace, b.inputs, b.label) for b in bodies)
     return tracer.result
+
+
+def _no_barrier() -> None:
+    """What ``tracer.barrier(n)`` returns: invokes meet in order without it (see Tracer.barrier)."""
 
 
 def _push(tracer: Tracer) -> None:
