@@ -13,7 +13,7 @@ def _assert_clean(net, mlp, x, reference):
     for module in mlp.modules():
         assert "forward" not in module.__dict__
         assert not module._forward_hooks and not module._forward_pre_hooks
-    assert net.__dict__["_active"] is None
+    assert net.active is None
     assert not hasattr(torch.Tensor, "save")
     assert torch.equal(mlp(x), reference)
     with net.trace(x):

@@ -206,7 +206,7 @@ def edited_copy(model: Any) -> Any:
             # (tree envoys and aliases are keys Envoy.__init__ already set)
             value = type(value)(value._module, copy, value._name)
         copy.__dict__[key] = value
-    copy.__dict__["_active"] = None
+    copy.__dict__["active"] = None
     copy.__dict__[_EDITS] = list(model.__dict__.get(_EDITS) or ())
     # A lazily loaded model (LanguageModel before its first trace) loads its weights once, for
     # both wrappers: the copy asks the original, then points its envoys at the loaded modules.

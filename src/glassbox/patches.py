@@ -46,20 +46,27 @@ class ClassPatch:
 
     def acquire(self) -> None:
         with _lock:
-            if self._count == 0:
-                self._previous = self.cls.__dict__.get(self.name, _MISSING)
-                setattr(self.cls, self.name, self.value)
-            self._count += 1
+            self.acquire_locked()
 
     def release(self) -> None:
         with _lock:
-            self._count -= 1
-            if self._count == 0:
-                if self._previous is _MISSING:
-                    delattr(self.cls, self.name)
-                else:
-                    setattr(self.cls, self.name, self._previous)
-                self._previous = _MISSING
+            self.release_locked()
+
+    def acquire_locked(self) -> None:
+        """``acquire`` for a caller that holds the module's lock (PatchSet)."""
+        if self._count == 0:
+            self._previous = self.cls.__dict__.get(self.name, _MISSING)
+            setattr(self.cls, self.name, self.value)
+        self._count += 1
+
+    def release_locked(self) -> None:
+        self._count -= 1
+        if self._count == 0:
+            if self._previous is _MISSING:
+                delattr(self.cls, self.name)
+            else:
+                setattr(self.cls, self.name, self._previous)
+            self._previous = _MISSING
 
     @property
     def active(self) -> bool:
@@ -73,12 +80,14 @@ class PatchSet:
         self.patches = patches
 
     def acquire(self) -> None:
-        for p in self.patches:
-            p.acquire()
+        with _lock:  # one lock for the set: this runs at every trace
+            for p in self.patches:
+                p.acquire_locked()
 
     def release(self) -> None:
-        for p in reversed(self.patches):
-            p.release()
+        with _lock:
+            for p in reversed(self.patches):
+                p.release_locked()
 
 
 def mount_builtin(types: tuple[type, ...], name: str, fn: Any) -> bool:

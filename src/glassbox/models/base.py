@@ -53,6 +53,9 @@ class NNsight(Envoy):
     """
 
     _narrow_min_ndim = 1
+    # The interleaver of the trace open on this model (None: no trace is open). A plain attribute,
+    # not a property: every module access reads it.
+    active: Any = None
 
     def __init__(self, module: torch.nn.Module, *, rename: dict | None = None) -> None:
         if not isinstance(module, torch.nn.Module):
@@ -61,16 +64,7 @@ class NNsight(Envoy):
                 "Hugging Face model id or folder use glassbox.LanguageModel"
             )
         super().__init__(module, rename=rename)
-        self.__dict__["_active"] = None
-
-    @property
-    def active(self) -> Any:
-        """The interleaver of the trace open on this model (None: no trace is open)."""
-        return self.__dict__["_active"]
-
-    @active.setter
-    def active(self, interleaver: Any) -> None:
-        self.__dict__["_active"] = interleaver
+        self.__dict__["active"] = None
 
     # ---------------------------------------------------------------- contexts
 

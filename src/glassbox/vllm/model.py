@@ -129,7 +129,7 @@ class VLLM(NNsight):
                  max_model_len: int | None = None, kv_cache_gib: float = 1.0, tokenizer: Any = None,
                  dispatch: bool = False, remote_name: str | None = None, **llm_kwargs: Any) -> None:
         d = self.__dict__
-        d["_active"] = None
+        d["active"] = None
         d["_engine"] = None
         d["_router"] = None
         d["_source"] = os.fspath(model)
