@@ -215,3 +215,20 @@ def test_nnsight_barrier_form_shares_a_value_between_invokes(rec):
     with torch.no_grad():
         want = rec._module(a)
     assert torch.allclose(out_b, want, atol=1e-6)
+
+
+def test_iteration_in_a_remote_block_means_the_same(gpt2_lm, monkeypatch):
+    monkeypatch.setattr(glassbox.CONFIG, "HOST", "http://127.0.0.1:9")  # remote="local": no network
+    results = []
+    for remote in (False, "local"):
+        with gpt2_lm.trace("The cat sat", remote=remote) as tracer:
+            with tracer.all():
+                gpt2_lm.transformer.h[2].output[:] *= 0
+            calls = glassbox.save([])
+            for _ in tracer.iter[:]:
+                calls.append(gpt2_lm.transformer.h[1].output)
+            logits = tracer.result.logits.save()
+        results.append((calls, logits))
+    (local_calls, local_logits), (remote_calls, remote_logits) = results
+    assert len(local_calls) == len(remote_calls) == 1  # each layer runs once per forward
+    assert torch.equal(local_calls[0], remote_calls[0]) and torch.equal(local_logits, remote_logits)
