@@ -14,7 +14,7 @@ def _assert_clean(net, mlp, x, reference):
         assert "forward" not in module.__dict__
         assert not module._forward_hooks and not module._forward_pre_hooks
     assert net.active is None
-    assert not hasattr(torch.Tensor, "save")
+    assert torch.Tensor.backward is glassbox.backward.patched_backward  # mounted; torch's own outside
     assert torch.equal(mlp(x), reference)
     with net.trace(x):
         out = net.output.save()

@@ -47,10 +47,14 @@ def test_save_outside_a_trace_says_what_to_do(model):
             attempt()
 
 
-def test_torch_is_untouched_outside_a_trace(model):
+def test_torch_behaves_as_torch_outside_a_trace(model):
     with model.trace("Hello"):
         h = model.transformer.h[0].output.save()
-    assert not hasattr(torch.Tensor, "save") and not hasattr(h, "save")
+    with pytest.raises(TraceStateError, match="belong inside"):
+        h.save()  # mounted at the first trace; outside one it says what to do
+    w = torch.ones(3, requires_grad=True)
+    (w * 2).sum().backward()  # Tensor.backward outside a trace is torch's own
+    assert torch.equal(w.grad, torch.full((3,), 2.0))
 
 
 def test_saving_between_the_traces_of_a_session(model):

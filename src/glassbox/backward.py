@@ -1,9 +1,9 @@
 """Gradients inside a trace: ``with loss.backward():`` and ``.grad`` on activations.
 
 Offers:
-    patched_backward      ``Tensor.backward`` while a trace is open: used as a
-                          context manager it returns a BackwardTracer; called as
-                          a plain statement it is torch's own backward.
+    patched_backward      ``Tensor.backward`` (mounted at the first trace): inside a trace,
+                          used as a context manager it returns a BackwardTracer; called as
+                          a plain statement, or outside a trace, it is torch's own backward.
     BackwardTracer        runs the backward pass in a greenlet (a thread on CUDA); inside its block
                           ``h.grad`` waits for the gradient of activation ``h``
                           and ``h.grad = g`` replaces it for the rest of the pass.
@@ -66,7 +66,9 @@ def patched_backward(self: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
     import sys
 
     tracer = find_tracer()
-    refusal = getattr(type(tracer.model), "_no_gradients", None) if tracer is not None else None
+    if tracer is None:  # mounted for good (tracing._ensure_mounted): outside a trace, torch's own
+        return _original_backward(self, *args, **kwargs)
+    refusal = getattr(type(tracer.model), "_no_gradients", None)
     if refusal:  # a model whose engine keeps no autograd graph (glassbox.VLLM) says why, and what instead
         raise TraceStateError(refusal)
     if _followed_by_with(sys._getframe(1)):

@@ -1,22 +1,20 @@
-"""Temporary, reference-counted attributes on shared classes; ``.save()`` on builtins.
+"""Attributes glassbox adds to shared classes.
 
 Offers:
     ClassPatch(cls, name, value)   .acquire() installs on first use, .release()
-                                   removes on last; thread-safe.
-    mount_builtin(types, name, fn) add a method to builtin types (list, dict, ...) for
-                                   the rest of the process; False where this Python
-                                   does not allow it.
+                                   removes on last; thread-safe (``Tensor.grad`` while a
+                                   ``with loss.backward():`` block runs).
+    mount(cls, name, fn)           add ``name`` to ``cls`` for the rest of the process
+                                   (``Tensor.save``, ``Tensor.backward``: tracing.py).
+    mount_builtin(types, name, fn) the same for builtin types (list, dict, ...); False where
+                                   this Python does not allow it.
 
-glassbox adds ``Tensor.save`` (and a few others) only while at least one trace
-is open anywhere in the process, so that outside a trace torch is untouched.
-Several threads may trace at once, hence the count.
-
-Builtin containers are different: Python forbids setting attributes on them, and
-the way around that (writing the type's dict, then telling the interpreter its
-method caches are stale) invalidates the caches of every subclass, ~20 µs a time,
-too slow for every trace. So ``.save()`` is added to them once, at the first
-trace, and stays (nnsight 0.8 does the same, for every object); outside a trace
-it raises an error that says what to do instead.
+``Tensor.save`` and ``Tensor.backward`` are mounted at the first trace and stay: writing an
+attribute of ``torch.Tensor`` (or of a builtin, through its dict plus ``PyType_Modified``)
+invalidates the interpreter's cached lookups of every method of the class and its subclasses,
+which made each trace pay for it again. Outside a trace ``.save()`` raises an error that says
+what to do instead, and ``backward`` is torch's own (nnsight 0.8 mounts ``save`` on every
+object).
 """
 
 from __future__ import annotations
@@ -88,6 +86,13 @@ class PatchSet:
         with _lock:
             for p in reversed(self.patches):
                 p.release_locked()
+
+
+def mount(cls: type, name: str, fn: Any) -> None:
+    """Give ``cls`` the attribute ``name`` for the rest of the process (``Tensor.save``)."""
+    with _lock:
+        if cls.__dict__.get(name) is not fn:
+            setattr(cls, name, fn)
 
 
 def mount_builtin(types: tuple[type, ...], name: str, fn: Any) -> bool:

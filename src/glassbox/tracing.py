@@ -19,7 +19,7 @@ Offers:
 
 Call hierarchy::
 
-    Tracer.__enter__  open Interleaver, install Tensor.save & co (refcounted)
+    Tracer.__enter__  open Interleaver (Tensor.save & co are mounted at the first trace)
       body: envoy.output ...       -> Interleaver.request (inline consumer)
       body: with tracer.invoke(x)  -> Invoker: capture + skip body, queue input
     Tracer.__exit__   batch invoke inputs, Interleaver.finish() (runs model,
@@ -46,7 +46,7 @@ from .errors import TraceStateError
 from .intercept import Consumer
 from .interleave import Interleaver
 from .iteration import AllCalls, CallSelector
-from .patches import ClassPatch, PatchSet, mount_builtin
+from .patches import mount, mount_builtin
 
 if TYPE_CHECKING:
     from .models.base import NNsight
@@ -139,31 +139,34 @@ def tensor_save(self: Any) -> Any:
     return self
 
 
-_patches: list[ClassPatch] = []
-_patches_lock = threading.Lock()
-_model_output_patched = False
-_patch_sets: list[PatchSet] = []  # the current set is reused by every trace
+_mount_lock = threading.Lock()
+_tensor_mounted = False
+_model_output_mounted = False
 # once, at import: outside a trace `[].save()` then says what to do instead of "no attribute"
 _builtins_savable = mount_builtin((list, dict, set, tuple), "save", tensor_save)
 
 
-def _get_patches() -> PatchSet:
-    """Patches for this trace. ModelOutput joins once transformers is imported (unless
-    dict.save covers it); each trace releases exactly the set it acquired."""
-    global _model_output_patched
-    with _patches_lock:
-        if not _patches:
+def _ensure_mounted() -> None:
+    """At the first trace, mount ``Tensor.save`` and ``Tensor.backward`` for the rest of the
+    process (and ``ModelOutput.save`` once transformers is imported, where ``dict.save`` does not
+    cover it). Outside a trace ``.save()`` raises TraceStateError saying what to do, and
+    ``backward`` is torch's own (patched_backward passes straight through when no trace is open).
+    Mounted for good, not per trace: writing an attribute of ``torch.Tensor`` invalidates the
+    interpreter's method caches for every tensor method, which cost every trace 2-5 µs."""
+    global _tensor_mounted, _model_output_mounted
+    if _tensor_mounted and (_model_output_mounted or _builtins_savable):
+        return  # every trace after the first
+    with _mount_lock:
+        if not _tensor_mounted:
             import torch
 
-            _patches.append(ClassPatch(torch.Tensor, "save", tensor_save))
-            _patches.append(ClassPatch(torch.Tensor, "backward", _backward.patched_backward))
-            _patch_sets.append(PatchSet(list(_patches)))
+            mount(torch.Tensor, "save", tensor_save)
+            mount(torch.Tensor, "backward", _backward.patched_backward)
+            _tensor_mounted = True
         generic = sys.modules.get("transformers.utils.generic")
-        if generic is not None and not _model_output_patched and not _builtins_savable:
-            _patches.append(ClassPatch(generic.ModelOutput, "save", tensor_save))
-            _model_output_patched = True
-            _patch_sets.append(PatchSet(list(_patches)))
-        return _patch_sets[-1]
+        if generic is not None and not _model_output_mounted and not _builtins_savable:
+            mount(generic.ModelOutput, "save", tensor_save)
+            _model_output_mounted = True
 
 
 class Tracer:
@@ -221,23 +224,22 @@ class Tracer:
                 "thread); finish that trace first, or wrap a second copy of the module"
             )
         root._ensure_ready()
-        patches = self._patches = _get_patches()
-        patches.acquire()
-        try:
-            interleaver = Interleaver(root, batch_size=0, narrow_min_ndim=root._narrow_min_ndim)
-            for consumer in root._default_consumers(interleaver, self):  # edits: served first
-                interleaver.add_consumer(consumer)
-            if self._inputs is not None:
-                # one input, the body as the only consumer: it sees the whole batch, no rows
+        _ensure_mounted()
+        interleaver = Interleaver(root, batch_size=0, narrow_min_ndim=root._narrow_min_ndim)
+        for consumer in root._default_consumers(interleaver, self):  # edits: served first
+            interleaver.add_consumer(consumer)
+        if self._inputs is not None:
+            # one input, the body as the only consumer: it sees the whole batch, no rows
+            try:
                 args, kwargs = root._single(root._prepare(*self._inputs))
-                interleaver.task = self._task(interleaver, args, kwargs)
-                interleaver.add_consumer(Consumer("trace body", None))
-            self._interleaver = interleaver
-            root.active = interleaver
-            _push(self)
-        except BaseException:
-            patches.release()
-            raise
+            except BaseException:
+                interleaver.cleanup()  # gives the runner back
+                raise
+            interleaver.task = self._task(interleaver, args, kwargs)
+            interleaver.add_consumer(Consumer("trace body", None))
+        self._interleaver = interleaver
+        root.active = interleaver
+        _push(self)
         return self
 
     def _enter_remote(self, frame: Any) -> None:
@@ -278,7 +280,6 @@ class Tracer:
             root.active = None
             self._interleaver = None
             _pop(self)
-            self._patches.release()
             invokes, self._invokes = self._invokes, []
             publishers, self._publishers = self._publishers, []
         if exc is None:
