@@ -44,48 +44,24 @@ class ClassPatch:
 
     def acquire(self) -> None:
         with _lock:
-            self.acquire_locked()
+            if self._count == 0:
+                self._previous = self.cls.__dict__.get(self.name, _MISSING)
+                setattr(self.cls, self.name, self.value)
+            self._count += 1
 
     def release(self) -> None:
         with _lock:
-            self.release_locked()
-
-    def acquire_locked(self) -> None:
-        """``acquire`` for a caller that holds the module's lock (PatchSet)."""
-        if self._count == 0:
-            self._previous = self.cls.__dict__.get(self.name, _MISSING)
-            setattr(self.cls, self.name, self.value)
-        self._count += 1
-
-    def release_locked(self) -> None:
-        self._count -= 1
-        if self._count == 0:
-            if self._previous is _MISSING:
-                delattr(self.cls, self.name)
-            else:
-                setattr(self.cls, self.name, self._previous)
-            self._previous = _MISSING
+            self._count -= 1
+            if self._count == 0:
+                if self._previous is _MISSING:
+                    delattr(self.cls, self.name)
+                else:
+                    setattr(self.cls, self.name, self._previous)
+                self._previous = _MISSING
 
     @property
     def active(self) -> bool:
         return self._count > 0
-
-
-class PatchSet:
-    """Acquire/release several ClassPatch objects together."""
-
-    def __init__(self, patches: list[ClassPatch]) -> None:
-        self.patches = patches
-
-    def acquire(self) -> None:
-        with _lock:  # one lock for the set: this runs at every trace
-            for p in self.patches:
-                p.acquire_locked()
-
-    def release(self) -> None:
-        with _lock:
-            for p in reversed(self.patches):
-                p.release_locked()
 
 
 def mount(cls: type, name: str, fn: Any) -> None:
