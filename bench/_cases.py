@@ -1,4 +1,5 @@
-"""Models, cases and the timing loop shared by ``overhead.py`` and ``_nnsight_worker.py``.
+"""Models, cases and the timing loop shared by ``overhead.py`` and its workers
+(``_nnsight_worker.py``, ``_glassbox_worker.py``).
 
 Offers:
     MODELS            name -> builder returning a ``Bench`` (bare module, input, layer count)
@@ -11,13 +12,15 @@ Offers:
     check_same()      are two variants' results equal (so we time equal work)?
     Rounds            interleaved rounds of every (case, variant), one round per call:
                       per-call medians and paired overheads against the raw forward, in µs
+    prepare_rounds()  build the models, wrap them, check every case against plain hooks,
+                      warm up: each model's Rounds of raw [, hooks] and one traced variant
     measure()         all rounds of a Rounds at once
     FULL, QUICK       repetition settings; configure_torch(): the same torch settings
                       in both processes
 
 This file imports only torch and transformers: it runs in the glassbox virtualenv and in
-the nnsight one (``.venv-peers``), so both sides build bit-identical models and inputs and
-run the same trace bodies.
+the nnsight one (``.venv-peers``), so all sides build bit-identical models and inputs and
+run the same trace bodies (the wrapper is passed in).
 
 Cases (``n`` = number of layers, ``k = n // 2``):
     empty       ``with net.trace(x): pass``
@@ -336,6 +339,35 @@ def measure(
     for r in range(settings.rounds):
         rounds.run(r)
     return rounds.results()
+
+
+def prepare_rounds(
+    models: list[str], settings: Settings, wrap: Callable[[torch.nn.Module], Any], variant: str,
+    with_hooks: bool = False,
+) -> tuple[dict[str, Rounds], dict[str, int]]:
+    """For each model: wrap it (``wrap``: glassbox's or nnsight's ``NNsight``), check that every
+    traced case equals plain hooks' and that patch_1 changes the output (equal work is timed),
+    warm up. Returns each model's Rounds of ``raw``, ``hooks`` (if ``with_hooks``) and
+    ``variant``, and each model's layer count."""
+    prepared: dict[str, Rounds] = {}
+    layer_counts: dict[str, int] = {}
+    for name in models:
+        bench = MODELS[name]()
+        layer_counts[name] = bench.n_layers
+        log(f"{variant}: {name}: {bench.description}")
+        raw, hooks = raw_cases(bench), hook_cases(bench)
+        traced = traced_cases(bench, wrap(bench.module))
+        for case, fn in traced.items():
+            expected = hooks[case]()
+            problem = check_same(case, expected, fn())
+            if case == "patch_1" and check_same(case, raw[case](), expected) is None:
+                problem = "patch_1: zeroing a layer did not change the output"
+            if problem:
+                raise SystemExit(f"{variant}: result differs from plain hooks: {name} {problem}")
+        jobs = {case: {"raw": raw[case], **({"hooks": hooks[case]} if with_hooks else {}), variant: fn}
+                for case, fn in traced.items()}
+        prepared[name] = Rounds(jobs, settings, f"{variant} {name}")
+    return prepared, layer_counts
 
 
 def configure_torch() -> None:

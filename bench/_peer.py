@@ -1,4 +1,6 @@
-"""The JSON-lines link between a benchmark and its worker (nnsight, TransformerLens) in ``.venv-peers``.
+"""The JSON-lines link between a benchmark and its worker process: nnsight or TransformerLens in
+``.venv-peers`` (``PEERS_PYTHON``, the default), or an older glassbox under the main ``.venv``
+(``launch(..., python=MAIN_PYTHON)``, see ``_glassbox_worker.py``).
 
 The benchmark drives the worker one round at a time, so that the two processes take turns under
 the same load: each command is one line of JSON on the worker's stdin, each answer one line on
@@ -8,10 +10,14 @@ its stdout (stray prints in the worker go to stderr).
     peer = PeerProcess.launch(WORKER, [...])        send = worker_protocol()
     peer.wait_ready()                  ◄─────────   send({"ready": True, "versions": peer_versions()})
     peer.ask({"round": 0})             ─────────►   for line in sys.stdin: ... send({...})
+
+The workers of ``overhead.py`` (``_cases.py``'s models and cases) are all one loop with a
+different wrapper: ``serve_cases(case_worker_parser(__doc__).parse_args(), "nnsight", load)``.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import subprocess
@@ -23,10 +29,11 @@ import _cases
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PEERS_PYTHON = os.path.join(ROOT, ".venv-peers", "bin", "python")
+MAIN_PYTHON = os.path.join(ROOT, ".venv", "bin", "python")
 
 
 class PeerProcess:
-    """A worker script running under ``PEERS_PYTHON``."""
+    """A worker script running under ``PEERS_PYTHON`` (or another python: ``launch(python=)``)."""
 
     def __init__(self, process: subprocess.Popen, name: str = "nnsight") -> None:
         self.process = process
@@ -35,14 +42,14 @@ class PeerProcess:
 
     @classmethod
     def launch(cls, worker: str, args: list[str], env: dict[str, str] | None = None,
-               name: str = "nnsight") -> PeerProcess | None:
-        """Start ``worker`` with ``args``; None (and a log line saying how to fix it) without the
-        peers virtualenv."""
-        if not os.path.exists(PEERS_PYTHON):
-            _cases.log(f"{name}: SKIPPED: {PEERS_PYTHON} is missing; create it with "
-                       "`bash bench/setup_peers.sh`")
+               name: str = "nnsight", python: str = PEERS_PYTHON) -> PeerProcess | None:
+        """Start ``worker`` with ``args`` under ``python``; None (and a log line saying how to fix
+        it) when that python is missing."""
+        if not os.path.exists(python):
+            fix = "; create it with `bash bench/setup_peers.sh`" if python == PEERS_PYTHON else ""
+            _cases.log(f"{name}: SKIPPED: {python} is missing{fix}")
             return None
-        command = [PEERS_PYTHON, worker, *args]
+        command = [python, worker, *args]
         _cases.log(f"{name}: starting {' '.join(command)}")
         process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
                                    env=env)
@@ -90,3 +97,44 @@ def peer_versions() -> dict[str, Any]:
 
     return {"nnsight": nnsight.__version__, "torch": torch.__version__,
             "transformers": transformers.__version__, "python": sys.version.split()[0]}
+
+
+def case_worker_parser(doc: str) -> argparse.ArgumentParser:
+    """The options of every ``_cases.py`` worker (``overhead.py`` passes its own on)."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--models", default=",".join(_cases.MODELS))
+    parser.add_argument("--all", action="store_true", help="run every round alone, print the results")
+    return parser
+
+
+def serve_cases(args: argparse.Namespace, variant: str,
+                load: Callable[[], tuple[Callable[[Any], Any], dict[str, Any]]]) -> None:
+    """The whole life of a ``_cases.py`` worker timing ``variant`` against the raw forward.
+
+    ``load()`` (called once stdout is kept for the protocol, so imports may print) returns the
+    wrapper (bare module -> traced net, e.g. ``NNsight``) and the versions to report. Every case
+    is checked equal to plain hooks' before timing (``_cases.prepare_rounds``). Then either
+    ``--all`` (every round alone, only the results printed) or the protocol: ``{"ready": ...}``,
+    then ``{"round": [model, r]}`` answered ``{"done": r}``, until ``{"results": true}``,
+    answered with every number."""
+    send = worker_protocol()
+    _cases.configure_torch()
+    wrap, versions = load()
+    settings = _cases.QUICK if args.quick else _cases.FULL
+    prepared, _ = _cases.prepare_rounds(args.models.split(","), settings, wrap, variant)
+    if args.all:
+        for rounds in prepared.values():
+            for r in range(settings.rounds):
+                rounds.run(r)
+    else:
+        send({"ready": True, "versions": versions})
+        for line in sys.stdin:
+            command = json.loads(line)
+            if "round" in command:
+                name, r = command["round"]
+                prepared[name].run(r)
+                send({"done": r})
+            elif command.get("results"):
+                break
+    send({"versions": versions, "results": {name: rounds.results() for name, rounds in prepared.items()}})
