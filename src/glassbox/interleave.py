@@ -108,20 +108,17 @@ class Interleaver:
         site = self.sites.get(id(envoy._module))
         if site is not None:
             return site
-        chain = []
-        node = envoy
-        while node is not None and id(node._module) not in self.sites:
-            chain.append(node)
-            node = node._parent
-        for node in reversed(chain):  # ancestors first
-            cached = node.__dict__.get("_site")
-            if cached is None or cached.module is not node._module or cached.interleaver is not None:
-                cached = Site(node)
-                node.__dict__["_site"] = cached
-            else:
-                cached.reset()
-            self._install(cached)
-        return self.sites[id(envoy._module)]
+        parent = envoy._parent
+        if parent is not None and id(parent._module) not in self.sites:
+            self.site(parent)  # ancestors first (see the module docstring)
+        site = envoy.__dict__.get("_site")
+        if site is None or site.module is not envoy._module or site.interleaver is not None:
+            site = Site(envoy)
+            envoy.__dict__["_site"] = site
+        else:
+            site.reset()
+        self._install(site)
+        return site
 
     def _install(self, site: Site) -> None:
         module = site.module
@@ -505,7 +502,8 @@ class Interleaver:
         """Driver: run the model to the end and raise what went wrong."""
         for consumer in self.consumers:
             if consumer.run is None:
-                self._clear_wait(consumer)
+                if consumer.waiting is not None:
+                    self._clear_wait(consumer)
                 consumer.at = None
         if self.state in ("new", "running"):
             while self._drive() is not TASK_ENDED:
