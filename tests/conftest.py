@@ -25,6 +25,23 @@ class Branchy(torch.nn.Module):
         return self.head(x)
 
 
+class Recurrent(torch.nn.Module):
+    """One block applied ``steps`` times (a shared layer / recurrent loop), then a head."""
+
+    def __init__(self, steps: int = 3) -> None:
+        super().__init__()
+        self.steps = steps
+        self.embed = torch.nn.Linear(6, 6)
+        self.block = torch.nn.Sequential(torch.nn.Linear(6, 6), torch.nn.Tanh())
+        self.head = torch.nn.Linear(6, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.embed(x)
+        for _ in range(self.steps):
+            h = h + self.block(h)
+        return self.head(h)
+
+
 def make_mlp(seed: int = 0, width: int = 8, depth: int = 4) -> torch.nn.Sequential:
     torch.manual_seed(seed)
     layers: list[torch.nn.Module] = []
@@ -62,6 +79,13 @@ def gpt2_module() -> torch.nn.Module:
 @pytest.fixture
 def gpt2(gpt2_module: torch.nn.Module) -> glassbox.NNsight:
     return glassbox.NNsight(gpt2_module)
+
+
+@pytest.fixture
+def rec() -> glassbox.NNsight:
+    """A block applied three times (per-call iteration, hook=True)."""
+    torch.manual_seed(3)
+    return glassbox.NNsight(Recurrent().eval())
 
 
 @pytest.fixture

@@ -1,4 +1,4 @@
-"""Per-call iteration in a plain trace (tracer.iter / tracer.all) and envoy(x, hook=True)."""
+"""Per-call iteration in a plain trace: tracer.iter / tracer.all, .next(), barrier, remote."""
 
 from __future__ import annotations
 
@@ -9,46 +9,13 @@ import glassbox
 from glassbox.errors import OutOfOrderError, TraceStateError
 
 
-class Recurrent(torch.nn.Module):
-    """One block applied ``steps`` times (a shared layer / recurrent loop), then a head."""
-
-    def __init__(self, steps: int = 3) -> None:
-        super().__init__()
-        self.steps = steps
-        self.embed = torch.nn.Linear(6, 6)
-        self.block = torch.nn.Sequential(torch.nn.Linear(6, 6), torch.nn.Tanh())
-        self.head = torch.nn.Linear(6, 2)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.embed(x)
-        for _ in range(self.steps):
-            h = h + self.block(h)
-        return self.head(h)
-
-
-class SAE(torch.nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.encoder = torch.nn.Linear(6, 12)
-        self.decoder = torch.nn.Linear(12, 6)
-
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
-        return self.decoder(torch.relu(self.encoder(h)))
-
-
-@pytest.fixture
-def rec() -> glassbox.NNsight:
-    torch.manual_seed(3)
-    return glassbox.NNsight(Recurrent().eval())
-
-
 @pytest.fixture
 def inp() -> torch.Tensor:
     torch.manual_seed(4)
     return torch.randn(2, 6)
 
 
-def by_hand(module: Recurrent, x: torch.Tensor, edit=None) -> tuple[list[torch.Tensor], torch.Tensor]:
+def by_hand(module: torch.nn.Module, x: torch.Tensor, edit=None) -> tuple[list[torch.Tensor], torch.Tensor]:
     """Each call's block output and the model output, with ``edit(call, out)`` applied."""
     outs = []
     with torch.no_grad():
@@ -153,43 +120,6 @@ def test_without_iter_accesses_mean_the_next_call(rec, inp):
         first = rec.block.output.clone().save()
         second = rec.block.next().output.clone().save()
     assert torch.equal(first, expected[0]) and torch.equal(second, expected[1])
-
-
-def test_hook_true_call_is_watched_by_other_bodies(rec, inp):
-    torch.manual_seed(6)
-    rec.sae = SAE()  # attached to the model: an envoy and a real submodule
-    assert isinstance(rec.sae, glassbox.Envoy) and rec._module.sae is rec.sae._module
-    sae = rec._module.sae
-    with torch.no_grad(), rec.trace() as tracer:
-        with tracer.invoke(inp):
-            h = rec.embed.output
-            rec.embed.output = rec.sae(h, hook=True)
-        with tracer.invoke():
-            latents = rec.sae.encoder.output.save()
-            out = rec.output.save()
-        cache = tracer.cache(modules=[rec.sae.decoder])
-    with torch.no_grad():
-        h = rec._module.embed(inp)
-        want_latents = sae.encoder(h)
-        replaced = sae(h)
-        for _ in range(3):
-            replaced = replaced + rec._module.block(replaced)
-        want_out = rec._module.head(replaced)
-    assert torch.equal(latents, want_latents)
-    assert torch.equal(cache["model.sae.decoder"].output, sae(h))
-    assert torch.equal(out, want_out)
-
-
-def test_ad_hoc_call_is_not_seen_and_hook_needs_a_value(rec, inp):
-    rec.sae = SAE()
-    with torch.no_grad(), rec.trace(inp) as tracer:
-        cache = tracer.cache(modules=[rec.sae.encoder])
-        h = rec.embed.output
-        rec.sae(h)  # ad hoc: the trace does not see it
-    assert cache["model.sae.encoder"].outputs == []
-    with pytest.raises(TraceStateError, match="hook=True"):
-        with rec.trace(inp):
-            rec.sae(inp, hook=True)
 
 
 def test_all_outside_the_body_start_is_refused(rec, inp):
