@@ -14,6 +14,7 @@ from .errors import GlassboxError, MissedModuleError, OutOfOrderError, RemoteErr
 from .models.base import NNsight
 from .models.generation import GenerateTracer
 from .models.language import LanguageModel
+from .models.transformers_model import TransformersModel, VisionLanguageModel
 from .remote.client import JobHandle, NotSavedError
 from .session import Session
 from .tracing import Invoker, Tracer, save
@@ -37,6 +38,8 @@ __all__ = [
     "Session",
     "TraceStateError",
     "Tracer",
+    "TransformersModel",
+    "VisionLanguageModel",
     "extract",
     "save",
 ]

@@ -123,7 +123,8 @@ class Cache(dict):
         out = Cache()
         for key, entry in self.items():
             copy = out[key] = CacheEntry(key)
-            copy.extend(Entry(convert(e.output), None if e.inputs is None else convert(e.inputs)) for e in entry)
+            for e in entry:
+                copy.append(Entry(convert(e.output), None if e.inputs is None else convert(e.inputs)))
         return out
 
     def __getstate__(self) -> dict:

@@ -2,7 +2,7 @@
 
 Offers:
     LanguageModel(id_or_dir, device_map=, dtype=, dispatch=False,
-                  attn_implementation=, tokenizer=, automodel=, rename=, **hf_kwargs)
+                  attn_implementation=, tokenizer=, automodel=, rename=, peft=, **hf_kwargs)
         lazy: the module tree is built on the meta device (shapes only), real
         weights load at the first trace; ``.tokenizer``, ``.config``;
         ``.trace(...)`` and ``.generate(...)``.
@@ -29,7 +29,7 @@ from ..batching import Rows
 from ..editing import refuse_remote
 from ..envoy import Envoy
 from ..errors import TraceStateError
-from . import attention
+from . import adapters, attention
 from .base import NNsight
 from .generation import GenerateTracer, Generator, GeneratorEnvoy, called_as_with
 from .outputs import tensor_like
@@ -67,6 +67,7 @@ class LanguageModel(NNsight):
         automodel: Any = None,
         remote_name: str | None = None,
         rename: dict | None = None,
+        peft: Any = None,
         **hf_kwargs: Any,
     ) -> None:
         self.__dict__["_remote_as"] = remote_name
@@ -83,8 +84,10 @@ class LanguageModel(NNsight):
                 self.__dict__["_server_only"] = True
                 source = str(served)
             config = _load_config(source, hf_kwargs)
-            automodel = automodel or _automodel_for(config)
+            automodel = automodel or self._pick_automodel(config)
             module = _meta_model(automodel, config, attn_implementation, dtype)
+        if peft is not None:  # its modules join the tree; a meta model gets no weights (see adapters.py)
+            adapters.attach(module, peft, weights=self.__dict__["_loaded"])
         if attn_implementation == attention.ATTN_IMPLEMENTATION:
             attention.add_probe_modules(module)
         super().__init__(module, rename=rename)
@@ -92,7 +95,7 @@ class LanguageModel(NNsight):
         d["_source"] = source
         d["_load"] = dict(
             automodel=automodel, device_map=device_map, dtype=dtype,
-            attn_implementation=attn_implementation, hf_kwargs=hf_kwargs,
+            attn_implementation=attn_implementation, hf_kwargs=hf_kwargs, peft=peft,
         )
         d["tokenizer"] = tokenizer if tokenizer is not None else _load_tokenizer(source)
         # outside the module tree (the HF model is not changed): generate() calls it with its result
@@ -129,11 +132,17 @@ class LanguageModel(NNsight):
                 "config.json and *.safetensors, or a hub id reachable from this machine."
             ) from exc
         real.eval()
+        if opts["peft"] is not None:
+            adapters.attach(real, opts["peft"])
         if opts["attn_implementation"] == attention.ATTN_IMPLEMENTATION:
             attention.add_probe_modules(real)
         for envoy in self.modules():
             envoy.__dict__["_module"] = real.get_submodule(envoy._path) if envoy._path else real
         self.__dict__["_loaded"] = True
+
+    def _pick_automodel(self, config: Any) -> Any:
+        """The Auto class an id or folder loads with (TransformersModel picks by task)."""
+        return _automodel_for(config)
 
     def dispatch(self) -> LanguageModel:
         """Load the real weights now instead of at the first trace."""
@@ -183,6 +192,11 @@ class LanguageModel(NNsight):
         from ..remote.client import RemoteRun
 
         refuse_remote(self)  # edits run locally only
+        if self.__dict__["_load"].get("peft") is not None:  # a server has the base model, not this adapter
+            raise TraceStateError(
+                "this model has a peft= adapter, which runs locally only: a server hosts the base model "
+                "without it. Trace it locally, or serve a checkpoint with the adapter merged in"
+            )
         return RemoteRun(self, method, body, frame, inputs, call, timeout=timeout, blocking=blocking,
                          local=local)
 
@@ -291,11 +305,11 @@ class LanguageModel(NNsight):
             if (beams or 1) == 1:  # transformers refuses a streamer with beam search
                 generate["streamer"] = generator.streamer.attach(generate.get("streamer"))
             return generator(module.generate(**kwargs, **generate))
-        mask = kwargs["attention_mask"]
+        mask = kwargs.get("attention_mask")  # None: a vision model's pixels
         accepts = self.__dict__.get("_accepts_positions")
         if accepts is None or accepts[0] is not module:  # inspect.signature costs ~25 µs: once per model
             accepts = self.__dict__["_accepts_positions"] = (module, _accepts(module, "position_ids"))
-        if "position_ids" not in kwargs and accepts[1]:
+        if mask is not None and "position_ids" not in kwargs and accepts[1]:
             kwargs["position_ids"] = (mask.cumsum(-1) - 1).clamp(min=0)
         return module(**kwargs)
 
