@@ -17,6 +17,7 @@ from .models.language import LanguageModel
 from .models.transformers_model import TransformersModel, VisionLanguageModel
 from .remote.client import JobHandle, NotSavedError
 from .session import Session
+from .source import Source  # importing it registers Envoy.source (envoy.py cannot import it)
 from .tracing import Invoker, Tracer, save
 
 __all__ = [
@@ -36,6 +37,7 @@ __all__ = [
     "OutOfOrderError",
     "RemoteError",
     "Session",
+    "Source",
     "TraceStateError",
     "Tracer",
     "TransformersModel",

@@ -5,7 +5,8 @@ Offers:
                  see aliases.py); ``.get("a.b.0")``, ``.modules(include_fn)``,
                  ``.named_modules(include_fn)``, ``.device`` / ``.devices``; inside
                  a trace, ``.output``, ``.input``, ``.inputs`` (read and assign),
-                 ``.skip(value)``, ``.next()``; calling it runs the module.
+                 ``.skip(value)``, ``.next()``, ``.source`` (the calls in its forward, see
+                 source/); calling it runs the module.
     SavableTuple tuple subclass returned for tuple values, so ``.save()`` works.
 
 Outside a trace an Envoy only forwards to its module: the module itself is
@@ -34,6 +35,16 @@ class SavableTuple(tuple):
 
 def _savable(value: Any) -> Any:
     return SavableTuple(value) if type(value) is tuple else value
+
+
+# ``Envoy.source`` is built by glassbox.source, which imports this module: it registers its factory here
+# when imported (glassbox/__init__ imports it), so the dependency runs one way, source -> envoy.
+_source_factory: Callable[[Envoy], Any] | None = None
+
+
+def set_source_factory(factory: Callable[[Envoy], Any]) -> None:
+    global _source_factory
+    _source_factory = factory
 
 
 class Envoy:
@@ -283,6 +294,14 @@ class Envoy:
         else:
             new = ((value,), kwargs)
         interleaver.replace(self, "input", new)
+
+    @property
+    def source(self) -> Any:
+        """The calls inside this module's forward, each an envoy with ``.output`` / ``.input``
+        (``source.self_q_proj_0``); ``print`` it for the listing. Inside a trace, touch it before
+        the model enters the module. See glassbox/source/."""
+        assert _source_factory is not None, "glassbox.source registers it on import"
+        return _source_factory(self)
 
     def skip(self, value: Any) -> None:
         """Do not run this module at its next call; use ``value`` as its output."""

@@ -123,6 +123,9 @@ class Interleaver:
 
     def _install(self, site: Site) -> None:
         module = site.module
+        arm = site.envoy.__dict__.get("_on_install")
+        if arm is not None:  # an op of `.source`: its owner runs the rewritten forward (source/ops.py)
+            arm(self)
         self.sites[id(module)] = site
         site.interleaver = self
         if site.container:
