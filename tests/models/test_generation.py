@@ -85,3 +85,12 @@ def test_generate_inside_a_trace_shows_the_supported_form(smollm2):
             with tracer.invoke("What is 2+2?"):
                 smollm2.model.layers[2].output[:, -1] *= 1.5
                 smollm2.generate(max_new_tokens=5)
+
+
+def test_a_range_past_the_last_step_warns_and_ends(gpt2_lm):
+    with gpt2_lm.generate("Hello", max_new_tokens=2, do_sample=False) as tracer:
+        seen = []
+        with pytest.warns(UserWarning, match="generation ended after 2"):
+            for step in tracer.iter[0:5]:
+                seen.append(step)
+    assert seen == [0, 1] and tracer.result.shape[1] == 3

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import dis
 import sys
+import warnings
 from collections.abc import Iterator
 from types import FrameType
 from typing import Any
@@ -36,6 +37,7 @@ from ..envoy import Envoy
 from ..errors import OutOfOrderError, TraceStateError
 from ..intercept import Consumer
 from ..interleave import ENDED
+from ..iteration import selected
 from ..tracing import Tracer
 
 
@@ -182,25 +184,25 @@ class _StepSelector:
         self.tracer = tracer
 
     def __getitem__(self, selection: int | slice | list[int]) -> Iterator[int]:
-        if isinstance(selection, int):
-            steps: Any = [selection]
-        elif isinstance(selection, slice):
-            if selection.step not in (None, 1) or (selection.start or 0) < 0:
-                raise ValueError("tracer.iter takes a contiguous, non-negative range like [2:5] or [:]")
-            steps = range(selection.start or 0, selection.stop if selection.stop is not None else sys.maxsize)
-        else:
-            steps = sorted(int(s) for s in selection)
-        return _iterate(self.tracer, steps)
+        return _iterate(self.tracer, *selected(selection))
 
 
-def _iterate(tracer: GenerateTracer, steps: Any) -> Iterator[int]:
+def _iterate(tracer: GenerateTracer, steps: Any, bounded: bool) -> Iterator[int]:
     root = tracer.model
+    done = 0
     for step in steps:
         interleaver = root.active
         if interleaver is None:
             return
         if not tracer._reach_step(interleaver, step):
+            if bounded:  # as nnsight: say that the range asked for steps that never ran
+                warnings.warn(
+                    f"tracer.iter asked for step {step}, but generation ended after {done} of the "
+                    "selected steps ran (max_new_tokens, or an end-of-sequence token)",
+                    stacklevel=2,
+                )
             return
+        done += 1
         yield step
 
 
