@@ -40,6 +40,7 @@ class Site:
         "module",
         "n_in",
         "n_out",
+        "on_install",
         "original",
         "recorders",
         "saved_forward",
@@ -59,6 +60,9 @@ class Site:
         # the class forward bound to the module across traces (installing is per access).
         self.container = type(self.module).forward is torch.nn.Module.forward
         self.bound: Any = None
+        # run when a trace installs this Site, before the module's wrapper: a `.source` op arms its
+        # owner (source/ops.py puts it in the op envoy's dict as "_on_install")
+        self.on_install: Callable[[Any], None] | None = envoy.__dict__.get("_on_install")
         self.recorders: list[Callable[[str, Any], None]] = []
         self.wrapper = make_wrapper(self)
         self.reset()

@@ -105,31 +105,28 @@ class Interleaver:
         return consumer
 
     def site(self, envoy: Any) -> Site:
-        site = self.sites.get(id(envoy._module))
-        if site is not None:
-            return site
+        """``envoy``'s Site in this trace, installed (with its ancestors) on first use."""
+        return self.sites.get(id(envoy._module)) or self._add_site(envoy)
+
+    def _add_site(self, envoy: Any) -> Site:
+        # per module per trace: kept to plain attribute work (no Site.reset or install calls)
+        module = envoy._module
         parent = envoy._parent
         if parent is not None and id(parent._module) not in self.sites:
-            self.site(parent)  # ancestors first (see the module docstring)
+            self._add_site(parent)  # ancestors first (see the module docstring)
         site = envoy.__dict__.get("_site")
-        if site is None or site.module is not envoy._module or site.interleaver is not None:
+        if site is None or site.module is not module or site.interleaver is not None:
             site = Site(envoy)
             envoy.__dict__["_site"] = site
-        else:  # Site.reset, inlined (per access); cleanup already emptied its recorders
+        else:  # Site.reset, inlined; cleanup already emptied its recorders
             site.n_in = site.n_out = site.waiting_in = site.waiting_out = 0
             site.skip_value = MISSING
-        self._install(site)
-        return site
-
-    def _install(self, site: Site) -> None:
-        module = site.module
-        arm = site.envoy.__dict__.get("_on_install")
-        if arm is not None:  # an op of `.source`: its owner runs the rewritten forward (source/ops.py)
-            arm(self)
+        if site.on_install is not None:  # an op of `.source`: its owner runs the rewritten forward
+            site.on_install(self)
         self.sites[id(module)] = site
         site.interleaver = self
         if site.container:
-            return
+            return site
         self.installed.append(site)
         namespace = module.__dict__
         saved = site.saved_forward = namespace.get("forward", MISSING)
@@ -141,6 +138,7 @@ class Interleaver:
             site.bound = site.original if saved is MISSING else None
             site.wrapper.__wrapped__ = site.original  # keeps inspect.signature(module.forward)
         namespace["forward"] = site.wrapper
+        return site
 
     # ------------------------------------------------------------ runner side
 
@@ -287,7 +285,7 @@ class Interleaver:
         ``kind`` boundary; return the value there (this invoke's rows).
         With ``soft``, return ENDED instead of raising if the model finishes."""
         consumer = self.by_glet.get(_getcurrent()) or self.current_consumer()
-        site = self.sites.get(id(envoy._module)) or self.site(envoy)
+        site = self.sites.get(id(envoy._module)) or self._add_site(envoy)
         if consumer.iteration is not None and not fresh:
             return self.request_call(envoy, kind, consumer.iteration + 1, soft)
         if not fresh and consumer.at is site and consumer.at_kind == kind:

@@ -13,8 +13,8 @@ Offers:
 
 How a touched op reaches the interleaver: the owner (the module, or the op whose callee is listed)
 is "armed" when ``envoy.source`` is reached inside a trace, or when an op's Site is installed (its
-envoy carries ``_on_install``, which ``Interleaver._install`` calls; the owner's Site is installed
-first, as an ancestor). Arming swaps the owner's ``site.original`` (what its installed wrapper runs)
+envoy carries ``_on_install``, which its Site runs when a trace installs it; the owner's Site is
+installed first, as an ancestor). Arming swaps the owner's ``site.original`` (what its installed wrapper runs)
 for the rewritten forward, for this trace only: the interleaver resets ``site.original`` at every
 install and its cleanup restores ``forward``. The rewritten code hands every call to the
 dispatcher, which makes the call as written unless that op's Site is installed in a running trace,
@@ -232,7 +232,7 @@ def _op_envoy(source: Source, name: str) -> Envoy:
     d = envoy.__dict__
     d["_path"] = f"{owner._path}.source.{name}" if owner._path else f"source.{name}"
     d["_display"] = f"{owner._display}.source.{name}"
-    d["_on_install"] = source._arm  # called by Interleaver._install (see the module docstring)
+    d["_on_install"] = source._arm  # run by its Site when a trace installs it (see the module docstring)
     return envoy
 
 
