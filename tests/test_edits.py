@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
+from tests.doc_blocks import run_python_blocks
 
 import glassbox
-from glassbox import OutOfOrderError, TraceStateError
+from glassbox import LanguageModel, OutOfOrderError, TraceStateError
+from glassbox.offline import smollm2_path
 
 
 @pytest.fixture
@@ -230,3 +234,15 @@ def test_bad_uses_are_refused_clearly(gpt2, gpt2_lm, ids):
     with pytest.raises(TraceStateError, match="locally only"):
         with edited.session(remote="local"):
             pass
+
+
+def test_docs_examples_run(gpt2, gpt2_module, ids):
+    """docs/edits-and-scan.md's python blocks, in order (``model`` the tiny GPT-2, ``x`` its ids)."""
+    docs = Path(__file__).resolve().parent.parent / "docs" / "edits-and-scan.md"
+    given = {"model": gpt2, "x": ids, "LanguageModel": LanguageModel, "smollm2_path": smollm2_path}
+    namespace = run_python_blocks(docs, given, least=2)
+    with torch.no_grad():
+        hooks = [(gpt2_module.transformer.h[0].attn, _zero_first)]
+        assert torch.allclose(namespace["out_e"].logits, _hooked(gpt2_module, hooks, ids))
+        assert torch.allclose(namespace["out"].logits, gpt2_module(ids).logits)
+    assert namespace["dim"] == 49152 and namespace["hidden"].device.type == "meta"

@@ -9,10 +9,8 @@ a 1M-token run (measured in a subprocess); bad arguments fail before anything ru
 from __future__ import annotations
 
 import json
-import linecache
 import os
 import random
-import re
 import signal
 import statistics
 import subprocess
@@ -23,6 +21,7 @@ from pathlib import Path
 import psutil
 import pytest
 import torch
+from tests.doc_blocks import run_python_blocks
 
 from glassbox import CONFIG, LanguageModel, extract
 from glassbox.offline import smollm2_path, tiny_gpt2_path, tiny_llama_path
@@ -409,13 +408,6 @@ def test_docs_examples_run(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(CONFIG, "STATUS", False)
     monkeypatch.setattr(CONFIG, "HOST", CONFIG.HOST)  # the remote example sets them: restored after
     monkeypatch.setattr(CONFIG, "API_KEY", CONFIG.API_KEY)
-    docs = Path(__file__).resolve().parent.parent / "docs" / "extract.md"
-    blocks = re.findall(r"```python\n(.*?)```", docs.read_text(), flags=re.S)
-    assert len(blocks) >= 5
-    namespace: dict = {"__name__": "extract_md"}
-    for number, source in enumerate(blocks):
-        filename = f"<docs/extract.md block {number}>"
-        linecache.cache[filename] = (len(source), None, source.splitlines(True), filename)
-        exec(compile(source, filename, "exec"), namespace)  # the documented examples
+    run_python_blocks(Path(__file__).resolve().parent.parent / "docs" / "extract.md", least=5)
     captured = capsys.readouterr()
     assert "tok/s" in captured.err and "model.layers.10" in captured.out

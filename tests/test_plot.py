@@ -6,8 +6,6 @@ and the documented labels, and its image must hold the values it was given.
 
 from __future__ import annotations
 
-import linecache
-import re
 import struct
 import subprocess
 import sys
@@ -15,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from tests.doc_blocks import run_python_blocks
 
 from glassbox import LanguageModel, plot
 from glassbox.offline import smollm2_path
@@ -169,14 +168,7 @@ def test_bad_input_is_named(model, saved):
 
 def test_docs_examples_run(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)  # the examples write their PNGs to the working directory
-    namespace: dict = {"__name__": "plots_md"}
-    blocks = re.findall(r"```python\n(.*?)```", DOCS.read_text(), flags=re.S)
-    assert len(blocks) >= 5
-    for number, source in enumerate(blocks):
-        filename = f"<docs/plots.md block {number}>"
-        # registered so the deferred invoke blocks find their source, as in a file
-        linecache.cache[filename] = (len(source), None, source.splitlines(True), filename)
-        exec(compile(source, filename, "exec"), namespace)  # the documented examples
+    run_python_blocks(DOCS, least=5)
     for name in ("logit_lens", "patching", "attention", "attention_head5", "norms", "norms_last"):
         _assert_png(tmp_path / f"{name}.png")
     printed = capsys.readouterr().out

@@ -2,28 +2,15 @@
 
 from __future__ import annotations
 
-import linecache
-import re
 from pathlib import Path
+
+from tests.doc_blocks import run_python_blocks
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 
 
-def _blocks() -> list[str]:
-    return re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
-
-
-def test_readme_has_examples():
-    assert len(_blocks()) >= 7
-
-
 def test_readme_examples_run(capsys):
-    namespace: dict = {"__name__": "readme"}
-    for number, source in enumerate(_blocks()):
-        filename = f"<README.md block {number}>"
-        # register the source so deferred invoke blocks find it, as they would in a file
-        linecache.cache[filename] = (len(source), None, source.splitlines(True), filename)
-        exec(compile(source, filename, "exec"), namespace)  # the documented examples
+    run_python_blocks(README, {"__name__": "readme"}, least=7)
     printed = capsys.readouterr().out
     assert "Sequential" in printed and "capital of France" in printed
 

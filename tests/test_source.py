@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
 import accelerate.hooks
 import pytest
 import torch
+from tests.doc_blocks import run_python_blocks
 
 import glassbox
 from glassbox import CONFIG, NNsight
@@ -296,7 +296,5 @@ def test_remote_local_reads_and_edits_ops_as_locally(eager, monkeypatch):
 def test_docs_examples_run(eager):
     """docs/source.md's python blocks, in order, on the eager SmolLM2 (as ``model`` and ``eager``)."""
     docs = Path(__file__).resolve().parent.parent / "docs" / "source.md"
-    namespace = {"model": eager, "eager": eager}
-    for number, block in enumerate(re.findall(r"```python\n(.*?)```", docs.read_text(), flags=re.S)):
-        exec(compile(block, f"<docs/source.md block {number}>", "exec"), namespace)  # the documented examples
+    namespace = run_python_blocks(docs, {"model": eager, "eager": eager}, least=2)
     assert namespace["scores"].shape[-1] == namespace["scores"].shape[-2]
