@@ -5,7 +5,8 @@ Offers:
                    in which iteration ``i`` addresses each module's call ``i + 1`` (a block
                    shared by several positions, a recurrent loop, a layer applied per step).
     AllCalls       ``with tracer.all():`` runs its block at every iteration (``for _ in
-                   tracer.all()`` is ``tracer.iter[:]``).
+                   tracer.all()`` is ``tracer.iter[:]``); generation's subclass starts it per step
+    EveryIteration the captured block of ``tracer.all()``
 
 How a loop knows its iteration exists: the first module the body reads in its first iteration
 is the loop's anchor; before each later iteration the trace waits for the anchor's next call.
@@ -111,34 +112,43 @@ class AllCalls:
                 "`with tracer.all():` needs the source of its block (not available in python -c or "
                 "exec'd strings); write `for _ in tracer.iter[:]:` instead"
             )
-        interleaver = self.tracer._active()
+        every = EveryIteration(body, frame)
+        self._start(self.tracer._active(), every)
+        self.tracer._publish_later(every.publish)
+        self._skipper = skip_body(frame, body)
+        return self
+
+    def _start(self, interleaver: Any, every: EveryIteration) -> None:
+        """Arrange for ``every`` to run at each iteration (a generation trace: at each step)."""
         consumer = interleaver.current_consumer()
         if interleaver.state != "new" or consumer.run is not None:
             raise TraceStateError(
                 "`with tracer.all():` must come in the trace body before any module access (inside an "
                 "invoke, or later in the body, write `for _ in tracer.iter[:]:`)"
             )
-        every = _EveryCall(self.tracer, body, frame)
-        interleaver.add_consumer(Consumer("tracer.all()", consumer.rows, every.run))
-        self.tracer._publish_later(every.publish)
-        self._skipper = skip_body(frame, body)
-        return self
+        tracer = self.tracer
+
+        def run(_start: Any = None) -> None:
+            for _ in iterate_calls(tracer, *selected(slice(None))):
+                every.run()
+
+        interleaver.add_consumer(Consumer("tracer.all()", consumer.rows, run))
 
     def __exit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> bool:
         self._skipper.disarm()
         return exc_type is SkipBody
 
 
-class _EveryCall:
-    """The captured ``tracer.all()`` block, run once per iteration in its own consumer."""
+class EveryIteration:
+    """A captured ``tracer.all()`` block: ``run()`` once per iteration, all in one namespace whose
+    names ``publish()`` writes back to the caller's frame after the trace."""
 
-    def __init__(self, tracer: Any, body: Any, frame: Any) -> None:
-        self.tracer, self.body, self.frame = tracer, body, frame
+    def __init__(self, body: Any, frame: Any) -> None:
+        self.body, self.frame = body, frame
         self.ns = body.namespace(frame)
 
     def run(self, _start: Any = None) -> None:
-        for _ in iterate_calls(self.tracer, *selected(slice(None))):
-            exec(self.body.code, self.ns)
+        exec(self.body.code, self.ns)
 
     def publish(self) -> None:
         write_back(self.frame, {n: self.ns[n] for n in self.body.writes if n in self.ns})

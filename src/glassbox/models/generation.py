@@ -24,7 +24,6 @@ ends, and code after the loop still runs.
 from __future__ import annotations
 
 import dis
-import sys
 import warnings
 from collections.abc import Iterator
 from types import FrameType
@@ -32,12 +31,11 @@ from typing import Any
 
 import torch
 
-from ..capture import SkipBody, capture_body, skip_body, write_back
 from ..envoy import Envoy
 from ..errors import OutOfOrderError, TraceStateError
 from ..intercept import Consumer
 from ..interleave import ENDED
-from ..iteration import selected
+from ..iteration import AllCalls, EveryIteration, selected
 from ..tracing import Tracer
 
 
@@ -60,7 +58,6 @@ class GenerateTracer(Tracer):
             model, args, input_kwargs, call={"generate": kwargs}, remote=remote, timeout=timeout,
             blocking=blocking, remote_call=original,
         )
-        self._per_step: list[_PerStep] = []
 
     @property
     def iter(self) -> _StepSelector:
@@ -75,15 +72,6 @@ class GenerateTracer(Tracer):
     def all(self) -> _AllSteps:
         """``with tracer.all():`` runs its block at every step (or ``for _ in tracer.all()``)."""
         return _AllSteps(self)
-
-    def __exit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> bool:
-        try:
-            return super().__exit__(exc_type, exc, tb)
-        finally:
-            per_step, self._per_step = self._per_step, []
-            if exc is None:
-                for body in per_step:
-                    body.publish()
 
     def _result_envoy(self) -> Any:
         # LanguageModel's generator; an engine without one (its root's output is the result) works too
@@ -221,62 +209,21 @@ def _reach_step(interleaver: Any, root: Any, step: int) -> bool:
     return True
 
 
-class _AllSteps:
-    """``tracer.all()``: as a ``with`` block, its body runs at every step."""
+class _AllSteps(AllCalls):
+    """``tracer.all()`` of a generation trace: its block starts as a new consumer at each step."""
 
-    def __init__(self, tracer: GenerateTracer) -> None:
-        self.tracer = tracer
-
-    def __iter__(self) -> Iterator[int]:
-        return self.tracer.iter[:]
-
-    def __enter__(self) -> _AllSteps:
-        frame = sys._getframe(1)
-        body = capture_body(frame, "all")
-        if body is None:
-            raise TraceStateError(
-                "`with tracer.all():` needs the source of its block (not available in python -c "
-                "or exec'd strings); write `for step in tracer.iter[:]:` instead"
-            )
-        interleaver = self.tracer._active()
+    def _start(self, interleaver: Any, every: EveryIteration) -> None:
         if interleaver.state != "new":
             raise TraceStateError(
                 "`with tracer.all():` must come before any module access in the generate block, "
                 "so that it can apply from step 0"
             )
-        per_step = _PerStep(body, frame, interleaver)
-        self.tracer._per_step.append(per_step)
-        interleaver.site(self.tracer.model).recorders.append(per_step.on_boundary)
-        self._skipper = skip_body(frame, body)
-        return self
+        step = 0
 
-    def __exit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> bool:
-        self._skipper.disarm()
-        return exc_type is SkipBody
+        def on_boundary(kind: str, value: Any) -> None:
+            nonlocal step
+            if kind == "input":  # the root module's input: a step begins
+                interleaver.spawn(Consumer(f"tracer.all() at step {step}", None, every.run))
+                step += 1
 
-
-class _PerStep:
-    """A captured block started as a new consumer at each step's first boundary."""
-
-    def __init__(self, body: Any, frame: Any, interleaver: Any) -> None:
-        self.body = body
-        self.frame = frame
-        self.interleaver = interleaver
-        self.ns = body.namespace(frame)
-        self.step = 0
-
-    def on_boundary(self, kind: str, value: Any) -> None:
-        if kind != "input":
-            return
-        consumer = Consumer(f"tracer.all() at step {self.step}", None, self._run)
-        self.step += 1
-        self.interleaver.spawn(consumer)
-
-    def _run(self, _start: Any = None) -> None:
-        exec(self.body.code, self.ns)
-
-    def publish(self) -> None:
-        values = {n: self.ns[n] for n in self.body.writes if n in self.ns}
-        write_back(self.frame, values)
-        self.frame = None
-        self.ns = {}
+        interleaver.site(self.tracer.model).recorders.append(on_boundary)

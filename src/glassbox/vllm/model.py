@@ -84,7 +84,6 @@ class VLLMTracer(GenerateTracer):
         inputs, defaults = ((args, kwargs), {}) if args else (((), {}), dict(kwargs))
         Tracer.__init__(self, model, *inputs, call={"defaults": defaults}, remote=remote, timeout=timeout,
                         blocking=blocking, remote_call=dict(kwargs))
-        self._per_step = []
 
     def _reach_step(self, interleaver: Any, step: int) -> bool:
         """Steps are counted per request: step k of this body is the k-th engine step that holds
