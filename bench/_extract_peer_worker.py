@@ -36,7 +36,6 @@ Progress goes to stderr; stdout carries only the protocol.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import re
 import sys
@@ -156,13 +155,7 @@ def main() -> None:
         seconds = time.perf_counter() - started
         return {"tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds}
 
-    send({"ready": True, "versions": versions})
-    for line in sys.stdin:
-        command = json.loads(line)
-        if "run" in command:
-            send(run(command["run"]))
-        elif command.get("results"):
-            break
+    _peer.answer_commands(send, versions, "run", run)
 
 
 if __name__ == "__main__":

@@ -18,7 +18,6 @@ results. Progress goes to stderr; stdout carries only the protocol.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import warnings
@@ -73,14 +72,11 @@ def main() -> None:
         for r in range(settings.rounds):
             rounds.run(r)
     else:
-        send({"ready": True, "versions": versions})
-        for line in sys.stdin:
-            command = json.loads(line)
-            if "round" in command:
-                rounds.run(command["round"])
-                send({"done": command["round"]})
-            elif command.get("results"):
-                break
+        def run_round(r: int) -> dict:
+            rounds.run(r)
+            return {"done": r}
+
+        _peer.answer_commands(send, versions, "round", run_round)
     send({"versions": versions, "results": rounds.results()})
 
 

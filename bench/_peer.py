@@ -128,13 +128,24 @@ def serve_cases(args: argparse.Namespace, variant: str,
             for r in range(settings.rounds):
                 rounds.run(r)
     else:
-        send({"ready": True, "versions": versions})
-        for line in sys.stdin:
-            command = json.loads(line)
-            if "round" in command:
-                name, r = command["round"]
-                prepared[name].run(r)
-                send({"done": r})
-            elif command.get("results"):
-                break
+        def run_round(command: list) -> dict:
+            name, r = command
+            prepared[name].run(r)
+            return {"done": r}
+
+        answer_commands(send, versions, "round", run_round)
     send({"versions": versions, "results": {name: rounds.results() for name, rounds in prepared.items()}})
+
+
+def answer_commands(send: Callable[[dict], None], versions: dict[str, str], key: str,
+                    handle: Callable[[Any], dict]) -> None:
+    """A prepared worker's side of the protocol: ``{"ready": ...}``, then each ``{key: argument}``
+    on stdin answered with ``handle(argument)``, until ``{"results": true}`` (the caller then sends
+    its results)."""
+    send({"ready": True, "versions": versions})
+    for line in sys.stdin:
+        command = json.loads(line)
+        if key in command:
+            send(handle(command[key]))
+        elif command.get("results"):
+            break
