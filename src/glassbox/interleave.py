@@ -287,7 +287,7 @@ class Interleaver:
         consumer = self.by_glet.get(_getcurrent()) or self.current_consumer()
         site = self.sites.get(id(envoy._module)) or self._add_site(envoy)
         if consumer.iteration is not None and not fresh:
-            return self.request_call(envoy, kind, consumer.iteration + 1, soft)
+            return self._request_call(consumer, site, envoy, kind, consumer.iteration + 1, soft)
         if not fresh and consumer.at is site and consumer.at_kind == kind:
             return consumer.current
         state = self.state
@@ -310,8 +310,10 @@ class Interleaver:
     def request_call(self, envoy: Any, kind: str, call: int, soft: bool = False) -> Any:
         """Like ``request``, for the module's call number ``call`` (1 is the first) of this
         forward: the per-call iteration of ``tracer.iter`` in a plain trace."""
-        consumer = self.current_consumer()
-        site = self.site(envoy)
+        return self._request_call(self.current_consumer(), self.site(envoy), envoy, kind, call, soft)
+
+    def _request_call(self, consumer: Consumer, site: Site, envoy: Any, kind: str, call: int,
+                      soft: bool) -> Any:
         if consumer.first is None:
             consumer.first = (site, kind)
         count = site.count(kind)
