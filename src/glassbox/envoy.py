@@ -8,6 +8,34 @@ Offers:
                  ``.skip(value)``, ``.next()``, ``.source`` (the calls in its forward, see
                  source/); calling it runs the module.
     SavableTuple tuple subclass returned for tuple values, so ``.save()`` works.
+    set_source_factory  how glassbox.source plugs ``Envoy.source`` in (one-way import).
+
+    The seam (glassbox's own modules reach an envoy's internals only through these):
+    module_of(envoy)    the torch module it wraps
+    path_of(envoy)      its dotted path from the root ("" for the root; ``a.source.op`` for an op)
+    display_of(envoy)   how messages name it (``model.layers[0].mlp``)
+    name_of(envoy)      its name under its parent ("" for the root)
+    parent_of(envoy)    its parent envoy (None for the root)
+    root_of(envoy)      the root envoy of its tree (the model wrapper)
+    children_of(envoy)  its child envoys by name (read only: attach modules by assignment)
+    rename_of(envoy)    the root's ``rename=`` aliases (None if none)
+    rebind(envoy, m)    point the envoy and all below it at ``m`` and its submodules (weights
+                        loaded after wrapping, an edited copy following its original)
+    slots_of(envoy)     the dict in which other modules keep their per-envoy state, one key per
+                        owner: "site" (interleave.py: its Site, reused across traces),
+                        "source" (source/ops.py: the envoy's Source), "on_install"
+                        (source/ops.py: run by the op's Site when a trace installs it).
+                        rebind empties it: that state was for the old module.
+
+Users: interleave, intercept, aliases, editing, cache, demo, source/, activations/,
+server/sandbox/, models/, vllm/, server/jobs/ and remote/ (see tests/test_envoy_seam.py).
+
+Why functions and not properties: attribute access on an envoy resolves submodules by name,
+and a class attribute hides a submodule of that name (``_RESERVED``). Models do have
+submodules called ``module``, ``path``, ``children`` or ``root`` (DataParallel's ``.module``,
+peft's ``base_model.model``), so every name the class takes is one a user model loses;
+module-level functions take none. The fields stay underscored so ``dir()`` and tab
+completion show the model, not the proxy.
 
 Outside a trace an Envoy only forwards to its module: the module itself is
 untouched, so the wrapped model runs exactly as the bare one.
@@ -15,7 +43,7 @@ untouched, so the wrapped model runs exactly as the bare one.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import torch
@@ -43,6 +71,7 @@ _source_factory: Callable[[Envoy], Any] | None = None
 
 
 def set_source_factory(factory: Callable[[Envoy], Any]) -> None:
+    """Register what builds ``envoy.source`` (glassbox.source does, on import)."""
     global _source_factory
     _source_factory = factory
 
@@ -62,18 +91,22 @@ class Envoy:
         cls._RESERVED = _reserved(cls)
 
     def __init__(self, module: torch.nn.Module, parent: Envoy | None = None, name: str = "",
-                 rename: dict | None = None) -> None:
+                 rename: dict | None = None, *, at: str | None = None) -> None:
+        """Wrap ``module`` (and, recursively, its children). ``at`` is the step below ``parent``
+        when it is not ``name`` itself (a ``.source`` op sits at ``source.<name>``)."""
         d = self.__dict__
         d["_module"] = module
         d["_parent"] = parent
         d["_root"] = parent._root if parent is not None else self
         d["_name"] = name
+        d["_slots"] = {}
         if parent is None:
             d["_path"], d["_display"] = "", "model"
             d["_rename"] = check_rename(rename)
         else:
-            d["_path"] = f"{parent._path}.{name}" if parent._path else name
-            shown = f"[{name}]" if name.isdigit() else f".{name}"
+            step = name if at is None else at
+            d["_path"] = f"{parent._path}.{step}" if parent._path else step
+            shown = f"[{name}]" if at is None and name.isdigit() else f".{step}"
             d["_display"] = parent._display + shown
         children: dict[str, Envoy] = {}
         for child_name, child in module.named_children():
@@ -326,6 +359,70 @@ class _NextCall:
     def input(self) -> Any:
         args, kwargs = self._envoy._interleaver("input").request(self._envoy, "input", fresh=True)
         return _savable(args[0] if args else next(iter(kwargs.values()), None))
+
+
+# ---------------------------------------------------------------- the seam
+# Plain functions over the fields Envoy.__init__ sets (see the module docstring for why not
+# properties). The hot path (interleave.request) calls none of them: the interleaver keys its
+# Sites by envoy and keeps the module on the Site.
+
+
+def module_of(envoy: Envoy) -> torch.nn.Module:
+    """The torch module ``envoy`` wraps."""
+    return envoy.__dict__["_module"]
+
+
+def path_of(envoy: Envoy) -> str:
+    """``envoy``'s dotted path from its root ("" for the root), as ``get_submodule`` takes it."""
+    return envoy.__dict__["_path"]
+
+
+def display_of(envoy: Envoy) -> str:
+    """How messages name ``envoy``: ``model.layers[0].mlp``."""
+    return envoy.__dict__["_display"]
+
+
+def name_of(envoy: Envoy) -> str:
+    """``envoy``'s name under its parent ("" for the root)."""
+    return envoy.__dict__["_name"]
+
+
+def parent_of(envoy: Envoy) -> Envoy | None:
+    """``envoy``'s parent (None for the root)."""
+    return envoy.__dict__["_parent"]
+
+
+def root_of(envoy: Envoy) -> Envoy:
+    """The root of ``envoy``'s tree: the model wrapper."""
+    return envoy.__dict__["_root"]
+
+
+def children_of(envoy: Envoy) -> Mapping[str, Envoy]:
+    """``envoy``'s children by name, in module order. Read only: attach a module by assigning it
+    (``envoy.sae = SAE()``), which keeps the torch module and the tree in step."""
+    return envoy.__dict__["_children"]
+
+
+def rename_of(envoy: Envoy) -> dict | None:
+    """The ``rename=`` aliases of ``envoy``'s root (None when it has none)."""
+    return envoy.__dict__["_root"].__dict__.get("_rename") or None
+
+
+def rebind(envoy: Envoy, module: torch.nn.Module) -> None:
+    """Point ``envoy`` at ``module`` and each envoy below it at the submodule of ``module`` at
+    the same path (the tree's shape is kept: ``module`` must have those submodules). For weights
+    loaded after wrapping, and an edited copy following its original. Each envoy's slots are
+    emptied: what other modules kept there (a Site, a Source) was for the old module."""
+    for path, node in envoy.named_modules():
+        d = node.__dict__
+        d["_module"] = module.get_submodule(path) if path else module
+        d["_slots"].clear()
+
+
+def slots_of(envoy: Envoy) -> dict[str, Any]:
+    """The dict in which other modules keep per-envoy state, one key per owner (listed in the
+    module docstring). Owners may keep the dict itself: it lives as long as the envoy."""
+    return envoy.__dict__["_slots"]
 
 
 def _reserved(klass: type) -> frozenset:
