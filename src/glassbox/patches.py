@@ -7,14 +7,16 @@ Offers:
     mount(cls, name, fn)           add ``name`` to ``cls`` for the rest of the process
                                    (``Tensor.save``, ``Tensor.backward``: tracing.py).
     mount_builtin(types, name, fn) the same for builtin types (list, dict, ...); False where
-                                   this Python does not allow it.
+                                   this Python does not allow it (``list.save``: tracing.py).
 
-``Tensor.save`` and ``Tensor.backward`` are mounted at the first trace and stay: writing an
-attribute of ``torch.Tensor`` (or of a builtin, through its dict plus ``PyType_Modified``)
-invalidates the interpreter's cached lookups of every method of the class and its subclasses,
-which made each trace pay for it again. Outside a trace ``.save()`` raises an error that says
-what to do instead, and ``backward`` is torch's own (nnsight 0.8 mounts ``save`` on every
-object).
+Nothing is mounted at import (``import glassbox`` leaves builtins, torch and transformers as they
+were: tests/test_import_clean.py). ``Tensor.save``, ``Tensor.backward`` and ``save`` on list,
+dict, set and tuple are mounted at the first trace (or session: ``tracing._ensure_mounted``) and
+stay: writing an attribute of ``torch.Tensor`` (or of a builtin, through its dict plus
+``PyType_Modified``) invalidates the interpreter's cached lookups of every method of the class and
+its subclasses, which made each trace pay for it again. So ``[].save()`` is an AttributeError
+before the first trace; after it, outside a trace, ``.save()`` raises an error that says what to
+do instead, and ``backward`` is torch's own (nnsight 0.8 mounts ``save`` on every object).
 """
 
 from __future__ import annotations
