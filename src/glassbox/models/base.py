@@ -3,28 +3,12 @@
 Offers:
     NNsight    the root Envoy plus ``trace()``, ``session()``, and ``active`` (the
                interleaver of the trace open on it, or None); subclasses
-               (LanguageModel) override the hooks below. ``edit()`` / ``clear_edits()``
+               (LanguageModel) override the hooks of contract.py. ``edit()`` / ``clear_edits()``
                (editing.py) and ``scan()`` (scan.py).
 
-Hooks a subclass may override (the tracing core calls only these):
-    _ensure_ready()                      load weights etc. before the first trace (not under
-                                         a fake-tensor mode: ``scan`` needs shapes only)
-    _default_consumers(interleaver, tracer)  consumers every trace starts with, served before
-                                         the user's bodies (the replays of ``edit()`` blocks)
-    _prepare(args, kwargs)               one invoke's input -> a prepared input
-    _single(prepared)                    one prepared input traced alone -> (args, kwargs)
-    _batch(prepared_list, width=0)       several -> (args, kwargs, [Rows]); ``width``: pad
-                                         sequences to at least this length
-    _exact_rows(prepared_list, rows, width)  each input's Rows without the padding it did
-                                         not have alone (``tracing.run_together``)
-    _execute(args, kwargs, **call)       run the model (in the runner greenlet)
-    _missed_hint(envoy)                  advice for a module that never ran
-    _remote_name()                       the name a server knows this model by
-    _run_remotely(method, body, frame, inputs, call, timeout=, blocking=, local=False)
-                                         ``remote=True``: the remote run of a captured block
-                                         (``local``: ``remote="local"``, run in this process)
-                                         (an object with ``enter()``, ``exit(exc_type)``,
-                                         ``job`` and ``result``); plain modules refuse
+Hooks a subclass may override: models/contract.py (``ModelContract``) lists every one the
+tracing core, generation, editing, the server and the client call on a model, with who calls it
+and when; NNsight below gives each its plain-module default.
 """
 
 from __future__ import annotations
@@ -52,7 +36,12 @@ class NNsight(Envoy):
             out = net.output.save()
     """
 
+    # ModelContract's class-level hooks (contract.py): a plain module's defaults
     _narrow_min_ndim = 1
+    _no_gradients: str | None = None  # autograd works
+    _requests_per_invoke = False  # invokes are rows of one batch
+    _wire_result: Any = None  # tracer.result travels as it is
+    _generator: Any = None  # no generator envoy: a generate block's result is the root's output
     # The interleaver of the trace open on this model (None: no trace is open). A plain attribute,
     # not a property: every module access reads it.
     active: Any = None
@@ -150,3 +139,7 @@ class NNsight(Envoy):
 
     def _execute(self, args: tuple, kwargs: dict, **call: Any) -> Any:
         return self._module(*args, **kwargs)
+
+    def _pad_id(self) -> int:
+        """The token id that pads rows (plain modules are never padded: 0)."""
+        return 0

@@ -14,6 +14,8 @@ Offers:
     called_as_with(frame)  whether the call running in ``frame`` opens a ``with``
                      (``model.generate(...)`` without one just generates);
                      ``call_through(fn)`` marks a call wrapper it looks past.
+    reach_step(interleaver, root, step, started=None)  advance a generate block to a step
+                     (``GenerateTracer._reach_step``; VLLMTracer counts steps per request)
 
 Every forward call of the model's root module is one step. Code before any
 loop acts on step 0; inside ``for step in tracer.iter[...]`` each access
@@ -25,7 +27,7 @@ from __future__ import annotations
 
 import dis
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from types import FrameType
 from typing import Any
 
@@ -67,7 +69,7 @@ class GenerateTracer(Tracer):
     def _reach_step(self, interleaver: Any, step: int) -> bool:
         """Advance to the start of generation step ``step``; False if generation ended. (An engine
         whose requests run different numbers of steps, glassbox.vllm, counts them per request.)"""
-        return _reach_step(interleaver, self.model, step)
+        return reach_step(interleaver, self.model, step)
 
     def all(self) -> _AllSteps:
         """``with tracer.all():`` runs its block at every step (or ``for _ in tracer.all()``)."""
@@ -75,7 +77,7 @@ class GenerateTracer(Tracer):
 
     def _result_envoy(self) -> Any:
         # LanguageModel's generator; an engine without one (its root's output is the result) works too
-        return self.model.__dict__.get("_generator") or self.model
+        return self.model._generator or self.model
 
 
 class Streamer(torch.nn.Module):
@@ -194,16 +196,24 @@ def _iterate(tracer: GenerateTracer, steps: Any, bounded: bool) -> Iterator[int]
         yield step
 
 
-def _reach_step(interleaver: Any, root: Any, step: int) -> bool:
-    """Advance to the start of generation step ``step``; False if generation ended."""
-    site = interleaver.site(root)
+def reach_step(interleaver: Any, root: Any, step: int, started: Callable[[], int] | None = None,
+               whose: str = "the model") -> bool:
+    """Advance to the start of generation step ``step``; False if generation ended. ``started()``
+    counts the steps begun so far (default: the root's calls; glassbox.vllm counts one request's
+    engine steps), ``whose`` names what it counts in the out-of-order error."""
+    if started is None:
+        site = interleaver.site(root)
+
+        def started() -> int:
+            return site.n_in
+
     call = step + 1
-    if site.n_in > call:
+    if started() > call:
         raise OutOfOrderError(
-            f"generation step {step} has already passed (the model is at step {site.n_in - 1}); "
+            f"generation step {step} has already passed ({whose} is at step {started() - 1}); "
             "iterate over steps in increasing order"
         )
-    while site.n_in < call:
+    while started() < call:
         if interleaver.request(root, "input", fresh=True, soft=True) is ENDED:
             return False
     return True
