@@ -19,6 +19,7 @@ from .remote.client import JobHandle, NotSavedError
 from .session import Session
 from .source import Source  # importing it registers Envoy.source (envoy.py cannot import it)
 from .tracing import Invoker, Tracer, save
+from .version import __version__
 
 __all__ = [
     "CONFIG",
@@ -42,10 +43,10 @@ __all__ = [
     "Tracer",
     "TransformersModel",
     "VisionLanguageModel",
+    "__version__",
     "extract",
     "save",
 ]
-__version__ = "0.1.0"
 
 
 def __getattr__(name: str):

@@ -33,11 +33,11 @@ import time
 from typing import Any
 
 from .errors import RemoteError
+from .remote.job import FINAL, JobError, Status
 
 __all__ = ["JOB_FAILED", "NOT_FINISHED", "OK", "UNREACHABLE", "USAGE", "add_jobs_parser", "run_jobs"]
 
 OK, JOB_FAILED, USAGE, UNREACHABLE, NOT_FINISHED = 0, 1, 2, 3, 4
-_FINAL = ("COMPLETED", "ERROR", "CANCELLED")
 
 
 def add_jobs_parser(commands: Any) -> None:
@@ -157,26 +157,25 @@ def _logs(url: str, key: str, args: argparse.Namespace) -> int:
 
 def _result(url: str, key: str, args: argparse.Namespace) -> int:
     from .remote import transport
-    from .remote.protocol import RESULT_KIND, ProtocolError, check_envelope, decode_values
+    from .remote.protocol import ProtocolError
 
     state = transport.status(url, key, args.id)
-    if state.get("status") not in _FINAL:
+    if state.get("status") not in FINAL:
         _say(f"job {args.id} is {state.get('status')}: it has no result yet "
              f"(wait with `glassbox jobs logs {args.id} --follow`)")
         return NOT_FINISHED
-    envelope, blob = transport.result(url, key, args.id)
+    reply = transport.result(url, key, args.id)
+    if not reply.ok:
+        # A cancelled job's result says ERROR (type Cancelled); its status says CANCELLED.
+        status = state.get("status") if state.get("status") != Status.COMPLETED else reply.status
+        return _exit_for(status, reply.error or state.get("error"))
     try:
-        reply = check_envelope(envelope, RESULT_KIND, receiver="client")
-        if reply.get("status") != "COMPLETED":
-            # A cancelled job's result says ERROR (type Cancelled); its status says CANCELLED.
-            status = state.get("status") if state.get("status") != "COMPLETED" else reply.get("status")
-            return _exit_for(status, reply.get("error") or state.get("error"))
-        decoded = decode_values(reply["values"], blob)
+        decoded = reply.decoded()
     except ProtocolError as err:
         _say(f"the result of job {args.id} is unreadable: {err}")
         return UNREACHABLE
-    values = dict(decoded.get("saved") or {})
-    if decoded.get("result") is not None:
+    values = dict(decoded["saved"])
+    if decoded["result"] is not None:
         values["result"] = decoded["result"]
     tensors, others = _flatten(values)
     if args.out:
@@ -243,23 +242,25 @@ def _flatten(values: dict) -> tuple[dict, dict]:
     return tensors, others
 
 
-def _exit_for(status: str | None, error: dict | None = None) -> int:
-    if status == "ERROR":
+def _exit_for(status: str | None, error: JobError | dict | None = None) -> int:
+    if status == Status.ERROR:
         _say(f"the job failed: {_error_line(error)}" if error else "the job failed")
         return JOB_FAILED
-    if status == "CANCELLED":
+    if status == Status.CANCELLED:
         _say("the job was cancelled")
         return JOB_FAILED
     return OK
 
 
 def _error_line(error: Any) -> str:
-    if not isinstance(error, dict):
+    """One line for a job's error (a JobError, or the ``error`` of a status answer)."""
+    if not isinstance(error, (dict, JobError)):
         return str(error)
-    message = str(error.get("message") or "").strip()
-    line = f"{error.get('type') or 'Error'}: {message.splitlines()[0]}" if message else str(error.get("type"))
-    if error.get("lineno"):
-        line += f" (line {error['lineno']} of the block)"
+    error = error if isinstance(error, JobError) else JobError.from_wire(error)
+    message = error.message.strip()
+    line = f"{error.type or 'Error'}: {message.splitlines()[0]}" if message else error.type
+    if error.lineno:
+        line += f" (line {error.lineno} of the block)"
     return line
 
 

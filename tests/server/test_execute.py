@@ -7,9 +7,9 @@ import torch
 
 from glassbox import LanguageModel
 from glassbox.offline import tiny_gpt2_path
-from glassbox.remote.protocol import decode_values, encode_values, make_envelope
 from glassbox.server.jobs.execute import error_reply, run_job, without_server_paths
 from glassbox.server.jobs.served import after_job
+from job_requests import job_request, saved
 
 
 @pytest.fixture(scope="module")
@@ -18,21 +18,14 @@ def models():
 
 
 def _job(source: str, values: dict | None = None, model: str = "tiny", first_line: int = 10):
-    desc, blob = encode_values({"vars": values or {}, "inputs": ["Hello world"], "call": {}})
-    envelope = make_envelope("job", {
-        "model": model, "method": "trace", "source": source, "filename": "user.py",
-        "first_line": first_line, "tracer_name": "tracer", "model_refs": {"model": ""},
-        "modules": {"torch": "torch", "glassbox": "glassbox"}, "values": desc, "writes": ["h", "u"],
-        "returns": ["h", "u"],
-    })
-    return envelope, blob
+    return job_request(source, model=model, values=values, inputs=["Hello world"], filename="user.py",
+                       first_line=first_line, returns=("h", "u"))
 
 
 def _run(models, source, limits=None, **kw):
     printed: list[str] = []
-    reply, blob = run_job(models, *_job(source, **kw), log=printed.append, limits=limits or {})
-    values = decode_values(reply["values"], blob)["saved"] if reply["status"] == "COMPLETED" else None
-    return reply, values, printed
+    reply = run_job(models, _job(source, **kw), log=printed.append, limits=limits or {})
+    return reply, saved(reply), printed
 
 
 def test_saved_values_come_back_and_unsaved_ones_are_named(models):
@@ -41,20 +34,20 @@ def test_saved_values_come_back_and_unsaved_ones_are_named(models):
     model = models["tiny"]
     with model.trace("Hello world"):
         local = model.transformer.h[1].output.save()
-    assert torch.equal(values["h"], local) and reply["unsaved"] == ["u"] and printed == ["hi\n"]
+    assert torch.equal(values["h"], local) and reply.unsaved == ("u",) and printed == ["hi\n"]
 
 
 def test_errors_name_type_line_and_code(models):
     reply, _, _ = _run(models, "h = model.transformer.h[1].output.save()\nx = 1 / 0\n", first_line=20)
-    error = reply["error"]
-    assert (error["type"], error["lineno"], error["line"]) == ("ZeroDivisionError", 21, "x = 1 / 0")
+    error = reply.error
+    assert (error.type, error.lineno, error.line) == ("ZeroDivisionError", 21, "x = 1 / 0")
 
 
 def test_unknown_model_and_result_limit(models):
     reply, _, _ = _run(models, "h = 1\n", model="nope")
-    assert reply["error"]["type"] == "LookupError" and "tiny" in reply["error"]["message"]
+    assert reply.error.type == "LookupError" and "tiny" in reply.error.message
     reply, _, _ = _run(models, "h = model.output.logits.save()\n", limits={"max_result_bytes": 1000})
-    assert reply["error"]["type"] == "MemoryError" and "result limit" in reply["error"]["message"]
+    assert reply.error.type == "MemoryError" and "result limit" in reply.error.message
 
 
 def test_after_job_restores_a_weight_changed_behind_the_sandbox(models):
@@ -78,12 +71,12 @@ def test_after_job_restores_a_weight_changed_behind_the_sandbox(models):
 ])
 def test_saved_strings_count_against_the_result_limit(models, source):
     reply, _, _ = _run(models, source, limits={"max_result_bytes": 20_000_000})
-    error = reply["error"]
-    assert error["type"] == "MemoryError", error
-    assert "over this server's result limit of 20,000,000" in error["message"]
-    assert "0 of tensors" in error["message"]  # all of it strings: nothing was in the blob
+    error = reply.error
+    assert error.type == "MemoryError", error
+    assert "over this server's result limit of 20,000,000" in error.message
+    assert "0 of tensors" in error.message  # all of it strings: nothing was in the blob
     reply, values, _ = _run(models, source, limits={"max_result_bytes": 40_000_000})
-    assert reply["status"] == "COMPLETED" and len("".join(values["h"])) == 30_000_000
+    assert reply.ok and len("".join(values["h"])) == 30_000_000
 
 
 # ---------------------------------------------------------------- errors do not disclose server paths
@@ -91,8 +84,8 @@ def test_saved_strings_count_against_the_result_limit(models, source):
 
 def test_error_messages_name_no_server_path():
     reply = error_reply(OSError(2, "No such file or directory", "/srv/models/gpt2/model.safetensors"),
-                        "<glassbox job 1>", {})
-    assert reply["error"]["message"] == "[Errno 2] No such file or directory: '<server path>'"
+                        "<glassbox job 1>", None)
+    assert reply.error.message == "[Errno 2] No such file or directory: '<server path>'"
     cases = {
         'File "/usr/lib/python3/site-packages/torch/nn/modules/module.py", line 5':
             'File "<server path>", line 5',
@@ -115,11 +108,11 @@ def test_a_job_error_that_holds_a_server_path_comes_back_without_it(models):
     source = ("x = model.config.name_or_path\n"
               "raise FileNotFoundError(2, 'No such file or directory', x + '/weights.bin')\n")
     reply, _, _ = _run(models, source, first_line=20)
-    error = reply["error"]
-    assert error["message"] == "[Errno 2] No such file or directory: '<server path>'"
-    assert served_at not in str(reply) and (error["type"], error["lineno"]) == ("FileNotFoundError", 21)
+    error = reply.error
+    assert error.message == "[Errno 2] No such file or directory: '<server path>'"
+    assert served_at not in str(reply.envelope()) and (error.type, error.lineno) == ("FileNotFoundError", 21)
     # An ordinary message is left as it is, and so is the job's own file name.
     reply, _, _ = _run(models, "h = model.transformer.h[0].output\nh = h @ torch.ones(3, 3)\n")
-    assert reply["error"]["message"] == "mat1 and mat2 shapes cannot be multiplied (2x64 and 3x3)"
+    assert reply.error.message == "mat1 and mat2 shapes cannot be multiplied (2x64 and 3x3)"
     reply, _, _ = _run(models, "h = (\n")
-    assert reply["error"]["type"] == "SyntaxError" and "(<glassbox job " in reply["error"]["message"]
+    assert reply.error.type == "SyntaxError" and "(<glassbox job " in reply.error.message

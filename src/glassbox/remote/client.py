@@ -5,7 +5,7 @@ Offers:
                   block and the caller's frame; ``.run()`` submits it and, when
                   blocking, writes the saved values into the caller's variables.
                   ``local=True`` (``remote="local"``): the same request, run by the
-                  server's executor in this process (server/jobs/inprocess.py).
+                  default executor in this process (executor.run_locally).
     JobHandle     what ``blocking=False`` gives: ``.status()``, ``.result()``,
                   ``.cancel()``, ``.forget()``; ``JobHandle(job_id)`` works from a new process too.
     NotSaved      stands in for a variable the block set but did not save.
@@ -14,10 +14,10 @@ Call hierarchy::
 
     Tracer.__enter__(remote=True) ─ capture_body + skip_body ─► RemoteRun(...)
     Tracer.__exit__  ─► RemoteRun.run()
-                          ├─ _request()   names the block reads: model -> reference,
-                          │               modules -> import, values -> protocol
+                          ├─ request()    a JobRequest: names the block reads: model ->
+                          │               reference, modules -> import, values -> protocol
                           ├─ transport.submit / events (status line, printed output)
-                          └─ transport.result ─► _apply(): write_back(frame, saved)
+                          └─ transport.result ─► JobResult ─► _apply(): write_back(frame, saved)
 """
 
 from __future__ import annotations
@@ -28,21 +28,14 @@ import time
 import types
 from typing import Any
 
-from .. import errors as _errors
 from ..cache import Cache
 from ..capture import CapturedBody, write_back
 from ..config import CONFIG
 from ..envoy import Envoy
-from ..errors import GlassboxError, RemoteError, TraceStateError
-from .protocol import (
-    FINAL_STATUSES,
-    JOB_KIND,
-    RESULT_KIND,
-    check_envelope,
-    decode_values,
-    encode_values,
-    make_envelope,
-)
+from ..errors import GlassboxError, TraceStateError
+from .executor import run_locally
+from .job import FINAL, JobRequest, JobResult
+from .protocol import encode_values
 
 
 class NotSavedError(GlassboxError):
@@ -139,7 +132,8 @@ class RemoteRun:
 
     # ---------------------------------------------------------------- request
 
-    def _request(self) -> tuple[dict, bytes]:
+    def request(self) -> JobRequest:
+        """The block, the names it reads and the values it needs, as one request."""
         frame = self.frame
         assert frame is not None
         model_refs: dict[str, str] = {}
@@ -173,55 +167,39 @@ class RemoteRun:
         desc, blob = encode_values({"vars": values, "inputs": self.inputs, "call": self.call})
         # containers the block may fill remotely come back
         containers = {n for n, v in values.items() if isinstance(v, (list, dict, set))}
-        returns = sorted(set(self.body.writes) | containers)
-        envelope = make_envelope(JOB_KIND, {
-            "model": self.model._remote_name(),
-            "method": self.method,
-            "source": self.body.source,
-            "filename": self.body.filename,
-            "first_line": self.body.first_line,
-            "tracer_name": self.body.target,
-            "model_refs": model_refs,
-            "modules": modules,
-            "values": desc,
-            "writes": list(self.body.writes),
-            "returns": returns,
-            "timeout": self.timeout,
-        })
-        return envelope, blob
+        return JobRequest(
+            model=self.model._remote_name(), method=self.method, source=self.body.source,
+            filename=self.body.filename, first_line=self.body.first_line,
+            tracer_name=self.body.target or "tracer",
+            model_refs=model_refs, modules=modules, values=desc, writes=tuple(self.body.writes),
+            returns=tuple(sorted(set(self.body.writes) | containers)), timeout=self.timeout, blob=blob,
+        )
 
     # ---------------------------------------------------------------- running
 
     def run(self) -> None:
         from . import transport
 
-        envelope, blob = self._request()
+        request = self.request()
         if self.local:
-            # the server's own executor, run here; imported only on this path (see its docstring)
-            from ..server.jobs.inprocess import run_in_process
-
-            reply, out_blob = run_in_process(self.model, envelope, blob, log=_show_log)
-            self._apply(reply, out_blob)
+            self._apply(run_locally(self.model, request, log=_show_log))
             return
         host, key = CONFIG.HOST, CONFIG.API_KEY
-        job_id = transport.submit(host, key, envelope, blob, self.timeout or CONFIG.TIMEOUT)
+        job_id = transport.submit(host, key, request, self.timeout or CONFIG.TIMEOUT)
         self.job = JobHandle(job_id, host=host, api_key=key)
         if not self.blocking:
             self.frame = None
             return
         _follow(self.job, self.timeout or CONFIG.TIMEOUT)
-        reply, out_blob = transport.result(host, key, job_id)
-        self._apply(reply, out_blob)
+        self._apply(transport.result(host, key, job_id))
 
-    def _apply(self, reply_envelope: dict, blob: bytes) -> None:
+    def _apply(self, reply: JobResult) -> None:
         frame = self.frame
         self.frame = None
-        reply = check_envelope(reply_envelope, RESULT_KIND, receiver="client")
-        if reply.get("status") != "COMPLETED":
-            raise _remote_exception(reply.get("error") or {}, self.body.filename)
-        decoded = decode_values(reply["values"], blob)
-        saved = {name: _local_form(value) for name, value in (decoded.get("saved") or {}).items()}
-        self.result = decoded.get("result")
+        reply.raise_if_failed(self.body.filename)
+        decoded = reply.decoded()
+        saved = {name: _local_form(value) for name, value in decoded["saved"].items()}
+        self.result = decoded["result"]
         updates: dict[str, Any] = {}
         for name, value in saved.items():
             original = self.sent.get(name)
@@ -232,7 +210,7 @@ class RemoteRun:
                 original.update(value)
             else:
                 updates[name] = value
-        for name in reply.get("unsaved", []):
+        for name in reply.unsaved:
             updates.setdefault(name, NotSaved(name))
         if frame is not None:
             write_back(frame, updates)
@@ -277,7 +255,7 @@ def _follow(job: JobHandle, timeout: float) -> None:
             status = event.get("status")
             if status_line is not None and status:
                 status_line.show(status, event.get("position"), event.get("elapsed"), event.get("note"))
-            if status in FINAL_STATUSES:
+            if status in FINAL:
                 return
             if time.monotonic() > deadline:
                 job.cancel()
@@ -322,23 +300,6 @@ class _StatusLine:
             sys.stderr.flush()
 
 
-def _remote_exception(error: dict, filename: str) -> BaseException:
-    kind = str(error.get("type", "RemoteError"))
-    where = ""
-    if error.get("lineno"):
-        where = f'\n  on the server, at File "{filename}", line {error["lineno"]}'
-        if error.get("line"):
-            where += f": {error['line']}"
-    message = f"{error.get('message', 'remote job failed')}{where}"
-    cls = getattr(_errors, kind, None) or getattr(builtins, kind, None)
-    if isinstance(cls, type) and issubclass(cls, Exception):
-        try:
-            return cls(message)
-        except TypeError:
-            pass
-    return RemoteError(f"{kind}: {message}")
-
-
 class JobHandle:
     """A submitted remote job (``blocking=False``, or ``JobHandle(job_id)`` later)."""
 
@@ -370,13 +331,11 @@ class JobHandle:
         from . import transport
 
         _follow(self, timeout or CONFIG.TIMEOUT)
-        reply_envelope, blob = transport.result(self.host, self.api_key, self.id)
-        reply = check_envelope(reply_envelope, RESULT_KIND, receiver="client")
-        if reply.get("status") != "COMPLETED":
-            raise _remote_exception(reply.get("error") or {}, "<remote block>")
-        decoded = decode_values(reply["values"], blob)
-        values = {name: _local_form(v) for name, v in (decoded.get("saved") or {}).items()}
-        if decoded.get("result") is not None:
+        reply = transport.result(self.host, self.api_key, self.id)
+        reply.raise_if_failed()
+        decoded = reply.decoded()
+        values = {name: _local_form(v) for name, v in decoded["saved"].items()}
+        if decoded["result"] is not None:
             values["result"] = decoded["result"]
         return values
 

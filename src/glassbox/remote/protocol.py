@@ -2,14 +2,13 @@
 
 Offers:
     PROTOCOL_VERSION                  bumped on any incompatible change
-    JOB_KIND, RESULT_KIND             the envelope kinds of a job request and of its result
-    JOB_STATUSES, FINAL_STATUSES      a job's life on a server; the ones it ends in
     ProtocolError                     a value cannot be sent, or a message cannot be read
     RemoteFunction(name, source)      a user function as it travels: source text, never code
     encode_values(values)             {name: value} -> (JSON-able description, safetensors blob)
     decode_values(desc, blob)         the inverse, with size / depth / element limits
     make_envelope(kind, payload)      add the protocol header to a message
     check_envelope(env, kind=None)    check the header; say which side to upgrade on mismatch
+(the job request and result built from these, and a job's statuses: job.py)
 
 A message is JSON plus at most one safetensors blob, so reading one can never
 run code: there is no pickle and no ``torch.load`` anywhere on this path.
@@ -47,6 +46,7 @@ from typing import Any
 import torch
 
 from ..cache import Cache
+from ..version import __version__
 from .decoder import Decoder
 from .wire import (
     DEFAULT_MAX_BYTES,
@@ -60,16 +60,10 @@ from .wire import (
 )
 
 __all__ = [
-    "DEFAULT_MAX_BYTES", "DEFAULT_MAX_DEPTH", "DEFAULT_MAX_ELEMENTS", "FINAL_STATUSES", "JOB_KIND",
-    "JOB_STATUSES", "PROTOCOL_VERSION", "RESULT_KIND", "ProtocolError", "RemoteFunction",
-    "check_envelope", "decode_values", "encode_values", "make_envelope",
+    "DEFAULT_MAX_BYTES", "DEFAULT_MAX_DEPTH", "DEFAULT_MAX_ELEMENTS", "PROTOCOL_VERSION", "ProtocolError",
+    "RemoteFunction", "check_envelope", "decode_values", "encode_values", "make_envelope",
 ]
 PROTOCOL_VERSION = 1
-
-JOB_KIND = "job"
-RESULT_KIND = "result"
-JOB_STATUSES = ("RECEIVED", "QUEUED", "RUNNING", "COMPLETED", "ERROR", "CANCELLED")
-FINAL_STATUSES = frozenset({"COMPLETED", "ERROR", "CANCELLED"})
 
 _HEADER = ("protocol", "glassbox", "kind")
 _SUPPORTED = (
@@ -79,9 +73,6 @@ _SUPPORTED = (
 
 
 def _version() -> str:
-    # Read lazily: glassbox/__init__ imports most of the package.
-    from .. import __version__
-
     return __version__
 
 

@@ -1,12 +1,12 @@
 """Talking to a glassbox server over HTTP and websockets: submit, follow, fetch, cancel.
 
 Offers:
-    submit(host, api_key, envelope, blob, timeout) -> job id
+    submit(host, api_key, request, timeout) -> job id           (request: a job.JobRequest)
     events(host, api_key, job_id, *, timeout=None) -> iterator of event dicts, ending with the
         final one ({"status": "COMPLETED" | "ERROR" | "CANCELLED", ...}); a websocket, or polling
         when the websocket cannot be opened or breaks (printed output is neither lost nor repeated)
     status(host, api_key, job_id, log_offset=0) -> dict
-    result(host, api_key, job_id) -> (result envelope, blob)
+    result(host, api_key, job_id) -> JobResult
     cancel(host, api_key, job_id) -> dict
     delete_result(host, api_key, job_id) -> dict   drop a finished job's stored result
     models(host, api_key=None) -> [{"name": ..., ...}]
@@ -16,10 +16,10 @@ Offers:
     health(host) -> {"glassbox": version, "protocol": N, ...}
     (every failure here raises glassbox.RemoteError: what went wrong and what to do about it)
 
-    job = submit("http://127.0.0.1:8765", key, envelope, blob, timeout=60)
+    job = submit("http://127.0.0.1:8765", key, request, timeout=60)
     for event in events("http://127.0.0.1:8765", key, job):
         print(event.get("log", ""), end="")
-    envelope, blob = result("http://127.0.0.1:8765", key, job)
+    reply = result("http://127.0.0.1:8765", key, job)
 
 ``host`` may omit the scheme (``127.0.0.1:8765`` means ``http://127.0.0.1:8765``). Requests
 reuse one connection pool per process. Errors the server explains (protocol version, limits,
@@ -39,12 +39,11 @@ from urllib.parse import quote
 import httpx
 
 from ..errors import RemoteError
-from .framing import frame, unframe
+from .job import FINAL, JobRequest, JobResult
 from .protocol import ProtocolError
 
 __all__ = ["cancel", "events", "health", "model_files", "models", "result", "status", "submit"]
 
-FINAL = frozenset({"COMPLETED", "ERROR", "CANCELLED"})
 _POLL_SECONDS = 0.1
 _CONNECT_SECONDS = 10.0
 _REQUEST_SECONDS = 60.0
@@ -145,9 +144,9 @@ def _key_rejected(detail: str) -> str:
 # ---------------------------------------------------------------- the calls
 
 
-def submit(host: str, api_key: str | None, envelope: dict, blob: bytes, timeout: float | None = None) -> str:
+def submit(host: str, api_key: str | None, request: JobRequest, timeout: float | None = None) -> str:
     """Send a job request; returns the id the server gave it."""
-    data = frame(envelope, blob)
+    data = request.frame()
     response = _request("POST", host, "/v1/jobs", api_key=api_key, timeout=timeout, content=data,
                         headers={"Content-Type": "application/octet-stream"})
     job_id = _json(response).get("id")
@@ -163,12 +162,12 @@ def status(host: str, api_key: str | None, job_id: str, log_offset: int = 0) -> 
     return _json(response)
 
 
-def result(host: str, api_key: str | None, job_id: str, timeout: float | None = None) -> tuple[dict, bytes]:
-    """The result envelope and blob of a finished job (failed and cancelled jobs have one too)."""
+def result(host: str, api_key: str | None, job_id: str, timeout: float | None = None) -> JobResult:
+    """The result of a finished job (failed and cancelled jobs have one too)."""
     response = _request("GET", host, f"/v1/jobs/{job_id}/result", api_key=api_key, job_id=job_id,
                         timeout=timeout)
     try:
-        return unframe(response.content)
+        return JobResult.read(response.content)
     except ProtocolError as err:
         raise RemoteError(f"the result of job {job_id} is unreadable: {err}") from None
 

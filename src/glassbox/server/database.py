@@ -40,6 +40,7 @@ _ADDED_COLUMNS = (
     ("api_keys", "operator", "BOOLEAN NOT NULL DEFAULT FALSE"),
     ("jobs", "held_by", "VARCHAR(64)"),
     ("jobs", "cancel_requested", "FLOAT"),
+    ("jobs", "batch_key", "VARCHAR(256)"),
 )
 
 

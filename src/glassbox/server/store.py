@@ -6,7 +6,8 @@ Offers:
                                       process (instances.py), a new random id by default
       (keys.py)  .create_key(name, operator=False) / .list_keys() / .revoke_key(..) / .authenticate(key)
       (instances.py)  .begin_life() / .heartbeat() / .leave() / .instances()
-      .create_job(key_id, model, request, max_active=0, max_stored_bytes=0) -> job id  (RECEIVED)
+      .create_job(key_id, model, request, batch_key=None, max_active=0, max_stored_bytes=0) -> job id
+                                      (RECEIVED; ``request``: the framed bytes as received)
       .mark_queued(id) / .claim(id) / .requeue(id) / .retry(id) / .finish(id, status, ...)
       .cancel(id) / .cancel_requests(ids)   cancel a job that waits; flag one that runs
       .get(id) -> JobInfo | None / .request(id) / .result(id) / .replace_result(id, note) -> freed
@@ -21,7 +22,7 @@ Offers:
     KeyInfo, hash_key                 from keys.py
     TooManyJobs                       create_job refused: the key is at its max_active
     OverQuota                         create_job refused: the key's stored results are at its quota
-    STATUSES, TERMINAL, MAX_ATTEMPTS
+    MAX_ATTEMPTS                      (a job's statuses: glassbox.remote.job.Status / FINAL)
 
     store = JobStore("sqlite:///tmp/glassbox.db")
     job = store.create_job("k1", "gpt2", b"...")
@@ -82,15 +83,13 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import Mapped, Session, mapped_column
 
-from ..remote.protocol import FINAL_STATUSES, JOB_STATUSES
+from ..remote.job import FINAL, Status
 from .database import TableBase
 from .instances import InstanceStore, _Instance, instance_timeout, new_instance_id
 from .keys import KeyInfo, KeyStore, hash_key
 
 __all__ = [
     "MAX_ATTEMPTS",
-    "STATUSES",
-    "TERMINAL",
     "JobInfo",
     "JobStore",
     "KeyInfo",
@@ -99,9 +98,7 @@ __all__ = [
     "hash_key",
 ]
 
-STATUSES = JOB_STATUSES  # the protocol's names: clients see these
-TERMINAL = FINAL_STATUSES
-ACTIVE = ("RECEIVED", "QUEUED", "RUNNING")
+ACTIVE = (Status.RECEIVED, Status.QUEUED, Status.RUNNING)
 MAX_ATTEMPTS = 2
 
 
@@ -143,6 +140,8 @@ class _Job(TableBase):
     logs: Mapped[str] = mapped_column(Text, default="")
     held_by: Mapped[str | None] = mapped_column(String(64), nullable=True)  # an instance (see above)
     cancel_requested: Mapped[float | None] = mapped_column(Float, nullable=True)  # when, while RUNNING
+    # jobs/batchable.py's key, decided once at submit (None: runs alone)
+    batch_key: Mapped[str | None] = mapped_column(String(256), nullable=True)
 
     __table_args__ = (Index("ix_jobs_status_seq", "status", "seq"), Index("ix_jobs_finished", "finished"))
 
@@ -152,7 +151,7 @@ class JobInfo:
     id: str
     key_id: str
     model: str
-    status: str
+    status: Status
     created: float
     updated: float
     started: float | None
@@ -161,25 +160,27 @@ class JobInfo:
     error: dict | None
     logs: str
     has_result: bool
+    batch_key: str | None = None
 
     @property
     def terminal(self) -> bool:
-        return self.status in TERMINAL
+        return self.status in FINAL
 
 
 # Columns of a job without its blobs: listing and polling must not read megabytes per row.
 _INFO_COLUMNS = (
     _Job.id, _Job.key_id, _Job.model, _Job.status, _Job.created, _Job.updated, _Job.started,
     _Job.finished, _Job.attempts, _Job.error, _Job.logs, _Job.result.is_not(None).label("has_result"),
+    _Job.batch_key,
 )
 
 
 def _info_from_columns(row: Any) -> JobInfo:
     return JobInfo(
-        id=row.id, key_id=row.key_id, model=row.model, status=row.status, created=row.created,
+        id=row.id, key_id=row.key_id, model=row.model, status=Status(row.status), created=row.created,
         updated=row.updated, started=row.started, finished=row.finished, attempts=row.attempts,
         error=json.loads(row.error) if row.error else None, logs=row.logs or "",
-        has_result=bool(row.has_result),
+        has_result=bool(row.has_result), batch_key=row.batch_key,
     )
 
 
@@ -198,12 +199,12 @@ class JobStore(KeyStore, InstanceStore):
 
     def _mine(self) -> Any:
         """A job this instance runs: only it may requeue it or finish it (see the module docstring)."""
-        return and_(_Job.status == "RUNNING", _Job.held_by == self.instance)
+        return and_(_Job.status == Status.RUNNING, _Job.held_by == self.instance)
 
     # ------------------------------------------------------------ jobs
 
-    def create_job(self, key_id: str, model: str, request: bytes, *, max_active: int = 0,
-                   max_stored_bytes: int = 0) -> str:
+    def create_job(self, key_id: str, model: str, request: bytes, *, batch_key: str | None = None,
+                   max_active: int = 0, max_stored_bytes: int = 0) -> str:
         """Store a request as RECEIVED and return its new id. With ``max_active``, refuse
         (``TooManyJobs``) when the key already has that many jobs received, queued or running;
         with ``max_stored_bytes``, refuse (``OverQuota``) when the results its jobs hold are at or
@@ -222,20 +223,21 @@ class JobStore(KeyStore, InstanceStore):
                 stored = _stored_bytes(session, key_id)
                 if stored >= max_stored_bytes:
                     raise OverQuota(stored, max_stored_bytes)
-            session.add(_Job(id=job_id, key_id=key_id, model=model, status="RECEIVED", created=now,
-                             updated=now, attempts=0, request=bytes(request), logs="", held_by=self.instance))
+            session.add(_Job(id=job_id, key_id=key_id, model=model, status=Status.RECEIVED, created=now,
+                             updated=now, attempts=0, request=bytes(request), logs="", held_by=self.instance,
+                             batch_key=batch_key))
         return job_id
 
     def mark_queued(self, job_id: str) -> bool:
-        return self._transition(job_id, ("RECEIVED",), status="QUEUED")
+        return self._transition(job_id, (Status.RECEIVED,), status=Status.QUEUED)
 
     def claim(self, job_id: str) -> bool:
         """QUEUED -> RUNNING, atomically: False if someone else took or cancelled it first."""
         now = time.time()
         with self._session() as session:
             done = session.execute(
-                update(_Job).where(_Job.id == job_id, _Job.status == "QUEUED")
-                .values(status="RUNNING", started=now, updated=now, attempts=_Job.attempts + 1,
+                update(_Job).where(_Job.id == job_id, _Job.status == Status.QUEUED)
+                .values(status=Status.RUNNING, started=now, updated=now, attempts=_Job.attempts + 1,
                         held_by=self.instance)
             )
             return done.rowcount == 1
@@ -243,20 +245,20 @@ class JobStore(KeyStore, InstanceStore):
     def requeue(self, job_id: str) -> bool:
         """RUNNING (here) -> QUEUED (keeping its place at the head of the queue) for a job this
         server interrupted itself, e.g. on shutdown; the attempt does not count against the job."""
-        return self._change(job_id, self._mine(), status="QUEUED", started=None, logs="",
+        return self._change(job_id, self._mine(), status=Status.QUEUED, started=None, logs="",
                             attempts=_Job.attempts - 1)
 
     def retry(self, job_id: str) -> bool:
         """RUNNING (here) -> QUEUED at the head of the queue for a job whose worker died under it:
         unlike ``requeue`` the attempt counts (the feeder decides from ``attempts`` whether to retry)."""
-        return self._change(job_id, self._mine(), status="QUEUED", started=None, logs="")
+        return self._change(job_id, self._mine(), status=Status.QUEUED, started=None, logs="")
 
     def finish(self, job_id: str, status: str, *, result: bytes | None = None, error: dict | None = None,
                logs: str | None = None) -> bool:
         """Move a job that waits, or that runs here, to a final ``status``; False if it already was
         final (a cancel and a completion raced: the first one wins) or runs elsewhere."""
-        if status not in TERMINAL:
-            raise ValueError(f"finish() takes a final status {sorted(TERMINAL)}, got {status!r}")
+        if status not in FINAL:
+            raise ValueError(f"finish() takes a final status {sorted(FINAL)}, got {status!r}")
         now = time.time()
         values: dict[str, Any] = {"status": status, "finished": now, "updated": now, "request": None,
                                   "result": result, "error": json.dumps(error) if error else None}
@@ -264,7 +266,8 @@ class JobStore(KeyStore, InstanceStore):
             # PostgreSQL text cannot hold NUL, which a job may print: on every database it reads
             # back as U+FFFD (one character for one, so log offsets stay right).
             values["logs"] = logs.replace("\x00", "\N{REPLACEMENT CHARACTER}")
-        return self._change(job_id, or_(_Job.status.in_(("RECEIVED", "QUEUED")), self._mine()), **values)
+        waiting = _Job.status.in_((Status.RECEIVED, Status.QUEUED))
+        return self._change(job_id, or_(waiting, self._mine()), **values)
 
     def cancel(self, job_id: str, *, result: bytes | None = None) -> str | None:
         """Cancel a job that has not started (storing ``result`` as what its owner fetches), or
@@ -273,10 +276,10 @@ class JobStore(KeyStore, InstanceStore):
         now = time.time()
         with self._session() as session:
             session.execute(
-                update(_Job).where(_Job.id == job_id, _Job.status.in_(("RECEIVED", "QUEUED")))
-                .values(status="CANCELLED", finished=now, updated=now, request=None, result=result)
+                update(_Job).where(_Job.id == job_id, _Job.status.in_((Status.RECEIVED, Status.QUEUED)))
+                .values(status=Status.CANCELLED, finished=now, updated=now, request=None, result=result)
             )
-            session.execute(update(_Job).where(_Job.id == job_id, _Job.status == "RUNNING")
+            session.execute(update(_Job).where(_Job.id == job_id, _Job.status == Status.RUNNING)
                             .values(cancel_requested=now))
             return session.scalar(select(_Job.status).where(_Job.id == job_id))
 
@@ -318,7 +321,7 @@ class JobStore(KeyStore, InstanceStore):
         is not finished)."""
         with self._session() as session:
             old = session.scalar(select(func.length(_Job.result)).where(
-                _Job.id == job_id, _Job.status.in_(tuple(TERMINAL))))
+                _Job.id == job_id, _Job.status.in_(tuple(FINAL))))
             if old is None:
                 return 0
             session.execute(update(_Job).where(_Job.id == job_id).values(result=result, updated=time.time()))
@@ -326,7 +329,7 @@ class JobStore(KeyStore, InstanceStore):
 
     def queued(self, models: list[str] | None = None, limit: int | None = None) -> list[JobInfo]:
         """QUEUED jobs (for ``models`` only, if given), first to run first; at most ``limit``."""
-        query = select(*_INFO_COLUMNS).where(_Job.status == "QUEUED")
+        query = select(*_INFO_COLUMNS).where(_Job.status == Status.QUEUED)
         if models is not None:
             query = query.where(_Job.model.in_(list(models)))
         query = query.order_by(_Job.seq)
@@ -344,10 +347,10 @@ class JobStore(KeyStore, InstanceStore):
         """How many queued jobs run before this one (0: it is next), None if it is not queued."""
         with self._session() as session:
             row = session.execute(select(_Job.seq, _Job.status).where(_Job.id == job_id)).first()
-            if row is None or row.status != "QUEUED":
+            if row is None or row.status != Status.QUEUED:
                 return None
             return session.scalar(select(func.count()).select_from(_Job).where(
-                _Job.status == "QUEUED", _Job.seq < row.seq)) or 0
+                _Job.status == Status.QUEUED, _Job.seq < row.seq)) or 0
 
     def active_count(self, key_id: str) -> int:
         with self._session() as session:
@@ -392,7 +395,8 @@ class JobStore(KeyStore, InstanceStore):
         were waiting already."""
         self.begin_life()
         with self._session() as session:
-            queued = session.scalar(select(func.count()).select_from(_Job).where(_Job.status == "QUEUED"))
+            queued = session.scalar(
+                select(func.count()).select_from(_Job).where(_Job.status == Status.QUEUED))
         return {**self.requeue_orphans(max_attempts, timeout), "queued": queued or 0}
 
     def requeue_orphans(self, max_attempts: int = MAX_ATTEMPTS,
@@ -407,10 +411,10 @@ class JobStore(KeyStore, InstanceStore):
                 select(_Job.id, _Job.status, _Job.held_by, _Job.created, _Job.started, _Job.attempts,
                        _Job.cancel_requested, _Instance.started.label("life"), _Instance.heartbeat)
                 .outerjoin(_Instance, _Instance.id == _Job.held_by)
-                .where(_Job.status.in_(("RECEIVED", "RUNNING"))).order_by(_Job.seq)
+                .where(_Job.status.in_((Status.RECEIVED, Status.RUNNING))).order_by(_Job.seq)
             ).all()
             for row in held:
-                taken = row.started if row.status == "RUNNING" else row.created
+                taken = row.started if row.status == Status.RUNNING else row.created
                 if row.held_by is None or taken is None:
                     orphan = True  # held by a server from before instances were recorded
                 elif row.heartbeat is None:  # its holder never beat (yet), or was forgotten
@@ -426,21 +430,22 @@ class JobStore(KeyStore, InstanceStore):
     def _settle(self, session: Session, row: Any, now: float, max_attempts: int) -> str | None:
         # Only the row as it was seen: if its holder (or anyone) changed it since, it is not an orphan.
         seen = [_Job.id == row.id, _Job.status == row.status]
-        if row.status == "RUNNING":
+        if row.status == Status.RUNNING:
             seen.append(_Job.started == row.started)
         final = {"finished": now, "request": None, "updated": now}
-        if row.status == "RECEIVED":
-            outcome, values = "dropped", {**final, "status": "ERROR", "error": json.dumps({
+        if row.status == Status.RECEIVED:
+            outcome, values = "dropped", {**final, "status": Status.ERROR, "error": json.dumps({
                 "type": "ServerRestarted",
                 "message": "the server stopped before it could queue this job; submit it again"})}
         elif row.cancel_requested is not None:
-            outcome, values = "cancelled", {**final, "status": "CANCELLED", "error": json.dumps({
+            outcome, values = "cancelled", {**final, "status": Status.CANCELLED, "error": json.dumps({
                 "type": "Cancelled", "message": "the job was cancelled by its owner"})}
         elif row.attempts < max_attempts:
             # The rerun prints everything again.
-            outcome, values = "requeued", {"status": "QUEUED", "started": None, "logs": "", "updated": now}
+            outcome, values = "requeued", {"status": Status.QUEUED, "started": None, "logs": "",
+                                           "updated": now}
         else:
-            outcome, values = "failed", {**final, "status": "ERROR", "error": json.dumps({
+            outcome, values = "failed", {**final, "status": Status.ERROR, "error": json.dumps({
                 "type": "ServerRestarted",
                 "message": (f"the server stopped while running this job {row.attempts} times; it is not "
                             "run again in case the job itself is what stops the server")})}
@@ -451,7 +456,7 @@ class JobStore(KeyStore, InstanceStore):
         """Delete final jobs that finished more than ``ttl_seconds`` ago."""
         cutoff = (time.time() if now is None else now) - ttl_seconds
         with self._session() as session:
-            done = session.execute(delete(_Job).where(_Job.status.in_(TERMINAL), _Job.finished < cutoff))
+            done = session.execute(delete(_Job).where(_Job.status.in_(tuple(FINAL)), _Job.finished < cutoff))
             return done.rowcount
 
 

@@ -40,7 +40,7 @@ from collections.abc import AsyncIterator, Callable
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
-from ... import __version__
+from ...version import __version__
 from ..config import ServerConfig
 from ..instances import Heartbeat, InstanceSlot
 from ..store import JobStore

@@ -25,6 +25,7 @@ without the key form, and the page's requests leave the header to the proxy.
 from __future__ import annotations
 
 import html
+import json
 import secrets
 import time
 from typing import Any
@@ -32,8 +33,9 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import HTMLResponse
 
-from ... import __version__
-from ..store import TERMINAL, JobInfo, KeyInfo
+from ...remote.job import FINAL
+from ...version import __version__
+from ..store import JobInfo, KeyInfo
 from . import models_routes
 from .auth import ApiKey, in_thread, presented_key
 from .dashboard_page import PAGE
@@ -56,7 +58,7 @@ async def page(request: Request) -> HTMLResponse:
     from_header = bool(key) and await in_thread(request.app.state.store.authenticate, key) is not None
     nonce = secrets.token_urlsafe(16)
     body = PAGE.substitute(nonce=html.escape(nonce), version=html.escape(__version__),
-                           auth="header" if from_header else "form")
+                           auth="header" if from_header else "form", final=json.dumps(sorted(FINAL)))
     return HTMLResponse(body, headers={
         "Content-Security-Policy": (
             f"default-src 'none'; script-src 'nonce-{nonce}'; style-src 'nonce-{nonce}'; "
@@ -106,7 +108,7 @@ def operator_view(state: Any) -> dict:
     owners = {info.id: info.name for info in store.list_keys()}
     queued = store.queued()
     running = store.recent_jobs(("RUNNING",), limit=500)
-    recent = store.recent_jobs(tuple(TERMINAL), limit=_RECENT_JOBS)
+    recent = store.recent_jobs(tuple(FINAL), limit=_RECENT_JOBS)
     replicas = worker.replicas()
 
     def owned(job: JobInfo) -> dict:

@@ -91,7 +91,7 @@ PAGE = Template("""<!doctype html>
   var MAX_LOG = 200000;
   var fromHeader = document.body.getAttribute("data-auth") === "header";
   var selected = null, logJob = null, logOffset = 0, logDone = false, busy = false;
-  var FINAL = ["COMPLETED", "ERROR", "CANCELLED"];
+  var FINAL = $final;
 
   function el(tag, attrs) {
     var node = document.createElement(tag);

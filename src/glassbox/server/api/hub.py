@@ -11,7 +11,7 @@ import asyncio
 import threading
 from collections import defaultdict
 
-from ...remote.protocol import FINAL_STATUSES
+from ...remote.job import FINAL
 from ..store import JobInfo, JobStore
 
 __all__ = ["Hub"]
@@ -42,7 +42,7 @@ class Hub:
                 self._logs.setdefault(job_id, []).append(event["log"])
             if "note" in event:
                 self._notes[job_id] = str(event["note"])
-            if event.get("status") in FINAL_STATUSES:
+            if event.get("status") in FINAL:
                 self._logs.pop(job_id, None)
                 self._notes.pop(job_id, None)
             loop = self.loop

@@ -29,10 +29,10 @@ from typing import Any
 from fastapi import APIRouter, HTTPException, Request, WebSocket, WebSocketDisconnect
 from fastapi.responses import Response
 
-from ...remote.framing import frame, unframe
-from ...remote.protocol import FINAL_STATUSES, JOB_KIND, ProtocolError, check_envelope
+from ...remote.job import FINAL, JobError, JobRequest, JobResult, Status
+from ...remote.protocol import ProtocolError
+from ..jobs.batchable import batch_key
 from ..store import JobInfo, KeyInfo, OverQuota, TooManyJobs
-from ..workers.channel import error_result
 from .auth import BAD_KEY, MISSING_KEY, ApiKey, in_thread, key_of
 
 __all__ = ["router"]
@@ -70,16 +70,17 @@ async def submit(request: Request, key: ApiKey) -> dict:
         ), headers={"Retry-After": str(int(wait) + 1)})
     body = await _read_body(request, config.max_request_bytes)
     try:
-        envelope, _blob = unframe(body)
-        payload = check_envelope(envelope, JOB_KIND, receiver="server")
+        job = JobRequest.read(body)  # the one time the API process reads a request
     except ProtocolError as err:
         raise HTTPException(400, str(err)) from None
-    model = payload.get("model")
-    if not isinstance(model, str) or model not in config.models:
+    model = job.model
+    if model not in config.models:
         served = ", ".join(sorted(config.models)) or "none"
         raise HTTPException(404, f"model {model!r} is not served here; this server serves: {served}")
+    key_for_batch = batch_key(job, config.engine(model)) if config.max_batch > 1 else None
     try:
-        job_id = await in_thread(store.create_job, key.id, model, body, max_active=config.max_jobs_per_key,
+        job_id = await in_thread(store.create_job, key.id, model, body, batch_key=key_for_batch,
+                                 max_active=config.max_jobs_per_key,
                                  max_stored_bytes=config.max_stored_bytes_per_key)
     except TooManyJobs as err:
         raise HTTPException(429, (
@@ -95,9 +96,9 @@ async def submit(request: Request, key: ApiKey) -> dict:
         )) from None
     await in_thread(store.mark_queued, job_id)
     position = await in_thread(store.position, job_id)
-    hub.publish(job_id, {"status": "QUEUED", "position": position})
+    hub.publish(job_id, {"status": Status.QUEUED, "position": position})
     worker.wake()
-    return {"id": job_id, "status": "QUEUED", "position": position, "model": model}
+    return {"id": job_id, "status": Status.QUEUED, "position": position, "model": model}
 
 @router.get("/v1/jobs")
 async def list_jobs(request: Request, key: ApiKey) -> dict:
@@ -111,7 +112,7 @@ async def job_status(job_id: str, request: Request, key: ApiKey, log_offset: int
     live = hub.live_logs(job_id)  # read before the store: see Hub for why this order is safe
     job = await _owned_job(request, job_id, key)
     logs = job.logs if job.terminal or live is None else live
-    position = await in_thread(store.position, job_id) if job.status == "QUEUED" else None
+    position = await in_thread(store.position, job_id) if job.status == Status.QUEUED else None
     offset = max(0, log_offset)
     return {**_summary(job), "position": position, "logs": logs[offset:], "log_length": len(logs),
             "error": job.error}
@@ -127,9 +128,9 @@ async def job_result(job_id: str, request: Request, key: ApiKey) -> Response:
         ))
     data = await in_thread(store.result, job_id)
     if data is None and job.error:  # ended by the store, not a worker (its server stopped)
-        data = frame(error_result(str(job.error.get("type")), str(job.error.get("message"))))
+        data = JobResult(Status.ERROR, error=JobError.from_wire(job.error)).frame()
     if data is None:
-        data = frame(error_result("InternalError", f"the result of job {job_id} was not stored"))
+        data = JobResult.failed("InternalError", f"the result of job {job_id} was not stored").frame()
     return Response(content=data, media_type="application/octet-stream")
 
 @router.delete("/v1/jobs/{job_id}/result")
@@ -141,7 +142,7 @@ async def delete_result(job_id: str, request: Request, key: ApiKey) -> dict:
     job = await _owned_job(request, job_id, key)
     if not job.terminal:
         raise HTTPException(409, f"job {job_id} is not finished (status {job.status}); it has no result yet")
-    note = frame(error_result("ResultDeleted", f"the result of job {job_id} was deleted by its owner"))
+    note = JobResult.failed("ResultDeleted", f"the result of job {job_id} was deleted by its owner").frame()
     freed = await in_thread(store.replace_result, job_id, note)
     return {"id": job_id, "status": job.status, "deleted": True, "freed_bytes": freed}
 
@@ -155,12 +156,12 @@ async def cancel(job_id: str, request: Request, key: ApiKey) -> dict:
     job = await _owned_job(request, job_id, key)
     if job.terminal:
         return {"id": job_id, "status": job.status, "cancelled": False}
-    result = frame(error_result("Cancelled", "the job was cancelled by its owner before it ran"))
+    result = JobResult.failed("Cancelled", "the job was cancelled by its owner before it ran").frame()
     status = await in_thread(store.cancel, job_id, result=result)
-    if status == "CANCELLED":
-        hub.publish(job_id, {"status": "CANCELLED"})
-        return {"id": job_id, "status": "CANCELLED", "cancelled": True}
-    if status == "RUNNING":
+    if status == Status.CANCELLED:
+        hub.publish(job_id, {"status": Status.CANCELLED})
+        return {"id": job_id, "status": Status.CANCELLED, "cancelled": True}
+    if status == Status.RUNNING:
         worker.cancel(job_id)
         deadline = time.monotonic() + _CANCEL_WAIT
         while time.monotonic() < deadline:
@@ -169,8 +170,8 @@ async def cancel(job_id: str, request: Request, key: ApiKey) -> dict:
                 break
             await asyncio.sleep(0.1)
     job = await _owned_job(request, job_id, key)
-    return {"id": job_id, "status": job.status, "cancelled": job.status == "CANCELLED",
-            "cancel_requested": status == "RUNNING"}
+    return {"id": job_id, "status": job.status, "cancelled": job.status == Status.CANCELLED,
+            "cancel_requested": status == Status.RUNNING}
 
 @router.websocket("/v1/jobs/{job_id}/events")
 async def events(websocket: WebSocket, job_id: str) -> None:
@@ -213,7 +214,7 @@ async def _follow(websocket: WebSocket, queue: asyncio.Queue, job: JobInfo | Non
 
     status = job.status
     sent = len(logs)  # characters of printed output sent so far: where the stored output resumes
-    position = await in_thread(store.position, job.id) if status == "QUEUED" else None
+    position = await in_thread(store.position, job.id) if status == Status.QUEUED else None
     first: dict[str, Any] = {"status": status, "position": position}
     note = websocket.app.state.hub.note(job.id) if not job.terminal else None
     if note:
@@ -246,11 +247,11 @@ async def _follow(websocket: WebSocket, queue: asyncio.Queue, job: JobInfo | Non
                     final["error"] = current.error
                 await send(final)
                 return
-            if current.status == "QUEUED":
+            if current.status == Status.QUEUED:
                 now_position = await in_thread(store.position, job.id)
                 if now_position != position:
                     position = now_position
-                    await send({"status": "QUEUED", "position": position})
+                    await send({"status": Status.QUEUED, "position": position})
                     last_sent = time.monotonic()
                     continue
             if time.monotonic() - last_sent >= _HEARTBEAT:
@@ -258,14 +259,14 @@ async def _follow(websocket: WebSocket, queue: asyncio.Queue, job: JobInfo | Non
                 await send({"status": current.status, "position": position})
                 last_sent = time.monotonic()
             continue
-        if event.get("status") != "QUEUED":
+        if event.get("status") != Status.QUEUED:
             position = None
         else:
             position = event.get("position", position)
         sent += len(event.get("log") or "")
         await send({**event, "position": position})
         last_sent = time.monotonic()
-        if event.get("status") in FINAL_STATUSES:
+        if event.get("status") in FINAL:
             return
 
 

@@ -18,8 +18,8 @@ import threading
 from fastapi import APIRouter, HTTPException, Request
 from fastapi.responses import Response
 
-from ... import __version__
 from ...remote.protocol import PROTOCOL_VERSION
+from ...version import __version__
 from .auth import in_thread, presented_key
 
 __all__ = ["MODEL_FILES", "FileAnswers", "read_model_files", "router"]

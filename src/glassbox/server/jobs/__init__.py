@@ -1,6 +1,6 @@
 """Running jobs inside a worker: the executor contract and the default executor.
 
-    executor.py    the Executor Protocol; the default executor (``--executor`` default)
+    executor.py    the default executor (``--executor`` default; the contract: remote/executor.py)
     execute.py     one job: decode, compile under the sandbox, trace, reply
     cotenant.py    several jobs in ONE forward pass, each on its own rows
     batchable.py   which requests may share a pass (runs in the API process; no torch models)

@@ -1,11 +1,12 @@
 """Which job requests may share one forward pass (co-tenant batching), decided without running them.
 
 Offers:
-    batch_key(request, engine="hf") -> tuple | None   the key shared by requests that may run in one
+    batch_key(request, engine="hf") -> str | None   the key shared by requests that may run in one
                                            pass; None: this one runs alone
 
-Runs in the API process (the feeder calls it on each queued request): it parses the request and
-the block's source, and never imports torch models or the sandbox. What may share a pass: plain
+Runs in the API process, once per request, when it is submitted (the key is stored with the job,
+so the feeder never reads a request again to batch it): it looks at the JobRequest and the
+block's syntax tree, and never imports torch models or the sandbox. What may share a pass: plain
 traces of the same model with no trace arguments beyond the input, whose block does not use the
 tracer (invokes, stop, cache), gradients, module skipping or ``.next()``; ``cotenant.py`` runs them.
 
@@ -21,8 +22,7 @@ from __future__ import annotations
 import ast
 from typing import Any
 
-from ...remote.framing import unframe
-from ...remote.protocol import JOB_KIND, ProtocolError, check_envelope
+from ...remote.job import JobRequest
 
 __all__ = ["batch_key"]
 
@@ -31,35 +31,19 @@ _ALONE_ATTRIBUTES = frozenset({
     "backward", "grad", "retain_grad", "requires_grad_", "register_hook", "invoke", "skip", "next",
     "trace", "generate", "session", "stop", "cache", "iter", "all",
 })
-_NO_CALL = {"t": "dict", "v": {}}
 
 
-def batch_key(request: bytes, engine: str = "hf") -> tuple | None:
+def batch_key(request: JobRequest, engine: str = "hf") -> str | None:
     """The key shared by requests that may run in one pass, or None if this one runs alone."""
-    try:
-        envelope, _blob = unframe(request)
-        payload = check_envelope(envelope, JOB_KIND, receiver="server")
-    except (ProtocolError, ValueError, TypeError):
-        return None
-    values = payload.get("values")
-    values = values.get("values") if isinstance(values, dict) else None  # encode_values' wrapper
-    if not isinstance(values, dict):
-        return None
     vllm = engine == "vllm"
     if vllm:  # each request's own sampling parameters (checked by vLLM when the batch runs)
-        call = values.get("call")
-        if payload.get("method") not in ("trace", "generate") or not isinstance(call, dict) or (
-                call.get("t") != "dict"):
+        if request.method not in ("trace", "generate") or not request.call_is_dict:
             return None
-    elif payload.get("method") != "trace" or values.get("call") != _NO_CALL:
+    elif request.method != "trace" or not request.call_is_empty:
         return None
-    inputs = values.get("inputs")
-    if not isinstance(inputs, dict) or inputs.get("t") != "list" or len(inputs.get("v") or ()) != 1:
+    if request.input_count != 1 or not _shareable(request.source, request.tracer_name, steps=vllm):
         return None
-    source, tracer = payload.get("source"), payload.get("tracer_name")
-    if not isinstance(source, str) or not _shareable(source, tracer, steps=vllm):
-        return None
-    return ("vllm" if vllm else "trace", str(payload.get("model")))
+    return f"{'vllm' if vllm else 'trace'}:{request.model}"
 
 
 def _shareable(source: str, tracer: Any, steps: bool = False) -> bool:

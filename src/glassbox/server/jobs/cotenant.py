@@ -1,7 +1,7 @@
 """Co-tenant batching: concurrent requests for one model share ONE forward pass.
 
 Offers:
-    run_batch(models, items, logs=, limits=) -> [(result envelope, blob), ...]   (in the worker)
+    run_batch(models, requests, logs=, limits=) -> [JobResult, ...]   (in the worker)
 
 Which requests may share a pass is decided in the API process by ``batchable.batch_key``.
 
@@ -50,9 +50,8 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from ...remote.protocol import JOB_KIND, check_envelope
+from ...remote.job import JobRequest, JobResult
 from ...tracing import Body, collect_saved, run_together
-from ..sandbox.compile import compile_restricted_source, register_source
 from . import execute, served
 
 __all__ = ["run_batch"]
@@ -61,13 +60,11 @@ __all__ = ["run_batch"]
 class _Request:
     """One request of a batch, prepared to run as an invoke."""
 
-    def __init__(self, index: int, envelope: dict, blob: bytes, log: Any) -> None:
-        self.index, self.envelope, self.blob, self.log = index, envelope, blob, log
-        self.payload: dict = {}
+    def __init__(self, index: int, request: JobRequest, log: Any) -> None:
+        self.index, self.request, self.log = index, request, log
         self.printed: list[str] = []
         self.filename = ""
         self.model: Any = None
-        self.name = ""
         self.code: Any = None
         self.namespace: dict[str, Any] = {}
         self.prompt: Any = None
@@ -75,19 +72,17 @@ class _Request:
 
     def prepare(self, models: dict[str, Any]) -> None:
         self.filename = execute.next_filename()
-        self.payload = check_envelope(self.envelope, JOB_KIND, receiver="server")
-        self.name = str(self.payload.get("model"))
-        self.model = served.use_model(models, self.name)
-        first_line = max(2, int(self.payload.get("first_line", 2)))
-        source = "\n" * (first_line - 1) + self.payload["source"]
-        register_source(self.filename, source)
-        self.code = compile_restricted_source(source, self.filename)
-        self.namespace = execute.job_namespace(self.model, self.payload, self.blob, self.printed.append)
+        self.model = served.use_model(models, self.request.model)
+        self.code = execute.job_code(self.request, self.filename, invoke=True)
+        self.namespace = execute.job_namespace(self.model, self.request, self.printed.append)
         own = per_request(self.model)
         call = self.namespace["glassbox_call"] if own else {}  # on vLLM: this request's sampling
         self.prompt = self.model._prepare(tuple(self.namespace["glassbox_inputs"]), call)
         if own:  # its own tracer, never entered: tracer.iter counts this request's steps
-            self.namespace[str(self.payload.get("tracer_name") or "tracer")] = self.model.trace()
+            self.namespace[self.request.tracer_name] = self.model.trace()
+
+    def seconds(self) -> float:
+        return round(time.perf_counter() - self.started, 4)
 
     def length(self) -> int:
         return max(len(row) for row in self.prompt.rows)
@@ -98,20 +93,20 @@ def per_request(model: Any) -> bool:
     return bool(getattr(type(model), "_requests_per_invoke", False))
 
 
-def run_batch(models: dict[str, Any], items: list[tuple[dict, bytes]], *, logs: list[Any],
-              limits: dict | None = None) -> list[tuple[dict, bytes]]:
+def run_batch(models: dict[str, Any], requests: list[JobRequest], *, logs: list[Any],
+              limits: dict | None = None) -> list[JobResult]:
     """Run several job requests, sharing one forward pass where they can; a result per request,
     in order. Never raises for anything the requests' code does."""
     limits = limits or {}
-    results: list[Any] = [None] * len(items)
+    results: list[Any] = [None] * len(requests)
     ready: list[_Request] = []
-    for index, (envelope, blob) in enumerate(items):
-        request = _Request(index, envelope, blob, logs[index])
+    for index, job in enumerate(requests):
+        request = _Request(index, job, logs[index])
         try:
             request.prepare(models)
         except Exception as exc:  # this request fails alone, before anything ran
-            reply = execute.error_reply(exc, request.filename, request.payload)
-            results[index] = (execute.result_envelope(reply, request.started), b"")
+            reply = execute.error_reply(exc, request.filename, request.request)
+            results[index] = reply.replace(seconds=request.seconds())
         else:
             ready.append(request)
     for group, width in _groups(ready):
@@ -125,8 +120,7 @@ def run_batch(models: dict[str, Any], items: list[tuple[dict, bytes]], *, logs: 
                     results[request.index] = result
                 continue
         for request in group:
-            results[request.index] = execute.run_job(models, request.envelope, request.blob,
-                                                     log=request.log, limits=limits)
+            results[request.index] = execute.run_job(models, request.request, log=request.log, limits=limits)
     return results
 
 
@@ -136,7 +130,7 @@ def _groups(requests: list[_Request]) -> list[tuple[list[_Request], int]]:
     dimension size of the model, so that the sequence dimension is the only one of that size."""
     by_model: dict[str, list[_Request]] = {}
     for request in requests:
-        by_model.setdefault(request.name, []).append(request)
+        by_model.setdefault(request.request.model, []).append(request)
     groups = []
     for same_model in by_model.values():
         lengths = {0} if per_request(same_model[0].model) else {request.length() for request in same_model}
@@ -172,7 +166,7 @@ def _model_sizes(model: Any) -> frozenset[int]:
     return _sizes[id(module)]
 
 
-def _run_together(group: list[_Request], limits: dict, width: int) -> list[tuple[dict, bytes]]:
+def _run_together(group: list[_Request], limits: dict, width: int) -> list[JobResult]:
     model = group[0].model
     bodies = [Body(r.code, r.namespace, r.prompt, f"request {r.index}") for r in group]
     # The saved-value cap is per request: a batch of n may hold n times as many.
@@ -192,11 +186,11 @@ def _run_together(group: list[_Request], limits: dict, width: int) -> list[tuple
                 raise RuntimeError(f"a request changed {', '.join(changed[:3])} during a shared pass")
             for request, result in zip(group, own):
                 try:
-                    reply, blob = execute.job_reply(request.namespace, request.payload, saved, shared_limits,
-                                                    result)
+                    reply = execute.job_reply(request.namespace, request.request, saved, shared_limits,
+                                              result)
                 except Exception as exc:  # over a limit: this request alone fails
-                    reply, blob = execute.error_reply(exc, request.filename, request.payload), b""
-                results.append((execute.result_envelope(reply, request.started), blob))
+                    reply = execute.error_reply(exc, request.filename, request.request)
+                results.append(reply.replace(seconds=request.seconds()))
     finally:
         model.active = None
     for request in group:  # printed output is sent only for a batch that stands

@@ -1,22 +1,22 @@
 """Run one remote job: decode it, compile it under restriction, trace, reply.
 
 Offers:
-    run_job(models, envelope, blob, log=, limits=, choose=use_model) -> (result envelope, blob)
-    job_namespace(model, payload, blob, log)   the sandboxed globals of one job
-    job_reply(namespace, payload, saved, limits, result=None) -> (reply, blob)
-    error_reply(exc, filename, payload)        an ERROR reply pointing at the user's line (no server paths)
+    run_job(models, request, log=, limits=, choose=use_model) -> JobResult
+    job_namespace(model, request, log)         the sandboxed globals of one job
+    job_code(request, filename)                the job's block compiled under the sandbox
+    job_reply(namespace, request, saved, limits, result=None) -> JobResult (COMPLETED)
+    error_reply(exc, filename, request)        an ERROR result pointing at the user's line (no server paths)
     without_server_paths(message)              absolute paths replaced by "<server path>"
-    result_envelope(reply, started)            the reply as a result envelope
     next_filename()                            "<glassbox job N>": what tracebacks name
 
 Call hierarchy (inside the worker process, which holds models, no secrets)::
 
-    run_job
-      ├─ check_envelope / decode_values         data only: no pickle, functions as source
+    run_job(models, JobRequest)                 read once by the worker (JobRequest.read)
       ├─ served.use_model                       the model asked for (weights guarded)
-      ├─ _job_source                            "with glassbox_model.trace(...) as tracer:" +
-      │                                          the user's block, on its original line numbers
-      ├─ compile_restricted_source + make_globals   sandbox (server/sandbox/)
+      ├─ job_code                               "with glassbox_model.trace(...) as tracer:" +
+      │                                          the user's block, on its original line numbers,
+      │                                          compiled under the sandbox (server/sandbox/)
+      ├─ job_namespace                          request.decoded() (data only) + make_globals
       ├─ exec under collect_saved()            a normal local trace of the served model
       ├─ _returned                             exactly the saved values (and containers of them)
     (after the reply is on its way: served.after_job verifies and restores the weights)
@@ -38,32 +38,23 @@ from typing import Any
 import torch
 
 from ...cache import Cache
-from ...remote.protocol import (
-    JOB_KIND,
-    RESULT_KIND,
-    RemoteFunction,
-    check_envelope,
-    decode_values,
-    encode_values,
-    make_envelope,
-)
+from ...remote.job import JobRequest, JobResult
+from ...remote.protocol import RemoteFunction, encode_values
 from ...tracing import collect_saved
 from ..sandbox.compile import compile_function, compile_restricted_source, make_globals, register_source
 from .served import use_model
 
-_METHODS = ("trace", "generate", "session")
 _job_counter = 0
 
 
 def run_job(
     models: dict[str, Any],
-    envelope: dict,
-    blob: bytes,
+    request: JobRequest,
     *,
     log: Callable[[str], None],
     limits: dict | None = None,
     choose: Callable[[dict[str, Any], Any], Any] = use_model,
-) -> tuple[dict, bytes]:
+) -> JobResult:
     """Execute one job; never raises for anything the user's code does. ``choose(models, name)``
     picks the job's model (a worker's ``use_model`` also snapshots its weights for the check
     after the job; the in-process runner of ``remote="local"`` passes a plain lookup)."""
@@ -71,17 +62,15 @@ def run_job(
     started = time.perf_counter()
     model = None
     filename = next_filename()
-    payload: dict = {}
     try:
-        payload = check_envelope(envelope, JOB_KIND, receiver="server")
-        model = choose(models, payload.get("model"))
-        reply, out_blob = _execute(model, payload, blob, filename, log, limits)
+        model = choose(models, request.model)
+        result = _execute(model, request, filename, log, limits)
     except Exception as exc:  # every failure of the job becomes an ERROR result
-        reply, out_blob = error_reply(exc, filename, payload), b""
+        result = error_reply(exc, filename, request)
     finally:
         if model is not None:
             model.active = None
-    return result_envelope(reply, started), out_blob
+    return result.replace(seconds=round(time.perf_counter() - started, 4))
 
 
 def next_filename() -> str:
@@ -91,58 +80,60 @@ def next_filename() -> str:
     return f"<glassbox job {_job_counter}>"
 
 
-def result_envelope(reply: dict, started: float) -> dict:
-    reply["seconds"] = round(time.perf_counter() - started, 4)
-    return make_envelope(RESULT_KIND, reply)
-
-
-def _execute(model: Any, payload: dict, blob: bytes, filename: str, log: Callable, limits: dict):
-    source = _job_source(payload)
+def job_code(request: JobRequest, filename: str, *, invoke: bool = False) -> Any:
+    """The request's block as the code a job runs, compiled under the sandbox and registered under
+    ``filename`` so tracebacks show the user's lines: wrapped in its own trace call, or with
+    ``invoke`` the bare block, run as one invoke of a shared pass (cotenant.py)."""
+    source = _job_source(request, invoke)
     register_source(filename, source)
-    code = compile_restricted_source(source, filename)
-    namespace = job_namespace(model, payload, blob, log)
+    return compile_restricted_source(source, filename)
+
+
+def _execute(model: Any, request: JobRequest, filename: str, log: Callable, limits: dict) -> JobResult:
+    code = job_code(request, filename)
+    namespace = job_namespace(model, request, log)
     with collect_saved() as saved:
         exec(code, namespace)
-        tracer = namespace.get(payload.get("tracer_name") or "", None)
+        tracer = namespace.get(request.tracer_name, None)
         result = None
-        if payload.get("method") == "generate" and tracer is not None:
+        if request.method == "generate" and tracer is not None:
             result = getattr(tracer, "result", None)
         wire = getattr(type(model), "_wire_result", None)  # glassbox.VLLM: completions as plain data
         if wire is not None and tracer is not None:
             result = wire(model, getattr(tracer, "result", None))
-        return job_reply(namespace, payload, saved, limits, result)
+        return job_reply(namespace, request, saved, limits, result)
 
 
-def job_namespace(model: Any, payload: dict, blob: bytes, log: Callable[[str], None]) -> dict[str, Any]:
+def job_namespace(model: Any, request: JobRequest, log: Callable[[str], None]) -> dict[str, Any]:
     """The sandboxed globals one job's code runs in: the served model (``glassbox_model``), the
     module references and values the client sent, the modules it imports, its functions (compiled
     under restriction), and ``print`` going to ``log``."""
-    values = decode_values(payload["values"], blob, numpy_as_tensor=True)
+    values = request.decoded(numpy_as_tensor=True)
     allowed: dict[str, Any] = {"glassbox_model": model}
-    for name, path in payload.get("model_refs", {}).items():
+    for name, path in request.model_refs.items():
         allowed[name] = model._at(path)
     functions = {}
-    for name, value in values.get("vars", {}).items():
+    for name, value in values.vars.items():
         if isinstance(value, RemoteFunction):
             functions[name] = value
         else:
             allowed[name] = value
-    allowed["glassbox_inputs"] = list(values.get("inputs", []))
-    allowed["glassbox_call"] = dict(values.get("call", {}))
+    allowed["glassbox_inputs"] = values.inputs
+    allowed["glassbox_call"] = values.call
     namespace = make_globals(allowed, print_fn=log, protected=[model])
     importer = namespace["__builtins__"]["__import__"]
-    for name, module_name in payload.get("modules", {}).items():
+    for name, module_name in request.modules.items():
         namespace[name] = importer(module_name, None, None, ("*",) if "." in module_name else (), 0)
     for fn in functions.values():
         compile_function(fn, namespace)
     return namespace
 
 
-def job_reply(namespace: dict, payload: dict, saved: dict[int, Any], limits: dict,
-              result: Any = None) -> tuple[dict, bytes]:
+def job_reply(namespace: dict, request: JobRequest, saved: dict[int, Any], limits: dict,
+              result: Any = None) -> JobResult:
     """What a job that ran sends back: exactly its saved values (and containers of them), within
     the server's limits; a value over a limit fails the job with a MemoryError saying which."""
-    returned, unsaved = _returned(namespace, payload, saved, limits)
+    returned, unsaved = _returned(namespace, request, saved, limits)
     max_bytes = limits.get("max_result_bytes")
     if max_bytes and _tensor_bytes([returned, result]) > max_bytes:
         raise MemoryError(
@@ -151,10 +142,10 @@ def job_reply(namespace: dict, payload: dict, saved: dict[int, Any], limits: dic
             "(e.g. one position: h[:, -1])"
         )
     desc, out_blob = encode_values({"saved": returned, "result": result})
-    reply = {"status": "COMPLETED", "values": desc, "unsaved": unsaved}
+    reply = JobResult.completed(desc, unsaved, out_blob)
     if max_bytes:
         # Every byte sent back counts: strings, numbers and lists live in the JSON part, not the blob.
-        size = _framed_size(reply, out_blob)
+        size = _framed_size(reply)
         if size > max_bytes:
             raise MemoryError(
                 f"the saved values are {size:,} bytes as sent back ({len(out_blob):,} of tensors, "
@@ -162,16 +153,15 @@ def job_reply(namespace: dict, payload: dict, saved: dict[int, Any], limits: dic
                 f"this server's result limit of {max_bytes:,}; save fewer or smaller values "
                 "(e.g. one position: h[:, -1])"
             )
-    return reply, out_blob
+    return reply
 
 
-def _framed_size(reply: dict, blob: bytes) -> int:
+def _framed_size(reply: JobResult) -> int:
     """Bytes of ``reply`` framed as remote/framing.py frames it (its JSON part the same way, the
     few fields added later aside), plus the blob."""
-    envelope = make_envelope(RESULT_KIND, {**reply, "seconds": 0.0})
-    header = json.dumps(envelope, separators=(",", ":"))
+    header = json.dumps(reply.replace(seconds=0.0).envelope(), separators=(",", ":"))
     # ensure_ascii (json's default, as framing uses it) makes the text ASCII: characters are bytes.
-    return 8 + len(header) + len(blob)
+    return 8 + len(header) + len(reply.blob)
 
 
 def _tensor_bytes(value: Any, depth: int = 0) -> int:
@@ -187,19 +177,16 @@ def _tensor_bytes(value: Any, depth: int = 0) -> int:
     return 0
 
 
-def _job_source(payload: dict) -> str:
-    method = payload.get("method")
-    if method not in _METHODS:
-        raise ValueError(f"unknown job method {method!r}; expected one of {_METHODS}")
-    target = payload.get("tracer_name") or "tracer"
-    if not target.isidentifier() or target.startswith("_"):
-        raise ValueError(f"bad tracer name {target!r}")
-    if method == "session":
+def _job_source(request: JobRequest, invoke: bool = False) -> str:
+    first_line = max(2, request.first_line)
+    if invoke:
+        return "\n" * (first_line - 1) + request.source
+    target = request.tracer_name  # checked by JobRequest: an identifier, no leading underscore
+    if request.method == "session":
         header = f"with glassbox_model.session() as {target}:"
     else:
-        header = f"with glassbox_model.{method}(*glassbox_inputs, **glassbox_call) as {target}:"
-    first_line = max(2, int(payload.get("first_line", 2)))
-    body = textwrap.indent(payload["source"], "    ", lambda line: True)
+        header = f"with glassbox_model.{request.method}(*glassbox_inputs, **glassbox_call) as {target}:"
+    body = textwrap.indent(request.source, "    ", lambda line: True)
     return "\n" * (first_line - 2) + header + "\n" + body
 
 
@@ -243,10 +230,10 @@ def _holds_saved(value: Any, saved: dict[int, Any], depth: int = 0) -> bool:
     return False
 
 
-def _returned(namespace: dict, payload: dict, saved: dict[int, Any], limits: dict):
-    written = set(payload.get("writes", []))
+def _returned(namespace: dict, request: JobRequest, saved: dict[int, Any], limits: dict):
+    written = set(request.writes)
     returned, unsaved = {}, []
-    for name in payload.get("returns", []):
+    for name in request.returns:
         if name not in namespace:
             continue
         value = namespace[name]
@@ -260,22 +247,15 @@ def _returned(namespace: dict, payload: dict, saved: dict[int, Any], limits: dic
     return returned, unsaved
 
 
-def error_reply(exc: BaseException, filename: str, payload: dict) -> dict:
+def error_reply(exc: BaseException, filename: str, request: JobRequest | None) -> JobResult:
+    """The ERROR result of a job that raised ``exc``: its type and message (server paths hidden),
+    and the line of the user's block where it happened."""
     lineno = None
     for frame, line in traceback.walk_tb(exc.__traceback__):
         if frame.f_code.co_filename == filename:
             lineno = line
-    text = None
-    if lineno is not None and payload.get("source"):
-        index = lineno - int(payload.get("first_line", 2))
-        lines = payload["source"].splitlines()
-        if 0 <= index < len(lines):
-            text = lines[index].strip()
-    return {
-        "status": "ERROR",
-        "error": {"type": type(exc).__name__, "message": without_server_paths(str(exc)), "lineno": lineno,
-                  "line": text},
-    }
+    text = request.line(lineno) if request is not None else None
+    return JobResult.failed(type(exc).__name__, without_server_paths(str(exc)), lineno=lineno, line=text)
 
 
 SERVER_PATH = "<server path>"

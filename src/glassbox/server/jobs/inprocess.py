@@ -1,20 +1,16 @@
 """``remote="local"``: run a remote block in this process exactly as a server's worker runs it.
 
 Offers:
-    run_in_process(model, envelope, blob, log=) -> (result envelope, blob)
+    run_in_process(model, request, log=) -> JobResult
 
-The request is what a client sends a server, framed into the bytes that travel and
-unframed again; ``run_job`` (execute.py) decodes it, compiles the block under the
-sandbox, runs it on ``model`` and encodes the saved values; the reply is framed and
-unframed the same way. So a block that runs here runs on a server: same wire
-format, same restricted compile and guards, same values back. What a server adds
-around a job is not here: its queue, wall-time and memory limits, the process
-confinement, and the weight check after each job (the model is the caller's own;
-the sandbox still refuses writes to its weights).
-
-The client reaches this module by a lazy import on the ``remote="local"`` path
-only; it imports nothing that imports the client back (served.py leaves model
-loading to loading.py for that reason), so the import graph has no cycle.
+The client reaches this through the executor seam (``remote/executor.py``: ``run_locally`` frames
+the request into the bytes that travel and reads it back, then calls this through the default
+executor module). ``run_job`` (execute.py) compiles the block under the sandbox, runs it on
+``model`` and encodes the saved values. So a block that runs here runs on a server: same wire
+format, same restricted compile and guards, same values back. What a server adds around a job
+is not here: its queue, wall-time and memory limits, the process confinement, and the weight
+check after each job (the model is the caller's own; the sandbox still refuses writes to its
+weights).
 """
 
 from __future__ import annotations
@@ -22,20 +18,15 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from ...remote.framing import frame, unframe
+from ...remote.job import JobRequest, JobResult
 from .execute import run_job
 
 __all__ = ["run_in_process"]
 
 
-def run_in_process(model: Any, envelope: dict, blob: bytes, *,
-                   log: Callable[[str], None]) -> tuple[dict, bytes]:
-    """Run one job on ``model`` (named as the client named it) and return the reply as a
-    client would receive it."""
-    name = model._remote_name()
-    request, request_blob = unframe(frame(envelope, blob))  # exactly what a server would read
-    reply, reply_blob = run_job({name: model}, request, request_blob, log=log, choose=_lookup)
-    return unframe(frame(reply, reply_blob))
+def run_in_process(model: Any, request: JobRequest, *, log: Callable[[str], None]) -> JobResult:
+    """Run one job on ``model`` (named as the client named it)."""
+    return run_job({model._remote_name(): model}, request, log=log, choose=_lookup)
 
 
 def _lookup(models: dict[str, Any], name: Any) -> Any:

@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 
-from ...envoy import Envoy
+from ...envoy import Envoy, module_of
 from ...errors import SandboxError
 from ...models.generation import call_through
 from .offloaded import offloaded_tensors
@@ -97,9 +97,9 @@ def _kind(obj: Any) -> str:
 class Policy:
     """The guards one sandboxed job runs under.
 
-        policy = Policy(protected=[net._module])
+        policy = Policy(protected=[module_of(net)])
         policy.getattr(torch.ones(2), "sum")()           # fine
-        policy.getattr(net._module[0].weight, "zero_")   # SandboxError
+        policy.getattr(module_of(net)[0].weight, "zero_")  # SandboxError
     """
 
     def __init__(self, protected: Iterable[Any] = (), print_fn: Callable[[str], None] | None = None) -> None:
@@ -135,7 +135,7 @@ class Policy:
 
     def _collect(self, value: Any, spans: list[tuple[int, int]]) -> None:
         if isinstance(value, Envoy):
-            value = value.__dict__["_module"]
+            value = module_of(value)
         if isinstance(value, torch.nn.Module):
             for module in value.modules():
                 if id(module) not in self._module_ids:
@@ -296,7 +296,7 @@ class Policy:
                 f"model.{name} is not available in remote code: the served model is shared by every "
                 "job (read .output / .input, assign them, or call .skip())"
             )
-        self._check_module_attr(envoy.__dict__["_module"], name, True)
+        self._check_module_attr(module_of(envoy), name, True)
 
     def _check_module_attr(self, module: torch.nn.Module, name: str, protected: bool) -> None:
         if dangerous(name):

@@ -4,7 +4,6 @@ Offers:
     Channel              the Protocol every backend's channel implements (local process, Ray replica)
     ChannelClosed        the process (or Ray actor) on the other side of a channel is gone
     WorkerStartError     a worker could not start or load its models
-    error_result(kind, message)   a result envelope for a job the server itself ended
     exit_reason(code)    a process exit status in words ("killed by SIGKILL, often the OOM killer")
     ready_note(message)  the summary of a ``ready`` message for the server's log
     gib(size)            bytes as GiB for messages
@@ -15,7 +14,7 @@ Messages on a channel are ``framing`` frames (JSON + bytes), never pickle::
                          {"op": "batch", "jobs": [ids], "sizes": [n...], "limits": {...}} + requests
                          {"op": "abort"}    (can_abort channels: stop the running job, keep the models)
     channel ──► feeder:  {"op": "log", "job": id, "text": ...}
-                         {"op": "result", "job": id, "result": envelope} + blob
+                         {"op": "result", "job": id, "result": JobResult envelope} + its blob
                          {"op": "crashed", "job": id, "reason": ..., "lineno": n}   its process died
                          {"op": "aborted"}  the running job was stopped
 """
@@ -25,9 +24,7 @@ from __future__ import annotations
 import threading
 from typing import Protocol
 
-from ...remote.protocol import PROTOCOL_VERSION, RESULT_KIND
-
-__all__ = ["Channel", "ChannelClosed", "WorkerStartError", "error_result", "exit_reason", "gib", "ready_note"]
+__all__ = ["Channel", "ChannelClosed", "WorkerStartError", "exit_reason", "gib", "ready_note"]
 
 _GIB = 1024**3
 
@@ -67,14 +64,6 @@ class Channel(Protocol):
     def kill(self) -> None: ...
 
     def exit_reason(self) -> str: ...
-
-
-def error_result(kind: str, message: str) -> dict:
-    """A result envelope for a job the server itself ended (time limit, crash, cancel)."""
-    from ... import __version__
-
-    return {"protocol": PROTOCOL_VERSION, "glassbox": __version__, "kind": RESULT_KIND, "status": "ERROR",
-            "error": {"type": kind, "message": message, "lineno": None, "line": None}}
 
 
 def gib(size: int) -> str:

@@ -35,7 +35,6 @@ inherits the random state of the one before.
 from __future__ import annotations
 
 import contextlib
-import importlib
 import os
 import re
 import sys
@@ -45,9 +44,10 @@ import traceback
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from ...remote.framing import unframe
+from ...remote.executor import load_executor
+from ...remote.job import JobError, JobRequest, JobResult
 from ...remote.protocol import ProtocolError
-from .channel import error_result, gib
+from .channel import gib
 
 __all__ = ["SENSITIVE_ENV", "WORKER_ENV", "child_environment", "describe", "exit_with_parent",
            "handle_load", "handle_message", "is_out_of_memory", "limit_memory", "memory_in_use",
@@ -93,10 +93,10 @@ def child_environment(keep: Callable[[str], bool] = lambda name: False) -> Itera
             os.environ.update(hidden)
 
 
-def is_out_of_memory(error: dict) -> bool:
+def is_out_of_memory(error: JobError) -> bool:
     """Whether a job's error is a failed host-memory allocation (and not, say, CUDA running out of
     GPU memory, or a size limit of the server, which say what they are themselves)."""
-    kind, message = str(error.get("type", "")), str(error.get("message", ""))
+    kind, message = error.type, error.message
     if "CUDA" in message or "GPU" in message or "server" in message:
         return False
     if kind == "MemoryError":
@@ -121,11 +121,11 @@ def start(executor: str, specs: dict[str, str], torch_threads: int,
         except RuntimeError:
             pass  # already fixed by an import that ran parallel work: harmless
         _no_progress_thread()
-        module = importlib.import_module(executor)
+        module = load_executor(executor)
         models = module.load_models(specs)
     except BaseException as err:  # the feeder must hear why, whatever it was
         error = traceback.format_exc()
-        if memory_limit and is_out_of_memory({"type": type(err).__name__, "message": str(err)}):
+        if memory_limit and is_out_of_memory(JobError(type(err).__name__, str(err))):
             error += (f"\nThe worker's memory limit is {gib(memory_limit)} GiB (max_memory_bytes, models "
                       "included) and starting it and loading the models needs more: raise it, or 0 for no "
                       "limit.")
@@ -153,7 +153,7 @@ def handle_load(module: Any, models: dict, message: dict, memory_limit: int = 0)
     except BaseException as err:  # the feeder must hear why, and the worker must live on
         models.pop(name, None)
         error = f"{type(err).__name__}: {err}"
-        if memory_limit and is_out_of_memory({"type": type(err).__name__, "message": str(err)}):
+        if memory_limit and is_out_of_memory(JobError(type(err).__name__, str(err))):
             error += (f" (the worker's memory limit is {gib(memory_limit)} GiB, max_memory_bytes: raise it, "
                       "or lower memory_budget so that fewer models are loaded at once)")
         return {"op": "load_failed", "model": name, "error": error, "evicted": evicted}
@@ -190,14 +190,14 @@ def handle_message(module: Any, models: dict, message: dict, blob: bytes, send: 
         torch.manual_seed(0)
     send = _serialized(send)  # printed output may be sent from a timer thread (_JobLog)
     results = _run_many(module, models, ids, requests, limits, send)
-    for job_id, (result, out) in zip(ids, results):
-        if memory_limit and result.get("status") == "ERROR" and is_out_of_memory(result.get("error") or {}):
+    for job_id, result in zip(ids, results):
+        if memory_limit and result.error is not None and is_out_of_memory(result.error):
             result = over_memory_limit(result, memory_limit)
         try:
-            send({"op": "result", "job": job_id, "result": result}, out)
+            send({"op": "result", "job": job_id, "result": result.envelope()}, result.blob)
         except (ProtocolError, MemoryError) as err:  # MemoryError: framing a huge result
-            send({"op": "result", "job": job_id,
-                  "result": error_result("InternalError", f"cannot send the result: {err}")}, b"")
+            failed = JobResult.failed("InternalError", f"cannot send the result: {err}")
+            send({"op": "result", "job": job_id, "result": failed.envelope()}, b"")
     del results
     # The replies are on their way; now, before the next job, verify and restore the weights.
     after_job = getattr(module, "after_job", None)
@@ -216,25 +216,26 @@ def _serialized(send: Callable[[dict, bytes], None]) -> Callable[[dict, bytes], 
 
 
 def _run_many(module: Any, models: dict, ids: list[str], requests: list[bytes], limits: dict,
-              send: Callable[[dict, bytes], None]) -> list[tuple[dict, bytes]]:
+              send: Callable[[dict, bytes], None]) -> list[JobResult]:
     """One job alone, or several through the executor's ``run_batch`` (one forward pass) when
-    it has one; their printed output is kept per job and sent before each one's result."""
+    it has one; their printed output is kept per job and sent before each one's result. Each
+    request is read here, once (``JobRequest.read``), and passed on as a value."""
     if len(ids) == 1 or getattr(module, "run_batch", None) is None:
         return [_run_one(module, models, job_id, request, dict(limits), send)
                 for job_id, request in zip(ids, requests)]
     logs = [_JobLog(job_id, int(limits.get("max_log_bytes", 0) or 0), send) for job_id in ids]
     job_limits = {k: v for k, v in limits.items() if k != "max_log_bytes"}
     try:
-        items = [unframe(request) for request in requests]
-        results = module.run_batch(models, items, logs=logs, limits=job_limits)
+        read = [JobRequest.read(request) for request in requests]
+        results = module.run_batch(models, read, logs=logs, limits=job_limits)
         for log in logs:
             log.close()
-        if len(results) != len(ids):
-            raise TypeError(f"run_batch returned {len(results)} results for {len(ids)} jobs")
-        return [(result, bytes(out or b"")) for result, out in results]
+        if len(results) != len(ids) or not all(isinstance(r, JobResult) for r in results):
+            raise TypeError(f"run_batch returned {len(results)} results for {len(ids)} jobs, not JobResults")
+        return list(results)
     except Exception as err:  # run_batch isolates the jobs' own errors; this is a server bug
-        failed = error_result("InternalError", f"the server failed to run this job: {err!r}")
-        return [(failed, b"") for _ in ids]
+        failed = JobResult.failed("InternalError", f"the server failed to run this job: {err!r}")
+        return [failed for _ in ids]
 
 
 class _JobLog:
@@ -298,19 +299,19 @@ class _JobLog:
 
 
 def _run_one(module: Any, models: dict, job_id: str, request: bytes, limits: dict,
-             send: Callable[[dict, bytes], None]) -> tuple[dict, bytes]:
+             send: Callable[[dict, bytes], None]) -> JobResult:
     log = _JobLog(job_id, int(limits.pop("max_log_bytes", 0) or 0), send)
     try:
-        envelope, blob = unframe(request)
+        read = JobRequest.read(request)
         try:
-            result, out = module.run_job(models, envelope, blob, log=log, limits=limits)
+            result = module.run_job(models, read, log=log, limits=limits)
         finally:
             log.close()
-        if not isinstance(result, dict):
-            raise TypeError(f"run_job returned {type(result).__name__}, not a dict")
-        return result, bytes(out or b"")
+        if not isinstance(result, JobResult):
+            raise TypeError(f"run_job returned {type(result).__name__}, not a JobResult")
+        return result
     except Exception as err:  # run_job handles user errors; this is a server bug
-        return error_result("InternalError", f"the server failed to run this job: {err!r}"), b""
+        return JobResult.failed("InternalError", f"the server failed to run this job: {err!r}")
 
 
 def limit_memory(limit: int) -> int:
@@ -340,20 +341,19 @@ def memory_in_use() -> int | None:
     return None
 
 
-def over_memory_limit(result: dict, limit: int) -> dict:
+def over_memory_limit(result: JobResult, limit: int) -> JobResult:
     """The job's error, reworded to say which limit it ran into and what to do."""
-    error = dict(result.get("error") or {})
-    original = str(error.get("message") or "").strip()
+    original = (result.error.message if result.error else "").strip()
     used = memory_in_use()  # the job's memory is freed by now: this is the models and the worker
     held = f"; the models and the worker hold {gib(used)} GiB of it" if used else ""
     asked = re.search(r"tried to allocate (\d+) bytes", original)
     what = f": an allocation of {gib(int(asked.group(1)))} GiB failed" if asked else ""
-    error["message"] = (
+    message = (
         f"the job exceeded the worker memory limit of {gib(limit)} GiB (the server's "
         f"max_memory_bytes{held}){what}. Use smaller tensors or batches, or save fewer values"
     )
-    error["type"] = "MemoryError"
-    return {**result, "error": error}
+    lineno, line = (result.error.lineno, result.error.line) if result.error else (None, None)
+    return result.replace(error=JobError("MemoryError", message, lineno, line))
 
 
 def describe(model: Any) -> dict:

@@ -32,12 +32,11 @@ import traceback
 from collections.abc import Callable
 from typing import Any
 
-from ...remote.framing import frame
-from ...remote.protocol import PROTOCOL_VERSION, RESULT_KIND, ProtocolError
+from ...remote.job import JobResult, Status
+from ...remote.protocol import ProtocolError
 from ..config import ServerConfig
-from ..jobs.batchable import batch_key
 from ..store import JobInfo, JobStore
-from .channel import Channel, ChannelClosed, WorkerStartError, error_result
+from .channel import Channel, ChannelClosed, WorkerStartError
 from .local import LocalProcess
 from .residency import NoRoom, Residency
 
@@ -92,7 +91,6 @@ class Feeder:
         self._cancel: set[str] = set()
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
-        self._keys: dict[str, Any] = {}  # job id -> batch key (None: runs alone)
         self._loaded_once = False
 
     @property
@@ -209,8 +207,6 @@ class Feeder:
             self._gather(job, batch)
         except Exception:  # the claimed jobs must run whatever went wrong while gathering
             self.say(f"could not gather a batch (running {len(batch)} job(s)):\n{traceback.format_exc()}")
-        for other in batch:
-            self._keys.pop(other.id, None)
         return batch
 
     def _gather(self, job: JobInfo, batch: list[JobInfo]) -> None:
@@ -234,18 +230,13 @@ class Feeder:
                 self._wake.clear()
 
     def _key(self, job: JobInfo) -> Any:
-        """The job's batch key (None: it runs alone), computed once per job from its request."""
-        if job.id in self.solo or self.config.max_batch <= 1:
+        """The job's batch key (None: it runs alone): decided when it was submitted
+        (jobs/batchable.py), so nothing here reads the request again."""
+        if job.id in self.solo or self.config.max_batch <= 1 or job.batch_key is None:
             return None
-        if job.id not in self._keys:
-            if len(self._keys) > 10_000:
-                self._keys.clear()
-            request = self.store.request(job.id)
-            key = batch_key(request, self.config.engine(job.model)) if request is not None else None
-            if key is not None and self.config.batch_scope == "key":
-                key = (*key, job.key_id)  # only jobs of one API key share a pass
-            self._keys[job.id] = key
-        return self._keys[job.id]
+        if self.config.batch_scope == "key":
+            return (job.batch_key, job.key_id)  # only jobs of one API key share a pass
+        return job.batch_key
 
     def _run(self, jobs: list[JobInfo]) -> None:
         ids = [job.id for job in jobs]
@@ -256,10 +247,10 @@ class Feeder:
         try:
             requests = {}
             for job_id in ids:
-                self.on_event(job_id, {"status": "RUNNING"})
+                self.on_event(job_id, {"status": Status.RUNNING})
                 request = self.store.request(job_id)
                 if request is None:
-                    lost = error_result("InternalError", "the request of this job was lost")
+                    lost = JobResult.failed("InternalError", "the request of this job was lost")
                     self._finish(job_id, lost, [])
                     pending.remove(job_id)
                 else:
@@ -300,8 +291,8 @@ class Feeder:
                     self._stop_running()
                     for job_id in pending:
                         if job_id in cancelled:
-                            result = error_result("Cancelled", "the job was cancelled by its owner")
-                            self._finish(job_id, result, logs[job_id], status="CANCELLED")
+                            result = JobResult.failed("Cancelled", "the job was cancelled by its owner")
+                            self._finish(job_id, result, logs[job_id], status=Status.CANCELLED)
                         else:
                             self._interrupted(job_id)
                     return
@@ -325,7 +316,7 @@ class Feeder:
                     text = str(message.get("text", ""))
                     offset, logged[job_id] = logged[job_id], logged[job_id] + len(text)
                     logs[job_id].append(text)
-                    self.on_event(job_id, {"status": "RUNNING", "log": text, "offset": offset})
+                    self.on_event(job_id, {"status": Status.RUNNING, "log": text, "offset": offset})
                 elif message.get("op") == "crashed":  # its process died; the worker lives on
                     self._crashed(pending, attempts, logs, batch=len(ids) > 1, reason=message)
                     return
@@ -345,13 +336,13 @@ class Feeder:
             evict = self.residency.to_evict(model)
         except (NoRoom, ValueError) as err:
             for job_id in pending:
-                self._finish(job_id, error_result("MemoryError" if isinstance(err, NoRoom) else "ModelError",
-                                                  str(err)), logs[job_id])
+                kind = "MemoryError" if isinstance(err, NoRoom) else "ModelError"
+                self._finish(job_id, JobResult.failed(kind, str(err)), logs[job_id])
             return False
         note = f"loading {model}" + (f" (evicting {', '.join(evict)})" if evict else "")
         self.say(f"{self.channel.label}: {note}")
         for job_id in pending:
-            self.on_event(job_id, {"status": "RUNNING", "note": note})
+            self.on_event(job_id, {"status": Status.RUNNING, "note": note})
         self.residency.loading(model)
         for name in evict:
             self.residency.evicted(name)
@@ -387,13 +378,13 @@ class Feeder:
             message = (f"the server could not load model {model!r} ({kind}); the operator's log has the "
                        "details. Try again later or ask the operator.")
             for job_id in pending:
-                self._finish(job_id, error_result("ModelError", message), logs[job_id])
+                self._finish(job_id, JobResult.failed("ModelError", message), logs[job_id])
             return False
         self.models[model] = dict(reply.get("info") or {})
         self.residency.ready(model)
         self.say(f"{self.channel.label}: {model} ready in {reply.get('seconds')} s")
         for job_id in pending:
-            self.on_event(job_id, {"status": "RUNNING", "note": f"{model} loaded"})
+            self.on_event(job_id, {"status": Status.RUNNING, "note": f"{model} loaded"})
         return True
 
     def _drop_channel(self) -> None:
@@ -433,7 +424,7 @@ class Feeder:
         if alone:
             self.solo.add(job_id)
         if self.store.requeue(job_id):
-            self.on_event(job_id, {"status": "QUEUED", "position": 0})
+            self.on_event(job_id, {"status": Status.QUEUED, "position": 0})
 
     def _timed_out(self, pending: list[str], batch: bool, logs: dict[str, list[str]]) -> None:
         if batch:
@@ -443,7 +434,7 @@ class Feeder:
                 self._interrupted(job_id, alone=True)
             return
         limit = f"{self.config.max_seconds:g}"
-        self._finish(pending[0], error_result(
+        self._finish(pending[0], JobResult.failed(
             "TimeoutError",
             f"the job exceeded the time limit of {limit} s and was stopped (the server's max_seconds)"),
             logs[pending[0]])
@@ -472,38 +463,35 @@ class Feeder:
                 self.say(f"{label} died while running job {job_id} ({why}); it runs once more")
                 self.solo.add(job_id)
                 if self.store.retry(job_id):
-                    self.on_event(job_id, {"status": "QUEUED", "position": 0})
+                    self.on_event(job_id, {"status": Status.QUEUED, "position": 0})
                 continue
             hint = "" if reason else "; the job may need more memory than the server has"
-            result = error_result("WorkerCrashed", (
+            result = JobResult.failed("WorkerCrashed", (
                 f"the process running this job died ({why}), {attempts.get(job_id, 1)} time(s){hint}."
-                f"{restarted}"))
-            result["error"]["lineno"] = lineno
+                f"{restarted}"), lineno=lineno)
             self._finish(job_id, result, logs[job_id])
 
-    def _completed(self, job_id: str, result: Any, blob: bytes, logs: list[str]) -> None:
-        if not isinstance(result, dict):
-            result = error_result("InternalError", "the worker sent a malformed result")
-            blob = b""
-        if len(blob) > self.config.max_result_bytes:
-            result = error_result("MemoryError", (
-                f"the result is {len(blob):,} bytes, over this server's limit of "
-                f"{self.config.max_result_bytes:,} (max_result_bytes); save fewer or smaller values"))
-            blob = b""
-        if "protocol" not in result:
-            result = {"protocol": PROTOCOL_VERSION, "kind": RESULT_KIND, **result}
-        self._finish(job_id, result, logs, blob=blob)
-
-    def _finish(self, job_id: str, result: dict, logs: list[str], *, blob: bytes = b"",
-                status: str | None = None) -> None:
-        self.solo.discard(job_id)
-        status = status or ("COMPLETED" if result.get("status") == "COMPLETED" else "ERROR")
-        error = result.get("error") if status != "COMPLETED" else None
+    def _completed(self, job_id: str, envelope: Any, blob: bytes, logs: list[str]) -> None:
         try:
-            data = frame(result, blob)
+            result = JobResult.from_envelope(envelope, blob)
+        except (ProtocolError, TypeError, ValueError):
+            result = JobResult.failed("InternalError", "the worker sent a malformed result")
+        if len(result.blob) > self.config.max_result_bytes:
+            result = JobResult.failed("MemoryError", (
+                f"the result is {len(result.blob):,} bytes, over this server's limit of "
+                f"{self.config.max_result_bytes:,} (max_result_bytes); save fewer or smaller values"))
+        self._finish(job_id, result, logs)
+
+    def _finish(self, job_id: str, result: JobResult, logs: list[str], *,
+                status: Status | None = None) -> None:
+        self.solo.discard(job_id)
+        status = status or result.status
+        try:
+            data = result.frame()
         except ProtocolError as err:
-            result = error_result("InternalError", f"the result could not be stored: {err}")
-            status, error, data = "ERROR", result["error"], frame(result)
+            result = JobResult.failed("InternalError", f"the result could not be stored: {err}")
+            status, data = Status.ERROR, result.frame()
+        error = result.error.wire() if status != Status.COMPLETED and result.error else None
         if self.store.finish(job_id, status, result=data, error=error, logs="".join(logs)):
             event: dict[str, Any] = {"status": status}
             if error:

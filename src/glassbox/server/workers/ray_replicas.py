@@ -82,9 +82,10 @@ from collections.abc import Callable
 from typing import Any
 
 from ...remote.framing import frame, unframe
+from ...remote.job import JobResult
 from ...remote.protocol import ProtocolError
 from ..config import ServerConfig
-from .channel import ChannelClosed, WorkerStartError, error_result, ready_note
+from .channel import ChannelClosed, WorkerStartError, ready_note
 from .child import child_environment, handle_message, limit_memory, scrub_environment, start
 
 __all__ = ["GlassboxReplica", "RayBackend", "RayReplica"]
@@ -148,8 +149,9 @@ class GlassboxReplica:
                 ids = message.get("jobs") if message.get("op") == "batch" else [message.get("job")]
                 for job_id in [str(j) for j in ids or []]:
                     if job_id not in answered:
-                        send({"op": "result", "job": job_id, "result": error_result(
-                            "InternalError", f"the server failed to run this job: {err!r}")})
+                        failed = JobResult.failed("InternalError",
+                                                  f"the server failed to run this job: {err!r}")
+                        send({"op": "result", "job": job_id, "result": failed.envelope()})
 
     def take(self, wait: float) -> list[bytes]:
         """Everything sent since the last call, waiting up to ``wait`` seconds for something."""
