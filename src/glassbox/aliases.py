@@ -2,7 +2,9 @@
 
 Offers:
     check_rename(rename)        validate a ``rename`` mapping once, at construction
-    bind_aliases(envoy, rename) bind the aliases that resolve from ``envoy`` as attributes
+    aliases_for(envoy, ...)     the aliases that resolve from ``envoy`` (Envoy.__init__ binds
+                                them as attributes; it hands over what they are checked against,
+                                so this module reads no envoy internals and imports no envoy)
 
 ``LanguageModel(path, rename={"model.layers": "layers", "transformer.h": "layers"})``
 makes ``model.layers[0]`` the first decoder block of a Llama and of a GPT-2 alike.
@@ -24,6 +26,7 @@ child), so iteration, ``modules()`` and paths are unchanged.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -49,44 +52,51 @@ def check_rename(rename: Any) -> dict:
     return checked
 
 
-def _targets(envoy: Envoy, key: Any) -> list[Envoy]:
-    if isinstance(key, type):
-        return [child for child in envoy._children.values() if isinstance(child._module, key)]
-    node = envoy
-    for part in key.strip(".").split("."):
-        node = node._children.get(part)
-        if node is None:
-            return []
-    return [node]
+def _targets(module: Any, children: Mapping[str, Envoy], key: Any) -> list[tuple[str, Envoy]]:
+    if isinstance(key, type):  # the child modules are the child envoys' modules, name for name
+        return [(name, children[name]) for name, child in module.named_children() if isinstance(child, key)]
+    first, *rest = key.strip(".").split(".")
+    node = children.get(first)
+    try:
+        for part in rest:
+            node = node[part] if node is not None else None  # Envoy[str]: a child, never an alias
+    except KeyError:
+        return []
+    return [] if node is None else [(first, node)]
 
 
-def bind_aliases(envoy: Envoy, rename: dict) -> None:
-    """Bind, on ``envoy``, every alias of ``rename`` whose key resolves from it."""
-    d = envoy.__dict__
+def aliases_for(envoy: Envoy, rename: dict, module: Any, children: Mapping[str, Envoy],
+                taken: Mapping[str, Any], where: str) -> dict[str, Envoy]:
+    """The aliases of ``rename`` whose key resolves from ``envoy`` (which wraps ``module``, has
+    ``children`` and already has the attributes ``taken``; ``where`` names it in errors), as
+    alias -> envoy; Envoy.__init__ binds them. ValueError if one would hide another name."""
+    bound: dict[str, Envoy] = {}
     for key, aliases in rename.items():
-        found = _targets(envoy, key)
+        found = _targets(module, children, key)
         shown = key.__name__ if isinstance(key, type) else repr(key)
         if len(found) > 1:
             raise ValueError(
-                f"rename key {shown} matches {len(found)} submodules of {envoy._display} "
-                f"({', '.join(t._name for t in found)}); an alias names one module: key those by path"
+                f"rename key {shown} matches {len(found)} submodules of {where} "
+                f"({', '.join(name for name, _ in found)}); an alias names one module: key those by path"
             )
         if not found:
             continue
-        target = found[0]
+        target = found[0][1]
         for alias in aliases:
-            if d.get(alias) is target:
+            current = bound.get(alias, taken.get(alias))
+            if current is target:
                 continue  # already this module (an alias equal to its own name, or tied modules)
-            if alias in d or alias in envoy._children:
+            if alias in bound or alias in taken or alias in children:
                 hidden = "an alias or submodule of that name"
             elif any(alias in vars(k) for k in type(envoy).__mro__):
                 hidden = f"the envoy attribute .{alias}"
-            elif hasattr(envoy._module, alias):
-                hidden = f"the attribute .{alias} of {type(envoy._module).__name__}"
+            elif hasattr(module, alias):
+                hidden = f"the attribute .{alias} of {type(module).__name__}"
             else:
-                d[alias] = target
+                bound[alias] = target
                 continue
             raise ValueError(
-                f"rename alias {alias!r} for {shown} would hide {hidden} on {envoy._display}; "
+                f"rename alias {alias!r} for {shown} would hide {hidden} on {where}; "
                 "choose another alias"
             )
+    return bound

@@ -27,6 +27,7 @@ from typing import Any
 import torch
 from torch.utils._pytree import tree_map
 
+from .envoy import path_of
 from .errors import TraceStateError
 
 
@@ -105,7 +106,7 @@ class Cache(dict):
         cache.root = root
         convert = _converter(device, dtype, detach)
         for envoy in envoys:
-            key = path_of(envoy)
+            key = cache_key(envoy)
             entry = cache[key] = CacheEntry(key)
             record = _recorder(entry, convert, include_output, include_inputs)
             interleaver.site(envoy).recorders.append(record)
@@ -131,9 +132,10 @@ class Cache(dict):
         return {}  # the envoy tree stays behind (pickling keeps only the recorded entries)
 
 
-def path_of(envoy: Any) -> str:
+def cache_key(envoy: Any) -> str:
     """The cache key of an envoy: ``model`` plus its module path."""
-    return "model" + (f".{envoy._path}" if envoy._path else "")
+    path = path_of(envoy)
+    return f"model.{path}" if path else "model"
 
 
 def _converter(device: Any, dtype: torch.dtype | None, detach: bool) -> Any:
@@ -187,7 +189,7 @@ class _CacheView:
                 envoy = self._envoy.get(name)
             except AttributeError:
                 raise AttributeError(f"{self._path} has no submodule {name!r}") from None
-            return _CacheView(self._cache, path_of(envoy), envoy)
+            return _CacheView(self._cache, cache_key(envoy), envoy)
         path = f"{self._path}.{name}"
         if path not in self._cache and not any(k.startswith(path + ".") for k in self._cache):
             raise AttributeError(f"nothing cached under {path}")
@@ -208,7 +210,7 @@ class _CacheView:
     def __getitem__(self, index: int | str) -> _CacheView:
         if isinstance(index, int) and self._envoy is not None:  # negative indices as on the model
             envoy = self._envoy[index]
-            return _CacheView(self._cache, path_of(envoy), envoy)
+            return _CacheView(self._cache, cache_key(envoy), envoy)
         return self.child(str(index))
 
     def __len__(self) -> int:

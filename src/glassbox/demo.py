@@ -31,6 +31,7 @@ from typing import Any
 import torch
 
 from . import plot
+from .envoy import module_of
 from .models.language import LanguageModel
 
 FIGURES = "glassbox-demo-figures"
@@ -79,7 +80,7 @@ def main(model_path: str | None = None, figures: str | os.PathLike | None = FIGU
     model = LanguageModel(path)
     layers = model.model.layers
     _section("Model (built on the meta device; weights load at the first trace)")
-    print(f"{type(model._module).__name__}: {len(layers)} decoder layers at model.model.layers[i]")
+    print(f"{type(module_of(model)).__name__}: {len(layers)} decoder layers at model.model.layers[i]")
 
     prompt = "The capital of France is"
     tokens = plot.token_strings(model.tokenizer(prompt)["input_ids"], model.tokenizer)
@@ -139,7 +140,7 @@ def main(model_path: str | None = None, figures: str | os.PathLike | None = FIGU
         loss.backward()
     per_position = hidden.grad[0].norm(dim=-1)
     print("  gradient norm per position:", " ".join(f"{g:.2f}" for g in per_position.tolist()))
-    model._module.zero_grad(set_to_none=True)
+    module_of(model).zero_grad(set_to_none=True)
 
     _section("6. Generation, plain and steered at every step")
     prompt = "The capital of France is"

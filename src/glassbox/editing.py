@@ -29,7 +29,7 @@ import sys
 from typing import Any
 
 from .capture import SkipBody, capture_body, skip_body
-from .envoy import Envoy
+from .envoy import Envoy, module_of, name_of, path_of, rebind, rename_of, root_of
 from .errors import TraceStateError
 from .intercept import Consumer
 
@@ -144,13 +144,15 @@ class EditTracer:
     def _portable(self, namespace: dict[str, Any]) -> dict[str, Any]:
         """``namespace`` with this tracer and the edited model's wrappers as placeholders."""
         roots = {id(self.model), id(self.edited)}
-        module = self.model._module
+        module = module_of(self.model)
 
         def convert(value: Any) -> Any:
             if value is self:
                 return _TRACER
-            if isinstance(value, Envoy) and (id(value._root) in roots or value._root._module is module):
-                return _At(value._path)
+            if isinstance(value, Envoy):
+                root = root_of(value)
+                if id(root) in roots or module_of(root) is module:
+                    return _At(path_of(value))
             if type(value) in (list, tuple) and any(isinstance(v, Envoy) for v in value):
                 return type(value)(convert(v) for v in value)
             return value
@@ -196,15 +198,15 @@ def edited_copy(model: Any) -> Any:
     """A new root wrapper of ``type(model)`` over the same torch module: its own envoy tree
     (so its traces are its own), the model's other state shared, a copy of its edits."""
     copy = object.__new__(type(model))
-    Envoy.__init__(copy, model._module, rename=model.__dict__.get("_rename") or None)
+    Envoy.__init__(copy, module_of(model), rename=rename_of(model))
     tree = set(copy.__dict__)
     for key, value in model.__dict__.items():
-        if key in tree or key in ("_site", "_ensure_ready", _EDITS):
-            continue  # the envoy tree and its interception state belong to each wrapper
-        if isinstance(value, Envoy) and value._root is model:
+        if key in tree or key in ("_ensure_ready", _EDITS):
+            continue  # the envoy tree and its interception state (its slots) belong to each wrapper
+        if isinstance(value, Envoy) and root_of(value) is model:
             # an envoy outside the tree (LanguageModel.generator): the copy gets its own
             # (tree envoys and aliases are keys Envoy.__init__ already set)
-            value = type(value)(value._module, copy, value._name)
+            value = type(value)(module_of(value), copy, name_of(value))
         copy.__dict__[key] = value
     copy.__dict__["active"] = None
     copy.__dict__[_EDITS] = list(model.__dict__.get(_EDITS) or ())
@@ -217,11 +219,9 @@ def edited_copy(model: Any) -> Any:
 
 def _follow(copy: Any, source: Any) -> None:
     source._ensure_ready()
-    module = source._module
-    if copy._module is module:
-        return
-    for envoy in copy.modules():
-        envoy.__dict__["_module"] = module.get_submodule(envoy._path) if envoy._path else module
+    module = module_of(source)
+    if module_of(copy) is not module:
+        rebind(copy, module)
 
 
 # ---------------------------------------------------------------- helpers

@@ -9,6 +9,7 @@ Offers:
                  source/); calling it runs the module.
     SavableTuple tuple subclass returned for tuple values, so ``.save()`` works.
     set_source_factory  how glassbox.source plugs ``Envoy.source`` in (one-way import).
+    set_save     how glassbox.tracing plugs ``SavableTuple.save`` in (one-way import).
 
     The seam (glassbox's own modules reach an envoy's internals only through these):
     module_of(envoy)    the torch module it wraps
@@ -48,17 +49,27 @@ from typing import Any
 
 import torch
 
-from .aliases import bind_aliases, check_rename
+from .aliases import aliases_for, check_rename
 from .errors import TraceStateError
+
+# ``SavableTuple.save`` is tracing's save, and tracing imports (through interleave) this module: it
+# registers its save here on import, so the dependency runs one way, tracing -> envoy. Tuples to
+# save come from a trace, which tracing opens, so it is registered by then.
+_save: Callable[[Any], Any] | None = None
+
+
+def set_save(save: Callable[[Any], Any]) -> None:
+    """Register what ``SavableTuple.save`` calls (glassbox.tracing does, on import)."""
+    global _save
+    _save = save
 
 
 class SavableTuple(tuple):
     """A tuple that also has ``.save()`` (module outputs are often tuples)."""
 
     def save(self) -> SavableTuple:
-        from .tracing import save
-
-        return save(self)
+        assert _save is not None, "glassbox.tracing registers it on import"
+        return _save(self)
 
 
 def _savable(value: Any) -> Any:
@@ -118,7 +129,7 @@ class Envoy:
         d["_child_list"] = tuple(children.values())  # indexing is on the hot path
         aliases = d["_root"].__dict__.get("_rename")
         if aliases:
-            bind_aliases(self, aliases)
+            d.update(aliases_for(self, aliases, module, children, d, d["_display"]))
 
     # ---------------------------------------------------------------- tree
 

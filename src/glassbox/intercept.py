@@ -20,6 +20,7 @@ import greenlet
 import torch
 
 from .batching import Rows
+from .envoy import display_of, module_of, parent_of, slots_of
 
 if TYPE_CHECKING:
     from .interleave import Interleaver
@@ -42,6 +43,7 @@ class Site:
         "n_out",
         "on_install",
         "original",
+        "parent",
         "recorders",
         "saved_forward",
         "skip_value",
@@ -52,7 +54,8 @@ class Site:
 
     def __init__(self, envoy: Any) -> None:
         self.envoy = envoy
-        self.module = envoy._module
+        self.module = module_of(envoy)  # an envoy's module changes only by rebind, which drops its Site
+        self.parent = parent_of(envoy)  # installed first (interleave.py)
         self.interleaver: Interleaver | None = None
         self.original: Any = None
         self.saved_forward: Any = MISSING
@@ -61,8 +64,8 @@ class Site:
         self.container = type(self.module).forward is torch.nn.Module.forward
         self.bound: Any = None
         # run when a trace installs this Site, before the module's wrapper: a `.source` op arms its
-        # owner (source/ops.py puts it in the op envoy's dict as "_on_install")
-        self.on_install: Callable[[Any], None] | None = envoy.__dict__.get("_on_install")
+        # owner (source/ops.py puts it in the op envoy's "on_install" slot)
+        self.on_install: Callable[[Any], None] | None = slots_of(envoy).get("on_install")
         self.recorders: list[Callable[[str, Any], None]] = []
         self.wrapper = make_wrapper(self)
         self.reset()
@@ -80,7 +83,7 @@ class Site:
         return self.n_in if kind == "input" else self.n_out
 
     def describe(self, kind: str, call: int | None = None) -> str:
-        text = f"{self.envoy._display}.{kind}"
+        text = f"{display_of(self.envoy)}.{kind}"
         return text if call is None else f"{text} (call {call})"
 
 

@@ -35,6 +35,7 @@ import greenlet
 import torch
 
 from .batching import copy_back, narrow, own_copy, splice
+from .envoy import display_of, module_of, slots_of
 from .errors import MissedModuleError, OutOfOrderError, TraceStateError
 from .intercept import MISSING, Consumer, Site
 from .runner import TASK_ENDED, Abort, acquire_runner, release_runner
@@ -67,7 +68,8 @@ class Interleaver:
         self.driver = _getcurrent()
         self.runner = acquire_runner()
         self.runner_glet = self.runner.glet
-        self.sites: dict[int, Site] = {}
+        self.sites: dict[int, Site] = {}  # by id(module): what the runner side finds a Site by
+        self.envoy_sites: dict[Any, Site] = {}  # by envoy: what request() finds it by, no envoy field read
         self.installed: list[Site] = []
         self.consumers: list[Consumer] = []
         self.by_glet: dict[Any, Consumer] = {}
@@ -106,24 +108,31 @@ class Interleaver:
 
     def site(self, envoy: Any) -> Site:
         """``envoy``'s Site in this trace, installed (with its ancestors) on first use."""
-        return self.sites.get(id(envoy._module)) or self._add_site(envoy)
+        return self.envoy_sites.get(envoy) or self._add_site(envoy)
 
     def _add_site(self, envoy: Any) -> Site:
-        # per module per trace: kept to plain attribute work (no Site.reset or install calls)
-        module = envoy._module
-        parent = envoy._parent
-        if parent is not None and id(parent._module) not in self.sites:
-            self._add_site(parent)  # ancestors first (see the module docstring)
-        site = envoy.__dict__.get("_site")
-        if site is None or site.module is not module or site.interleaver is not None:
-            site = Site(envoy)
-            envoy.__dict__["_site"] = site
+        # per module per trace: kept to plain attribute work (no Site.reset or install calls).
+        # The Site is kept in the envoy's "site" slot between traces (envoy.rebind empties it),
+        # with the envoy's module and parent, so a reused one costs one seam call.
+        slots = slots_of(envoy)
+        site = slots.get("site")
+        known = self.sites.get(id(module_of(envoy) if site is None else site.module))
+        if known is not None:  # another envoy of a module this trace has (an edited copy's)
+            self.envoy_sites[envoy] = known
+            return known
+        if site is None or site.interleaver is not None:
+            site = slots["site"] = Site(envoy)
         else:  # Site.reset, inlined; cleanup already emptied its recorders
             site.n_in = site.n_out = site.waiting_in = site.waiting_out = 0
             site.skip_value = MISSING
+        parent = site.parent
+        if parent is not None and parent not in self.envoy_sites:
+            self._add_site(parent)  # ancestors first (see the module docstring)
+        module = site.module
         if site.on_install is not None:  # an op of `.source`: its owner runs the rewritten forward
             site.on_install(self)
         self.sites[id(module)] = site
+        self.envoy_sites[envoy] = site
         site.interleaver = self
         if site.container:
             return site
@@ -285,7 +294,7 @@ class Interleaver:
         ``kind`` boundary; return the value there (this invoke's rows).
         With ``soft``, return ENDED instead of raising if the model finishes."""
         consumer = self.by_glet.get(_getcurrent()) or self.current_consumer()
-        site = self.sites.get(id(envoy._module)) or self._add_site(envoy)
+        site = self.envoy_sites.get(envoy) or self._add_site(envoy)
         if consumer.iteration is not None and not fresh:
             return self._request_call(consumer, site, envoy, kind, consumer.iteration + 1, soft)
         if not fresh and consumer.at is site and consumer.at_kind == kind:
@@ -352,7 +361,7 @@ class Interleaver:
         site = self.site(envoy)
         if consumer.at is site and consumer.at_kind == "output":
             raise OutOfOrderError(
-                f"cannot skip {site.envoy._display}: the model has already run it "
+                f"cannot skip {display_of(site.envoy)}: the model has already run it "
                 f"(the trace is at {site.describe('output')}). Call .skip() before "
                 "accessing the module's output."
             )
@@ -553,6 +562,7 @@ class Interleaver:
                 site.recorders = []
         self.installed.clear()
         self.sites.clear()
+        self.envoy_sites.clear()
         self.consumers.clear()
         self.by_glet.clear()
         self.task = None

@@ -120,20 +120,20 @@ class Plan:
 
 
 def _module_paths(model: Any, modules: Any) -> list[str]:
-    from ..envoy import Envoy
+    from ..envoy import Envoy, display_of, path_of, root_of
 
     if isinstance(modules, (Envoy, str)):
         modules = [modules]
     if not isinstance(modules, (list, tuple)) or not modules:
         raise TypeError("modules must be a non-empty list of modules (model.model.layers[5], ...) or "
                         "their dotted paths ('model.layers.5')")
-    order = {envoy._path: number for number, envoy in enumerate(model.modules())}
+    order = {path_of(envoy): number for number, envoy in enumerate(model.modules())}
     paths = []
     for module in modules:
         if isinstance(module, Envoy):
-            if module._root is not model:
-                raise ValueError(f"{module._display} belongs to another model than the one extracted from")
-            path = module._path
+            if root_of(module) is not model:
+                raise ValueError(f"{display_of(module)} belongs to another model than the one extracted from")
+            path = path_of(module)
         elif isinstance(module, str):
             path = module
         else:
@@ -186,7 +186,7 @@ def _dtype(dtype: Any) -> torch.dtype | None:
 
 
 def _projections(model: Any, project: Any, paths: list[str]) -> dict[str, torch.Tensor] | None:
-    from ..envoy import Envoy
+    from ..envoy import Envoy, path_of
 
     if project is None:
         return None
@@ -196,7 +196,7 @@ def _projections(model: Any, project: Any, paths: list[str]) -> dict[str, torch.
         raise TypeError("project must be a tensor [hidden, k] or a dict {module: tensor}")
     out = {}
     for key, tensor in project.items():
-        path = key._path if isinstance(key, Envoy) else key
+        path = path_of(key) if isinstance(key, Envoy) else key
         if path not in paths:
             raise ValueError(f"project: {path!r} is not one of the extracted modules {paths}")
         if not isinstance(tensor, torch.Tensor) or tensor.ndim != 2 or not tensor.is_floating_point():

@@ -13,7 +13,7 @@ Offers:
 
 How a touched op reaches the interleaver: the owner (the module, or the op whose callee is listed)
 is "armed" when ``envoy.source`` is reached inside a trace, or when an op's Site is installed (its
-envoy carries ``_on_install``, which its Site runs when a trace installs it; the owner's Site is
+envoy's "on_install" slot holds the arming, which its Site runs when a trace installs it; the owner's Site is
 installed first, as an ancestor). Arming swaps the owner's ``site.original`` (what its installed wrapper runs)
 for the rewritten forward, for this trace only: the interleaver resets ``site.original`` at every
 install and its cleanup restores ``forward``. The rewritten code hands every call to the
@@ -32,7 +32,7 @@ from typing import Any
 import greenlet
 import torch
 
-from ..envoy import Envoy
+from ..envoy import Envoy, children_of, display_of, module_of, root_of, slots_of
 from ..errors import MissedModuleError, OutOfOrderError
 from ..intercept import MISSING
 from . import rewrite
@@ -88,30 +88,33 @@ class Source:
     def __init__(self, envoy: Envoy) -> None:
         self._envoy = envoy  # a module's envoy, or the envoy of the op whose callee this lists
         self._ops: dict[str, Envoy] = {}
+        self._hot: dict[str, tuple[Operation, dict]] = {}  # op name -> (module, envoy's slots), for dispatch
         self._seen: dict[str, Callable] = {}  # op name -> the function it called when last run
         self._runner: Any = None  # what _arm last put in the owner's site.original
         self._built: tuple[Any, Any] = (None, None)  # (callee, rebuilt): the last rewrite of a callee
-        self._dispatch = _dispatcher(self._ops, self._seen)
-        module = envoy._module
+        self._dispatch = _dispatcher(self._hot, self._seen)
+        module = module_of(envoy)
         if not isinstance(module, Operation) and type(module).forward is _module_forward:
-            raise TypeError(f"{envoy._display} ({type(module).__name__}) has no forward of its own to list")
+            shown = f"{display_of(envoy)} ({type(module).__name__})"
+            raise TypeError(f"{shown} has no forward of its own to list")
         self._compiled()  # no source, or nothing known to call: say so now
 
     # ------------------------------------------------------------ what it lists
 
     def _title(self) -> str:
-        return f"{self._envoy._display}.source"
+        return f"{display_of(self._envoy)}.source"
 
     def _function(self) -> types.FunctionType:
         """The innermost function whose calls this source lists."""
-        module = self._envoy._module
+        module = module_of(self._envoy)
         if not isinstance(module, Operation):
             return rewrite.unwrap(type(module).forward)[0]
         parent, name = module._source, module._name
         callee = parent._seen.get(name)
         if callee is None:
             compiled = parent._compiled()
-            owner = None if isinstance(parent._envoy._module, Operation) else parent._envoy._module
+            owner = module_of(parent._envoy)
+            owner = None if isinstance(owner, Operation) else owner
             callee = rewrite.resolve(compiled.callees.get(name), parent._function(), owner, compiled.assigned)
         return rewrite.unwrap(_as_function(callee, self._envoy, parent))[0]
 
@@ -133,6 +136,7 @@ class Source:
                 f"{self._title()} has no operation {name!r}; its operations are: {', '.join(names) or 'none'}"
             )
         op = ops[name] = _op_envoy(self, name)
+        self._hot[name] = (module_of(op), slots_of(op))
         return op
 
     def __iter__(self) -> Iterator[Envoy]:
@@ -154,11 +158,11 @@ class Source:
     def _arm(self, interleaver: Any) -> None:
         """Make the owner run the rewritten code in this trace (one of its ops is being installed, or
         this source was reached in the trace). The owner's Site is installed already."""
-        site = interleaver.sites[id(self._envoy._module)]
+        site = interleaver.site(self._envoy)
         if self._runner is not None and site.original is self._runner:
             return  # armed earlier in this trace
         if site.n_in > site.n_out and interleaver.position != (site, "input", site.n_in):
-            owner = self._envoy._display
+            owner = display_of(self._envoy)
             raise OutOfOrderError(
                 f"{self._title()} was reached while {owner} was already running (the trace is inside it): "
                 "its operations exist only in a call that starts after .source is reached. Reach it before "
@@ -180,7 +184,7 @@ class Source:
         if hook is not None and getattr(old, "__func__", None) is type(module).forward:
             return _with_hook(module, hook, forward)
         raise TypeError(
-            f"{self._envoy._display}.forward is set on the instance ({site.saved_forward!r}): .source "
+            f"{display_of(self._envoy)}.forward is set on the instance ({site.saved_forward!r}): .source "
             f"rewrites {type(module).__name__}.forward and would bypass it"
         )
 
@@ -197,13 +201,14 @@ class Source:
             target, bound = callee.__func__, callee.__self__
         known, built = self._built
         if target is not known:
-            parent = self._envoy._module._source
+            parent = module_of(self._envoy)._source
             inner = rewrite.unwrap(_as_function(target, self._envoy, parent))[0]
             names = rewrite.compiled(inner).names
-            missing = [name for name, op in self._ops.items() if name not in names and _installed(op)]
+            missing = [name for name, (_, slots) in self._hot.items()
+                       if name not in names and _in_trace(slots)]
             if missing:
                 raise MissedModuleError(
-                    f"{self._envoy._display} called {inner.__qualname__}, which has no operation "
+                    f"{display_of(self._envoy)} called {inner.__qualname__}, which has no operation "
                     f"{', '.join(missing)} (that was listed for another function, before this op ran); its "
                     f"operations are: {', '.join(names) or 'none'}"
                 )
@@ -216,10 +221,11 @@ def make_source(envoy: Envoy) -> Source:
     """``envoy.source``: the calls inside the module's forward, or, on an op, inside its callee (one
     Source per envoy). Inside a trace, reaching it switches the owner to the rewritten forward for
     this trace, so that ops reached later (after a submodule's value) still catch the current call."""
-    source = envoy.__dict__.get("_source_view")
+    slots = slots_of(envoy)
+    source = slots.get("source")
     if source is None:
-        source = envoy.__dict__["_source_view"] = Source(envoy)
-    interleaver = getattr(envoy._root, "active", None)
+        source = slots["source"] = Source(envoy)
+    interleaver = getattr(root_of(envoy), "active", None)
     if interleaver is not None:
         interleaver.site(envoy)  # installs the owner (and, for an op, arms the op's own owner)
         source._arm(interleaver)
@@ -227,16 +233,12 @@ def make_source(envoy: Envoy) -> Source:
 
 
 def _op_envoy(source: Source, name: str) -> Envoy:
-    owner = source._envoy
-    envoy = Envoy(Operation(source, name), owner, name)
-    d = envoy.__dict__
-    d["_path"] = f"{owner._path}.source.{name}" if owner._path else f"source.{name}"
-    d["_display"] = f"{owner._display}.source.{name}"
-    d["_on_install"] = source._arm  # run by its Site when a trace installs it (see the module docstring)
+    envoy = Envoy(Operation(source, name), source._envoy, name, at=f"source.{name}")
+    slots_of(envoy)["on_install"] = source._arm  # run by its Site when a trace installs it (module docstring)
     return envoy
 
 
-def _dispatcher(ops: dict[str, Envoy], seen: dict[str, Callable]) -> Callable:
+def _dispatcher(ops: dict[str, tuple[Operation, dict]], seen: dict[str, Callable]) -> Callable:
     """``__gb_op__(name, callee, *args, **kwargs)``: the call itself, or, while that op is touched in a
     running trace, a call of its Operation with the callee kept aside."""
 
@@ -246,13 +248,13 @@ def _dispatcher(ops: dict[str, Envoy], seen: dict[str, Callable]) -> Callable:
             seen[name] = callee
         elif kind is types.MethodType:
             seen[name] = callee.__func__
-        op = ops.get(name)
-        if op is not None and _installed(op):
-            return op._module._run(callee, *args, **kwargs)
+        op = ops.get(name)  # (module, slots): no envoy read per call
+        if op is not None and _in_trace(op[1]):
+            return op[0]._run(callee, *args, **kwargs)
         result = callee(*args, **kwargs)
         op = ops.get(name)
-        if op is not None and _installed(op):  # touched during the call, at a module inside it
-            return _late_output(op.__dict__["_site"], result)
+        if op is not None and _in_trace(op[1]):  # touched during the call, at a module inside it
+            return _late_output(op[1]["site"], result)
         return result
 
     return dispatch
@@ -278,22 +280,23 @@ def _as_function(callee: Any, op: Envoy, parent: Source) -> types.FunctionType:
     if isinstance(callee, types.MethodType):
         callee = callee.__func__
     if isinstance(callee, torch.nn.Module):
-        child = next((e for e in parent._envoy._children.values() if e._module is callee), None)
-        where = f"{child._display}.source" if child is not None else "that module's own .source"
-        raise TypeError(f"{op._display} calls a submodule: its calls are listed by {where}")
+        child = next((e for e in children_of(parent._envoy).values() if module_of(e) is callee), None)
+        where = f"{display_of(child)}.source" if child is not None else "that module's own .source"
+        raise TypeError(f"{display_of(op)} calls a submodule: its calls are listed by {where}")
     if callee is None:
         raise TypeError(
-            f"cannot tell which Python function {op._display} calls: its callee is not a name that can be "
+            f"cannot tell which Python function {display_of(op)} calls: its callee is not a name that can be "
             "looked up without running the forward, and no traced run has called a Python function there "
             "(read its .output in a trace once; tensor methods and builtins have no source to list)"
         )
     if not isinstance(callee, types.FunctionType):
-        raise TypeError(f"{op._display} calls {callee!r}, which has no Python source to list")
+        raise TypeError(f"{display_of(op)} calls {callee!r}, which has no Python source to list")
     return callee
 
 
-def _installed(op: Envoy) -> bool:
-    site = op.__dict__.get("_site")
+def _in_trace(slots: dict) -> bool:
+    """Whether the op whose envoy has these slots is installed in a running trace."""
+    site = slots.get("site")
     return site is not None and site.interleaver is not None
 
 
