@@ -18,10 +18,10 @@ from glassbox.remote.protocol import encode_values
 
 
 def job_request(source: str, *, model: str = "gpt2", inputs: tuple | list = ("Hello",),
-                call: dict | None = None, values: dict | None = None, method: str = "trace", model_refs: dict | None = None,
-                modules: dict | None = None, returns: tuple | list = (), writes: tuple | list | None = None,
-                filename: str = "<test>", first_line: int = 2, tracer_name: str = "tracer",
-                timeout: float | None = None) -> JobRequest:
+                call: dict | None = None, values: dict | None = None, method: str = "trace",
+                model_refs: dict | None = None, modules: dict | None = None, returns: tuple | list = (),
+                writes: tuple | list | None = None, filename: str = "<test>", first_line: int = 2,
+                tracer_name: str = "tracer", timeout: float | None = None) -> JobRequest:
     """A request whose block is ``source``: the served model is ``model`` in the block (change
     with ``model_refs``), ``torch`` and ``glassbox`` are imported (``modules``), the trace input is
     ``inputs`` and ``returns`` (default: the names the block may save) come back when saved."""
