@@ -7,7 +7,9 @@ Offers:
               invokes share ONE batched forward (each sees its own rows).
     save(x)   keep ``x`` after the trace (identity locally; remote traces send
               back exactly the saved values); ``x.save()`` on tensors, model
-              outputs, lists, dicts, sets and tuples; either raises outside a trace.
+              outputs, lists, dicts, sets and tuples (mounted at the first trace,
+              session or ``collect_saved``: ``import glassbox`` changes no class);
+              either raises outside a trace.
     enter_session() / exit_session()   a local session (saving allowed between traces)
     collect_saved()   every value saved in this thread while it is open
     Body / run_together(model, bodies, pad_to=0)
@@ -19,7 +21,7 @@ Offers:
 
 Call hierarchy::
 
-    Tracer.__enter__  open Interleaver (Tensor.save & co are mounted at the first trace)
+    Tracer.__enter__  open Interleaver (Tensor.save, list.save & co are mounted at the first trace)
       body: envoy.output ...       -> Interleaver.request (inline consumer)
       body: with tracer.invoke(x)  -> Invoker: capture + skip body, queue input
     Tracer.__exit__   batch invoke inputs, Interleaver.finish() (runs model,
@@ -103,7 +105,8 @@ def remote_where(remote: bool | str) -> dict[str, Any]:
 
 def enter_session() -> None:
     """A local ``model.session()`` opened in this thread: saving between its traces is allowed
-    (a remote session saves there too)."""
+    (a remote session saves there too), so ``[].save()`` must exist from its first line."""
+    _ensure_mounted()
     _state.sessions += 1
 
 
@@ -116,6 +119,7 @@ class collect_saved:
     job returns exactly these, across all the traces of a session)."""
 
     def __enter__(self) -> dict[int, Any]:
+        _ensure_mounted()  # a job's block may call [].save() before its first trace opens
         self.previous = _state.collector
         _state.collector = {}
         return _state.collector
@@ -125,8 +129,8 @@ class collect_saved:
 
 
 def tensor_save(self: Any) -> Any:
-    """``x.save()``: on tensors and model outputs while a trace is open, on lists, dicts,
-    sets and tuples always (see patches.mount_builtin)."""
+    """``x.save()``: on tensors, model outputs, lists, dicts, sets and tuples once the first
+    trace has mounted it (``_ensure_mounted``); valid while a trace is open."""
     # the common local case (one trace, nobody collecting) stays a few attribute reads
     state = _state
     stack = state.stack
@@ -145,18 +149,21 @@ set_save(tensor_save)  # SavableTuple.save (envoy.py cannot import this module: 
 _mount_lock = threading.Lock()
 _tensor_mounted = False
 _model_output_mounted = False
-# once, at import: outside a trace `[].save()` then says what to do instead of "no attribute"
-_builtins_savable = mount_builtin((list, dict, set, tuple), "save", tensor_save)
+# list/dict/set/tuple.save: mounted with Tensor.save at the first trace, never at import (importing
+# a library should change no builtin); from then on, outside a trace `[].save()` says what to do
+_builtins_savable = False
 
 
 def _ensure_mounted() -> None:
-    """At the first trace, mount ``Tensor.save`` and ``Tensor.backward`` for the rest of the
-    process (and ``ModelOutput.save`` once transformers is imported, where ``dict.save`` does not
-    cover it). Outside a trace ``.save()`` raises TraceStateError saying what to do, and
-    ``backward`` is torch's own (patched_backward passes straight through when no trace is open).
-    Mounted for good, not per trace: writing an attribute of ``torch.Tensor`` invalidates the
-    interpreter's method caches for every tensor method, which cost every trace 2-5 µs."""
-    global _tensor_mounted, _model_output_mounted
+    """At the first trace (or session, or ``collect_saved``), mount ``Tensor.save``,
+    ``Tensor.backward`` and ``save`` on list, dict, set and tuple for the rest of the process (and
+    ``ModelOutput.save`` once transformers is imported, where ``dict.save`` does not cover it: a
+    Python that refuses to patch builtins). Before that nothing is patched. Outside a trace
+    ``.save()`` raises TraceStateError saying what to do, and ``backward`` is torch's own
+    (patched_backward passes straight through when no trace is open). Mounted for good, not per
+    trace: writing an attribute of ``torch.Tensor`` invalidates the interpreter's method caches
+    for every tensor method, which cost every trace 2-5 µs."""
+    global _tensor_mounted, _model_output_mounted, _builtins_savable
     if _tensor_mounted and (_model_output_mounted or _builtins_savable):
         return  # every trace after the first
     with _mount_lock:
@@ -165,6 +172,7 @@ def _ensure_mounted() -> None:
 
             mount(torch.Tensor, "save", tensor_save)
             mount(torch.Tensor, "backward", _backward.patched_backward)
+            _builtins_savable = mount_builtin((list, dict, set, tuple), "save", tensor_save)
             _tensor_mounted = True
         generic = sys.modules.get("transformers.utils.generic")
         if generic is not None and not _model_output_mounted and not _builtins_savable:
