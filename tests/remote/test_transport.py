@@ -11,13 +11,16 @@ import json
 
 import httpx
 import pytest
+import torch
 
 from glassbox import RemoteError
 from glassbox.cli import free_port
 from glassbox.errors import GlassboxError
 from glassbox.remote import transport
 from glassbox.remote.framing import MAX_HEADER_BYTES, frame, unframe
-from glassbox.remote.protocol import ProtocolError, make_envelope
+from glassbox.remote.job import JobRequest, JobResult
+from glassbox.remote.protocol import ProtocolError
+from job_requests import job_request
 
 HOST = "http://glassbox.test:8765"
 
@@ -93,13 +96,14 @@ def _detail(code: int, text: str):
 
 
 def test_submit_sends_the_frame_with_the_key_and_returns_the_id(server):
-    envelope = make_envelope("job", {"model": "gpt2"})
+    job = job_request("h = x.save()\n", values={"x": torch.ones(3)})  # a tensor: the frame has a blob
     server.handler = lambda request: httpx.Response(202, json={"id": "job-1", "status": "QUEUED"})
-    assert transport.submit("glassbox.test:8765", "gbx_k", envelope, b"blob", timeout=5) == "job-1"
+    assert transport.submit("glassbox.test:8765", "gbx_k", job, timeout=5) == "job-1"
     request = server.requests[-1]
     assert str(request.url) == "http://glassbox.test:8765/v1/jobs"  # the scheme defaults to http
     assert request.headers["authorization"] == "Bearer gbx_k"
-    assert unframe(request.content) == (envelope, b"blob")
+    assert job.blob and unframe(request.content) == (job.envelope(), job.blob)
+    assert JobRequest.read(request.content) == job
 
 
 def test_a_missing_server_says_how_to_start_one():
@@ -140,7 +144,7 @@ def test_server_explanations_are_shown_verbatim(server):
     for code, text in cases.items():
         server.handler = _detail(code, text)
         with pytest.raises(RemoteError) as err:
-            transport.submit(HOST, "k", make_envelope("job", {}), b"", timeout=5)
+            transport.submit(HOST, "k", job_request("h = 1\n"), timeout=5)
         assert str(err.value) == text and err.value.status_code == code
 
 
@@ -148,7 +152,7 @@ def test_413_names_the_limit(server):
     server.handler = _detail(413, "the request is 2,000 bytes, over this server's limit of 1,000 bytes "
                                   "(max_request_bytes)")
     with pytest.raises(RemoteError, match=r"^request too large: .*max_request_bytes"):
-        transport.submit(HOST, "k", make_envelope("job", {}), b"x" * 2000, timeout=5)
+        transport.submit(HOST, "k", job_request("h = 1\n", values={"x": torch.zeros(500)}), timeout=5)
 
 
 def test_500_and_non_glassbox_answers(server):
@@ -164,9 +168,9 @@ def test_500_and_non_glassbox_answers(server):
 
 
 def test_result_unframes_and_refuses_garbage(server):
-    envelope = make_envelope("result", {"status": "COMPLETED"})
-    server.handler = lambda request: httpx.Response(200, content=frame(envelope, b"tensors"))
-    assert transport.result(HOST, "k", "job-1") == (envelope, b"tensors")
+    sent = JobResult.completed({"values": {}}, ["u"], b"tensors")
+    server.handler = lambda request: httpx.Response(200, content=sent.frame())
+    assert transport.result(HOST, "k", "job-1") == sent
     server.handler = lambda request: httpx.Response(200, content=b"\x00garbage")
     with pytest.raises(RemoteError, match="unreadable"):
         transport.result(HOST, "k", "job-1")
