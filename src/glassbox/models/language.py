@@ -7,6 +7,14 @@ Offers:
         weights load at the first trace; ``.tokenizer``, ``.config``;
         ``.trace(...)`` and ``.generate(...)``.
 
+Construction does no network I/O of glassbox's own unless the name can only be resolved
+remotely (hosted.py has the rules): a folder, or a hub id whose config is in the local Hugging
+Face cache, loads with no request to anyone. Any other name is first asked of the glassbox server
+at ``CONFIG.HOST``, with a line on stderr saying so: a name it serves becomes a server-only handle
+(config and tokenizer here, weights there: ``remote=True`` traces only), and a second line says
+that. A name it does not serve (or no server at all) is tried as a hub id; when that fails too,
+the OSError gives both answers. Other server failures are raised, never swallowed.
+
 Inputs (per trace or per invoke): a string, a list of strings, token ids
 (list, list of lists, 1-D or 2-D tensor), or a dict / BatchEncoding with
 ``input_ids`` (and ``attention_mask``). All invokes are left-padded into one
@@ -32,6 +40,7 @@ from ..errors import TraceStateError
 from . import adapters, attention
 from .base import NNsight
 from .generation import GenerateTracer, Generator, GeneratorEnvoy, called_as_with
+from .hosted import HostedByName, load_config
 from .outputs import tensor_like
 
 
@@ -45,7 +54,7 @@ class _Prompt:
         self.kwargs = kwargs
 
 
-class LanguageModel(NNsight):
+class LanguageModel(HostedByName, NNsight):
     """A Hugging Face language model you can trace.
 
         model = LanguageModel("path/to/SmolLM2-135M")
@@ -70,20 +79,15 @@ class LanguageModel(NNsight):
         peft: Any = None,
         **hf_kwargs: Any,
     ) -> None:
-        self.__dict__["_remote_as"] = remote_name
         if attn_implementation == attention.ATTN_IMPLEMENTATION:
             attention.register()
         self.__dict__["_loaded"] = isinstance(model, torch.nn.Module)
         if isinstance(model, torch.nn.Module):
             module, source = model, getattr(getattr(model, "config", None), "name_or_path", None)
-        else:
-            source = os.fspath(model)
-            served = None if os.path.isdir(source) else _server_copy(source)
-            if served is not None:  # weights stay on the server; remote=True traces only
-                self.__dict__["_remote_as"] = remote_name or source
-                self.__dict__["_server_only"] = True
-                source = str(served)
-            config = _load_config(source, hf_kwargs)
+            self.__dict__["_remote_as"], self.__dict__["_server_only"] = remote_name, False
+        else:  # a server-only handle when only the server at CONFIG.HOST knows the name (hosted.py)
+            source, server_said = self._locate(model, remote_name, hf_kwargs)
+            config = load_config(source, hf_kwargs, server_said)
             automodel = automodel or self._pick_automodel(config)
             module = _meta_model(automodel, config, attn_implementation, dtype)
         if peft is not None:  # its modules join the tree; a meta model gets no weights (see adapters.py)
@@ -97,7 +101,7 @@ class LanguageModel(NNsight):
             automodel=automodel, device_map=device_map, dtype=dtype,
             attn_implementation=attn_implementation, hf_kwargs=hf_kwargs, peft=peft,
         )
-        d["tokenizer"] = tokenizer if tokenizer is not None else _load_tokenizer(source)
+        d["tokenizer"] = tokenizer if tokenizer is not None else _load_tokenizer(source, hf_kwargs)
         # outside the module tree (the HF model is not changed): generate() calls it with its result
         d["_generator"] = GeneratorEnvoy(Generator(), self, "generator")
         if dispatch:
@@ -108,13 +112,7 @@ class LanguageModel(NNsight):
     def _ensure_ready(self) -> None:
         if self.__dict__["_loaded"] or detect_fake_mode() is not None:  # model.scan: no weights needed
             return
-        if self.__dict__.get("_server_only"):
-            from ..config import CONFIG
-
-            raise TraceStateError(
-                f"{self._remote_name()!r} is served by the glassbox server at {CONFIG.HOST} and its "
-                "weights are not on this machine: trace it with remote=True"
-            )
+        self._refuse_server_only()
         opts = self._load
         print(f"[glassbox] loading weights from {self._source} ...", file=sys.stderr, flush=True)
         kwargs = dict(opts["hf_kwargs"])
@@ -180,12 +178,6 @@ class LanguageModel(NNsight):
         if remote or called_as_with(sys._getframe(1)):
             return tracer
         return tracer._run_now()
-
-    def _remote_name(self) -> str:
-        """The name the server knows this model by: ``remote_name=``, else the
-        folder name or hub id it was created from."""
-        name = self.__dict__.get("_remote_as") or self._source
-        return os.path.basename(os.path.normpath(name)) if os.path.isdir(str(name)) else str(name)
 
     def _run_remotely(self, method: str, body: Any, frame: Any, inputs: list, call: dict, *,
                       timeout: float | None, blocking: bool, local: bool = False) -> Any:
@@ -336,28 +328,6 @@ class LanguageModel(NNsight):
         NNsight.output.fset(self, value)
 
 
-def _server_copy(name: str) -> Any:
-    """If the server at CONFIG.HOST serves ``name``, fetch its config and tokenizer
-    files (no weights) into the cache and return that folder; else None."""
-    from ..config import CONFIG
-    from ..offline import cache_root
-
-    try:
-        from ..remote import transport
-
-        files = transport.model_files(CONFIG.HOST, name)
-    except Exception:
-        return None
-    host = "".join(c if c.isalnum() else "_" for c in CONFIG.HOST)
-    folder = cache_root() / "remote" / host / name.replace("/", "--")
-    folder.mkdir(parents=True, exist_ok=True)
-    for filename, text in files.items():
-        if os.path.basename(filename) != filename or filename.startswith("."):
-            continue  # the server names plain files; never write elsewhere
-        (folder / filename).write_text(text)
-    return folder
-
-
 def _accepts(module: torch.nn.Module, name: str) -> bool:
     import inspect
 
@@ -378,21 +348,7 @@ def _automodel_for(config: Any) -> Any:
     return AutoModelForCausalLM if type(config) in MODEL_FOR_CAUSAL_LM_MAPPING else AutoModel
 
 
-def _load_config(source: str, hf_kwargs: dict) -> Any:
-    from transformers import AutoConfig
-
-    try:
-        return AutoConfig.from_pretrained(source, **{k: v for k, v in hf_kwargs.items() if k in _HUB_KEYS})
-    except (OSError, ValueError) as exc:
-        where = "a local folder" if os.path.isdir(source) else "a hub id (checked the local HF cache and hub)"
-        raise OSError(
-            f"could not load a model config from {source!r} as {where}: {exc}. "
-            "Pass a folder containing config.json (and weights), a reachable hub id, or the name "
-            "of a model served by the glassbox server at glassbox.CONFIG.HOST."
-        ) from exc
-
-
-_HUB_KEYS = {"revision", "token", "cache_dir", "local_files_only", "trust_remote_code", "subfolder"}
+_TOKENIZER_KEYS = {"revision", "token", "cache_dir", "local_files_only"}
 
 
 def _meta_model(automodel: Any, config: Any, attn: str | None, dtype: Any) -> torch.nn.Module:
@@ -405,13 +361,15 @@ def _meta_model(automodel: Any, config: Any, attn: str | None, dtype: Any) -> to
         return automodel.from_config(config, **kwargs).eval()
 
 
-def _load_tokenizer(source: str | None) -> Any:
+def _load_tokenizer(source: str | None, hf_kwargs: dict) -> Any:
     if source is None:
         return None
     from transformers import AutoTokenizer
 
+    # where to find the files (a hub id in a given cache, offline...), as for the config
+    finding = {k: v for k, v in hf_kwargs.items() if k in _TOKENIZER_KEYS}
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source)
+        tokenizer = AutoTokenizer.from_pretrained(source, **finding)
     except (OSError, ValueError, TypeError):
         return None
     tokenizer.padding_side = "left"

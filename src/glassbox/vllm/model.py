@@ -4,7 +4,9 @@ Offers:
     VLLM(path, dtype="auto", seed=0, max_model_len=None, kv_cache_gib=1.0, tokenizer=None,
          dispatch=False, remote_name=None, **llm_kwargs)  (``**llm_kwargs``: more ``vllm.LLM`` options)
         ``VLLM("name")`` for a model a glassbox server serves with engine = "vllm" (and that is no
-        folder here): a handle for ``remote=True`` traces only (no engine, and no vLLM needed here)
+        folder here nor in the local HF cache: models/hosted.py has the rules, and the stderr line
+        that says the server is asked): a handle for ``remote=True`` traces only (no engine, and no
+        vLLM needed here)
         the envoy tree over the engine's torch model (vLLM's module names: ``model.model.layers[i]``,
         ``.self_attn.qkv_proj``, ``.mlp.gate_up_proj``), plus ``model.logits`` (the step's logits,
         one row per request) and ``model.samples`` (the sampled token ids, editable); the engine
@@ -46,10 +48,10 @@ import torch
 
 from ..batching import Rows
 from ..envoy import Envoy
-from ..errors import OutOfOrderError, TraceStateError
-from ..interleave import ENDED
+from ..errors import TraceStateError
 from ..models.base import NNsight
-from ..models.generation import GenerateTracer
+from ..models.generation import GenerateTracer, reach_step
+from ..models.hosted import HostedByName, load_config
 from ..tracing import Tracer
 from . import seams
 from .engine import Completion, Engine
@@ -91,22 +93,14 @@ class VLLMTracer(GenerateTracer):
         root = self.model
         consumer = interleaver.current_consumer()
 
-        def reached() -> int:
+        def started() -> int:
             router = root.__dict__.get("_router")
             return router.steps(consumer) if router is not None else 0
 
-        if reached() > step + 1:
-            raise OutOfOrderError(
-                f"generation step {step} has already passed (this request is at step {reached() - 1}); "
-                "iterate over steps in increasing order"
-            )
-        while reached() < step + 1:
-            if interleaver.request(root, "input", fresh=True, soft=True) is ENDED:
-                return False
-        return True
+        return reach_step(interleaver, root, step, started, whose="this request")
 
 
-class VLLM(NNsight):
+class VLLM(HostedByName, NNsight):
     """A vLLM engine you can trace.
 
         model = VLLM(path, dtype="float32")
@@ -131,18 +125,13 @@ class VLLM(NNsight):
         d["active"] = None
         d["_engine"] = None
         d["_router"] = None
-        d["_source"] = os.fspath(model)
-        d["_remote_as"] = remote_name
-        d["_server_only"] = False
-        if not os.path.isdir(d["_source"]):
-            from ..models.language import _server_copy
-
-            served = _server_copy(d["_source"])
-            if served is not None:  # weights stay on the server; remote=True traces only
-                d["_remote_as"], d["_server_only"] = remote_name or d["_source"], True
-                d["_source"] = str(served)
-                # what a remote block needs of the root without an engine (remote/client.py)
-                d["_root"], d["_path"] = self, ""
+        # a server-only handle when only the server at CONFIG.HOST knows the name (models/hosted.py)
+        d["_source"], server_said = self._locate(model, remote_name)
+        if d["_server_only"]:
+            # what a remote block needs of the root without an engine (remote/client.py)
+            d["_root"], d["_path"] = self, ""
+        elif server_said is not None:  # no server has it: a hub id, or an error saying what was tried
+            load_config(d["_source"], {}, server_said)
         d["_engine_options"] = dict(dtype=dtype, seed=seed, max_model_len=max_model_len,
                                     kv_cache_gib=kv_cache_gib, **llm_kwargs)
         # Requests without a seed get one from here, so sampling never draws on (or moves) the
@@ -158,14 +147,8 @@ class VLLM(NNsight):
         d = self.__dict__
         if d["_engine"] is not None:
             return
-        if d["_server_only"]:
-            from ..config import CONFIG
-
-            raise TraceStateError(
-                f"{self._remote_name()!r} is served by the glassbox server at {CONFIG.HOST} and its weights "
-                "are not on this machine: trace it with remote=True, and address its modules inside the "
-                "block (model.model.layers[5].output...): there is no module tree here"
-            )
+        self._refuse_server_only(", and address its modules inside the block (model.model.layers[5]"
+                                 ".output...): there is no module tree here")
         engine = Engine(d["_source"], **d["_engine_options"])
         Envoy.__init__(self, engine.model)
         d["_engine"] = engine
@@ -212,11 +195,6 @@ class VLLM(NNsight):
         """The same as ``trace`` (vLLM generates in every trace): the name LanguageModel users reach for."""
         return VLLMTracer(self, args, kwargs, remote=remote, timeout=timeout, blocking=blocking,
                           method="generate")
-
-    def _remote_name(self) -> str:
-        """The name the server knows this model by: ``remote_name=``, else the folder name or id."""
-        name = self.__dict__.get("_remote_as") or self._source
-        return os.path.basename(os.path.normpath(name)) if os.path.isdir(str(name)) else str(name)
 
     def _run_remotely(self, method: str, body: Any, frame: Any, inputs: list, call: dict, *,
                       timeout: float | None, blocking: bool, local: bool = False) -> Any:
