@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -18,13 +19,16 @@ import time
 import httpx
 import psutil
 import pytest
+import torch
 from websockets.sync.client import connect
 
 from glassbox import RemoteError
 from glassbox.cli import start_server
 from glassbox.remote import transport
 from glassbox.remote.framing import frame
-from glassbox.remote.protocol import PROTOCOL_VERSION, decode_values, encode_values, make_envelope
+from glassbox.remote.job import JobRequest, JobResult
+from glassbox.remote.protocol import PROTOCOL_VERSION
+from job_requests import job_request, saved
 
 MAX_SECONDS = 3
 MAX_REQUEST_BYTES = 1_000_000
@@ -34,15 +38,11 @@ ECHO = "echo = glassbox.save(marker)\n"
 FOREVER = "n = 0\nwhile True:\n    n = n + 1\n"
 
 
-def job_request(source: str, marker: str = "m", model: str = "gpt2") -> tuple[dict, bytes]:
+def _job(source: str, marker: str = "m", model: str = "gpt2", **values) -> JobRequest:
     """A job as the glassbox client sends it: the block's source plus the values it reads."""
-    desc, blob = encode_values({"vars": {"marker": marker}, "inputs": ["The Eiffel Tower is in"], "call": {}})
-    envelope = make_envelope("job", {
-        "model": model, "method": "trace", "source": source, "first_line": 2, "tracer_name": "tracer",
-        "model_refs": {}, "modules": {"glassbox": "glassbox"}, "values": desc,
-        "writes": ["echo", "h"], "returns": ["echo", "h"],
-    })
-    return envelope, blob
+    return job_request(source, model=model, values={"marker": marker, **values},
+                       inputs=["The Eiffel Tower is in"], model_refs={}, modules={"glassbox": "glassbox"},
+                       returns=("echo", "h"), filename="<remote block>")
 
 
 @pytest.fixture(scope="module")
@@ -76,13 +76,13 @@ def key(server, request) -> str:
     return server.create_key(request.node.name[:60])
 
 
-def _run(url: str, key: str, source: str, marker: str = "m", timeout: float = 60) -> tuple[dict, dict, str]:
-    """Submit, follow to the end, fetch: (result envelope, saved values, printed output)."""
-    job = transport.submit(url, key, *job_request(source, marker), timeout=timeout)
+def _run(url: str, key: str, source: str, marker: str = "m",
+         timeout: float = 60) -> tuple[JobResult, dict, str]:
+    """Submit, follow to the end, fetch: (result, saved values, printed output)."""
+    job = transport.submit(url, key, _job(source, marker), timeout=timeout)
     printed = "".join(event.get("log", "") for event in transport.events(url, key, job, timeout=timeout))
-    envelope, blob = transport.result(url, key, job)
-    saved = decode_values(envelope["values"], blob)["saved"] if envelope["status"] == "COMPLETED" else {}
-    return envelope, saved, printed
+    result = transport.result(url, key, job)
+    return result, saved(result) or {}, printed
 
 
 def _wait_final(url: str, key: str, job: str, timeout: float = 90) -> dict:
@@ -139,7 +139,7 @@ def test_every_job_endpoint_needs_a_valid_key(server, method, path):
 
 
 def test_the_events_websocket_needs_a_valid_key(server, key):
-    job = transport.submit(server.url, key, *job_request(ECHO), timeout=30)
+    job = transport.submit(server.url, key, _job(ECHO), timeout=30)
     for first in ({"api_key": "gbx_wrong"}, {"nothing": 1}):
         with connect(server.url.replace("http", "ws") + f"/v1/jobs/{job}/events", legacy=True) as ws:
             ws.send(json.dumps(first))
@@ -157,7 +157,7 @@ def test_the_events_websocket_needs_a_valid_key(server, key):
 def test_transport_explains_a_rejected_key(server):
     rejected = r"API key rejected: .*GLASSBOX_API_KEY .*glassbox keys create"
     with pytest.raises(RemoteError, match=rejected) as err:
-        transport.submit(server.url, "gbx_wrong", *job_request(ECHO), timeout=10)
+        transport.submit(server.url, "gbx_wrong", _job(ECHO), timeout=10)
     assert err.value.status_code == 401
     with pytest.raises(RemoteError, match="API key rejected"):
         transport.status(server.url, None, "abc")
@@ -174,11 +174,11 @@ def test_keys_cli_create_list_revoke(server):
     key = made.stdout.strip()
     assert key.startswith("gbx_") and "\n" not in key and "shown only this once" in made.stderr
     assert "carol" in cli("list").stdout and key not in cli("list").stdout
-    _, saved, _ = _run(server.url, key, ECHO, marker="carol")
-    assert saved["echo"] == "carol"
+    _, values, _ = _run(server.url, key, ECHO, marker="carol")
+    assert values["echo"] == "carol"
     assert cli("revoke", "carol").returncode == 0
     with pytest.raises(RemoteError, match="API key rejected"):
-        transport.submit(server.url, key, *job_request(ECHO), timeout=10)
+        transport.submit(server.url, key, _job(ECHO), timeout=10)
     assert cli("revoke", "carol").returncode == 1  # nothing left to revoke
 
 
@@ -188,7 +188,7 @@ def test_keys_cli_create_list_revoke(server):
 def test_a_job_streams_its_output_in_order_and_returns_its_values(server, key):
     source = ("for i in range(30):\n    print('line', i)\n"
               "h = glassbox_model.transformer.h[1].output.save()\n" + ECHO)
-    job = transport.submit(server.url, key, *job_request(source, "m-1"), timeout=30)
+    job = transport.submit(server.url, key, _job(source, "m-1"), timeout=30)
     events = list(transport.events(server.url, key, job, timeout=60))
     order = {"QUEUED": 0, "RUNNING": 1, "COMPLETED": 2}
     ranks = [order[event["status"]] for event in events]
@@ -198,9 +198,8 @@ def test_a_job_streams_its_output_in_order_and_returns_its_values(server, key):
     offsets = [event["offset"] for event in logs]
     assert offsets == [sum(len(e["log"]) for e in logs[:i]) for i in range(len(logs))]  # no gap, no repeat
     assert all(event["elapsed"] >= 0 for event in events)
-    envelope, blob = transport.result(server.url, key, job)
-    saved = decode_values(envelope["values"], blob)["saved"]
-    assert saved["echo"] == "m-1" and tuple(saved["h"].shape) == (1, 7, 64)
+    values = saved(transport.result(server.url, key, job))
+    assert values["echo"] == "m-1" and tuple(values["h"].shape) == (1, 7, 64)
     state = transport.status(server.url, key, job)
     assert state["status"] == "COMPLETED" and state["logs"].startswith("line 0\n")
     assert transport.status(server.url, key, job, log_offset=7)["logs"].startswith("line 1\n")
@@ -214,20 +213,20 @@ def test_polling_gives_the_same_events_when_the_websocket_is_unavailable(server,
 
     monkeypatch.setattr(websockets.sync.client, "connect", refuse)
     source = "for i in range(20):\n    print('p', i)\n" + ECHO
-    _, saved, printed = _run(server.url, key, source, marker="polled")
-    assert printed == "".join(f"p {i}\n" for i in range(20)) and saved["echo"] == "polled"
+    _, values, printed = _run(server.url, key, source, marker="polled")
+    assert printed == "".join(f"p {i}\n" for i in range(20)) and values["echo"] == "polled"
 
 
 def test_a_users_error_comes_back_with_its_line(server, key):
-    envelope, _, printed = _run(server.url, key, "print('before')\nx = [1, 2][5]\n")
+    result, _, printed = _run(server.url, key, "print('before')\nx = [1, 2][5]\n")
     assert printed == "before\n"
-    assert envelope["status"] == "ERROR"
-    assert envelope["error"]["type"] == "IndexError" and envelope["error"]["lineno"] == 3
+    assert result.status == "ERROR"
+    assert result.error.type == "IndexError" and result.error.lineno == 3
 
 
 def test_jobs_are_visible_to_their_owner_only(server):
     alice, bob = server.create_key("alice"), server.create_key("bob")
-    job = transport.submit(server.url, alice, *job_request(ECHO, "alice's"), timeout=30)
+    job = transport.submit(server.url, alice, _job(ECHO, "alice's"), timeout=30)
     _wait_final(server.url, alice, job)
     for call in (transport.status, transport.result, transport.cancel):
         with pytest.raises(RemoteError, match=f"job {job} not found") as err:
@@ -241,19 +240,18 @@ def test_jobs_are_visible_to_their_owner_only(server):
         return [j["id"] for j in jobs]
 
     assert listed(bob) == [] and job in listed(alice)
-    envelope, blob = transport.result(server.url, alice, job)
-    assert decode_values(envelope["values"], blob)["saved"]["echo"] == "alice's"
+    assert saved(transport.result(server.url, alice, job))["echo"] == "alice's"
 
 
 def test_an_unknown_model_is_404_naming_the_served_ones(server, key):
     with pytest.raises(RemoteError, match=r"model 'llama-70b' is not served here; this server serves: gpt2"):
-        transport.submit(server.url, key, *job_request(ECHO, model="llama-70b"), timeout=10)
+        transport.submit(server.url, key, _job(ECHO, model="llama-70b"), timeout=10)
 
 
 def test_an_oversized_request_is_413_naming_the_limit(server, key):
-    envelope, _ = job_request(ECHO)
+    big = _job(ECHO, pad=torch.zeros(MAX_REQUEST_BYTES // 4 + 1))  # its tensors alone are over the limit
     with pytest.raises(RemoteError, match=r"request too large: .*max_request_bytes") as err:
-        transport.submit(server.url, key, envelope, b"\0" * (MAX_REQUEST_BYTES + 1), timeout=30)
+        transport.submit(server.url, key, big, timeout=30)
     assert err.value.status_code == 413
     # A body without a declared length is counted as it streams.
     body = iter([b"\0" * 500_000] * 3)
@@ -262,11 +260,11 @@ def test_an_oversized_request_is_413_naming_the_limit(server, key):
 
 
 def test_protocol_errors_are_400_with_the_servers_words(server, key):
-    envelope, blob = job_request(ECHO)
-    envelope["protocol"] = PROTOCOL_VERSION + 1
-    with pytest.raises(RemoteError, match=r"protocol mismatch: .*upgrade the server") as err:
-        transport.submit(server.url, key, envelope, blob, timeout=10)
-    assert err.value.status_code == 400
+    request = _job(ECHO)  # a newer client's request: only its header differs, so sent as raw bytes
+    newer = frame({**request.envelope(), "protocol": PROTOCOL_VERSION + 1}, request.blob)
+    response = httpx.post(server.url + "/v1/jobs", content=newer, headers={"X-API-Key": key}, timeout=10)
+    assert response.status_code == 400
+    assert re.match(r"protocol mismatch: .*upgrade the server", response.json()["detail"])
     response = httpx.post(server.url + "/v1/jobs", content=b"not a frame", headers={"X-API-Key": key})
     assert response.status_code == 400 and "not a glassbox message" in response.json()["detail"]
 
@@ -276,20 +274,20 @@ def test_submissions_over_the_rate_limit_are_429(server, key):
         response = httpx.post(server.url + "/v1/jobs", content=b"x", headers={"X-API-Key": key})
         assert response.status_code == 400
     with pytest.raises(RemoteError, match=rf"rate limit: this API key may submit {RATE_LIMIT} jobs per"):
-        transport.submit(server.url, key, *job_request(ECHO), timeout=10)
+        transport.submit(server.url, key, _job(ECHO), timeout=10)
     response = httpx.post(server.url + "/v1/jobs", content=b"x", headers={"X-API-Key": key})
     assert response.status_code == 429 and int(response.headers["retry-after"]) >= 1
-    _, saved, _ = _run(server.url, server.create_key("other"), ECHO, "other keys are not limited")
-    assert saved["echo"] == "other keys are not limited"
+    _, values, _ = _run(server.url, server.create_key("other"), ECHO, "other keys are not limited")
+    assert values["echo"] == "other keys are not limited"
 
 
 def test_time_limit_stops_a_job_the_next_runs_and_active_jobs_per_key_are_capped(server, key):
-    slow = transport.submit(server.url, key, *job_request(FOREVER), timeout=10)
-    waiting = [transport.submit(server.url, key, *job_request(ECHO, f"w{i}"), timeout=10)
+    slow = transport.submit(server.url, key, _job(FOREVER), timeout=10)
+    waiting = [transport.submit(server.url, key, _job(ECHO, f"w{i}"), timeout=10)
                for i in range(MAX_JOBS - 1)]
     too_many = rf"already has {MAX_JOBS} jobs queued or running.*max_jobs_per_key"
     with pytest.raises(RemoteError, match=too_many) as err:
-        transport.submit(server.url, key, *job_request(ECHO), timeout=10)
+        transport.submit(server.url, key, _job(ECHO), timeout=10)
     assert err.value.status_code == 429
     state = transport.status(server.url, key, waiting[-1])
     assert state["status"] == "QUEUED" and state["position"] == MAX_JOBS - 2
@@ -300,31 +298,29 @@ def test_time_limit_stops_a_job_the_next_runs_and_active_jobs_per_key_are_capped
     assert events[-1]["status"] == "ERROR"
     assert events[-1]["error"]["type"] == "TimeoutError"
     assert f"exceeded the time limit of {MAX_SECONDS} s" in events[-1]["error"]["message"]
-    envelope, _ = transport.result(server.url, key, slow)
-    assert envelope["status"] == "ERROR" and envelope["error"]["type"] == "TimeoutError"
+    result = transport.result(server.url, key, slow)
+    assert result.status == "ERROR" and result.error.type == "TimeoutError"
     for i, job in enumerate(waiting):
         final = _wait_final(server.url, key, job)
         assert final["status"] == "COMPLETED", final.get("error")
-        envelope, blob = transport.result(server.url, key, job)
-        assert decode_values(envelope["values"], blob)["saved"]["echo"] == f"w{i}"
+        assert saved(transport.result(server.url, key, job))["echo"] == f"w{i}"
 
 
 def test_cancel_a_queued_and_a_running_job(server, key):
-    running = transport.submit(server.url, key, *job_request(FOREVER), timeout=10)
-    queued = transport.submit(server.url, key, *job_request(ECHO, "cancelled"), timeout=10)
-    after = transport.submit(server.url, key, *job_request(ECHO, "after"), timeout=10)
+    running = transport.submit(server.url, key, _job(FOREVER), timeout=10)
+    queued = transport.submit(server.url, key, _job(ECHO, "cancelled"), timeout=10)
+    after = transport.submit(server.url, key, _job(ECHO, "after"), timeout=10)
     _wait_status(server.url, key, running, "RUNNING")
     cancelled = transport.cancel(server.url, key, queued)
     assert cancelled == {"id": queued, "status": "CANCELLED", "cancelled": True}
     assert transport.cancel(server.url, key, running)["status"] == "CANCELLED"
     assert transport.cancel(server.url, key, running)["cancelled"] is False  # already final
     for job in (queued, running):
-        envelope, _ = transport.result(server.url, key, job)
-        assert envelope["status"] == "ERROR" and envelope["error"]["type"] == "Cancelled"
+        result = transport.result(server.url, key, job)
+        assert result.status == "ERROR" and result.error.type == "Cancelled"
         assert list(transport.events(server.url, key, job, timeout=10))[-1]["status"] == "CANCELLED"
     _wait_final(server.url, key, after)
-    envelope, blob = transport.result(server.url, key, after)
-    assert decode_values(envelope["values"], blob)["saved"]["echo"] == "after"
+    assert saved(transport.result(server.url, key, after))["echo"] == "after"
 
 
 def test_sixteen_concurrent_clients_get_exactly_their_own_results(server):
@@ -338,10 +334,10 @@ def test_sixteen_concurrent_clients_get_exactly_their_own_results(server):
         try:
             for r in range(per_client):
                 marker = f"client {c} request {r}"
-                _, saved, printed = _run(server.url, keys[c], "print(marker)\n" + ECHO, marker)
+                _, values, printed = _run(server.url, keys[c], "print(marker)\n" + ECHO, marker)
                 with lock:
                     assert marker not in results
-                    results[marker] = (saved.get("echo"), printed)
+                    results[marker] = (values.get("echo"), printed)
         except BaseException as err:
             failures.append(err)
 
@@ -385,9 +381,9 @@ def test_queued_jobs_survive_kill_9_and_their_owner_fetches_them(tmp_path, tiny_
     first = start_server({"gpt2": tiny_path}, state_dir=state, args=args)
     try:
         key = first.create_key("dana")
-        blocker = transport.submit(first.url, key, *job_request(FOREVER), timeout=10)
+        blocker = transport.submit(first.url, key, _job(FOREVER), timeout=10)
         _wait_status(first.url, key, blocker, "RUNNING")
-        queued = [transport.submit(first.url, key, *job_request(ECHO, f"q{i}"), timeout=10) for i in range(5)]
+        queued = [transport.submit(first.url, key, _job(ECHO, f"q{i}"), timeout=10) for i in range(5)]
         assert transport.status(first.url, key, queued[-1])["position"] == 4
         workers = _worker_pids(first.process.pid)
         assert workers
@@ -407,8 +403,7 @@ def test_queued_jobs_survive_kill_9_and_their_owner_fetches_them(tmp_path, tiny_
         assert "1 interrupted and queued again" in second.output()
         for i, job in enumerate(queued):
             assert _wait_final(second.url, key, job)["status"] == "COMPLETED"
-            envelope, blob = transport.result(second.url, key, job)
-            assert decode_values(envelope["values"], blob)["saved"]["echo"] == f"q{i}"
+            assert saved(transport.result(second.url, key, job))["echo"] == f"q{i}"
         # The interrupted job ran again (first in line), and hit the time limit again.
         state_of_blocker = _wait_final(second.url, key, blocker)
         assert state_of_blocker["status"] == "ERROR" and state_of_blocker["attempts"] == 2
