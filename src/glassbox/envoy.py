@@ -374,49 +374,51 @@ class _NextCall:
 
 # ---------------------------------------------------------------- the seam
 # Plain functions over the fields Envoy.__init__ sets (see the module docstring for why not
-# properties). The hot path (interleave.request) calls none of them: the interleaver keys its
-# Sites by envoy and keeps the module on the Site.
+# properties). Plain attribute reads, so a subclass that builds its tree lazily (VLLM: reading a
+# field starts the engine, through __getattr__) keeps working. The per-access path
+# (interleave.request) calls none of them: the interleaver finds Sites by envoy, and a Site keeps
+# the envoy's module and parent.
 
 
 def module_of(envoy: Envoy) -> torch.nn.Module:
     """The torch module ``envoy`` wraps."""
-    return envoy.__dict__["_module"]
+    return envoy._module
 
 
 def path_of(envoy: Envoy) -> str:
     """``envoy``'s dotted path from its root ("" for the root), as ``get_submodule`` takes it."""
-    return envoy.__dict__["_path"]
+    return envoy._path
 
 
 def display_of(envoy: Envoy) -> str:
     """How messages name ``envoy``: ``model.layers[0].mlp``."""
-    return envoy.__dict__["_display"]
+    return envoy._display
 
 
 def name_of(envoy: Envoy) -> str:
     """``envoy``'s name under its parent ("" for the root)."""
-    return envoy.__dict__["_name"]
+    return envoy._name
 
 
 def parent_of(envoy: Envoy) -> Envoy | None:
     """``envoy``'s parent (None for the root)."""
-    return envoy.__dict__["_parent"]
+    return envoy._parent
 
 
 def root_of(envoy: Envoy) -> Envoy:
     """The root of ``envoy``'s tree: the model wrapper."""
-    return envoy.__dict__["_root"]
+    return envoy._root
 
 
 def children_of(envoy: Envoy) -> Mapping[str, Envoy]:
     """``envoy``'s children by name, in module order. Read only: attach a module by assigning it
     (``envoy.sae = SAE()``), which keeps the torch module and the tree in step."""
-    return envoy.__dict__["_children"]
+    return envoy._children
 
 
 def rename_of(envoy: Envoy) -> dict | None:
     """The ``rename=`` aliases of ``envoy``'s root (None when it has none)."""
-    return envoy.__dict__["_root"].__dict__.get("_rename") or None
+    return envoy._root.__dict__.get("_rename") or None
 
 
 def rebind(envoy: Envoy, module: torch.nn.Module) -> None:
@@ -433,7 +435,7 @@ def rebind(envoy: Envoy, module: torch.nn.Module) -> None:
 def slots_of(envoy: Envoy) -> dict[str, Any]:
     """The dict in which other modules keep per-envoy state, one key per owner (listed in the
     module docstring). Owners may keep the dict itself: it lives as long as the envoy."""
-    return envoy.__dict__["_slots"]
+    return envoy._slots
 
 
 def _reserved(klass: type) -> frozenset:

@@ -48,7 +48,7 @@ class Operation(torch.nn.Module):
     def __init__(self, source: Source, name: str) -> None:
         super().__init__()
         self._source = source
-        self._name = name
+        self._op_name = name
         self._calls: list[tuple[Callable, Any]] = []  # (callee, greenlet) of the calls under way
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
@@ -60,8 +60,8 @@ class Operation(torch.nn.Module):
         # must not get to call the raw function (a builtin getattr, say) with its own arguments
         if not calls or calls[-1][1] is not _getcurrent():
             raise TypeError(
-                f"{self._name} is a call inside a forward: it runs when the forward makes it and cannot be "
-                "called on its own (call the function yourself)"
+                f"{self._op_name} is a call inside a forward: it runs when the forward makes it and cannot "
+                "be called on its own (call the function yourself)"
             )
         return calls[-1][0]
 
@@ -74,7 +74,7 @@ class Operation(torch.nn.Module):
             calls.pop()
 
     def __repr__(self) -> str:
-        return self._source._describe(self._name)
+        return self._source._describe(self._op_name)
 
 
 class Source:
@@ -109,7 +109,7 @@ class Source:
         module = module_of(self._envoy)
         if not isinstance(module, Operation):
             return rewrite.unwrap(type(module).forward)[0]
-        parent, name = module._source, module._name
+        parent, name = module._source, module._op_name
         callee = parent._seen.get(name)
         if callee is None:
             compiled = parent._compiled()
