@@ -19,7 +19,7 @@ import torch
 
 from ..batching import Rows, concat_args
 from ..editing import EditTracer, clear_edits, edit_consumers
-from ..envoy import Envoy
+from ..envoy import Envoy, module_of
 from ..errors import TraceStateError
 from ..scan import ScanTracer
 from ..session import Session
@@ -110,7 +110,7 @@ class NNsight(Envoy):
             path = module[len("model"):].lstrip(".") if module.split(".")[0] == "model" else module
             return self.get(path)
         for envoy in self.modules():
-            if envoy._module is module:
+            if module_of(envoy) is module:
                 return envoy
         raise TraceStateError(f"{type(module).__name__} is not a submodule of this model")
 
@@ -138,7 +138,7 @@ class NNsight(Envoy):
         return spans
 
     def _execute(self, args: tuple, kwargs: dict, **call: Any) -> Any:
-        return self._module(*args, **kwargs)
+        return module_of(self)(*args, **kwargs)
 
     def _pad_id(self) -> int:
         """The token id that pads rows (plain modules are never padded: 0)."""

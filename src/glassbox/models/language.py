@@ -35,7 +35,7 @@ from torch._guards import detect_fake_mode
 
 from ..batching import Rows
 from ..editing import refuse_remote
-from ..envoy import Envoy
+from ..envoy import Envoy, display_of, module_of, name_of, parent_of, rebind
 from ..errors import TraceStateError
 from . import adapters, attention
 from .base import NNsight
@@ -134,8 +134,7 @@ class LanguageModel(HostedByName, NNsight):
             adapters.attach(real, opts["peft"])
         if opts["attn_implementation"] == attention.ATTN_IMPLEMENTATION:
             attention.add_probe_modules(real)
-        for envoy in self.modules():
-            envoy.__dict__["_module"] = real.get_submodule(envoy._path) if envoy._path else real
+        rebind(self, real)  # every envoy onto its real submodule (the meta ones go)
         self.__dict__["_loaded"] = True
 
     def _pick_automodel(self, config: Any) -> Any:
@@ -149,7 +148,7 @@ class LanguageModel(HostedByName, NNsight):
 
     @property
     def config(self) -> Any:
-        return self._module.config
+        return module_of(self).config
 
     @property
     def generator(self) -> Envoy:
@@ -283,7 +282,7 @@ class LanguageModel(HostedByName, NNsight):
         return 0
 
     def _execute(self, args: tuple, kwargs: dict, **call: Any) -> Any:
-        module = self._module
+        module = module_of(self)
         device = getattr(module, "device", None)
         if device is not None and device.type != "meta":
             kwargs = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
@@ -291,7 +290,7 @@ class LanguageModel(HostedByName, NNsight):
         if generate is not None:
             generate = dict(generate)
             generate.setdefault("pad_token_id", self._pad_id())
-            generator = self.__dict__["_generator"]._module
+            generator = module_of(self.__dict__["_generator"])
             config = getattr(module, "generation_config", None)
             beams = generate.get("num_beams", getattr(config, "num_beams", 1))
             if (beams or 1) == 1:  # transformers refuses a streamer with beam search
@@ -306,12 +305,12 @@ class LanguageModel(HostedByName, NNsight):
         return module(**kwargs)
 
     def _missed_hint(self, envoy: Any) -> str | None:
-        if envoy._name == "attn_dropout":
+        if name_of(envoy) == "attn_dropout":
             return (
                 "In transformers 5 attention applies dropout as a function, so this module never "
                 "runs. To read or edit attention probabilities load the model with "
                 "LanguageModel(..., attn_implementation='glassbox') and use "
-                f"{envoy._parent._display}.attn_probs.output ([batch, heads, query, key])."
+                f"{display_of(parent_of(envoy))}.attn_probs.output ([batch, heads, query, key])."
             )
         return None
 

@@ -46,6 +46,7 @@ from typing import Any
 import torch
 
 from ..batching import Rows
+from ..envoy import module_of
 from ..errors import TraceStateError
 from . import tasks
 from .generation import call_through
@@ -98,7 +99,7 @@ class TransformersModel(LanguageModel):
         if tokenizer is None:
             tokenizer = getattr(processor, "tokenizer", None)
         super().__init__(model, tokenizer=tokenizer, automodel=automodel, **options)
-        module = self._module
+        module = module_of(self)
         if d["task"] is None:  # a built module, or automodel= without task=
             d["task"] = tasks.infer(module.config, type(module).__name__)
         source = None if isinstance(model, torch.nn.Module) else self._source
@@ -170,7 +171,7 @@ class TransformersModel(LanguageModel):
             data, tensors = tensors, {}
         if _is_images(data):
             data = self._encode(images=data)
-        main = getattr(self._module, "main_input_name", "input_ids")
+        main = getattr(module_of(self), "main_input_name", "input_ids")
         if isinstance(data, torch.Tensor) and main != "input_ids":
             data = {main: data}
         if not isinstance(data, Mapping):
@@ -235,10 +236,10 @@ class TransformersModel(LanguageModel):
 
     def _execute(self, args: tuple, kwargs: dict, **call: Any) -> Any:
         if self._seq2seq and call.get("generate") is None and not kwargs.keys() & _DECODER_INPUTS:
-            config = self._module.config
+            config = module_of(self).config
             start = config.decoder_start_token_id
             if start is None:
-                start = self._module.generation_config.decoder_start_token_id
+                start = module_of(self).generation_config.decoder_start_token_id
             rows = next(value.shape[0] for value in kwargs.values() if _is_data(value))
             kwargs = {**kwargs, "decoder_input_ids": torch.full((rows, 1), int(start), dtype=torch.long)}
         return super()._execute(args, kwargs, **call)

@@ -47,7 +47,7 @@ from typing import Any
 import torch
 
 from ..batching import Rows
-from ..envoy import Envoy
+from ..envoy import Envoy, module_of
 from ..errors import TraceStateError
 from ..models.base import NNsight
 from ..models.generation import GenerateTracer, reach_step
@@ -125,12 +125,12 @@ class VLLM(HostedByName, NNsight):
         d["active"] = None
         d["_engine"] = None
         d["_router"] = None
+        # what a remote block needs of the root before (or without) an engine: remote/client.py,
+        # through envoy.root_of / path_of, which read the fields without starting the engine
+        d["_root"], d["_path"] = self, ""
         # a server-only handle when only the server at CONFIG.HOST knows the name (models/hosted.py)
         d["_source"], server_said = self._locate(model, remote_name)
-        if d["_server_only"]:
-            # what a remote block needs of the root without an engine (remote/client.py)
-            d["_root"], d["_path"] = self, ""
-        elif server_said is not None:  # no server has it: a hub id, or an error saying what was tried
+        if not d["_server_only"] and server_said is not None:  # a hub id, or an error saying what was tried
             load_config(d["_source"], {}, server_said)
         d["_engine_options"] = dict(dtype=dtype, seed=seed, max_model_len=max_model_len,
                                     kv_cache_gib=kv_cache_gib, **llm_kwargs)
@@ -267,7 +267,7 @@ class VLLM(HostedByName, NNsight):
         router = RowRouter(self.active)
         self.__dict__["_router"] = router
         try:
-            with seams.installed(engine, router, self.logits._module, self.samples._module):
+            with seams.installed(engine, router, module_of(self.logits), module_of(self.samples)):
                 return engine.run(jobs, on_added=router.bind)
         finally:
             self.__dict__["_router"] = None
