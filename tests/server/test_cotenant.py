@@ -13,14 +13,15 @@ import pytest
 
 from glassbox import LanguageModel
 from glassbox.offline import smollm2_path, tiny_gpt2_path
-from glassbox.remote.framing import frame, unframe
-from glassbox.remote.protocol import decode_values, encode_values, make_envelope
+from glassbox.remote.job import JobRequest, JobResult
+from glassbox.remote.protocol import ProtocolError
 from glassbox.server.config import ServerConfig
 from glassbox.server.jobs.batchable import batch_key
 from glassbox.server.jobs.cotenant import run_batch
 from glassbox.server.jobs.execute import run_job
 from glassbox.server.store import JobStore
 from glassbox.server.workers.feeder import Feeder
+from job_requests import job_request
 
 GPT2_READ = ("h = model.transformer.h[1].output.save()\n"
              "model.transformer.h[2].output[:, -1] *= 2\n"
@@ -33,24 +34,18 @@ PADDED = ["The Eiffel Tower is in the city of", "Hello there",
 
 
 def request(source: str, prompt="The Eiffel Tower is in", *, model="m", method="trace", call=None,
-            first_line=10, values=None):
-    desc, blob = encode_values({"vars": values or {}, "inputs": [prompt], "call": call or {}})
-    envelope = make_envelope("job", {
-        "model": model, "method": method, "source": source, "first_line": first_line, "tracer_name": "tracer",
-        "model_refs": {"model": ""}, "modules": {"torch": "torch", "glassbox": "glassbox"}, "values": desc,
-        "writes": ["h", "logits", "n"], "returns": ["h", "logits", "n"],
-    })
-    return envelope, blob
+            first_line=10, values=None) -> JobRequest:
+    return job_request(source, model=model, method=method, call=call, values=values, inputs=[prompt],
+                       first_line=first_line, returns=("h", "logits", "n"), filename="<remote block>")
 
 
-def saved(result):
-    reply, blob = result
-    assert reply["status"] == "COMPLETED", reply.get("error")
-    return decode_values(reply["values"], blob)["saved"]
+def saved(result: JobResult) -> dict:
+    assert result.ok, result.error
+    return result.decoded()["saved"]
 
 
-def alone(models, item):
-    return run_job(models, *item, log=lambda text: None, limits={})
+def alone(models, item: JobRequest) -> JobResult:
+    return run_job(models, item, log=lambda text: None, limits={})
 
 
 @pytest.fixture(scope="module")
@@ -85,8 +80,7 @@ def _batch(models, items, limits=None):
 
 
 def _key(source, **kw):
-    envelope, blob = request(source, **kw)
-    return batch_key(frame(envelope, blob))
+    return batch_key(request(source, **kw))
 
 
 def test_plain_traces_of_one_model_share_a_key():
@@ -111,7 +105,8 @@ def test_generation_sessions_and_trace_arguments_run_alone():
     assert _key(GPT2_READ, method="generate") is None
     assert _key(GPT2_READ, method="session") is None
     assert _key(GPT2_READ, call={"output_attentions": True}) is None
-    assert batch_key(b"not a request") is None
+    with pytest.raises(ProtocolError):  # not a request at all: refused at submit, never keyed
+        JobRequest.read(b"not a request")
 
 
 # ---------------------------------------------------------------- equal to running alone
@@ -122,7 +117,7 @@ def test_a_padded_batch_equals_each_request_alone(gpt2):
     with forward_passes(gpt2) as passes:
         results, _ = _batch(gpt2, items)
     assert passes == [3]  # one shared forward pass
-    assert all("batch_size" not in r[0] for r in results)  # which does not tell how many shared it
+    assert all("batch_size" not in r.envelope() for r in results)  # which does not tell how many shared it
     for item, result in zip(items, results):
         expected, got = saved(alone(gpt2, item)), saved(result)
         for name in ("h", "logits"):
@@ -185,8 +180,8 @@ def test_an_error_in_one_request_fails_only_that_request(gpt2):
     items = [request(GPT2_READ, PADDED[0]), request(bad, PADDED[1], first_line=30),
              request(GPT2_READ, PADDED[2])]
     results, _ = _batch(gpt2, items)
-    error = results[1][0]["error"]
-    assert (error["type"], error["lineno"], error["line"]) == ("ZeroDivisionError", 31, "x = 1 / 0")
+    error = results[1].error
+    assert (error.type, error.lineno, error.line) == ("ZeroDivisionError", 31, "x = 1 / 0")
     for index in (0, 2):
         expected = saved(alone(gpt2, items[index]))
         assert (saved(results[index])["logits"] - expected["logits"]).abs().max() <= 1e-4
@@ -197,7 +192,7 @@ def test_a_refused_request_fails_before_the_pass_and_the_rest_share_it(gpt2):
              request(GPT2_READ, PADDED[2])]
     with forward_passes(gpt2) as passes:
         results, _ = _batch(gpt2, items)
-    assert results[0][0]["status"] == "ERROR" and "__class__" in results[0][0]["error"]["message"]
+    assert results[0].status == "ERROR" and "__class__" in results[0].error.message
     assert passes == [2]
 
 
@@ -207,8 +202,8 @@ def test_a_request_over_a_limit_fails_alone_inside_the_batch(gpt2):
     items = [request(big, PADDED[0]), request(small, PADDED[1]), request(small, PADDED[2])]
     with forward_passes(gpt2) as passes:
         results, _ = _batch(gpt2, items, limits={"max_result_bytes": 100_000})
-    error = results[0][0]["error"]
-    assert error["type"] == "MemoryError" and "result limit" in error["message"]
+    error = results[0].error
+    assert error.type == "MemoryError" and "result limit" in error.message
     assert passes == [3]
     assert saved(results[1])["h"].shape == (1, 64)
 
@@ -247,8 +242,9 @@ def handle(tmp_path):
         store.close()
 
 
-def _submit(handle, source, prompt):
-    job = handle.store.create_job("k", "m", frame(*request(source, prompt)))
+def _submit(handle, source, prompt, owner="k"):
+    sent = request(source, prompt)  # its batch key is decided at submit, as the API does
+    job = handle.store.create_job(owner, "m", sent.frame(), batch_key=batch_key(sent))
     handle.store.mark_queued(job)
     return job
 
@@ -258,14 +254,14 @@ def _result(handle, job, timeout=60.0):
     while not (info := handle.store.get(job)).terminal:
         assert time.monotonic() < deadline, f"job {job} did not finish: {info}"
         time.sleep(0.02)
-    return unframe(handle.store.result(job)), info
+    return JobResult.read(handle.store.result(job)), info
 
 
 def test_jobs_queued_together_run_as_one_batch(handle):
     jobs = [_submit(handle, GPT2_READ, prompt) for prompt in PADDED]
     handle.wake()
     results = [_result(handle, job)[0] for job in jobs]
-    assert handle.batches == 1 and all("batch_size" not in r[0] for r in results)
+    assert handle.batches == 1 and all("batch_size" not in r.envelope() for r in results)
     local = {"m": LanguageModel(tiny_gpt2_path(), dispatch=True)}
     for prompt, result in zip(PADDED, results):
         expected = saved(alone(local, request(GPT2_READ, prompt)))
@@ -279,7 +275,7 @@ def test_a_batch_over_the_time_limit_reruns_alone_and_only_the_slow_job_fails(ha
     handle.wake()
     (slow, info) = _result(handle, jobs[1])
     assert handle.batches >= 1  # they did start as one batch
-    assert info.status == "ERROR" and slow[0]["error"]["type"] == "TimeoutError"
+    assert info.status == "ERROR" and slow.error.type == "TimeoutError"
     for job in (jobs[0], jobs[2]):
         result, info = _result(handle, job)
-        assert info.status == "COMPLETED" and result[0]["status"] == "COMPLETED"  # re-run alone
+        assert info.status == "COMPLETED" and result.status == "COMPLETED"  # re-run alone

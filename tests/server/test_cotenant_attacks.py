@@ -9,11 +9,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_cotenant import PADDED, _batch, _result, alone, forward_passes, request, saved
+from test_cotenant import PADDED, _batch, _result, _submit, alone, forward_passes, request, saved
 
 from glassbox import LanguageModel
 from glassbox.offline import tiny_gpt2_path
-from glassbox.remote.framing import frame
 from glassbox.server.config import ServerConfig
 from glassbox.server.jobs.sealed import is_sealed, seal
 from glassbox.server.store import JobStore
@@ -48,8 +47,8 @@ def test_as_strided_on_a_value_reaches_only_the_requests_own_copy(sealed_gpt2):
         "whole.mul_(0)\n"
         "logits = model.output.logits.save()\n"))
     # torch itself refuses to stride past the copy's storage; the pass still served the others
-    assert result[0]["status"] == "ERROR"
-    assert "out of bounds" in result[0]["error"]["message"] or "storage" in result[0]["error"]["message"]
+    assert result.status == "ERROR"
+    assert "out of bounds" in result.error.message or "storage" in result.error.message
 
 
 def test_a_request_cannot_read_another_requests_prompt(sealed_gpt2):
@@ -83,7 +82,7 @@ def test_in_place_edits_change_only_the_requests_own_rows(sealed_gpt2):
 def test_writes_to_the_weights_through_objects_the_user_built_are_refused(sealed_gpt2, source):
     weight = sealed_gpt2["m"]._module.transformer.h[0].ln_1.weight.detach().clone()
     result, _ = _attack(sealed_gpt2, source + "logits = model.output.logits.save()\n")
-    assert result[0]["status"] == "ERROR", "the write went through"
+    assert result.status == "ERROR", "the write went through"
     assert torch.equal(sealed_gpt2["m"]._module.transformer.h[0].ln_1.weight, weight)
 
 
@@ -119,17 +118,13 @@ def test_a_write_the_sandbox_misses_kills_only_the_batchs_process_and_the_neighb
     attack = ("e = torch.nn.Embedding(10, 64, max_norm=0.001)\ne.weight = model.transformer.wte.weight\n"
               "e(torch.tensor([1, 2]))\nlogits = model.output.logits.save()\n")
     items = [request(attack, PADDED[0])] + [request(VICTIM, prompt) for prompt in PADDED[1:]]
-    jobs = []
-    for envelope, blob in items:
-        job = feeder.store.create_job("k", "m", frame(envelope, blob))
-        feeder.store.mark_queued(job)
-        jobs.append(job)
+    jobs = [_submit(feeder, attack, PADDED[0])] + [_submit(feeder, VICTIM, prompt) for prompt in PADDED[1:]]
     feeder.wake()
     results = [_result(feeder, job, timeout=90.0)[0] for job in jobs]
     assert feeder.batches >= 1  # they did share a pass first
-    error = results[0][0]["error"]
-    assert error["type"] == "WorkerCrashed" and "read-only" in error["message"]
-    assert error["lineno"] == 12  # the user's line, from the dying process's own traceback
+    error = results[0].error
+    assert error.type == "WorkerCrashed" and "read-only" in error.message
+    assert error.lineno == 12  # the user's line, from the dying process's own traceback
     for item, result in zip(items[1:], results[1:]):
         expected = saved(alone(sealed_gpt2, item))["logits"]
         assert (saved(result)["logits"] - expected).abs().max() <= 1e-4
@@ -143,14 +138,11 @@ def test_batch_scope_key_lets_only_one_keys_jobs_share_a_pass(tmp_path):
     worker = Feeder(config, store)
     try:
         worker.start()
-        jobs = []
-        for owner, prompt in (("alice", PADDED[0]), ("bob", PADDED[1]), ("alice", PADDED[2])):
-            job = store.create_job(owner, "m", frame(*request(VICTIM, prompt)))
-            store.mark_queued(job)
-            jobs.append(job)
+        jobs = [_submit(worker, VICTIM, prompt, owner)
+                for owner, prompt in (("alice", PADDED[0]), ("bob", PADDED[1]), ("alice", PADDED[2]))]
         worker.wake()
         for job in jobs:
-            assert _result(worker, job)[0][0]["status"] == "COMPLETED"
+            assert _result(worker, job)[0].status == "COMPLETED"
         assert worker.batches == 1 and worker.batched_jobs == 2  # alice's two together, bob alone
     finally:
         worker.stop()

@@ -12,27 +12,23 @@ import time
 
 import pytest
 
-from glassbox.remote.framing import frame, unframe
-from glassbox.remote.protocol import decode_values, encode_values, make_envelope
+from glassbox.remote.job import JobRequest, JobResult
 from glassbox.server.config import ServerConfig
 from glassbox.server.store import JobStore
 from glassbox.server.workers.channel import WorkerStartError
 from glassbox.server.workers.feeder import Feeder
+from job_requests import job_request, saved
 
 MAX_SECONDS = 3.0
 ECHO = "echo = glassbox.save(marker)\n"
 FOREVER = "n = 0\nwhile True:\n    n = n + 1\n"
 
 
-def job_request(source: str, marker: str = "m", model: str = "gpt2", returns: tuple = ("echo", "h")) -> bytes:
-    """A framed job as the glassbox client sends it: the block's source plus the values it reads."""
-    desc, blob = encode_values({"vars": {"marker": marker}, "inputs": ["The Eiffel Tower is in"], "call": {}})
-    envelope = make_envelope("job", {
-        "model": model, "method": "trace", "source": source, "first_line": 2, "tracer_name": "tracer",
-        "model_refs": {}, "modules": {"glassbox": "glassbox"}, "values": desc,
-        "writes": list(returns), "returns": list(returns),
-    })
-    return frame(envelope, blob)
+def _job(source: str, marker: str = "m", model: str = "gpt2", returns: tuple = ("echo", "h")) -> JobRequest:
+    """A job as the glassbox client sends it: the block's source plus the values it reads."""
+    return job_request(source, model=model, values={"marker": marker}, inputs=["The Eiffel Tower is in"],
+                       model_refs={}, modules={"glassbox": "glassbox"}, returns=returns,
+                       filename="<remote block>")
 
 
 @pytest.fixture(scope="module")
@@ -82,7 +78,7 @@ def worker(tmp_path_factory, tiny_path):
 
 
 def _submit(handle: Feeder, source: str, marker: str = "m") -> str:
-    job = handle.store.create_job("k1", "gpt2", job_request(source, marker))
+    job = handle.store.create_job("k1", "gpt2", _job(source, marker).frame())
     handle.store.mark_queued(job)
     handle.wake()
     return job
@@ -106,11 +102,15 @@ def _wait_running(handle: Feeder, job: str, timeout: float = 60.0,
         time.sleep(0.01)
 
 
+def _result(handle: Feeder, job: str) -> JobResult:
+    return JobResult.read(handle.store.result(job))
+
+
 def _saved(handle: Feeder, job: str) -> dict:
     _wait(handle, job)
-    envelope, blob = unframe(handle.store.result(job))
-    assert envelope["status"] == "COMPLETED", envelope
-    return decode_values(envelope["values"], blob)["saved"]
+    result = _result(handle, job)
+    assert result.ok, result
+    return saved(result)
 
 
 def test_jobs_run_first_in_first_out_with_their_output(worker):
@@ -121,8 +121,8 @@ def test_jobs_run_first_in_first_out_with_their_output(worker):
     starts = [info.started for info in infos]
     assert starts == sorted(starts)  # in the order they were queued
     for i, job in enumerate(jobs):
-        saved = _saved(worker, job)
-        assert saved["echo"] == f"m{i}" and tuple(saved["h"].shape) == (1, 7, 64)
+        values = _saved(worker, job)
+        assert values["echo"] == f"m{i}" and tuple(values["h"].shape) == (1, 7, 64)
         assert worker.store.get(job).logs == f"start m{i}\n"
         events = worker.events.of(job)
         assert [e["status"] for e in events] == ["RUNNING", "RUNNING", "COMPLETED"]
@@ -134,8 +134,8 @@ def test_a_user_error_is_an_error_result_with_its_line(worker):
     info = _wait(worker, job)
     assert info.status == "ERROR"
     assert info.error["type"] == "ZeroDivisionError" and info.error["lineno"] == 3
-    envelope, _ = unframe(worker.store.result(job))
-    assert envelope["status"] == "ERROR" and envelope["error"]["line"] == "y = x / 0"
+    result = _result(worker, job)
+    assert result.status == "ERROR" and result.error.line == "y = x / 0"
 
 
 def test_printed_output_is_capped(worker):
@@ -196,8 +196,7 @@ def test_cancelling_the_running_job_kills_it_and_keeps_the_queue(worker):
     assert not worker.cancel(queued)  # not running: the API cancels queued jobs in the store
     info = _wait(worker, running)
     assert info.status == "CANCELLED"
-    envelope, _ = unframe(worker.store.result(running))
-    assert envelope["error"]["type"] == "Cancelled"
+    assert _result(worker, running).error.type == "Cancelled"
     assert _saved(worker, queued)["echo"] == "next"
     assert [e["status"] for e in worker.events.of(running)][-1] == "CANCELLED"
 
