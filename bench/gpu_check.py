@@ -109,7 +109,8 @@ def gradients(gpu: LanguageModel) -> None:
 
 @guarded
 def cotenant_batch(gpu: LanguageModel) -> None:
-    from glassbox.remote.protocol import decode_values, encode_values, make_envelope
+    from glassbox.remote.job import JobRequest
+    from glassbox.remote.protocol import encode_values
     from glassbox.server.jobs.cotenant import run_batch
     from glassbox.server.jobs.execute import run_job
 
@@ -118,10 +119,8 @@ def cotenant_batch(gpu: LanguageModel) -> None:
     items = []
     for prompt in PROMPTS:
         desc, blob = encode_values({"vars": {}, "inputs": [prompt], "call": {}})
-        items.append((make_envelope("job", {
-            "model": "m", "method": "trace", "source": source, "first_line": 2, "tracer_name": "tracer",
-            "model_refs": {"model": ""}, "modules": {}, "values": desc, "writes": ["h", "logits"],
-            "returns": ["h", "logits"]}), blob))
+        items.append(JobRequest(model="m", method="trace", source=source, model_refs={"model": ""},
+                                values=desc, writes=("h", "logits"), returns=("h", "logits"), blob=blob))
     embedding = gpu._module.get_input_embeddings()
     passes: list[int] = []  # rows of every forward pass: one pass of 3 means they shared it
     hook = embedding.register_forward_hook(lambda module, args, out: passes.append(out.shape[0]))
@@ -130,10 +129,11 @@ def cotenant_batch(gpu: LanguageModel) -> None:
     finally:
         hook.remove()
     worst = 0.0
-    for item, (reply, blob) in zip(items, batched):
-        alone, alone_blob = run_job(models, *item, log=print, limits={})
-        a = decode_values(alone["values"], alone_blob)["saved"]
-        b = decode_values(reply["values"], blob)["saved"]
+    for item, result in zip(items, batched):
+        alone = run_job(models, item, log=print, limits={})
+        alone.raise_if_failed()
+        result.raise_if_failed()
+        a, b = alone.decoded()["saved"], result.decoded()["saved"]
         for name in ("h", "logits"):
             assert a[name].shape == b[name].shape, (a[name].shape, b[name].shape)
             worst = max(worst, (a[name] - b[name]).abs().max().item())

@@ -47,6 +47,7 @@ from glassbox import CONFIG, LanguageModel
 from glassbox.cli import start_server
 from glassbox.offline import smollm2_path, tiny_gpt2_path
 from glassbox.remote import transport
+from glassbox.remote.job import JobRequest, JobResult
 
 PROMPT = "The Eiffel Tower is in the city of"
 
@@ -74,19 +75,19 @@ class Probe:
 
     def __init__(self) -> None:
         self.parts: dict[str, float] = {}
-        self.request: tuple[dict, bytes] | None = None
+        self.request: JobRequest | None = None
         self._real = (transport.submit, transport.events, transport.result)
 
     @contextlib.contextmanager
     def installed(self) -> Iterator[None]:
         submit, events, result = self._real
 
-        def timed_submit(host: str, api_key: str | None, envelope: dict, blob: bytes, *args: Any,
+        def timed_submit(host: str, api_key: str | None, request: JobRequest, *args: Any,
                          **kwargs: Any) -> str:
-            self.request = (envelope, blob)
+            self.request = request
             started = time.perf_counter()
             try:
-                return submit(host, api_key, envelope, blob, *args, **kwargs)
+                return submit(host, api_key, request, *args, **kwargs)
             finally:
                 self.parts["submit"] = time.perf_counter() - started
 
@@ -97,12 +98,12 @@ class Probe:
                     self.parts["wait"] = time.perf_counter() - started
                 yield event
 
-        def timed_result(*args: Any, **kwargs: Any) -> tuple[dict, bytes]:
+        def timed_result(*args: Any, **kwargs: Any) -> JobResult:
             started = time.perf_counter()
-            envelope, blob = result(*args, **kwargs)
+            reply = result(*args, **kwargs)
             self.parts["result"] = time.perf_counter() - started
-            self.parts["run_job"] = float(envelope.get("seconds") or 0.0)
-            return envelope, blob
+            self.parts["run_job"] = float(reply.seconds or 0.0)
+            return reply
 
         transport.submit, transport.events, transport.result = timed_submit, timed_events, timed_result
         try:
@@ -159,14 +160,14 @@ def time_model(name: str, model: LanguageModel, fn: Callable[[LanguageModel, boo
     return {"times": times, "parts": {mode: dict(p) for mode, p in parts.items()}, "request": probe.request}
 
 
-def inside_run_job(specs: dict[str, str], requests: dict[str, tuple[dict, bytes]], runs: int,
+def inside_run_job(specs: dict[str, str], requests: dict[str, JobRequest], runs: int,
                    threads: int) -> dict[str, dict[str, float]]:
     """Call the worker's ``run_job`` here on the very requests the client sent, timing its parts
     by wrapping the functions it looks up at call time."""
-    from glassbox.server.jobs import execute, served
+    from glassbox.server.jobs import execute, executor
 
     torch.set_num_threads(threads)
-    models = served.load_models(specs)
+    models = executor.load_models(specs)
     names = ("make_globals", "compile_restricted_source", "encode_values")
     real = {name: getattr(execute, name) for name in names}
     spent: dict[str, float] = defaultdict(float)
@@ -183,7 +184,7 @@ def inside_run_job(specs: dict[str, str], requests: dict[str, tuple[dict, bytes]
         return wrapper
 
     out: dict[str, dict[str, float]] = {}
-    for name, (envelope, blob) in requests.items():
+    for name, request in requests.items():
         rows: dict[str, list[float]] = defaultdict(list)
         for i in range(runs + 3):
             spent.clear()
@@ -192,13 +193,13 @@ def inside_run_job(specs: dict[str, str], requests: dict[str, tuple[dict, bytes]
             try:
                 torch.manual_seed(0)
                 started = time.perf_counter()
-                reply, _ = execute.run_job(models, envelope, blob, log=lambda text: None, limits={})
+                reply = execute.run_job(models, request, log=lambda text: None, limits={})
                 total = time.perf_counter() - started
             finally:
                 for key in names:
                     setattr(execute, key, real[key])
-            if reply.get("status") != "COMPLETED":
-                raise SystemExit(f"{name}: run_job failed here: {reply.get('error')}")
+            if not reply.ok:
+                raise SystemExit(f"{name}: run_job failed here: {reply.error}")
             if i < 3:
                 continue
             rows["run_job"].append(total)

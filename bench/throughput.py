@@ -20,7 +20,7 @@ per-model trace state (``model._active`` belongs to local traces only), skipping
 the HTTP pool (one httpx.Client) is shared and thread-safe, and saved values are written back
 into each thread's own frame. ``CONFIG.HOST`` / ``API_KEY`` are process-wide: all clients share
 one key per server. ``glassbox.remote.transport.result`` is wrapped to keep each thread's last
-envelope.
+result.
 
 Printed per configuration: requests/s, p50 and p95 latency (ms), the mean batch size (requests
 per forward pass) and the share of requests that ran batched (from the counts ``/v1/health``
@@ -66,6 +66,7 @@ from glassbox import CONFIG, LanguageModel
 from glassbox.cli import RunningServer, start_server
 from glassbox.offline import smollm2_path
 from glassbox.remote import transport
+from glassbox.remote.job import JobRequest, JobResult
 
 try:
     import psutil
@@ -101,9 +102,9 @@ def last_logits(model: LanguageModel, prompt: str) -> torch.Tensor:
     return logits
 
 
-class Envelopes:
+class Exchanges:
     """Wraps ``transport.submit`` and ``transport.result`` (which the client looks up at call
-    time) to keep, per thread, the last request sent and the last result envelope received."""
+    time) to keep, per thread, the last JobRequest sent and the last JobResult received."""
 
     def __init__(self) -> None:
         self.local = threading.local()
@@ -112,34 +113,34 @@ class Envelopes:
     def install(self) -> None:
         submit, result = self.real
 
-        def submitting(host: str, api_key: str | None, envelope: dict, blob: bytes, *args: Any,
+        def submitting(host: str, api_key: str | None, request: JobRequest, *args: Any,
                        **kwargs: Any) -> str:
-            self.local.request = (envelope, blob)
-            return submit(host, api_key, envelope, blob, *args, **kwargs)
+            self.local.request = request
+            return submit(host, api_key, request, *args, **kwargs)
 
-        def receiving(*args: Any, **kwargs: Any) -> tuple[dict, bytes]:
-            envelope, blob = result(*args, **kwargs)
-            self.local.last = envelope
-            return envelope, blob
+        def receiving(*args: Any, **kwargs: Any) -> JobResult:
+            reply = result(*args, **kwargs)
+            self.local.last = reply
+            return reply
 
         transport.submit, transport.result = submitting, receiving
 
     def uninstall(self) -> None:
         transport.submit, transport.result = self.real
 
-    def last(self) -> dict:
-        return getattr(self.local, "last", None) or {}
+    def last(self) -> JobResult | None:
+        return getattr(self.local, "last", None)
 
 
-ENVELOPES = Envelopes()
-REQUESTS: dict[str, tuple[dict, bytes]] = {}  # prompt -> the job request the client sent for it
+EXCHANGES = Exchanges()
+REQUESTS: dict[str, JobRequest] = {}  # prompt -> the job request the client sent for it
 
 
-def traced(model: LanguageModel, prompt: str) -> tuple[torch.Tensor, float, dict]:
-    ENVELOPES.local.last = None
+def traced(model: LanguageModel, prompt: str) -> tuple[torch.Tensor, float, JobResult | None]:
+    EXCHANGES.local.last = None
     started = time.perf_counter()
     logits = last_logits(model, prompt)
-    return logits, time.perf_counter() - started, ENVELOPES.last()
+    return logits, time.perf_counter() - started, EXCHANGES.last()
 
 
 # ---------------------------------------------------------------- configurations and results
@@ -277,7 +278,7 @@ def load(model: LanguageModel, clients: int, per_client: int, outcome: Outcome, 
                 break
             prompt = PROMPTS[(index + i) % len(PROMPTS)]
             try:
-                logits, elapsed, _envelope = traced(model, prompt)
+                logits, elapsed, _result = traced(model, prompt)
             except Exception as err:
                 with lock:
                     outcome.failures += 1
@@ -341,9 +342,9 @@ def warm_up(outcome: Outcome, model: LanguageModel, args: argparse.Namespace) ->
     try:
         use(outcome)
         for prompt in PROMPTS:  # one at a time: nothing to share a pass with
-            logits, _, _envelope = traced(model, prompt)
+            logits, _, _result = traced(model, prompt)
             outcome.reference[prompt] = logits
-            REQUESTS.setdefault(prompt, ENVELOPES.local.request)
+            REQUESTS.setdefault(prompt, EXCHANGES.local.request)
         warm = Outcome(outcome.config, reference=outcome.reference)
         load(model, args.clients, args.warmup, warm)
         if warm.failures:
@@ -455,7 +456,7 @@ def profile_worker(path: str, name: str, threads: int, sizes: list[int], repeats
 
     torch.set_num_threads(threads)
     models = executor.load_models({name: path})
-    requests = [frame(*REQUESTS[prompt]) for prompt in PROMPTS if prompt in REQUESTS]
+    requests = [REQUESTS[prompt].frame() for prompt in PROMPTS if prompt in REQUESTS]
     if not requests:
         return []
     config = ServerConfig(models={name: path})
@@ -624,7 +625,7 @@ def main(argv: list[str] | None = None) -> int:
     path = smollm2_path()
     model = LanguageModel(path)  # meta weights here: only its config and tokenizer are used
     say(f"{sum(map(len, groups))} configurations; model {model._remote_name()} from {path}")
-    ENVELOPES.install()
+    EXCHANGES.install()
     outcomes: list[Outcome] = []
     try:
         for configs in groups:
@@ -636,7 +637,7 @@ def main(argv: list[str] | None = None) -> int:
                 outcomes += [Outcome(c, error=error) for g in groups[groups.index(configs) + 1:] for c in g]
                 break
     finally:
-        ENVELOPES.uninstall()
+        EXCHANGES.uninstall()
     summary = report(outcomes, args)
     if args.profile_worker and REQUESTS:
         sizes = [int(n) for n in args.profile_worker.split(",") if n.strip()]
