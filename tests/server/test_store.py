@@ -84,6 +84,14 @@ def test_received_is_not_queued_until_marked(store):
     assert store.mark_queued(job) and not store.mark_queued(job)
 
 
+def test_the_batch_key_decided_at_submit_is_kept_with_the_job(store):
+    keyed = store.create_job("k1", "gpt2", b"x", batch_key="trace:gpt2")  # the feeder reads it from here
+    alone = store.create_job("k1", "gpt2", b"x")
+    assert store.mark_queued(keyed) and store.mark_queued(alone)
+    assert [(info.id, info.batch_key) for info in store.queued()] == [(keyed, "trace:gpt2"), (alone, None)]
+    assert store.get(keyed).batch_key == "trace:gpt2" and store.next_queued().batch_key == "trace:gpt2"
+
+
 def test_finish_stores_result_drops_request_and_is_final(store):
     job = _queued(store, request=b"big request")
     store.claim(job)
