@@ -15,7 +15,7 @@ import torch
 from glassbox.cli import free_port, main, start_server
 from glassbox.jobs_cli import JOB_FAILED, NOT_FINISHED, OK, UNREACHABLE, USAGE
 from glassbox.remote import transport
-from glassbox.remote.protocol import decode_values, encode_values, make_envelope
+from job_requests import job_request, saved
 
 pytest.importorskip("fastapi", reason="tested against a real server: pip install 'glassbox[server]'")
 
@@ -23,16 +23,6 @@ MAX_SECONDS = 3
 PRINTS = "for i in range(3):\n    print('line', i)\n"
 SAVES = "h = glassbox_model.transformer.h[1].output.save()\necho = glassbox.save(marker)\n"
 FOREVER = "print('started')\nn = 0\nwhile True:\n    n = n + 1\n"
-
-
-def job_request(source: str, marker: str = "m") -> tuple[dict, bytes]:
-    desc, blob = encode_values({"vars": {"marker": marker}, "inputs": ["The Eiffel Tower is in"], "call": {}})
-    envelope = make_envelope("job", {
-        "model": "gpt2", "method": "trace", "source": source, "first_line": 2, "tracer_name": "tracer",
-        "model_refs": {}, "modules": {"glassbox": "glassbox"}, "values": desc,
-        "writes": ["echo", "h"], "returns": ["echo", "h"],
-    })
-    return envelope, blob
 
 
 @pytest.fixture(scope="module")
@@ -70,7 +60,9 @@ def jobs(capsys, *args: str) -> tuple[int, str, str]:
 
 
 def submit(server, key: str, source: str, marker: str = "m") -> str:
-    return transport.submit(server.url, key, *job_request(source, marker), timeout=30)
+    request = job_request(source, values={"marker": marker}, inputs=["The Eiffel Tower is in"], model_refs={},
+                          modules={"glassbox": "glassbox"}, returns=("echo", "h"), filename="<remote block>")
+    return transport.submit(server.url, key, request, timeout=30)
 
 
 def test_a_completed_job_listed_followed_and_saved_as_safetensors(server, alice, capsys, tmp_path):
@@ -96,8 +88,7 @@ def test_a_completed_job_listed_followed_and_saved_as_safetensors(server, alice,
     assert code == OK and f"wrote 1 tensors to {target}" in err
     from safetensors import safe_open
 
-    envelope, blob = transport.result(server.url, alice, job)
-    expected = decode_values(envelope["values"], blob)["saved"]
+    expected = saved(transport.result(server.url, alice, job))
     with safe_open(str(target), framework="pt") as file:
         assert list(file.keys()) == ["h"]
         assert torch.equal(file.get_tensor("h"), expected["h"])

@@ -13,31 +13,22 @@ from typing import Any
 
 import torch
 
-from glassbox.remote.protocol import (
-    JOB_KIND,
-    RESULT_KIND,
-    check_envelope,
-    decode_values,
-    encode_values,
-    make_envelope,
-)
+from glassbox.remote.job import JobRequest, JobResult
+from glassbox.remote.protocol import encode_values
 from glassbox.server.jobs.executor import load_models
 
 __all__ = ["load_models", "run_job"]
 
 
-def run_job(models: dict[str, Any], envelope: dict, blob: bytes, *, log: Callable[[str], None],
-            limits: dict | None = None) -> tuple[dict, bytes]:
-    payload = check_envelope(envelope, JOB_KIND, receiver="server")
-    values = decode_values(payload["values"], blob, numpy_as_tensor=True)
+def run_job(models: dict[str, Any], request: JobRequest, *, log: Callable[[str], None],
+            limits: dict | None = None) -> JobResult:
+    values = request.decoded(numpy_as_tensor=True)
     out: dict[str, Any] = {}
-    namespace = {"model": models[payload["model"]], "torch": torch, "out": out, "print": log,
-                 "prompt": (values.get("inputs") or [""])[0]}
+    namespace = {"model": models[request.model], "torch": torch, "out": out, "print": log,
+                 "prompt": (values.inputs or [""])[0]}
     try:
-        exec(compile(payload["source"], "<raw job>", "exec"), namespace)
+        exec(compile(request.source, "<raw job>", "exec"), namespace)
     except Exception as err:
-        reply = {"status": "ERROR", "error": {"type": type(err).__name__, "message": str(err),
-                                              "lineno": None, "line": None}}
-        return make_envelope(RESULT_KIND, reply), b""
+        return JobResult.failed(type(err).__name__, str(err))
     desc, out_blob = encode_values({"saved": {"out": out}, "result": None})
-    return make_envelope(RESULT_KIND, {"status": "COMPLETED", "values": desc, "unsaved": []}), out_blob
+    return JobResult.completed(desc, [], out_blob)

@@ -24,8 +24,8 @@ from glassbox import LanguageModel
 from glassbox.cli import start_server
 from glassbox.offline import tiny_gpt2_path
 from glassbox.remote import transport
-from glassbox.remote.protocol import decode_values, encode_values, make_envelope
 from glassbox.server.workers.confine import available
+from job_requests import job_request
 
 PROMPT = "The Eiffel Tower is in"
 
@@ -51,18 +51,15 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str]
 def _run(server: tuple[str, str], source: str) -> dict:
     """Run raw ``source`` as one job; its ``out`` dict, or the ERROR result's error."""
     url, key = server
-    desc, blob = encode_values({"vars": {}, "inputs": [PROMPT], "call": {}})
-    envelope = make_envelope("job", {
-        "model": "gpt2", "method": "trace", "source": source, "first_line": 1, "tracer_name": "tracer",
-        "model_refs": {}, "modules": {}, "values": desc, "writes": [], "returns": [],
-    })
-    job = transport.submit(url, key, envelope, blob, 60)
+    request = job_request(source, inputs=[PROMPT], first_line=1, model_refs={}, modules={},
+                          filename="<remote block>")
+    job = transport.submit(url, key, request, 60)
     for _ in transport.events(url, key, job, timeout=90):
         pass
-    result, out = transport.result(url, key, job, timeout=60)
-    if result["status"] != "COMPLETED":
-        return {"error": result["error"]}
-    return decode_values(result["values"], out)["saved"]["out"]
+    result = transport.result(url, key, job, timeout=60)
+    if not result.ok:
+        return {"error": result.error}
+    return result.decoded()["saved"]["out"]
 
 
 def _worker_pids(server: tuple[str, str]) -> list:
@@ -175,8 +172,8 @@ def test_a_raw_write_to_the_weights_kills_only_that_job(server: tuple[str, str])
     pids = _worker_pids(server)
     write = "model._module.transformer.h[0].mlp.c_fc.weight.data.zero_()\nout['wrote'] = True\n"
     crashed = _run(server, write)
-    assert "error" in crashed and crashed["error"]["type"] == "WorkerCrashed", crashed
-    assert "read-only" in crashed["error"]["message"]
+    assert "error" in crashed and crashed["error"].type == "WorkerCrashed", crashed
+    assert "read-only" in crashed["error"].message
     after = _run(server, STATE)
     assert torch.equal(after["logits"], before["logits"])  # the weights are what they were
     assert _worker_pids(server) == pids  # the same worker: nothing had to be reloaded
@@ -226,6 +223,6 @@ os.closerange(3, 256)   # its pipe to the worker included: the worker sees it as
 while True:
     pass
 """)
-    assert out["error"]["type"] == "TimeoutError", out
+    assert out["error"].type == "TimeoutError", out
     assert "error" not in _run(server, STATE)
     assert _worker_pids(server) == pids  # stopped by the worker, not by restarting it

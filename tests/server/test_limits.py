@@ -16,8 +16,7 @@ import pytest
 
 from glassbox.cli import start_server
 from glassbox.remote import transport
-from glassbox.remote.framing import frame
-from glassbox.remote.protocol import decode_values, encode_values, make_envelope
+from job_requests import job_request
 
 QUOTA = 100_000
 MAX_RESULT = 20_000_000
@@ -28,14 +27,10 @@ BIG = "h = glassbox.save(torch.zeros(50_000))\n"  # 200,000 bytes of tensor: twi
 LONG = "print('looping')\nn = 0\nfor i in range(40_000_000):\n    n = n + 1\necho = glassbox.save(marker)\n"
 
 
-def job_request(source: str, marker: str = "m") -> tuple[dict, bytes]:
-    desc, blob = encode_values({"vars": {"marker": marker}, "inputs": ["The Eiffel Tower is in"], "call": {}})
-    envelope = make_envelope("job", {
-        "model": "gpt2", "method": "trace", "source": source, "first_line": 2, "tracer_name": "tracer",
-        "model_refs": {}, "modules": {"glassbox": "glassbox", "torch": "torch"}, "values": desc,
-        "writes": ["echo", "h", "s"], "returns": ["echo", "h", "s"],
-    })
-    return envelope, blob
+def _job(source: str, marker: str = "m"):
+    return job_request(source, values={"marker": marker}, inputs=["The Eiffel Tower is in"], model_refs={},
+                       modules={"glassbox": "glassbox", "torch": "torch"}, returns=("echo", "h", "s"),
+                       filename="<remote block>")
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +50,7 @@ def server(tmp_path_factory):
 
 
 def submit(server, key: str, source: str, marker: str = "m") -> str:
-    return transport.submit(server.url, key, *job_request(source, marker), timeout=30)
+    return transport.submit(server.url, key, _job(source, marker), timeout=30)
 
 
 def final(server, key: str, job: str, timeout: float = 120) -> dict:
@@ -67,9 +62,9 @@ def final(server, key: str, job: str, timeout: float = 120) -> dict:
 
 
 def saved(server, key: str, job: str) -> dict:
-    envelope, blob = transport.result(server.url, key, job)
-    assert envelope["status"] == "COMPLETED", envelope.get("error")
-    return decode_values(envelope["values"], blob)["saved"]
+    result = transport.result(server.url, key, job)
+    assert result.ok, result.error
+    return result.decoded()["saved"]
 
 
 def test_a_key_over_its_stored_bytes_quota_gets_429_and_other_keys_go_on(server):
@@ -79,7 +74,7 @@ def test_a_key_over_its_stored_bytes_quota_gets_429_and_other_keys_go_on(server)
     stored = httpx.get(f"{server.url}/v1/jobs/{big}/result", headers={"X-API-Key": alice}, timeout=30)
     assert stored.status_code == 200 and len(stored.content) > QUOTA  # what the quota counts
     response = httpx.post(server.url + "/v1/jobs", headers={"X-API-Key": alice}, timeout=30,
-                          content=frame(*job_request(ECHO)))
+                          content=_job(ECHO).frame())
     assert response.status_code == 429
     message = response.json()["detail"]
     assert f"hold {len(stored.content):,} bytes of results" in message

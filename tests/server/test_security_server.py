@@ -25,8 +25,9 @@ from glassbox.cli import start_server
 from glassbox.errors import SandboxError
 from glassbox.offline import tiny_gpt2_path
 from glassbox.remote import transport
-from glassbox.remote.protocol import decode_values, encode_values, make_envelope
+from glassbox.remote.job import JobRequest, JobResult
 from glassbox.server.config import ServerConfig, default_max_memory_bytes
+from job_requests import job_request, saved
 
 # Small, but above what a 1 GB result takes to encode before the server's size check sees it
 # (4 s on 2 idle cores, 10 s when the machine is busy).
@@ -42,24 +43,19 @@ WEIGHT = "model.transformer.h[0].mlp.c_fc.weight"
 VICTIM = "logits = model.output.logits.save()\nprobs = glassbox.save(torch.softmax(logits, dim=-1))\n"
 
 
-def raw_job(source: str, model: str, prompt: str = PROMPT, returns: tuple = ("logits", "probs", "h")):
+def raw_job(source: str, model: str, prompt: str = PROMPT,
+            returns: tuple = ("logits", "probs", "h")) -> JobRequest:
     """A job as the client sends it, with the model as ``model`` and torch / glassbox imported."""
-    desc, blob = encode_values({"vars": {}, "inputs": [prompt], "call": {}})
-    envelope = make_envelope("job", {
-        "model": model, "method": "trace", "source": source, "first_line": 2, "tracer_name": "tracer",
-        "model_refs": {"model": ""}, "modules": {"torch": "torch", "nn": "torch.nn", "glassbox": "glassbox"},
-        "values": desc, "writes": list(returns), "returns": list(returns),
-    })
-    return envelope, blob
+    return job_request(source, model=model, inputs=[prompt], returns=returns, filename="<remote block>",
+                       modules={"torch": "torch", "nn": "torch.nn", "glassbox": "glassbox"})
 
 
-def finish(url: str, key: str, job: str, timeout: float = 60) -> tuple[dict, dict]:
-    """Follow a job to its end: (result envelope, saved values)."""
+def finish(url: str, key: str, job: str, timeout: float = 60) -> tuple[JobResult, dict]:
+    """Follow a job to its end: (result, saved values)."""
     for _ in transport.events(url, key, job, timeout=timeout):
         pass
-    envelope, blob = transport.result(url, key, job, timeout=timeout)
-    saved = decode_values(envelope["values"], blob)["saved"] if envelope["status"] == "COMPLETED" else {}
-    return envelope, saved
+    result = transport.result(url, key, job, timeout=timeout)
+    return result, saved(result) or {}
 
 
 @pytest.fixture(scope="module")
@@ -132,8 +128,8 @@ class Guarded:
         return self.server.output().count(": ready in ")
 
     def submit_victim(self) -> None:
-        job = self.submit(self.server.url, self.victim_key, *raw_job(VICTIM, self.gpt2._remote_name()),
-                           timeout=30)
+        job = self.submit(self.server.url, self.victim_key, raw_job(VICTIM, self.gpt2._remote_name()),
+                          timeout=30)
         self.victims.append(job)
 
     @contextlib.contextmanager
@@ -150,10 +146,10 @@ class Guarded:
         assert self.victims, "no victim job was submitted behind the attack"
         logits, probs = self.expected
         for job in self.victims:
-            envelope, saved = finish(self.server.url, self.victim_key, job)
-            assert envelope["status"] == "COMPLETED", (envelope.get("error"), self.server.output()[-2000:])
-            assert torch.equal(saved["logits"], logits), "served weights differ from the model's files"
-            assert torch.equal(saved["probs"], probs), "torch.softmax differs in the worker"
+            result, values = finish(self.server.url, self.victim_key, job)
+            assert result.status == "COMPLETED", (result.error, self.server.output()[-2000:])
+            assert torch.equal(values["logits"], logits), "served weights differ from the model's files"
+            assert torch.equal(values["probs"], probs), "torch.softmax differs in the worker"
         health = httpx.get(self.server.url + "/v1/health", timeout=10).json()
         assert health["status"] == "ok" and health["worker"] == "ready"
 
@@ -206,7 +202,7 @@ def test_recursion_deeper_than_the_c_stack_kills_only_that_jobs_process(gpt2, gu
 
 def test_a_flood_of_empty_prints_is_a_few_log_messages(server, path, guarded):
     job = guarded.submit(server.url, guarded.attacker_key,
-                         *raw_job("for i in range(20000):\n    print()\nh = glassbox.save(1)\n", path.name),
+                         raw_job("for i in range(20000):\n    print()\nh = glassbox.save(1)\n", path.name),
                          timeout=30)
     guarded.submit_victim()
     events = list(transport.events(server.url, guarded.attacker_key, job, timeout=60))
@@ -223,7 +219,7 @@ def test_a_flood_of_submissions_gets_429s_while_the_server_keeps_answering(serve
 
     def submit(_: int) -> int | str:
         try:
-            guarded.submit(server.url, flood_key, *request, timeout=30)
+            guarded.submit(server.url, flood_key, request, timeout=30)
             return 202
         except RemoteError as err:
             return err.status_code or str(err)
@@ -266,10 +262,10 @@ def test_a_dunder_walk_is_refused(gpt2, guarded):
 
 def test_a_dunder_walk_through_getattr_is_refused(guarded, server, path):
     source = "h = getattr((), '__cla' + 'ss__')\n"
-    job = guarded.submit(server.url, guarded.attacker_key, *raw_job(source, path.name), timeout=30)
+    job = guarded.submit(server.url, guarded.attacker_key, raw_job(source, path.name), timeout=30)
     guarded.submit_victim()
-    envelope, _ = finish(server.url, guarded.attacker_key, job)
-    assert envelope["status"] == "ERROR" and envelope["error"]["type"] == "SandboxError"
+    result, _ = finish(server.url, guarded.attacker_key, job)
+    assert result.status == "ERROR" and result.error.type == "SandboxError"
     guarded.check()
 
 
@@ -284,11 +280,11 @@ def test_in_place_modules_of_the_jobs_own_making_are_refused(guarded, server, pa
     # nn.ReLU(inplace=True)(weight) writes from C, where no guard sees the tensor: the sandbox
     # refuses in-place modules at construction (the after-job weight check stays as a backstop).
     source = f"with torch.no_grad():\n    nn.Sequential(nn.ReLU(inplace=True))({WEIGHT})\n"
-    job = guarded.submit(server.url, guarded.attacker_key, *raw_job(source, path.name), timeout=30)
+    job = guarded.submit(server.url, guarded.attacker_key, raw_job(source, path.name), timeout=30)
     guarded.submit_victim()
-    envelope, _ = finish(server.url, guarded.attacker_key, job)
-    assert envelope["status"] == "ERROR" and envelope["error"]["type"] == "SandboxError"
-    assert "inplace=True" in envelope["error"]["message"]
+    result, _ = finish(server.url, guarded.attacker_key, job)
+    assert result.status == "ERROR" and result.error.type == "SandboxError"
+    assert "inplace=True" in result.error.message
     guarded.check()
 
 
