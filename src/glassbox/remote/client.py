@@ -31,7 +31,7 @@ from typing import Any
 from ..cache import Cache
 from ..capture import CapturedBody, write_back
 from ..config import CONFIG
-from ..envoy import Envoy
+from ..envoy import Envoy, path_of, root_of
 from ..errors import GlassboxError, TraceStateError
 from .executor import run_locally
 from .job import FINAL, JobRequest, JobResult
@@ -149,12 +149,12 @@ class RemoteRun:
             else:
                 continue  # a builtin, or set inside the block first
             if isinstance(value, Envoy):
-                if value._root is not self.model:
+                if root_of(value) is not self.model:
                     raise TraceStateError(
                         f"`{name}` belongs to a different model than the one traced remotely; "
                         "a remote block can only use the model it traces"
                     )
-                model_refs[name] = value._path
+                model_refs[name] = path_of(value)
             elif isinstance(value, types.ModuleType):
                 modules[name] = value.__name__
             elif hasattr(builtins, name) and value is getattr(builtins, name):

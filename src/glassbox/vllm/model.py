@@ -58,7 +58,8 @@ from .engine import Completion, Engine
 from .rows import RowRouter
 
 # Envoy attributes that exist once the engine has started; reading one starts it.
-_TREE = frozenset({"_module", "_children", "_child_list", "_path", "_display", "_parent", "_root", "_name"})
+_TREE = frozenset({"_module", "_children", "_child_list", "_path", "_display", "_parent", "_root", "_name",
+                   "_slots"})
 
 
 class _Request:

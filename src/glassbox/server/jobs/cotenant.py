@@ -50,6 +50,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
+from ...envoy import module_of
 from ...remote.job import JobRequest, JobResult
 from ...tracing import Body, collect_saved, run_together
 from . import execute, served
@@ -149,7 +150,7 @@ _sizes: dict[int, frozenset[int]] = {}
 def _model_sizes(model: Any) -> frozenset[int]:
     """Every dimension size in the model other than batch and sequence: weight shapes, plus the
     head counts and head sizes of its config (they shape attention's intermediate tensors)."""
-    module = model._module
+    module = module_of(model)
     if id(module) not in _sizes:
         sizes = {n for tensor in [*module.parameters(), *module.buffers()] for n in tensor.shape}
         config = getattr(module, "config", None)

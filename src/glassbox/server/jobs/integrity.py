@@ -38,6 +38,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ...envoy import Envoy, module_of
 from .sealed import is_sealed
 
 _CHUNK = 1 << 22
@@ -120,7 +121,7 @@ class WeightGuard:
 
     def __init__(self, module: torch.nn.Module, keep_copy: bool = True, keyed: bool = False) -> None:
         if not isinstance(module, torch.nn.Module):
-            inner = getattr(module, "_module", None)  # an Envoy: guard the module it wraps
+            inner = module_of(module) if isinstance(module, Envoy) else None  # guard the module it wraps
             if not isinstance(inner, torch.nn.Module):
                 raise TypeError(f"WeightGuard takes a torch.nn.Module, got {type(module).__name__}")
             module = inner

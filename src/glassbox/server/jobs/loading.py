@@ -18,6 +18,7 @@ import gc
 import sys
 from typing import Any
 
+from ...envoy import module_of
 from .offload import own_offload_files
 from .sealed import release, seal
 from .served import unwatch, watch
@@ -45,8 +46,8 @@ def load_model(name: str, spec: Any) -> Any:
     print(f"[glassbox worker] loading {name} from {path}{' (' + shown + ')' if shown else ''}",
           file=sys.stderr, flush=True)
     model = LanguageModel(path, dispatch=True, **options)
-    own_offload_files(model._module)
-    sealed = seal(model._module)
+    own_offload_files(module_of(model))
+    sealed = seal(module_of(model))
     print(f"[glassbox worker] {name}: {sealed / 2**20:.0f} MiB of weights in read-only memory",
           file=sys.stderr, flush=True)
     _hide_paths(model, name)
@@ -70,7 +71,7 @@ def unload_model(models: dict[str, Any], name: str) -> int:
     if model is None:
         return 0
     unwatch(model, name)
-    freed = release(model._module)
+    freed = release(module_of(model))
     del model
     _give_back_freed_memory()
     print(f"[glassbox worker] evicted {name} ({freed / 2**20:.0f} MiB of weights unmapped)",
@@ -81,7 +82,8 @@ def unload_model(models: dict[str, Any], name: str) -> int:
 def _hide_paths(model: Any, name: str) -> None:
     """Where the weights lie on the server is nobody's business: the config, generation config and
     tokenizer say the served name instead."""
-    for obj in (getattr(model._module, "config", None), getattr(model._module, "generation_config", None)):
+    module = module_of(model)
+    for obj in (getattr(module, "config", None), getattr(module, "generation_config", None)):
         if obj is not None and hasattr(obj, "_name_or_path"):
             obj._name_or_path = name
     tokenizer = getattr(model, "tokenizer", None)

@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 
+from ...envoy import module_of
 from .integrity import WeightGuard
 
 __all__ = ["after_job", "restore_changed", "unwatch", "use_model", "watch"]
@@ -32,12 +33,12 @@ _last_model: list[str] = []  # the models the last job(s) ran on: the only ones 
 
 
 def _guard(model: Any) -> WeightGuard:
-    guard = _guards.get(id(model._module))
+    guard = _guards.get(id(module_of(model)))
     if guard is None:
         # Weights off the CPU cannot be sealed (sealed.py): their checksum is keyed, so that code
         # that found a write path cannot also forge a change that keeps the sum.
-        keyed = any(p.device.type != "cpu" for p in model._module.parameters())
-        guard = _guards[id(model._module)] = WeightGuard(model._module, keyed=keyed)
+        keyed = any(p.device.type != "cpu" for p in module_of(model).parameters())
+        guard = _guards[id(module_of(model))] = WeightGuard(module_of(model), keyed=keyed)
     return guard
 
 
@@ -48,7 +49,7 @@ def watch(model: Any) -> None:
 
 def unwatch(model: Any, name: str) -> None:
     """Forget an evicted model's snapshot (and that the last job used it)."""
-    _guards.pop(id(model._module), None)
+    _guards.pop(id(module_of(model)), None)
     if name in _last_model:
         _last_model.remove(name)
 

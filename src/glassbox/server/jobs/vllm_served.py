@@ -22,6 +22,7 @@ from __future__ import annotations
 import sys
 from typing import Any
 
+from ...envoy import module_of
 from .served import watch
 
 __all__ = ["load_vllm"]
@@ -44,7 +45,7 @@ def load_vllm(name: str, spec: dict[str, Any]) -> Any:
 
 def _hide_paths(model: Any, name: str) -> None:
     """Error messages and descriptions say the served name, never the server's folders."""
-    config = getattr(model._module, "config", None)
+    config = getattr(module_of(model), "config", None)
     if config is not None and hasattr(config, "_name_or_path"):
         config._name_or_path = name
     tokenizer = getattr(model, "tokenizer", None)

@@ -44,6 +44,7 @@ import traceback
 from collections.abc import Callable, Iterator
 from typing import Any
 
+from ...envoy import Envoy, module_of
 from ...remote.executor import load_executor
 from ...remote.job import JobError, JobRequest, JobResult
 from ...remote.protocol import ProtocolError
@@ -357,7 +358,7 @@ def over_memory_limit(result: JobResult, limit: int) -> JobResult:
 
 
 def describe(model: Any) -> dict:
-    module = getattr(model, "_module", model)
+    module = module_of(model) if isinstance(model, Envoy) else model
     info: dict[str, Any] = {"class": type(module).__name__}
     try:
         info["parameters"] = int(sum(p.numel() for p in module.parameters()))

@@ -41,6 +41,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from ...envoy import Envoy, module_of
 from ...remote.framing import frame, unframe
 from ...remote.protocol import ProtocolError
 from ..config import ServerConfig
@@ -158,7 +159,7 @@ def _serve(conn: multiprocessing.connection.Connection, specs: dict[str, Any], e
 
 
 def _on_accelerator(model: Any) -> bool:
-    module = getattr(model, "_module", model)
+    module = module_of(model) if isinstance(model, Envoy) else model
     return any(p.device.type not in ("cpu", "meta") for p in module.parameters())
 
 
