@@ -54,12 +54,18 @@ def _followed_by_with(frame: FrameType) -> bool:
 
 
 # The innermost open trace, if any: tracing.py (which imports this module, so this one must not
-# import it back) sets it to its current_tracer.
+# import it back) hands over its current_tracer through use_tracer_finder.
 def _no_tracer() -> Any:
     return None
 
 
 find_tracer: Callable[[], Any] = _no_tracer
+
+
+def use_tracer_finder(finder: Callable[[], Any]) -> None:
+    """Tell ``patched_backward`` how to find the innermost open trace (tracing.current_tracer)."""
+    global find_tracer
+    find_tracer = finder
 
 
 def patched_backward(self: torch.Tensor, *args: Any, **kwargs: Any) -> Any:

@@ -30,7 +30,8 @@ from typing import Any
 
 import torch
 
-from . import plot
+import glassbox.plot as plot
+
 from .envoy import module_of
 from .models.language import LanguageModel
 

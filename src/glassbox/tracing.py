@@ -40,7 +40,7 @@ from dataclasses import dataclass, replace
 from types import CodeType
 from typing import TYPE_CHECKING, Any
 
-from . import backward as _backward
+from .backward import patched_backward, use_tracer_finder
 from .cache import Cache
 from .capture import SkipBody, capture_body, skip_body
 from .deferred import Deferred
@@ -73,7 +73,7 @@ def current_tracer() -> Tracer | None:
     return stack[-1] if stack else None
 
 
-_backward.find_tracer = current_tracer
+use_tracer_finder(current_tracer)
 
 
 _SAVE_OUTSIDE = (
@@ -171,7 +171,7 @@ def _ensure_mounted() -> None:
             import torch
 
             mount(torch.Tensor, "save", tensor_save)
-            mount(torch.Tensor, "backward", _backward.patched_backward)
+            mount(torch.Tensor, "backward", patched_backward)
             _builtins_savable = mount_builtin((list, dict, set, tuple), "save", tensor_save)
             _tensor_mounted = True
         generic = sys.modules.get("transformers.utils.generic")

@@ -35,8 +35,9 @@ import torch
 from ..envoy import Envoy, children_of, display_of, module_of, root_of, slots_of
 from ..errors import MissedModuleError, OutOfOrderError
 from ..intercept import MISSING
-from . import rewrite
 from .listing import describe, listing
+from .rewrite import Compiled, rebuild, resolve, unwrap
+from .rewrite import compiled as compiled_forward
 
 _getcurrent = greenlet.getcurrent
 _module_forward = torch.nn.Module.forward
@@ -108,18 +109,18 @@ class Source:
         """The innermost function whose calls this source lists."""
         module = module_of(self._envoy)
         if not isinstance(module, Operation):
-            return rewrite.unwrap(type(module).forward)[0]
+            return unwrap(type(module).forward)[0]
         parent, name = module._source, module._op_name
         callee = parent._seen.get(name)
         if callee is None:
             compiled = parent._compiled()
             owner = module_of(parent._envoy)
             owner = None if isinstance(owner, Operation) else owner
-            callee = rewrite.resolve(compiled.callees.get(name), parent._function(), owner, compiled.assigned)
-        return rewrite.unwrap(_as_function(callee, self._envoy, parent))[0]
+            callee = resolve(compiled.callees.get(name), parent._function(), owner, compiled.assigned)
+        return unwrap(_as_function(callee, self._envoy, parent))[0]
 
-    def _compiled(self) -> rewrite.Compiled:
-        return rewrite.compiled(self._function())
+    def _compiled(self) -> Compiled:
+        return compiled_forward(self._function())
 
     # ------------------------------------------------------------ user side
 
@@ -176,7 +177,7 @@ class Source:
 
     def _module_runner(self, site: Any) -> Callable:
         module = site.module
-        forward = types.MethodType(rewrite.rebuild(type(module).forward, self._dispatch), module)
+        forward = types.MethodType(rebuild(type(module).forward, self._dispatch), module)
         if site.saved_forward is MISSING:
             return forward
         # accelerate keeps the real forward in _old_forward and runs its hook around it
@@ -202,8 +203,8 @@ class Source:
         known, built = self._built
         if target is not known:
             parent = module_of(self._envoy)._source
-            inner = rewrite.unwrap(_as_function(target, self._envoy, parent))[0]
-            names = rewrite.compiled(inner).names
+            inner = unwrap(_as_function(target, self._envoy, parent))[0]
+            names = compiled_forward(inner).names
             missing = [name for name, (_, slots) in self._hot.items()
                        if name not in names and _in_trace(slots)]
             if missing:
@@ -212,7 +213,7 @@ class Source:
                     f"{', '.join(missing)} (that was listed for another function, before this op ran); its "
                     f"operations are: {', '.join(names) or 'none'}"
                 )
-            built = rewrite.rebuild(target, self._dispatch)
+            built = rebuild(target, self._dispatch)
             self._built = (target, built)
         return built if bound is None else types.MethodType(built, bound)
 

@@ -31,7 +31,7 @@ vLLM's names inside itself; envoys taken outside it need the local module tree (
 Call hierarchy (one trace)::
 
     Tracer.__exit__ -> Interleaver.finish -> runner greenlet: VLLM._execute
-        seams.installed(...)                 routing wrappers on the model runner, for this trace
+        installed(...)                 routing wrappers on the model runner, for this trace
         Engine.run(requests)                 add requests, engine.step() until all are finished
             routed_forward -> RowRouter.begin_step     each invoke's rows in this step's slab
             model forward  -> wrapped modules meet the invoke bodies (Interleaver.boundary)
@@ -53,9 +53,9 @@ from ..models.base import NNsight
 from ..models.generation import GenerateTracer, reach_step
 from ..models.hosted import HostedByName, load_config
 from ..tracing import Tracer
-from . import seams
 from .engine import Completion, Engine
 from .rows import RowRouter
+from .seams import Passthrough, installed
 
 # Envoy attributes that exist once the engine has started; reading one starts it.
 _TREE = frozenset({"_module", "_children", "_child_list", "_path", "_display", "_parent", "_root", "_name",
@@ -154,7 +154,7 @@ class VLLM(HostedByName, NNsight):
         Envoy.__init__(self, engine.model)
         d["_engine"] = engine
         for name in ("logits", "samples"):  # envoys over boundaries vLLM has no module for
-            envoy = Envoy(seams.Passthrough(), self, name)
+            envoy = Envoy(Passthrough(), self, name)
             d["_children"][name] = envoy
             d[name] = envoy
         d["_child_list"] = tuple(d["_children"].values())
@@ -268,7 +268,7 @@ class VLLM(HostedByName, NNsight):
         router = RowRouter(self.active)
         self.__dict__["_router"] = router
         try:
-            with seams.installed(engine, router, module_of(self.logits), module_of(self.samples)):
+            with installed(engine, router, module_of(self.logits), module_of(self.samples)):
                 return engine.run(jobs, on_added=router.bind)
         finally:
             self.__dict__["_router"] = None

@@ -137,6 +137,7 @@ from RestrictedPython.transformer import (
     copy_locations,
 )
 
+from ...capture import COMPILER_KEY
 from ...envoy import Envoy
 from ...models.generation import call_through
 from ...remote.protocol import RemoteFunction
@@ -355,12 +356,8 @@ def make_globals(
         "_aug_attr_": policy.aug_attr,
     }
     # glassbox defers `with tracer.invoke(...)` bodies and compiles them itself; this
-    # key tells it to compile them here, under the same policy (older glassbox: no key).
-    from ... import capture
-
-    compiler_key = getattr(capture, "COMPILER_KEY", None)
-    if compiler_key is not None:
-        namespace[compiler_key] = compile_restricted_ast
+    # key tells it to compile them here, under the same policy.
+    namespace[COMPILER_KEY] = compile_restricted_ast
     namespace.update(allowed)
     return namespace
 
