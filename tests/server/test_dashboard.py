@@ -21,7 +21,7 @@ import pytest
 
 from glassbox.cli import main, start_server
 from glassbox.remote import transport
-from glassbox.remote.protocol import encode_values, make_envelope
+from job_requests import job_request
 
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
 MAX_SECONDS = 6  # how long a FOREVER job runs: the window in which the page must show it RUNNING
@@ -31,18 +31,10 @@ HOSTILE = '<b id="injected">bold</b><img src=x onerror="document.title=\'pwned\'
 
 
 
-def job_request(source: str, marker: str = "m") -> tuple[dict, bytes]:
-    desc, blob = encode_values({"vars": {"marker": marker}, "inputs": ["The Eiffel Tower is in"], "call": {}})
-    envelope = make_envelope("job", {
-        "model": "gpt2", "method": "trace", "source": source, "first_line": 2, "tracer_name": "tracer",
-        "model_refs": {}, "modules": {"glassbox": "glassbox"}, "values": desc,
-        "writes": ["echo", "h"], "returns": ["echo", "h"],
-    })
-    return envelope, blob
-
-
 def submit(server, key: str, source: str, marker: str = "m") -> str:
-    return transport.submit(server.url, key, *job_request(source, marker), timeout=30)
+    request = job_request(source, values={"marker": marker}, inputs=["The Eiffel Tower is in"], model_refs={},
+                          modules={"glassbox": "glassbox"}, returns=("echo", "h"), filename="<remote block>")
+    return transport.submit(server.url, key, request, timeout=30)
 
 
 def wait_until(condition: Callable[[], object], what: str, timeout: float = 30) -> object:

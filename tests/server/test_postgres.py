@@ -34,8 +34,9 @@ from glassbox import CONFIG, LanguageModel
 from glassbox.cli import RunningServer, start_server
 from glassbox.offline import tiny_gpt2_path
 from glassbox.remote import transport
-from glassbox.remote.protocol import decode_values, encode_values, make_envelope
+from glassbox.remote.job import JobRequest
 from glassbox.server.store import JobStore
+from job_requests import job_request, saved
 
 NAMES = ("server-a", "server-b")
 FOREVER = "n = 0\nwhile True:\n    n = n + 1\n"
@@ -54,16 +55,11 @@ CREATE TRIGGER jobs_claim_audit AFTER UPDATE ON jobs FOR EACH ROW EXECUTE FUNCTI
 """
 
 
-def job_request(source: str, marker: str, **values: object) -> tuple[dict, bytes]:
+def marked_job(source: str, marker: str, **values: object) -> JobRequest:
     """A job as the client sends it: the block's source plus the values it reads (``marker``, ``values``)."""
-    desc, blob = encode_values({"vars": {"marker": marker, **values}, "inputs": ["The Eiffel Tower is in"],
-                                "call": {}})
-    envelope = make_envelope("job", {
-        "model": "gpt2", "method": "trace", "source": source, "first_line": 2, "tracer_name": "tracer",
-        "model_refs": {}, "modules": {"glassbox": "glassbox"}, "values": desc,
-        "writes": ["echo"], "returns": ["echo"],
-    })
-    return envelope, blob
+    return job_request(source, values={"marker": marker, **values}, inputs=["The Eiffel Tower is in"],
+                       model_refs={}, modules={"glassbox": "glassbox"}, returns=("echo",),
+                       filename="<remote block>")
 
 
 # The marker is a value the job reads (sent with it), so one source serves every job.
@@ -137,9 +133,9 @@ def wait_final(url: str, key: str, job: str, timeout: float = 60) -> dict:
 
 
 def saved_values(url: str, key: str, job: str) -> dict:
-    envelope, blob = transport.result(url, key, job)
-    assert envelope["status"] == "COMPLETED", envelope.get("error")
-    return decode_values(envelope["values"], blob)["saved"]
+    result = transport.result(url, key, job)
+    assert result.ok, result.error
+    return saved(result)
 
 
 # ---------------------------------------------------------------- one database, each server
@@ -196,7 +192,7 @@ def test_jobs_submitted_to_two_servers_are_each_claimed_and_run_exactly_once(ser
 
     def submit(i: int) -> tuple[str, str]:
         url = urls[i % 2]
-        return url, transport.submit(url, key, *job_request(MARKED, markers[i]), timeout=30)
+        return url, transport.submit(url, key, marked_job(MARKED, markers[i]), timeout=30)
 
     watcher = threading.Thread(target=watch)
     watcher.start()
@@ -226,7 +222,7 @@ def test_jobs_submitted_to_two_servers_are_each_claimed_and_run_exactly_once(ser
 
 def test_a_job_queued_on_a_busy_server_is_run_by_the_other(servers, database, key):
     _url, store = database
-    blocker = transport.submit(servers["server-a"].url, key, *job_request(FOREVER, "blocker"), timeout=30)
+    blocker = transport.submit(servers["server-a"].url, key, marked_job(FOREVER, "blocker"), timeout=30)
     deadline = time.monotonic() + 60
     while not (held := claims(store, [blocker])):
         assert time.monotonic() < deadline, "the blocker was never claimed"
@@ -235,7 +231,7 @@ def test_a_job_queued_on_a_busy_server_is_run_by_the_other(servers, database, ke
     busy = servers[holder].url
     other = next(name for name in NAMES if name != holder)
     try:
-        job = transport.submit(busy, key, *job_request(MARKED, "next"), timeout=30)
+        job = transport.submit(busy, key, marked_job(MARKED, "next"), timeout=30)
         # Followed on the busy server, which learns of the end from the database.
         events = list(transport.events(busy, key, job, timeout=60))
         assert events[-1]["status"] == "COMPLETED"
@@ -255,7 +251,7 @@ def one_worker_held(servers: dict[str, RunningServer], store: JobStore, key: str
                     ) -> Iterator[tuple[str, str, str]]:
     """(holder, other, blocker): a job that never ends runs on the server ``holder``, so the next
     job submitted anywhere runs on ``other``. The blocker is cancelled at the end."""
-    blocker = transport.submit(servers[NAMES[0]].url, key, *job_request(FOREVER, "blocker"), timeout=30)
+    blocker = transport.submit(servers[NAMES[0]].url, key, marked_job(FOREVER, "blocker"), timeout=30)
     deadline = time.monotonic() + 60
     while not (held := claims(store, [blocker])):
         assert time.monotonic() < deadline, "the blocker was never claimed"
@@ -291,7 +287,7 @@ def test_a_client_following_a_job_on_a_server_that_does_not_run_it_gets_its_outp
         assert [server for _, server, _ in claims(store, [job.id])] == [other]
         # The polling fallback reads the same output (and a job's error) from the database.
         assert transport.status(servers[holder].url, key, job.id)["logs"] == "printed on the other server\n"
-        failing = transport.submit(servers[holder].url, key, *job_request("print('x')\n1 / 0\n", "e"),
+        failing = transport.submit(servers[holder].url, key, marked_job("print('x')\n1 / 0\n", "e"),
                                    timeout=30)
         events = list(transport.events(servers[holder].url, key, failing, timeout=60))
         assert events[-1]["status"] == "ERROR" and events[-1]["error"]["type"] == "ZeroDivisionError"
@@ -310,8 +306,7 @@ def test_a_running_job_is_cancelled_through_a_server_that_does_not_run_it(server
         state = wait_final(servers[holder].url, key, blocker)
         assert state["status"] == "CANCELLED" and state["attempts"] == 1
         # The holder's worker is free again: a job submitted to the other server may run on either.
-        job = transport.submit(servers[other].url, key, *job_request(MARKED, "after"), timeout=30)
+        job = transport.submit(servers[other].url, key, marked_job(MARKED, "after"), timeout=30)
         assert wait_final(servers[holder].url, key, job)["status"] == "COMPLETED"
     assert [server for _, server, _ in claims(store, [blocker])] == [holder]
-    envelope, _blob = transport.result(servers[other].url, key, blocker)
-    assert envelope["error"]["type"] == "Cancelled"
+    assert transport.result(servers[other].url, key, blocker).error.type == "Cancelled"

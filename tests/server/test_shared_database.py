@@ -22,7 +22,7 @@ import time
 
 import pytest
 from sqlalchemy import text
-from test_postgres import AUDIT, FOREVER, MARKED, claims, job_request, saved_values, wait_final
+from test_postgres import AUDIT, FOREVER, MARKED, claims, marked_job, saved_values, wait_final
 
 from glassbox.cli import RunningServer, start_server
 from glassbox.offline import tiny_gpt2_path
@@ -99,14 +99,14 @@ def _claimed_by(store: JobStore, job: str) -> str:
 
 def test_restarting_a_server_leaves_the_job_the_other_one_runs_alone(pair, shared, key):
     url, store = shared
-    job = transport.submit(pair[NAMES[0]].url, key, *job_request(FOREVER, "long"), timeout=30)
+    job = transport.submit(pair[NAMES[0]].url, key, marked_job(FOREVER, "long"), timeout=30)
     holder = _claimed_by(store, job)
     other = next(name for name in NAMES if name != holder)
     state_dir = pair[other].state_dir
     pair[other].stop()
     pair[other] = _start(url, other, state_dir)  # its startup settles what its last life left
     # The restarted server runs other jobs (the long one did not come back to the queue ahead of them),
-    next_job = transport.submit(pair[other].url, key, *job_request(MARKED, "next"), timeout=30)
+    next_job = transport.submit(pair[other].url, key, marked_job(MARKED, "next"), timeout=30)
     assert wait_final(pair[other].url, key, next_job)["status"] == "COMPLETED"
     assert [server for _, server, _ in claims(store, [next_job])] == [other]
     # while the long one is still running where it started, claimed once.
@@ -121,7 +121,7 @@ def test_restarting_a_server_leaves_the_job_the_other_one_runs_alone(pair, share
 
 def test_the_running_job_of_a_killed_server_runs_again_on_the_other_one(pair, shared, key):
     _url, store = shared
-    job = transport.submit(pair[NAMES[0]].url, key, *job_request(SPINNING, "m1", spins=SPINS), timeout=30)
+    job = transport.submit(pair[NAMES[0]].url, key, marked_job(SPINNING, "m1", spins=SPINS), timeout=30)
     holder = _claimed_by(store, job)
     other = next(name for name in NAMES if name != holder)
     pair[holder].kill()  # SIGKILL: no requeue, no goodbye; its heartbeat just stops
