@@ -6,7 +6,7 @@ Offers:
                   their ancestors), serves values to waiting consumers, and
                   removes every wrapper afterwards.
     ENDED         what a soft request returns when the model finished first
-    (Consumer and Site live in site.py, the pooled runner in runner.py.)
+    (Consumer and Site live in intercept.py, the pooled runner in runner.py.)
 
 Call hierarchy::
 

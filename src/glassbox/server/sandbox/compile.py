@@ -103,14 +103,10 @@ Policy (decisions, and why):
   list the model exposes (``config.id2label[0] = ...``) or through mutating
   methods with unusual names. Process limits (time, memory, output size)
   are the worker's job.
-  Known gap until glassbox.capture is wired to this module: bodies of
-  ``with tracer.invoke(...)`` and ``with tracer.all()`` blocks that glassbox
-  defers are compiled by ``capture`` with plain ``compile`` and run with the
-  real builtins. The whole source has passed the compile-time checks, but
-  the runtime guards (``getattr(x, "__cl" + "ass__")``, imports, weight
-  writes) do not apply there. Wiring: compile those bodies with
-  ``compile_restricted_ast`` and build their namespace from the frame's
-  globals, copying ``GUARD_NAMES`` (``__builtins__`` included).
+  Bodies of ``with tracer.invoke(...)`` and ``with tracer.all()`` blocks, which glassbox defers,
+  are compiled here too: ``make_globals`` puts ``compile_restricted_ast`` under
+  ``capture.COMPILER_KEY`` in the job's globals, and ``capture`` compiles a deferred body with it
+  and runs it in those guarded globals, so the runtime guards apply there as everywhere else.
 """
 
 from __future__ import annotations

@@ -9,7 +9,7 @@ Offers:
         .overlaps(tensor)                           does it share memory with a protected tensor?
     (the module whitelist and ModuleView live in ``whitelist.py``)
 
-The policy (why each rule exists) is written out in ``sandbox.py``; this file
+The policy (why each rule exists) is written out in ``compile.py``'s docstring; this file
 only implements it. Every denial raises SandboxError, never AttributeError.
 """
 
