@@ -2,7 +2,7 @@
 and event streams that neither lose nor repeat printed output when the websocket fails.
 
 HTTP answers come from ``httpx.MockTransport`` here; the real server is exercised in
-tests/server/test_app.py.
+tests/server/api/test_app.py.
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""The worker process and its feeder: FIFO jobs, printed output, time limit, crashes, cancel, no secrets.
+"""The feeder (``workers/feeder.py``) and the local worker process it drives (``workers/local.py``,
+``child.py``, ``forked.py``): FIFO jobs, printed output, time limit, crashes, cancel, no secrets.
 
 Real jobs on a real (tiny, random) GPT-2 through ``glassbox.server.jobs.execute``.
 """
@@ -58,7 +59,7 @@ def worker(tmp_path_factory, tiny_path):
     saved_env = {name: os.environ.get(name) for name in SECRETS}
     os.environ.update(SECRETS)  # present in the API process for the whole module: no worker may see them
     store = JobStore(f"sqlite:///{tmp_path_factory.mktemp('worker') / 'jobs.db'}")
-    # Batching off: these tests are about one job at a time (tests/server/test_cotenant.py batches).
+    # Batching off: these tests are about one job at a time (tests/server/jobs/test_cotenant.py batches).
     config = ServerConfig(models={"gpt2": tiny_path}, max_seconds=MAX_SECONDS, max_log_bytes=2000,
                           torch_threads=1, max_batch=1)
     events = Events()

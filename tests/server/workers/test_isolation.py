@@ -36,7 +36,7 @@ pytestmark = pytest.mark.skipif(
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str]]:
-    here = os.path.dirname(os.path.abspath(__file__))  # where raw_executor is
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # tests/server: raw_executor.py
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [here, os.environ.get("PYTHONPATH")])))
         running = start_server({"gpt2": str(tiny_gpt2_path())}, state_dir=str(tmp_path_factory.mktemp("raw")),
