@@ -26,6 +26,7 @@ import builtins
 import sys
 import time
 import types
+from collections.abc import Callable
 from typing import Any
 
 from ..cache import Cache
@@ -84,7 +85,10 @@ class RemoteRun:
         timeout: float | None = None,
         blocking: bool = True,
         local: bool = False,
+        result_form: Callable[[Any], Any] | None = None,
     ) -> None:
+        """``result_form``: turns the ``tracer.result`` that came back into the model's own form
+        (glassbox.VLLM: plain dicts back into Completions)."""
         if local and not blocking:
             raise ValueError("remote='local' runs the block in this process: blocking=False is not available")
         if body is None:
@@ -101,6 +105,7 @@ class RemoteRun:
         self.timeout = timeout
         self.blocking = blocking
         self.local = local
+        self.result_form = result_form
         self.sent: dict[str, Any] = {}
         self.result: Any = None
         self.job: JobHandle | None = None
@@ -199,7 +204,7 @@ class RemoteRun:
         reply.raise_if_failed(self.body.filename)
         decoded = reply.decoded()
         saved = {name: _local_form(value) for name, value in decoded["saved"].items()}
-        self.result = decoded["result"]
+        self.result = decoded["result"] if self.result_form is None else self.result_form(decoded["result"])
         updates: dict[str, Any] = {}
         for name, value in saved.items():
             original = self.sent.get(name)

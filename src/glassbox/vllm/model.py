@@ -201,12 +201,8 @@ class VLLM(HostedByName, NNsight):
                       timeout: float | None, blocking: bool, local: bool = False) -> Any:
         from ..remote.client import RemoteRun
 
-        class _Run(RemoteRun):
-            def _apply(self, reply_envelope: dict, blob: bytes) -> None:
-                super()._apply(reply_envelope, blob)
-                self.result = _completions(self.result)
-
-        return _Run(self, method, body, frame, inputs, call, timeout=timeout, blocking=blocking, local=local)
+        return RemoteRun(self, method, body, frame, inputs, call, timeout=timeout, blocking=blocking,
+                         local=local, result_form=_completions)
 
     def _wire_result(self, result: Any) -> list[dict] | None:
         """``tracer.result`` as a server sends it back (plain data; ``_completions`` undoes it)."""
