@@ -25,7 +25,8 @@ from glassbox import CONFIG, LanguageModel
 from glassbox.cli import start_server
 from glassbox.offline import tiny_gpt2_path
 from glassbox.remote import transport
-from glassbox.remote.protocol import decode_values, encode_values, make_envelope
+from glassbox.remote.job import JobRequest
+from job_requests import job_request, saved
 
 pytest.importorskip("ray")  # the [ray] extra
 
@@ -38,20 +39,16 @@ SECRET = ("GLASSBOX_RAY_TEST_TOKEN", "not-for-replicas")  # in the server's envi
 LONG = "print('looping')\nn = 0\nfor i in range(30_000_000):\n    n = n + 1\necho = glassbox.save(marker)\n"
 
 
-def request(source: str, marker: str) -> tuple[dict, bytes]:
+def request(source: str, marker: str) -> JobRequest:
     """A job as the glassbox client sends it, for the tiny GPT-2 (served under its folder's name,
     which is what ``LanguageModel(path)`` asks a server for)."""
-    desc, blob = encode_values({"vars": {"marker": marker}, "inputs": [PROMPT], "call": {}})
-    envelope = make_envelope("job", {
-        "model": tiny_gpt2_path().name, "method": "trace", "source": source, "first_line": 2,
-        "tracer_name": "tracer", "model_refs": {}, "modules": {"glassbox": "glassbox"}, "values": desc,
-        "writes": ["echo"], "returns": ["echo"],
-    })
-    return envelope, blob
+    return job_request(source, model=tiny_gpt2_path().name, values={"marker": marker}, inputs=[PROMPT],
+                       model_refs={}, modules={"glassbox": "glassbox"}, returns=("echo",),
+                       filename="<remote block>")
 
 
 def submit(url: str, key: str, source: str, marker: str) -> str:
-    return transport.submit(url, key, *request(source, marker), timeout=30)
+    return transport.submit(url, key, request(source, marker), timeout=30)
 
 
 def final(url: str, key: str, job: str, timeout: float = 90) -> dict:
@@ -65,9 +62,9 @@ def final(url: str, key: str, job: str, timeout: float = 90) -> dict:
 
 
 def echoed(url: str, key: str, job: str) -> str:
-    envelope, blob = transport.result(url, key, job)
-    assert envelope["status"] == "COMPLETED", envelope.get("error")
-    return decode_values(envelope["values"], blob)["saved"]["echo"]
+    result = transport.result(url, key, job)
+    assert result.ok, result.error
+    return saved(result)["echo"]
 
 
 def health(url: str, key: str | None = None) -> dict:

@@ -25,7 +25,7 @@ from ray_cluster import RayCluster
 from glassbox.cli import RunningServer, start_server
 from glassbox.offline import tiny_gpt2_path
 from glassbox.remote import transport
-from glassbox.remote.protocol import decode_values, encode_values, make_envelope
+from job_requests import job_request, saved
 
 pytest.importorskip("ray")  # the [ray] extra
 
@@ -38,13 +38,10 @@ LONG = "print('looping')\nn = 0\nfor i in range(30_000_000):\n    n = n + 1\nech
 
 def submit(url: str, key: str, source: str, marker: str, model: str = "") -> str:
     """A job as the glassbox client sends it, for the tiny GPT-2 (served under its folder's name)."""
-    desc, blob = encode_values({"vars": {"marker": marker}, "inputs": [PROMPT], "call": {}})
-    envelope = make_envelope("job", {
-        "model": model or tiny_gpt2_path().name, "method": "trace", "source": source, "first_line": 2,
-        "tracer_name": "tracer", "model_refs": {}, "modules": {"glassbox": "glassbox"}, "values": desc,
-        "writes": ["echo"], "returns": ["echo"],
-    })
-    return transport.submit(url, key, envelope, blob, timeout=30)
+    request = job_request(source, model=model or tiny_gpt2_path().name, values={"marker": marker},
+                          inputs=[PROMPT], model_refs={}, modules={"glassbox": "glassbox"}, returns=("echo",),
+                          filename="<remote block>")
+    return transport.submit(url, key, request, timeout=30)
 
 
 def until(condition, what: str, timeout: float = 90):
@@ -63,9 +60,9 @@ def final(url: str, key: str, job: str) -> dict:
 
 
 def echoed(url: str, key: str, job: str) -> str:
-    envelope, blob = transport.result(url, key, job)
-    assert envelope["status"] == "COMPLETED", envelope.get("error")
-    return decode_values(envelope["values"], blob)["saved"]["echo"]
+    result = transport.result(url, key, job)
+    assert result.ok, result.error
+    return saved(result)["echo"]
 
 
 def replicas(url: str, key: str) -> list[dict]:
