@@ -149,6 +149,77 @@ def test_rows_equal_plain_traces_on_tiny_models_with_every_reduction(request, tm
     assert torch.equal(ds.torch(paths[1] + ":indices")[rows], projected[paths[1]].indices)
 
 
+def hooked(model: LanguageModel, text: str, paths: list[str], max_length: int) -> dict[str, torch.Tensor]:
+    """Each module's output for ``text`` alone, as a plain ``register_forward_hook`` on the torch
+    module captures it (its first call; a tuple's first item): [positions, hidden]."""
+    ids = model.tokenizer(text, truncation=True, max_length=max_length, return_tensors="pt")["input_ids"]
+    got: dict[str, torch.Tensor] = {}
+
+    def keep(path):
+        def hook(module, args, output):
+            got.setdefault(path, (output[0] if isinstance(output, tuple) else output)[0].clone())
+        return hook
+
+    handles = [model._model.get_submodule(path).register_forward_hook(keep(path)) for path in paths]
+    try:
+        with torch.no_grad():
+            model._model(input_ids=ids)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return got
+
+
+def check_hooked(model, ds, texts, paths, max_length, tol):
+    """Every stored row equals the hook capture of its document at its position."""
+    documents, positions = ds.torch("document")[:], ds.torch("position")[:]
+    for document in sorted(set(documents.tolist())):
+        rows = (documents == document).nonzero().flatten()
+        expected = hooked(model, texts[document], paths, max_length)
+        for path in paths:
+            torch.testing.assert_close(ds.torch(path)[rows], expected[path][positions[rows]], rtol=tol,
+                                       atol=tol, msg=f"{document} {path}")
+
+
+NESTED = {  # a block, two of its children and an earlier block, given parent first and out of order
+    "gpt2": (["transformer.h.1", "transformer.h.1.mlp", "transformer.h.1.attn", "transformer.h.0"],
+             ["transformer.h.0", "transformer.h.1.attn", "transformer.h.1.mlp", "transformer.h.1"]),
+    "smollm2": (["model.layers.1", "model.layers.1.mlp", "model.layers.1.self_attn", "model.layers.0"],
+                ["model.layers.0", "model.layers.1.self_attn", "model.layers.1.mlp", "model.layers.1"]),
+}
+
+
+@pytest.mark.parametrize("name", ["gpt2", "smollm2"])
+def test_nested_modules_are_read_in_the_order_the_model_runs_them(request, tmp_path, name):
+    """A block and its own submodules: each is read when its forward returns (children before the
+    block that holds them), and every row equals a plain forward hook's capture."""
+    model = request.getfixturevalue("gpt2") if name == "gpt2" else LanguageModel(smollm2_path())
+    given, run = NESTED[name]
+    ds = extract(model, TEXTS, modules=[at(model, path) for path in given], out=tmp_path / "n",
+                 batch_tokens=48, max_length=12)
+    assert ds.names == run and ds.index["settings"]["modules"] == run
+    # batched (left-padded) vs alone: CPU kernels differ by shape, more so on the larger model
+    check_hooked(model, ds, TEXTS, run, 12, tol=1e-5 if name == "gpt2" else 1e-4)
+    assert len(ds.index["shards"]) > 1 and ds.complete
+
+
+def test_a_forward_the_scan_cannot_run_is_ordered_by_the_module_tree(gpt2, tmp_path):
+    """A forward that reads a number from its activations (as a router does) cannot run on fake
+    tensors: the order falls back to the tree's post-order (children before their parent), which
+    is this model's run order, and the rows still equal forward hooks' captures."""
+    def route(module, args, output):
+        float(output[0].detach().abs().max())  # data-dependent: a scan cannot know it
+
+    handle = gpt2._model.transformer.h[0].register_forward_hook(route)
+    try:
+        given, run = NESTED["gpt2"]
+        ds = extract(gpt2, TEXTS, modules=given, out=tmp_path / "f", batch_tokens=48, max_length=12)
+        assert ds.names == run
+        check_hooked(gpt2, ds, TEXTS, run, 12, tol=1e-5)
+    finally:
+        handle.remove()
+
+
 def test_padding_is_never_stored(gpt2, tmp_path):
     """Documents of very different lengths share batches (left-padded); the rows are exactly the
     real tokens: as many rows as tokens, each position inside its document, no pad row."""
@@ -221,6 +292,7 @@ def test_bad_arguments_fail_before_anything_runs(gpt2, llama, tmp_path):
         (dict(modules=["transformer.h.9"]), ValueError, "no submodule"),
         (dict(modules=["transformer.h.0", "transformer.h.0"]), ValueError, "twice"),
         (dict(modules=[gpt2]), ValueError, "whole model"),
+        (dict(modules=[gpt2.transformer.h]), ValueError, r"transformer\.h never ran"),  # a container
         (dict(positions="first"), ValueError, "positions"),
         (dict(positions=[1.5]), ValueError, "ints"),
         (dict(pool="median"), ValueError, "pool"),

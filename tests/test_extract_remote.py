@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from tests.test_extract import NESTED, check_hooked
 
 from glassbox import CONFIG, LanguageModel, extract
 from glassbox.cli import start_server
@@ -78,6 +79,22 @@ def test_remote_rows_equal_local_rows_bit_for_bit(request, server, tmp_path, nam
     remote = extract(model, TEXTS, out=tmp_path / "remote", remote=True, **settings)
     assert len(remote) == len(local) > 0 and len(remote.index["shards"]) >= 3  # a job per batch
     assert folder_bytes(tmp_path / "remote") == folder_bytes(tmp_path / "local")
+
+
+@pytest.mark.parametrize("name", ["gpt2", "smollm2"])
+def test_nested_modules_remotely_equal_local_and_forward_hooks(request, server, tmp_path, name):
+    """The client orders a block and its own submodules by when the forward returns from each
+    (children first) and the server reads them in that order: the shards equal local ones bit for
+    bit, and each row a plain forward hook's capture."""
+    model = request.getfixturevalue(name)
+    given, run = NESTED[name]
+    # 8 tokens a batch: four of SmolLM2's modules in float32 fit the server's 128 KiB per result
+    settings = {"modules": [model.get(path) for path in given], "batch_tokens": 8, "max_length": 8}
+    remote = extract(model, TEXTS, out=tmp_path / "remote", remote=True, **settings)
+    local = extract(model, TEXTS, out=tmp_path / "local", **settings)
+    assert remote.names == local.names == run and len(remote.index["shards"]) >= 3
+    assert folder_bytes(tmp_path / "remote") == folder_bytes(tmp_path / "local")
+    check_hooked(model, remote, TEXTS, run, 8, tol=1e-5 if name == "gpt2" else 1e-4)
 
 
 def test_reductions_run_on_the_server_within_its_per_chunk_limit(server, smollm2, tmp_path):

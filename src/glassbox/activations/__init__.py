@@ -8,9 +8,10 @@ Offers:
     model = LanguageModel(path)
     ds = extract(model, texts, modules=[model.model.layers[5]], out="acts/", dtype="bfloat16")
 
-Files: sources.py (texts), plan.py (arguments, reductions), batches.py (tokenize and pack),
-block.py (the trace block, local or on a server), local.py / remote.py (the loops), writer.py
-(shards + index, atomic, resumable), progress.py (the bar), dataset.py (reading).
+Files: sources.py (texts), plan.py (arguments, reductions), order.py (the order the modules are
+read in), batches.py (tokenize and pack), block.py (the trace block, local or on a server),
+local.py / remote.py (the loops), writer.py (shards + index, atomic, resumable), progress.py (the
+bar), dataset.py (reading).
 """
 
 from .api import extract

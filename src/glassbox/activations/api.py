@@ -4,7 +4,8 @@ Offers:
     extract(model, texts, modules=, out=, ...) -> ActivationDataset
 
     extract
-      ├─ Plan.build                 every argument checked before anything runs (plan.py)
+      ├─ Plan.build                 every argument checked before anything runs (plan.py), the
+      │                             modules in the order the forward returns from them (order.py)
       ├─ Source                     list / .txt / .jsonl / datasets.Dataset (sources.py)
       ├─ ShardWriter                opens ``out``: new, or resumed from its index (writer.py)
       ├─ batches(..., skip=done)    tokenize, pack, pick rows (batches.py)
@@ -54,7 +55,9 @@ def extract(
     texts: a list of str, a .txt file (a document per line), a .jsonl file (objects with a
         ``text_field``, or strings), a datasets.Dataset, or any iterable of str.
     modules: modules of ``model`` (or their dotted paths); each must output [batch, seq, hidden]
-        (or a tuple starting with it).
+        (or a tuple starting with it). Any set works, blocks and their own submodules too: they
+        are read in the order the forward returns from them (children before their parent;
+        order.py), and a module the forward never calls is refused before anything runs.
     out: a folder: ``shard-NNNNN.safetensors`` files and ``index.json``. Running the same call
         again on a folder a run left unfinished (interrupted, killed) resumes it.
     batch_tokens: documents x longest document per forward pass (padding included): the memory bound.

@@ -3,7 +3,8 @@
 Offers:
     Plan.build(model, modules=, positions=, max_length=, batch_tokens=, dtype=, project=,
                pool=, topk=, text_field=)       validates every argument of ``extract``
-    plan.paths                                  module paths, in the order the model runs them
+    plan.paths                                  module paths, in the order the model's forward returns
+                                                from them (children before parents; order.py)
     plan.select(ids) -> list[int]               the positions kept of one document
     plan.settings(model, source) -> dict        what the index records; a resumed run must match
     plan.names() -> list[str]                   the tensor names each shard holds
@@ -23,6 +24,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+
+from .order import run_order
 
 DOCUMENT, POSITION = "document", "position"  # per-row bookkeeping tensors stored in every shard
 INDICES = ":indices"  # suffix of the top-k indices tensor (module paths never contain ':')
@@ -60,8 +63,13 @@ class Plan:
             raise ValueError(f"pool must be None, 'mean' or 'max', got {pool!r}")
         if topk is not None and (not isinstance(topk, int) or isinstance(topk, bool) or topk < 1):
             raise ValueError(f"topk must be None or a positive int, got {topk!r}")
-        return cls(paths, positions, max_length, batch_tokens, _dtype(dtype),
-                   _projections(model, project, paths), pool, topk, text_field)
+        projections = _projections(model, project, paths)
+        # last, as it runs the model (a scan: no compute): every cheap check has passed. The
+        # block reads the modules in this order, so it must be the order the forward returns
+        # from them (children before their parent), or the trace raises OutOfOrderError.
+        paths = run_order(model, paths)
+        return cls(paths, positions, max_length, batch_tokens, _dtype(dtype), projections, pool, topk,
+                   text_field)
 
     # ---------------------------------------------------------------- per document
 
@@ -127,7 +135,7 @@ def _module_paths(model: Any, modules: Any) -> list[str]:
     if not isinstance(modules, (list, tuple)) or not modules:
         raise TypeError("modules must be a non-empty list of modules (model.model.layers[5], ...) or "
                         "their dotted paths ('model.layers.5')")
-    order = {path_of(envoy): number for number, envoy in enumerate(model.modules())}
+    known = {path_of(envoy) for envoy in model.modules()}
     paths = []
     for module in modules:
         if isinstance(module, Envoy):
@@ -141,14 +149,12 @@ def _module_paths(model: Any, modules: Any) -> list[str]:
         if path == "":
             raise ValueError("modules: the whole model's output is not an activation; pick submodules "
                              "(e.g. model.model.layers[5])")
-        if path not in order:
+        if path not in known:
             raise ValueError(f"modules: the model has no submodule {path!r}")
         if path in paths:
             raise ValueError(f"modules: {path!r} is listed twice")
         paths.append(path)
-    # The block reads them in the order the model defines them, which is the order a transformer
-    # runs them: reading a later layer first would be an out-of-order access.
-    return sorted(paths, key=order.__getitem__)
+    return paths
 
 
 def _check_positions(positions: Any) -> None:
