@@ -267,6 +267,14 @@ def test_protocol_errors_are_400_with_the_servers_words(server, key):
     assert re.match(r"protocol mismatch: .*upgrade the server", response.json()["detail"])
     response = httpx.post(server.url + "/v1/jobs", content=b"not a frame", headers={"X-API-Key": key})
     assert response.status_code == 400 and "not a glassbox message" in response.json()["detail"]
+    # A well-framed request with a malformed field is refused at submit as well: no job is made.
+    for field, value, words in (("tracer_name", "__x", "bad tracer name '__x'"),
+                                ("method", "train", "unknown method 'train'")):
+        bad = frame({**request.envelope(), field: value}, request.blob)
+        response = httpx.post(server.url + "/v1/jobs", content=bad, headers={"X-API-Key": key}, timeout=10)
+        assert response.status_code == 400
+        assert response.json()["detail"].startswith(f"malformed job request: {words}")
+    assert httpx.get(server.url + "/v1/jobs", headers={"X-API-Key": key}).json()["jobs"] == []
 
 
 def test_submissions_over_the_rate_limit_are_429(server, key):
