@@ -29,13 +29,15 @@ import types
 from collections.abc import Callable
 from typing import Any
 
+import torch
+
 from ..cache import Cache
 from ..capture import CapturedBody, write_back
 from ..config import CONFIG
 from ..envoy import Envoy, path_of, root_of
 from ..errors import GlassboxError, TraceStateError
 from .executor import run_locally
-from .job import FINAL, JobRequest, JobResult
+from .job import FINAL, JobRequest, JobResult, Status
 from .protocol import encode_values
 
 
@@ -106,6 +108,7 @@ class RemoteRun:
         self.blocking = blocking
         self.local = local
         self.result_form = result_form
+        self.server_threads: int | None = None  # the torch threads the server ran the block with
         self.sent: dict[str, Any] = {}
         self.result: Any = None
         self.job: JobHandle | None = None
@@ -177,7 +180,8 @@ class RemoteRun:
             filename=self.body.filename, first_line=self.body.first_line,
             tracer_name=self.body.target or "tracer",
             model_refs=model_refs, modules=modules, values=desc, writes=tuple(self.body.writes),
-            returns=tuple(sorted(set(self.body.writes) | containers)), timeout=self.timeout, blob=blob,
+            returns=tuple(sorted(set(self.body.writes) | containers)), timeout=self.timeout,
+            threads=torch.get_num_threads(), blob=blob,
         )
 
     # ---------------------------------------------------------------- running
@@ -201,6 +205,8 @@ class RemoteRun:
     def _apply(self, reply: JobResult) -> None:
         frame = self.frame
         self.frame = None
+        self.server_threads = reply.threads
+        _say_thread_mismatch(reply.threads)
         reply.raise_if_failed(self.body.filename)
         decoded = reply.decoded()
         saved = {name: _local_form(value) for name, value in decoded["saved"].items()}
@@ -219,6 +225,23 @@ class RemoteRun:
             updates.setdefault(name, NotSaved(name))
         if frame is not None:
             write_back(frame, updates)
+
+
+def _say_thread_mismatch(server_threads: int | None) -> None:
+    """CPU kernels split their work by thread count, so results can differ in the last bits when
+    the server's torch threads differ from this process's: say so (once per count), and what to do."""
+    here = torch.get_num_threads()
+    if server_threads is None or server_threads == here or (server_threads, here) in _told:
+        return
+    _told.add((server_threads, here))
+    if CONFIG.STATUS:
+        print(f"[glassbox] the server ran this job with {server_threads} torch threads, this process uses "
+              f"{here}: values may differ from a local run in the last bits (for equal numbers, serve with "
+              f"--torch-threads {here} or call torch.set_num_threads({server_threads}) here)",
+              file=sys.stderr, flush=True)
+
+
+_told: set[tuple[int, int]] = set()
 
 
 def _local_form(value: Any, depth: int = 0) -> Any:
@@ -259,7 +282,8 @@ def _follow(job: JobHandle, timeout: float) -> None:
                 sys.stdout.flush()
             status = event.get("status")
             if status_line is not None and status:
-                status_line.show(status, event.get("position"), event.get("elapsed"), event.get("note"))
+                status_line.show(status, event.get("position"), event.get("elapsed"), event.get("note"),
+                                 event.get("estimated_start_seconds"))
             if status in FINAL:
                 return
             if time.monotonic() > deadline:
@@ -273,7 +297,8 @@ def _follow(job: JobHandle, timeout: float) -> None:
 
 
 class _StatusLine:
-    """``[glassbox] job 1a2b3c4d: QUEUED (position 2) 0.4 s`` on stderr."""
+    """``[glassbox] job 1a2b3c4d: QUEUED (position 2, starts in ~12.0 s) 0.4 s`` on stderr; a
+    running job's note: ``RUNNING (loading smollm2 (evicting tiny))``."""
 
     def __init__(self, job_id: str) -> None:
         self.job_id = job_id[:8]
@@ -281,9 +306,18 @@ class _StatusLine:
         self.last: tuple | None = None
         self.width = 0
 
-    def show(self, status: str, position: Any, elapsed: Any, note: Any = None) -> None:
-        # note: what the server is doing for this job now, e.g. "loading llama70b" (a cold model)
-        where = f" (position {position})" if position else (f" ({note})" if note else "")
+    def show(self, status: str, position: Any, elapsed: Any, note: Any = None, estimate: Any = None) -> None:
+        # position: jobs ahead in the queue; estimate: seconds until it probably starts (the server
+        # estimates it from recent run times; None until it can); note: what the server is doing
+        # for this job now, e.g. "loading llama70b" (a cold model)
+        parts = []
+        if status == Status.QUEUED and isinstance(position, int):
+            parts.append(f"position {position}" if position else "next")
+        if status == Status.QUEUED and isinstance(estimate, (int, float)):
+            parts.append(f"starts in ~{float(estimate):.1f} s")
+        if note and status != Status.QUEUED:
+            parts.append(str(note))
+        where = f" ({', '.join(parts)})" if parts else ""
         if self.live:
             seconds = f" {float(elapsed):.1f} s" if elapsed is not None else ""
             line = f"[glassbox] job {self.job_id}: {status}{where}{seconds}"
@@ -291,6 +325,7 @@ class _StatusLine:
             self.width = len(line)
             sys.stderr.flush()
         elif (status, position, note) != self.last:
+            # One line per change; a new estimate alone is not a change worth a line.
             print(f"[glassbox] job {self.job_id}: {status}{where}", file=sys.stderr, flush=True)
         self.last = (status, position, note)
 

@@ -116,6 +116,7 @@ class JobRequest:
     writes: tuple[str, ...] = ()  # names the block assigns
     returns: tuple[str, ...] = ()  # names whose values come back when they hold saved values
     timeout: float | None = None
+    threads: int | None = None  # the client's torch threads (its results depend on them); older clients: None
     blob: bytes = dataclasses.field(default=b"", repr=False)  # the values' tensors (safetensors)
 
     def __post_init__(self) -> None:
@@ -142,6 +143,8 @@ class JobRequest:
         if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float))
                                     or not math.isfinite(timeout)):
             raise _malformed(f"'timeout' must be a number of seconds or null, got {timeout!r}")
+        if self.threads is not None and (type(self.threads) is not int or self.threads < 1):
+            raise _malformed(f"'threads' must be a positive int or null, got {self.threads!r}")
         if not isinstance(self.blob, (bytes, bytearray, memoryview)):
             raise _malformed("the blob must be bytes")
         object.__setattr__(self, "blob", bytes(self.blob))
@@ -160,7 +163,7 @@ class JobRequest:
         known = {f.name for f in dataclasses.fields(cls)} - {"blob"}
         fields = {name: value for name, value in payload.items() if name in known}
         # Old clients send JSON null for fields they had nothing for: the default then.
-        fields = {name: value for name, value in fields.items() if value is not None or name == "timeout"}
+        fields = {name: value for name, value in fields.items() if value is not None}
         missing = [name for name in ("model", "method", "source") if name not in fields]
         if missing:
             raise _malformed(f"missing {', '.join(map(repr, missing))}")
@@ -170,13 +173,17 @@ class JobRequest:
             raise _malformed(str(err)) from None
 
     def envelope(self) -> dict:
-        """The JSON part, with the protocol header, exactly as protocol 1 lays it out."""
-        return make_envelope(JOB_KIND, {
+        """The JSON part, with the protocol header, exactly as protocol 1 lays it out (``threads``,
+        added later, only when known: an older server ignores it)."""
+        payload = {
             "model": self.model, "method": self.method, "source": self.source, "filename": self.filename,
             "first_line": self.first_line, "tracer_name": self.tracer_name,
             "model_refs": dict(self.model_refs), "modules": dict(self.modules), "values": self.values,
             "writes": list(self.writes), "returns": list(self.returns), "timeout": self.timeout,
-        })
+        }
+        if self.threads is not None:
+            payload["threads"] = self.threads
+        return make_envelope(JOB_KIND, payload)
 
     def frame(self) -> bytes:
         return frame(self.envelope(), self.blob)
@@ -282,6 +289,7 @@ class JobResult:
     unsaved: tuple[str, ...] = ()  # names the block set but did not save
     error: JobError | None = None
     seconds: float | None = None
+    threads: int | None = None  # the torch threads the job ran with (None: not said)
     blob: bytes = dataclasses.field(default=b"", repr=False)
 
     def __post_init__(self) -> None:
@@ -323,11 +331,13 @@ class JobResult:
         if status == Status.COMPLETED and not isinstance(values, dict):
             raise ProtocolError("malformed job result: a completed job's result has no values")
         seconds = reply.get("seconds")
+        threads = reply.get("threads")
         unsaved = reply.get("unsaved") or ()
         return cls(Status(status), values=values if isinstance(values, dict) else None,
                    unsaved=tuple(str(name) for name in unsaved if isinstance(name, str)),
                    error=None if status == Status.COMPLETED else JobError.from_wire(reply.get("error")),
-                   seconds=float(seconds) if isinstance(seconds, (int, float)) else None, blob=blob)
+                   seconds=float(seconds) if isinstance(seconds, (int, float)) else None,
+                   threads=threads if type(threads) is int else None, blob=blob)
 
     def envelope(self) -> dict:
         reply: dict[str, Any] = {"status": self.status.value}
@@ -338,6 +348,8 @@ class JobResult:
             reply["error"] = self.error.wire()
         if self.seconds is not None:
             reply["seconds"] = self.seconds
+        if self.threads is not None:
+            reply["threads"] = self.threads
         return make_envelope(RESULT_KIND, reply)
 
     def frame(self) -> bytes:

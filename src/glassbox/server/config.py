@@ -193,7 +193,9 @@ class ServerConfig:
     ), default=3600.0)
     torch_threads: int = field(**_doc(
         "torch intra-op threads in the worker, set once at its start so that numbers do not depend "
-        "on what ran before. 0: torch's own default for this machine (what a local run uses too)."
+        "on what ran before. 0: torch's own default in the worker (OMP_NUM_THREADS when set, else its "
+        "core count): what a local run uses too. Results carry the count; a client whose own "
+        "count differs is told so (CPU kernels split work by thread count: the last bits differ)."
     ), default=0)
     worker_start_timeout: float = field(**_doc(
         "Seconds the worker may take to start and load every model before the server gives up."

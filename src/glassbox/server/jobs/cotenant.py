@@ -50,6 +50,8 @@ from __future__ import annotations
 import time
 from typing import Any
 
+import torch
+
 from ...envoy import module_of
 from ...remote.job import JobRequest, JobResult
 from ...tracing import Body, collect_saved, run_together
@@ -82,8 +84,10 @@ class _Request:
         if own:  # its own tracer, never entered: tracer.iter counts this request's steps
             self.namespace[self.request.tracer_name] = self.model.trace()
 
-    def seconds(self) -> float:
-        return round(time.perf_counter() - self.started, 4)
+    def finished(self, reply: JobResult) -> JobResult:
+        """``reply`` with how long this request took and the torch threads it ran with."""
+        seconds = round(time.perf_counter() - self.started, 4)
+        return reply.replace(seconds=seconds, threads=torch.get_num_threads())
 
     def length(self) -> int:
         return max(len(row) for row in self.prompt.rows)
@@ -107,7 +111,7 @@ def run_batch(models: dict[str, Any], requests: list[JobRequest], *, logs: list[
             request.prepare(models)
         except Exception as exc:  # this request fails alone, before anything ran
             reply = execute.error_reply(exc, request.filename, request.request)
-            results[index] = reply.replace(seconds=request.seconds())
+            results[index] = request.finished(reply)
         else:
             ready.append(request)
     for group, width in _groups(ready):
@@ -191,7 +195,7 @@ def _run_together(group: list[_Request], limits: dict, width: int) -> list[JobRe
                                               result)
                 except Exception as exc:  # over a limit: this request alone fails
                     reply = execute.error_reply(exc, request.filename, request.request)
-                results.append(reply.replace(seconds=request.seconds()))
+                results.append(request.finished(reply))
     finally:
         model.active = None
     for request in group:  # printed output is sent only for a batch that stands

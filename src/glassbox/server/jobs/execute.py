@@ -70,7 +70,7 @@ def run_job(
     finally:
         if model is not None:
             model.active = None
-    return result.replace(seconds=round(time.perf_counter() - started, 4))
+    return result.replace(seconds=round(time.perf_counter() - started, 4), threads=torch.get_num_threads())
 
 
 def next_filename() -> str:

@@ -115,6 +115,9 @@ def start(executor: str, specs: dict[str, str], torch_threads: int,
     try:
         import torch
 
+        # torch's own default in this process (OMP_NUM_THREADS if set, else its count of cores):
+        # what a local run on this machine uses, and what --torch-threads 0 means for jobs.
+        default_threads = torch.get_num_threads()
         if torch_threads:
             torch.set_num_threads(torch_threads)
         try:
@@ -134,7 +137,7 @@ def start(executor: str, specs: dict[str, str], torch_threads: int,
     return module, models, {
         "op": "ready", "models": {name: describe(model) for name, model in models.items()},
         "seconds": round(time.monotonic() - started, 3), "threads": torch.get_num_threads(),
-        "memory": memory_in_use(), "memory_limit": memory_limit}
+        "default_threads": default_threads, "memory": memory_in_use(), "memory_limit": memory_limit}
 
 
 def handle_load(module: Any, models: dict, message: dict, memory_limit: int = 0) -> dict:

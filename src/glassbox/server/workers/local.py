@@ -103,14 +103,14 @@ def _serve(conn: multiprocessing.connection.Connection, specs: dict[str, Any], e
     if module is not None and forking:
         try:
             reply["isolation"] = _isolate(isolation, read_paths)
-            reply["threads"] = torch_threads or _default_threads()
+            reply["threads"] = torch_threads or reply["default_threads"]
         except Exception as err:  # the operator must hear why, and nothing may run unconfined
             module, reply = None, {"op": "failed", "error": f"{type(err).__name__}: {err}"}
     send(reply)
     if module is None:
         return
     exit_with_parent()  # a thread: only once confined (Landlock covers threads started after it)
-    threads = torch_threads or _default_threads()
+    threads = torch_threads or reply["default_threads"]  # torch's default, as a local run has it
 
     def handler(message: dict, blob: bytes, child_send: Callable[[dict, bytes], None]) -> None:
         handle_message(module, models, message, blob, child_send, memory_limit=limit, after=False)
@@ -240,8 +240,6 @@ def _interpreter(python: str | None):
         spawn.set_executable(before_exe)
 
 
-def _default_threads() -> int:
-    return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
 
 
 class LocalProcess:
