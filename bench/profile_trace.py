@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/profile_trace.py                       # mlp12 save_12
     .venv/bin/python bench/profile_trace.py --model mlp12 --case empty --top 25
+    .venv/bin/python bench/profile_trace.py --quick                # 100 calls, top 10: a smoke run
 
 Runs the case from ``_cases.py`` (the same trace body ``overhead.py`` times) ``--n`` times
 under cProfile and prints the functions with the most own time, then the same for plain
@@ -43,9 +44,12 @@ def main() -> None:
     )
     parser.add_argument("--model", default="mlp12", choices=list(_cases.MODELS))
     parser.add_argument("--case", default="save_12")
-    parser.add_argument("--n", type=int, default=2000)
-    parser.add_argument("--top", type=int, default=30)
+    parser.add_argument("--n", type=int, help="calls profiled (default 2000; --quick: 100)")
+    parser.add_argument("--top", type=int, help="functions printed (default 30; --quick: 10)")
+    parser.add_argument("--quick", action="store_true", help="a smoke run: 100 calls, top 10")
     args = parser.parse_args()
+    args.n = args.n or (100 if args.quick else 2000)
+    args.top = args.top or (10 if args.quick else 30)
 
     from glassbox import NNsight
 

@@ -3,6 +3,7 @@
     .venv/bin/python bench/remote_latency.py                  # 30 timed runs per model
     .venv/bin/python bench/remote_latency.py --runs 60 --json out.json
     .venv/bin/python bench/remote_latency.py --isolation process,none   # the default: both, side by side
+    .venv/bin/python bench/remote_latency.py --quick          # smoke run: tiny GPT-2 only, 3 runs
 
 Starts ``glassbox serve`` on loopback (``glassbox.cli.start_server``) holding the tiny GPT-2
 and SmolLM2 under their folder names, then for each model times the same small trace (one
@@ -39,6 +40,7 @@ import tempfile
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import torch
@@ -213,8 +215,11 @@ def inside_run_job(specs: dict[str, str], requests: dict[str, JobRequest], runs:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--runs", type=int, default=30, help="timed runs per model and side (default 30)")
-    parser.add_argument("--warmup", type=int, default=5, help="untimed runs first (default 5)")
+    parser.add_argument("--runs", type=int, help="timed runs per model and side (default 30; --quick: 3)")
+    parser.add_argument("--warmup", type=int, help="untimed runs first (default 5; --quick: 1)")
+    parser.add_argument("--quick", action="store_true", help=(
+        "a smoke run of the whole bench in seconds: the tiny GPT-2 only (no SmolLM2), 3 timed runs "
+        "after 1 warm-up, unless --runs / --warmup say otherwise"))
     parser.add_argument("--threads", type=int, default=1, help=(
         "torch threads here and in the server's worker (default 1: the two processes share this "
         "machine's cores, and on a small machine OpenMP threads spinning against each other "
@@ -224,9 +229,15 @@ def main(argv: list[str] | None = None) -> int:
         "a forked, confined process per job vs every job in the worker's process)"))
     parser.add_argument("--json", help="also write every number to this file")
     args = parser.parse_args(argv)
+    args.runs = args.runs or (3 if args.quick else 30)
+    args.warmup = args.warmup if args.warmup is not None else (1 if args.quick else 5)
     torch.set_num_threads(args.threads)
 
-    paths = {"tiny-gpt2": tiny_gpt2_path(), "smollm2": smollm2_path()}
+    paths = {"tiny-gpt2": tiny_gpt2_path()}
+    if args.quick:
+        say("quick mode: the tiny GPT-2 only (SmolLM2 left out), numbers are not meant to be read")
+    else:
+        paths["smollm2"] = smollm2_path()
     specs = {path.name: str(path) for path in paths.values()}
     traces = {"tiny-gpt2": trace_gpt2, "smollm2": trace_smol}
     modes = [mode.strip() for mode in args.isolation.split(",") if mode.strip()]
@@ -235,11 +246,20 @@ def main(argv: list[str] | None = None) -> int:
     logs: list[str] = []
     with tempfile.TemporaryDirectory(prefix="glassbox-bench-") as state:
         try:
-            for mode in modes:
-                say(f"starting a server with --isolation {mode} ({', '.join(specs)}; "
-                    f"{args.threads} torch threads)")
-                running[mode] = start_server(specs, state_dir=os.path.join(state, mode), args=[
-                    "--torch-threads", str(args.threads), "--isolation", mode])
+            # started side by side (loading is most of a start); none is timed before all are up
+            say(f"starting a server per --isolation mode ({', '.join(modes)}) with {', '.join(specs)}; "
+                f"{args.threads} torch threads")
+            with ThreadPoolExecutor(max_workers=len(modes) or 1) as pool:
+                starting = {mode: pool.submit(start_server, specs, state_dir=os.path.join(state, mode), args=[
+                    "--torch-threads", str(args.threads), "--isolation", mode]) for mode in modes}
+            failed = []
+            for mode, future in starting.items():
+                try:
+                    running[mode] = future.result()
+                except Exception as err:  # the others are stopped below, then this is raised
+                    failed.append(err)
+            if failed:
+                raise failed[0]
             servers = {mode: (server.url, server.create_key("bench")) for mode, server in running.items()}
             CONFIG.STATUS = False
             for name, path in paths.items():
