@@ -3,6 +3,7 @@
     .venv/bin/python bench/throughput.py                        # local backend, then ray if it starts
     .venv/bin/python bench/throughput.py --clients 16 --requests-per-client 24 --backends local
     .venv/bin/python bench/throughput.py --backends ray --ray-replicas 1,2 --json out.json
+    .venv/bin/python bench/throughput.py --quick                # smoke run: tiny GPT-2, local, ~1 minute
 
 Per backend (local; ray with R replicas) two ``glassbox serve`` (``glassbox.cli.start_server``)
 holding SmolLM2-135M run on loopback at the same time, identical but for ``--max-batch`` (1:
@@ -40,6 +41,10 @@ handed to the wrong client thread would show here too.
 while waiting; ``--profile-worker`` afterwards times ``child.handle_message`` in this process
 for batches of 1, 4, 16 requests, with ``after_job`` (the weight check) apart.
 
+``--quick`` runs the whole bench in about a minute to check that it still works, not to measure:
+the tiny GPT-2 instead of SmolLM2, the local backend only (unless ``--backends`` says otherwise),
+4 clients x 2 requests in 1 round, and ``--profile-worker 1,2``; any option given explicitly wins.
+
 Nothing asserts on time. Progress goes to stderr, the table to stdout. On a shared machine
 compare numbers within one run only.
 """
@@ -64,7 +69,7 @@ import torch
 
 from glassbox import CONFIG, LanguageModel
 from glassbox.cli import RunningServer, start_server
-from glassbox.offline import smollm2_path
+from glassbox.offline import smollm2_path, tiny_gpt2_path
 from glassbox.remote import transport
 from glassbox.remote.job import JobRequest, JobResult
 
@@ -506,9 +511,9 @@ def profile_worker(path: str, name: str, threads: int, sizes: list[int], repeats
 # ---------------------------------------------------------------- report
 
 
-def report(outcomes: list[Outcome], args: argparse.Namespace) -> dict:
+def report(outcomes: list[Outcome], args: argparse.Namespace, model_name: str) -> dict:
     print()
-    print(f"co-tenant batching throughput: SmolLM2-135M, {args.clients} clients x {args.requests_per_client} "
+    print(f"co-tenant batching throughput: {model_name}, {args.clients} clients x {args.requests_per_client} "
           f"requests each at most ({args.rounds} alternating rounds, {args.seconds_per_config:g} s cap), "
           f"closed loop; --torch-threads {args.torch_threads}, OMP_WAIT_POLICY="
           f"{os.environ.get('OMP_WAIT_POLICY', '(unset)')}, {os.cpu_count()} CPUs, load average now "
@@ -577,16 +582,22 @@ def print_profile(rows: list[dict], threads: int) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
-    parser.add_argument("--clients", type=int, default=16, help="concurrent client threads (default 16)")
-    parser.add_argument("--requests-per-client", type=int, default=16,
-                        help="timed requests per client per configuration, over all rounds (default 16)")
+    parser.add_argument("--quick", action="store_true",
+                        help="a smoke run in about a minute: tiny GPT-2, local backend, 4 clients x 2 "
+                             "requests, 1 round, --profile-worker 1,2 (options given explicitly win)")
+    parser.add_argument("--clients", type=int, help="concurrent client threads (default 16; --quick: 4)")
+    parser.add_argument("--requests-per-client", type=int,
+                        help="timed requests per client per configuration, over all rounds "
+                             "(default 16; --quick: 2)")
     parser.add_argument("--seconds-per-config", type=float, default=30.0,
                         help="time cap per configuration, over all rounds: after it no new request "
                              "starts, those in flight finish (default 30)")
-    parser.add_argument("--rounds", type=int, default=2,
-                        help="measured rounds per configuration, alternating within a backend (default 2)")
+    parser.add_argument("--rounds", type=int,
+                        help="measured rounds per configuration, alternating within a backend "
+                             "(default 2; --quick: 1)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed requests per client first (default 1)")
-    parser.add_argument("--backends", default="local,ray", help="comma-separated: local, ray (default both)")
+    parser.add_argument("--backends",
+                        help="comma-separated: local, ray (default both; --quick: local)")
     parser.add_argument("--ray-replicas", default="1",
                         help="comma-separated replica counts to run on the ray backend (default 1)")
     parser.add_argument("--torch-threads", type=int, default=torch.get_num_threads(),
@@ -594,15 +605,19 @@ def main(argv: list[str] | None = None) -> int:
                              f"{torch.get_num_threads()})")
     parser.add_argument("--start-timeout", type=float, default=180.0,
                         help="seconds a server may take to start (default 180)")
-    parser.add_argument("--profile-worker", nargs="?", const="1,4,16", default="",
+    parser.add_argument("--profile-worker", nargs="?", const="1,4,16",
                         help="afterwards, time the worker's message handling in this process for these "
-                             "batch sizes (default when given: 1,4,16)")
+                             "batch sizes (default when given: 1,4,16; --quick: 1,2)")
     parser.add_argument("--omp-wait-policy", choices=["PASSIVE", "ACTIVE"],
                         help="set OMP_WAIT_POLICY for the servers (and this process, which restarts "
                              "itself so that it applies); default: leave the environment as it is")
     parser.add_argument("--json", help="also write the numbers here")
     parser.add_argument("--debug", action="store_true", help="print tracebacks of failures")
     args = parser.parse_args(argv)
+    for name, full, quick in (("clients", 16, 4), ("requests_per_client", 16, 2), ("rounds", 2, 1),
+                              ("backends", "local,ray", "local"), ("profile_worker", "", "1,2")):
+        if getattr(args, name) is None:
+            setattr(args, name, quick if args.quick else full)
     if args.omp_wait_policy and os.environ.get("OMP_WAIT_POLICY") != args.omp_wait_policy:
         # OpenMP reads it once, when torch is loaded: start again with it set (the servers inherit it).
         os.environ["OMP_WAIT_POLICY"] = args.omp_wait_policy
@@ -622,8 +637,12 @@ def main(argv: list[str] | None = None) -> int:
             groups.append([Config(f"ray x{count}, batching off", "ray", 1, count),
                            Config(f"ray x{count}, batching on", "ray", 0, count)])
 
-    path = smollm2_path()
+    path = tiny_gpt2_path() if args.quick else smollm2_path()
     model = LanguageModel(path)  # meta weights here: only its config and tokenizer are used
+    if args.quick:
+        say("quick mode: the tiny GPT-2, few requests; a check that the bench runs, not a measurement")
+        if "ray" not in backends:
+            say("quick mode: the ray backend left out (--backends local,ray to include it)")
     say(f"{sum(map(len, groups))} configurations; model {model._remote_name()} from {path}")
     EXCHANGES.install()
     outcomes: list[Outcome] = []
@@ -638,7 +657,7 @@ def main(argv: list[str] | None = None) -> int:
                 break
     finally:
         EXCHANGES.uninstall()
-    summary = report(outcomes, args)
+    summary = report(outcomes, args, "tiny GPT-2 (--quick)" if args.quick else "SmolLM2-135M")
     if args.profile_worker and REQUESTS:
         sizes = [int(n) for n in args.profile_worker.split(",") if n.strip()]
         rows = profile_worker(str(path), model._remote_name(), args.torch_threads, sizes, repeats=3)
