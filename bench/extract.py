@@ -6,6 +6,7 @@ and TransformerLens.
     .venv/bin/python bench/extract.py --model smollm2 --documents 96
     .venv/bin/python bench/extract.py --rounds 5 --json out.json
     .venv/bin/python bench/extract.py --no-peers --no-remote         # hooks and extract only
+    .venv/bin/python bench/extract.py --quick     # smoke run: 16 documents x 32 tokens, 1 round
 
 Corpus: ``--documents`` lines of random words, each at least ``--max-length`` tokens (so every
 batch is full: ``--batch-tokens / --max-length`` documents). Modules: three decoder layers at 1/4,
@@ -183,14 +184,21 @@ def start_peers(path: Path, source: Path, paths: list[str], options: argparse.Na
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", choices=["tiny", "smollm2"], default="tiny")
-    parser.add_argument("--documents", type=int, default=512)
-    parser.add_argument("--batch-tokens", type=int, default=4096)
-    parser.add_argument("--max-length", type=int, default=128)
-    parser.add_argument("--rounds", type=int, default=6)
+    parser.add_argument("--documents", type=int, help="default 512; --quick: 16")
+    parser.add_argument("--batch-tokens", type=int, help="default 4096; --quick: 256")
+    parser.add_argument("--max-length", type=int, help="default 128; --quick: 32")
+    parser.add_argument("--rounds", type=int, help="default 6; --quick: 1")
+    parser.add_argument("--quick", action="store_true",
+                        help="a smoke run of every variant: 16 documents x 32 tokens in batches of 256 "
+                             "tokens, 1 round (options given explicitly win)")
     parser.add_argument("--no-remote", action="store_true")
     parser.add_argument("--no-peers", action="store_true", help="skip nnsight and TransformerLens")
     parser.add_argument("--json", help="also write every number here")
     options = parser.parse_args()
+    for name, full, quick in (("documents", 512, 16), ("batch_tokens", 4096, 256), ("max_length", 128, 32),
+                              ("rounds", 6, 1)):
+        if getattr(options, name) is None:
+            setattr(options, name, quick if options.quick else full)
 
     from glassbox import CONFIG, LanguageModel, extract
     from glassbox.cli import start_server
