@@ -1,6 +1,7 @@
 """Loading from the catalog vs a plain from_pretrained, and the memory a replica measures vs the plan.
 
     .venv/bin/python bench/catalog.py [--rounds 3]
+    .venv/bin/python bench/catalog.py --quick     # smoke run: the tiny GPT-2, float32, 1 round
 
 For SmolLM2 (float32 and bfloat16), each in a fresh process, alternating so that drift and the
 page cache hit both alike (the checkpoint is read from the page cache after the first round):
@@ -9,7 +10,8 @@ page cache hit both alike (the checkpoint is read from the page cache after the 
 - memory: the process's private resident memory (RssAnon: file pages of the checkpoint that the
   kernel can drop are not counted) grown by the worker's load, and its peak (sampled every 2 ms)
   through a 128-token trace, vs ``glassbox plan``'s estimate (sizing.estimate: weights x 1.15).
-Prints medians and the ratios.
+Prints medians and the ratios. ``--quick`` checks that the bench runs (every step, the table) on
+the tiny GPT-2 in float32 with one round: its numbers are not SmolLM2's.
 """
 
 from __future__ import annotations
@@ -63,17 +65,20 @@ def run(how: str, path: str, dtype: str) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, help="default 3; --quick: 1")
+    parser.add_argument("--quick", action="store_true", help="a smoke run: the tiny GPT-2, float32, 1 round")
     args = parser.parse_args()
-    from glassbox.offline import smollm2_path
+    args.rounds = args.rounds or (1 if args.quick else 3)
+    from glassbox.offline import smollm2_path, tiny_gpt2_path
     from glassbox.server.sizing import estimate
 
-    path = str(smollm2_path())
-    print(f"SmolLM2-135M, {args.rounds} rounds, each load in a fresh process\n")
+    path = str(tiny_gpt2_path() if args.quick else smollm2_path())
+    name = "tiny GPT-2 (--quick)" if args.quick else "SmolLM2-135M"
+    print(f"{name}, {args.rounds} rounds, each load in a fresh process\n")
     print(f"{'dtype':9s} {'from_pretrained':>16s} {'catalog load':>13s} {'ratio':>6s}   "
           f"{'plan estimate':>13s} {'measured load':>13s} {'peak (trace)':>12s} "
           f"{'load/est':>8s} {'peak/est':>8s}")
-    for dtype in ("float32", "bfloat16"):
+    for dtype in ("float32",) if args.quick else ("float32", "bfloat16"):
         plain, catalog = [], []
         for _ in range(args.rounds):
             plain.append(run("plain", path, dtype))
