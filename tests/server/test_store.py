@@ -418,3 +418,61 @@ def test_a_database_from_before_instances_gets_the_new_columns(db_url):
         assert store.finish(job, "CANCELLED")
     finally:
         store.close()
+
+
+def test_a_running_jobs_note_is_stored_for_every_server_and_cleared_when_it_ends_or_requeues(db_url):
+    a, b = JobStore(db_url, instance="a"), JobStore(db_url, instance="b")
+    try:
+        a.recover()
+        b.recover()
+        done, again, crashed, orphan = (_queued(a) for _ in range(4))
+        assert not a.set_note(done, "loading gpt2")  # not running: nothing is done for it yet
+        assert a.claim(done) and a.get(done).note is None
+        assert not b.set_note(done, "loading gpt2")  # only the server running it says what it does
+        assert a.set_note(done, "loading gpt2 (evicting tiny)")
+        assert b.get(done).note == "loading gpt2 (evicting tiny)"  # any server answers with it
+        assert [j.note for j in b.jobs_of("k1") if j.id == done] == ["loading gpt2 (evicting tiny)"]
+        assert a.set_note(done, "x" * 600) and len(b.get(done).note) == 500  # a long one is cut
+        assert a.finish(done, "COMPLETED", result=b"r") and b.get(done).note is None
+        for job, back in ((again, a.requeue), (crashed, a.retry)):
+            assert a.claim(job) and a.set_note(job, "loading gpt2")
+            assert back(job) and (b.get(job).status, b.get(job).note) == ("QUEUED", None)
+        assert a.claim(orphan) and a.set_note(orphan, "loading gpt2")
+        _make_silent(a, "a")
+        assert b.requeue_orphans()["requeued"] == 1 and b.get(orphan).note is None
+        assert b.claim(orphan) and b.get(orphan).note is None  # a new run starts with nothing said
+    finally:
+        a.close()
+        b.close()
+
+
+def test_what_the_queue_wait_estimate_reads_counts_and_durations(store):
+    ahead = [_queued(store, model=m) for m in ("gpt2", "llama", "gpt2")]
+    mine = _queued(store, model="gpt2")
+    assert store.ahead_of(mine) == {"gpt2": 2, "llama": 1}
+    assert store.ahead_of(ahead[0]) == {} and store.ahead_of("no-such-job") is None
+    assert store.recent_durations(["gpt2", "llama"]) == {}  # no history yet
+    for job in ahead:
+        assert store.claim(job)
+    assert store.ahead_of(ahead[0]) is None and store.ahead_of(mine) == {}
+    assert store.finish(ahead[0], "COMPLETED", result=b"r") and store.finish(ahead[2], "ERROR")
+    assert store.finish(ahead[1], "COMPLETED", result=b"r")
+    durations = store.recent_durations(["gpt2", "llama", "other"])
+    assert sorted(durations) == ["gpt2", "llama"] and len(durations["gpt2"]) == 1  # COMPLETED only
+    [info] = [store.get(ahead[0])]
+    assert durations["gpt2"] == [info.finished - info.started]
+    assert len(store.recent_durations(["gpt2"], limit=0).get("gpt2", [])) == 0
+
+
+def test_a_database_from_before_job_notes_gets_the_column(db_url):
+    store = JobStore(db_url)
+    job = _queued(store)
+    with store.engine.begin() as connection:  # the jobs table as it was
+        connection.execute(text("ALTER TABLE jobs DROP COLUMN note"))
+    store.close()
+    store = JobStore(db_url, instance="new")
+    try:
+        assert store.get(job).note is None and store.claim(job) and store.set_note(job, "loading gpt2")
+        assert store.get(job).note == "loading gpt2"
+    finally:
+        store.close()

@@ -41,6 +41,7 @@ _ADDED_COLUMNS = (
     ("jobs", "held_by", "VARCHAR(64)"),
     ("jobs", "cancel_requested", "FLOAT"),
     ("jobs", "batch_key", "VARCHAR(256)"),
+    ("jobs", "note", "VARCHAR(500)"),
 )
 
 

@@ -12,6 +12,12 @@ Offers:
       .cancel(id) / .cancel_requests(ids)   cancel a job that waits; flag one that runs
       .get(id) -> JobInfo | None / .request(id) / .result(id) / .replace_result(id, note) -> freed
       .queued() -> [JobInfo] in FIFO order / .next_queued() / .position(id) / .active_count(key_id)
+      .set_note(id, note)             what the server does for a job it runs now ("loading gpt2"):
+                                      part of its status for every API process; cleared when the
+                                      job finishes or goes back to the queue
+      .ahead_of(id) -> {model: n} | None   the queued jobs before this one, counted by model
+      .recent_durations(models) -> {model: [seconds]}   with ahead_of: the queue-wait estimate's
+                                      inputs (api/queue_wait.py)
       .stored_bytes(key_id) -> bytes of results the key's jobs hold (until they expire)
       .jobs_of(key_id) / .recent_jobs(statuses=None, limit=50) / .result_sizes(ids)
       .recover() -> {what: count}       run once at startup: this instance begins a new life, and
@@ -142,6 +148,9 @@ class _Job(TableBase):
     cancel_requested: Mapped[float | None] = mapped_column(Float, nullable=True)  # when, while RUNNING
     # jobs/batchable.py's key, decided once at submit (None: runs alone)
     batch_key: Mapped[str | None] = mapped_column(String(256), nullable=True)
+    # What the server does for the job now ("loading gpt2"), while RUNNING: in the store, not in
+    # one process's memory, because the API process asked may not be the one running the job.
+    note: Mapped[str | None] = mapped_column(String(500), nullable=True)
 
     __table_args__ = (Index("ix_jobs_status_seq", "status", "seq"), Index("ix_jobs_finished", "finished"))
 
@@ -161,6 +170,7 @@ class JobInfo:
     logs: str
     has_result: bool
     batch_key: str | None = None
+    note: str | None = None
 
     @property
     def terminal(self) -> bool:
@@ -171,7 +181,7 @@ class JobInfo:
 _INFO_COLUMNS = (
     _Job.id, _Job.key_id, _Job.model, _Job.status, _Job.created, _Job.updated, _Job.started,
     _Job.finished, _Job.attempts, _Job.error, _Job.logs, _Job.result.is_not(None).label("has_result"),
-    _Job.batch_key,
+    _Job.batch_key, _Job.note,
 )
 
 
@@ -180,7 +190,7 @@ def _info_from_columns(row: Any) -> JobInfo:
         id=row.id, key_id=row.key_id, model=row.model, status=Status(row.status), created=row.created,
         updated=row.updated, started=row.started, finished=row.finished, attempts=row.attempts,
         error=json.loads(row.error) if row.error else None, logs=row.logs or "",
-        has_result=bool(row.has_result), batch_key=row.batch_key,
+        has_result=bool(row.has_result), batch_key=row.batch_key, note=row.note,
     )
 
 
@@ -211,6 +221,8 @@ class JobStore(KeyStore, InstanceStore):
         over that many bytes. The counts and the insert are one transaction."""
         now = time.time()
         job_id = secrets.token_urlsafe(16)
+        while job_id.startswith("-"):  # a command line would take it for an option (glassbox jobs)
+            job_id = secrets.token_urlsafe(16)
         with self._session() as session:
             if max_active or max_stored_bytes:
                 self._advisory_lock(session, f"glassbox-key:{key_id}")
@@ -238,20 +250,27 @@ class JobStore(KeyStore, InstanceStore):
             done = session.execute(
                 update(_Job).where(_Job.id == job_id, _Job.status == Status.QUEUED)
                 .values(status=Status.RUNNING, started=now, updated=now, attempts=_Job.attempts + 1,
-                        held_by=self.instance)
+                        held_by=self.instance, note=None)
             )
             return done.rowcount == 1
 
     def requeue(self, job_id: str) -> bool:
         """RUNNING (here) -> QUEUED (keeping its place at the head of the queue) for a job this
         server interrupted itself, e.g. on shutdown; the attempt does not count against the job."""
-        return self._change(job_id, self._mine(), status=Status.QUEUED, started=None, logs="",
+        return self._change(job_id, self._mine(), status=Status.QUEUED, started=None, logs="", note=None,
                             attempts=_Job.attempts - 1)
 
     def retry(self, job_id: str) -> bool:
         """RUNNING (here) -> QUEUED at the head of the queue for a job whose worker died under it:
         unlike ``requeue`` the attempt counts (the feeder decides from ``attempts`` whether to retry)."""
-        return self._change(job_id, self._mine(), status=Status.QUEUED, started=None, logs="")
+        return self._change(job_id, self._mine(), status=Status.QUEUED, started=None, logs="", note=None)
+
+    def set_note(self, job_id: str, note: str | None) -> bool:
+        """Say what the server does for a job it runs here now (``None``: nothing to say); False
+        if the job is not running here (it ended, or another server runs it)."""
+        if note is not None and len(note) > 500:
+            note = note[:499] + "\N{HORIZONTAL ELLIPSIS}"
+        return self._change(job_id, self._mine(), note=note)
 
     def finish(self, job_id: str, status: str, *, result: bytes | None = None, error: dict | None = None,
                logs: str | None = None) -> bool:
@@ -261,7 +280,8 @@ class JobStore(KeyStore, InstanceStore):
             raise ValueError(f"finish() takes a final status {sorted(FINAL)}, got {status!r}")
         now = time.time()
         values: dict[str, Any] = {"status": status, "finished": now, "updated": now, "request": None,
-                                  "result": result, "error": json.dumps(error) if error else None}
+                                  "result": result, "error": json.dumps(error) if error else None,
+                                  "note": None}
         if logs is not None:
             # PostgreSQL text cannot hold NUL, which a job may print: on every database it reads
             # back as U+FFFD (one character for one, so log offsets stay right).
@@ -352,6 +372,32 @@ class JobStore(KeyStore, InstanceStore):
             return session.scalar(select(func.count()).select_from(_Job).where(
                 _Job.status == Status.QUEUED, _Job.seq < row.seq)) or 0
 
+    def ahead_of(self, job_id: str) -> dict[str, int] | None:
+        """The queued jobs that run before this one, counted by model (no ids, no keys: what the
+        queue-wait estimate may know of other tenants); None if it is not queued."""
+        with self._session() as session:
+            row = session.execute(select(_Job.seq, _Job.status).where(_Job.id == job_id)).first()
+            if row is None or row.status != Status.QUEUED:
+                return None
+            counts = session.execute(select(_Job.model, func.count()).where(
+                _Job.status == Status.QUEUED, _Job.seq < row.seq).group_by(_Job.model))
+            return {model: int(count) for model, count in counts}
+
+    def recent_durations(self, models: list[str], limit: int = 20) -> dict[str, list[float]]:
+        """Run times (claim to end, a load included) of each model's newest ``limit`` COMPLETED
+        jobs, newest first; a model with none is left out."""
+        durations: dict[str, list[float]] = {}
+        with self._session() as session:
+            for model in sorted(set(models)):
+                rows = session.execute(
+                    select(_Job.started, _Job.finished)
+                    .where(_Job.model == model, _Job.status == Status.COMPLETED, _Job.started.is_not(None),
+                           _Job.finished.is_not(None))
+                    .order_by(_Job.finished.desc()).limit(limit)).all()
+                if rows:
+                    durations[model] = [max(0.0, finished - started) for started, finished in rows]
+        return durations
+
     def active_count(self, key_id: str) -> int:
         with self._session() as session:
             return session.scalar(select(func.count()).select_from(_Job).where(
@@ -432,7 +478,7 @@ class JobStore(KeyStore, InstanceStore):
         seen = [_Job.id == row.id, _Job.status == row.status]
         if row.status == Status.RUNNING:
             seen.append(_Job.started == row.started)
-        final = {"finished": now, "request": None, "updated": now}
+        final = {"finished": now, "request": None, "updated": now, "note": None}
         if row.status == Status.RECEIVED:
             outcome, values = "dropped", {**final, "status": Status.ERROR, "error": json.dumps({
                 "type": "ServerRestarted",
@@ -443,7 +489,7 @@ class JobStore(KeyStore, InstanceStore):
         elif row.attempts < max_attempts:
             # The rerun prints everything again.
             outcome, values = "requeued", {"status": Status.QUEUED, "started": None, "logs": "",
-                                           "updated": now}
+                                           "updated": now, "note": None}
         else:
             outcome, values = "failed", {**final, "status": Status.ERROR, "error": json.dumps({
                 "type": "ServerRestarted",

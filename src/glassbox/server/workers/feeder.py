@@ -14,9 +14,10 @@ What it does for any backend (``local.LocalProcess`` or ``ray_replicas.RayReplic
       channel dead? ── start it again (backoff while it fails)
       _take: claim the next queued job it serves ─► _gather compatible ones (co-tenant batch,
              within batch_window_ms, up to max_batch) ─► one job or one batch
-      _run:  its model cold? ─► _load it (evicting per residency.py; the jobs' status says
-             "loading NAME") ─► send ─► receive log / result messages until all are settled, or
-             deadline passed / cancel / server stopping: kill the channel; a batch's jobs then
+      _run:  its model cold? ─► _load it (cold_load.py: evicting per residency.py; the jobs'
+             status says "loading NAME", in the store) ─► send ─► receive log / result messages
+             until all are settled, or deadline passed / cancel / server stopping: kill the
+             channel; a batch's jobs then
              run again alone (``solo``) so that only the one at fault fails
              channel died: the job runs again (crash_retries), else WorkerCrashed
 
@@ -37,8 +38,9 @@ from ...remote.protocol import ProtocolError
 from ..config import ServerConfig
 from ..store import JobInfo, JobStore
 from .channel import Channel, ChannelClosed, WorkerStartError
+from .cold_load import ColdLoading
 from .local import LocalProcess
-from .residency import NoRoom, Residency
+from .residency import Residency
 
 __all__ = ["Feeder"]
 
@@ -47,7 +49,7 @@ _CANCEL_POLL = 0.5  # seconds between looks at the store for cancels asked throu
 _ABORT_SECONDS = 10.0  # how long a forking worker may take to confirm it stopped a job
 
 
-class Feeder:
+class Feeder(ColdLoading):
     """Feeds queued jobs from ``store`` to one channel (a local worker process by default, or one
     Ray replica), first come first served; compatible jobs for the same model are claimed together
     and run as one batch (co-tenant batching, see ``jobs/cotenant.py``).
@@ -327,65 +329,6 @@ class Feeder:
             with self._lock:
                 self.running = []
                 self._cancel.difference_update(ids)
-
-    def _load(self, model: str, pending: list[str], attempts: dict[str, int],
-              logs: dict[str, list[str]]) -> bool:
-        """Load the cold ``model`` for the claimed jobs ``pending``, evicting as residency.py says.
-        False if it cannot be loaded: then the jobs have ended with the reason."""
-        try:
-            evict = self.residency.to_evict(model)
-        except (NoRoom, ValueError) as err:
-            for job_id in pending:
-                kind = "MemoryError" if isinstance(err, NoRoom) else "ModelError"
-                self._finish(job_id, JobResult.failed(kind, str(err)), logs[job_id])
-            return False
-        note = f"loading {model}" + (f" (evicting {', '.join(evict)})" if evict else "")
-        self.say(f"{self.channel.label}: {note}")
-        for job_id in pending:
-            self.on_event(job_id, {"status": Status.RUNNING, "note": note})
-        self.residency.loading(model)
-        for name in evict:
-            self.residency.evicted(name)
-            self.models.pop(name, None)
-        spec = self.config.worker_specs([model])[model]
-        deadline = time.monotonic() + self.config.worker_start_timeout
-        try:
-            self.channel.send({"op": "load", "model": model, "spec": spec, "evict": evict})
-            while True:
-                if self._stopping.is_set() or time.monotonic() > deadline:
-                    raise ChannelClosed("stopping" if self._stopping.is_set() else "load timed out")
-                received = self.channel.receive(_POLL)
-                if received is not None and received[0].get("op") in ("loaded", "load_failed"):
-                    reply = received[0]
-                    break
-        except ChannelClosed as err:
-            # The worker died or stuck while loading (killed for memory, say): it restarts with its
-            # eager models; the jobs run again up to crash_retries times, as after any crash.
-            self.residency.failed(model)
-            self.say(f"loading {model} failed ({err}); the worker restarts")
-            if self._stopping.is_set():
-                self._drop_channel()
-                for job_id in pending:
-                    self.store.requeue(job_id)
-            else:
-                self._crashed(pending, attempts, logs, batch=len(pending) > 1)
-            return False
-        if reply.get("op") == "load_failed":
-            self.residency.failed(model)
-            self.say(f"could not load model {model!r}: {reply.get('error')}")
-            # Not the error itself: it names the server's folders. Its kind, and where to look.
-            kind = str(reply.get("error") or "").partition(":")[0] or "an error"
-            message = (f"the server could not load model {model!r} ({kind}); the operator's log has the "
-                       "details. Try again later or ask the operator.")
-            for job_id in pending:
-                self._finish(job_id, JobResult.failed("ModelError", message), logs[job_id])
-            return False
-        self.models[model] = dict(reply.get("info") or {})
-        self.residency.ready(model)
-        self.say(f"{self.channel.label}: {model} ready in {reply.get('seconds')} s")
-        for job_id in pending:
-            self.on_event(job_id, {"status": Status.RUNNING, "note": f"{model} loaded"})
-        return True
 
     def _drop_channel(self) -> None:
         """Kill the worker (the only way to stop arbitrary code); the feeder starts a new one."""
