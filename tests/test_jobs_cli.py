@@ -4,6 +4,7 @@ cancel, where the URL and key come from, and the exit codes scripts rely on."""
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import time
@@ -168,3 +169,28 @@ def test_the_console_command_exits_with_the_jobs_outcome(server, alice):
     done = subprocess.run([sys.executable, "-m", "glassbox.cli", "jobs", "status", job, "--url", server.url,
                            "--key", alice], capture_output=True, text=True, timeout=120)
     assert done.returncode == OK and "COMPLETED" in done.stdout, done.stderr
+
+
+def test_status_of_a_queued_job_shows_its_position_and_estimated_start(server, alice, capsys):
+    # History for the estimate: a finished job of the model (whatever ran before this test).
+    assert jobs(capsys, "logs", submit(server, alice, SAVES), "--follow")[0] == OK
+    for _attempt in range(5):  # the blocker ends at the server's time limit: look while it runs
+        blocker = submit(server, alice, FOREVER)
+        deadline = time.monotonic() + 60
+        while transport.status(server.url, alice, blocker)["status"] == "QUEUED":
+            assert time.monotonic() < deadline, "the blocker never started"
+            time.sleep(0.05)
+        waiting = submit(server, alice, SAVES)
+        code, out, _ = jobs(capsys, "status", waiting)
+        answer = json.loads(jobs(capsys, "status", waiting, "--json")[1])
+        transport.cancel(server.url, alice, blocker)
+        assert jobs(capsys, "logs", waiting, "--follow")[0] == OK
+        if "QUEUED" in out and answer["status"] == "QUEUED":
+            break
+    else:
+        pytest.fail("the queued job was never seen queued")
+    assert code == OK and "position   0 (jobs ahead in the queue)" in out
+    estimate = answer["estimated_start_seconds"]
+    assert isinstance(estimate, float) and estimate >= 0 and answer["note"] is None
+    assert re.search(r"^starts in  ~\d+\.\d s \(estimated from recent run times\)$", out, re.M), out
+    assert "note" not in out.split()  # nothing is done for a queued job: no note row

@@ -8,7 +8,9 @@ Offers:
 Commands::
 
     glassbox jobs list                       id, model, status, submitted, run time (--json: raw)
-    glassbox jobs status ID                  one job's state (--json: raw)
+    glassbox jobs status ID                  one job's state: queued, its position and estimated
+                                             start; running, what the server does for it now
+                                             ("loading smollm2"); --json: raw
     glassbox jobs logs ID [--follow]         what it printed; --follow streams until the job ends
     glassbox jobs result ID [--out F.safetensors]    its saved values: listed, or written to a file
     glassbox jobs cancel ID
@@ -125,6 +127,10 @@ def _status(url: str, key: str, args: argparse.Namespace) -> int:
                 ("status", state.get("status", ""))]
         if state.get("position") is not None:
             rows.append(("position", f"{state['position']} (jobs ahead in the queue)"))
+        if state.get("status") == Status.QUEUED:
+            rows.append(("starts in", _estimate(state.get("estimated_start_seconds"))))
+        if state.get("note"):
+            rows.append(("note", str(state["note"])))
         rows += [("submitted", _when(state.get("created"))), ("started", _when(state.get("started"))),
                  ("finished", _when(state.get("finished"))), ("run time", _run_time(state)),
                  ("attempts", str(state.get("attempts", ""))),
@@ -262,6 +268,20 @@ def _error_line(error: Any) -> str:
     if error.lineno:
         line += f" (line {error.lineno} of the block)"
     return line
+
+
+def _estimate(seconds: Any) -> str:
+    if not isinstance(seconds, (int, float)):
+        return "unknown (no finished jobs of this model to estimate from yet)"
+    return f"~{_span(float(seconds))} (estimated from recent run times)"
+
+
+def _span(seconds: float) -> str:
+    if seconds < 60:
+        return f"{seconds:.1f} s"
+    if seconds < 3600:
+        return f"{int(seconds // 60)} min {round(seconds % 60)} s"
+    return f"{seconds / 3600:.1f} h"
 
 
 def _run_time(job: dict) -> str:

@@ -235,9 +235,11 @@ def events(host: str, api_key: str | None, job_id: str, *, timeout: float | None
            poll_seconds: float = _POLL_SECONDS) -> Iterator[dict]:
     """Follow a job until it is final, yielding each event as it happens.
 
-    An event has ``status`` and, as they apply, ``position`` (jobs ahead in the queue), ``log``
-    (new printed output) with ``offset`` (where it starts in the job's whole output),
-    ``elapsed`` (seconds since submission) and ``error`` (on ERROR). With ``timeout``, raises
+    An event has ``status`` and, as they apply, ``position`` (jobs ahead in the queue),
+    ``estimated_start_seconds`` (queued: how long until it probably starts; None until the
+    server can estimate it), ``note`` (running: what the server does for it now, e.g. "loading
+    smollm2"), ``log`` (new printed output) with ``offset`` (where it starts in the job's whole
+    output), ``elapsed`` (seconds since submission) and ``error`` (on ERROR). With ``timeout``, raises
     ``RemoteError`` if the job is not final by then (the job itself is left alone).
     """
     deadline = None if timeout is None else time.monotonic() + timeout
@@ -323,17 +325,23 @@ def _follow_websocket(host: str, api_key: str | None, job_id: str, deadline: flo
 def _follow_polling(host: str, api_key: str | None, job_id: str, deadline: float | None, seen: list[int],
                     poll_seconds: float) -> Iterator[dict]:
     poll_seconds = min(max(poll_seconds, 0.05), 0.2)
-    last: tuple[Any, Any] | None = None
+    last: tuple[Any, ...] | None = None
     while True:
         state = status(host, api_key, job_id, log_offset=seen[0])
         event: dict[str, Any] = {"status": state.get("status"), "position": state.get("position"),
                                  "elapsed": state.get("elapsed")}
+        for name in ("estimated_start_seconds", "note"):  # as the websocket's events have them
+            if state.get(name) is not None:
+                event[name] = state[name]
         if state.get("logs"):
             event.update(log=state["logs"], offset=seen[0])
         if state.get("error"):
             event["error"] = state["error"]
         event = _trim_log(event, seen)
-        now = (event["status"], event["position"])
+        # A new estimate is news once per whole second, not at every poll.
+        estimate = event.get("estimated_start_seconds")
+        now = (event["status"], event["position"], event.get("note"),
+               round(estimate) if isinstance(estimate, (int, float)) else None)
         if now != last or event.get("log"):
             yield event
             last = now

@@ -2,7 +2,8 @@
 
 Offers:
     Hub(store)      .publish(job_id, event) from any thread; .subscribe / .unsubscribe / .live_logs
-                    / .note (what the server does for a job now, e.g. "loading smollm2")
+                    / .note (what the server does for a job now, e.g. "loading smollm2"; the
+                    store holds it too, for the other API processes: workers/cold_load.py)
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import asyncio
 import threading
 from collections import defaultdict
 
-from ...remote.job import FINAL
+from ...remote.job import FINAL, Status
 from ..store import JobInfo, JobStore
 
 __all__ = ["Hub"]
@@ -44,7 +45,8 @@ class Hub:
                 self._notes[job_id] = str(event["note"])
             if event.get("status") in FINAL:
                 self._logs.pop(job_id, None)
-                self._notes.pop(job_id, None)
+            if event.get("status") in FINAL or event.get("status") == Status.QUEUED:
+                self._notes.pop(job_id, None)  # ended, or back in the queue: nothing is done for it
             loop = self.loop
             if loop is None or loop.is_closed():
                 return

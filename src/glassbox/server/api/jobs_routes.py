@@ -5,11 +5,19 @@ Offers:
 
     POST   /v1/jobs                 body: a framed job request (remote/framing.py) -> 202 {"id", ...}
     GET    /v1/jobs                 the caller's jobs (no logs, no results)
-    GET    /v1/jobs/{id}            status, queue position, printed output from ?log_offset=N
-    WS     /v1/jobs/{id}/events     {"status", "position", "log", "offset", "elapsed", "error"} events
+    GET    /v1/jobs/{id}            status, queue position and estimated start (queued), note
+                                    (running), printed output from ?log_offset=N
+    WS     /v1/jobs/{id}/events     {"status", "position", "estimated_start_seconds", "note", "log",
+                                    "offset", "elapsed", "error"} events
     GET    /v1/jobs/{id}/result     the framed result envelope (+ safetensors blob) of a final job
     DELETE /v1/jobs/{id}            cancel: queued -> CANCELLED; running (on any API process sharing
                                     the database) -> its process killed, CANCELLED
+
+A job's status (REST and events) carries, as they apply: ``position`` (queued jobs ahead of it),
+``estimated_start_seconds`` (queued: how long until it probably starts, from measured run times,
+None until its model has finished jobs: queue_wait.py says how) and ``note`` (running: what the
+server does for it now, e.g. ``loading smollm2 (evicting tiny)`` then ``smollm2 loaded in 2.1 s``;
+kept in the store, so every API process sharing the database answers with it).
 
 A job is visible to the key that submitted it only: for any other key it does not exist (404).
 Refusals: 400 not a glassbox request / protocol version mismatch (the message says what to
@@ -22,6 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import time
 import traceback
 from typing import Any
@@ -34,6 +43,7 @@ from ...remote.protocol import ProtocolError
 from ..jobs.batchable import batch_key
 from ..store import JobInfo, KeyInfo, OverQuota, TooManyJobs
 from .auth import BAD_KEY, MISSING_KEY, ApiKey, in_thread, key_of
+from .queue_wait import estimate_start, replicas_of
 
 __all__ = ["router"]
 
@@ -100,6 +110,21 @@ async def submit(request: Request, key: ApiKey) -> dict:
     worker.wake()
     return {"id": job_id, "status": Status.QUEUED, "position": position, "model": model}
 
+
+def _place(state: Any, job: JobInfo) -> tuple[int | None, float | None]:
+    """A queued job's position and estimated start (None, None for any other); in a thread."""
+    if job.status != Status.QUEUED:
+        return None, None
+    position = state.store.position(job.id)
+    if position is None:  # it left the queue just now
+        return None, None
+    return position, _estimate(state, job)
+
+
+def _estimate(state: Any, job: JobInfo) -> float | None:
+    """``estimated_start_seconds`` of ``job`` if it is queued now; in a thread."""
+    return estimate_start(state.store, replicas_of(state), dataclasses.replace(job, status=Status.QUEUED))
+
 @router.get("/v1/jobs")
 async def list_jobs(request: Request, key: ApiKey) -> dict:
     store = request.app.state.store
@@ -108,14 +133,14 @@ async def list_jobs(request: Request, key: ApiKey) -> dict:
 
 @router.get("/v1/jobs/{job_id}")
 async def job_status(job_id: str, request: Request, key: ApiKey, log_offset: int = 0) -> dict:
-    _config, store, hub, _worker = _state(request)
+    hub = request.app.state.hub
     live = hub.live_logs(job_id)  # read before the store: see Hub for why this order is safe
     job = await _owned_job(request, job_id, key)
     logs = job.logs if job.terminal or live is None else live
-    position = await in_thread(store.position, job_id) if job.status == Status.QUEUED else None
+    position, estimate = await in_thread(_place, request.app.state, job)
     offset = max(0, log_offset)
-    return {**_summary(job), "position": position, "logs": logs[offset:], "log_length": len(logs),
-            "error": job.error}
+    return {**_summary(job), "position": position, "estimated_start_seconds": estimate,
+            "logs": logs[offset:], "log_length": len(logs), "error": job.error}
 
 @router.get("/v1/jobs/{job_id}/result")
 async def job_result(job_id: str, request: Request, key: ApiKey) -> Response:
@@ -204,7 +229,8 @@ async def _stream_events(websocket: WebSocket, job_id: str) -> None:
         hub.unsubscribe(job_id, queue)
 
 async def _follow(websocket: WebSocket, queue: asyncio.Queue, job: JobInfo | None, logs: str) -> None:
-    store = websocket.app.state.store
+    state = websocket.app.state
+    store = state.store
     if job is None:
         return
     created = job.created
@@ -214,9 +240,12 @@ async def _follow(websocket: WebSocket, queue: asyncio.Queue, job: JobInfo | Non
 
     status = job.status
     sent = len(logs)  # characters of printed output sent so far: where the stored output resumes
-    position = await in_thread(store.position, job.id) if status == Status.QUEUED else None
+    position, estimate = await in_thread(_place, state, job)
     first: dict[str, Any] = {"status": status, "position": position}
-    note = websocket.app.state.hub.note(job.id) if not job.terminal else None
+    if status == Status.QUEUED:
+        first["estimated_start_seconds"] = estimate
+    # The store's note (set by whichever API process runs the job), else this process's latest.
+    note = None if job.terminal else (job.note or state.hub.note(job.id))
     if note:
         first["note"] = note
     if logs:
@@ -247,14 +276,21 @@ async def _follow(websocket: WebSocket, queue: asyncio.Queue, job: JobInfo | Non
                     final["error"] = current.error
                 await send(final)
                 return
+            beat = time.monotonic() - last_sent >= _HEARTBEAT
             if current.status == Status.QUEUED:
                 now_position = await in_thread(store.position, job.id)
-                if now_position != position:
+                if now_position != position or beat:  # the estimate, only when something is sent
                     position = now_position
-                    await send({"status": Status.QUEUED, "position": position})
+                    await send({"status": Status.QUEUED, "position": position,
+                                "estimated_start_seconds": await in_thread(_estimate, state, current)})
                     last_sent = time.monotonic()
-                    continue
-            if time.monotonic() - last_sent >= _HEARTBEAT:
+                continue
+            if current.note and current.note != note:
+                # Set by another API process running the job (this one's come as events).
+                note = current.note
+                await send({"status": current.status, "position": None, "note": note})
+                last_sent = time.monotonic()
+            elif beat:
                 # Also how a client that went away is noticed.
                 await send({"status": current.status, "position": position})
                 last_sent = time.monotonic()
@@ -263,6 +299,9 @@ async def _follow(websocket: WebSocket, queue: asyncio.Queue, job: JobInfo | Non
             position = None
         else:
             position = event.get("position", position)
+            event = {**event, "estimated_start_seconds": await in_thread(_estimate, state, job)}
+        if "note" in event:
+            note = event["note"]
         sent += len(event.get("log") or "")
         await send({**event, "position": position})
         last_sent = time.monotonic()
@@ -290,4 +329,4 @@ def _summary(job: JobInfo) -> dict:
     end = job.finished or time.time()
     return {"id": job.id, "model": job.model, "status": job.status, "created": job.created,
             "started": job.started, "finished": job.finished, "elapsed": round(end - job.created, 3),
-            "attempts": job.attempts}
+            "attempts": job.attempts, "note": job.note}
