@@ -5,7 +5,8 @@ Offers:
 
 Endpoints: ``models_routes.py`` (health, models, model files: no key), ``jobs_routes.py``
 (submit, list, status, live events, result, cancel), each listing its routes and refusals, and
-``dashboard.py`` (the page at ``/`` and the JSON it polls, ``/v1/dashboard``).
+``dashboard.py`` (the page at ``/`` and the JSON it polls, ``/v1/dashboard``) and ``metrics.py``
+(``/metrics`` in Prometheus' format, for operator keys).
 
 Every endpoint but health and the two model ones needs an API key (``Authorization: Bearer <key>`` or
 ``X-API-Key: <key>``; the websocket also takes ``{"api_key": ...}`` as its first message). A job
@@ -45,7 +46,7 @@ from ..config import ServerConfig
 from ..instances import Heartbeat, InstanceSlot
 from ..store import JobStore
 from ..workers.pool import WorkerPool
-from . import dashboard, jobs_routes, models_routes
+from . import dashboard, jobs_routes, metrics, models_routes
 from .auth import RateLimiter, in_thread
 from .hub import Hub
 
@@ -69,7 +70,10 @@ def create_app(
     own_store = store is None
     store = store or JobStore(config.database_url())
     hub = Hub(store)
-    worker = WorkerPool(config, store, on_event=hub.publish, say=say)
+    # The metrics see every event the workers publish (to time the jobs that finish here).
+    measured = metrics.ServerMetrics(store, config)
+    worker = WorkerPool(config, store, on_event=measured.watch(hub.publish), say=say)
+    measured.attach(worker)
     heartbeat = Heartbeat(store, on_requeued=worker.wake, say=say)
 
     @contextlib.asynccontextmanager
@@ -115,11 +119,13 @@ def create_app(
     app = FastAPI(title="glassbox", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None)
     state = app.state
     state.config, state.store, state.worker, state.hub, state.say = config, store, worker, hub, say
+    state.metrics = measured
     state.limiter = RateLimiter(config.rate_limit_per_minute)
     state.file_answers = models_routes.FileAnswers()
     app.include_router(models_routes.router)
     app.include_router(jobs_routes.router)
     app.include_router(dashboard.router)
+    app.include_router(metrics.router)
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
