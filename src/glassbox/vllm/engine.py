@@ -42,10 +42,11 @@ ENGINE_ENV = {
 
 NO_VLLM = (
     "glassbox.VLLM needs vLLM to run an engine here, and it is not installed in this environment. It "
-    "pins torch and transformers, so it lives in a virtualenv of its own: run `bash scripts/setup_vllm.sh` "
-    "and use .venv-vllm/bin/python (on a GPU machine: VLLM_PACKAGE=vllm==0.33.0 bash "
-    "scripts/setup_vllm.sh). A model a glassbox server serves on vLLM needs none of it: VLLM('name') "
-    "traces it with remote=True. See docs/vllm.md."
+    "pins torch and transformers, so it lives in a virtualenv of its own: in a glassbox checkout run `bash "
+    "scripts/setup_vllm.sh` and use .venv-vllm/bin/python (on a GPU machine: VLLM_PACKAGE=vllm==0.33.0 "
+    "bash scripts/setup_vllm.sh); without one, make a virtualenv and install glassbox's wheel with its "
+    "'vllm' extra there (a server takes that Python as --vllm-python). A model a glassbox server serves on "
+    "vLLM needs none of it: VLLM('name') traces it with remote=True. See docs/vllm.md."
 )
 
 
