@@ -333,3 +333,66 @@ def test_a_database_from_before_operator_keys_gets_the_column(tmp_path):
         assert [(k.name, k.operator) for k in store.list_keys()] == [("old-user", False), ("new-ops", True)]
     finally:
         store.close()
+
+
+@pytest.fixture(scope="module")
+def gated(tmp_path_factory) -> Iterator:
+    """A server whose on-demand loads wait until the test lets them go on (gated_executor.py)."""
+    from gated_executor import gated_servers
+
+    with gated_servers(tmp_path_factory.mktemp("dashboard-gated"),
+                       {"gpt2": "eager", "late": "on_demand"}) as (gate, [server]):
+        yield gate, server
+
+
+def test_a_loading_jobs_note_and_a_queued_jobs_estimated_start_are_on_the_page(browser, gated, tmp_path):
+    from glassbox.server.config import ServerConfig
+    from glassbox.server.store import JobStore
+
+    gate, server = gated
+    alice = server.create_key("alice")
+    store = JobStore(ServerConfig(state_dir=server.state_dir).database_url())
+    try:
+        ops = store.create_key("ops", operator=True)[1]
+    finally:
+        store.close()
+    history = submit(server, alice, ECHO, "history")  # a finished gpt2 job: what estimates come from
+    # (the late job ahead has no history of its own: it counts as a typical gpt2 job)
+    list(transport.events(server.url, alice, history, timeout=120))
+    open_page(browser, server, alice, "alice")
+    late = transport.submit(server.url, alice, job_request(
+        ECHO, model="late", values={"marker": "late"}, inputs=["The Eiffel Tower is in"], model_refs={},
+        modules={"glassbox": "glassbox"}, returns=("echo", "h"), filename="<remote block>"), timeout=30)
+    waiting = submit(server, alice, ECHO, "w")
+
+    def shown(job: str) -> dict | None:
+        return next((row for row in rows(browser, "jobs-table") or [] if row["_id"] == job), None)
+
+    def same_as_api() -> dict | None:
+        # One render of the page against the JSON right after it (both live).
+        page = {job: shown(job) for job in (late, waiting)}
+        api = {job["id"]: job for job in dashboard(server, alice)["jobs"]}
+        if not all(page.values()) or page[late]["status"] != "RUNNING" or page[waiting]["status"] != "QUEUED":
+            return None
+        estimate = api[waiting]["estimated_start_seconds"]
+        if api[late]["note"] != "loading late" or page[late]["note"] != "loading late" or estimate is None:
+            return None
+        shown_estimate = page[waiting]["estimated_start_seconds"]
+        # The page rounds to tenths as JavaScript does; the API has hundredths.
+        if not shown_estimate.startswith("~") or abs(float(shown_estimate[1:-2]) - estimate) > 0.051:
+            return None
+        return {"page": page, "api": api}
+
+    seen = wait_until(same_as_api, "the note and the estimated start on the page", timeout=120)
+    assert seen["page"][waiting]["estimated_start_seconds@title"].startswith("estimated from the run times")
+    assert seen["page"][waiting]["note"] == "" and seen["page"][late]["estimated_start_seconds"] == "-"
+    operator = dashboard(server, ops)["operator"]
+    assert [(job["id"], job["note"]) for job in operator["running"]] == [(late, "loading late")]
+    assert [job["id"] for job in operator["queue"]] == [waiting]
+    assert isinstance(operator["queue"][0]["estimated_start_seconds"], float)
+    shot(browser, tmp_path, "loading")
+    (gate / "late").touch()
+    for job in (late, waiting):
+        list(transport.events(server.url, alice, job, timeout=120))
+    wait_until(lambda: (shown(late) or {}).get("status") == "COMPLETED" and shown(late)["note"] == "",
+               "the loaded job's end, its note gone")

@@ -16,22 +16,19 @@ load, and no fixed sleeps.
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
 import re
 import statistics
-import textwrap
 import threading
 import time
 from collections.abc import Callable, Iterator
-from pathlib import Path
 
 import httpx
 import pytest
+from gated_executor import gated_servers
 
 from glassbox import CONFIG
-from glassbox.cli import main, start_server
+from glassbox.cli import main
 from glassbox.jobs_cli import OK
 from glassbox.remote import transport
 from glassbox.remote.client import JobHandle, _follow
@@ -41,7 +38,6 @@ pytest.importorskip("fastapi", reason="tested against a real server: pip install
 
 ECHO = "echo = glassbox.save(marker)\n"
 FOREVER = "print('started')\nn = 0\nwhile True:\n    n = n + 1\n"
-HERE = Path(__file__).resolve().parents[1]  # tests/server: gated_executor.py
 
 
 def wait_for(condition: Callable[[], object], what: str, timeout: float = 240) -> object:
@@ -76,40 +72,6 @@ def cli(capsys, *args: str) -> tuple[int, str]:
     capsys.readouterr()
     code = main(["jobs", *args])
     return code, capsys.readouterr().out
-
-
-def catalog(root: Path, models: dict[str, str]) -> Path:
-    from glassbox.offline import tiny_gpt2_path
-
-    path = root / "catalog.toml"
-    path.write_text("".join(textwrap.dedent(f"""
-        [models.{name}]
-        path = "{tiny_gpt2_path()}"
-        load = "{load}"
-    """) for name, load in models.items()))
-    return path
-
-
-@contextlib.contextmanager
-def gated_servers(root: Path, models: dict[str, str], count: int = 1, db_url: str | None = None) -> Iterator:
-    """``count`` servers (one database) whose on-demand loads wait for ``root/gate/<model>``."""
-    gate = root / "gate"
-    gate.mkdir()
-    args = ["--models-file", str(catalog(root, models)), "--executor", "gated_executor",
-            "--isolation", "none", "--max-batch", "1", "--max-seconds", "120", "--torch-threads", "1",
-            *(["--db-url", db_url] if db_url else [])]
-    started = []
-    try:
-        with pytest.MonkeyPatch.context() as patch:
-            path = [str(HERE), os.environ.get("PYTHONPATH")]
-            patch.setenv("PYTHONPATH", os.pathsep.join(filter(None, path)))
-            patch.setenv("GLASSBOX_TEST_LOAD_GATE", str(gate))
-            for n in range(count):
-                started.append(start_server({}, state_dir=str(root / f"state{n}"), args=args))
-        yield gate, started
-    finally:
-        for server in started:
-            server.stop()
 
 
 @pytest.fixture(scope="module")

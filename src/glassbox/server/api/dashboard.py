@@ -12,7 +12,8 @@ gets the ``operator`` part, where other tenants appear by key *name* and job id,
 and the first line of an error, never their code, values, printed output or results::
 
     {"role": "user" | "operator", "key": {"id", "name"}, "now": t, "server": {...},
-     "jobs": [{"id", "model", "status", "position", "age", "duration", "result_bytes", "error", ...}],
+     "jobs": [{"id", "model", "status", "position", "estimated_start_seconds", "note", "age",
+               "duration", "result_bytes", "error", ...}],
      "operator": {"models", "queue", "running", "recent", "replicas", "batching", "totals"}}
 
 The page (``dashboard_page.py``) builds every table with ``textContent``, so job names, printed
@@ -20,6 +21,9 @@ output and error messages are shown as text and never parsed as HTML; the key li
 ``sessionStorage`` and travels as the ``X-API-Key`` header, never in a URL. A proxy that adds the
 key header itself can serve the page too: ``GET /`` with a valid key header loads the page
 without the key form, and the page's requests leave the header to the proxy.
+
+A queued job's ``estimated_start_seconds`` and a running job's ``note`` are those of its REST
+status (``jobs_routes.py``; the estimator: ``queue_wait.py``).
 """
 
 from __future__ import annotations
@@ -33,12 +37,13 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import HTMLResponse
 
-from ...remote.job import FINAL
+from ...remote.job import FINAL, Status
 from ...version import __version__
 from ..store import JobInfo, KeyInfo
 from . import models_routes
 from .auth import ApiKey, in_thread, presented_key
 from .dashboard_page import PAGE
+from .queue_wait import queue_estimates, replicas_of
 
 __all__ = ["operator_view", "router", "user_view"]
 
@@ -83,17 +88,22 @@ async def dashboard(request: Request, key: ApiKey) -> dict:
 
 
 def user_view(state: Any, key: KeyInfo) -> dict:
-    """The caller's own newest jobs: status, queue position, timings, result size, error line,
-    and how much it printed (the page reads the output itself from ``/v1/jobs/{id}``)."""
+    """The caller's own newest jobs: status, queue position and estimated start, note, timings,
+    result size, error line, and how much it printed (the page reads the output itself from
+    ``/v1/jobs/{id}``)."""
     store, hub = state.store, state.hub
     now = time.time()
     jobs = store.jobs_of(key.id)[-_OWN_JOBS:][::-1]
     sizes = store.result_sizes([job.id for job in jobs if job.has_result])
+    waiting = any(job.status == Status.QUEUED for job in jobs)
+    # One pass over the queue for all of them; the queue itself never leaves this function.
+    estimates = queue_estimates(store, replicas_of(state), store.queued(), now) if waiting else {}
     rows = []
     for job in jobs:
         live = None if job.terminal else hub.live_logs(job.id)
         row = _job_row(job, now)
-        row.update(position=store.position(job.id) if job.status == "QUEUED" else None,
+        row.update(position=store.position(job.id) if job.status == Status.QUEUED else None,
+                   estimated_start_seconds=estimates.get(job.id),
                    log_length=len(job.logs if live is None else live), result_bytes=sizes.get(job.id))
         rows.append(row)
     return {"role": "user", "key": {"id": key.id, "name": key.name}, "now": now,
@@ -107,17 +117,19 @@ def operator_view(state: Any) -> dict:
     now = time.time()
     owners = {info.id: info.name for info in store.list_keys()}
     queued = store.queued()
-    running = store.recent_jobs(("RUNNING",), limit=500)
+    running = store.recent_jobs((Status.RUNNING,), limit=500)
     recent = store.recent_jobs(tuple(FINAL), limit=_RECENT_JOBS)
     replicas = worker.replicas()
 
     def owned(job: JobInfo) -> dict:
         return {**_job_row(job, now), "owner": owners.get(job.key_id, "(deleted key)")}
 
+    estimates = queue_estimates(store, replicas, queued, now)
     batches = sum(int(replica.get("batches") or 0) for replica in replicas)
     batched_jobs = sum(int(replica.get("batched_jobs") or 0) for replica in replicas)
     return {
-        "queue": [{**owned(job), "position": position} for position, job in enumerate(queued[:_QUEUE_ROWS])],
+        "queue": [{**owned(job), "position": position, "estimated_start_seconds": estimates.get(job.id)}
+                  for position, job in enumerate(queued[:_QUEUE_ROWS])],
         "running": [owned(job) for job in running[::-1]],
         "recent": [owned(job) for job in recent],
         "replicas": replicas,
@@ -135,7 +147,7 @@ def _job_row(job: JobInfo, now: float) -> dict:
             "started": job.started, "finished": job.finished, "attempts": job.attempts,
             "age": round(now - job.created, 1),
             "duration": round(end - job.started, 2) if job.started else None,
-            "error": _error_line(job.error)}
+            "note": job.note, "error": _error_line(job.error)}
 
 
 def _error_line(error: dict | None) -> str | None:

@@ -5,9 +5,10 @@ Offers:
             $version and $auth ("form": ask for the key; "header": a proxy sends it)
 
 Kept in a .py file so that it ships with the package without package-data configuration.
-Every value from the server is put on the page with ``textContent`` / text nodes (``el`` below),
-never ``innerHTML``: job output and error messages are shown, not interpreted. The script uses
-no ``$`` so that string.Template leaves it alone.
+A queued job shows its estimated start, a running one its note ("loading smollm2"), as the REST
+status gives them. Every value from the server is put on the page with ``textContent`` / text
+nodes (``el`` below), never ``innerHTML``: job output and error messages are shown, not
+interpreted. The script uses no ``$`` so that string.Template leaves it alone.
 """
 
 from __future__ import annotations
@@ -116,6 +117,15 @@ PAGE = Template("""<!doctype html>
     if (s < 3600) { return Math.floor(s / 60) + " min " + Math.round(s % 60) + " s"; }
     return (s / 3600).toFixed(1) + " h";
   }
+  // a queued job's estimated start (server/api/queue_wait.py): "-" until its model has history
+  function startsIn(j) {
+    var s = j.estimated_start_seconds;
+    return s === null || s === undefined ? "-" : "~" + seconds(s);
+  }
+  var ESTIMATE = "estimated from the run times of recently finished jobs";
+  function note(j) { return j.note || ""; }
+  var startCol = ["estimated_start_seconds", "Starts in", startsIn,
+                  {num: 1, title: function () { return ESTIMATE; }}];
   function clock(t) { return t ? new Date(t * 1000).toLocaleTimeString() : "-"; }
   function ago(t, now) { return t ? seconds(Math.max(0, now - t)) + " ago" : "-"; }
   function key() { return sessionStorage.getItem(STORE); }
@@ -192,11 +202,12 @@ PAGE = Template("""<!doctype html>
       section("models", "Models", table(op.models, modelCols, {id: "models-table"})),
       section("queue", "Queue (" + num(t.queued) + ")", table(op.queue, [
         ["position", "Position", field("position"), {num: 1}], id, model, owner,
-        ["age", "Waiting", function (j) { return seconds(j.age); }, {num: 1}]],
-        {id: "queue-table", empty: "empty"})),
+        ["age", "Waiting", function (j) { return seconds(j.age); }, {num: 1}],
+        startCol], {id: "queue-table", empty: "empty"})),
       section("running", "Running", table(op.running, [id, model, owner,
         ["duration", "Running for", function (j) { return seconds(j.duration); }, {num: 1}],
-        ["attempts", "Attempt", field("attempts"), {num: 1}]], {id: "running-table"})),
+        ["attempts", "Attempt", field("attempts"), {num: 1}], ["note", "Note", note]],
+        {id: "running-table"})),
       section("recent", "Recently finished", table(op.recent, [
         id, model, owner, ["status", "Status", field("status")],
         ["duration", "Took", function (j) { return seconds(j.duration); }, {num: 1}],
@@ -221,6 +232,7 @@ PAGE = Template("""<!doctype html>
     put(byId("my-jobs"), table(data.jobs, [
       ["id", "Job", field("id")], ["model", "Model", field("model")], ["status", "Status", field("status")],
       ["position", "Queue position", field("position"), {num: 1}],
+      startCol, ["note", "Note", note],
       ["age", "Submitted", function (j) { return seconds(j.age) + " ago"; }, {num: 1}],
       ["duration", "Run time", function (j) { return seconds(j.duration); }, {num: 1}],
       ["log_length", "Output", function (j) { return num(j.log_length) + " chars"; }, {num: 1}],
