@@ -163,3 +163,49 @@ def test_a_model_over_the_budget_fails_at_start_naming_it(tmp_path, paths):
     message = str(caught.value)
     assert "do not fit this server's memory_budget" in message
     assert "the eager models (smollm2) need" in message and "0.01 GiB" in message
+
+
+def test_a_catalog_of_only_on_demand_models_serves_under_the_default_isolation(tmp_path, paths):
+    """Every model loads after the worker is confined, one of them offloaded to disk: the worker
+    prepared what loading needs before confining itself, writes the offload folder itself, and
+    the values equal a local run."""
+    from glassbox.offline import tiny_gpt2_path
+
+    offload = tmp_path / "offload"
+    catalog = tmp_path / "catalog.toml"
+    catalog.write_text(textwrap.dedent(f"""
+        [models.tiny]
+        path = "{paths['tiny']}"
+        load = "on_demand"
+        device_map = "auto"
+        max_memory = {{ cpu = "8MiB" }}
+        offload_folder = "{offload}"
+
+        [models.gpt2]
+        path = "{tiny_gpt2_path()}"
+        load = "on_demand"
+    """))
+    running = start_server({}, state_dir=str(tmp_path / "state"), args=["--models-file", str(catalog)])
+    old = CONFIG.HOST, CONFIG.API_KEY
+    try:
+        CONFIG.HOST, CONFIG.API_KEY = running.url, running.create_key("on-demand")
+        states = {name: info["state"] for name, info in models(running).items()}
+        assert states == {"tiny": "cold", "gpt2": "cold"}
+        with redirect_stderr(io.StringIO()):
+            tiny, gpt2 = LanguageModel("tiny"), LanguageModel("gpt2")
+            remote = trace(tiny, remote=True)
+            with gpt2.trace(PROMPT, remote=True):
+                gpt2_logits = gpt2.lm_head.output.save()
+        local = trace(LanguageModel(paths["tiny"], dispatch=True))
+        for name in local:
+            assert torch.allclose(remote[name], local[name], atol=1e-6), name
+        local_gpt2 = LanguageModel(str(tiny_gpt2_path()), dispatch=True)
+        with local_gpt2.trace(PROMPT):
+            expected = local_gpt2.lm_head.output.save()
+        assert torch.equal(gpt2_logits, expected)
+        assert any(path.suffix == ".dat" for path in offload.iterdir())  # really offloaded to disk
+        assert {name: info["state"] for name, info in models(running).items()} == {"tiny": "ready",
+                                                                                  "gpt2": "ready"}
+    finally:
+        CONFIG.HOST, CONFIG.API_KEY = old
+        running.stop()

@@ -20,6 +20,7 @@ A module implementing ``Executor``::
     results = run_batch(models, requests, logs=[...], limits={...})        optional: one pass
     result = run_in_process(model, request, log=print_fn)   optional: ``remote="local"``
     after_job(models), load_model(name, spec), unload_model(models, name)  optional
+    prepare_later_loads()                                   optional: before the worker is confined
 
 ``run_job`` / ``run_batch`` never raise for anything a job's code does: a failure is an ERROR
 ``JobResult``. ``limits`` holds ``max_result_bytes`` and ``max_saved_values``.
@@ -49,7 +50,7 @@ class Executor(Protocol):
 
     # Optional (looked up with getattr): run_batch(models, requests, *, logs, limits) -> [JobResult],
     # run_in_process(model, request, *, log) -> JobResult, after_job(models), load_model(name, spec),
-    # unload_model(models, name) (needed for load = "on_demand").
+    # unload_model(models, name) and prepare_later_loads() (needed for load = "on_demand").
 
 
 def load_executor(name: str) -> Any:

@@ -143,8 +143,9 @@ class ServerConfig:
     vllm_python: str = field(**_doc(
         "The Python interpreter of the worker processes that serve engine = 'vllm' models (a virtualenv "
         "with vLLM and glassbox, e.g. .venv-vllm/bin/python made by scripts/setup_vllm.sh). Default: this "
-        "server's own interpreter if it can import vLLM, else .venv-vllm/bin/python beside the glassbox "
-        "checkout if that exists."
+        "server's own interpreter if it can import vLLM, else .venv-vllm/bin/python of the checkout when "
+        "glassbox runs from one (src/ layout) and it exists, else this interpreter. An installed glassbox "
+        "(a wheel) has no checkout: give the vLLM virtualenv's Python here."
     ), default="")
     state_dir: str = field(**_doc(
         "Directory for the job database and this server's instance id files. Default: $GLASSBOX_STATE_DIR, "
@@ -316,12 +317,6 @@ class ServerConfig:
         if on_demand and self.backend == "ray":
             raise ValueError(f"load = 'on_demand' ({', '.join(on_demand)}) needs --backend local: a Ray "
                              "replica holds its model for its whole life (use replicas and resources)")
-        for name in on_demand:
-            if "offload_folder" in self.load_options(name) and self.isolation == "process":
-                raise ValueError(
-                    f"model {name!r}: offload_folder with load = 'on_demand' cannot work under --isolation "
-                    "process (the worker may not write files once confined); load it 'eager', or use "
-                    "--isolation process-unconfined")
 
     def load_options(self, name: str) -> dict:
         """The LanguageModel options a model is loaded with (dtype, device_map, ...); {} by default."""
@@ -344,8 +339,13 @@ class ServerConfig:
             return str(Path(self.vllm_python).expanduser())
         if importlib.util.find_spec("vllm") is not None:
             return sys.executable
-        beside = Path(__file__).resolve().parents[3] / ".venv-vllm" / "bin" / "python"
-        return str(beside) if beside.exists() else sys.executable
+        # From a checkout (<root>/src/glassbox/server/config.py): scripts/setup_vllm.sh's venv at its
+        # root. An installed glassbox (site-packages/glassbox/...) has no checkout to look beside.
+        package = Path(__file__).resolve().parents[1]
+        root = package.parents[1]
+        beside = root / ".venv-vllm" / "bin" / "python"
+        from_checkout = package.parent.name == "src" and (root / "pyproject.toml").is_file()
+        return str(beside) if from_checkout and beside.exists() else sys.executable
 
     def pinned(self, name: str) -> bool:
         """Whether an on-demand server may evict the model to make room for another."""

@@ -275,6 +275,45 @@ def test_worker_forks_confined_children_and_jobs_cannot_fork():
     assert results["job_threads"] == {"ok": True, "value": 2}
 
 
+def test_the_worker_writes_its_write_paths_and_its_jobs_write_nothing(tmp_path: Path):
+    """An offload folder of a model loaded on demand: the confined worker writes there (accelerate
+    puts offloaded weights there at load), a job (after confine_job) may read it but not write,
+    make, remove or truncate anything in it, and nothing elsewhere is writable to either."""
+    offload, other = tmp_path / "offload", tmp_path / "other"
+    offload.mkdir()
+    other.mkdir()
+    (offload / "weights.dat").write_text("weights")
+    results = run_confined("""
+        def write(path, text="x"):
+            with open(path, "w") as f:
+                f.write(text)
+            return True
+
+        confine_worker(read_paths=[*PYTHON_DIRS, offload], write_paths=[offload])
+        attempt("worker_writes_new", lambda: write(offload + "/layer.dat"))
+        attempt("worker_overwrites", lambda: write(offload + "/weights.dat", "reloaded"))
+        attempt("worker_makes_dir", lambda: os.mkdir(offload + "/sub") or True)
+        attempt("worker_writes_elsewhere", lambda: write(other + "/x"))
+        confine_job()
+        attempt("job_reads", lambda: read(offload + "/weights.dat"))
+        attempt("job_overwrites", lambda: write(offload + "/weights.dat", "poisoned"))
+        attempt("job_writes_new", lambda: write(offload + "/evil.dat"))
+        attempt("job_removes", lambda: os.remove(offload + "/layer.dat"))
+        attempt("job_truncates", lambda: os.truncate(offload + "/weights.dat", 0))
+        attempt("job_renames", lambda: os.rename(offload + "/layer.dat", offload + "/sub/layer.dat"))
+        attempt("job_makes_dir", lambda: os.mkdir(offload + "/evil"))
+    """, offload=str(offload), other=str(other))
+    for allowed in ("worker_writes_new", "worker_overwrites", "worker_makes_dir"):
+        assert results[allowed] == {"ok": True, "value": True}, (allowed, results[allowed])
+    assert results["worker_writes_elsewhere"]["error"] == "PermissionError"
+    assert results["job_reads"] == {"ok": True, "value": "reloaded"}
+    for denied in ("job_overwrites", "job_writes_new", "job_removes", "job_truncates", "job_renames",
+                   "job_makes_dir"):
+        assert results[denied]["ok"] is False and results[denied]["error"] == "PermissionError", (
+            denied, results[denied])
+    assert (offload / "weights.dat").read_text() == "reloaded" and (offload / "layer.dat").exists()
+
+
 def test_worker_without_fork():
     results = run_confined(setup=TORCH_WORK, body="""
         confinement = confine_worker(read_paths=PYTHON_DIRS, allow_fork=False)

@@ -9,6 +9,7 @@ A worker (``workers/child.py``) calls::
 
     models = load_models(specs)                     once, at start: {name: model}; a spec is a
                                                     path or {"path": ..., "options": {...}}
+    prepare_later_loads()                           before the worker is confined (on-demand loads)
     models[name] = load_model(name, spec)           on-demand loading: one more model
     unload_model(models, name)                      evict one, freeing its memory
     result = run_job(models, request, log=print_fn, limits={...})          JobRequest -> JobResult
@@ -27,7 +28,8 @@ from __future__ import annotations
 from .cotenant import run_batch
 from .execute import run_job
 from .inprocess import run_in_process
-from .loading import load_model, load_models, unload_model
+from .loading import load_model, load_models, prepare_later_loads, unload_model
 from .served import after_job
 
-__all__ = ["after_job", "load_model", "load_models", "run_batch", "run_in_process", "run_job", "unload_model"]
+__all__ = ["after_job", "load_model", "load_models", "prepare_later_loads", "run_batch", "run_in_process",
+           "run_job", "unload_model"]

@@ -7,6 +7,8 @@ Offers:
                                   (sealed.py), server paths hidden, the rest (buffers) snapshotted
     load_model(name, spec) / unload_model(models, name)   one model, for on-demand loading
                                   (a spec with ``"engine": "vllm"``: a glassbox.VLLM, vllm_served.py)
+    prepare_later_loads()         in the worker before it is confined: what a later (on-demand)
+                                  load needs that a confined process can no longer do
 
 The weight guards they register live in served.py, which every job uses.
 """
@@ -23,7 +25,26 @@ from .offload import own_offload_files
 from .sealed import release, seal
 from .served import unwatch, watch
 
-__all__ = ["load_model", "load_models", "unload_model"]
+__all__ = ["load_model", "load_models", "prepare_later_loads", "unload_model"]
+
+
+def prepare_later_loads() -> None:
+    """Called once by the worker before it is confined (workers/child.py ``start``), so that a model
+    loaded on demand after that loads as it would have at start. Measured: Python's ``tempfile``
+    finds its directory by writing a probe file into it, which a confined worker may not do, and
+    ``huggingface_hub`` asks for it on import, so a catalog whose models all load on demand failed
+    its first load with "No usable temporary directory found". The directory found now is cached by
+    ``tempfile``. Loading also imports ``torch._dynamo``, which creates its cache folder in the
+    temporary directory at import. The loading stack is imported now (an import that only reads
+    would still work later, but one done here is not paid by the first tenant's job)."""
+    import tempfile
+
+    tempfile.gettempdir()
+    import accelerate  # noqa: F401  (device_map / offloading)
+    import huggingface_hub.hf_api  # noqa: F401
+    import safetensors.torch  # noqa: F401
+    import torch._dynamo  # noqa: F401  (loading imports it; at import it creates its cache folder in /tmp)
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer  # noqa: F401
 
 
 def load_models(specs: dict[str, Any]) -> dict[str, Any]:

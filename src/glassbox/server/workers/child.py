@@ -127,6 +127,9 @@ def start(executor: str, specs: dict[str, str], torch_threads: int,
         _no_progress_thread()
         module = load_executor(executor)
         models = module.load_models(specs)
+        prepare = getattr(module, "prepare_later_loads", None)
+        if prepare is not None:  # before the worker is confined (on-demand loads come later)
+            prepare()
     except BaseException as err:  # the feeder must hear why, whatever it was
         error = traceback.format_exc()
         if memory_limit and is_out_of_memory(JobError(type(err).__name__, str(err))):

@@ -1,13 +1,16 @@
 """Confine the process that runs untrusted user code (a server worker) with the kernel's help.
 
 Offers:
-    confine_worker(*, read_paths, allow_fork=True, require=True) -> Confinement
+    confine_worker(*, read_paths, write_paths=(), allow_fork=True, require=True) -> Confinement
                           once, in the worker process, after the models are loaded and before any
-                          user code runs: no_new_privs, Landlock, a seccomp filter
+                          user code runs: no_new_privs, Landlock, a seccomp filter; ``write_paths``:
+                          folders the worker itself still writes (offload folders of models it
+                          loads on demand), never a job
     confine_job(*, require=True)
                           in a forked per-job child of a confined worker: no new processes from now
-                          on (a second seccomp filter, stacked on the worker's), and no signals to
-                          the worker or other jobs (a Landlock domain of its own, ABI >= 6)
+                          on (a second seccomp filter, stacked on the worker's), no writes anywhere
+                          (the worker's ``write_paths`` included) and no signals to the worker or
+                          other jobs (a Landlock domain of its own; signals from ABI >= 6)
     available() -> dict   what this kernel offers: {"landlock_abi": N, "seccomp": bool}; never raises
     Confinement           what was applied; ``describe()`` is one line for the server log
     ConfinementUnavailable  ``require=True`` and a layer is missing or cannot cover the process
@@ -77,7 +80,7 @@ _RULE_PATH_BENEATH = 1
 _RESTRICT_SELF_TSYNC = 1 << 3  # ABI 8: apply to every thread of the process
 _KNOWN_ABI = 8  # newer kernels may handle rights this module does not know: they stay unhandled
 
-_FS_READ_FILE, _FS_READ_DIR = 1 << 2, 1 << 3
+_FS_EXECUTE, _FS_READ_FILE, _FS_READ_DIR = 1 << 0, 1 << 2, 1 << 3
 # Every filesystem right an ABI can handle. A right the ruleset handles and no rule grants is denied.
 _FS_RIGHTS = {1: (1 << 13) - 1, 2: (1 << 14) - 1, 3: (1 << 15) - 1, 5: (1 << 16) - 1}
 _NET_RIGHTS = 0b11  # ABI 4: BIND_TCP, CONNECT_TCP; no rule grants them, so every port is denied
@@ -120,6 +123,7 @@ class Confinement:
     no_new_privs: bool = False
     allow_fork: bool = True
     read_paths: tuple[str, ...] = ()  # readable beneath, as applied (missing paths dropped)
+    write_paths: tuple[str, ...] = ()  # writable beneath (by the worker; its jobs may not)
     denied_syscalls: tuple[str, ...] = ()
     unconfined_threads: int = 0  # threads Landlock could not reach (existed before, ABI < 8)
     notes: tuple[str, ...] = ()  # what could not be applied, and why
@@ -129,8 +133,9 @@ class Confinement:
         if self.landlock_abi:
             extra = (", no TCP" if self.landlock_abi >= 4 else "") + (
                 ", scoped signals/abstract sockets" if self.landlock_abi >= 6 else "")
+            writes = f", the worker writes beneath {len(self.write_paths)}" if self.write_paths else ""
             parts.append(f"landlock ABI {self.landlock_abi} (read-only beneath {len(self.read_paths)} "
-                         f"paths{extra})")
+                         f"paths{writes}{extra})")
         if self.seccomp:
             parts.append(f"seccomp ({len(self.denied_syscalls)} syscalls denied, "
                          f"{'forks allowed' if self.allow_fork else 'no new processes'})")
@@ -221,10 +226,17 @@ def _warm_torch() -> None:
         capability()
 
 
-def _landlock(abi: int, read_paths: list[str]) -> tuple[int, tuple[str, ...]]:
-    """Restrict this thread (every thread on ABI >= 8); returns the ABI handled and the paths granted."""
+def _fs_rights(used: int) -> int:
+    """Every filesystem right Landlock ABI ``used`` knows."""
+    return _FS_RIGHTS[max(k for k in _FS_RIGHTS if k <= used)]
+
+
+def _landlock(abi: int, read_paths: list[str],
+              write_paths: list[str] = ()) -> tuple[int, tuple[str, ...], tuple[str, ...]]:
+    """Restrict this thread (every thread on ABI >= 8); returns the ABI handled and the paths granted
+    for reading, and for writing (every file right but executing, beneath each)."""
     used = min(abi, _KNOWN_ABI)
-    attr = _RulesetAttr(handled_access_fs=_FS_RIGHTS[max(k for k in _FS_RIGHTS if k <= used)],
+    attr = _RulesetAttr(handled_access_fs=_fs_rights(used),
                         handled_access_net=_NET_RIGHTS if used >= 4 else 0,
                         scoped=_SCOPES if used >= 6 else 0)
     # The struct grew with the ABI: older kernels reject a size with fields they do not know.
@@ -233,7 +245,17 @@ def _landlock(abi: int, read_paths: list[str]) -> tuple[int, tuple[str, ...]]:
     if ruleset < 0:
         raise _oserror("landlock_create_ruleset")
     granted: list[str] = []
+    writable: list[str] = []
     try:
+        for path in dict.fromkeys(os.path.realpath(p) for p in write_paths):
+            fd = os.open(path, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)  # must exist: made before
+            try:
+                rule = _PathBeneathAttr(_fs_rights(used) & ~_FS_EXECUTE, fd)
+                if _syscall(_SYS_ADD_RULE, ruleset, _RULE_PATH_BENEATH, ctypes.byref(rule), 0) < 0:
+                    raise _oserror(f"landlock_add_rule {path} (write)")
+            finally:
+                os.close(fd)
+            writable.append(path)
         for path in dict.fromkeys(os.path.realpath(p) for p in [*read_paths, *_DEVICE_PATHS]):
             try:
                 fd = os.open(path, os.O_PATH | os.O_CLOEXEC)
@@ -252,7 +274,7 @@ def _landlock(abi: int, read_paths: list[str]) -> tuple[int, tuple[str, ...]]:
             raise _oserror("landlock_restrict_self")
     finally:
         os.close(ruleset)
-    return used, tuple(granted)
+    return used, tuple(granted), tuple(writable)
 
 
 def _seccomp(names: tuple[str, ...], no_processes: bool) -> tuple[str, ...]:
@@ -286,11 +308,13 @@ def _seccomp(names: tuple[str, ...], no_processes: bool) -> tuple[str, ...]:
     return tuple(denied)
 
 
-def confine_worker(*, read_paths: list[str], allow_fork: bool = True, require: bool = True) -> Confinement:
-    """Confine this process for good: read-only beneath ``read_paths``, no writes, no network, no
-    exec (see the module docstring). ``require=True``: raise ``ConfinementUnavailable`` unless every
-    layer applies to every thread, checked before anything is applied; a failure after that (rare:
-    a syscall refusing) also raises, and the process, possibly half confined, should exit.
+def confine_worker(*, read_paths: list[str], write_paths: list[str] = (), allow_fork: bool = True,
+                   require: bool = True) -> Confinement:
+    """Confine this process for good: read-only beneath ``read_paths``, no writes but beneath
+    ``write_paths`` (existing folders), no network, no exec (see the module docstring).
+    ``require=True``: raise ``ConfinementUnavailable`` unless every layer applies to every thread,
+    checked before anything is applied; a failure after that (rare: a syscall refusing) also raises,
+    and the process, possibly half confined, should exit.
     ``require=False``: apply what can be, and say in the result what was not."""
     offered = available()
     abi, has_seccomp = offered["landlock_abi"], offered["seccomp"]
@@ -312,10 +336,10 @@ def confine_worker(*, read_paths: list[str], allow_fork: bool = True, require: b
         if require:
             raise ConfinementUnavailable(f"{_oserror('PR_SET_NO_NEW_PRIVS')}")
         notes.append("PR_SET_NO_NEW_PRIVS failed: no Landlock without it")
-    applied_abi, granted, denied = 0, (), ()
+    applied_abi, granted, writable, denied = 0, (), (), ()
     if abi and nnp:
         try:
-            applied_abi, granted = _landlock(abi, read_paths)
+            applied_abi, granted, writable = _landlock(abi, read_paths, list(write_paths))
         except OSError as err:
             if require:
                 raise ConfinementUnavailable(f"Landlock: {err}") from err
@@ -328,7 +352,8 @@ def confine_worker(*, read_paths: list[str], allow_fork: bool = True, require: b
                 raise ConfinementUnavailable(f"seccomp: {err}") from err
             notes.append(f"seccomp failed: {err}")
     return Confinement(landlock_abi=applied_abi, seccomp=bool(denied), no_new_privs=nnp,
-                       allow_fork=allow_fork, read_paths=granted, denied_syscalls=denied,
+                       allow_fork=allow_fork, read_paths=granted, write_paths=writable,
+                       denied_syscalls=denied,
                        unconfined_threads=others if applied_abi else 0, notes=tuple(notes))
 
 
@@ -353,18 +378,23 @@ def confine_job(*, require: bool = True) -> None:
 
 
 def _scope_job() -> None:
-    """A Landlock domain of the job's own (ABI >= 6) that scopes signals and abstract unix sockets:
-    the job can no longer signal the worker that forked it (a SIGKILL there would make every
-    tenant wait for the models to load again) or its siblings. Nothing else is restricted anew:
-    the worker's domain, inherited, already covers files and the network."""
-    if _landlock_abi() < 6:
+    """A Landlock domain of the job's own, stacked on the worker's: no file may be written, made,
+    removed or truncated anywhere (the worker may still write its ``write_paths``: offload folders
+    of models loaded on demand; a job must never), and (ABI >= 6) signals and abstract unix sockets
+    are scoped: the job can no longer signal the worker that forked it (a SIGKILL there would make
+    every tenant wait for the models to load again) or its siblings. Reading is left to the
+    worker's domain, inherited."""
+    abi = min(_landlock_abi(), _KNOWN_ABI)
+    if abi < 1:
         return
-    attr = _RulesetAttr(handled_access_fs=0, handled_access_net=0, scoped=_SCOPES)
-    ruleset = _syscall(_SYS_CREATE_RULESET, ctypes.byref(attr), 24, 0)
+    attr = _RulesetAttr(handled_access_fs=_fs_rights(abi) & ~(_FS_EXECUTE | _FS_READ_FILE | _FS_READ_DIR),
+                        handled_access_net=0, scoped=_SCOPES if abi >= 6 else 0)
+    size = 8 if abi < 4 else 16 if abi < 6 else 24
+    ruleset = _syscall(_SYS_CREATE_RULESET, ctypes.byref(attr), size, 0)
     if ruleset < 0:
-        raise _oserror("landlock_create_ruleset (scope)")
+        raise _oserror("landlock_create_ruleset (job)")
     try:
         if _syscall(_SYS_RESTRICT_SELF, ruleset, 0) < 0:
-            raise _oserror("landlock_restrict_self (scope)")
+            raise _oserror("landlock_restrict_self (job)")
     finally:
         os.close(ruleset)

@@ -63,11 +63,12 @@ __all__ = ["LocalProcess", "worker_main"]
 
 def worker_main(conn: multiprocessing.connection.Connection, specs: dict[str, Any], executor: str,
                 torch_threads: int, max_memory_bytes: int = 0, isolation: str = "process",
-                read_paths: tuple[str, ...] = ()) -> None:
+                read_paths: tuple[str, ...] = (), write_paths: tuple[str, ...] = ()) -> None:
     """``specs``: the models to load now; ``read_paths``: what the confined worker must still read
-    later (the folders of models loaded on demand, offload folders)."""
+    later (the folders of models loaded on demand, offload folders); ``write_paths``: what it must
+    still write (the offload folders of models loaded on demand; never its jobs)."""
     try:
-        _serve(conn, specs, executor, torch_threads, max_memory_bytes, isolation, read_paths)
+        _serve(conn, specs, executor, torch_threads, max_memory_bytes, isolation, read_paths, write_paths)
     finally:
         # No interpreter teardown: a confined worker may not run multiprocessing's finalizers
         # (unlinking the semaphore tqdm made while loading is a write Landlock refuses), and it
@@ -78,7 +79,8 @@ def worker_main(conn: multiprocessing.connection.Connection, specs: dict[str, An
 
 
 def _serve(conn: multiprocessing.connection.Connection, specs: dict[str, Any], executor: str,
-           torch_threads: int, max_memory_bytes: int, isolation: str, read_paths: tuple[str, ...]) -> None:
+           torch_threads: int, max_memory_bytes: int, isolation: str, read_paths: tuple[str, ...],
+           write_paths: tuple[str, ...] = ()) -> None:
     scrub_environment()
     # Before anything big is imported or loaded: the models count toward the limit, so a server
     # whose limit cannot even hold them fails at start, saying so, rather than at the first job.
@@ -102,7 +104,7 @@ def _serve(conn: multiprocessing.connection.Connection, specs: dict[str, Any], e
             "(each job then runs in the worker, its weights checked after it: README, Security)")}
     if module is not None and forking:
         try:
-            reply["isolation"] = _isolate(isolation, read_paths)
+            reply["isolation"] = _isolate(isolation, read_paths, write_paths)
             reply["threads"] = torch_threads or reply["default_threads"]
         except Exception as err:  # the operator must hear why, and nothing may run unconfined
             module, reply = None, {"op": "failed", "error": f"{type(err).__name__}: {err}"}
@@ -163,11 +165,13 @@ def _on_accelerator(model: Any) -> bool:
     return any(p.device.type not in ("cpu", "meta") for p in module.parameters())
 
 
-def _isolate(isolation: str, read_paths: tuple[str, ...]) -> str:
+def _isolate(isolation: str, read_paths: tuple[str, ...], write_paths: tuple[str, ...] = ()) -> str:
     """Seal the fork-ready state and confine this process (``confine.py``); returns what was applied."""
     prepare_parent()
-    confinement = confine_worker(read_paths=[*_python_paths(), *read_paths], allow_fork=True,
-                                 require=isolation == "process")
+    for path in write_paths:
+        os.makedirs(path, exist_ok=True)  # a confined process could not make it later
+    confinement = confine_worker(read_paths=[*_python_paths(), *read_paths], write_paths=list(write_paths),
+                                 allow_fork=True, require=isolation == "process")
     return confinement.describe()
 
 
@@ -204,6 +208,14 @@ def _later_reads(config: ServerConfig) -> tuple[str, ...]:
 
                 paths.append(HF_HUB_CACHE)
     return tuple(dict.fromkeys(paths))
+
+
+def _later_writes(config: ServerConfig) -> tuple[str, ...]:
+    """What the worker writes after it is confined: the offload folders of models loaded on demand
+    (accelerate writes their offloaded weights there at load). Its jobs may not (confine_job)."""
+    return tuple(dict.fromkeys(
+        os.path.realpath(str(config.load_options(name)["offload_folder"])) for name in config.models
+        if config.load_mode(name) == "on_demand" and config.load_options(name).get("offload_folder")))
 
 
 _paths_of: dict[str, list[str]] = {}
@@ -286,7 +298,8 @@ class LocalProcess:
         process = context.Process(
             target=worker_main,
             args=(child_conn, config.worker_specs(self.loads_at_start), config.executor,
-                  config.torch_threads, config.max_memory_bytes, self.isolation, _later_reads(config)),
+                  config.torch_threads, config.max_memory_bytes, self.isolation, _later_reads(config),
+                  _later_writes(config)),
             name="glassbox-worker",
             daemon=True,
         )
