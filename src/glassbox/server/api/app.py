@@ -16,13 +16,14 @@ Request lifecycle::
 
     client                       API process (this file)                    worker process
     ──────                       ───────────────────────                    ──────────────
-    POST /v1/jobs ──────────►  key ─► rate limit ─► size ─► unframe +
-                               check_envelope ─► model served?
+    POST /v1/jobs ──────────►  key ─► rate limit ─► size ─► JobRequest.read
+                               (the one read here) ─► model served? ─► batch key
                                store: RECEIVED ─► QUEUED ──► 202 {id}
     WS  /events   ◄────────── QUEUED (position n) ... (position 0)
-                               feeder: claim ─► RUNNING ───────────────►  run_job(...)
+                               feeder: claim ─► RUNNING ── bytes ──────►  JobRequest.read,
+                                                                          run_job(...)
                   ◄────────── {"log": ...}  ◄──────────────────────────  print(...)
-                               store: COMPLETED / ERROR + result  ◄────  (result, blob)
+                               store: COMPLETED / ERROR + result  ◄────  JobResult
                   ◄────────── COMPLETED
     GET /result   ──────────►  framed result bytes (owner only)
                                ... deleted ``result_ttl_seconds`` after it finished
