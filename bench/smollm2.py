@@ -1,13 +1,18 @@
 """A real model, side by side: SmolLM2-135M under plain HF, plain hooks, glassbox and nnsight 0.8.1.
 
     .venv/bin/python bench/smollm2.py                  # full run, 20-25 minutes on 2 busy cores
-    .venv/bin/python bench/smollm2.py --quick          # smoke run, 3-6 minutes (mostly the checks)
+    .venv/bin/python bench/smollm2.py --quick          # smoke run in seconds: a tiny Llama, 2 rounds
+    .venv/bin/python bench/smollm2.py --quick --model smollm2  # SmolLM2, 2 rounds: 3-6 minutes
     .venv/bin/python bench/smollm2.py --json out.json  # also write every number
     bash bench/setup_peers.sh                          # once: the nnsight virtualenv (optional)
 
 Model: SmolLM2-135M-Instruct (Llama layout, 30 decoder layers, float32, CPU), prepared
 offline by ``glassbox.offline.smollm2_path()``. Prompts: 16 tokens each, a clean one
-(``CLEAN``) and a corrupted one (``CORRUPT``) for patching.
+(``CLEAN``) and a corrupted one (``CORRUPT``) for patching. ``--quick`` (2 rounds) runs on
+``--model tiny`` unless told otherwise: a random-init Llama of the same layout (30 layers,
+hidden 64, ``glassbox.offline.tiny_llama_path(n_layers=30)``; GPT-2's tokenizer, so the
+prompts are 17 tokens), which checks in seconds that the bench runs; its numbers are not
+SmolLM2's.
 
 Cases (what one timed call does):
     save_all          one trace of CLEAN saving the 30 layer outputs
@@ -74,7 +79,6 @@ WORKER = os.path.join(BENCH, "_nnsight_smollm2_worker.py")
 
 CLEAN = "The Eiffel Tower is located in the city of Paris, which is the capital"
 CORRUPT = "The Colosseum is located in the city of Rome, which is the capital"
-PROMPT_TOKENS = 16
 N_LAYERS = 30
 NEW_TOKENS = 20
 EDIT_LAYER = 10
@@ -108,20 +112,22 @@ class Inputs:
     corrupt: dict[str, torch.Tensor]
     batch: dict[str, torch.Tensor]  # [31, 16]: clean, then 30 x corrupt
     pad_id: int
+    tokens: int  # of each prompt: 16 with SmolLM2's tokenizer
 
 
 def make_inputs(tokenizer: Any) -> Inputs:
     def encode(text: str) -> dict[str, torch.Tensor]:
         ids = tokenizer(text, return_tensors="pt")
-        out = {"input_ids": ids["input_ids"], "attention_mask": ids["attention_mask"]}
-        if out["input_ids"].shape != (1, PROMPT_TOKENS):
-            raise SystemExit(f"{text!r} is {out['input_ids'].shape[1]} tokens, not {PROMPT_TOKENS}")
-        return out
+        return {"input_ids": ids["input_ids"], "attention_mask": ids["attention_mask"]}
 
     clean, corrupt = encode(CLEAN), encode(CORRUPT)
+    tokens = clean["input_ids"].shape[1]
+    if corrupt["input_ids"].shape[1] != tokens:  # the batched sweep stacks them unpadded
+        raise SystemExit(f"{CLEAN!r} is {tokens} tokens but {CORRUPT!r} is "
+                         f"{corrupt['input_ids'].shape[1]}: they must be as long")
     batch = {k: torch.cat([clean[k]] + [corrupt[k]] * N_LAYERS) for k in clean}
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    return Inputs(clean, corrupt, batch, int(pad))
+    return Inputs(clean, corrupt, batch, int(pad), tokens)
 
 
 def generate_kwargs(inputs: Inputs) -> dict[str, Any]:
@@ -331,7 +337,7 @@ def check_cases_meaningful(raw: Jobs, hooks: Jobs, inputs: Inputs, hf: torch.nn.
     if unchanged:
         raise SystemExit(f"patching layers {unchanged} did not change the corrupted logits")
     plain, edited = raw["generate_edit"](), hooks["generate_edit"]()
-    if edited.shape != (1, PROMPT_TOKENS + NEW_TOKENS):
+    if edited.shape != (1, inputs.tokens + NEW_TOKENS):
         raise SystemExit(f"generation gave shape {tuple(edited.shape)}, not {NEW_TOKENS} new tokens")
     if torch.equal(plain, edited):
         raise SystemExit(f"scaling layer {EDIT_LAYER} by {EDIT_SCALE} did not change the generated tokens")
@@ -367,11 +373,17 @@ class Rounds(_cases.Rounds):
 # ---------------------------------------------------------------- this process
 
 
-def prepare_glassbox(settings: _cases.Settings) -> Rounds:
-    from glassbox import LanguageModel
-    from glassbox.offline import smollm2_path
+def model_path(name: str) -> str:
+    """The checkpoint timed: ``smollm2`` or ``tiny`` (a random Llama of SmolLM2's depth)."""
+    from glassbox.offline import smollm2_path, tiny_llama_path
 
-    model = LanguageModel(smollm2_path(), dispatch=True)
+    return str(smollm2_path() if name == "smollm2" else tiny_llama_path(n_layers=N_LAYERS))
+
+
+def prepare_glassbox(settings: _cases.Settings, path: str) -> Rounds:
+    from glassbox import LanguageModel
+
+    model = LanguageModel(path, dispatch=True)
     hf = model._module
     hf.eval()
     inputs = make_inputs(model.tokenizer)
@@ -385,16 +397,14 @@ def prepare_glassbox(settings: _cases.Settings) -> Rounds:
     return Rounds(jobs, settings, "glassbox")
 
 
-def run_all(settings: _cases.Settings, with_nnsight: bool, quick: bool) -> tuple[Rounds, dict | None]:
-    from glassbox.offline import smollm2_path
-
-    path = str(smollm2_path())
+def run_all(settings: _cases.Settings, with_nnsight: bool, quick: bool,
+            path: str) -> tuple[Rounds, dict | None]:
     # The worker prepares (loads, checks, warms up) while this process does the same; the
     # timed rounds then alternate.
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
     args = ["--model-path", path] + (["--quick"] if quick else [])
     peer = _peer.PeerProcess.launch(WORKER, args, env) if with_nnsight else None
-    rounds = prepare_glassbox(settings)
+    rounds = prepare_glassbox(settings, path)
     if peer is not None and not peer.wait_ready():
         peer = None
     for r in range(settings.rounds):
@@ -491,7 +501,11 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="few repetitions: a smoke run")
     parser.add_argument("--json", metavar="PATH", help="write every number to PATH")
     parser.add_argument("--no-nnsight", action="store_true", help="skip the nnsight subprocess")
+    parser.add_argument("--model", choices=["smollm2", "tiny"],
+                        help="smollm2 (the default), or tiny: a random Llama of the same layout "
+                             "(the default with --quick)")
     args = parser.parse_args()
+    args.model = args.model or ("tiny" if args.quick else "smollm2")
 
     from overhead import glassbox_source
 
@@ -500,7 +514,9 @@ def main() -> None:
     source = glassbox_source()
     _cases.log(f"glassbox source: {source}")
     load_before = os.getloadavg()
-    rounds, nn = run_all(settings, not args.no_nnsight, args.quick)
+    path = model_path(args.model)
+    _cases.log(f"model: {path}")
+    rounds, nn = run_all(settings, not args.no_nnsight, args.quick, path)
     load_after = os.getloadavg()
     rows = build_rows(rounds, nn)
     checks = targets(rows)
@@ -510,14 +526,18 @@ def main() -> None:
     print(f"glassbox source: {source}")
     print(f"machine: {os.cpu_count()} CPUs, 1-min load average {load_before[0]:.2f} before, "
           f"{load_after[0]:.2f} after (other processes add noise; compare within one run)")
+    print(f"model: {os.path.basename(path)}"
+          + (" (a random Llama of SmolLM2's layout: --quick checks that the bench runs, its numbers "
+             "are not SmolLM2's)" if args.model == "tiny" else ""))
     print(f"torch {torch.__version__}, transformers {transformers.__version__}, 1 thread, grad off (no_grad)")
     if nn is not None:
         print(f"nnsight process: {nn['versions']}")
     print_report(rows, checks, nn)
     if args.json:
         document = {
-            "settings": {"quick": args.quick, **vars(settings), "grad_mode": "disabled (no_grad)",
-                         "torch_threads": torch.get_num_threads(), "clean": CLEAN, "corrupt": CORRUPT},
+            "settings": {"quick": args.quick, "model": path, **vars(settings),
+                         "grad_mode": "disabled (no_grad)", "torch_threads": torch.get_num_threads(),
+                         "clean": CLEAN, "corrupt": CORRUPT},
             "glassbox_source": source,
             "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
                          "python": sys.version.split()[0], "nnsight_process": nn and nn["versions"]},
