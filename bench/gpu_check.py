@@ -3,14 +3,21 @@
 Run on a machine with a CUDA GPU (the test suite never needs one):
 
     GLASSBOX_CACHE=<cache with gpt2-tokenizer> PYTHONPATH=src python bench/gpu_check.py
+    .venv/bin/python bench/gpu_check.py --quick     # no GPU needed: every check on the CPU, ~20 s
 
 Prints one line per check (PASS / FAIL / INFO with the numbers) and a timing table: bare
 forward, plain hooks saving every layer, glassbox saving every layer, on a random-init Llama
 (16 layers, hidden 1024) in bf16 and fp32. Exits 1 if a check fails.
+
+``--quick`` (or the device ``cpu``) is a dry run of the script itself where there is no GPU:
+every check runs with "cpu" in place of "cuda" (the trace check then compares the CPU with
+itself; invokes, generation, gradients and co-tenant batches are checked for real), and the
+timing table is printed from 3 rounds on the 4-layer tiny Llama. It says nothing about CUDA.
 """
 
 from __future__ import annotations
 
+import argparse
 import statistics
 import sys
 import time
@@ -24,7 +31,7 @@ from glassbox.offline import tiny_llama_path
 
 PROMPTS = ["The Eiffel Tower is in the city of", "Hello there", "A longer prompt with several more tokens"]
 failures: list[str] = []
-DEVICE = sys.argv[1] if len(sys.argv) > 1 else "cuda"  # "cpu": a dry run of the script itself
+DEVICE = "cuda"  # main() sets it: "cpu" is a dry run of the script itself
 
 
 def _sync() -> None:
@@ -141,8 +148,8 @@ def cotenant_batch(gpu: LanguageModel) -> None:
           f"max |diff| {worst:.2e}, forward passes of {passes} rows")
 
 
-def timing(dtype: torch.dtype, rounds: int = 30) -> None:
-    path = tiny_llama_path(n_layers=16, hidden=1024)
+def timing(dtype: torch.dtype, rounds: int = 30, quick: bool = False) -> None:
+    path = tiny_llama_path() if quick else tiny_llama_path(n_layers=16, hidden=1024)
     model = LanguageModel(path, device_map=DEVICE, dtype=dtype, dispatch=True)
     module = model._module
     ids = model.tokenizer([PROMPTS[2]] * 8, return_tensors="pt").to(DEVICE)
@@ -182,7 +189,21 @@ def timing(dtype: torch.dtype, rounds: int = 30) -> None:
           + f"  glassbox/hooks {med['glassbox save-all'] / med['hooks save-all']:.3f}x", flush=True)
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
+    global DEVICE
+    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
+    parser.add_argument("device", nargs="?", choices=["cuda", "cpu"],
+                        help="where to run the checks (default cuda; --quick: cpu)")
+    parser.add_argument("--quick", action="store_true",
+                        help="a dry run without a GPU: every check on the CPU, timing from 3 rounds on "
+                             "the 4-layer tiny Llama")
+    args = parser.parse_args(argv)
+    DEVICE = args.device or ("cpu" if args.quick else "cuda")
+    if DEVICE == "cuda" and not torch.cuda.is_available():
+        parser.error("no CUDA GPU here: run it on a GPU machine, or `--quick` for a dry run on the CPU")
+    if DEVICE == "cpu":
+        print("dry run on the CPU (--quick or device cpu): the script's checks and table, nothing about "
+              "CUDA", flush=True)
     gpu_name = torch.cuda.get_device_name(0) if DEVICE == "cuda" else "cpu"
     print(f"torch {torch.__version__}, {gpu_name}, glassbox {glassbox.__version__}")
     path = tiny_llama_path()
@@ -195,7 +216,7 @@ def main() -> int:
     cotenant_batch(gpu)
     for dtype in (torch.float32, torch.bfloat16):
         try:
-            timing(dtype)
+            timing(dtype, rounds=3 if args.quick else 30, quick=args.quick)
         except Exception:
             traceback.print_exc()
     print(f"{len(failures)} failed: {failures}" if failures else "all checks passed")
