@@ -8,13 +8,22 @@ database on the session's private PostgreSQL server (``postgres.py``; skipped wi
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 
 import pytest
 from sqlalchemy import text
 
-from glassbox.server.store import MAX_ATTEMPTS, JobStore, OverQuota, TooManyJobs, hash_key
+from glassbox.server.store import (
+    MAX_ATTEMPTS,
+    Finished,
+    JobStore,
+    OverQuota,
+    TooManyJobs,
+    hash_key,
+    output_bytes,
+)
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
@@ -235,6 +244,70 @@ def test_stored_results_are_counted_per_key_and_the_quota_refuses_at_or_over_it(
     assert store.delete_expired(3600, now=time.time() + 7200) == 3
     assert store.stored_bytes("k1") == 0
     store.create_job("k1", "gpt2", b"x", max_stored_bytes=1024)
+
+
+def test_errors_and_printed_output_count_toward_the_quota_like_results(store):
+    job = _queued(store)
+    store.claim(job)
+    error, logs = {"type": "ValueError", "message": "bad é"}, "printed ü\n"
+    assert store.finish(job, "ERROR", result=b"r" * 100, error=error, logs=logs)
+    assert store.stored_bytes("k1") == output_bytes(b"r" * 100, error, logs) > 100 + len(logs)
+    assert store.replace_result(job, b"n" * 10) == 90  # deleting the result frees only the result
+    assert store.stored_bytes("k1") == output_bytes(b"n" * 10, error, logs)
+
+
+def test_the_quota_holds_when_an_output_is_stored_not_only_at_submit(store):
+    jobs = [_queued(store) for _ in range(4)]  # all accepted: the key holds nothing yet
+    for job in jobs:
+        store.claim(job)
+    kept = store.finish(jobs[0], "COMPLETED", result=b"a" * 600, logs="x" * 100, max_stored_bytes=1000)
+    assert kept == Finished("COMPLETED", None, kept=True)
+    refused = store.finish(jobs[1], "COMPLETED", result=b"b" * 600, logs="y" * 10, max_stored_bytes=1000)
+    assert refused.status == "ERROR" and not refused.kept and refused.error["type"] == "QuotaExceeded"
+    message = refused.error["message"]
+    assert "its result, error and printed output are 610 bytes" in message and "hold 700 bytes" in message
+    assert "quota of 1,000 bytes (max_stored_bytes_per_key" in message
+    assert "DELETE /v1/jobs/ID/result" in message
+    info = store.get(jobs[1])
+    assert info.status == "ERROR" and info.error == refused.error and info.logs == "" and not info.has_result
+    assert store.result(jobs[1]) is None  # none of its bytes kept: only the (small) error
+    assert store.stored_bytes("k1") == 700 + len(json.dumps(refused.error))
+    # A cancelled job stays cancelled; an output that fits is kept as it was. (The errors that
+    # took the place of outputs count too: a key over its quota gets no more jobs, so few exist.)
+    cancelled = store.finish(jobs[2], "CANCELLED", logs="z" * 500, max_stored_bytes=1000)
+    assert cancelled.status == "CANCELLED" and not cancelled.kept
+    assert store.finish(jobs[3], "ERROR", error={"type": "E"}, max_stored_bytes=10_000).kept
+
+
+def test_finishes_racing_for_one_keys_quota_keep_at_most_the_quota(db_url):
+    """Jobs of one key finishing at once (on PostgreSQL through two stores: two API processes)
+    keep no more than the quota between them: the count and the write are one locked transaction."""
+    first = JobStore(db_url)
+    stores = [first, JobStore(db_url) if db_url.startswith("postgresql") else first]
+    try:
+        jobs = [_queued(first) for _ in range(12)]
+        for job in jobs:
+            assert first.claim(job)
+        for store in stores:  # a job may be finished only by the instance that claimed it
+            store.instance = first.instance
+        outcomes: list = []
+        start = threading.Barrier(len(jobs))
+
+        def finish(n: int) -> None:
+            start.wait(30)
+            outcomes.append(stores[n % 2].finish(jobs[n], "COMPLETED", result=b"r" * 300,
+                                                 max_stored_bytes=1000))
+
+        threads = [threading.Thread(target=finish, args=(n,)) for n in range(len(jobs))]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(60)
+        assert sum(outcome.kept for outcome in outcomes) == 3 and len(outcomes) == len(jobs)
+        assert sum(len(first.result(job) or b"") for job in jobs) == 900
+    finally:
+        for store in {id(s): s for s in stores}.values():
+            store.close()
 
 
 # ---------------------------------------------------------------- several processes, one database

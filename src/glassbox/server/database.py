@@ -42,6 +42,7 @@ _ADDED_COLUMNS = (
     ("jobs", "cancel_requested", "FLOAT"),
     ("jobs", "batch_key", "VARCHAR(256)"),
     ("jobs", "note", "VARCHAR(500)"),
+    ("jobs", "output_bytes", "BIGINT"),
 )
 
 

@@ -8,7 +8,9 @@ Offers:
       (instances.py)  .begin_life() / .heartbeat() / .leave() / .instances()
       .create_job(key_id, model, request, batch_key=None, max_active=0, max_stored_bytes=0) -> job id
                                       (RECEIVED; ``request``: the framed bytes as received)
-      .mark_queued(id) / .claim(id) / .requeue(id) / .retry(id) / .finish(id, status, ...)
+      .mark_queued(id) / .claim(id) / .requeue(id) / .retry(id)
+      .finish(id, status, result=, error=, logs=, max_stored_bytes=0) -> Finished | None
+                                      final: what it keeps (the quota may refuse the job's output)
       .cancel(id) / .cancel_requests(ids)   cancel a job that waits; flag one that runs
       .get(id) -> JobInfo | None / .request(id) / .result(id) / .replace_result(id, note) -> freed
       .queued() -> [JobInfo] in FIFO order / .next_queued() / .position(id) / .active_count(key_id)
@@ -18,16 +20,20 @@ Offers:
       .ahead_of(id) -> {model: n} | None   the queued jobs before this one, counted by model
       .recent_durations(models) -> {model: [seconds]}   with ahead_of: the queue-wait estimate's
                                       inputs (api/queue_wait.py)
-      .stored_bytes(key_id) -> bytes of results the key's jobs hold (until they expire)
+      .stored_bytes(key_id) -> bytes the key's jobs make the server keep (results, errors, printed
+                                      output: what its quota counts) until they expire
       .jobs_of(key_id) / .recent_jobs(statuses=None, limit=50) / .result_sizes(ids)
       .recover() -> {what: count}       run once at startup: this instance begins a new life, and
                                         the jobs dead instances (its previous life too) left are settled
       .requeue_orphans() -> {what: count}   the same settling, run every few seconds (Heartbeat)
       .delete_expired(ttl_seconds) -> n
-    JobInfo                           a plain snapshot (no live database rows leak out)
+    JobInfo                           a plain snapshot (no live database rows leak out; job_rows.py)
     KeyInfo, hash_key                 from keys.py
     TooManyJobs                       create_job refused: the key is at its max_active
     OverQuota                         create_job refused: the key's stored results are at its quota
+    Finished                          what finish kept: status, error, kept (False: over the quota)
+    output_bytes(result, error, logs) the bytes a finished job makes the store keep (its quota share)
+    STORED_BYTES                      the same, as SQL over the jobs table (sum() it per key)
     MAX_ATTEMPTS                      (a job's statuses: glassbox.remote.job.Status / FINAL)
 
     store = JobStore("sqlite:///tmp/glassbox.db")
@@ -57,11 +63,19 @@ Job lifecycle and durability (decisions):
     - QUEUED jobs belong to no server: they stay queued, in their original order.
     Jobs that live servers hold are never touched, so servers may start and stop at any time.
 
+The stored-bytes quota (``max_stored_bytes``) counts every byte a key's jobs make the server keep:
+each finished job's framed result, its error (as stored, JSON) and its printed output (UTF-8),
+recorded once in ``output_bytes`` when it finishes. ``create_job`` refuses a key at or over it;
+``finish`` checks again when the output is stored, in the same transaction as the write, so a key
+with many jobs in flight cannot store many times its quota: an output that would bring the key
+over it is not kept, and the job ends ERROR with a ``QuotaExceeded`` error that gives the numbers.
+
 PostgreSQL (``postgresql+psycopg://user@host/db``) lets several API processes share one
 database: ``claim`` is one conditional UPDATE (``... WHERE status = 'QUEUED'``) whose row count
 says who won, which stays right under READ COMMITTED with claimers in other processes; settling
 an orphan is one conditional UPDATE too (``... AND started = <as seen>``); ``create_job`` takes a
-per-key advisory lock so that ``max_active`` and the quota hold across processes. Timestamps are
+per-key advisory lock so that ``max_active`` and the quota hold across processes; ``finish`` takes
+the same lock before it counts the key's stored bytes and writes the job's output. Timestamps are
 seconds since the epoch (UTC), as floats. The engine and transactions: database.py.
 """
 
@@ -70,38 +84,36 @@ from __future__ import annotations
 import json
 import secrets
 import time
-from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import (
-    Float,
-    Index,
-    Integer,
-    LargeBinary,
-    String,
-    Text,
-    and_,
-    delete,
-    func,
-    or_,
-    select,
-    update,
-)
-from sqlalchemy.orm import Mapped, Session, mapped_column
+from sqlalchemy import and_, delete, func, or_, select, update
+from sqlalchemy.orm import Session
 
 from ..remote.job import FINAL, Status
-from .database import TableBase
 from .instances import InstanceStore, _Instance, instance_timeout, new_instance_id
+from .job_rows import (
+    INFO_COLUMNS,
+    STORED_BYTES,
+    Finished,
+    JobInfo,
+    _Job,
+    error_text,
+    info_from_columns,
+    output_bytes,
+)
 from .keys import KeyInfo, KeyStore, hash_key
 
 __all__ = [
     "MAX_ATTEMPTS",
+    "STORED_BYTES",
+    "Finished",
     "JobInfo",
     "JobStore",
     "KeyInfo",
     "OverQuota",
     "TooManyJobs",
     "hash_key",
+    "output_bytes",
 ]
 
 ACTIVE = (Status.RECEIVED, Status.QUEUED, Status.RUNNING)
@@ -118,80 +130,12 @@ class TooManyJobs(Exception):
 
 
 class OverQuota(Exception):
-    """The results the key's jobs hold in the store are at or over ``max_stored_bytes``."""
+    """What the key's jobs hold in the store (results, errors, output) is at or over ``max_stored_bytes``."""
 
     def __init__(self, stored: int, limit: int) -> None:
         super().__init__(f"{stored} bytes of results stored, quota {limit}")
         self.stored = stored
         self.limit = limit
-
-
-class _Job(TableBase):
-    __tablename__ = "jobs"
-
-    # seq orders the queue (FIFO); the public id is random so ids cannot be guessed or counted.
-    seq: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
-    id: Mapped[str] = mapped_column(String(64), unique=True)
-    key_id: Mapped[str] = mapped_column(String(32), index=True)
-    model: Mapped[str] = mapped_column(String(200))
-    status: Mapped[str] = mapped_column(String(16))
-    created: Mapped[float] = mapped_column(Float)
-    updated: Mapped[float] = mapped_column(Float)
-    started: Mapped[float | None] = mapped_column(Float, nullable=True)
-    finished: Mapped[float | None] = mapped_column(Float, nullable=True)
-    attempts: Mapped[int] = mapped_column(Integer, default=0)
-    request: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True)
-    result: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True)
-    error: Mapped[str | None] = mapped_column(Text, nullable=True)
-    logs: Mapped[str] = mapped_column(Text, default="")
-    held_by: Mapped[str | None] = mapped_column(String(64), nullable=True)  # an instance (see above)
-    cancel_requested: Mapped[float | None] = mapped_column(Float, nullable=True)  # when, while RUNNING
-    # jobs/batchable.py's key, decided once at submit (None: runs alone)
-    batch_key: Mapped[str | None] = mapped_column(String(256), nullable=True)
-    # What the server does for the job now ("loading gpt2"), while RUNNING: in the store, not in
-    # one process's memory, because the API process asked may not be the one running the job.
-    note: Mapped[str | None] = mapped_column(String(500), nullable=True)
-
-    __table_args__ = (Index("ix_jobs_status_seq", "status", "seq"), Index("ix_jobs_finished", "finished"))
-
-
-@dataclass(frozen=True)
-class JobInfo:
-    id: str
-    key_id: str
-    model: str
-    status: Status
-    created: float
-    updated: float
-    started: float | None
-    finished: float | None
-    attempts: int
-    error: dict | None
-    logs: str
-    has_result: bool
-    batch_key: str | None = None
-    note: str | None = None
-
-    @property
-    def terminal(self) -> bool:
-        return self.status in FINAL
-
-
-# Columns of a job without its blobs: listing and polling must not read megabytes per row.
-_INFO_COLUMNS = (
-    _Job.id, _Job.key_id, _Job.model, _Job.status, _Job.created, _Job.updated, _Job.started,
-    _Job.finished, _Job.attempts, _Job.error, _Job.logs, _Job.result.is_not(None).label("has_result"),
-    _Job.batch_key, _Job.note,
-)
-
-
-def _info_from_columns(row: Any) -> JobInfo:
-    return JobInfo(
-        id=row.id, key_id=row.key_id, model=row.model, status=Status(row.status), created=row.created,
-        updated=row.updated, started=row.started, finished=row.finished, attempts=row.attempts,
-        error=json.loads(row.error) if row.error else None, logs=row.logs or "",
-        has_result=bool(row.has_result), batch_key=row.batch_key, note=row.note,
-    )
 
 
 class JobStore(KeyStore, InstanceStore):
@@ -273,21 +217,41 @@ class JobStore(KeyStore, InstanceStore):
         return self._change(job_id, self._mine(), note=note)
 
     def finish(self, job_id: str, status: str, *, result: bytes | None = None, error: dict | None = None,
-               logs: str | None = None) -> bool:
-        """Move a job that waits, or that runs here, to a final ``status``; False if it already was
-        final (a cancel and a completion raced: the first one wins) or runs elsewhere."""
+               logs: str | None = None, max_stored_bytes: int = 0) -> Finished | None:
+        """Move a job that waits, or that runs here, to a final ``status``; None if it already was
+        final (a cancel and a completion raced: the first one wins) or runs elsewhere. With
+        ``max_stored_bytes``, the key's stored bytes are counted in the same transaction (under the
+        key's lock, as in ``create_job``): an output that would bring them over it is not kept, and
+        the job ends ERROR (CANCELLED stays) with a QuotaExceeded error instead."""
         if status not in FINAL:
             raise ValueError(f"finish() takes a final status {sorted(FINAL)}, got {status!r}")
         now = time.time()
-        values: dict[str, Any] = {"status": status, "finished": now, "updated": now, "request": None,
-                                  "result": result, "error": json.dumps(error) if error else None,
-                                  "note": None}
         if logs is not None:
             # PostgreSQL text cannot hold NUL, which a job may print: on every database it reads
             # back as U+FFFD (one character for one, so log offsets stay right).
-            values["logs"] = logs.replace("\x00", "\N{REPLACEMENT CHARACTER}")
-        waiting = _Job.status.in_((Status.RECEIVED, Status.QUEUED))
-        return self._change(job_id, or_(waiting, self._mine()), **values)
+            logs = logs.replace("\x00", "\N{REPLACEMENT CHARACTER}")
+        outcome = Finished(Status(status), error)
+        with self._session() as session:
+            if max_stored_bytes:
+                key_id = session.scalar(select(_Job.key_id).where(_Job.id == job_id))
+                self._advisory_lock(session, f"glassbox-key:{key_id}")
+                size = output_bytes(result, error, logs)
+                used = _stored_bytes(session, key_id, besides=job_id)
+                if used + size > max_stored_bytes:
+                    error = _over_quota(size, used, max_stored_bytes)
+                    status = Status.CANCELLED if status == Status.CANCELLED else Status.ERROR
+                    result, logs = None, ""
+                    outcome = Finished(Status(status), error, kept=False)
+            values: dict[str, Any] = {
+                "status": status, "finished": now, "updated": now, "request": None, "result": result,
+                "error": error_text(error) if error else None, "note": None,
+                "output_bytes": output_bytes(result, error, logs)}
+            if logs is not None:
+                values["logs"] = logs
+            waiting = _Job.status.in_((Status.RECEIVED, Status.QUEUED))
+            done = session.execute(update(_Job).where(_Job.id == job_id, or_(waiting, self._mine()))
+                                   .values(**values))
+            return outcome if done.rowcount == 1 else None
 
     def cancel(self, job_id: str, *, result: bytes | None = None) -> str | None:
         """Cancel a job that has not started (storing ``result`` as what its owner fetches), or
@@ -297,7 +261,8 @@ class JobStore(KeyStore, InstanceStore):
         with self._session() as session:
             session.execute(
                 update(_Job).where(_Job.id == job_id, _Job.status.in_((Status.RECEIVED, Status.QUEUED)))
-                .values(status=Status.CANCELLED, finished=now, updated=now, request=None, result=result)
+                .values(status=Status.CANCELLED, finished=now, updated=now, request=None, result=result,
+                        output_bytes=output_bytes(result, None, None))
             )
             session.execute(update(_Job).where(_Job.id == job_id, _Job.status == Status.RUNNING)
                             .values(cancel_requested=now))
@@ -324,8 +289,8 @@ class JobStore(KeyStore, InstanceStore):
         if "\x00" in job_id:  # no id holds one, and PostgreSQL cannot even be asked (text has no NUL)
             return None
         with self._session() as session:
-            row = session.execute(select(*_INFO_COLUMNS).where(_Job.id == job_id)).first()
-            return _info_from_columns(row) if row is not None else None
+            row = session.execute(select(*INFO_COLUMNS).where(_Job.id == job_id)).first()
+            return info_from_columns(row) if row is not None else None
 
     def request(self, job_id: str) -> bytes | None:
         with self._session() as session:
@@ -340,23 +305,25 @@ class JobStore(KeyStore, InstanceStore):
         result, so that its owner's quota is freed at once; returns the bytes freed (0 if the job
         is not finished)."""
         with self._session() as session:
-            old = session.scalar(select(func.length(_Job.result)).where(
-                _Job.id == job_id, _Job.status.in_(tuple(FINAL))))
-            if old is None:
+            row = session.execute(select(func.length(_Job.result).label("old"), STORED_BYTES.label("size"))
+                                  .where(_Job.id == job_id, _Job.status.in_(tuple(FINAL)))).first()
+            if row is None or row.old is None:
                 return 0
-            session.execute(update(_Job).where(_Job.id == job_id).values(result=result, updated=time.time()))
-        return max(0, int(old) - len(result))
+            kept = max(0, int(row.size) - int(row.old) + len(result))
+            session.execute(update(_Job).where(_Job.id == job_id).values(
+                result=result, output_bytes=kept, updated=time.time()))
+        return max(0, int(row.old) - len(result))
 
     def queued(self, models: list[str] | None = None, limit: int | None = None) -> list[JobInfo]:
         """QUEUED jobs (for ``models`` only, if given), first to run first; at most ``limit``."""
-        query = select(*_INFO_COLUMNS).where(_Job.status == Status.QUEUED)
+        query = select(*INFO_COLUMNS).where(_Job.status == Status.QUEUED)
         if models is not None:
             query = query.where(_Job.model.in_(list(models)))
         query = query.order_by(_Job.seq)
         if limit is not None:
             query = query.limit(limit)
         with self._session() as session:
-            return [_info_from_columns(row) for row in session.execute(query)]
+            return [info_from_columns(row) for row in session.execute(query)]
 
     def next_queued(self, models: list[str] | None = None) -> JobInfo | None:
         """The job that runs next (of those for ``models``, if given)."""
@@ -404,24 +371,24 @@ class JobStore(KeyStore, InstanceStore):
                 _Job.key_id == key_id, _Job.status.in_(ACTIVE))) or 0
 
     def stored_bytes(self, key_id: str) -> int:
-        """Bytes of results the key's jobs hold now (each one's framed result, as its owner
-        fetches it), kept until the job expires (``delete_expired``)."""
+        """Bytes the key's jobs make the server keep now (each one's framed result as its owner
+        fetches it, its error and its printed output), kept until the job expires (``delete_expired``)."""
         with self._session() as session:
             return _stored_bytes(session, key_id)
 
     def jobs_of(self, key_id: str) -> list[JobInfo]:
         with self._session() as session:
-            rows = session.execute(select(*_INFO_COLUMNS).where(_Job.key_id == key_id).order_by(_Job.seq))
-            return [_info_from_columns(row) for row in rows]
+            rows = session.execute(select(*INFO_COLUMNS).where(_Job.key_id == key_id).order_by(_Job.seq))
+            return [info_from_columns(row) for row in rows]
 
     def recent_jobs(self, statuses: tuple[str, ...] | None = None, limit: int = 50) -> list[JobInfo]:
         """Every key's jobs (in ``statuses``, if given), newest first, at most ``limit``: the
         operator's dashboard."""
-        query = select(*_INFO_COLUMNS)
+        query = select(*INFO_COLUMNS)
         if statuses is not None:
             query = query.where(_Job.status.in_(list(statuses)))
         with self._session() as session:
-            return [_info_from_columns(row) for row in session.execute(query.order_by(_Job.seq.desc())
+            return [info_from_columns(row) for row in session.execute(query.order_by(_Job.seq.desc())
                                                                        .limit(limit))]
 
     def result_sizes(self, job_ids: list[str]) -> dict[str, int]:
@@ -495,6 +462,8 @@ class JobStore(KeyStore, InstanceStore):
                 "type": "ServerRestarted",
                 "message": (f"the server stopped while running this job {row.attempts} times; it is not "
                             "run again in case the job itself is what stops the server")})}
+        if "error" in values:
+            values["output_bytes"] = len(values["error"])
         done = session.execute(update(_Job).where(*seen).values(**values))
         return outcome if done.rowcount == 1 else None
 
@@ -506,8 +475,21 @@ class JobStore(KeyStore, InstanceStore):
             return done.rowcount
 
 
-def _stored_bytes(session: Session, key_id: str) -> int:
-    # length() of a BLOB / bytea is its size in bytes (SQLite reads it from the record header,
-    # without loading the blob), so no size column has to be kept in step with the results.
-    return int(session.scalar(select(func.coalesce(func.sum(func.length(_Job.result)), 0))
-                              .where(_Job.key_id == key_id)) or 0)
+def _stored_bytes(session: Session, key_id: str, besides: str | None = None) -> int:
+    """Bytes the key's jobs make the store keep (``besides``: leaving that job out). Reads the
+    recorded sizes and, for rows from before them, length() of a result (a BLOB's / bytea's size,
+    read without loading it)."""
+    query = select(func.coalesce(func.sum(STORED_BYTES), 0)).where(_Job.key_id == key_id)
+    if besides is not None:
+        query = query.where(_Job.id != besides)
+    return int(session.scalar(query) or 0)
+
+
+def _over_quota(size: int, used: int, quota: int) -> dict:
+    return {"type": "QuotaExceeded", "lineno": None, "line": None, "message": (
+        f"the job ran, but its output was not kept: its result, error and printed output are "
+        f"{size:,} bytes, and this API key's finished jobs already hold {used:,} bytes on this "
+        f"server, {used + size:,} together, over the key's quota of {quota:,} bytes "
+        "(max_stored_bytes_per_key, --max-stored-bytes-per-key). Fetch the results you need and "
+        "delete them (DELETE /v1/jobs/ID/result) or let them expire, then run the job again; or "
+        "ask the operator for a larger quota")}

@@ -24,7 +24,8 @@ when scraped, so the numbers cannot drift from the store or the feeders:
         glassbox_queue_length{model}          QUEUED jobs
         glassbox_queue_oldest_wait_seconds{model}   how long the longest-waiting queued job has waited
         glassbox_key_jobs{key,status}         per key NAME (an operator chose it): jobs in the store
-        glassbox_key_result_bytes{key}        bytes of results its jobs hold (what its quota counts)
+        glassbox_key_result_bytes{key}        bytes its jobs hold: results, errors, printed output
+                                              (what its quota counts)
     per process (this API process's workers: sum() across instances)
         glassbox_job_run_seconds{model,status}      histogram: start to end of each job run here
         glassbox_job_queue_wait_seconds{model}      histogram: submission to the start of the run that
@@ -65,7 +66,7 @@ from sqlalchemy import func, select
 from ...remote.job import FINAL, Status
 from ...version import __version__
 from ..config import ServerConfig
-from ..store import JobStore, _Job
+from ..store import STORED_BYTES, JobStore, _Job
 from ..workers.local import LocalProcess
 from .auth import ApiKey, in_thread
 
@@ -178,7 +179,7 @@ class _Collector(Collector):
                                           .where(_Job.status == Status.QUEUED).group_by(_Job.model)).all())
             by_key = session.execute(select(_Job.key_id, _Job.status, func.count())
                                      .group_by(_Job.key_id, _Job.status)).all()
-            stored = session.execute(select(_Job.key_id, func.coalesce(func.sum(func.length(_Job.result)), 0))
+            stored = session.execute(select(_Job.key_id, func.coalesce(func.sum(STORED_BYTES), 0))
                                      .group_by(_Job.key_id)).all()
         keys = store.list_keys()
 
@@ -210,9 +211,9 @@ class _Collector(Collector):
                                      "name and status", labels=["key", "status"])
         for (name, status), n in sorted(per_key.items()):
             key_jobs.add_metric([name, status], n)
-        key_bytes = GaugeMetricFamily("glassbox_key_result_bytes", "Bytes of results the key's jobs hold "
-                                      "in the store (database-wide; what max_stored_bytes counts), by API "
-                                      "key name", labels=["key"])
+        key_bytes = GaugeMetricFamily("glassbox_key_result_bytes", "Bytes the key's jobs hold in the "
+                                      "store: results, errors, printed output (database-wide; what "
+                                      "max_stored_bytes_per_key counts), by API key name", labels=["key"])
         for name, size in sorted(bytes_of.items()):
             key_bytes.add_metric([name], size)
         yield from (key_jobs, key_bytes)
