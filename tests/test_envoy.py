@@ -59,9 +59,11 @@ def test_reserved_child_names_are_reachable_by_key():
         def forward(self, x):
             return self.output(x)
 
-    model = glassbox.NNsight(Block())
+    with pytest.warns(UserWarning, match=r"submodule named 'output'.*'\.E_output' there"):
+        model = glassbox.NNsight(Block())  # as nnsight 0.8: the submodule moves to E_output
     x = torch.randn(1, 2)
     assert model["output"]._module is model._module.output
+    assert model.E_output is model["output"]
     with model.trace(x):
         inner = model["output"].output.save()
         outer = model.output.save()

@@ -78,18 +78,19 @@ def test_get_walks_names_indices_and_aliases(gpt2):
     with pytest.raises(AttributeError, match="no submodule 'nope'"):
         gpt2.get("transformer.nope")
     with pytest.raises(AttributeError, match="no submodule '_module'"):
-        gpt2.get("transformer._module")  # only submodules: remote code cannot walk out with it
+        gpt2.get("transformer._module")  # no private fields: remote code cannot walk out with it
 
 
-def test_named_modules_match_torch_and_take_a_filter(gpt2):
+def test_named_modules_as_nnsight_and_take_a_filter(gpt2):
     names = [name for name, _ in gpt2.named_modules()]
-    assert names == [name for name, _ in gpt2._module.named_modules()]
+    assert set(names) == {f"model.{n}" if n else "model" for n, _ in gpt2._module.named_modules()}
+    assert names[-1] == "model"  # nnsight 0.8's order: a module after its submodules
     for name, envoy in gpt2.named_modules():
         assert gpt2.get(name) is envoy
     mlps = gpt2.modules(lambda e: type(e._module).__name__ == "GPT2MLP")
     assert mlps == [block.mlp for block in gpt2.transformer.h]
     assert [n for n, _ in gpt2.transformer.named_modules(lambda e: e._name == "mlp")] == [
-        f"h.{i}.mlp" for i in range(len(gpt2.transformer.h))
+        f"model.transformer.h.{i}.mlp" for i in range(len(gpt2.transformer.h))
     ]
 
 

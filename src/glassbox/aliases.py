@@ -5,6 +5,8 @@ Offers:
     aliases_for(envoy, ...)     the aliases that resolve from ``envoy`` (Envoy.__init__ binds
                                 them as attributes; it hands over what they are checked against,
                                 so this module reads no envoy internals and imports no envoy)
+    warn_clashes(clashes)       nnsight's warning for submodules named like an envoy attribute
+                                (BERT's ``output``), which Envoy.__init__ binds as ``E_output``
 
 ``LanguageModel(path, rename={"model.layers": "layers", "transformer.h": "layers"})``
 makes ``model.layers[0]`` the first decoder block of a Llama and of a GPT-2 alike.
@@ -26,6 +28,7 @@ child), so iteration, ``modules()`` and paths are unchanged.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -100,3 +103,14 @@ def aliases_for(envoy: Envoy, rename: dict, module: Any, children: Mapping[str, 
                 "choose another alias"
             )
     return bound
+
+
+def warn_clashes(clashes: list[tuple[str, str]]) -> None:
+    """nnsight's warning for submodules moved to ``E_<name>``: one per name (BERT has 2 per layer)."""
+    for name in dict.fromkeys(n for _, n in clashes):
+        where = [f"'{path}'" for path, n in clashes if n == name]
+        owners = f"Module {where[0]} has" if len(where) == 1 else \
+            f"Modules {', '.join(where[:3])}{', ...' if len(where) > 3 else ''} ({len(where)}) have"
+        warnings.warn(f"{owners} a submodule named '{name}', which glassbox already serves on every "
+                      f"module. The submodule is '.E_{name}' there; '.{name}' stays the envoy's {name}.",
+                      stacklevel=4)

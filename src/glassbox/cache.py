@@ -112,6 +112,10 @@ class Cache(dict):
             interleaver.site(envoy).recorders.append(record)
         return cache
 
+    def keys(self) -> list[str]:  # type: ignore[override]
+        """The cached module paths, as a list (as nnsight 0.8's ``cache.keys()``)."""
+        return list(super().keys())
+
     def __getattr__(self, name: str) -> Any:
         if name.startswith("_"):
             raise AttributeError(name)

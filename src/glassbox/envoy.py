@@ -2,14 +2,15 @@
 
 Offers:
     Envoy        attribute / index access to submodules (and ``rename=`` aliases,
-                 see aliases.py); ``.get("a.b.0")``, ``.modules(include_fn)``,
-                 ``.named_modules(include_fn)``, ``.device`` / ``.devices``; inside
-                 a trace, ``.output``, ``.input``, ``.inputs`` (read and assign),
-                 ``.skip(value)``, ``.next()``, ``.source`` (the calls in its forward, see
-                 source/); calling it runs the module.
-    SavableTuple tuple subclass returned for tuple values, so ``.save()`` works.
-    set_source_factory  how glassbox.source plugs ``Envoy.source`` in (one-way import).
-    set_save     how glassbox.tracing plugs ``SavableTuple.save`` in (one-way import).
+                 see aliases.py); ``.get("a.b.0")``, ``.modules(include_fn, names=)``,
+                 ``.named_modules(include_fn)``, ``.path`` / ``.parent`` / ``.root``,
+                 ``.device`` / ``.devices``; inside a trace, ``.output``, ``.input``,
+                 ``.inputs`` (read and assign), ``.skip(value)``, ``.next()``, ``.source``
+                 (the calls in its forward, see source/); calling it runs the module.
+                 ``Envoy(module)`` makes a traceable root (an NNsight), as in nnsight.
+    SavableTuple, set_save, set_source_factory, set_tracer_finder, set_root_class
+                 re-exported from plugs.py: how tracing, source and models.base plug into
+                 this module, which cannot import them.
 
     The seam (glassbox's own modules reach an envoy's internals only through these):
     module_of(envoy)    the torch module it wraps
@@ -28,15 +29,16 @@ Offers:
                         (source/ops.py: run by the op's Site when a trace installs it).
                         rebind empties it: that state was for the old module.
 
-Users: interleave, intercept, aliases, editing, cache, demo, source/, activations/,
-server/sandbox/, models/, vllm/, server/jobs/ and remote/ (see tests/test_envoy_seam.py).
+Users: most of glassbox (tests/test_envoy_seam.py checks that no other module reads the fields).
 
 Why functions and not properties: attribute access on an envoy resolves submodules by name,
 and a class attribute hides a submodule of that name (``_RESERVED``). Models do have
 submodules called ``module``, ``path``, ``children`` or ``root`` (DataParallel's ``.module``,
 peft's ``base_model.model``), so every name the class takes is one a user model loses;
-module-level functions take none. The fields stay underscored so ``dir()`` and tab
-completion show the model, not the proxy.
+module-level functions take none (fields stay underscored: ``dir()`` shows the model). nnsight's
+``.path`` / ``.parent`` / ``.root`` are answered by ``__getattr__``, after the submodules: a
+submodule of that name wins. A submodule named like a class attribute (``output``: every BERT
+layer has one) is ``.E_output``, with a warning, as in nnsight 0.8 (and ``envoy["output"]``).
 
 Outside a trace an Envoy only forwards to its module: the module itself is
 untouched, so the wrapped model runs exactly as the bare one.
@@ -44,47 +46,22 @@ untouched, so the wrapped model runs exactly as the bare one.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import torch
 
-from .aliases import aliases_for, check_rename
+from .aliases import aliases_for, check_rename, warn_clashes
 from .errors import TraceStateError
+from .plugs import PLUGGED, SavableTuple, set_root_class, set_save, set_source_factory, set_tracer_finder
+from .plugs import savable as _savable
 
-# ``SavableTuple.save`` is tracing's save, and tracing imports (through interleave) this module: it
-# registers its save here on import, so the dependency runs one way, tracing -> envoy. Tuples to
-# save come from a trace, which tracing opens, so it is registered by then.
-_save: Callable[[Any], Any] | None = None
-
-
-def set_save(save: Callable[[Any], Any]) -> None:
-    """Register what ``SavableTuple.save`` calls (glassbox.tracing does, on import)."""
-    global _save
-    _save = save
-
-
-class SavableTuple(tuple):
-    """A tuple that also has ``.save()`` (module outputs are often tuples)."""
-
-    def save(self) -> SavableTuple:
-        assert _save is not None, "glassbox.tracing registers it on import"
-        return _save(self)
-
-
-def _savable(value: Any) -> Any:
-    return SavableTuple(value) if type(value) is tuple else value
-
-
-# ``Envoy.source`` is built by glassbox.source, which imports this module: it registers its factory here
-# when imported (glassbox/__init__ imports it), so the dependency runs one way, source -> envoy.
-_source_factory: Callable[[Envoy], Any] | None = None
-
-
-def set_source_factory(factory: Callable[[Envoy], Any]) -> None:
-    """Register what builds ``envoy.source`` (glassbox.source does, on import)."""
-    global _source_factory
-    _source_factory = factory
+__all__ = [
+    "Envoy", "SavableTuple", "children_of", "display_of", "module_of", "name_of", "parent_of", "path_of",
+    "rebind", "rename_of", "root_of", "set_root_class", "set_save", "set_source_factory",
+    "set_tracer_finder", "slots_of",
+]
 
 
 class Envoy:
@@ -96,15 +73,25 @@ class Envoy:
     """
 
     _RESERVED: frozenset = frozenset()  # names a submodule cannot shadow; see below
+    E_PREFIX = "E_"  # a submodule named like one of those is reached as E_<name> (nnsight's prefix)
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
         cls._RESERVED = _reserved(cls)
 
+    def __new__(cls, module: Any = None, parent: Envoy | None = None, *args: Any, **kwargs: Any) -> Any:
+        # nnsight's ``Envoy(module)`` is a traceable root: here that is an NNsight (which is an
+        # Envoy). Only a user's call: the tree builds its envoys with a parent, copies without a module.
+        root_class = PLUGGED["root"]
+        if cls is Envoy and parent is None and isinstance(module, torch.nn.Module) and root_class:
+            return object.__new__(root_class)
+        return object.__new__(cls)
+
     def __init__(self, module: torch.nn.Module, parent: Envoy | None = None, name: str = "",
-                 rename: dict | None = None, *, at: str | None = None) -> None:
+                 rename: dict | None = None, *, at: str | None = None, _clashes: list | None = None) -> None:
         """Wrap ``module`` (and, recursively, its children). ``at`` is the step below ``parent``
-        when it is not ``name`` itself (a ``.source`` op sits at ``source.<name>``)."""
+        when it is not ``name`` itself (a ``.source`` op sits at ``source.<name>``). ``_clashes``
+        collects the E_ names of a tree being built, for one warning per name at its top."""
         d = self.__dict__
         d["_module"] = module
         d["_parent"] = parent
@@ -120,11 +107,18 @@ class Envoy:
             shown = f"[{name}]" if at is None and name.isdigit() else f".{step}"
             d["_display"] = parent._display + shown
         children: dict[str, Envoy] = {}
+        reserved = type(self)._RESERVED
+        clashes = [] if _clashes is None else _clashes
         for child_name, child in module.named_children():
-            envoy = Envoy(child, self, child_name)
+            envoy = Envoy(child, self, child_name, _clashes=clashes)
             children[child_name] = envoy
-            if child_name.isidentifier() and child_name not in type(self)._RESERVED:
+            if child_name.isidentifier() and child_name not in reserved:
                 d[child_name] = envoy
+            elif child_name in reserved and not child_name.startswith("_"):
+                d[self.E_PREFIX + child_name] = envoy
+                clashes.append((_nnsight_path(self), child_name))
+        if _clashes is None and clashes:
+            warn_clashes(clashes)
         d["_children"] = children
         d["_child_list"] = tuple(children.values())  # indexing is on the hot path
         aliases = d["_root"].__dict__.get("_rename")
@@ -139,9 +133,13 @@ class Envoy:
         return self._module
 
     def __getattr__(self, name: str) -> Any:
-        # Only reached when normal lookup fails: fall through to the module.
+        # Only reached when normal lookup fails (no submodule of that name): nnsight's navigation
+        # names, then fall through to the module.
         if name.startswith("__") and name.endswith("__"):
             raise AttributeError(name)
+        navigate = _NAVIGATION.get(name)
+        if navigate is not None:
+            return navigate(self)
         try:
             return getattr(self.__dict__["_module"], name)
         except AttributeError:
@@ -206,41 +204,56 @@ class Envoy:
             node = node._children[part]
         return node
 
-    def modules(self, include_fn: Callable[[Envoy], bool] | None = None) -> list[Envoy]:
-        """This envoy and all below it, in ``torch.nn.Module.modules()`` order; with
-        ``include_fn``, only those it returns True for."""
-        out = [self] if include_fn is None or include_fn(self) else []
-        for child in self._child_list:
-            out.extend(child.modules(include_fn))
+    def modules(self, include_fn: Callable[[Envoy], bool] | None = None,
+                names: bool = False) -> list[Any]:
+        """This envoy and all below it, as nnsight 0.8 lists them: each module's children before
+        it (so this envoy comes last); with ``include_fn``, only those it returns True for; with
+        ``names=True``, ``(path, envoy)`` pairs (``.path``: ``"model.transformer.h.0"``)."""
+        out: list[Any] = []
+        _post_order(self, include_fn, names, out)
         return out
 
     def named_modules(self, include_fn: Callable[[Envoy], bool] | None = None) -> list[tuple[str, Envoy]]:
-        """``(path, envoy)`` pairs: the paths ``torch.nn.Module.named_modules()`` gives
-        (relative to this envoy, "" for itself), so ``self.get(path)`` finds each."""
-        start = len(self._path) + 1 if self._path else 0
-        return [(e._path[start:], e) for e in self.modules(include_fn)]
+        """``modules(include_fn, names=True)``: ``(path, envoy)`` pairs, ``model.get(path)``
+        finds each (torch's own names: ``model._module.named_modules()``)."""
+        return self.modules(include_fn, names=True)
 
     def get(self, path: str) -> Any:
-        """The envoy at dotted ``path`` below this one (submodule names, indices and
-        aliases): ``model.get("transformer.h.0.mlp")``; inside a trace the path may end in
-        ``.output`` / ``.input`` / ``.inputs``: ``model.get("transformer.h.0.mlp.output")``.
-        Nothing else is reached, so remote code can use it too."""
+        """What dotted ``path`` names below this one: submodules (names, indices, aliases,
+        ``E_`` names), then optionally a parameter, buffer or plain value of the last module
+        (``model.get("transformer.h.0.attn.c_attn.weight")``), or inside a trace ``.output`` /
+        ``.input`` / ``.inputs`` (``model.get("transformer.h.0.mlp.output")``). A path may start
+        with this envoy's ``.path`` (the names ``named_modules`` gives). Nothing else is
+        reached (no methods, no private fields), so remote code can use it too."""
         parts = [p for p in path.split(".") if p]
+        try:
+            return self._walk(parts, path)
+        except AttributeError:
+            own = _nnsight_path(self).split(".")
+            if parts[:len(own)] != own:
+                raise
+        return self._walk(parts[len(own):], path)
+
+    def _walk(self, parts: list[str], path: str) -> Any:
         node: Envoy = self
         for i, part in enumerate(parts):
+            last = i == len(parts) - 1
+            if last and part in ("output", "input", "inputs"):  # the value, as nnsight's get
+                return getattr(node, part)
             found = node._children.get(part)
             if found is None:
-                alias = node.__dict__.get(part)
+                alias = node.__dict__.get(part)  # rename= aliases, E_ names
                 found = alias if isinstance(alias, Envoy) else None
             if found is not None:
                 node = found
-            elif i == len(parts) - 1 and part in ("output", "input", "inputs"):
-                return getattr(node, part)
-            else:
-                raise AttributeError(
-                    f"{node._display} has no submodule {part!r} (in {path!r}); its submodules are: "
-                    f"{', '.join(node._children) or 'none'}"
-                )
+                continue
+            value = _plain_attribute(node._module, part) if last else _NO_VALUE
+            if value is not _NO_VALUE:
+                return value
+            raise AttributeError(
+                f"{node._display} has no submodule {part!r} (in {path!r}); its submodules are: "
+                f"{', '.join(node._children) or 'none'}"
+            )
         return node
 
     @property
@@ -267,17 +280,28 @@ class Envoy:
         method.__doc__ = f"Call ``module.{name}(...)`` and return this envoy."
         return method
 
-    to = _module_method("to")
-    cuda = _module_method("cuda")
-    cpu = _module_method("cpu")
-    eval = _module_method("eval")
-    train = _module_method("train")
-    float = _module_method("float")
-    half = _module_method("half")
-    bfloat16 = _module_method("bfloat16")
-    double = _module_method("double")
-    requires_grad_ = _module_method("requires_grad_")
+    to, cuda, cpu, eval, train, float, half, bfloat16, double, requires_grad_ = map(_module_method, (
+        "to", "cuda", "cpu", "eval", "train", "float", "half", "bfloat16", "double", "requires_grad_"))
     del _module_method
+
+    @property
+    def iter(self) -> Any:
+        """Deprecated (as in nnsight 0.8): ``tracer.iter`` of the current trace."""
+        warnings.warn("model.iter is deprecated; use tracer.iter instead.", DeprecationWarning, stacklevel=2)
+        return self._tracer("iter").iter
+
+    def all(self) -> Any:
+        """Deprecated (as in nnsight 0.8): ``tracer.all()`` of the current trace."""
+        warnings.warn("model.all() is deprecated; use tracer.all() instead.", DeprecationWarning,
+                      stacklevel=2)
+        return self._tracer("all()").all()
+
+    def _tracer(self, what: str) -> Any:
+        finder = PLUGGED["tracer"]
+        tracer = finder() if finder is not None else None
+        if tracer is None:
+            raise TraceStateError(f"{self._display}.{what} is only available inside `with model.trace(...)`")
+        return tracer
 
     # ---------------------------------------------------------------- values
 
@@ -344,8 +368,9 @@ class Envoy:
         """The calls inside this module's forward, each an envoy with ``.output`` / ``.input``
         (``source.self_q_proj_0``); ``print`` it for the listing. Inside a trace, touch it before
         the model enters the module. See glassbox/source/."""
-        assert _source_factory is not None, "glassbox.source registers it on import"
-        return _source_factory(self)
+        factory = PLUGGED["source"]
+        assert factory is not None, "glassbox.source registers it on import"
+        return factory(self)
 
     def skip(self, value: Any) -> None:
         """Do not run this module at its next call; use ``value`` as its output."""
@@ -370,6 +395,43 @@ class _NextCall:
     def input(self) -> Any:
         args, kwargs = self._envoy._interleaver("input").request(self._envoy, "input", fresh=True)
         return _savable(args[0] if args else next(iter(kwargs.values()), None))
+
+
+# ---------------------------------------------------------------- navigation
+
+_NO_VALUE = object()
+_PLAIN = (torch.Tensor, bool, int, float, str, torch.dtype, torch.device)
+
+
+def _nnsight_path(envoy: Envoy) -> str:
+    """nnsight's ``envoy.path``: ``"model"`` for the root, ``"model.transformer.h.0"`` below."""
+    return f"model.{envoy._path}" if envoy._path else "model"
+
+
+# what ``envoy.path`` / ``.parent`` / ``.root`` answer where no submodule has the name
+_NAVIGATION: dict[str, Callable[[Envoy], Any]] = {
+    "path": _nnsight_path,
+    "parent": lambda envoy: envoy._parent,
+    "root": lambda envoy: envoy._root,
+}
+
+
+def _post_order(envoy: Envoy, include_fn: Callable[[Envoy], bool] | None, names: bool, out: list) -> None:
+    for child in envoy._child_list:
+        _post_order(child, include_fn, names, out)
+    if include_fn is None or include_fn(envoy):
+        out.append((_nnsight_path(envoy), envoy) if names else envoy)
+
+
+def _plain_attribute(module: torch.nn.Module, name: str) -> Any:
+    """``module.name`` if it is a parameter, a buffer (None included) or a plain value (tensor,
+    number, string, dtype, device): what ``get`` may end on. Else ``_NO_VALUE``."""
+    if name.startswith("_"):
+        return _NO_VALUE
+    if name in module._parameters or name in module._buffers:
+        return getattr(module, name)
+    value = getattr(module, name, _NO_VALUE)
+    return value if isinstance(value, _PLAIN) else _NO_VALUE
 
 
 # ---------------------------------------------------------------- the seam
@@ -426,8 +488,10 @@ def rebind(envoy: Envoy, module: torch.nn.Module) -> None:
     the same path (the tree's shape is kept: ``module`` must have those submodules). For weights
     loaded after wrapping, and an edited copy following its original. Each envoy's slots are
     emptied: what other modules kept there (a Site, a Source) was for the old module."""
-    for path, node in envoy.named_modules():
+    start = len(envoy._path) + 1 if envoy._path else 0
+    for node in envoy.modules():
         d = node.__dict__
+        path = node._path[start:]
         d["_module"] = module.get_submodule(path) if path else module
         d["_slots"].clear()
 
@@ -439,7 +503,8 @@ def slots_of(envoy: Envoy) -> dict[str, Any]:
 
 
 def _reserved(klass: type) -> frozenset:
-    return frozenset(name for k in klass.__mro__ for name in vars(k) if not name.startswith("__"))
+    return frozenset(name for k in klass.__mro__ if k is not object for name in vars(k)
+                     if not name.startswith("__"))
 
 
 Envoy._RESERVED = _reserved(Envoy)

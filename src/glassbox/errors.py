@@ -3,24 +3,39 @@
 Offers:
     GlassboxError       base class of everything below
     OutOfOrderError     a module was asked for after the model had passed it
-    MissedModuleError   a module was asked for but never ran in this forward
+    MissedModuleError   a module was asked for but never ran in this forward (an
+                        OutOfOrderError too: nnsight 0.8 raises that one for both)
     TraceStateError     an API was used where it cannot work (outside a trace,
-                        from another thread, after tracer.stop(), ...)
+                        from another thread, after tracer.stop(), ...); a
+                        ValueError too, as nnsight 0.8 raises ValueError there
     SandboxError        remote code tried something the server does not allow
     RemoteError         a remote run failed: no server, a refused request
                         (``status_code``: the HTTP status), a time-out, or a
                         job that failed with an exception type that is not a
                         builtin or one of the above
+    at_user_line(exc)   ``exc`` with glassbox's own frames cut from its traceback, so
+                        its last frame is the user's line (unless CONFIG.APP.DEBUG)
+
+Ported nnsight code keeps its ``except``: ``except ValueError`` catches what nnsight raises
+as ValueError (``save()`` outside a trace, ``.output`` outside one, a cache declared after a
+module access), ``except OutOfOrderError`` (``from glassbox import OutOfOrderError``; nnsight:
+``from nnsight.intervention.interleaver import OutOfOrderError``) catches an out-of-order
+access and a module that never ran.
 """
 
 from __future__ import annotations
+
+import os
+from types import TracebackType
+
+_PACKAGE = os.path.dirname(os.path.abspath(__file__)) + os.sep
 
 
 class GlassboxError(Exception):
     """Base class of glassbox's own errors."""
 
 
-class TraceStateError(GlassboxError):
+class TraceStateError(GlassboxError, ValueError):
     """An intervention API was used where it cannot work; the message says where it can."""
 
 
@@ -32,7 +47,7 @@ class OutOfOrderError(GlassboxError):
     """
 
 
-class MissedModuleError(GlassboxError):
+class MissedModuleError(OutOfOrderError):
     """A module was requested but the forward finished without ever running it."""
 
 
@@ -47,3 +62,23 @@ class RemoteError(GlassboxError):
     def __init__(self, message: str, status_code: int | None = None) -> None:
         super().__init__(message)
         self.status_code = status_code
+
+
+def at_user_line(exc: BaseException, debug: bool = False) -> BaseException:
+    """Drop glassbox's own frames from ``exc``'s traceback (the interleaver's, the envoy's), so it
+    ends at the user's line that asked, as nnsight's does; returns ``exc``. With ``debug``
+    (``CONFIG.APP.DEBUG``), or when every frame is glassbox's, the traceback is left whole."""
+    if debug:
+        return exc
+    frames = []
+    tb = exc.__traceback__
+    while tb is not None:
+        if not tb.tb_frame.f_code.co_filename.startswith(_PACKAGE):
+            frames.append(tb)
+        tb = tb.tb_next
+    if frames:
+        kept = None
+        for tb in reversed(frames):
+            kept = TracebackType(kept, tb.tb_frame, tb.tb_lasti, tb.tb_lineno)
+        exc.__traceback__ = kept
+    return exc

@@ -465,6 +465,13 @@ class Interleaver:
     def _missed_error(self, consumer: Consumer) -> Exception:
         site, kind = consumer.waiting, consumer.waiting_kind
         assert site is not None
+        if consumer.want and site.count(kind) == 0 and consumer.requested_at is not None:
+            return OutOfOrderError(  # its Site came after the model had started: it may have run
+                f"{site.describe(kind, consumer.want)} was requested (iteration {consumer.want - 1} of "
+                f"tracer.iter) while the model was at {self._where(consumer.requested_at)}, and the "
+                "forward finished without reaching it. Either it ran earlier (access modules in the "
+                "order the model runs them) or it does not run for this input."
+            )
         if consumer.want:
             return MissedModuleError(
                 f"{site.describe(kind, consumer.want)} was requested (iteration {consumer.want - 1} of "

@@ -6,10 +6,11 @@ Offers:
     Invoker   ``with tracer.invoke(inputs):``; bodies are deferred so that all
               invokes share ONE batched forward (each sees its own rows).
     save(x)   keep ``x`` after the trace (identity locally; remote traces send
-              back exactly the saved values); ``x.save()`` on tensors, model
-              outputs, lists, dicts, sets and tuples (mounted at the first trace,
+              back exactly the saved values); ``x.save()`` on tensors, model outputs,
+              containers, numbers, strings and bytes (mounted at the first trace,
               session or ``collect_saved``: ``import glassbox`` changes no class);
-              either raises outside a trace.
+              either raises outside a trace (TraceStateError, a ValueError as
+              nnsight's).
     enter_session() / exit_session()   a local session (saving allowed between traces)
     collect_saved()   every value saved in this thread while it is open
     Body / run_together(model, bodies, pad_to=0)
@@ -43,9 +44,10 @@ from typing import TYPE_CHECKING, Any
 from .backward import patched_backward, use_tracer_finder
 from .cache import Cache
 from .capture import SkipBody, capture_body, skip_body
+from .config import CONFIG
 from .deferred import Deferred
-from .envoy import set_save
-from .errors import TraceStateError
+from .envoy import set_save, set_tracer_finder
+from .errors import GlassboxError, TraceStateError, at_user_line
 from .intercept import Consumer
 from .interleave import Interleaver
 from .iteration import AllCalls, CallSelector
@@ -74,6 +76,7 @@ def current_tracer() -> Tracer | None:
 
 
 use_tracer_finder(current_tracer)
+set_tracer_finder(current_tracer)  # the deprecated model.iter / model.all() (envoy.py cannot import this)
 
 
 _SAVE_OUTSIDE = (
@@ -129,8 +132,8 @@ class collect_saved:
 
 
 def tensor_save(self: Any) -> Any:
-    """``x.save()``: on tensors, model outputs, lists, dicts, sets and tuples once the first
-    trace has mounted it (``_ensure_mounted``); valid while a trace is open."""
+    """``x.save()``: on tensors, model outputs and Python's value types once the first trace has
+    mounted it (``_ensure_mounted``); valid while a trace is open."""
     # the common local case (one trace, nobody collecting) stays a few attribute reads
     state = _state
     stack = state.stack
@@ -149,16 +152,21 @@ set_save(tensor_save)  # SavableTuple.save (envoy.py cannot import this module: 
 _mount_lock = threading.Lock()
 _tensor_mounted = False
 _model_output_mounted = False
-# list/dict/set/tuple.save: mounted with Tensor.save at the first trace, never at import (importing
-# a library should change no builtin); from then on, outside a trace `[].save()` says what to do
+# save on Python's value types (containers, numbers, strings, bytes: what a block builds or reads,
+# e.g. `output.shape[0].save()`): mounted with Tensor.save at the first trace, never at import
+# (importing a library should change no builtin); from then on, outside a trace `[].save()` says
+# what to do. Not on `object`, as nnsight does: every class that forwards unknown attributes
+# through __getattr__ (a proxy, a wrapper) would find object.save instead of forwarding `save`.
+_SAVABLE_BUILTINS = (list, dict, set, frozenset, tuple, int, float, complex, str, bytes)
 _builtins_savable = False
 
 
 def _ensure_mounted() -> None:
     """At the first trace (or session, or ``collect_saved``), mount ``Tensor.save``,
-    ``Tensor.backward`` and ``save`` on list, dict, set and tuple for the rest of the process (and
-    ``ModelOutput.save`` once transformers is imported, where ``dict.save`` does not cover it: a
-    Python that refuses to patch builtins). Before that nothing is patched. Outside a trace
+    ``Tensor.backward`` and ``save`` on Python's value types (list, dict, set, tuple, int, float,
+    str, bytes, ...: ``_SAVABLE_BUILTINS``) for the rest of the process (and ``ModelOutput.save``
+    once transformers is imported, where ``dict.save`` does not cover it: a Python that refuses to
+    patch builtins). Before that nothing is patched. Outside a trace
     ``.save()`` raises TraceStateError saying what to do, and ``backward`` is torch's own
     (patched_backward passes straight through when no trace is open). Mounted for good, not per
     trace: writing an attribute of ``torch.Tensor`` invalidates the interpreter's method caches
@@ -172,7 +180,7 @@ def _ensure_mounted() -> None:
 
             mount(torch.Tensor, "save", tensor_save)
             mount(torch.Tensor, "backward", patched_backward)
-            _builtins_savable = mount_builtin((list, dict, set, tuple), "save", tensor_save)
+            _builtins_savable = mount_builtin(_SAVABLE_BUILTINS, "save", tensor_save)
             _tensor_mounted = True
         generic = sys.modules.get("transformers.utils.generic")
         if generic is not None and not _model_output_mounted and not _builtins_savable:
@@ -274,6 +282,8 @@ class Tracer:
         root = self.model
         interleaver = self._interleaver
         assert interleaver is not None
+        if isinstance(exc, GlassboxError):  # raised in the body: it ends at the user's line
+            at_user_line(exc, CONFIG.APP.DEBUG)
         try:
             if exc is None:
                 if self._invokes:
@@ -286,6 +296,8 @@ class Tracer:
                         )
                 if interleaver.task is not None:
                     self.result = interleaver.finish()
+        except GlassboxError as error:  # an invoke body's: its traceback ends at the user's line
+            raise at_user_line(error, CONFIG.APP.DEBUG)  # noqa: B904 (the same error, re-raised)
         finally:
             interleaver.cleanup()
             root.active = None
@@ -404,9 +416,15 @@ class Tracer:
         """Record outputs (and inputs) of ``modules`` (envoys, modules or paths such as
         ``"model.layers.0"``; default: every module) at every call, converted to ``device`` /
         ``dtype`` and detached (see cache.py). The cache is saved: it comes back from remote runs."""
-        root = self.model
+        root, interleaver = self.model, self._active()
+        if interleaver.position is not None:  # as nnsight: a later cache would miss what already ran
+            raise TraceStateError(
+                f"tracer.cache() must come before the trace reads or edits a module: the model is "
+                f"already at {interleaver._where()}, so the cache would miss what ran before it. "
+                "Move `cache = tracer.cache(...)` to the top of the block."
+            )
         envoys = root.modules() if modules is None else [root._envoy_of(m) for m in modules]
-        cache = Cache.attach(self._active(), root, envoys, device=device, dtype=dtype, detach=detach,
+        cache = Cache.attach(interleaver, root, envoys, device=device, dtype=dtype, detach=detach,
                              include_output=include_output, include_inputs=include_inputs)
         return save(cache)
 

@@ -29,12 +29,14 @@ from typing import Any
 
 import torch
 
+from ..envoy import module_of
+
 _PROBE_TEXT = "The order in which a model runs its modules."
 
 
 def run_order(model: Any, paths: list[str]) -> list[str]:
     """``paths`` in the order the model's forward returns from them (see the module docstring)."""
-    root = model._module
+    root = module_of(model)
     returned: dict[str, tuple[int, Any]] = {}  # path -> (rank of its first return, what it output)
     handles = []
     for path in paths:

@@ -19,7 +19,7 @@ import torch
 
 from ..batching import Rows, concat_args
 from ..editing import EditTracer, clear_edits, edit_consumers
-from ..envoy import Envoy, module_of
+from ..envoy import Envoy, module_of, set_root_class
 from ..errors import TraceStateError
 from ..scan import ScanTracer
 from ..session import Session
@@ -103,12 +103,14 @@ class NNsight(Envoy):
         raise TraceStateError(_REMOTE_NEEDS_NAME)
 
     def _envoy_of(self, module: Any) -> Envoy:
-        """The envoy of an envoy, a submodule, or a path ("model.layers.0" or "layers.0")."""
+        """The envoy of an envoy, a submodule, or a path ("layers.0", or nnsight's "model.layers.0")."""
         if isinstance(module, Envoy):
             return module
         if isinstance(module, str):
-            path = module[len("model"):].lstrip(".") if module.split(".")[0] == "model" else module
-            return self.get(path)
+            found = self.get(module)
+            if isinstance(found, Envoy):
+                return found
+            raise TraceStateError(f"{module!r} names a value, not a submodule of this model")
         for envoy in self.modules():
             if module_of(envoy) is module:
                 return envoy
@@ -143,3 +145,6 @@ class NNsight(Envoy):
     def _pad_id(self) -> int:
         """The token id that pads rows (plain modules are never padded: 0)."""
         return 0
+
+
+set_root_class(NNsight)  # Envoy(module) is a traceable root, as in nnsight (envoy.py cannot import this)

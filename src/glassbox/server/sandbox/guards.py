@@ -74,8 +74,11 @@ _MODULE_READ = frozenset({
 # served model for every later job, so they stay closed.
 _ENVOY_API = frozenset({"output", "input", "inputs", "skip", "next", "modules", "trace", "session",
                         "generate", "tokenizer", "config", "device", "dtype", "source",
-                        # navigation (get walks submodules and aliases only) and generate's output
-                        "get", "named_modules", "devices", "generator"})
+                        # navigation (get walks submodules and aliases, then ends on a parameter,
+                        # buffer or plain value) and generate's output
+                        "get", "named_modules", "devices", "generator", "path", "parent", "root",
+                        # nnsight's deprecated spellings of tracer.iter / tracer.all()
+                        "iter", "all"})
 _ENVOY_WRITABLE = frozenset({"output", "input", "inputs"})
 _LOCAL_ONLY_KWARGS = ("remote", "backend", "blocking")
 

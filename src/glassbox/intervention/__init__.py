@@ -1,0 +1,3 @@
+"""nnsight's module path ``nnsight.intervention``, so ported imports keep working with ``glassbox``
+in place of ``nnsight`` (``from glassbox.intervention.interleaver import OutOfOrderError``). The
+names live in glassbox's public API (``from glassbox import OutOfOrderError``)."""
