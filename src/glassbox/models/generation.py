@@ -53,9 +53,15 @@ class GenerateTracer(Tracer):
     _method = "generate"
 
     def __init__(self, model: Any, args: tuple, kwargs: dict, *, remote: bool | str = False,
-                 timeout: float | None = None, blocking: bool = True) -> None:
+                 timeout: float | None = None, blocking: bool = True,
+                 prompt_options: frozenset = frozenset(), shared: frozenset = frozenset()) -> None:
+        """``prompt_options``: keywords that go with a prompt given here (a tokenizer's) rather than to
+        ``generate``; those also in ``shared`` go to both (``max_length``, as nnsight's pipeline)."""
         original = dict(kwargs)
-        input_kwargs = {k: kwargs.pop(k) for k in ("input_ids", "attention_mask") if k in kwargs}
+        keys = {"input_ids", "attention_mask"}
+        if args or "input_ids" in kwargs:  # no prompt here: they stay generate's (invokes have their own)
+            keys |= prompt_options
+        input_kwargs = {k: kwargs[k] if k in shared else kwargs.pop(k) for k in list(kwargs) if k in keys}
         super().__init__(
             model, args, input_kwargs, call={"generate": kwargs}, remote=remote, timeout=timeout,
             blocking=blocking, remote_call=original,

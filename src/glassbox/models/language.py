@@ -1,11 +1,13 @@
 """LanguageModel: Hugging Face causal LMs (and encoders) with tokenised batching.
 
 Offers:
-    LanguageModel(id_or_dir, device_map=, dtype=, dispatch=False,
-                  attn_implementation=, tokenizer=, automodel=, rename=, peft=, **hf_kwargs)
+    LanguageModel(id_or_dir, device_map=, device=, dtype=, dispatch=False, attn_implementation=,
+                  tokenizer=, tokenizer_kwargs=, automodel=, rename=, peft=, **hf_kwargs)
         lazy: the module tree is built on the meta device (shapes only), real
         weights load at the first trace; ``.tokenizer``, ``.config``;
-        ``.trace(...)`` and ``.generate(...)``.
+        ``.trace(...)`` and ``.generate(...)``. ``device="cuda:0"`` (nnsight's form) puts the whole
+        model on one device: ``device_map=`` that device (a built module is moved there at once);
+        ``tokenizer_kwargs`` are set as attributes of the tokenizer, as nnsight 0.8 does.
 
 Construction does no network I/O of glassbox's own unless the name can only be resolved
 remotely (hosted.py has the rules): a folder, or a hub id whose config is in the local Hugging
@@ -15,12 +17,15 @@ at ``CONFIG.HOST``, with a line on stderr saying so: a name it serves becomes a 
 that. A name it does not serve (or no server at all) is tried as a hub id; when that fails too,
 the OSError gives both answers. Other server failures are raised, never swallowed.
 
-Inputs (per trace or per invoke): a string, a list of strings, token ids
-(list, list of lists, 1-D or 2-D tensor), or a dict / BatchEncoding with
-``input_ids`` (and ``attention_mask``). All invokes are left-padded into one
-batch with an attention mask and explicit position ids, so each prompt's
-values equal those of the prompt run alone, and ``[:, -1]`` is always the
-last real token.
+Inputs (per trace or per invoke): a string, a list of strings, chat messages (one conversation
+``[{"role": "user", "content": ...}]`` or a list of them: the tokenizer's chat template applies),
+token ids (list, list of lists, 1-D or 2-D tensor), or a dict / BatchEncoding with ``input_ids``
+(and ``attention_mask``). The tokenizer's keywords given with an input (``truncation=True,
+max_length=8``, ``padding="max_length"``, ``add_special_tokens=False``...) go to the tokenizer,
+the rest to forward / generate: tokenizing.py has the split and what each input form does with
+them. All invokes are left-padded into one batch with an attention mask and explicit position ids,
+so each prompt's values equal those of the prompt run alone, and ``[:, -1]`` is always the last
+real token.
 """
 
 from __future__ import annotations
@@ -37,7 +42,7 @@ from ..batching import Rows
 from ..editing import refuse_remote
 from ..envoy import Envoy, display_of, module_of, name_of, parent_of, rebind
 from ..errors import TraceStateError
-from . import adapters, attention
+from . import adapters, attention, tokenizing
 from .base import NNsight
 from .generation import GenerateTracer, Generator, GeneratorEnvoy, called_as_with
 from .hosted import HostedByName, load_config
@@ -45,13 +50,15 @@ from .outputs import tensor_like
 
 
 class _Prompt:
-    """One invoke's token rows (unpadded) plus extra forward kwargs."""
+    """One invoke's token rows (unpadded), the width its tokenizer options padded them to (0: none),
+    plus extra forward kwargs."""
 
-    __slots__ = ("kwargs", "rows")
+    __slots__ = ("kwargs", "rows", "width")
 
-    def __init__(self, rows: list[list[int]], kwargs: dict[str, Any]) -> None:
+    def __init__(self, rows: list[list[int]], kwargs: dict[str, Any], width: int = 0) -> None:
         self.rows = rows
         self.kwargs = kwargs
+        self.width = width
 
 
 class LanguageModel(HostedByName, NNsight):
@@ -69,7 +76,9 @@ class LanguageModel(HostedByName, NNsight):
         model: str | os.PathLike | torch.nn.Module,
         *,
         tokenizer: Any = None,
+        tokenizer_kwargs: dict | None = None,
         device_map: Any = None,
+        device: Any = None,
         dtype: Any = None,
         dispatch: bool = False,
         attn_implementation: str | None = None,
@@ -81,8 +90,12 @@ class LanguageModel(HostedByName, NNsight):
     ) -> None:
         if attn_implementation == attention.ATTN_IMPLEMENTATION:
             attention.register()
+        if device is not None:
+            device_map = _device_map_of(device, device_map)
         self.__dict__["_loaded"] = isinstance(model, torch.nn.Module)
         if isinstance(model, torch.nn.Module):
+            if device is not None:  # built already: placed now
+                model = model.to(device_map)
             module, source = model, getattr(getattr(model, "config", None), "name_or_path", None)
             self.__dict__["_remote_as"], self.__dict__["_server_only"] = remote_name, False
         else:  # a server-only handle when only the server at CONFIG.HOST knows the name (hosted.py)
@@ -102,6 +115,8 @@ class LanguageModel(HostedByName, NNsight):
             attn_implementation=attn_implementation, hf_kwargs=hf_kwargs, peft=peft,
         )
         d["tokenizer"] = tokenizer if tokenizer is not None else _load_tokenizer(source, hf_kwargs)
+        for key, value in (tokenizer_kwargs or {}).items():  # nnsight 0.8: settings of the tokenizer
+            setattr(d["tokenizer"], key, value)
         # outside the module tree (the HF model is not changed): generate() calls it with its result
         d["_generator"] = GeneratorEnvoy(Generator(), self, "generator")
         if dispatch:
@@ -173,7 +188,8 @@ class LanguageModel(HostedByName, NNsight):
                 "        model.<layer>.output[:, -1] *= 1.5   # step 0; use tracer.iter[...] or "
                 "tracer.all() for more steps\n    tokens = tracer.result"
             )
-        tracer = GenerateTracer(self, args, kwargs, remote=remote, timeout=timeout, blocking=blocking)
+        tracer = GenerateTracer(self, args, kwargs, remote=remote, timeout=timeout, blocking=blocking,
+                                prompt_options=tokenizing.OPTION_KEYS, shared=tokenizing.GENERATE_TOO)
         if remote or called_as_with(sys._getframe(1)):
             return tracer
         return tracer._run_now()
@@ -195,6 +211,7 @@ class LanguageModel(HostedByName, NNsight):
 
     def _prepare(self, args: tuple, kwargs: dict) -> _Prompt:
         kwargs = dict(kwargs)
+        options = tokenizing.take_options(kwargs)  # the rest go to forward / generate
         if args:
             data, rest = args[0], args[1:]
             if rest:
@@ -204,7 +221,16 @@ class LanguageModel(HostedByName, NNsight):
             data = {"input_ids": kwargs.pop("input_ids"), "attention_mask": mask}
         else:
             raise TypeError("no input given: pass a string, a list of strings, or token ids")
-        return _Prompt(self._rows(data), kwargs)
+        rows, width = self._tokens(data, options)
+        return _Prompt(rows, kwargs, width)
+
+    def _tokens(self, data: Any, options: dict) -> tokenizing.Encoded:
+        """An input's token rows and padded width: text and chat messages through the tokenizer with
+        ``options``, token ids as given (truncated / padded as ``options`` say)."""
+        if tokenizing.is_text(data) or tokenizing.as_chats(data) is not None:
+            return tokenizing.encode_text(self.tokenizer, data, options)
+        rows, width = tokenizing.encode_ids(self.tokenizer, self._rows(data), options)
+        return tokenizing.Encoded(rows, max(width, _padded_width(data)))
 
     def _rows(self, data: Any) -> list[list[int]]:
         if isinstance(data, str):
@@ -250,7 +276,8 @@ class LanguageModel(HostedByName, NNsight):
             rows.extend(prompt.rows)
             spans.append(Rows(start, start + len(prompt.rows)))
             start += len(prompt.rows)
-        width = max(width, *(len(r) for r in rows))  # at least ``width``: see cotenant._groups
+        # at least ``width`` (see cotenant._groups) and each prompt's own padded width
+        width = max(width, *(len(r) for r in rows), *(prompt.width for prompt in prepared))
         pad = self._pad_id()
         ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows], dtype=torch.long)
         mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], dtype=torch.long)
@@ -263,10 +290,11 @@ class LanguageModel(HostedByName, NNsight):
 
     def _exact_rows(self, prepared: list[_Prompt], spans: list[Rows], width: int = 0) -> list[Rows]:
         """``spans`` with the padding each prompt did not have alone marked to be cut."""
-        width = max(width, *(len(r) for prompt in prepared for r in prompt.rows))
+        own = [max(prompt.width, *(len(r) for r in prompt.rows)) for prompt in prepared]
+        width = max(width, *own)
         trimmed = []
-        for prompt, span in zip(prepared, spans):
-            trim = width - max(len(r) for r in prompt.rows)
+        for span, alone in zip(spans, own):
+            trim = width - alone
             trimmed.append(Rows(span.start, span.stop, trim, width) if trim else span)
         return trimmed
 
@@ -325,6 +353,30 @@ class LanguageModel(HostedByName, NNsight):
     @output.setter
     def output(self, value: Any) -> None:
         NNsight.output.fset(self, value)
+
+
+def _padded_width(data: Any) -> int:
+    """The width an encoding was padded to (its attention mask has zeros), kept as tokenizing keeps
+    the padding its options ask for; 0 for anything else."""
+    mask = data.get("attention_mask") if isinstance(data, Mapping) else None
+    if mask is None:
+        return 0
+    try:
+        mask = torch.as_tensor(mask)
+    except (TypeError, ValueError):  # ragged lists: not padded
+        return 0
+    return int(mask.shape[-1]) if mask.ndim in (1, 2) and not bool(mask.all()) else 0
+
+
+def _device_map_of(device: Any, device_map: Any) -> Any:
+    """nnsight's ``device=`` (the pipeline's: a device, its name, or a CUDA index; -1 the CPU) as the
+    ``device_map`` that puts the whole model there."""
+    if device_map is not None:
+        raise ValueError("pass device= or device_map=, not both: device='cuda:0' is device_map='cuda:0' "
+                         "(the whole model on one device)")
+    if isinstance(device, int) and not isinstance(device, bool):
+        return torch.device("cpu") if device < 0 else torch.device("cuda", device)
+    return torch.device(device)  # a name torch does not know raises its own error here
 
 
 def _accepts(module: torch.nn.Module, name: str) -> bool:

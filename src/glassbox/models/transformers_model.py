@@ -17,7 +17,9 @@ Inputs, per trace or per invoke (several invokes are one batch):
     a dict / BatchEncoding / BatchFeature   ``input_ids`` (+ ``attention_mask``) become token
                                 rows; every other tensor is per-invoke data (``pixel_values``,
                                 ``decoder_input_ids``, ...), concatenated on dim 0 across invokes
-    keyword tensors             per-invoke data too; other keywords go to forward as they are
+    keyword tensors             per-invoke data too; the tokenizer's keywords (``truncation=``,
+                                ``padding=``...: tokenizing.py) go to the tokenizer, or to the
+                                processor with ``text=`` / ``images=``; the rest to forward as they are
 
 Decisions:
   * A subclass of LanguageModel: loading, tokenised batching, generation and ``peft=`` are
@@ -48,7 +50,7 @@ import torch
 from ..batching import Rows
 from ..envoy import module_of
 from ..errors import TraceStateError
-from . import tasks
+from . import tasks, tokenizing
 from .generation import call_through
 from .language import LanguageModel
 
@@ -61,15 +63,16 @@ _PROCESSOR_TASKS = frozenset({"image-text-to-text", "zero-shot-image-classificat
 class _Input:
     """One invoke's input: token rows (None: no text), per-row tensors, shared forward kwargs."""
 
-    __slots__ = ("count", "kwargs", "rows", "tensors")
+    __slots__ = ("count", "kwargs", "rows", "tensors", "width")
 
     def __init__(self, rows: list[list[int]] | None, tensors: dict[str, torch.Tensor],
-                 kwargs: dict[str, Any]) -> None:
+                 kwargs: dict[str, Any], width: int = 0) -> None:
         if rows is None and not tensors:
             raise TypeError("no input given: pass text, token ids, images, a tensor, or a processor's output")
         self.rows = rows
         self.tensors = tensors
         self.kwargs = kwargs
+        self.width = width  # the width its tokenizer options padded its rows to (0: none)
         self.count = len(rows) if rows is not None else next(iter(tensors.values())).shape[0]
 
 
@@ -141,8 +144,9 @@ class TransformersModel(LanguageModel):
 
     # ---------------------------------------------------------------- inputs
 
-    def _encode(self, *args: Any, text: Any = None, images: Any = None) -> Any:
-        """Text and/or images through the processor (images alone: the image processor)."""
+    def _encode(self, *args: Any, text: Any = None, images: Any = None, options: dict | None = None) -> Any:
+        """Text and/or images through the processor (images alone: the image processor); ``options``:
+        the tokenizer's keywords, for the processor's text."""
         if args:
             if text is not None or len(args) > 1:
                 raise TypeError("give the text once: positionally or as text=")
@@ -155,14 +159,17 @@ class TransformersModel(LanguageModel):
                 "image_processor=...) when creating it, or give the processed tensors"
             )
         padding = {} if text is None else {"padding": True}
-        return self.processor(text=text, images=images, return_tensors="pt", **padding)
+        options = {k: v for k, v in (options or {}).items() if not k.startswith("return_")}
+        return self.processor(text=text, images=images, return_tensors="pt", **{**padding, **options})
 
     def _prepare(self, args: tuple, kwargs: dict) -> _Input:
         kwargs = dict(kwargs)
+        options = tokenizing.take_options(kwargs)
         media = {key: kwargs.pop(key) for key in _MEDIA if key in kwargs}
         tensors = {key: kwargs.pop(key) for key in list(kwargs) if _is_data(kwargs[key])}
         if media:
-            data: Any = self._encode(*args, **media)
+            data: Any = self._encode(*args, options=options, **media)
+            options = {}
         elif len(args) > 1:
             raise TypeError("give one input per trace or invoke (text, images, a tensor, a dict...)")
         elif args:
@@ -175,10 +182,14 @@ class TransformersModel(LanguageModel):
         if isinstance(data, torch.Tensor) and main != "input_ids":
             data = {main: data}
         if not isinstance(data, Mapping):
-            return _Input(self._rows(data), tensors, kwargs)
-        rows = None
+            rows, width = self._tokens(data, options)
+            return _Input(rows, tensors, kwargs, width)
+        rows, width = None, 0
         if data.get("input_ids") is not None:
-            rows = self._rows({key: data.get(key) for key in _TOKENS})
+            rows, width = self._tokens({key: data.get(key) for key in _TOKENS}, options)
+        elif options:
+            raise TypeError(f"{', '.join(sorted(options))}: tokenizer options, for text or token ids; this "
+                            "input has neither")
         for key, value in data.items():
             if (rows is not None and key in _TOKENS) or (key == "token_type_ids" and _all_zero(value)):
                 continue  # token rows above; all-zero token types are the default (and would need padding)
@@ -186,7 +197,7 @@ class TransformersModel(LanguageModel):
                 tensors[key] = value
             elif value is not None:
                 kwargs.setdefault(key, value)
-        return _Input(rows, tensors, kwargs)
+        return _Input(rows, tensors, kwargs, width)
 
     def _batch(self, prepared: list[_Input], width: int = 0) -> tuple[tuple, dict, list[Rows]]:
         first = prepared[0]
