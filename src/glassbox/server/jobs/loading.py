@@ -95,8 +95,6 @@ def unload_model(models: dict[str, Any], name: str) -> int:
     freed = release(module_of(model))
     del model
     _give_back_freed_memory()
-    print(f"[glassbox worker] evicted {name} ({freed / 2**20:.0f} MiB of weights unmapped)",
-          file=sys.stderr, flush=True)
     return freed
 
 

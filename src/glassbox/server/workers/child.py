@@ -79,16 +79,21 @@ WORKER_ENV = {"OMP_WAIT_POLICY": "PASSIVE", "OPENBLAS_NUM_THREADS": "1"}
 @contextlib.contextmanager
 def child_environment(keep: Callable[[str], bool] = lambda name: False) -> Iterator[None]:
     """While a process that will run jobs starts (it inherits the environment as it is then):
-    no variable that looks like a secret (``SENSITIVE_ENV``, unless ``keep(name)``), and the
-    ``WORKER_ENV`` defaults. The API process's own environment is put back afterwards."""
+    no variable that looks like a secret (``SENSITIVE_ENV``, unless ``keep(name)``), the
+    ``WORKER_ENV`` defaults, and no command-line arguments (``multiprocessing``'s spawn hands the
+    parent's ``sys.argv`` to the child as its own: ``--db-url`` with its password, the state
+    directory, every model's path). The API process's own are put back afterwards."""
     with _ENV_LOCK:
         hidden = {name: os.environ.pop(name) for name in list(os.environ)
                   if SENSITIVE_ENV.search(name) and not keep(name)}
         added = [name for name in WORKER_ENV if name not in os.environ]
         os.environ.update({name: WORKER_ENV[name] for name in added})
+        arguments = sys.argv
+        sys.argv = arguments[:1]
         try:
             yield
         finally:
+            sys.argv = arguments
             for name in added:
                 os.environ.pop(name, None)
             os.environ.update(hidden)
@@ -154,8 +159,10 @@ def handle_load(module: Any, models: dict, message: dict, memory_limit: int = 0)
     try:
         for other in message.get("evict") or []:
             if other in models:
-                module.unload_model(models, other)
+                freed = (module.unload_model(models, other) or 0) / 2**20
                 evicted.append(other)
+                print(f"[glassbox worker] evicted {other} ({freed:.0f} MiB of weights unmapped)",
+                      file=sys.stderr, flush=True)
         models[name] = module.load_model(name, message["spec"])
     except BaseException as err:  # the feeder must hear why, and the worker must live on
         models.pop(name, None)

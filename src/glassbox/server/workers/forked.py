@@ -1,13 +1,21 @@
-"""Run each job or batch in a fresh process forked from the worker: memory that dies with it.
+"""Run each job or batch in a fresh process: memory that dies with it.
 
 Offers:
-    JobProcess(handler, threads=, confine=)   fork a process that waits for one job: confined
-        further, its torch threads set; ``.run(message, blob, ids, forward, control)`` hands it
-        the job and, in the worker, passes the process's ``log`` / ``result`` frames on to the
-        feeder (checked: only this message's jobs, one result each, logs within their cap),
-        stops it on ``abort``, and reports a process that died (``crashed``, with the user's line
-        when Python's own traceback of the crash shows it); ``.discard()`` if no job comes
-    prepare_parent()   the worker's part of making fork safe (one torch thread; gc frozen)
+    JobProcess(fork, reap)   a process that waits for one job, made by ``fork(job_r, out_w,
+        fault_w) -> pid`` (``zygote.Zygote.fork``: forked from the zygote, never from the worker)
+        and reaped by ``reap(pid) -> wait status``; ``.run(message, blob, ids, forward, control)``
+        hands it the job and, in the worker, passes the process's ``log`` / ``result`` frames on
+        to the feeder (checked: only this message's jobs, one result each, logs within their
+        cap), stops it on ``abort``, and reports a process that died (``crashed``, with the
+        user's line when Python's own traceback of the crash shows it); ``.discard()`` if no job
+        comes
+    job_process_main(job_r, out_w, fault_w, handler, threads, confine)
+                       the job's process itself (in the child the zygote forked): confine it
+                       further, set its torch threads, read its one job, run ``handler``; never
+                       returns
+    prepare_parent()   the part of making fork safe that the forking process does (gc frozen)
+    die_with_parent()  SIGKILL when the parent ends (the zygote and each job's process)
+    keep_only(*fds)    close every descriptor above stderr but these
 
 Why a process per job (``isolation = "process"``, the default on CPU):
 - Nothing a job does outlives it. Hooks on the served model, replaced torch functions, edited
@@ -28,6 +36,10 @@ the worker" line for each mode), most likely copy-on-write page faults: Python w
 reference counts into pages it shares with the worker, and allocations reuse the worker's freed
 heap. The weights live in private read-only memory, whose page tables the fork copies (with a
 shared mapping each job faulted them in again: ~14 ms slower in that bench).
+
+Which process forks: the zygote (``zygote.py``), forked from the worker before the worker has
+read any job. The worker reads every request and passes on every result, so its freed heap holds
+them; a process forked from it could read them back as uninitialised memory.
 
 The worker keeps ONE torch thread: GNU OpenMP cannot be used in a forked child once the parent
 has run a parallel region (the child hangs), so every parallel region runs in children, with
@@ -55,14 +67,29 @@ from typing import Any
 from ...remote.framing import frame, unframe
 from ...remote.protocol import ProtocolError
 from .channel import exit_reason
+from .child import SENSITIVE_ENV
 
-__all__ = ["JobProcess", "prepare_parent"]
+__all__ = ["JobProcess", "die_with_parent", "job_process_main", "keep_only", "prepare_parent"]
 
 _HEADER = struct.Struct("<Q")
 _PR_SET_PDEATHSIG = 1
 _MAX_FRAME = 1 << 40
 _LOG_SLACK = 65536  # the child caps bytes plus one per print; this counts characters of batches
 _LINE = re.compile(r'File "<glassbox job \d+>", line (\d+)')
+# What a job's process keeps of the environment: locale, time zone, the interpreter's own, and the
+# settings of the libraries a job runs (threads, allocators, torch, Hugging Face).
+_JOB_ENV = re.compile(r"(PATH|HOME|LANG|LANGUAGE|LC_\w+|TZ|TMPDIR|PYTHON\w*|VIRTUAL_ENV|LD_LIBRARY_PATH"
+                      r"|(OMP|KMP|GOMP|MKL|OPENBLAS|TORCH|PYTORCH|CUDA|HF|HUGGINGFACE|TRANSFORMERS|TOKENIZERS"
+                      r"|SAFETENSORS|ACCELERATE|MALLOC|GLIBC)_\w*)\Z")
+
+
+def die_with_parent() -> None:
+    """This process gets SIGKILL when the process that forked it ends (and exits now if that
+    already happened)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() == 1:
+        os._exit(0)  # the parent died before the line above ran
 
 
 def prepare_parent() -> None:
@@ -74,39 +101,27 @@ def prepare_parent() -> None:
 
 
 class JobProcess:
-    """A process forked from the worker ahead of its job (so the fork is off the job's path),
-    waiting for exactly one job; ``handler(message, blob, send)`` runs it there.
+    """A process made ahead of its job (so the fork is off the job's path), waiting for exactly one
+    job; the handler the zygote was given runs it there.
 
-        spare = JobProcess(handler, threads=2, confine=confine_job)
-        later = spare.run(message, blob, ids, forward, control)   # then fork the next spare
+        spare = JobProcess(zygote.fork, zygote.reap)
+        later = spare.run(message, blob, ids, forward, control)   # then make the next spare
     """
 
-    def __init__(self, handler: Callable[[dict, bytes, Callable[[dict, bytes], None]], None], *,
-                 threads: int, confine: Callable[[], None] | None) -> None:
+    def __init__(self, fork: Callable[[int, int, int], int], reap: Callable[[int], int]) -> None:
         job_r, job_w = os.pipe()
         out_r, out_w = os.pipe()
         fault_r, fault_w = os.pipe()
-        pid = os.fork()
-        if pid == 0:  # ------------------------------------------------------------ the child
-            code = 70
-            try:
-                # Every descriptor but its own pipes goes: the worker's pipe to the feeder above all
-                # (only the worker may write there, and it checks what this process says), and
-                # whatever else the worker inherited (multiprocessing's resource tracker...).
-                # Confinement does not cover descriptors that are already open.
-                _keep_only(job_r, out_w, fault_w)
-                _child_setup(fault_w, threads, confine)
-                frames = _FrameReader(job_r).read_one()
-                os.close(job_r)
-                if frames is not None:
-                    message, blob = unframe(frames)
-                    handler(message, blob, _writer(out_w))
-                code = 0
-            finally:
-                os._exit(code)
-        for fd in (job_r, out_w, fault_w):  # ---------------------------------------- the worker
-            os.close(fd)
-        self.pid, self.job_w, self.out_r, self.fault_r = pid, job_w, out_r, fault_r
+        try:
+            pid = fork(job_r, out_w, fault_w)
+        except BaseException:
+            for fd in (job_w, out_r, fault_r):
+                os.close(fd)
+            raise
+        finally:
+            for fd in (job_r, out_w, fault_w):  # the process holds them now
+                os.close(fd)
+        self.pid, self.job_w, self.out_r, self.fault_r, self.reap = pid, job_w, out_r, fault_r, reap
 
     def run(self, message: dict, blob: bytes, ids: list[str], forward: Callable[[dict, bytes], None],
             control: Any, *, max_log_bytes: int = 0) -> list[tuple[dict, bytes]]:
@@ -135,7 +150,7 @@ class JobProcess:
                     for data in frames:
                         relay.pass_on(data)
         finally:
-            status, stopped = _wait(pid, control, later, already=aborted)
+            status, stopped = _wait(pid, self.reap, control, later, already=aborted)
             aborted = aborted or stopped
             fault = _drain(self.fault_r)
             os.close(out_r)
@@ -152,14 +167,38 @@ class JobProcess:
         """End a process that will get no job (the worker is stopping)."""
         with contextlib.suppress(OSError):
             os.close(self.job_w)  # it reads an empty job and exits
-        with contextlib.suppress(ChildProcessError):
-            os.waitpid(self.pid, 0)
+        with contextlib.suppress(OSError):
+            self.reap(self.pid)
         for fd in (self.out_r, self.fault_r):
             with contextlib.suppress(OSError):
                 os.close(fd)
 
 
-def _wait(pid: int, control: Any, later: list[tuple[dict, bytes]], *, already: bool) -> tuple[int, bool]:
+def job_process_main(job_r: int, out_w: int, fault_w: int,
+                     handler: Callable[[dict, bytes, Callable[[dict, bytes], None]], None], threads: int,
+                     confine: Callable[[], None] | None) -> None:
+    """The job's process: holds only its three pipes, confined further, reads one job and runs
+    ``handler`` on it; exits (never returns)."""
+    code = 70
+    try:
+        # Every descriptor but its own pipes goes: the zygote's socket, and whatever else the worker
+        # had when it forked the zygote (the pipe to the feeder above all: only the worker may write
+        # there, and it checks what this process says). Confinement does not cover open descriptors.
+        keep_only(job_r, out_w, fault_w)
+        _job_environment()
+        _child_setup(fault_w, threads, confine)
+        frames = _FrameReader(job_r).read_one()
+        os.close(job_r)
+        if frames is not None:
+            message, blob = unframe(frames)
+            handler(message, blob, _writer(out_w))
+        code = 0
+    finally:
+        os._exit(code)
+
+
+def _wait(pid: int, reap: Callable[[int], int], control: Any, later: list[tuple[dict, bytes]], *,
+          already: bool) -> tuple[int, bool]:
     """Wait for the job's process to end, still listening to the feeder: a process that closed its
     pipe but runs on (raw code can do that) is stopped by an ``abort`` like any other, instead of
     holding the worker until the feeder gives up on it and restarts it. Returns (wait status,
@@ -177,11 +216,19 @@ def _wait(pid: int, control: Any, later: list[tuple[dict, bytes]], *, already: b
                     break
         finally:
             os.close(exited)
-    _, status = os.waitpid(pid, 0)
-    return status, stopped and not already
+    return reap(pid), stopped and not already
 
 
-def _keep_only(*fds: int) -> None:
+def _job_environment() -> None:
+    """Only the variables a job's libraries read (``_JOB_ENV``): the worker's environment has no
+    secrets (``child.SENSITIVE_ENV``), but what else an operator sets (hosts, buckets, paths) is
+    none of a job's business."""
+    for name in list(os.environ):
+        if not _JOB_ENV.match(name) or SENSITIVE_ENV.search(name):
+            del os.environ[name]
+
+
+def keep_only(*fds: int) -> None:
     """Close every descriptor above stderr except ``fds``."""
     import resource
 
@@ -195,10 +242,7 @@ def _keep_only(*fds: int) -> None:
 
 
 def _child_setup(fault_w: int, threads: int, confine: Callable[[], None] | None) -> None:
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)  # the worker killed (time-out, stop): so is this
-    if os.getppid() == 1:
-        os._exit(0)  # the worker died before the line above ran
+    die_with_parent()  # the zygote, and so the worker, killed (time-out, stop): so is this
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, signal.SIG_DFL)
     faulthandler.enable(file=fault_w, all_threads=False)  # the user's line, if it crashes

@@ -6,7 +6,8 @@ Offers:
                                  serves (default: every Hugging Face one); ``python``: another
                                  interpreter to run it (a vLLM model's worker: its own process,
                                  ``--isolation none``, in the vLLM virtualenv; docs/vllm.md)
-    worker_main(conn, ...)       the worker process's main loop (``spawn`` target)
+    worker_main(conn)            the worker process's main loop (``spawn`` target; its first
+                                 message says what to load)
 
 Process layout and why::
 
@@ -57,18 +58,17 @@ from .child import (
 )
 from .confine import confine_job, confine_worker
 from .forked import JobProcess, prepare_parent
+from .zygote import Zygote
 
 __all__ = ["LocalProcess", "worker_main"]
 
 
-def worker_main(conn: multiprocessing.connection.Connection, specs: dict[str, Any], executor: str,
-                torch_threads: int, max_memory_bytes: int = 0, isolation: str = "process",
-                read_paths: tuple[str, ...] = (), write_paths: tuple[str, ...] = ()) -> None:
-    """``specs``: the models to load now; ``read_paths``: what the confined worker must still read
-    later (the folders of models loaded on demand, offload folders); ``write_paths``: what it must
-    still write (the offload folders of models loaded on demand; never its jobs)."""
+def worker_main(conn: multiprocessing.connection.Connection) -> None:
+    """The worker process: its first message (``start``) says what to load and how to run; see
+    ``LocalProcess.start``. Nothing comes as the process's arguments: those stay reachable (from
+    ``multiprocessing.current_process()``) in every process forked from this one."""
     try:
-        _serve(conn, specs, executor, torch_threads, max_memory_bytes, isolation, read_paths, write_paths)
+        _serve(conn)
     finally:
         # No interpreter teardown: a confined worker may not run multiprocessing's finalizers
         # (unlinking the semaphore tqdm made while loading is a write Landlock refuses), and it
@@ -78,13 +78,20 @@ def worker_main(conn: multiprocessing.connection.Connection, specs: dict[str, An
         os._exit(0)
 
 
-def _serve(conn: multiprocessing.connection.Connection, specs: dict[str, Any], executor: str,
-           torch_threads: int, max_memory_bytes: int, isolation: str, read_paths: tuple[str, ...],
-           write_paths: tuple[str, ...] = ()) -> None:
+def _serve(conn: multiprocessing.connection.Connection) -> None:
+    """``start``'s ``specs``: the models to load now; ``read_paths``: what the confined worker must
+    still read later (the folders of models loaded on demand, offload folders); ``write_paths``:
+    what it must still write (the offload folders of models loaded on demand; never its jobs)."""
     scrub_environment()
+    try:
+        setup, _ = unframe(conn.recv_bytes())
+    except (EOFError, OSError, ProtocolError):
+        return  # the API process is gone before it said what to do
+    isolation = str(setup["isolation"])
+    torch_threads = int(setup["torch_threads"])
     # Before anything big is imported or loaded: the models count toward the limit, so a server
     # whose limit cannot even hold them fails at start, saying so, rather than at the first job.
-    limit = limit_memory(max_memory_bytes)
+    limit = limit_memory(int(setup["max_memory_bytes"]))
     forking = isolation != "none"
     if forking:
         # The Rust tokenizers' thread pool would start threads in this process (which must stay
@@ -95,7 +102,8 @@ def _serve(conn: multiprocessing.connection.Connection, specs: dict[str, Any], e
         conn.send_bytes(frame(message, out))
 
     # A forking worker keeps one torch thread (forked.py says why); its children use the rest.
-    module, models, reply = start(executor, specs, 1 if forking else torch_threads, limit)
+    threads_now = 1 if forking else torch_threads
+    module, models, reply = start(str(setup["executor"]), dict(setup["specs"]), threads_now, limit)
     on_gpu = [name for name, model in models.items() if _on_accelerator(model)]
     if module is not None and forking and on_gpu:
         module, reply = None, {"op": "failed", "error": (
@@ -104,10 +112,11 @@ def _serve(conn: multiprocessing.connection.Connection, specs: dict[str, Any], e
             "(each job then runs in the worker, its weights checked after it: README, Security)")}
     if module is not None and forking:
         try:
-            reply["isolation"] = _isolate(isolation, read_paths, write_paths)
+            reply["isolation"] = _isolate(isolation, tuple(setup["read_paths"]), tuple(setup["write_paths"]))
             reply["threads"] = torch_threads or reply["default_threads"]
         except Exception as err:  # the operator must hear why, and nothing may run unconfined
             module, reply = None, {"op": "failed", "error": f"{type(err).__name__}: {err}"}
+    del setup  # what was loaded from where: not in any frame a job's process could walk up to
     send(reply)
     if module is None:
         return
@@ -117,10 +126,19 @@ def _serve(conn: multiprocessing.connection.Connection, specs: dict[str, Any], e
     def handler(message: dict, blob: bytes, child_send: Callable[[dict, bytes], None]) -> None:
         handle_message(module, models, message, blob, child_send, memory_limit=limit, after=False)
 
-    def fork() -> JobProcess:
-        return JobProcess(handler, threads=threads, confine=_confine_job(isolation))
+    def load(message: dict) -> dict:
+        return handle_load(module, models, message, memory_limit=limit)
 
-    spare = fork() if forking else None  # the next job's process, forked ahead
+    # Every job's process is forked from the zygote, which is forked now, before the first job's
+    # bytes reach this process (zygote.py says why); it holds the models from here on.
+    zygote = Zygote(handler, load, threads=threads, confine=_confine_job(isolation)) if forking else None
+    if zygote is not None:
+        _drop_models(module, models)
+
+    def fork() -> JobProcess | None:
+        return JobProcess(zygote.fork, zygote.reap) if zygote is not None else None
+
+    spare = fork()  # the next job's process, forked ahead
     waiting: list[tuple[dict, bytes]] = []  # sent while a forked job was still finishing
     try:
         while True:
@@ -137,10 +155,8 @@ def _serve(conn: multiprocessing.connection.Connection, specs: dict[str, Any], e
                 if spare is not None:
                     spare.discard()
                     spare = None
-                send(handle_load(module, models, message, memory_limit=limit))
-                if forking:
-                    prepare_parent()  # the new model's objects out of the collector, as at start
-                    spare = fork()
+                send(zygote.load(message) if zygote is not None else load(message))
+                spare = fork()
                 continue
             if op not in ("job", "batch"):
                 return  # "stop", or anything unexpected: end cleanly
@@ -158,6 +174,19 @@ def _serve(conn: multiprocessing.connection.Connection, specs: dict[str, Any], e
     finally:
         if spare is not None:
             spare.discard()
+        if zygote is not None:
+            zygote.stop()
+
+
+def _drop_models(module: Any, models: dict) -> None:
+    """The worker's own references to the models, once the zygote holds them: an eviction there
+    then gives their memory back to the system (the two shared it, copy-on-write)."""
+    unload = getattr(module, "unload_model", None)
+    for name in list(models):
+        if unload is not None:
+            unload(models, name)
+        else:
+            del models[name]
 
 
 def _on_accelerator(model: Any) -> bool:
@@ -295,17 +324,15 @@ class LocalProcess:
         context = multiprocessing.get_context("spawn")
         parent_conn, child_conn = context.Pipe(duplex=True)
         config = self.config
-        process = context.Process(
-            target=worker_main,
-            args=(child_conn, config.worker_specs(self.loads_at_start), config.executor,
-                  config.torch_threads, config.max_memory_bytes, self.isolation, _later_reads(config),
-                  _later_writes(config)),
-            name="glassbox-worker",
-            daemon=True,
-        )
+        process = context.Process(target=worker_main, args=(child_conn,), name="glassbox-worker", daemon=True)
         with child_environment(), _interpreter(self.python):
             process.start()
         child_conn.close()
+        parent_conn.send_bytes(frame({
+            "op": "start", "specs": config.worker_specs(self.loads_at_start), "executor": config.executor,
+            "torch_threads": config.torch_threads, "max_memory_bytes": config.max_memory_bytes,
+            "isolation": self.isolation, "read_paths": list(_later_reads(config)),
+            "write_paths": list(_later_writes(config))}))
         self._process, self._conn, self._exit_code = process, parent_conn, None
         names = ", ".join(self.loads_at_start) or "no models (all load on demand)"
         self.say(f"worker {process.pid}: loading {names}")

@@ -1,0 +1,127 @@
+"""The zygote: a process forked from the worker before the worker reads any job, from which every
+job's process is forked.
+
+Offers:
+    Zygote(handler, loader, threads=, confine=)
+                   fork it (in the worker, once the worker is confined and before its first job)
+    .fork(job_r, out_w, fault_w) -> pid
+                   a job's process (``forked.job_process_main``) holding only these descriptors
+    .reap(pid) -> wait status      the exit status of a job's process (call once it has ended)
+    .load(message) -> reply        a ``load`` message (on-demand load, evictions), run here
+    .stop()
+
+Why: a process forked from the worker inherits the worker's whole address space, and the worker
+reads every request and passes on every result and every printed line. Python and libc free that
+memory without clearing it, so a job's process forked from the worker was handed the previous
+tenants' prompts, code and saved values as "uninitialised" memory (``malloc``,
+``PyObject_Malloc``: tests/server/workers/test_leftovers.py), and a job that escaped the sandbox
+could read them from its own heap. The zygote is forked before the first job arrives and never
+touches a job's bytes: it is sent three descriptors and a one-line request, and answers with a
+pid. Requests travel from the worker into the job's process through a pipe and results back the
+same way; the zygote's own heap holds nothing of them, so neither does any process it forks.
+
+Models loaded on demand are loaded here (the processes that run jobs are forked from here), and
+the worker drops its own references to the models once the zygote holds them, so an eviction
+gives the memory back.
+
+The zygote talks to the worker over a ``SOCK_SEQPACKET`` socket pair (one message a packet; the
+descriptors ride along as ``SCM_RIGHTS``). It is single-threaded like the worker (so it can be
+forked safely), dies with the worker (``PR_SET_PDEATHSIG``), and its job processes die with it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+from collections.abc import Callable
+from typing import Any
+
+from .forked import die_with_parent, job_process_main, keep_only, prepare_parent
+
+__all__ = ["Zygote"]
+
+_PACKET = 1 << 16  # a load reply (a model's description) is a few hundred bytes
+
+
+class Zygote:
+    """The worker's handle on its zygote process (see the module docstring)."""
+
+    def __init__(self, handler: Callable[[dict, bytes, Callable[[dict, bytes], None]], None],
+                 loader: Callable[[dict], dict], *, threads: int, confine: Callable[[], None] | None) -> None:
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        pid = os.fork()
+        if pid == 0:  # ------------------------------------------------------------ the zygote
+            code = 70
+            try:
+                ours.close()
+                keep_only(theirs.fileno())  # not the feeder's pipe: the zygote talks to the worker only
+                die_with_parent()
+                _serve(theirs, handler, loader, threads, confine)
+                code = 0
+            finally:
+                os._exit(code)
+        theirs.close()
+        self.pid, self._socket = pid, ours
+
+    def fork(self, job_r: int, out_w: int, fault_w: int) -> int:
+        return int(self._ask({"op": "fork"}, [job_r, out_w, fault_w])["pid"])
+
+    def reap(self, pid: int) -> int:
+        return int(self._ask({"op": "reap", "pid": pid})["status"])
+
+    def load(self, message: dict) -> dict:
+        return self._ask({"op": "load", "message": message})
+
+    def stop(self) -> None:
+        """End the zygote (and with it any job process it has waiting)."""
+        try:
+            self._socket.close()  # it reads end-of-file and exits
+        finally:
+            try:
+                os.waitpid(self.pid, 0)
+            except ChildProcessError:
+                pass
+
+    def _ask(self, message: dict, fds: list[int] | None = None) -> dict:
+        data = json.dumps(message).encode()
+        if fds:
+            socket.send_fds(self._socket, [data], fds)
+        else:
+            self._socket.send(data)
+        reply = self._socket.recv(_PACKET)
+        if not reply:
+            raise OSError("the zygote process ended")
+        return json.loads(reply)
+
+
+def _serve(sock: socket.socket, handler: Callable[[dict, bytes, Callable[[dict, bytes], None]], None],
+           loader: Callable[[dict], dict], threads: int, confine: Callable[[], None] | None) -> None:
+    """The zygote's loop: one request, one reply, until the worker closes the socket."""
+    while True:
+        data, fds, _, _ = socket.recv_fds(sock, _PACKET, 3)
+        if not data:
+            return
+        message: dict[str, Any] = json.loads(data)
+        op = message.get("op")
+        if op == "fork" and len(fds) == 3:
+            pid = os.fork()
+            if pid == 0:
+                job_process_main(*fds, handler, threads, confine)  # never returns
+            for fd in fds:
+                os.close(fd)
+            reply: dict[str, Any] = {"pid": pid}
+        elif op == "reap":
+            try:
+                _, status = os.waitpid(int(message["pid"]), 0)
+            except ChildProcessError:  # not one of ours (or reaped already): nothing to report
+                status = 0
+            reply = {"status": status}
+        elif op == "load":
+            reply = loader(message["message"])
+            prepare_parent()  # the new model's objects out of the collector, as at start
+        else:
+            for fd in fds:
+                os.close(fd)
+            return
+        sock.send(json.dumps(reply).encode())
