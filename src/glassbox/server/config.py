@@ -244,10 +244,11 @@ class ServerConfig:
     ), default="glassbox.server.jobs.executor")
     isolation: str = field(**_doc(
         "How jobs are kept apart (README: Security). 'process': each job or batch runs in a fresh "
-        "process forked from the worker and confined by the OS (Landlock + seccomp); the worker "
-        "refuses to start on a kernel without them. 'process-unconfined': the same, confined as far "
-        "as the kernel allows. 'none': every job runs in the worker's own process, weights checked "
-        "after each (the only choice with --backend ray)."
+        "process, forked from the worker's zygote and confined by the OS (Landlock + seccomp); the "
+        "worker refuses to start on a kernel without them. With --backend ray each replica runs such "
+        "a worker of its own. 'process-unconfined': the same, confined as far as the kernel allows. "
+        "'none': every job runs in the process that holds the model (the worker, or the Ray actor), "
+        "weights checked after each."
     ), default="process")
 
     def __post_init__(self) -> None:
@@ -257,11 +258,6 @@ class ServerConfig:
             raise ValueError(f"batch_scope {self.batch_scope!r} is not available; choose 'any' or 'key'")
         if self.isolation not in ISOLATIONS:
             raise ValueError(f"isolation {self.isolation!r} is not available; choose one of {ISOLATIONS}")
-        if self.backend == "ray" and self.isolation != "none":
-            raise ValueError(
-                "--backend ray runs jobs inside each replica's own process (Ray actors need sockets and "
-                "threads, so they can be neither forked per job nor OS-confined): pass --isolation none "
-                "to accept that (README: Security)")
         self._check_catalog()
         if self.max_batch < 1:
             raise ValueError(f"max_batch must be 1 (batching off) or more, got {self.max_batch}")

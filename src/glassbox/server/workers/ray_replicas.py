@@ -35,12 +35,13 @@ Layout::
   (a lost node's replicas move to the nodes left; ``node`` says where each runs, in /v1/health).
   Ray's own restarts would bring the actor back behind the feeder's back, replaying or dropping
   the method calls in flight, so the feeder could not tell which job died with it.
-- **Loading**: the actor's ``__init__`` only scrubs its environment (``child.SENSITIVE_ENV``: no
-  secrets where user code runs) and sets ``RLIMIT_DATA`` (``max_memory_bytes``, per replica).
-  ``load`` then sets torch's threads (``torch_threads``; when 0, Ray's ``OMP_NUM_THREADS``, i.e.
-  the replica's CPUs), loads the one model through the executor and describes it like the local
-  worker does. ``start()`` waits ``worker_start_timeout`` for both; a request no node of the
-  cluster can ever meet fails at once, saying which resource and which flag to change.
+- **Isolation**: under ``--isolation process`` (the default) the actor holds no model and runs no
+  user code: it spawns a worker process of its own and relays to it (``ray_relay.py``). Under
+  ``none``, ``load`` loads the model in the actor (threads: ``torch_threads``, or Ray's
+  ``OMP_NUM_THREADS`` when 0; ``RLIMIT_DATA``: ``max_memory_bytes``) and jobs run there. Either
+  way the actor first scrubs its environment (``child.SENSITIVE_ENV``), and ``start()`` waits
+  ``worker_start_timeout`` for the load; a request no node can ever meet fails at once, saying
+  which resource and which flag to change.
 - **Signals**: ``RAY_DISABLE_FAILURE_SIGNAL_HANDLER=1`` is set before Ray is imported (unless set
   already): Ray's crash handler would otherwise take SIGTERM from uvicorn, and a graceful stop
   (running jobs back to the queue) would become a crash.
@@ -60,13 +61,11 @@ Layout::
   replicas' environment is the cluster's: they scrub it in-process, but what ``ray start`` was
   given stays visible in ``/proc``. ``disconnect()`` kills the replicas and leaves the cluster
   running.
-- **Security note for operators.** Results travel as framed bytes (JSON + blob, as on the local
-  backend's pipe), and the channel accepts nothing else from the actor, but Ray itself
-  deserializes (pickle) every actor reply in this process before the channel sees it. Code that
-  escaped the job sandbox inside a replica could therefore attack the API process through Ray,
-  which it cannot through the local backend's pipe. It would also hold a Ray worker's access to
-  the whole cluster (other actors, the object store). Run the API process with no more rights than
-  it needs, and give glassbox a Ray cluster of its own.
+- **Security note for operators.** Results travel as framed bytes (JSON + blob), and the channel
+  accepts nothing else from the actor, but Ray unpickles every actor reply in this process first:
+  code that took over an actor could attack the API process and the cluster through Ray. Under
+  the default isolation no job runs in an actor; under ``none`` one that escaped the sandbox
+  would. Give glassbox a Ray cluster of its own.
 """
 
 from __future__ import annotations
@@ -87,6 +86,7 @@ from ...remote.protocol import ProtocolError
 from ..config import ServerConfig
 from .channel import ChannelClosed, WorkerStartError, ready_note
 from .child import child_environment, handle_message, limit_memory, scrub_environment, start
+from .ray_relay import WorkerRelay, worker_config
 
 __all__ = ["GlassboxReplica", "RayBackend", "RayReplica"]
 
@@ -105,12 +105,15 @@ class GlassboxReplica:
     (``placed``: a list of an int and two strings), which ``RayReplica`` checks."""
 
     def __init__(self, specs: dict[str, str], executor: str, torch_threads: int,
-                 max_memory_bytes: int) -> None:
+                 max_memory_bytes: int, worker: ServerConfig | None = None) -> None:
         scrub_environment()
         self._specs = dict(specs)
         self._executor = executor
         self._torch_threads = int(torch_threads)
-        self._limit = limit_memory(int(max_memory_bytes))
+        # ``worker``: the model and its jobs go to a worker process of this actor's own, isolated as
+        # the server says (ray_relay.py); None: --isolation none, every job in this process.
+        self._relay = WorkerRelay(worker, self._put) if worker is not None else None
+        self._limit = limit_memory(int(max_memory_bytes)) if worker is None else 0
         self._module: Any = None
         self._models: dict[str, Any] = {}
         self._outbox: collections.deque[bytes] = collections.deque()
@@ -125,6 +128,8 @@ class GlassboxReplica:
 
     def load(self) -> bytes:
         """Load the model; a framed ``ready`` (with the description) or ``failed`` (why) message."""
+        if self._relay is not None:
+            return frame(self._relay.start())
         self._module, self._models, reply = start(self._executor, self._specs, self._torch_threads,
                                                   self._limit)
         return frame(reply)
@@ -132,15 +137,15 @@ class GlassboxReplica:
     def run(self, request: bytes) -> None:
         """Run one framed ``job`` / ``batch`` message; its output goes to the outbox."""
         message, blob = unframe(request)
+        if self._relay is not None:
+            self._relay.send(message, blob)
+            return
         answered: set[str] = set()
 
         def send(reply: dict, out: bytes = b"") -> None:
-            data = frame(reply, out)
             if reply.get("op") == "result":
                 answered.add(str(reply.get("job")))
-            with self._ready:
-                self._outbox.append(data)
-                self._ready.notify_all()
+            self._put(frame(reply, out))
 
         with self._run_lock:
             try:
@@ -152,6 +157,11 @@ class GlassboxReplica:
                         failed = JobResult.failed("InternalError",
                                                   f"the server failed to run this job: {err!r}")
                         send({"op": "result", "job": job_id, "result": failed.envelope()})
+
+    def _put(self, data: bytes) -> None:
+        with self._ready:
+            self._outbox.append(data)
+            self._ready.notify_all()
 
     def take(self, wait: float) -> list[bytes]:
         """Everything sent since the last call, waiting up to ``wait`` seconds for something."""
@@ -384,10 +394,11 @@ class RayReplica:
         self._reason = ""
         options = {key: value for key, value in backend.request(self.model).items() if value}
         options.setdefault("num_cpus", 0.0)  # cpus:0 asked for: left out, Ray would reserve 1
+        worker = None if config.isolation == "none" else worker_config(config, self.model)
         actor = backend.actor_class.options(max_restarts=0, max_task_retries=0, max_concurrency=4,
                                             **options).remote(
             {self.model: config.models[self.model]}, config.executor, config.torch_threads,
-            config.max_memory_bytes)
+            config.max_memory_bytes, worker)
         self._actor = actor
         placed_ref, load_ref = actor.placed.remote(), actor.load.remote()
         started = time.monotonic()

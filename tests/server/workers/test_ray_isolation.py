@@ -1,0 +1,70 @@
+"""``--backend ray`` with the default isolation: each replica (a Ray actor) holds no model and runs
+no user code; its worker process of its own holds the model, is OS-confined, and forks each job's
+process from its zygote (``workers/ray_relay.py``).
+
+Against a real ``glassbox serve --backend ray`` (a private Ray instance) whose executor runs RAW
+Python (``raw_executor``: as if a job escaped the sandbox): a job cannot reach files, sockets,
+other programs or new processes, is not the actor (no Ray inside it), finds nothing of the job
+before it anywhere in its memory, and computes what a local run computes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+import torch
+from raw_jobs import leaves_nothing, raw_server, run_raw
+
+from glassbox import LanguageModel
+from glassbox.offline import tiny_gpt2_path
+from glassbox.server.workers.confine import available
+
+pytest.importorskip("ray")  # the [ray] extra
+pytestmark = pytest.mark.skipif(
+    not available()["landlock_abi"] or not available()["seccomp"],
+    reason="the kernel lacks Landlock or seccomp (isolation='process' refuses to start there)")
+
+PROMPT = "The Eiffel Tower is in"
+
+ATTEMPTS = """
+import os, socket, sys
+def attempt(name, fn):
+    try:
+        fn()
+        out[name] = "allowed"
+    except Exception as err:
+        out[name] = type(err).__name__
+attempt("read_passwd", lambda: open("/etc/passwd").read())
+attempt("write_tmp", lambda: open("/tmp/glassbox-ray-job-wrote-here", "w").write("x"))
+attempt("connect", lambda: socket.create_connection(("127.0.0.1", 6379), timeout=2))
+attempt("exec", lambda: os.execv("/bin/true", ["true"]))
+attempt("fork", lambda: os._exit(0) if os.fork() == 0 else None)
+out["ray_here"] = "ray" in sys.modules
+with model.trace(prompt):
+    logits = model.output.logits
+out["logits"] = logits
+"""
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str]]:
+    state = str(tmp_path_factory.mktemp("ray-raw"))
+    with raw_server(state, "--backend", "ray", "--torch-threads", "1") as running:
+        yield running
+
+
+def test_a_replica_runs_each_job_confined_and_apart_from_ray(server: tuple[str, str]) -> None:
+    out = run_raw(server, ATTEMPTS, PROMPT)
+    assert "error" not in out, out
+    for name in ("read_passwd", "write_tmp", "connect", "exec", "fork"):
+        assert out[name] != "allowed", (name, out)
+    assert out["ray_here"] is False  # the job's process was never the actor's
+    local = LanguageModel(str(tiny_gpt2_path()), dispatch=True)
+    with local.trace(PROMPT):
+        expected = local.output.logits.save()
+    torch.testing.assert_close(out["logits"], expected, rtol=0, atol=1e-5)
+
+
+def test_a_replica_leaves_nothing_for_the_next_job(server: tuple[str, str]) -> None:
+    assert leaves_nothing(server)["found"] == []
