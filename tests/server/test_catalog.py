@@ -133,10 +133,12 @@ def test_whole_file_errors(tmp_path, tiny):
 
 def test_settings_that_cannot_work_together_fail_at_start(tmp_path, tiny):
     on_demand = write(tmp_path, f'[models.m]\npath = "{tiny}"\nload = "on_demand"\noffload_folder = "off"\n')
-    with pytest.raises(ValueError, match="offload_folder with load = 'on_demand'"):
-        ServerConfig.from_catalog(on_demand)
-    with pytest.raises(ValueError, match="needs --backend local"):
-        ServerConfig.from_catalog(on_demand, backend="ray", isolation="none")
+    # Offload + on demand works under the default isolation (test_on_demand.py serves it); on Ray a
+    # replica loads its model at start, so on-demand loading is refused there, naming the fix.
+    assert ServerConfig.from_catalog(on_demand).load_mode("m") == "on_demand"
+    for isolation in ("none", "process"):
+        with pytest.raises(ValueError, match="needs --backend local"):
+            ServerConfig.from_catalog(on_demand, backend="ray", isolation=isolation)
 
 
 def test_sizes_as_operators_write_them():
