@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
 import glassbox
+from waiting import HANG
+
+# How long glassbox.cli.start_server waits for a server that hangs (it returns as soon as the server
+# answers): GLASSBOX_TEST_PATIENCE scales it with every other limit of tests/waiting.py.
+os.environ.setdefault("GLASSBOX_START_TIMEOUT", str(HANG))
 
 
 class Branchy(torch.nn.Module):

@@ -239,6 +239,11 @@ def _table(rows: list[tuple[str, ...]]) -> None:
 # ---------------------------------------------------------------- a server in the background
 
 
+# Limits that only stop hangs: a server on a busy machine may take minutes to load or to stop.
+_HANG_SECONDS = 15 * 60.0
+_STOP_SECONDS = 5 * 60.0
+
+
 class RunningServer:
     """A ``glassbox serve`` subprocess on loopback (what demos and tests embed).
 
@@ -271,10 +276,12 @@ class RunningServer:
         """SIGKILL, as a crash or the OOM killer would: nothing gets to clean up."""
         if self.process.poll() is None:
             self.process.kill()
-        self.process.wait(30)
+        self.process.wait(_HANG_SECONDS)
 
-    def stop(self, timeout: float = 30.0) -> None:
-        """A graceful stop (SIGTERM): running jobs go back to the queue."""
+    def stop(self, timeout: float = _STOP_SECONDS) -> None:
+        """A graceful stop (SIGTERM): running jobs go back to the queue. SIGKILL only if it has not
+        exited after ``timeout`` seconds (a limit for a hung shutdown: a busy machine may take
+        minutes to stop a server, a Ray one most of all)."""
         import subprocess
 
         if self.process.poll() is None:
@@ -300,11 +307,16 @@ def free_port() -> int:
 
 
 def start_server(models: dict[str, str], *, state_dir: str, port: int | None = None,
-                 args: Sequence[str] = (), timeout: float = 180.0,
+                 args: Sequence[str] = (), timeout: float | None = None,
                  python: str | None = None) -> RunningServer:
     """Start ``python -m glassbox.cli serve`` on 127.0.0.1 and return once it answers /v1/health
     (its models are loaded by then). Output goes to ``<state_dir>/server.log``. ``python``: another
-    virtualenv's interpreter to run it with (this one's by default)."""
+    virtualenv's interpreter to run it with (this one's by default).
+
+    It waits for the server, not for a time: it returns as soon as /v1/health answers and raises at
+    once, with the server's output, if the server exits first. ``timeout`` (default
+    ``$GLASSBOX_START_TIMEOUT``, else 15 minutes) only stops a server that hangs: loading models on
+    a busy machine can take minutes."""
     import subprocess
 
     import httpx
@@ -322,18 +334,22 @@ def start_server(models: dict[str, str], *, state_dir: str, port: int | None = N
                                    env=env)
     db_url = next((args[i + 1] for i, arg in enumerate(args[:-1]) if arg == "--db-url"), "")
     server = RunningServer(process, f"http://127.0.0.1:{port}", state_dir, log_path, db_url)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+    if timeout is None:
+        timeout = float(os.environ.get("GLASSBOX_START_TIMEOUT") or _HANG_SECONDS)
+    started = time.monotonic()
+    while time.monotonic() - started < timeout:
         if process.poll() is not None:
             raise RuntimeError(f"glassbox serve exited with {process.returncode}:\n{server.output()}")
         try:
-            if httpx.get(server.url + "/v1/health", timeout=2).status_code == 200:
+            # A slow answer is an answer still on its way: wait for it rather than ask again.
+            if httpx.get(server.url + "/v1/health", timeout=30).status_code == 200:
                 return server
         except httpx.HTTPError:
-            pass
+            pass  # not listening yet (refused), or reset while it starts: ask again
         time.sleep(0.1)
     server.kill()
-    raise RuntimeError(f"glassbox serve did not answer within {timeout:g} s:\n{server.output()}")
+    raise RuntimeError(f"glassbox serve did not answer /v1/health within {timeout:g} s (a limit for a "
+                       f"server that hangs; GLASSBOX_START_TIMEOUT sets it):\n{server.output()}")
 
 
 # ---------------------------------------------------------------- main

@@ -35,8 +35,12 @@ Layout::
 - **Ports**: every port a node opens is chosen free beforehand (the GCS, the raylet, the agents,
   the dashboard that ``ray start --head`` starts anyway); workers take ports the OS chooses.
 - **Node death** is noticed by the GCS's health checks of each raylet; the head here checks every
-  second and gives up after 4 misses, so a killed node is declared dead within seconds (Ray's
-  defaults: every 3 s, 5 misses).
+  second and gives up after 5 misses, so a killed node is declared dead within seconds (Ray's
+  defaults: every 3 s, 5 misses). A check waits 10 s for its answer: a live raylet on a busy
+  machine answers late, not never.
+- **Waits** are on conditions (the log line, the registration, the processes gone), with limits of
+  ``waiting.HANG`` that only stop hangs; a node whose ``ray start`` exits first fails at once,
+  with its output.
 """
 
 from __future__ import annotations
@@ -48,19 +52,21 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import psutil
+
+from waiting import HANG, wait_until
 
 __all__ = ["RayCluster", "RayNode"]
 
 _RAY = [sys.executable, "-m", "ray.scripts.scripts"]  # the `ray` command of this interpreter's Ray
 _OBJECT_STORE = 100 * 1024**2  # bytes per node: the jobs here pass no large objects through Ray
-# A killed raylet refuses the check at once, so it is declared dead after 4 checks (about 4 s); a
-# live one that is slow (this machine may be busy) would have to miss 4 in a row by 2 s each.
+# A killed raylet refuses the check at once, so it is declared dead after 5 checks (about 5 s); a
+# live one that is slow (this machine may be busy: CI, other tests) would have to leave 5 checks in
+# a row unanswered for 10 s each.
 _HEALTH_CHECKS = {"RAY_health_check_initial_delay_ms": "0", "RAY_health_check_period_ms": "1000",
-                  "RAY_health_check_timeout_ms": "2000", "RAY_health_check_failure_threshold": "4"}
+                  "RAY_health_check_timeout_ms": "10000", "RAY_health_check_failure_threshold": "5"}
 
 
 def _free_port() -> int:
@@ -114,45 +120,40 @@ class RayNode:
             pass
         return {pid for pid in found if not _gone(pid)}
 
-    def kill(self, timeout: float = 30.0) -> None:
-        """SIGKILL every process of this node and wait until none is left."""
-        deadline = time.monotonic() + timeout
-        while True:
+    def kill(self, timeout: float | None = None) -> None:
+        """SIGKILL every process of this node and wait until none is left (``timeout``: a limit
+        for processes that never go, default ``waiting.HANG``)."""
+
+        def none_left() -> bool:
             pids = self.pids()
-            if not pids:
-                break
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"{self.name}: {sorted(pids)} outlived SIGKILL for {timeout:g} s")
             for pid in pids:
                 try:
                     os.kill(pid, signal.SIGKILL)
                 except ProcessLookupError:
                     pass
-            time.sleep(0.1)
-        self.process.wait(timeout)
+            return not pids
 
-    def _wait_started(self, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        while "Ray runtime started" not in self.output():
-            if self.process.poll() is not None:
-                raise RuntimeError(f"ray start ({self.name}) exited with {self.process.returncode}:\n"
-                                   f"{self.output()}")
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"ray start ({self.name}) did not start within {timeout:g} s:\n"
-                                   f"{self.output()}")
-            time.sleep(0.1)
-        while not self.node_id:  # the raylet is started by then; its command line names the node
+        wait_until(none_left, f"every process of {self.name} to end after SIGKILL", limit=timeout,
+                   interval=0.1)
+        self.process.wait(HANG if timeout is None else timeout)
+
+    def _wait_started(self, timeout: float | None) -> None:
+        wait_until(lambda: "Ray runtime started" in self.output(), f"ray start ({self.name}) to start",
+                   limit=timeout, interval=0.1, process=self.process, output=self.output)
+
+        def raylet() -> str:  # the raylet is started by then; its command line names the node
             for pid in self.pids():
                 try:
                     process = psutil.Process(pid)
                     found = [a for a in process.cmdline() if a.startswith("--node_id=")]
                     if found and process.name() == "raylet":
-                        self.node_id = found[0].partition("=")[2]
+                        return found[0].partition("=")[2]
                 except psutil.Error:
                     continue
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"{self.name}: no raylet found among {sorted(self.pids())}")
-            time.sleep(0.1)
+            return ""
+
+        self.node_id = wait_until(raylet, f"the raylet of {self.name}", limit=timeout, interval=0.1,
+                                  process=self.process, output=self.output)
 
 
 class RayCluster:
@@ -186,9 +187,10 @@ class RayCluster:
     def head(self) -> RayNode:
         return self.nodes[0]
 
-    def add_node(self, *, cpus: float = 1, gpus: float = 0, timeout: float = 60.0) -> RayNode:
+    def add_node(self, *, cpus: float = 1, gpus: float = 0, timeout: float | None = None) -> RayNode:
         """Start a node declaring ``cpus`` and ``gpus`` (no device needed: Ray only counts them);
-        the first one started is the head. Returns once the head has registered it."""
+        the first one started is the head. Returns once the head has registered it (``timeout``:
+        a limit for a node that never starts, default ``waiting.HANG``)."""
         head = not self.nodes
         name = "head" if head else f"node{len(self.nodes)}"
         ip = f"127.0.0.{len(self.nodes) + 2}"
@@ -218,18 +220,16 @@ class RayCluster:
         self._wait_registered(node, timeout)
         return node
 
-    def _wait_registered(self, node: RayNode, timeout: float) -> None:
+    def _wait_registered(self, node: RayNode, timeout: float | None) -> None:
         """The GCS logs each node it registers; a driver that joins now sees this one."""
-        deadline = time.monotonic() + timeout
         pattern = re.compile(rf"Regist\w+ [\w ]*node\W.*{node.node_id}", re.IGNORECASE)
-        while True:
-            for path in self.root.glob("session_*/logs/gcs_server.out"):
-                if pattern.search(path.read_text(errors="replace")):
-                    return
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"the head did not register {node.name} ({node.node_id}) "
-                                   f"within {timeout:g} s")
-            time.sleep(0.1)
+
+        def registered() -> bool:
+            return any(pattern.search(path.read_text(errors="replace"))
+                       for path in self.root.glob("session_*/logs/gcs_server.out"))
+
+        wait_until(registered, f"the head to register {node.name} ({node.node_id})", limit=timeout,
+                   interval=0.1, process=node.process, output=node.output)
 
     def shutdown(self) -> None:
         """Kill every node, the head last (so workers do not linger waiting for it)."""
@@ -237,7 +237,7 @@ class RayCluster:
         for node in reversed(self.nodes):
             try:
                 node.kill()
-            except RuntimeError as err:
+            except AssertionError as err:  # wait_until gave up: some process outlived SIGKILL
                 errors.append(str(err))
         if errors:
             raise RuntimeError("; ".join(errors))
