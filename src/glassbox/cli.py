@@ -216,11 +216,14 @@ def _models(args: argparse.Namespace) -> int:
     from .remote.transport import models
 
     host = args.host or os.environ.get("GLASSBOX_HOST") or "http://127.0.0.1:8765"
+    key = args.api_key or os.environ.get("GLASSBOX_API_KEY")
     try:
-        served = models(host, args.api_key or os.environ.get("GLASSBOX_API_KEY"))
+        served = models(host, key)
     except RemoteError as err:
         _say(str(err))
         return 1
+    if not key:  # the server tells a caller without a key only what it serves
+        _say("status, class and parameters are shown with an API key (--api-key or GLASSBOX_API_KEY)")
     rows = [("NAME", "STATUS", "CLASS", "PARAMETERS")]
     for entry in served:
         params = entry.get("parameters")

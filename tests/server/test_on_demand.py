@@ -72,7 +72,9 @@ def server(tmp_path_factory, paths):
 
 
 def models(server) -> dict[str, dict]:
-    return {m["name"]: m for m in httpx.get(server.url + "/v1/models", timeout=10).json()["models"]}
+    """/v1/models as a key holder sees it (state and last use follow jobs: not shown without a key)."""
+    return {m["name"]: m for m in httpx.get(server.url + "/v1/models", headers={"X-API-Key": CONFIG.API_KEY},
+                                            timeout=10).json()["models"]}
 
 
 def trace(model: LanguageModel, **kwargs) -> dict[str, torch.Tensor]:

@@ -84,7 +84,8 @@ def workers(server) -> dict[str, dict]:
 
 
 def test_the_vllm_model_has_its_own_worker_and_the_hf_one_is_untouched(server):
-    listed = {m["name"]: m for m in httpx.get(server.url + "/v1/models", timeout=10).json()["models"]}
+    listed = {m["name"]: m for m in httpx.get(server.url + "/v1/models", timeout=10, headers={
+        "Authorization": f"Bearer {CONFIG.API_KEY}"}).json()["models"]}
     assert listed["smollm2-vllm"]["state"] == listed["tiny"]["state"] == "ready"
     assert {name: w["models"] for name, w in workers(server).items()} == {
         "hf": ["tiny"], "vllm": ["smollm2-vllm"]}

@@ -3,6 +3,8 @@
 Offers:
     frame(envelope, blob) -> bytes              pack a message
     unframe(data) -> (envelope, blob)           unpack one, checking every length
+    json_size(data) -> int | None               bytes its JSON part claims (None: too short to say),
+                                                read off the prefix before anything is parsed
     MAX_HEADER_BYTES                            the largest JSON part ``unframe`` accepts by default
 
 Layout::
@@ -25,7 +27,7 @@ import json
 
 from .protocol import ProtocolError
 
-__all__ = ["MAX_HEADER_BYTES", "frame", "unframe"]
+__all__ = ["MAX_HEADER_BYTES", "frame", "json_size", "unframe"]
 
 _LENGTH_BYTES = 8
 # The envelope holds source code and value descriptions, never tensor data, so even a
@@ -48,6 +50,14 @@ def frame(envelope: dict, blob: bytes = b"") -> bytes:
     except (TypeError, ValueError) as err:
         raise ProtocolError(f"the message envelope is not plain JSON: {err}") from None
     return len(header).to_bytes(_LENGTH_BYTES, "big") + header + bytes(blob)
+
+
+def json_size(data: bytes) -> int | None:
+    """How many bytes the JSON part of the message ``data`` claims (what parsing it would read),
+    or None if ``data`` is shorter than the length prefix."""
+    if len(data) < _LENGTH_BYTES:
+        return None
+    return int.from_bytes(bytes(data[:_LENGTH_BYTES]), "big")
 
 
 def unframe(data: bytes, *, max_header_bytes: int = MAX_HEADER_BYTES) -> tuple[dict, bytes]:
@@ -79,6 +89,8 @@ def unframe(data: bytes, *, max_header_bytes: int = MAX_HEADER_BYTES) -> tuple[d
         envelope = json.loads(header.decode("utf-8"))
     except (UnicodeDecodeError, ValueError) as err:
         raise ProtocolError(f"malformed glassbox message: its JSON part does not parse ({err})") from None
+    except RecursionError:
+        raise ProtocolError("malformed glassbox message: its JSON part nests too deeply to parse") from None
     if not isinstance(envelope, dict):
         raise ProtocolError(
             f"malformed glassbox message: its JSON part is a {type(envelope).__name__}, not an object"

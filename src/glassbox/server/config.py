@@ -159,8 +159,9 @@ class ServerConfig:
         "Largest request body accepted (code plus the values it reads, framed); larger ones get 413."
     ), default=256 * 1024**2)
     max_result_bytes: int = field(**_doc(
-        "Largest result a job may return, counting every byte sent back: tensors and the strings, "
-        "numbers and lists it saved, as framed. A larger one fails the job."
+        "Most bytes one job may make the server keep and send back: its result (tensors and the "
+        "strings, numbers and lists it saved, as framed), its error and its printed output together. "
+        "A larger result fails the job; printed output is cut to fit, with a note."
     ), default=1024**3)
     max_seconds: float = field(**_doc(
         "Wall-clock limit of one job, from the moment the worker receives it. A job over it fails "
@@ -176,8 +177,18 @@ class ServerConfig:
         "Most values one job may save and send back."
     ), default=10_000)
     max_log_bytes: int = field(**_doc(
-        "Most printed output kept per job; later output is dropped with a note saying so."
+        "Most printed output kept per job (UTF-8 bytes); later output is dropped with a note saying so. "
+        "It counts against max_result_bytes and the key's stored-bytes quota too."
     ), default=1024**2)
+    max_error_bytes: int = field(**_doc(
+        "Longest error message kept per job (UTF-8 bytes); a longer one is cut, with a note saying how "
+        "much was cut and naming this setting. It counts against max_result_bytes and the quota too."
+    ), default=64 * 1024)
+    max_request_json_bytes: int = field(**_doc(
+        "Largest JSON part of a request: the block's source and the description of the values it "
+        "reads (tensors travel apart, counted by max_request_bytes only). Larger ones get 413. It "
+        "bounds what the API process parses per request."
+    ), default=4 * 1024**2)
     rate_limit_per_minute: int = field(**_doc(
         "Most jobs one API key may submit per minute (a sliding window); more get 429. 0: no limit."
     ), default=120)
@@ -185,9 +196,10 @@ class ServerConfig:
         "Most jobs one API key may have queued or running at once; more get 429. 0: no limit."
     ), default=32)
     max_stored_bytes_per_key: int = field(**_doc(
-        "Most bytes of finished jobs' results one API key may hold on the server (kept until they "
-        "expire, result_ttl_seconds after they finish); a key at or over it gets 429 on submit "
-        "until some expire. 0: no quota."
+        "Most bytes one API key's finished jobs may hold on the server (results, errors and printed "
+        "output, kept until they expire, result_ttl_seconds after they finish): a key at or over it "
+        "gets 429 on submit, and a job whose output would bring its key over it ends with "
+        "QuotaExceeded, its output not kept. 0: no quota."
     ), default=2 * 1024**3)
     result_ttl_seconds: float = field(**_doc(
         "How long finished jobs (results, errors, logs) are kept before they are deleted."
@@ -274,7 +286,8 @@ class ServerConfig:
                 raise ValueError(f"--replica-resources names {name!r}, which is not served")
         if self.backend == "local" and any(int(n) > 1 for n in self.replicas.values()):
             raise ValueError("--replicas needs --backend ray (the local backend runs one worker process)")
-        for name in ("max_request_bytes", "max_result_bytes", "max_saved_values", "max_log_bytes"):
+        for name in ("max_request_bytes", "max_result_bytes", "max_saved_values", "max_log_bytes",
+                     "max_error_bytes", "max_request_json_bytes"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         if self.max_seconds <= 0:

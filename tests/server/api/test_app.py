@@ -107,21 +107,24 @@ def _wait_status(url: str, key: str, job: str, wanted: str, timeout: float = 60)
 
 def test_health_and_models_need_no_key(server, key):
     health = httpx.get(server.url + "/v1/health", timeout=10).json()
-    assert health["protocol"] == PROTOCOL_VERSION and health["glassbox"] and health["worker"] == "ready"
-    # Without a valid key nothing about what runs where (pids, other tenants' jobs and batches).
-    assert set(health) == {"glassbox", "protocol", "status", "worker"}
+    assert health["protocol"] == PROTOCOL_VERSION and health["glassbox"] and health["status"] == "ok"
+    # Without a valid key nothing about what runs where (worker state, pids, other tenants' jobs
+    # and batches): test_open_endpoints.py checks every open endpoint.
+    assert set(health) == {"glassbox", "protocol", "status"}
     wrong = httpx.get(server.url + "/v1/health", headers={"X-API-Key": "gbx_wrong"}, timeout=10)
     assert wrong.status_code == 200 and set(wrong.json()) == set(health)
     for headers in ({"X-API-Key": key}, {"Authorization": f"Bearer {key}"}):
         full = httpx.get(server.url + "/v1/health", headers=headers, timeout=10).json()
-        assert full["backend"] == "local" and full["running"] in (True, False)
+        assert full["backend"] == "local" and full["running"] in (True, False) and full["worker"] == "ready"
         [replica] = full["replicas"]
         assert isinstance(replica["pid"], int) and {"running", "restarts", "batches"} <= set(replica)
-    served = transport.models(server.url)
+    assert transport.models(server.url) == [{"name": "gpt2", "load": "eager", "pinned": False, "replicas": 1}]
+    served = transport.models(server.url, key)
     assert [m["name"] for m in served] == ["gpt2"]
     assert served[0]["class"] == "GPT2LMHeadModel" and served[0]["parameters"] > 0
     listing = subprocess.run([sys.executable, "-m", "glassbox.cli", "models", "--host", server.url],
-                             capture_output=True, text=True, timeout=60)
+                             capture_output=True, text=True, timeout=60,
+                             env={**os.environ, "GLASSBOX_API_KEY": key})
     assert listing.returncode == 0 and "gpt2" in listing.stdout and "GPT2LMHeadModel" in listing.stdout
 
 

@@ -150,7 +150,8 @@ class Guarded:
             assert result.status == "COMPLETED", (result.error, self.server.output()[-2000:])
             assert torch.equal(values["logits"], logits), "served weights differ from the model's files"
             assert torch.equal(values["probs"], probs), "torch.softmax differs in the worker"
-        health = httpx.get(self.server.url + "/v1/health", timeout=10).json()
+        health = httpx.get(self.server.url + "/v1/health", headers={"X-API-Key": self.victim_key},
+                           timeout=10).json()
         assert health["status"] == "ok" and health["worker"] == "ready"
 
 

@@ -8,22 +8,30 @@ Endpoints: ``models_routes.py`` (health, models, model files: no key), ``jobs_ro
 ``dashboard.py`` (the page at ``/`` and the JSON it polls, ``/v1/dashboard``) and ``metrics.py``
 (``/metrics`` in Prometheus' format, for operator keys).
 
-Every endpoint but health and the two model ones needs an API key (``Authorization: Bearer <key>`` or
-``X-API-Key: <key>``; the websocket also takes ``{"api_key": ...}`` as its first message). A job
-is visible to the key that submitted it only: for any other key it does not exist (404).
+Every endpoint but health, the two model ones and the dashboard page needs an API key
+(``Authorization: Bearer <key>`` or ``X-API-Key: <key>``; the websocket also takes ``{"api_key": ...}``
+as its first message). A job is visible to the key that submitted it only: for any other key it
+does not exist (404). Without a key nothing shows another tenant's activity: health says the
+server is up and its version; models, the operator's catalog (names, load mode, pinned, replicas);
+model files, those read when the server started; the page, a form asking for a key.
+
+Work per request is bounded whatever its code: a submit's JSON part (code and value descriptions)
+is at most ``max_request_json_bytes``, read in one of ``INTAKE_THREADS`` threads off the event
+loop, and only blocks of up to 64 KiB are parsed for batching (jobs/batchable.py).
 
 Request lifecycle::
 
     client                       API process (this file)                    worker process
     ──────                       ───────────────────────                    ──────────────
-    POST /v1/jobs ──────────►  key ─► rate limit ─► size ─► JobRequest.read
+    POST /v1/jobs ──────────►  key ─► rate limit ─► sizes ─► (a thread) JobRequest.read
                                (the one read here) ─► model served? ─► batch key
                                store: RECEIVED ─► QUEUED ──► 202 {id}
     WS  /events   ◄────────── QUEUED (position n) ... (position 0)
                                feeder: claim ─► RUNNING ── bytes ──────►  JobRequest.read,
                                                                           run_job(...)
                   ◄────────── {"log": ...}  ◄──────────────────────────  print(...)
-                               store: COMPLETED / ERROR + result  ◄────  JobResult
+                               cut to the limits (output.py), store:
+                               COMPLETED / ERROR + result (quota)  ◄───  JobResult
                   ◄────────── COMPLETED
     GET /result   ──────────►  framed result bytes (owner only)
                                ... deleted ``result_ttl_seconds`` after it finished
@@ -39,6 +47,7 @@ import contextlib
 import traceback
 from collections.abc import AsyncIterator, Callable
 
+import anyio
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
@@ -52,6 +61,8 @@ from .auth import RateLimiter, in_thread
 from .hub import Hub
 
 __all__ = ["create_app"]
+
+INTAKE_THREADS = 2
 
 
 def create_app(
@@ -94,6 +105,9 @@ def create_app(
             heartbeat.start()
             await in_thread(store.delete_expired, config.result_ttl_seconds)
             await in_thread(worker.start)  # WorkerStartError here stops the server with the reason
+            # Once the eager models are loaded and before jobs load others on demand (which may fill
+            # the Hugging Face cache): see models_routes.FileAnswers.
+            await in_thread(app.state.file_answers.prime, config.models)
             janitor = asyncio.create_task(_janitor())
             yield
         finally:
@@ -122,6 +136,7 @@ def create_app(
     state.config, state.store, state.worker, state.hub, state.say = config, store, worker, hub, say
     state.metrics = measured
     state.limiter = RateLimiter(config.rate_limit_per_minute)
+    state.intake = anyio.CapacityLimiter(INTAKE_THREADS)  # submits read (parsed) at once: jobs_routes
     state.file_answers = models_routes.FileAnswers()
     app.include_router(models_routes.router)
     app.include_router(jobs_routes.router)

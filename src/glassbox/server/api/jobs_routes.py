@@ -22,8 +22,13 @@ kept in the store, so every API process sharing the database answers with it).
 A job is visible to the key that submitted it only: for any other key it does not exist (404).
 Refusals: 400 not a glassbox request / protocol version mismatch (the message says what to
 upgrade), 404 unknown job or model (the model message lists the served ones), 409 result of an
-unfinished job, 413 request over ``max_request_bytes``, 429 over ``rate_limit_per_minute``,
+unfinished job, 413 request over ``max_request_bytes`` or its JSON part (code and value
+descriptions) over ``max_request_json_bytes``, 429 over ``rate_limit_per_minute``,
 ``max_jobs_per_key`` or ``max_stored_bytes_per_key``.
+
+A submit's work in this process is bounded whatever its code: the body is read in chunks, its
+JSON part's size is checked before it is parsed, and the parse (``JobRequest.read``, the batch
+key) runs in a thread, at most ``app.INTAKE_THREADS`` at once, so the event loop answers others.
 """
 
 from __future__ import annotations
@@ -35,9 +40,11 @@ import time
 import traceback
 from typing import Any
 
+import anyio.to_thread
 from fastapi import APIRouter, HTTPException, Request, WebSocket, WebSocketDisconnect
 from fastapi.responses import Response
 
+from ...remote.framing import json_size
 from ...remote.job import FINAL, JobError, JobRequest, JobResult, Status
 from ...remote.protocol import ProtocolError
 from ..jobs.batchable import batch_key
@@ -79,15 +86,17 @@ async def submit(request: Request, key: ApiKey) -> dict:
             f"(the server's rate_limit_per_minute); try again in {wait:.0f} s"
         ), headers={"Retry-After": str(int(wait) + 1)})
     body = await _read_body(request, config.max_request_bytes)
-    try:
-        job = JobRequest.read(body)  # the one time the API process reads a request
-    except ProtocolError as err:
-        raise HTTPException(400, str(err)) from None
-    model = job.model
-    if model not in config.models:
-        served = ", ".join(sorted(config.models)) or "none"
-        raise HTTPException(404, f"model {model!r} is not served here; this server serves: {served}")
-    key_for_batch = batch_key(job, config.engine(model)) if config.max_batch > 1 else None
+    claimed = json_size(body)  # more than the body holds: not a frame (unframe says so, parsing nothing)
+    if claimed is not None and config.max_request_json_bytes < claimed <= len(body):
+        raise HTTPException(413, (
+            f"the request's code and value descriptions (its JSON part) are {claimed:,} bytes, over "
+            f"this server's limit of {config.max_request_json_bytes:,} bytes (max_request_json_bytes); "
+            "send a shorter block, or pass large data as tensors (they travel apart and count only "
+            "against max_request_bytes)"))
+    # Reading is bounded by that limit, and done off the event loop, a few at a time, so that
+    # other requests (/v1/health, status polls) are answered meanwhile.
+    model, key_for_batch = await anyio.to_thread.run_sync(_intake, body, config,
+                                                          limiter=request.app.state.intake)
     try:
         job_id = await in_thread(store.create_job, key.id, model, body, batch_key=key_for_batch,
                                  max_active=config.max_jobs_per_key,
@@ -99,16 +108,30 @@ async def submit(request: Request, key: ApiKey) -> dict:
         ), headers={"Retry-After": "1"}) from None
     except OverQuota as err:
         raise HTTPException(429, (
-            f"this API key's finished jobs hold {err.stored:,} bytes of results on this server, at or "
-            f"over its quota of {err.limit:,} bytes (--max-stored-bytes-per-key); fetch the results "
-            f"you need and let them expire (finished jobs are deleted "
-            f"{config.result_ttl_seconds:g} s after they finish), or ask the operator for a larger quota"
+            f"this API key's finished jobs hold {err.stored:,} bytes on this server (results, errors "
+            f"and printed output), at or over its quota of {err.limit:,} bytes "
+            f"(--max-stored-bytes-per-key); fetch the results you need and let them expire (finished "
+            f"jobs are deleted {config.result_ttl_seconds:g} s after they finish) or delete them "
+            "(DELETE /v1/jobs/ID/result), or ask the operator for a larger quota"
         )) from None
     await in_thread(store.mark_queued, job_id)
     position = await in_thread(store.position, job_id)
     hub.publish(job_id, {"status": Status.QUEUED, "position": position})
     worker.wake()
     return {"id": job_id, "status": Status.QUEUED, "position": position, "model": model}
+
+
+def _intake(body: bytes, config: Any) -> tuple[str, str | None]:
+    """The model a request is for and its batch key (in a thread): the one time the API process
+    reads a request (``JobRequest.read``); raises the HTTP refusal."""
+    try:
+        job = JobRequest.read(body)
+    except ProtocolError as err:
+        raise HTTPException(400, str(err)) from None
+    if job.model not in config.models:
+        served = ", ".join(sorted(config.models)) or "none"
+        raise HTTPException(404, f"model {job.model!r} is not served here; this server serves: {served}")
+    return job.model, batch_key(job, config.engine(job.model)) if config.max_batch > 1 else None
 
 
 def _place(state: Any, job: JobInfo) -> tuple[int | None, float | None]:

@@ -1,8 +1,9 @@
 """The open endpoints: health, the served models, and the files a client builds a model from.
 
 Offers:
-    router              GET /v1/health, GET /v1/models, GET /v1/models/{name}/files (no key;
-                        health shows replicas and running jobs only to a valid key)
+    router              GET /v1/health, GET /v1/models, GET /v1/models/{name}/files (no key
+                        needed; health and models show what follows the tenants' jobs, such as
+                        worker and model state, replicas, running jobs, last use, only to a valid key)
     FileAnswers         the cache behind the files endpoint (``app.state.file_answers``)
     MODEL_FILES         the files of a served model's folder that /v1/models/{name}/files hands out
     read_model_files(path) -> {filename: text}   those of them that exist for one model
@@ -33,48 +34,72 @@ MODEL_FILES = (
     "special_tokens_map.json", "vocab.json", "merges.txt", "chat_template.jinja",
 )
 _MAX_MODEL_FILE_BYTES = 64 * 1024**2
+# What /v1/models tells a caller without a key: the operator's catalog, nothing a job changes.
+_CONFIGURED = ("load", "pinned", "replicas")
 
 router = APIRouter()
 
 
+async def _has_key(request: Request) -> bool:
+    """Whether the request sends a valid API key. A wrong one is not an error on the open
+    endpoints (a load balancer's check must not fail on it): it gets the anonymous answer."""
+    key = presented_key(request.headers)
+    return bool(key) and await in_thread(request.app.state.store.authenticate, key) is not None
+
+
 @router.get("/v1/health")
 async def health(request: Request) -> dict:
-    """Open to all: the version, protocol and worker state. With a valid API key also what runs
-    where (backend, replicas with pids, running jobs, restarts, batches): that is other tenants'
-    activity, so it is not shown to callers without a key. A wrong key is not an error here (a
-    load balancer's check must not fail on it): it gets the open answer."""
+    """Open to all: that the server is up (``status`` ok), its version and protocol. With a valid
+    API key also the worker state and what runs where (backend, replicas with pids, running jobs,
+    restarts, batches): those follow other tenants' activity (a job that kills its worker makes it
+    ``restarting``), so nobody sees them without a key."""
     state = request.app.state
-    answer = {"glassbox": __version__, "protocol": PROTOCOL_VERSION, "status": "ok",
-              "worker": state.worker.state}
-    key = presented_key(request.headers)
-    if key and await in_thread(state.store.authenticate, key) is not None:
-        answer.update(running=state.worker.running_job is not None, backend=state.config.backend,
-                      replicas=state.worker.replicas())
+    answer: dict = {"glassbox": __version__, "protocol": PROTOCOL_VERSION, "status": "ok"}
+    if await _has_key(request):
+        answer.update(worker=state.worker.state, running=state.worker.running_job is not None,
+                      backend=state.config.backend, replicas=state.worker.replicas())
     return answer
 
 
 @router.get("/v1/models")
 async def models(request: Request) -> dict:
+    """Open to all: each served model's name and what the operator configured (``load``,
+    ``pinned``, ``replicas``). With a valid API key also what follows the tenants' jobs: its
+    state (ready / loading / cold), ``last_used``, and the description of a loaded model (class,
+    parameters, ... : an on-demand model has one only once some job loaded it)."""
     config, worker = request.app.state.config, request.app.state.worker
-    return {"models": [{"name": name, "status": worker.state, **worker.models.get(name, {})}
-                       for name in config.models]}
+    described = worker.models
+    if await _has_key(request):
+        return {"models": [{"name": name, "status": worker.state, **described.get(name, {})}
+                           for name in config.models]}
+    return {"models": [{"name": name, **{k: v for k, v in described.get(name, {}).items()
+                                         if k in _CONFIGURED}} for name in config.models]}
 
 
 class FileAnswers:
     """Read once per model and kept as the finished answer: the files are those of the weights
-    the worker loaded at start, and the endpoint needs no key, so a request must be cheap."""
+    the worker loaded at start, and the endpoint needs no key, so a request must be cheap.
+
+    A model served by hub id is answered from what the local cache held when the server started
+    (``prime``, before any job ran), even if that was nothing: a job that loads it on demand may
+    fill the cache, and the anonymous answer must not change with what tenants run. A folder with
+    none of the files is read again on the next request (its operator may still be copying it)."""
 
     def __init__(self) -> None:
-        self._answers: dict[str, bytes] = {}
+        self._answers: dict[str, bytes | None] = {}
         self._lock = threading.Lock()
+
+    def prime(self, models: dict[str, str]) -> None:
+        for name, path in models.items():
+            self.get(name, path)
 
     def get(self, name: str, path: str) -> bytes | None:
         with self._lock:
             if name not in self._answers:
                 files = read_model_files(path)
-                if not files:
-                    return None  # not kept: the folder may appear (a download still running)
-                self._answers[name] = json.dumps({"files": files}).encode("utf-8")
+                if not files and os.path.isdir(path):
+                    return None  # not kept: the folder may be filled yet
+                self._answers[name] = json.dumps({"files": files}).encode("utf-8") if files else None
             return self._answers[name]
 
 

@@ -3,12 +3,17 @@
 Offers:
     batch_key(request, engine="hf") -> str | None   the key shared by requests that may run in one
                                            pass; None: this one runs alone
+    MAX_ANALYSED_SOURCE                     bytes of source it parses at most (larger: runs alone)
 
 Runs in the API process, once per request, when it is submitted (the key is stored with the job,
 so the feeder never reads a request again to batch it): it looks at the JobRequest and the
-block's syntax tree, and never imports torch models or the sandbox. What may share a pass: plain
-traces of the same model with no trace arguments beyond the input, whose block does not use the
-tracer (invokes, stop, cache), gradients, module skipping or ``.next()``; ``cotenant.py`` runs them.
+block's syntax tree, and never imports torch models or the sandbox. Its work is bounded whatever
+the block: a source over ``MAX_ANALYSED_SOURCE`` bytes is not parsed (it runs alone), nor is one
+that nests too deeply for Python's parser (it runs alone, and fails with its own error).
+
+What may share a pass: plain traces of the same model with no trace arguments beyond the input,
+whose block does not use the tracer (invokes, stop, cache), gradients, module skipping or
+``.next()``; ``cotenant.py`` runs them.
 
 On a vLLM model (``engine="vllm"``) a pass is a whole generation: traces (``trace`` / ``generate``)
 with one prompt each, whose trace arguments are that request's own sampling parameters, join ONE
@@ -24,7 +29,11 @@ from typing import Any
 
 from ...remote.job import JobRequest
 
-__all__ = ["batch_key"]
+__all__ = ["MAX_ANALYSED_SOURCE", "batch_key"]
+
+# Blocks that share a pass are a few lines; parsing a larger one (the parser holds the GIL, so the
+# API process could answer nobody meanwhile) would cost more than batching it could save.
+MAX_ANALYSED_SOURCE = 64 * 1024
 
 # Attributes whose use keeps a request out of batches: they need the trace to themselves.
 _ALONE_ATTRIBUTES = frozenset({
@@ -48,10 +57,13 @@ def batch_key(request: JobRequest, engine: str = "hf") -> str | None:
 
 def _shareable(source: str, tracer: Any, steps: bool = False) -> bool:
     """``steps``: ``tracer.iter`` is allowed (each vLLM request counts its own steps)."""
+    if len(source) > MAX_ANALYSED_SOURCE or len(source.encode("utf-8", "replace")) > MAX_ANALYSED_SOURCE:
+        return False
     try:
         tree = ast.parse(source)
-    except SyntaxError:
-        return False  # it fails alone, with its own error
+    except (SyntaxError, ValueError, RecursionError, MemoryError):
+        # It fails alone, with its own error (too deep: RecursionError, or MemoryError on 3.11).
+        return False
     stepping: set[int] = set()  # the Name nodes of allowed ``tracer.iter`` uses
     for node in ast.walk(tree):
         if (steps and isinstance(node, ast.Attribute) and node.attr == "iter"

@@ -63,7 +63,8 @@ _ENV_LOCK = threading.Lock()
 # and Python's own MemoryError (which has no message for a plain allocation failure).
 _LOG_SECONDS = 0.05  # printed output waits at most this long to be sent, with what follows it...
 _LOG_CHUNK = 65536  # ...unless this many characters are waiting
-_DROPPED = "\n[glassbox] later output of this job was dropped (over the server's log limit)\n"
+_DROPPED = ("\n[glassbox] later output of this job was dropped: the server keeps at most {limit:,} bytes of "
+            "a job's printed output (max_log_bytes)\n")
 _ALLOCATION_FAILED = re.compile(r"can't allocate memory|Cannot allocate memory|std::bad_alloc")
 
 
@@ -262,7 +263,7 @@ class _JobLog:
 
     def __init__(self, job_id: str, max_bytes: int, send: Callable[[dict, bytes], None]) -> None:
         self.job_id, self.send = job_id, send
-        self.left = max_bytes or None  # bytes still allowed; None: no cap
+        self.left = self.limit = max_bytes or None  # bytes still allowed; None: no cap
         self.noted = False  # the note that later output was dropped has been added
         self.pending: list[str] = []
         self.size = 0
@@ -279,7 +280,8 @@ class _JobLog:
             data = text.encode("utf-8", "replace")
             cost = len(data) + 1
             if cost > self.left:
-                text = data[:max(0, self.left - 1)].decode("utf-8", "ignore") + _DROPPED
+                kept = data[:max(0, self.left - 1)].decode("utf-8", "ignore")
+                text = kept + _DROPPED.format(limit=self.limit)
                 self.left, self.noted = 0, True
             else:
                 self.left -= cost

@@ -40,12 +40,14 @@ from ..store import JobInfo, JobStore
 from .channel import Channel, ChannelClosed, WorkerStartError
 from .cold_load import ColdLoading
 from .local import LocalProcess
+from .output import bounded
 from .residency import Residency
 
 __all__ = ["Feeder"]
 
 _POLL = 0.05  # seconds between looks at the deadline / cancel flag while a job runs
 _CANCEL_POLL = 0.5  # seconds between looks at the store for cancels asked through other API processes
+_LOG_SLACK = 65536  # characters of printed output kept past max_log_bytes before any is dropped here
 _ABORT_SECONDS = 10.0  # how long a forking worker may take to confirm it stopped a job
 
 
@@ -316,6 +318,8 @@ class Feeder(ColdLoading):
                     continue  # left over from a job that was already settled
                 if message.get("op") == "log":
                     text = str(message.get("text", ""))
+                    if logged[job_id] > 2 * self.config.max_log_bytes + _LOG_SLACK:
+                        continue  # a backstop: the worker caps printed output first (child.py)
                     offset, logged[job_id] = logged[job_id], logged[job_id] + len(text)
                     logs[job_id].append(text)
                     self.on_event(job_id, {"status": Status.RUNNING, "log": text, "offset": offset})
@@ -419,24 +423,18 @@ class Feeder(ColdLoading):
             result = JobResult.from_envelope(envelope, blob)
         except (ProtocolError, TypeError, ValueError):
             result = JobResult.failed("InternalError", "the worker sent a malformed result")
-        if len(result.blob) > self.config.max_result_bytes:
-            result = JobResult.failed("MemoryError", (
-                f"the result is {len(result.blob):,} bytes, over this server's limit of "
-                f"{self.config.max_result_bytes:,} (max_result_bytes); save fewer or smaller values"))
         self._finish(job_id, result, logs)
 
     def _finish(self, job_id: str, result: JobResult, logs: list[str], *,
                 status: Status | None = None) -> None:
+        """Store a job's end: its error, printed output and result within the per-job limits
+        (output.py), and within its key's quota (checked by the store as it writes)."""
         self.solo.discard(job_id)
-        status = status or result.status
-        try:
-            data = result.frame()
-        except ProtocolError as err:
-            result = JobResult.failed("InternalError", f"the result could not be stored: {err}")
-            status, data = Status.ERROR, result.frame()
-        error = result.error.wire() if status != Status.COMPLETED and result.error else None
-        if self.store.finish(job_id, status, result=data, error=error, logs="".join(logs)):
-            event: dict[str, Any] = {"status": status}
-            if error:
-                event["error"] = error
+        output = bounded(result, logs, self.config, status)
+        finished = self.store.finish(job_id, output.status, result=output.result, error=output.error,
+                                     logs=output.logs, max_stored_bytes=self.config.max_stored_bytes_per_key)
+        if finished:
+            event: dict[str, Any] = {"status": finished.status}
+            if finished.error:
+                event["error"] = finished.error
             self.on_event(job_id, event)
