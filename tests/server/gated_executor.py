@@ -35,7 +35,7 @@ from glassbox.server.jobs.executor import load_model as _load_model
 __all__ = ["after_job", "gated_servers", "load_model", "load_models", "run_batch", "run_in_process",
            "run_job", "unload_model"]
 
-_WAIT = 600.0  # a gate never opened: load anyway rather than hang the worker forever
+_WAIT = 900.0  # a gate never opened: load anyway rather than hang the worker forever (tests' HANG)
 
 
 def load_model(name: str, spec: Any) -> Any:
@@ -65,7 +65,8 @@ def gated_servers(root: Path, models: dict[str, str], count: int = 1, db_url: st
     gate = root / "gate"
     gate.mkdir()
     args = ["--models-file", str(_catalog(root, models)), "--executor", "gated_executor",
-            "--isolation", "none", "--max-batch", "1", "--max-seconds", "120", "--torch-threads", "1",
+            # max-seconds: only for a job that hangs (a test may look at a loading job for minutes)
+            "--isolation", "none", "--max-batch", "1", "--max-seconds", "900", "--torch-threads", "1",
             *(["--db-url", db_url] if db_url else [])]
     import pytest
 

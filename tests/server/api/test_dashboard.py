@@ -13,7 +13,6 @@ import io
 import json
 import os
 import shutil
-import time
 from collections.abc import Callable, Iterator
 
 import httpx
@@ -22,9 +21,10 @@ import pytest
 from glassbox.cli import main, start_server
 from glassbox.remote import transport
 from job_requests import job_request
+from waiting import HANG, REQUEST
+from waiting import wait_until as wait_for
 
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
-MAX_SECONDS = 6  # how long a FOREVER job runs: the window in which the page must show it RUNNING
 ECHO = "h = glassbox_model.transformer.h[1].output.save()\necho = glassbox.save(marker)\n"
 FOREVER = "n = 0\nwhile True:\n    n = n + 1\n"
 HOSTILE = '<b id="injected">bold</b><img src=x onerror="document.title=\'pwned\'">'
@@ -34,28 +34,21 @@ HOSTILE = '<b id="injected">bold</b><img src=x onerror="document.title=\'pwned\'
 def submit(server, key: str, source: str, marker: str = "m") -> str:
     request = job_request(source, values={"marker": marker}, inputs=["The Eiffel Tower is in"], model_refs={},
                           modules={"glassbox": "glassbox"}, returns=("echo", "h"), filename="<remote block>")
-    return transport.submit(server.url, key, request, timeout=30)
+    return transport.submit(server.url, key, request, timeout=REQUEST)
 
 
-def wait_until(condition: Callable[[], object], what: str, timeout: float = 30) -> object:
-    """The condition's first truthy value; the page re-renders every second, so a read may meet a
-    node that was just replaced (retried)."""
+def wait_until(condition: Callable[[], object], what: str) -> object:
+    """The condition's first truthy value, however long a busy machine takes to render it (a limit
+    only stops a hang); the page re-renders every second, so a read may meet a node that was just
+    replaced (retried)."""
     from selenium.common.exceptions import NoSuchElementException, StaleElementReferenceException
 
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            value = condition()
-        except (NoSuchElementException, StaleElementReferenceException):
-            value = None
-        if value:
-            return value
-        assert time.monotonic() < deadline, f"timed out after {timeout} s waiting for {what}"
-        time.sleep(0.1)
+    return wait_for(condition, what, interval=0.1,
+                    retry=(NoSuchElementException, StaleElementReferenceException))
 
 
 def dashboard(server, key: str) -> dict:
-    response = httpx.get(server.url + "/v1/dashboard", headers={"X-API-Key": key}, timeout=10)
+    response = httpx.get(server.url + "/v1/dashboard", headers={"X-API-Key": key}, timeout=REQUEST)
     assert response.status_code == 200, response.text
     return response.json()
 
@@ -86,7 +79,7 @@ def server(tmp_path_factory) -> Iterator:
 
     state = tmp_path_factory.mktemp("dashboard-server")
     running = start_server({"gpt2": str(tiny_gpt2_path())}, state_dir=str(state), args=[
-        "--max-seconds", str(MAX_SECONDS), "--torch-threads", "1",
+        "--max-seconds", str(HANG), "--torch-threads", "1",  # FOREVER jobs end when cancelled
         "--max-batch", "1",  # one job at a time, so that jobs wait in the queue the operator sees
     ])
     try:
@@ -164,10 +157,10 @@ def shot(driver, tmp_path, name: str) -> None:
 def test_the_page_asks_for_a_key_and_keeps_it_in_the_tab(browser, server, keys, tmp_path):
     from selenium.webdriver.common.by import By
 
-    response = httpx.get(server.url + "/", timeout=10)
+    response = httpx.get(server.url + "/", timeout=REQUEST)
     assert response.status_code == 200 and "glassbox dashboard" in response.text
     assert "default-src 'none'" in response.headers["content-security-policy"]
-    assert httpx.get(server.url + "/v1/dashboard", timeout=10).status_code == 401
+    assert httpx.get(server.url + "/v1/dashboard", timeout=REQUEST).status_code == 401
     browser.get(server.url + "/")
     browser.execute_script("sessionStorage.clear();")
     browser.get(server.url + "/")
@@ -180,9 +173,10 @@ def test_the_page_asks_for_a_key_and_keeps_it_in_the_tab(browser, server, keys, 
     assert browser.execute_script("return sessionStorage.getItem('glassbox.apiKey')") == keys["alice"]
     assert not browser.find_element(By.ID, "key-form").is_displayed()
     # A proxy that adds the key header gets the page without the form, and the key is not in it.
-    proxied = httpx.get(server.url + "/", headers={"X-API-Key": keys["alice"]}, timeout=10).text
+    proxied = httpx.get(server.url + "/", headers={"X-API-Key": keys["alice"]}, timeout=REQUEST).text
     assert 'data-auth="header"' in proxied and keys["alice"] not in proxied
-    assert 'data-auth="form"' in httpx.get(server.url + "/", headers={"X-API-Key": "gbx_no"}, timeout=10).text
+    assert 'data-auth="form"' in httpx.get(server.url + "/", headers={"X-API-Key": "gbx_no"},
+                                           timeout=REQUEST).text
 
 
 def test_a_users_job_appears_live_with_its_output_as_text_and_result_size(browser, server, keys, tmp_path):
@@ -191,7 +185,8 @@ def test_a_users_job_appears_live_with_its_output_as_text_and_result_size(browse
     alice = keys["alice"]
     open_page(browser, server, alice, "alice")
     title = browser.title
-    # Submitted while the page is open: it prints, then runs until the time limit stops it.
+    # Submitted while the page is open: it prints, then runs until it is cancelled (once the page
+    # has shown it running, however long a busy machine takes for that: no time limit races it).
     running = submit(server, alice, f"print({HOSTILE!r})\n" + FOREVER)
 
     def shown(job: str) -> dict | None:
@@ -203,17 +198,18 @@ def test_a_users_job_appears_live_with_its_output_as_text_and_result_size(browse
     logs = browser.find_element(By.ID, "logs")
     assert logs.text.strip() == HOSTILE  # shown as text: no element was made from it, nothing ran
     assert browser.find_elements(By.ID, "injected") == [] and browser.title == title
-    failed = wait_until(lambda: (shown(running) or {}).get("status") == "ERROR" and shown(running),
-                        "the job's end", timeout=MAX_SECONDS + 30)
+    transport.cancel(server.url, alice, running)
+    ended = wait_until(lambda: (shown(running) or {}).get("status") == "CANCELLED" and shown(running),
+                       "the job's end, CANCELLED")
     [mine] = [job for job in dashboard(server, alice)["jobs"] if job["id"] == running]
-    assert failed["error"] == mine["error"] and mine["error"].startswith("TimeoutError: ")
+    assert ended["error"] == mine["error"] and mine["error"].startswith("Cancelled: ")
     wait_until(lambda: mine["error"] in browser.find_element(By.ID, "log-error").text, "the error line")
 
     done = submit(server, alice, ECHO, "alice-values")
     row = wait_until(lambda: (shown(done) or {}).get("status") == "COMPLETED" and shown(done),
                      "the second job, COMPLETED")
     [api] = [job for job in dashboard(server, alice)["jobs"] if job["id"] == done]
-    fetched = httpx.get(f"{server.url}/v1/jobs/{done}/result", headers={"X-API-Key": alice}, timeout=10)
+    fetched = httpx.get(f"{server.url}/v1/jobs/{done}/result", headers={"X-API-Key": alice}, timeout=REQUEST)
     assert api["result_bytes"] == len(fetched.content) > 0
     assert row["result_bytes@title"] == f"{api['result_bytes']:,} bytes"
     assert row["model"] == "gpt2" and row["log_length"] == "0 chars"
@@ -251,7 +247,7 @@ def test_the_operator_page_shows_the_numbers_of_the_api(browser, server, keys, t
     [shown] = page["replicas"]
     assert shown["pid"] == str(replica["pid"]) and shown["state"] == replica["state"] == "ready"
     assert shown["restarts"] == str(replica["restarts"]) and shown["label"] == replica["label"]
-    health = httpx.get(server.url + "/v1/health", headers={"X-API-Key": ops}, timeout=10).json()
+    health = httpx.get(server.url + "/v1/health", headers={"X-API-Key": ops}, timeout=REQUEST).json()
     assert [r["pid"] for r in health["replicas"]] == [replica["pid"]]
     totals = browser.execute_script(
         "return Object.fromEntries(Array.from(document.querySelectorAll('#totals dd'))"
@@ -270,7 +266,7 @@ def test_the_operator_page_shows_the_numbers_of_the_api(browser, server, keys, t
     shot(browser, tmp_path, "operator")
     transport.cancel(server.url, bob, blocker)
     for job, key in zip(waiting, (bob, alice)):
-        list(transport.events(server.url, key, job, timeout=60))
+        list(transport.events(server.url, key, job, timeout=HANG))
 
     def finished() -> dict:
         shown = {r["id"]: r["status"] for r in rows(browser, "recent-table") or []}
@@ -287,7 +283,7 @@ def test_a_user_sees_no_other_users_jobs_and_no_operator_data(browser, server, k
     theirs = submit(server, alice, "print('alice-only')\n" + ECHO, "alice-values")
     mine = submit(server, bob, ECHO, "bob-values")
     for job, key in ((theirs, alice), (mine, bob)):
-        list(transport.events(server.url, key, job, timeout=60))
+        list(transport.events(server.url, key, job, timeout=HANG))
     alice_jobs = [job["id"] for job in dashboard(server, alice)["jobs"]]
     assert theirs in alice_jobs
 
@@ -296,7 +292,7 @@ def test_a_user_sees_no_other_users_jobs_and_no_operator_data(browser, server, k
     assert mine in [job["id"] for job in view["jobs"]]
     text = json.dumps(view)
     assert not any(job in text for job in alice_jobs) and "alice" not in text
-    refused = httpx.get(f"{server.url}/v1/jobs/{theirs}", headers={"X-API-Key": bob}, timeout=10)
+    refused = httpx.get(f"{server.url}/v1/jobs/{theirs}", headers={"X-API-Key": bob}, timeout=REQUEST)
     assert refused.status_code == 404
 
     open_page(browser, server, bob, "bob")
@@ -358,11 +354,11 @@ def test_a_loading_jobs_note_and_a_queued_jobs_estimated_start_are_on_the_page(b
         store.close()
     history = submit(server, alice, ECHO, "history")  # a finished gpt2 job: what estimates come from
     # (the late job ahead has no history of its own: it counts as a typical gpt2 job)
-    list(transport.events(server.url, alice, history, timeout=120))
+    list(transport.events(server.url, alice, history, timeout=HANG))
     open_page(browser, server, alice, "alice")
     late = transport.submit(server.url, alice, job_request(
         ECHO, model="late", values={"marker": "late"}, inputs=["The Eiffel Tower is in"], model_refs={},
-        modules={"glassbox": "glassbox"}, returns=("echo", "h"), filename="<remote block>"), timeout=30)
+        modules={"glassbox": "glassbox"}, returns=("echo", "h"), filename="<remote block>"), timeout=REQUEST)
     waiting = submit(server, alice, ECHO, "w")
 
     def shown(job: str) -> dict | None:
@@ -383,7 +379,7 @@ def test_a_loading_jobs_note_and_a_queued_jobs_estimated_start_are_on_the_page(b
             return None
         return {"page": page, "api": api}
 
-    seen = wait_until(same_as_api, "the note and the estimated start on the page", timeout=120)
+    seen = wait_until(same_as_api, "the note and the estimated start on the page")
     assert seen["page"][waiting]["estimated_start_seconds@title"].startswith("estimated from the run times")
     assert seen["page"][waiting]["note"] == "" and seen["page"][late]["estimated_start_seconds"] == "-"
     operator = dashboard(server, ops)["operator"]
@@ -393,6 +389,6 @@ def test_a_loading_jobs_note_and_a_queued_jobs_estimated_start_are_on_the_page(b
     shot(browser, tmp_path, "loading")
     (gate / "late").touch()
     for job in (late, waiting):
-        list(transport.events(server.url, alice, job, timeout=120))
+        list(transport.events(server.url, alice, job, timeout=HANG))
     wait_until(lambda: (shown(late) or {}).get("status") == "COMPLETED" and shown(late)["note"] == "",
                "the loaded job's end, its note gone")
