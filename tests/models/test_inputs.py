@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from tests.models.seed_workflows import tiny_image
+from tests.models.test_vlm import LONG, llava, processor  # noqa: F401 (fixtures)
 
-from glassbox import LanguageModel, TransformersModel
+from glassbox import LanguageModel, TransformersModel, VisionLanguageModel
 from glassbox.offline import minilm_path, tiny_gpt2_path
 
 TEXT = "The capital of France is"
@@ -195,3 +197,32 @@ def test_transformers_model_routes_them_too():
     expected = model.tokenizer(TEXT, truncation=True, max_length=2)["input_ids"]
     ids, _, logits = model_call(model, TEXT, truncation=True, max_length=2)
     assert ids.tolist() == [expected] and logits.shape[1] == 2
+
+
+def test_generate_from_ids_keeps_max_length_for_generation(smollm2):
+    ids = torch.tensor([smollm2.tokenizer(TEXT)["input_ids"]])
+    with smollm2.generate(ids, max_length=7, do_sample=False) as tracer:  # nnsight: ids are not cut
+        out = tracer.result.save()
+    direct = smollm2._module.generate(ids, attention_mask=torch.ones_like(ids), max_length=7, do_sample=False,
+                                      pad_token_id=smollm2.tokenizer.pad_token_id)
+    assert out.shape == (1, 7) and torch.equal(out, direct)
+
+
+def test_a_processors_text_takes_them(request):
+    module, processor_ = request.getfixturevalue("llava"), request.getfixturevalue("processor")
+    model = VisionLanguageModel(module, processor=processor_)
+    image = tiny_image(1)
+    expected = processor_(text=LONG, images=[image], padding="max_length", max_length=20, return_tensors="pt")
+    with model.trace(LONG, images=[image], padding="max_length", max_length=20):
+        call = model.inputs.save()
+    ids, mask = call[1]["input_ids"], call[1]["attention_mask"]
+    assert ids.shape == expected["input_ids"].shape == (1, 20)  # the processor's padding, moved to the left
+    assert torch.equal(ids[mask == 1], expected["input_ids"][expected["attention_mask"] == 1])
+    assert mask.sum() == expected["attention_mask"].sum() < 20
+    plain = processor_(text=LONG, images=[image], return_tensors="pt")
+    total = plain["input_ids"].shape[1] + 2
+    with model.generate(LONG, images=[image], max_length=total, do_sample=False) as tracer:
+        out = tracer.result.save()
+    direct = module.generate(**plain, max_length=total, do_sample=False,
+                            pad_token_id=processor_.tokenizer.pad_token_id)
+    assert out.shape == (1, total) and torch.equal(out, direct)

@@ -27,11 +27,12 @@ reach the tokenizer, everything else the model; this is that split):
     prompt is added unless the last message is the assistant's (then it is continued), and
     ``add_special_tokens`` is ignored (the template places them). A tokenizer without a chat
     template raises a ValueError that says how to set one.
-  * Token ids (lists, tensors, an encoding) are used as given, with ``truncation`` / ``max_length``
-    and ``padding`` / ``pad_to_multiple_of`` applied as the tokenizer applies them to text (nnsight
-    passes them to forward, where they do nothing). Options that only mean something for text
-    (``prefix``, ``stride``, chat options...) raise a TypeError there, as does
-    ``add_special_tokens=True``.
+  * Token ids (lists, tensors, an encoding) are used as given, with ``truncation=True`` /
+    ``max_length`` and ``padding`` / ``pad_to_multiple_of`` applied as the tokenizer applies them to
+    text (nnsight passes them to forward, where they do nothing). ``max_length`` alone does not cut
+    ids (for text the tokenizer then truncates): ``generate(ids, max_length=N)`` keeps meaning the
+    generation's length, as in nnsight. Options that only mean something for text (``prefix``,
+    ``stride``, chat options...) raise a TypeError there, as does ``add_special_tokens=True``.
   * Rows are stored without padding and the batch is left-padded (so ``[:, -1]`` is the last real
     token): padding an option asks for becomes a minimum width. ``padding_side="right"`` is refused.
     ``handle_long_generation`` is refused (not supported).
@@ -189,8 +190,6 @@ def encode_ids(tokenizer: Any, rows: list[list[int]], options: dict) -> Encoded:
     padding = "longest" if padding is True else (padding or "do_not_pad")
     padding = getattr(padding, "value", padding)  # a PaddingStrategy
     truncation = getattr(truncation, "value", truncation)
-    if truncation is None and max_length is not None and padding == "do_not_pad":
-        truncation = True  # the tokenizer's default when only max_length is given
     limit = max_length if max_length is not None else getattr(tokenizer, "model_max_length", None)
     if limit is not None and limit >= _NO_LIMIT:
         limit = None  # the tokenizer's "no maximum length"

@@ -128,8 +128,13 @@ class TransformersModel(LanguageModel):
     def generate(self, *args: Any, **kwargs: Any) -> Any:
         """As LanguageModel.generate; ``text=`` / ``images=`` go through the processor."""
         media = {key: kwargs.pop(key) for key in _MEDIA if key in kwargs}
-        if media:
-            args = (self._encode(*args, **media),)
+        if media:  # the tokenizer's keywords go to the processor, max_length to generate (and to the
+            options = tokenizing.take_options(kwargs)  # processor only with truncation= or padding=)
+            shared = {key: options[key] for key in tokenizing.GENERATE_TOO if key in options}
+            kwargs.update(shared)
+            if not options.keys() & {"truncation", "padding"}:
+                options = {key: value for key, value in options.items() if key not in shared}
+            args = (self._encode(*args, options=options, **media),)
         return super().generate(*args, **kwargs)
 
     def _run_remotely(self, method: str, body: Any, frame: Any, inputs: list, call: dict, *,
