@@ -136,8 +136,12 @@ def _serve(args: argparse.Namespace) -> int:
                 _say(f"listening on http://{config.host}:{port} (ready in {ready:.1f} s); "
                      "create a key with `glassbox keys create --name NAME`")
 
+    # timeout_keep_alive: longer than a client keeps an idle connection (httpx: 5 s, glassbox's
+    # transport less), so that a client never sends on a connection the server is closing that
+    # moment (a reset, which a busy machine makes likely at uvicorn's default of 5 s).
     server = _Server(uvicorn.Config(app, host=config.host, port=config.port, log_level=args.log_level,
-                                    access_log=args.access_log, ws="websockets-sansio", lifespan="on"))
+                                    access_log=args.access_log, ws="websockets-sansio", lifespan="on",
+                                    timeout_keep_alive=_KEEP_ALIVE_SECONDS))
     server.run()
     if not server.started:
         _say("the server did not start (see above)")
@@ -245,6 +249,7 @@ def _table(rows: list[tuple[str, ...]]) -> None:
 # Limits that only stop hangs: a server on a busy machine may take minutes to load or to stop.
 _HANG_SECONDS = 15 * 60.0
 _STOP_SECONDS = 5 * 60.0
+_KEEP_ALIVE_SECONDS = 30  # how long the server keeps an idle client connection open
 
 
 class RunningServer:
@@ -302,8 +307,27 @@ class RunningServer:
 
 
 def free_port() -> int:
+    """A TCP port nothing listens on, on 127.0.0.1, chosen below the kernel's range of ephemeral
+    ports when it can be: a server binds its port only once its models are loaded, minutes later
+    on a busy machine, and a port of that range may meanwhile be taken by any outgoing connection
+    of the machine (the OS picks those ports from it), so that the server would fail to start."""
+    import random
     import socket
 
+    low = 32768
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as ranges:
+            low = int(ranges.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        pass
+    candidates = random.sample(range(20000, low), min(50, max(0, low - 20000))) if low > 20000 else []
+    for port in candidates:
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])

@@ -176,8 +176,10 @@ class RayCluster:
         token = self.root / "auth_token"
         token.write_text(secrets.token_hex(32))
         token.chmod(0o600)
+        # RAY_worker_niceness: the replicas (Ray workers) at the priority of everything else, not
+        # Ray's nice 15, at which any busy process of a loaded machine starves them.
         self.env = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token),
-                    "RAY_USAGE_STATS_ENABLED": "0"}
+                    "RAY_USAGE_STATS_ENABLED": "0", "RAY_worker_niceness": "0"}
 
     @property
     def address(self) -> str:

@@ -47,6 +47,10 @@ __all__ = ["cancel", "events", "health", "model_files", "models", "result", "sta
 _POLL_SECONDS = 0.1
 _CONNECT_SECONDS = 10.0
 _REQUEST_SECONDS = 60.0
+# An idle pooled connection is dropped after this long: sooner than a server closes it (uvicorn's
+# default is 5 s, glassbox serve's 30 s), so that a request is never sent on a connection the server
+# is closing at that moment, which resets it (likelier the busier the machines are).
+_KEEP_ALIVE_SECONDS = 2.0
 
 _client_lock = threading.Lock()
 _client: httpx.Client | None = None
@@ -56,7 +60,8 @@ def _http() -> httpx.Client:
     global _client
     with _client_lock:
         if _client is None:
-            _client = httpx.Client(timeout=httpx.Timeout(_REQUEST_SECONDS, connect=_CONNECT_SECONDS))
+            _client = httpx.Client(timeout=httpx.Timeout(_REQUEST_SECONDS, connect=_CONNECT_SECONDS),
+                                   limits=httpx.Limits(keepalive_expiry=_KEEP_ALIVE_SECONDS))
             atexit.register(_close_http)
         return _client
 

@@ -55,12 +55,17 @@ Layout::
   variables that look like secrets are taken out of the environment while ``ray.init`` starts the
   Ray processes, which every replica inherits its environment from. If this process is killed
   (``kill -9``), Ray's processes and the replicas end with it; two of Ray's helper processes (its
-  agents) may linger a few minutes before they notice.
+  agents) may linger a few minutes before they notice. Its workers, the replicas, run at the
+  server's priority (``RAY_worker_niceness=0``; at Ray's default, 15, any busy process of the
+  machine starves them) and may take 10 minutes to register with Ray
+  (``RAY_worker_register_timeout_seconds``; Ray's 60 s killed slow starts on a loaded machine);
+  either variable, when set already, is kept.
 - **Joining a cluster** (``ray_address``): every node that may hold a replica needs glassbox (and
-  its dependencies) installed and the model folders at the same paths as this machine. The
-  replicas' environment is the cluster's: they scrub it in-process, but what ``ray start`` was
-  given stays visible in ``/proc``. ``disconnect()`` kills the replicas and leaves the cluster
-  running.
+  its dependencies) installed and the model folders at the same paths as this machine, and its
+  ``ray start`` should have ``RAY_worker_niceness=0`` in its environment (else the replicas run
+  at nice 15, and any busy process of the node starves them). The replicas' environment is the
+  cluster's: they scrub it in-process, but what ``ray start`` was given stays visible in
+  ``/proc``. ``disconnect()`` kills the replicas and leaves the cluster running.
 - **Security note for operators.** Results travel as framed bytes (JSON + blob), and the channel
   accepts nothing else from the actor, but Ray unpickles every actor reply in this process first:
   code that took over an actor could attack the API process and the cluster through Ray. Under
@@ -227,6 +232,16 @@ class RayBackend:
             # network address (every interface) even when told 127.0.0.1.
             os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
             os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+            # Read by the raylet: Ray starts its workers (every replica, and the worker a replica
+            # spawns) at nice 15 unless told otherwise. The replicas are this server's work: at 15,
+            # any busy process of the machine starves them, and a replica restarting after a crash
+            # took minutes to load on a loaded machine while its queued jobs waited. 0: the
+            # priority of the server itself.
+            os.environ.setdefault("RAY_worker_niceness", "0")
+            # A worker must register with the raylet within this many seconds or Ray kills it and
+            # starts another (default 60): on a busy machine a start can take longer, and each
+            # retry would start over. start() has its own limit (worker_start_timeout).
+            os.environ.setdefault("RAY_worker_register_timeout_seconds", "600")
         try:
             import ray
         except ImportError as err:
