@@ -17,7 +17,7 @@ from glassbox.cli import start_server
 from glassbox.remote import transport
 from glassbox.remote.job import JobRequest
 from glassbox.server.config import ServerConfig
-from glassbox.server.store import JobStore
+from glassbox.server.store import JobStore, output_bytes
 from job_requests import job_request
 
 PROMPT = "The secret prompt of tenant alice is"
@@ -113,12 +113,14 @@ def test_the_scrape_counts_what_happened(server, keys):
                  ("bob", "gpt2", FAILS)]
     jobs = [(who, transport.submit(server.url, keys[who], _job(source, model), timeout=60))
             for who, model, source in submitted]
-    states = [_wait_final(server, keys[who], job)["status"] for who, job in jobs]
-    assert states == ["COMPLETED", "COMPLETED", "COMPLETED", "ERROR"]
-    stored = {"alice": 0, "bob": 0}  # the framed results as their owners fetch them
-    for who, job in jobs:
-        stored[who] += len(httpx.get(f"{server.url}/v1/jobs/{job}/result", headers={"X-API-Key": keys[who]},
-                                     timeout=30).content)
+    finals = [_wait_final(server, keys[who], job) for who, job in jobs]
+    assert [state["status"] for state in finals] == ["COMPLETED", "COMPLETED", "COMPLETED", "ERROR"]
+    # What the quota counts: the framed results as their owners fetch them, errors, printed output.
+    stored = {"alice": 0, "bob": 0}
+    for (who, job), state in zip(jobs, finals):
+        result = httpx.get(f"{server.url}/v1/jobs/{job}/result", headers={"X-API-Key": keys[who]},
+                           timeout=30).content
+        stored[who] += output_bytes(result, state["error"], state["logs"])
 
     text, samples = _scraped(server, keys["ops"], len(jobs))
 
