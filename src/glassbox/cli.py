@@ -15,7 +15,8 @@ Commands::
     glassbox keys list                    id, name, role, created, revoked
     glassbox keys revoke NAME_OR_ID
     glassbox models [--host URL]          what a server serves
-    glassbox plan catalog.toml [--gpu-memory 80GiB] [--gpus N]   size a catalog (server/sizing.py)
+    glassbox plan catalog.toml [--gpu-memory 80GiB] [--gpus N] [--tokens 128] [--batch 1]
+                                          size a catalog (server/plan.py, server/sizing.py)
     glassbox jobs list | status | logs | result | cancel     your jobs on a server (jobs_cli.py)
 
 ``keys`` works on the server's database directly (``--state-dir`` / ``--db-url``, the same
@@ -35,6 +36,7 @@ from typing import Any
 from .jobs_cli import add_jobs_parser
 from .server.catalog import parse_size
 from .server.config import ServerConfig, parse_model_spec, parse_replica_resources
+from .server.sizing import DEFAULT_BATCH, DEFAULT_TOKENS
 
 __all__ = ["RunningServer", "free_port", "main", "start_server"]
 
@@ -153,16 +155,24 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _plan(args: argparse.Namespace) -> int:
-    from .server.sizing import plan
+    from .server.plan import plan
 
     try:
         config = ServerConfig.from_catalog(args.catalog)
-        result = plan(config, gpu_memory=args.gpu_memory, gpus=args.gpus)
+        result = plan(config, gpu_memory=args.gpu_memory, gpus=args.gpus, tokens=args.tokens,
+                      batch=args.batch)
     except ValueError as err:
         _say(str(err))
         return 2
     print(result.table())
     return 0 if result.fits else 1
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be 1 or more, got {value}")
+    return value
 
 
 # ---------------------------------------------------------------- keys
@@ -412,13 +422,19 @@ def _parser() -> argparse.ArgumentParser:
 
     planning = commands.add_parser(
         "plan", help="size a model catalog without loading weights",
-        description="Each model's parameters, bytes at its dtype, estimated runtime memory and GPUs per "
-                    "replica, from its config alone; exit 0 if the catalog fits, 1 if not.")
+        description="Each model's parameters, bytes at its dtype, estimated memory of a worker serving it "
+                    "(loaded, and at the peak of one job) and GPUs per replica, from its config alone; "
+                    "exit 0 if the catalog fits (at peak), 1 if not.")
     planning.add_argument("catalog", help="the model catalog (TOML) of `glassbox serve --models-file`")
     planning.add_argument("--gpu-memory", type=parse_size, default=0, metavar="SIZE",
                           help="memory of one GPU (e.g. 80GiB): adds GPUs needed per replica")
     planning.add_argument("--gpus", type=int, default=0, metavar="N",
                           help="GPUs in the cluster: checks every replica fits at once")
+    planning.add_argument("--tokens", type=_positive, default=DEFAULT_TOKENS, metavar="N",
+                          help="tokens of the job the peak is sized for (prompt + generated; "
+                               f"default {DEFAULT_TOKENS})")
+    planning.add_argument("--batch", type=_positive, default=DEFAULT_BATCH, metavar="N",
+                          help=f"sequences in that job (default {DEFAULT_BATCH})")
     planning.set_defaults(run=_plan)
 
     listing = commands.add_parser("models", help="list the models a server serves")

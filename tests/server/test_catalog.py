@@ -15,7 +15,8 @@ import torch
 
 from glassbox.server.catalog import CatalogError, parse_size, read_catalog
 from glassbox.server.config import ServerConfig
-from glassbox.server.sizing import RUNTIME_FACTOR, RUNTIME_OVERHEAD, estimate
+from glassbox.server.sizing import GPU_RESERVE_BYTES, MODEL_OVERHEAD_BYTES, PROCESS_BYTES, estimate
+from waiting import HANG
 
 
 @pytest.fixture(scope="module")
@@ -159,9 +160,10 @@ def test_the_estimate_counts_the_real_models_parameters_at_its_served_dtype(smol
     size = estimate("smollm2", smollm2, {"dtype": "bfloat16"})
     assert size.parameters == sum(p.numel() for p in {id(p): p for p in real.parameters()}.values())
     assert size.weight_bytes == sum(t.numel() * t.element_size() for t in tensors.values())
-    assert size.runtime_bytes == int(size.weight_bytes * RUNTIME_FACTOR) + RUNTIME_OVERHEAD
+    assert size.loaded_bytes == PROCESS_BYTES + size.weight_bytes + MODEL_OVERHEAD_BYTES
     assert estimate("smollm2", smollm2).weight_bytes == 2 * size.weight_bytes - _buffer_bytes(real)
-    assert size.devices(size.runtime_bytes) == 1 and size.devices(size.runtime_bytes - 1) == 2
+    one_gpu = size.device_bytes + GPU_RESERVE_BYTES
+    assert size.devices(one_gpu) == 1 and size.devices(one_gpu - 1) == 2
 
 
 def _buffer_bytes(module: torch.nn.Module) -> int:
@@ -171,7 +173,7 @@ def _buffer_bytes(module: torch.nn.Module) -> int:
 
 def plan(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "glassbox.cli", "plan", *args], capture_output=True,
-                          text=True, timeout=120)
+                          text=True, timeout=HANG)
 
 
 def test_glassbox_plan_prints_each_model_and_whether_the_catalog_fits(tmp_path, smollm2, tiny):
@@ -189,9 +191,9 @@ def test_glassbox_plan_prints_each_model_and_whether_the_catalog_fits(tmp_path, 
     done = plan(fits, "--gpu-memory", "80GiB")
     assert done.returncode == 0, done.stderr
     row = next(line for line in done.stdout.splitlines() if line.startswith("smollm2"))
-    assert row.split()[:9] == ["smollm2", f"{size.parameters / 1e6:.1f}", "M", "bfloat16",
-                               f"{size.weight_bytes / 1024**3:.2f}", "GiB",
-                               f"{size.runtime_bytes / 1024**3:.2f}", "GiB", "on_demand"]
+    gib = [f"{n / 1024**3:.2f}" for n in (size.weight_bytes, size.loaded_bytes, size.peak_bytes)]
+    assert row.split()[:11] == ["smollm2", f"{size.parameters / 1e6:.1f}", "M", "bfloat16",
+                                gib[0], "GiB", gib[1], "GiB", gib[2], "GiB", "on_demand"]
     assert row.split()[-1] == "1"  # GPUs per replica
     assert done.stdout.rstrip().endswith("fits")
 

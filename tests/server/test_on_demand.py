@@ -21,7 +21,7 @@ import torch
 
 from glassbox import CONFIG, LanguageModel
 from glassbox.cli import start_server
-from glassbox.server.sizing import estimate
+from glassbox.server.sizing import estimate, worker_bytes
 
 PROMPT = "The Eiffel Tower is in"
 
@@ -36,10 +36,11 @@ def paths() -> dict[str, str]:
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, paths):
     root = tmp_path_factory.mktemp("catalog")
-    sizes = {name: estimate(name, path, options).runtime_bytes for name, path, options in (
+    sizes = {name: estimate(name, path, options) for name, path, options in (
         ("split", paths["smollm2"], {}), ("smollm2", paths["smollm2"], {"dtype": "bfloat16"}),
         ("tiny", paths["tiny"], {}))}
-    budget = sizes["split"] + sizes["smollm2"] + sizes["tiny"] // 2  # two fit, not all three
+    # a worker at peak with split + smollm2, and half of tiny: two fit, not all three
+    budget = worker_bytes([sizes["split"], sizes["smollm2"]]) + sizes["tiny"].held_bytes // 2
     catalog = root / "catalog.toml"
     catalog.write_text(textwrap.dedent(f"""
         [server]
@@ -90,7 +91,7 @@ def test_v1_models_lists_each_models_state_size_and_last_use(server, paths):
     assert {name: info["state"] for name, info in listed.items()} == {
         "split": "ready", "smollm2": "cold", "tiny": "ready"}
     size = estimate("smollm2", paths["smollm2"], {"dtype": "bfloat16"})
-    assert listed["smollm2"]["bytes"] == size.runtime_bytes
+    assert listed["smollm2"]["bytes"] == size.loaded_bytes
     assert listed["split"]["pinned"] is True and listed["smollm2"]["load"] == "on_demand"
     assert all(info["replicas"] == 1 for info in listed.values())
     assert listed["smollm2"]["last_used"] is None

@@ -1,55 +1,142 @@
-"""How much memory a served model takes, from its config alone (no weights read), and whether a
-catalog fits: what ``glassbox plan`` prints and what on-demand loading budgets with.
+"""How much memory a served model takes, from its config alone (no weights read): the numbers
+``glassbox plan`` prints and ``memory_budget`` is checked with.
 
 Offers:
-    estimate(path, options) -> ModelSize     one model, built on the meta device
-    ModelSize                                parameters, dtype, weight_bytes, runtime_bytes,
-                                             devices(gpu_bytes)
-    RUNTIME_FACTOR, RUNTIME_OVERHEAD         runtime memory = weights x RUNTIME_FACTOR + RUNTIME_OVERHEAD
-    plan(config, gpu_memory=0, gpus=0) -> Plan    every model of a ServerConfig, and whether it fits
-    Plan.table() -> str                      the table ``glassbox plan`` prints
+    estimate(name, path, options, tokens=128, batch=1) -> ModelSize   built on the meta device
+    ModelSize      the costs of one model: weight_bytes, overhead_bytes, activation_bytes,
+                   logits_bytes, kv_bytes; loaded_bytes / peak_bytes (host), device_bytes and
+                   devices(gpu_bytes) (GPU)
+    worker_bytes(sizes) -> int     one worker holding these models, at the peak of one job
 
-The estimate: the model is instantiated on the meta device from its ``config.json`` (no memory,
-no weights), its parameters and buffers counted at the dtype it will be served in (tied weights
-once), and the runtime estimate is that times ``RUNTIME_FACTOR`` = 1.15 (activations and allocator
-slack, the margin the reference service sizes GPUs with) plus ``RUNTIME_OVERHEAD`` = 160 MiB for
-what does not grow with the weights (tokenizer, module objects, torch's runtime: 130-160 MiB
-measured on SmolLM2). ``bench/catalog.py`` compares it with what a loaded replica measures.
+Whether a catalog fits (``glassbox plan``, memory_budget) is plan.py's, with these numbers.
+
+The model of costs (host memory: the worker's whole resident set, what ``ps`` shows as RSS)::
+
+    loaded  = PROCESS_BYTES           python, torch, transformers, glassbox imported: once a worker
+            + weight_bytes            parameters and buffers at the served dtype (tied ones once)
+            + overhead_bytes          MODEL_OVERHEAD_BYTES: tokenizer, module objects, wrappers
+    peak    = loaded + working        one job of ``tokens`` x ``batch``:
+    working = activation_bytes        what autograd keeps for backward (jobs run with gradients on)
+            + logits_bytes            [batch, tokens, vocab] at the served dtype
+            + kv_bytes                the KV cache the forward fills (and generation grows)
+            + FORWARD_SCRATCH_BYTES   kernels' scratch and code a first forward brings in
+
+Activations: per layer and token, a traced forward keeps HIDDEN_COPIES hidden-sized tensors (the
+norms' inputs and outputs, the attention output), INTERMEDIATE_COPIES MLP-sized ones (gate, up, the
+activation, their product) and QKV_COPIES of the query/key/value projections (before and after
+rotary), counted by ``saved_tensors_hooks`` on SmolLM2 (4.0 x intermediate, 6.0 x hidden, 1.6 x
+q+k+v per layer) and GPT-2 (5, 4.3, 2); eager attention adds its softmax, heads x tokens. Device
+memory (GPU) has no process and no tokenizer: weights + working + GPU_RESERVE_BYTES per GPU.
+``bench/catalog.py`` measures real workers against this (README: Sizing).
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["RUNTIME_FACTOR", "RUNTIME_OVERHEAD", "ModelSize", "Plan", "estimate", "plan"]
+__all__ = ["DEFAULT_BATCH", "DEFAULT_TOKENS", "FORWARD_SCRATCH_BYTES", "GPU_RESERVE_BYTES", "HIDDEN_COPIES",
+           "INTERMEDIATE_COPIES", "MODEL_OVERHEAD_BYTES", "PROCESS_BYTES", "QKV_COPIES", "ModelSize",
+           "estimate", "worker_bytes"]
 
-RUNTIME_FACTOR = 1.15
-RUNTIME_OVERHEAD = 160 * 2**20
-_GIB = 1024**3
+_MIB = 2**20
+_GIB = 2**30
+
+# An idle worker's RSS: python 3.11, torch 2.13 (CPU wheel), transformers 5, accelerate and glassbox's
+# executor imported, prepare_later_loads run. Measured 327-328 MiB by bench/catalog.py (and a served
+# worker's RSS matched its probe within 2 MiB). A CUDA build of torch maps more libraries.
+PROCESS_BYTES = 328 * _MIB
+# What a loaded model holds beside its weights: tokenizer (~50k-token vocabularies here), module
+# objects, glassbox's wrappers. Measured loaded - idle - weights: 36 MiB (tiny GPT-2), 38 (tiny
+# Llama), 43 (SmolLM2 float32), 70-120 (SmolLM2 bfloat16: converting its float32 checkpoint leaves
+# freed memory the allocator keeps).
+MODEL_OVERHEAD_BYTES = 56 * _MIB
+# A first forward's fixed cost beyond its tensors (kernel scratch, lazily imported code paths):
+# measured +8 to +16 MiB for a 2-token trace.
+FORWARD_SCRATCH_BYTES = 16 * _MIB
+HIDDEN_COPIES = 6  # hidden-sized tensors a layer keeps per token for backward (see the docstring)
+INTERMEDIATE_COPIES = 4  # MLP-sized ones
+QKV_COPIES = 2  # query, key and value projections, before and after rotary
+# Per GPU: the CUDA context (~0.5 GiB with torch's lazily loaded kernels) and the caching
+# allocator's fragmentation. An assumption, not measured here (no GPU on the calibration host).
+GPU_RESERVE_BYTES = 1 * _GIB
+_EAGER = ("eager", "glassbox")  # attention that materialises its probabilities (models/attention.py)
+DEFAULT_TOKENS = 128  # a job's length (prompt + generated tokens) the plan sizes one job for
+DEFAULT_BATCH = 1  # sequences in that job (co-tenant batching runs several jobs as one)
 
 
 @dataclass(frozen=True)
 class ModelSize:
+    """One model's costs, in bytes, for a job of ``tokens`` x ``batch`` (module docstring).
+
+        size = estimate("smollm2", path, {"dtype": "bfloat16"}, tokens=512)
+        size.loaded_bytes, size.peak_bytes      # a worker serving it alone: at rest, in a job
+        size.devices(80 * 2**30)                # GPUs of 80 GiB one replica needs
+    """
+
     name: str
     parameters: int
     dtype: str
+    tokens: int
+    batch: int
     weight_bytes: int  # parameters and buffers at the served dtype
-    runtime_bytes: int  # weight_bytes x RUNTIME_FACTOR + RUNTIME_OVERHEAD
+    overhead_bytes: int  # tokenizer, module objects: MODEL_OVERHEAD_BYTES
+    activation_bytes: int  # what a traced forward keeps for backward
+    logits_bytes: int
+    kv_bytes: int
+
+    @property
+    def held_bytes(self) -> int:
+        """What loading this model adds to a worker."""
+        return self.weight_bytes + self.overhead_bytes
+
+    @property
+    def working_bytes(self) -> int:
+        """What one job of ``tokens`` x ``batch`` adds while it runs."""
+        return self.activation_bytes + self.logits_bytes + self.kv_bytes + FORWARD_SCRATCH_BYTES
+
+    @property
+    def loaded_bytes(self) -> int:
+        """A worker serving this model alone, at rest: the process, the weights, the overhead."""
+        return PROCESS_BYTES + self.held_bytes
+
+    @property
+    def peak_bytes(self) -> int:
+        """The same worker while it runs one job of ``tokens`` x ``batch``."""
+        return self.loaded_bytes + self.working_bytes
+
+    @property
+    def device_bytes(self) -> int:
+        """What the model takes on GPUs, before GPU_RESERVE_BYTES per GPU: weights and one job."""
+        return self.weight_bytes + self.activation_bytes + self.logits_bytes + self.kv_bytes
 
     def devices(self, gpu_bytes: int) -> int:
         """GPUs of ``gpu_bytes`` each one replica needs (0 when no GPU size is given)."""
-        return math.ceil(self.runtime_bytes / gpu_bytes) if gpu_bytes > 0 else 0
+        if gpu_bytes <= 0:
+            return 0
+        if gpu_bytes <= GPU_RESERVE_BYTES:
+            raise ValueError(f"a GPU of {gpu_bytes / _GIB:.2f} GiB leaves nothing beside the "
+                             f"{GPU_RESERVE_BYTES / _GIB:.2f} GiB kept for CUDA (GPU_RESERVE_BYTES)")
+        return math.ceil(self.device_bytes / (gpu_bytes - GPU_RESERVE_BYTES))
 
 
-def estimate(name: str, path: str, options: dict[str, Any] | None = None) -> ModelSize:
-    """The size of the model at ``path`` as ``options`` (the catalog's: dtype, ...) would load it.
-    Reads only its config (a folder, or a hub id in the local cache); ValueError saying what is
-    missing if there is none."""
+def worker_bytes(sizes: list[ModelSize]) -> int:
+    """One worker holding every model of ``sizes``, at the peak of one job (a worker runs one job or
+    batch at a time): the process once, each model's weights and overhead, the largest working set."""
+    return PROCESS_BYTES + sum(s.held_bytes for s in sizes) + max((s.working_bytes for s in sizes), default=0)
+
+
+def estimate(name: str, path: str, options: dict[str, Any] | None = None, *, tokens: int = DEFAULT_TOKENS,
+             batch: int = DEFAULT_BATCH) -> ModelSize:
+    """The costs of the model at ``path`` as ``options`` (the catalog's: dtype, ...) would load it,
+    for jobs of ``tokens`` x ``batch``. Reads only its config (a folder, or a hub id in the local
+    cache); ValueError saying what is missing if there is none."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    if tokens < 1 or batch < 1:
+        raise ValueError(f"tokens and batch must be 1 or more, got tokens={tokens}, batch={batch}")
     options = dict(options or {})
     kwargs = {k: options[k] for k in ("revision", "subfolder", "trust_remote_code") if k in options}
     try:
@@ -71,8 +158,47 @@ def estimate(name: str, path: str, options: dict[str, Any] | None = None) -> Mod
         weight += tensor.numel() * tensor.element_size()
         if isinstance(tensor, torch.nn.Parameter):
             parameters += tensor.numel()
-    return ModelSize(name=name, parameters=parameters, dtype=str(dtype).removeprefix("torch."),
-                     weight_bytes=weight, runtime_bytes=int(weight * RUNTIME_FACTOR) + RUNTIME_OVERHEAD)
+    # the catalog's attention, else what transformers picks for this model (sdpa where it can)
+    attention = options.get("attn_implementation") or getattr(module.config, "_attn_implementation", None)
+    shape = _Shape.of(module.config, eager=attention in _EAGER)
+    width = dtype.itemsize
+    return ModelSize(name=name, parameters=parameters, dtype=str(dtype).removeprefix("torch."), tokens=tokens,
+                     batch=batch, weight_bytes=weight, overhead_bytes=MODEL_OVERHEAD_BYTES,
+                     activation_bytes=shape.activations(tokens) * tokens * batch * width,
+                     logits_bytes=shape.vocab * tokens * batch * width,
+                     kv_bytes=2 * shape.layers * shape.kv_heads * shape.head_dim * tokens * batch * width)
+
+
+@dataclass(frozen=True)
+class _Shape:
+    """What the working memory depends on, read from a (text) config under its standard names."""
+
+    layers: int
+    hidden: int
+    intermediate: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    vocab: int
+    eager: bool  # eager attention keeps its softmax (heads x tokens x tokens per layer)
+
+    @classmethod
+    def of(cls, config: Any, *, eager: bool) -> _Shape:
+        text = config.get_text_config() if hasattr(config, "get_text_config") else config
+        hidden, heads = int(text.hidden_size), int(text.num_attention_heads)
+        # GPT-2 names its MLP width n_inner, None meaning 4 x hidden
+        intermediate = getattr(text, "intermediate_size", None) or getattr(text, "n_inner", None)
+        return cls(layers=int(text.num_hidden_layers), hidden=hidden,
+                   intermediate=int(intermediate or 4 * hidden), heads=heads,
+                   kv_heads=int(getattr(text, "num_key_value_heads", None) or heads),
+                   head_dim=int(getattr(text, "head_dim", None) or hidden // heads),
+                   vocab=int(text.vocab_size), eager=eager)
+
+    def activations(self, tokens: int) -> int:
+        """Elements a traced forward keeps per token, all layers."""
+        qkv = (self.heads + 2 * self.kv_heads) * self.head_dim
+        per_layer = HIDDEN_COPIES * self.hidden + INTERMEDIATE_COPIES * self.intermediate + QKV_COPIES * qkv
+        return self.layers * (per_layer + (self.heads * tokens if self.eager else 0))
 
 
 def _dtype(requested: Any, config: Any) -> Any:
@@ -85,88 +211,3 @@ def _dtype(requested: Any, config: Any) -> Any:
             return torch.float32
         return found if isinstance(found, torch.dtype) else getattr(torch, str(found).removeprefix("torch."))
     return getattr(torch, str(requested))
-
-
-@dataclass
-class Plan:
-    sizes: list[ModelSize]
-    replicas: dict[str, int]
-    eager: list[str]
-    pinned: list[str]
-    memory_budget: int
-    gpu_memory: int
-    gpus: int
-    problems: list[str] = field(default_factory=list)
-
-    @property
-    def fits(self) -> bool:
-        return not self.problems
-
-    def table(self) -> str:
-        """The table ``glassbox plan`` prints, then its verdict."""
-        rows = [("model", "parameters", "dtype", "weights", "runtime (est.)", "load", "replicas",
-                 "GPUs/replica" if self.gpu_memory else "")]
-        for size in self.sizes:
-            rows.append((size.name, f"{size.parameters / 1e9:.2f} B" if size.parameters >= 1e9
-                         else f"{size.parameters / 1e6:.1f} M", size.dtype, _gib(size.weight_bytes),
-                         _gib(size.runtime_bytes), "eager" if size.name in self.eager else "on_demand",
-                         str(self.replicas.get(size.name, 1)),
-                         str(size.devices(self.gpu_memory)) if self.gpu_memory else ""))
-        widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-        lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in rows]
-        lines.insert(1, "  ".join("-" * width for width in widths if width).rstrip())
-        lines.append("")
-        lines.extend(self._summary())
-        return "\n".join(lines)
-
-    def _summary(self) -> list[str]:
-        eager = sum(s.runtime_bytes for s in self.sizes if s.name in self.eager)
-        lines = [f"loaded at start: {_gib(eager)}"
-                 + (f" of a {_gib(self.memory_budget)} memory budget" if self.memory_budget else "")]
-        if self.gpu_memory:
-            needed = sum(s.devices(self.gpu_memory) * self.replicas.get(s.name, 1) for s in self.sizes)
-            lines.append(f"GPUs of {_gib(self.gpu_memory)} needed for every replica at once: {needed}"
-                         + (f" of {self.gpus}" if self.gpus else ""))
-        lines.extend(f"does not fit: {problem}" for problem in self.problems)
-        lines.append("fits" if self.fits else "does NOT fit")
-        return lines
-
-
-def plan(config: Any, *, gpu_memory: int = 0, gpus: int = 0) -> Plan:
-    """Size every model of ``config`` (a ServerConfig) and check it against its memory_budget and,
-    when given, GPUs of ``gpu_memory`` bytes (``gpus`` of them in the cluster)."""
-    sizes = [estimate(name, path, config.load_options(name)) for name, path in config.models.items()]
-    eager = [n for n in config.models if config.load_mode(n) == "eager"]
-    pinned = [n for n in config.models if config.pinned(n)]
-    result = Plan(sizes=sizes, replicas=dict(config.replicas), eager=eager, pinned=pinned,
-                  memory_budget=config.memory_budget, gpu_memory=gpu_memory, gpus=gpus)
-    result.problems = _problems(sizes, eager, pinned, config.memory_budget)
-    if gpu_memory and gpus:
-        needed = sum(s.devices(gpu_memory) * result.replicas.get(s.name, 1) for s in sizes)
-        if needed > gpus:
-            result.problems.append(f"every replica at once needs {needed} GPUs of {_gib(gpu_memory)}; "
-                                   f"the cluster has {gpus}")
-    return result
-
-
-def _problems(sizes: list[ModelSize], eager: list[str], pinned: list[str], budget: int) -> list[str]:
-    """What keeps these models from fitting ``budget`` (empty: they fit, or there is no budget)."""
-    if not budget:
-        return []
-    found = []
-    at_start = sum(s.runtime_bytes for s in sizes if s.name in eager)
-    if at_start > budget:
-        found.append(f"the eager models ({', '.join(eager)}) need {_gib(at_start)} at start, over the "
-                     f"memory_budget of {_gib(budget)}: raise it or load some on_demand")
-    held = sum(s.runtime_bytes for s in sizes if s.name in pinned)
-    for size in sizes:
-        extra = 0 if size.name in pinned else size.runtime_bytes
-        if held + extra > budget:
-            found.append(f"model {size.name!r} needs {_gib(size.runtime_bytes)} (estimated)"
-                         + (f" beside the pinned models' {_gib(held)}" if held and extra else "")
-                         + f", over the memory_budget of {_gib(budget)}")
-    return found
-
-
-def _gib(size: int) -> str:
-    return f"{size / _GIB:.2f} GiB"

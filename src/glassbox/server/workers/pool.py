@@ -29,7 +29,7 @@ from collections.abc import Callable
 from typing import Any
 
 from ..config import ServerConfig
-from ..sizing import plan
+from ..plan import plan
 from ..store import JobStore
 from .channel import WorkerStartError
 from .feeder import Feeder
@@ -101,14 +101,15 @@ class WorkerPool:
 
     def _check_budget(self) -> None:
         """A catalog whose eager models (or any one model) cannot fit memory_budget fails at
-        start, naming the model and the numbers (what `glassbox plan` says), not at some later job."""
+        start, naming the model and the numbers (what `glassbox plan` says at its defaults: a
+        worker's peak in one 128-token job), not at some later job."""
         try:
             sized = plan(self.config)
         except ValueError as err:
             raise WorkerStartError(f"cannot check the memory_budget: {err}") from None
         for handle in self.handles:
             for size in sized.sizes:
-                handle.residency.record(size.name, size.runtime_bytes)
+                handle.residency.record(size)
         if sized.problems:
             raise WorkerStartError("the models do not fit this server's memory_budget:\n  "
                                    + "\n  ".join(sized.problems))

@@ -7,12 +7,15 @@ Offers:
       .to_evict(name) -> [names]     least recently used unpinned models to unload before ``name``
                                      loads; NoRoom if it cannot fit even then
       .describe(name) -> {"state", "bytes", "last_used", "pinned", "load"}   for /v1/models
+                                     (``bytes``: the plan's loaded, a worker serving it alone)
     NoRoom                           a model does not fit the budget whatever is evicted
 
 States: ``cold`` (not loaded: an ``on_demand`` model before its first job, or one evicted),
-``loading``, ``ready``. Sizes are ``sizing.estimate``'s runtime estimates, computed once, from
-the models' configs (no weights), when the first cold load needs them. Eviction happens only
-between jobs (a feeder runs one job or batch at a time), so no running job ever loses its model.
+``loading``, ``ready``. Sizes are ``sizing.estimate``'s, computed once, from the models' configs
+(no weights), when the first cold load needs them; what must fit the budget is the worker's peak
+(``sizing.worker_bytes``: the process once, the models it holds, one 128-token job of the largest),
+as ``glassbox plan`` checks it. Eviction happens only between jobs (a feeder runs one job or batch
+at a time), so no running job ever loses its model.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ import threading
 import time
 from typing import Any
 
-from ..sizing import estimate
+from ..sizing import ModelSize, estimate, worker_bytes
 
 __all__ = ["NoRoom", "Residency"]
 
@@ -31,7 +34,7 @@ class NoRoom(RuntimeError):
 
 
 class Residency:
-    def __init__(self, config: Any, sizes: dict[str, int] | None = None) -> None:
+    def __init__(self, config: Any, sizes: dict[str, ModelSize] | None = None) -> None:
         self.config = config
         self._sizes = dict(sizes or {})
         self._state = dict.fromkeys(config.models, "cold")
@@ -69,47 +72,47 @@ class Residency:
 
     # ------------------------------------------------------------ deciding
 
-    def size(self, name: str) -> int:
-        """The model's estimated runtime bytes (``sizing.estimate``), computed once."""
+    def size(self, name: str) -> ModelSize:
+        """The model's estimated costs (``sizing.estimate``, for a 128-token job), computed once."""
         if name not in self._sizes:
             path = self.config.models[name]
-            self._sizes[name] = estimate(name, path, self.config.load_options(name)).runtime_bytes
+            self._sizes[name] = estimate(name, path, self.config.load_options(name))
         return self._sizes[name]
 
-    def record(self, name: str, runtime_bytes: int) -> None:
+    def record(self, size: ModelSize) -> None:
         """A size estimated elsewhere (the pool checks the budget at start with the same numbers)."""
-        self._sizes[name] = runtime_bytes
+        self._sizes[size.name] = size
 
     def to_evict(self, name: str) -> list[str]:
         """The models to unload, least recently used first, so that ``name`` fits the budget."""
         budget = self.config.memory_budget
         if not budget:
             return []
-        need = self.size(name)
         with self._lock:
             held = [n for n, state in self._state.items() if state == "ready" and n != name]
             last = dict(self._last_used)
-        in_use = sum(self.size(n) for n in held)
         pinned = [n for n in held if self.config.pinned(n)]
-        if sum(self.size(n) for n in pinned) + need > budget:
+        need = worker_bytes([self.size(n) for n in [*pinned, name]])
+        if need > budget:
             beside = f" beside the pinned models ({', '.join(pinned)})" if pinned else ""
-            raise NoRoom(f"model {name!r} needs ~{_gib(need)} GiB (estimated as `glassbox plan` does)"
+            raise NoRoom(f"model {name!r} needs ~{_gib(need)} GiB at peak (estimated as `glassbox plan` does)"
                          f"{beside}, "
                          f"over this server's memory_budget of {_gib(budget)} GiB: ask the operator to "
                          "raise memory_budget or unpin a model")
+        kept = list(held)
         evict = []
         for other in sorted((n for n in held if n not in pinned), key=lambda n: last.get(n) or 0.0):
-            if in_use + need <= budget:
+            if worker_bytes([self.size(n) for n in [*kept, name]]) <= budget:
                 break
             evict.append(other)
-            in_use -= self.size(other)
+            kept.remove(other)
         return evict
 
     def describe(self, name: str) -> dict:
         info: dict[str, Any] = {"state": self._state.get(name, "cold"), "load": self.config.load_mode(name),
                                 "pinned": self.config.pinned(name), "last_used": self._last_used.get(name)}
         if name in self._sizes:
-            info["bytes"] = self._sizes[name]
+            info["bytes"] = self._sizes[name].loaded_bytes
         return info
 
 
