@@ -49,8 +49,8 @@ _GIB = 2**30
 PROCESS_BYTES = 328 * _MIB
 # What a loaded model holds beside its weights: tokenizer (~50k-token vocabularies here), module
 # objects, glassbox's wrappers. Measured loaded - idle - weights: 36 MiB (tiny GPT-2), 38 (tiny
-# Llama), 43 (SmolLM2 float32), 70-120 (SmolLM2 bfloat16: converting its float32 checkpoint leaves
-# freed memory the allocator keeps).
+# Llama), 43 (SmolLM2 float32), 60-120 from run to run (SmolLM2 bfloat16: converting its float32
+# checkpoint leaves freed memory the allocator keeps). A larger vocabulary's tokenizer takes more.
 MODEL_OVERHEAD_BYTES = 56 * _MIB
 # A first forward's fixed cost beyond its tensors (kernel scratch, lazily imported code paths):
 # measured +8 to +16 MiB for a 2-token trace.
