@@ -34,10 +34,15 @@ import tempfile
 import time
 from pathlib import Path
 
+from waiting import HANG, REQUEST
+
 __all__ = ["PostgresServer", "Unavailable", "find_binaries", "start_postgres"]
 
 SUPERUSER = "glassbox"  # the cluster's superuser: the role every test URL connects as
-_START_SECONDS = 60.0
+# Limits that only stop hangs: on a busy machine initdb and the first connection can take minutes,
+# and a server that did not start in time would skip (not fail) every PostgreSQL test.
+_START_SECONDS = HANG
+_CONNECT_SECONDS = int(REQUEST)
 _names = itertools.count(1)
 
 
@@ -93,7 +98,7 @@ class PostgresServer:
         import psycopg
 
         with psycopg.connect(host="127.0.0.1", port=self.port, user=SUPERUSER, dbname="postgres",
-                             autocommit=True, connect_timeout=10) as conn:
+                             autocommit=True, connect_timeout=_CONNECT_SECONDS) as conn:
             yield conn
 
 
@@ -138,7 +143,7 @@ def start_postgres(attempts: int = 3) -> PostgresServer:
         initdb = subprocess.run(
             [str(bin_dir / "initdb"), "-D", str(data), "-U", SUPERUSER, "--auth=trust", "-E", "UTF8",
              "--no-sync", "--no-instructions"],
-            capture_output=True, text=True, env=env, timeout=120, cwd=root, **drop,
+            capture_output=True, text=True, env=env, timeout=HANG, cwd=root, **drop,
         )
         if initdb.returncode != 0:
             raise Unavailable(f"initdb failed ({initdb.returncode}):\n{initdb.stdout}{initdb.stderr}")
@@ -177,10 +182,10 @@ def _launch(bin_dir: Path, data: Path, root: Path, log_path: Path, env: dict, dr
             return None
         try:
             with psycopg.connect(host="127.0.0.1", port=port, user=SUPERUSER, dbname="postgres",
-                                 connect_timeout=2):
+                                 connect_timeout=_CONNECT_SECONDS):
                 return server
-        except psycopg.OperationalError:
-            time.sleep(0.1)  # nothing to wait on but the port: poll it until the deadline
+        except psycopg.OperationalError:  # refused: not listening yet
+            time.sleep(0.1)  # nothing to wait on but the port (and the process): poll it
     process.kill()
     process.wait(30)
     raise Unavailable(f"postgres did not accept connections within {_START_SECONDS:g} s:\n{server.output()}")

@@ -20,7 +20,6 @@ import contextlib
 import subprocess
 import sys
 import threading
-import time
 from collections import Counter
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -37,6 +36,7 @@ from glassbox.remote import transport
 from glassbox.remote.job import JobRequest
 from glassbox.server.store import JobStore
 from job_requests import job_request, saved
+from waiting import HANG, REQUEST, wait_until
 
 NAMES = ("server-a", "server-b")
 FOREVER = "n = 0\nwhile True:\n    n = n + 1\n"
@@ -89,7 +89,7 @@ def servers(database, tmp_path_factory) -> dict[str, RunningServer]:
 
     def start(name: str) -> None:
         args = ["--db-url", f"{url}?application_name={name}", "--max-batch", "1", "--torch-threads", "1",
-                "--max-seconds", "60"]
+                "--max-seconds", str(HANG)]  # FOREVER jobs end when cancelled
         for attempt in range(3):
             try:
                 started[name] = start_server({"gpt2": path}, state_dir=str(tmp_path_factory.mktemp(name)),
@@ -103,7 +103,7 @@ def servers(database, tmp_path_factory) -> dict[str, RunningServer]:
     for thread in threads:
         thread.start()
     for thread in threads:
-        thread.join(300)
+        thread.join()  # start_server's own limit ends a start that hangs
     try:
         assert not failed, failed
         yield started
@@ -124,12 +124,17 @@ def claims(store: JobStore, jobs: list[str]) -> list[tuple[str, str, int]]:
         return [tuple(row) for row in rows if row.job_id in set(jobs)]
 
 
-def wait_final(url: str, key: str, job: str, timeout: float = 60) -> dict:
-    deadline = time.monotonic() + timeout
-    while (state := transport.status(url, key, job))["status"] not in transport.FINAL:
-        assert time.monotonic() < deadline, f"job {job} is still {state['status']}"
-        time.sleep(0.05)
-    return state
+def wait_final(url: str, key: str, job: str) -> dict:
+    def final() -> dict | None:
+        state = transport.status(url, key, job)
+        return state if state["status"] in transport.FINAL else None
+
+    return wait_until(final, f"job {job} to finish")
+
+
+def claimed(store: JobStore, job: str) -> list[tuple[str, str, int]]:
+    """The claims of ``job`` once it has one."""
+    return wait_until(lambda: claims(store, [job]), f"job {job} to be claimed")
 
 
 def saved_values(url: str, key: str, job: str) -> dict:
@@ -144,7 +149,7 @@ def saved_values(url: str, key: str, job: str) -> dict:
 def test_the_client_and_the_keys_cli_work_against_either_server(servers, database, monkeypatch):
     url, _store = database
     made = subprocess.run([sys.executable, "-m", "glassbox.cli", "keys", "create", "--name", "pg-cli",
-                           "--db-url", url], capture_output=True, text=True, timeout=60)
+                           "--db-url", url], capture_output=True, text=True, timeout=HANG)
     assert made.returncode == 0, made.stderr
     key = made.stdout.strip()
     assert [info.name for info in _store.list_keys()].count("pg-cli") == 1
@@ -154,7 +159,7 @@ def test_the_client_and_the_keys_cli_work_against_either_server(servers, databas
         expected = model.output.logits.save()
     monkeypatch.setattr(CONFIG, "API_KEY", key)
     monkeypatch.setattr(CONFIG, "STATUS", False)
-    monkeypatch.setattr(CONFIG, "TIMEOUT", 60.0)
+    monkeypatch.setattr(CONFIG, "TIMEOUT", HANG)
     for name in NAMES:
         monkeypatch.setattr(CONFIG, "HOST", servers[name].url)
         with model.trace("The Eiffel Tower is in", remote=True):
@@ -180,8 +185,8 @@ def test_jobs_submitted_to_two_servers_are_each_claimed_and_run_exactly_once(ser
         while not done.is_set():
             for name, url in zip(NAMES, urls):
                 try:
-                    health = httpx.get(url + "/v1/health", headers={"X-API-Key": key}, timeout=10)
-                    listing = httpx.get(url + "/v1/jobs", headers={"X-API-Key": key}, timeout=10)
+                    health = httpx.get(url + "/v1/health", headers={"X-API-Key": key}, timeout=REQUEST)
+                    listing = httpx.get(url + "/v1/jobs", headers={"X-API-Key": key}, timeout=REQUEST)
                     if health.status_code == listing.status_code == 200:
                         answered[name] += 1
                     else:
@@ -192,7 +197,7 @@ def test_jobs_submitted_to_two_servers_are_each_claimed_and_run_exactly_once(ser
 
     def submit(i: int) -> tuple[str, str]:
         url = urls[i % 2]
-        return url, transport.submit(url, key, marked_job(MARKED, markers[i]), timeout=30)
+        return url, transport.submit(url, key, marked_job(MARKED, markers[i]), timeout=REQUEST)
 
     watcher = threading.Thread(target=watch)
     watcher.start()
@@ -203,7 +208,7 @@ def test_jobs_submitted_to_two_servers_are_each_claimed_and_run_exactly_once(ser
         states = [wait_final(urls[1 - urls.index(url)], key, job) for url, job in submitted]
     finally:
         done.set()
-        watcher.join(30)
+        watcher.join()
     jobs = [job for _, job in submitted]
     assert [state["status"] for state in states] == ["COMPLETED"] * 12
     for (url, job), marker in zip(submitted, markers):
@@ -222,25 +227,21 @@ def test_jobs_submitted_to_two_servers_are_each_claimed_and_run_exactly_once(ser
 
 def test_a_job_queued_on_a_busy_server_is_run_by_the_other(servers, database, key):
     _url, store = database
-    blocker = transport.submit(servers["server-a"].url, key, marked_job(FOREVER, "blocker"), timeout=30)
-    deadline = time.monotonic() + 60
-    while not (held := claims(store, [blocker])):
-        assert time.monotonic() < deadline, "the blocker was never claimed"
-        time.sleep(0.05)
-    [(_, holder, _)] = held  # whichever worker took it is now busy until it is cancelled
+    blocker = transport.submit(servers["server-a"].url, key, marked_job(FOREVER, "blocker"), timeout=REQUEST)
+    [(_, holder, _)] = claimed(store, blocker)  # whichever worker took it is now busy until it is cancelled
     busy = servers[holder].url
     other = next(name for name in NAMES if name != holder)
     try:
-        job = transport.submit(busy, key, marked_job(MARKED, "next"), timeout=30)
+        job = transport.submit(busy, key, marked_job(MARKED, "next"), timeout=REQUEST)
         # Followed on the busy server, which learns of the end from the database.
-        events = list(transport.events(busy, key, job, timeout=60))
+        events = list(transport.events(busy, key, job, timeout=HANG))
         assert events[-1]["status"] == "COMPLETED"
         assert saved_values(busy, key, job)["echo"] == "next"
         assert [(server, attempts) for _, server, attempts in claims(store, [job])] == [(other, 1)]
         assert store.get(blocker).status == "RUNNING"
     finally:
         # Only the server running a job can stop it (its worker holds the process).
-        cancelled = httpx.delete(f"{busy}/v1/jobs/{blocker}", headers={"X-API-Key": key}, timeout=30)
+        cancelled = httpx.delete(f"{busy}/v1/jobs/{blocker}", headers={"X-API-Key": key}, timeout=REQUEST)
     assert cancelled.json()["cancelled"] is True
     assert wait_final(busy, key, blocker)["status"] == "CANCELLED"
     assert [server for _, server, _ in claims(store, [blocker])] == [holder]
@@ -251,17 +252,14 @@ def one_worker_held(servers: dict[str, RunningServer], store: JobStore, key: str
                     ) -> Iterator[tuple[str, str, str]]:
     """(holder, other, blocker): a job that never ends runs on the server ``holder``, so the next
     job submitted anywhere runs on ``other``. The blocker is cancelled at the end."""
-    blocker = transport.submit(servers[NAMES[0]].url, key, marked_job(FOREVER, "blocker"), timeout=30)
-    deadline = time.monotonic() + 60
-    while not (held := claims(store, [blocker])):
-        assert time.monotonic() < deadline, "the blocker was never claimed"
-        time.sleep(0.05)
-    [(_, holder, _)] = held
+    blocker = transport.submit(servers[NAMES[0]].url, key, marked_job(FOREVER, "blocker"), timeout=REQUEST)
+    [(_, holder, _)] = claimed(store, blocker)
     try:
         yield holder, next(name for name in NAMES if name != holder), blocker
     finally:
         if not store.get(blocker).terminal:
-            httpx.delete(f"{servers[holder].url}/v1/jobs/{blocker}", headers={"X-API-Key": key}, timeout=30)
+            httpx.delete(f"{servers[holder].url}/v1/jobs/{blocker}", headers={"X-API-Key": key},
+                         timeout=REQUEST)
         wait_final(servers[holder].url, key, blocker)
 
 
@@ -274,7 +272,7 @@ def test_a_client_following_a_job_on_a_server_that_does_not_run_it_gets_its_outp
     model = LanguageModel(str(tiny_gpt2_path()), remote_name="gpt2")
     monkeypatch.setattr(CONFIG, "API_KEY", key)
     monkeypatch.setattr(CONFIG, "STATUS", False)
-    monkeypatch.setattr(CONFIG, "TIMEOUT", 60.0)
+    monkeypatch.setattr(CONFIG, "TIMEOUT", HANG)
     with one_worker_held(servers, store, key) as (holder, other, _blocker):
         monkeypatch.setattr(CONFIG, "HOST", servers[holder].url)  # submitted and followed here, run there
         capsys.readouterr()
@@ -288,8 +286,8 @@ def test_a_client_following_a_job_on_a_server_that_does_not_run_it_gets_its_outp
         # The polling fallback reads the same output (and a job's error) from the database.
         assert transport.status(servers[holder].url, key, job.id)["logs"] == "printed on the other server\n"
         failing = transport.submit(servers[holder].url, key, marked_job("print('x')\n1 / 0\n", "e"),
-                                   timeout=30)
-        events = list(transport.events(servers[holder].url, key, failing, timeout=60))
+                                   timeout=REQUEST)
+        events = list(transport.events(servers[holder].url, key, failing, timeout=HANG))
         assert events[-1]["status"] == "ERROR" and events[-1]["error"]["type"] == "ZeroDivisionError"
         assert "".join(event.get("log", "") for event in events) == "x\n"
         assert [server for _, server, _ in claims(store, [failing])] == [other]
@@ -299,14 +297,14 @@ def test_a_running_job_is_cancelled_through_a_server_that_does_not_run_it(server
     _url, store = database
     with one_worker_held(servers, store, key) as (holder, other, blocker):
         answer = httpx.delete(f"{servers[other].url}/v1/jobs/{blocker}", headers={"X-API-Key": key},
-                              timeout=30)
+                              timeout=REQUEST)
         assert answer.status_code == 200
         assert answer.json() == {"id": blocker, "status": "CANCELLED", "cancelled": True,
                                  "cancel_requested": True}
         state = wait_final(servers[holder].url, key, blocker)
         assert state["status"] == "CANCELLED" and state["attempts"] == 1
         # The holder's worker is free again: a job submitted to the other server may run on either.
-        job = transport.submit(servers[other].url, key, marked_job(MARKED, "after"), timeout=30)
+        job = transport.submit(servers[other].url, key, marked_job(MARKED, "after"), timeout=REQUEST)
         assert wait_final(servers[holder].url, key, job)["status"] == "COMPLETED"
     assert [server for _, server, _ in claims(store, [blocker])] == [holder]
     assert transport.result(servers[other].url, key, blocker).error.type == "Cancelled"

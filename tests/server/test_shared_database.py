@@ -18,20 +18,23 @@ under test.
 from __future__ import annotations
 
 import threading
-import time
 
 import pytest
 from sqlalchemy import text
-from test_postgres import AUDIT, FOREVER, MARKED, claims, marked_job, saved_values, wait_final
+from test_postgres import AUDIT, FOREVER, MARKED, claimed, claims, marked_job, saved_values, wait_final
 
 from glassbox.cli import RunningServer, start_server
 from glassbox.offline import tiny_gpt2_path
 from glassbox.remote import transport
 from glassbox.server.instances import InstanceSlot
 from glassbox.server.store import JobStore
+from waiting import HANG, REQUEST, patient
 
 NAMES = ("server-a", "server-b")
-TIMEOUT = 5.0  # seconds without a heartbeat before a server counts as dead (default 30)
+# Seconds without a heartbeat before a server counts as dead (default 30): short, so that the test
+# of a killed server waits little, and long enough that a live server on a busy machine, beating
+# every TIMEOUT / 6 s, never misses six beats in a row (the other one would take its jobs).
+TIMEOUT = patient(20.0)
 # Spins long enough that the server running it is killed mid-way, then prints and saves its marker.
 SPINNING = ("n = 0\nwhile n < spins:\n    n = n + 1\n"
             "print('ran', marker, 'once')\necho = glassbox.save(marker)\n")
@@ -52,7 +55,7 @@ def shared(postgres):
 
 def _start(url: str, name: str, state_dir: str) -> RunningServer:
     args = ["--db-url", f"{url}?application_name={name}", "--max-batch", "1", "--torch-threads", "1",
-            "--max-seconds", "120"]
+            "--max-seconds", str(HANG)]  # FOREVER jobs end when cancelled
     for attempt in range(3):
         try:
             return start_server({"gpt2": str(tiny_gpt2_path())}, state_dir=state_dir, args=args)
@@ -75,7 +78,7 @@ def pair(shared, tmp_path_factory):
         for thread in threads:
             thread.start()
         for thread in threads:
-            thread.join(300)
+            thread.join()  # start_server's own limit ends a start that hangs
         try:
             assert set(started) == set(NAMES), "a server did not start (see its server.log)"
             yield started
@@ -90,23 +93,19 @@ def key(shared, request) -> str:
 
 
 def _claimed_by(store: JobStore, job: str) -> str:
-    deadline = time.monotonic() + 60
-    while not (held := claims(store, [job])):
-        assert time.monotonic() < deadline, f"job {job} was never claimed"
-        time.sleep(0.05)
-    return held[0][1]
+    return claimed(store, job)[0][1]
 
 
 def test_restarting_a_server_leaves_the_job_the_other_one_runs_alone(pair, shared, key):
     url, store = shared
-    job = transport.submit(pair[NAMES[0]].url, key, marked_job(FOREVER, "long"), timeout=30)
+    job = transport.submit(pair[NAMES[0]].url, key, marked_job(FOREVER, "long"), timeout=REQUEST)
     holder = _claimed_by(store, job)
     other = next(name for name in NAMES if name != holder)
     state_dir = pair[other].state_dir
     pair[other].stop()
     pair[other] = _start(url, other, state_dir)  # its startup settles what its last life left
     # The restarted server runs other jobs (the long one did not come back to the queue ahead of them),
-    next_job = transport.submit(pair[other].url, key, marked_job(MARKED, "next"), timeout=30)
+    next_job = transport.submit(pair[other].url, key, marked_job(MARKED, "next"), timeout=REQUEST)
     assert wait_final(pair[other].url, key, next_job)["status"] == "COMPLETED"
     assert [server for _, server, _ in claims(store, [next_job])] == [other]
     # while the long one is still running where it started, claimed once.
@@ -121,11 +120,11 @@ def test_restarting_a_server_leaves_the_job_the_other_one_runs_alone(pair, share
 
 def test_the_running_job_of_a_killed_server_runs_again_on_the_other_one(pair, shared, key):
     _url, store = shared
-    job = transport.submit(pair[NAMES[0]].url, key, marked_job(SPINNING, "m1", spins=SPINS), timeout=30)
+    job = transport.submit(pair[NAMES[0]].url, key, marked_job(SPINNING, "m1", spins=SPINS), timeout=REQUEST)
     holder = _claimed_by(store, job)
     other = next(name for name in NAMES if name != holder)
     pair[holder].kill()  # SIGKILL: no requeue, no goodbye; its heartbeat just stops
-    state = wait_final(pair[other].url, key, job, timeout=180)
+    state = wait_final(pair[other].url, key, job)
     assert state["status"] == "COMPLETED" and state["attempts"] == 2
     assert [(server, attempts) for _, server, attempts in claims(store, [job])] == [(holder, 1), (other, 2)]
     assert state["logs"] == "ran m1 once\n"  # the interrupted run's output went with it

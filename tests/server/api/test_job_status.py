@@ -21,7 +21,7 @@ import re
 import statistics
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 import httpx
 import pytest
@@ -33,6 +33,8 @@ from glassbox.jobs_cli import OK
 from glassbox.remote import transport
 from glassbox.remote.client import JobHandle, _follow
 from job_requests import job_request
+from waiting import HANG, REQUEST
+from waiting import wait_until as wait_for
 
 pytest.importorskip("fastapi", reason="tested against a real server: pip install 'glassbox[server]'")
 
@@ -40,22 +42,11 @@ ECHO = "echo = glassbox.save(marker)\n"
 FOREVER = "print('started')\nn = 0\nwhile True:\n    n = n + 1\n"
 
 
-def wait_for(condition: Callable[[], object], what: str, timeout: float = 240) -> object:
-    """The condition's first truthy value (a generous limit: a loaded machine is slow, not wrong)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        assert time.monotonic() < deadline, f"timed out after {timeout} s waiting for {what}"
-        time.sleep(0.05)
-
-
 def submit(url: str, key: str, source: str, model: str, marker: str = "m") -> str:
     request = job_request(source, model=model, values={"marker": marker}, inputs=["The Eiffel Tower is in"],
                           model_refs={}, modules={"glassbox": "glassbox"}, returns=("echo",),
                           filename="<remote block>")
-    return transport.submit(url, key, request, timeout=60)
+    return transport.submit(url, key, request, timeout=REQUEST)
 
 
 def status(url: str, key: str, job: str) -> dict:
@@ -64,7 +55,7 @@ def status(url: str, key: str, job: str) -> dict:
 
 def finish(url: str, key: str, job: str) -> dict:
     """Follow the job to its end; its final status."""
-    list(transport.events(url, key, job, timeout=300))
+    list(transport.events(url, key, job, timeout=HANG))
     return status(url, key, job)
 
 
@@ -158,7 +149,7 @@ def test_a_queued_job_has_a_position_and_an_estimate_from_run_times(gated, capsy
     lines: list[str] = []
     old = CONFIG.STATUS
     CONFIG.STATUS = True
-    follower = threading.Thread(target=_follow, args=(JobHandle(second, server.url, other), 300))
+    follower = threading.Thread(target=_follow, args=(JobHandle(second, server.url, other), HANG))
     try:
         capsys.readouterr()
         follower.start()
@@ -169,7 +160,7 @@ def test_a_queued_job_has_a_position_and_an_estimate_from_run_times(gated, capsy
 
         wait_for(shown, "the status line")
         transport.cancel(server.url, key, blocker)
-        follower.join(300)
+        follower.join(HANG)
     finally:
         CONFIG.STATUS = old
     lines.extend(capsys.readouterr().err.splitlines())
@@ -193,7 +184,7 @@ def test_every_api_process_on_the_database_answers_with_the_note(tmp_path, postg
         (gate / "late").touch()
         wait_for(lambda: all(re.fullmatch(r"late loaded in \d+\.\d s", note or "") for note in notes()),
                  "both to show the model loaded")
-        answer = httpx.delete(f"{servers[1].url}/v1/jobs/{job}", headers={"X-API-Key": key}, timeout=60)
+        answer = httpx.delete(f"{servers[1].url}/v1/jobs/{job}", headers={"X-API-Key": key}, timeout=REQUEST)
         assert answer.status_code == 200, answer.text
         ended = [finish(server.url, key, job) for server in servers]
         assert [(state["status"], state["note"]) for state in ended] == [("CANCELLED", None)] * 2

@@ -7,8 +7,6 @@ operator key may scrape; no job id, prompt, printed output or key is in the text
 
 from __future__ import annotations
 
-import time
-
 import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
@@ -19,6 +17,7 @@ from glassbox.remote.job import JobRequest
 from glassbox.server.config import ServerConfig
 from glassbox.server.store import JobStore, output_bytes
 from job_requests import job_request
+from waiting import REQUEST, wait_until
 
 PROMPT = "The secret prompt of tenant alice is"
 MARKER = "printed-by-alice-7f3a"
@@ -61,7 +60,7 @@ def keys(server) -> dict[str, str]:
 def _scrape(server, key: str | None = None, **headers: str) -> httpx.Response:
     if key is not None:
         headers["Authorization"] = f"Bearer {key}"
-    return httpx.get(server.url + "/metrics", headers=headers, timeout=30)
+    return httpx.get(server.url + "/metrics", headers=headers, timeout=REQUEST)
 
 
 def _samples(text: str) -> dict[tuple[str, frozenset], float]:
@@ -77,22 +76,21 @@ def _value(samples: dict, name: str, **labels: str) -> float:
 def _scraped(server, key: str, timed: int) -> tuple[str, dict]:
     """A scrape once this process has timed ``timed`` finished jobs: a job is final in the store a
     moment before its feeder reports it."""
-    deadline = time.monotonic() + 60
-    while True:
+    def scraped() -> tuple[str, dict] | None:
         text = _scrape(server, key).text
         samples = _samples(text)
         seen = sum(value for (name, _), value in samples.items() if name == "glassbox_job_run_seconds_count")
-        if seen >= timed or time.monotonic() > deadline:
-            return text, samples
-        time.sleep(0.05)
+        return (text, samples) if seen >= timed else None
+
+    return wait_until(scraped, f"a scrape that has timed {timed} finished jobs")
 
 
-def _wait_final(server, key: str, job: str, timeout: float = 120) -> dict:
-    deadline = time.monotonic() + timeout
-    while (state := transport.status(server.url, key, job))["status"] not in transport.FINAL:
-        assert time.monotonic() < deadline, f"job {job} still {state['status']} after {timeout} s"
-        time.sleep(0.05)
-    return state
+def _wait_final(server, key: str, job: str) -> dict:
+    def final() -> dict | None:
+        state = transport.status(server.url, key, job)
+        return state if state["status"] in transport.FINAL else None
+
+    return wait_until(final, f"job {job} to finish")
 
 
 def test_only_an_operator_key_may_scrape(server, keys):
@@ -111,7 +109,7 @@ def test_only_an_operator_key_may_scrape(server, keys):
 def test_the_scrape_counts_what_happened(server, keys):
     submitted = [("alice", "gpt2", ECHO), ("alice", "gpt2", ECHO), ("bob", "tiny", ECHO),
                  ("bob", "gpt2", FAILS)]
-    jobs = [(who, transport.submit(server.url, keys[who], _job(source, model), timeout=60))
+    jobs = [(who, transport.submit(server.url, keys[who], _job(source, model), timeout=REQUEST))
             for who, model, source in submitted]
     finals = [_wait_final(server, keys[who], job) for who, job in jobs]
     assert [state["status"] for state in finals] == ["COMPLETED", "COMPLETED", "COMPLETED", "ERROR"]
@@ -119,7 +117,7 @@ def test_the_scrape_counts_what_happened(server, keys):
     stored = {"alice": 0, "bob": 0}
     for (who, job), state in zip(jobs, finals):
         result = httpx.get(f"{server.url}/v1/jobs/{job}/result", headers={"X-API-Key": keys[who]},
-                           timeout=30).content
+                           timeout=REQUEST).content
         stored[who] += output_bytes(result, state["error"], state["logs"])
 
     text, samples = _scraped(server, keys["ops"], len(jobs))
@@ -166,7 +164,7 @@ def test_a_second_api_process_reports_the_same_store_and_its_own_jobs(server, ke
     run-time histograms only count what each one ran (what docs/metrics.md says to max() / sum())."""
     if not server.db_url:
         pytest.skip("several API processes share a PostgreSQL database only")
-    job = transport.submit(server.url, keys["alice"], _job(ECHO, "tiny"), timeout=60)
+    job = transport.submit(server.url, keys["alice"], _job(ECHO, "tiny"), timeout=REQUEST)
     assert _wait_final(server, keys["alice"], job)["status"] == "COMPLETED"
     from glassbox.offline import tiny_gpt2_path
 
