@@ -13,6 +13,11 @@ from waiting import HANG
 # How long glassbox.cli.start_server waits for a server that hangs (it returns as soon as the server
 # answers): GLASSBOX_TEST_PATIENCE scales it with every other limit of tests/waiting.py.
 os.environ.setdefault("GLASSBOX_START_TIMEOUT", str(HANG))
+# How long a client waits for a remote trace's result (CONFIG.TIMEOUT, 300 s by default): here, and
+# in the clients that tests start, a limit against hangs only.
+if "GLASSBOX_TIMEOUT" not in os.environ:
+    os.environ["GLASSBOX_TIMEOUT"] = str(HANG)
+    glassbox.CONFIG.TIMEOUT = HANG
 
 
 class Branchy(torch.nn.Module):

@@ -25,6 +25,7 @@ from tests.doc_blocks import run_python_blocks
 
 from glassbox import CONFIG, LanguageModel, extract
 from glassbox.offline import smollm2_path, tiny_gpt2_path, tiny_llama_path
+from waiting import HANG
 
 TEXTS = [
     "The Eiffel Tower is in Paris.",
@@ -388,7 +389,7 @@ def test_resume_after_kill_9_gives_the_files_of_an_uninterrupted_run(tmp_path):
     assert not index["complete"] and index["done"] < 160  # really interrupted
 
     resumed = child([(source, tmp_path / "resumed")], **settings)
-    assert resumed.wait(timeout=300) == 0 and whole.wait(timeout=300) == 0
+    assert resumed.wait(timeout=HANG) == 0 and whole.wait(timeout=HANG) == 0
     assert shards_in(tmp_path / "whole") == 20
     assert folder_bytes(tmp_path / "resumed") == folder_bytes(tmp_path / "whole")
 
@@ -433,7 +434,7 @@ print(json.dumps({"rows": rows, "total": index["rows"], "modules": index["settin
                   "sums": sums}))
 """
     done = subprocess.run([sys.executable, "-c", script, str(tmp_path / "plain")], capture_output=True,
-                          text=True, timeout=120, check=True)
+                          text=True, timeout=HANG, check=True)
     seen = json.loads(done.stdout)
     assert seen["rows"] == seen["total"] == len(ds)
     assert seen["modules"] == ["transformer.h.1", "transformer.h.2"]

@@ -11,6 +11,8 @@ import subprocess
 import sys
 import textwrap
 
+from waiting import HANG
+
 _PROBE = textwrap.dedent("""
     import json, torch, transformers
     from transformers import GPT2LMHeadModel, LlamaForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
@@ -45,7 +47,7 @@ _PROBE = textwrap.dedent("""
 
 
 def _fresh(code: str) -> dict:
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=HANG)
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads(done.stdout.strip().splitlines()[-1])
 

@@ -10,6 +10,7 @@ import textwrap
 import torch
 
 import glassbox
+from waiting import HANG
 
 SCRIPT_HEAD = """
 import torch, glassbox
@@ -23,7 +24,7 @@ x = torch.randn(3, 4)
 def _run_python(args, stdin=None):
     env = dict(os.environ)
     return subprocess.run(
-        [sys.executable, *args], input=stdin, capture_output=True, text=True, env=env, timeout=120
+        [sys.executable, *args], input=stdin, capture_output=True, text=True, env=env, timeout=HANG
     )
 
 

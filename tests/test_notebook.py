@@ -18,6 +18,8 @@ import re
 import sys
 from pathlib import Path
 
+from waiting import HANG
+
 ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"
 NOTEBOOK = ROOT / "docs" / "tour.ipynb"
@@ -154,7 +156,8 @@ def test_notebook_runs_in_a_real_kernel(tmp_path, monkeypatch):
     work = tmp_path / "work"
     work.mkdir()
     notebook = nbformat.read(NOTEBOOK, as_version=4)
-    client = NotebookClient(notebook, kernel_name=KERNEL, timeout=300,
+    # Limits for a hung cell or kernel start only (nbclient's default start limit is 60 s).
+    client = NotebookClient(notebook, kernel_name=KERNEL, timeout=int(HANG), startup_timeout=int(HANG),
                             resources={"metadata": {"path": str(work)}})  # the kernel's working directory
     client.execute()  # a failing assert in any cell raises CellExecutionError here
 

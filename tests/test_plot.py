@@ -17,6 +17,7 @@ from tests.doc_blocks import run_python_blocks
 
 from glassbox import LanguageModel, plot
 from glassbox.offline import smollm2_path
+from waiting import HANG
 
 DOCS = Path(__file__).resolve().parent.parent / "docs" / "plots.md"
 CLEAN, CORRUPTED = "The Eiffel Tower is in", "The Colosseum is in"
@@ -187,6 +188,6 @@ def test_import_glassbox_needs_no_matplotlib_and_says_how_to_get_it():
         "except ImportError as err:\n"
         "    print(err)\n"
     )
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=HANG)
     assert done.returncode == 0, done.stderr
     assert 'pip install "glassbox[plot]"' in done.stdout

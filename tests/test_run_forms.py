@@ -16,6 +16,7 @@ import torch
 import glassbox
 from glassbox import LanguageModel
 from glassbox.offline import smollm2_path
+from waiting import HANG
 
 PROMPT = "The capital of France is"
 GREEDY = {"max_new_tokens": 3, "do_sample": False}
@@ -115,7 +116,7 @@ def test_generate_without_with_works_without_source():
         "assert isinstance(ids, torch.Tensor) and torch.equal(ids, t.result)\n"
         "print('ok')\n"
     )
-    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=HANG)
     assert run.returncode == 0, run.stderr[-2000:]
     assert run.stdout.strip().endswith("ok")
 

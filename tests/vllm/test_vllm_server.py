@@ -22,6 +22,7 @@ import torch
 from glassbox import CONFIG, LanguageModel
 from glassbox.cli import RunningServer, start_server
 from glassbox.vllm import VLLM, Completion
+from waiting import HANG, REQUEST
 
 PROMPT = "The Eiffel Tower is in"
 
@@ -62,9 +63,8 @@ def _serve(catalog: Path, state: Path) -> RunningServer:
     """``glassbox serve`` on the main virtualenv's Python if there is one (else this one's)."""
     main = Path(__file__).resolve().parents[2] / ".venv" / "bin" / "python"
     python = str(main) if main.exists() else sys.executable
-    # both workers load their models before it answers
-    return start_server({}, state_dir=str(state), args=["--models-file", str(catalog)], timeout=300,
-                        python=python)
+    # both workers load their models before it answers (start_server waits for that, however long)
+    return start_server({}, state_dir=str(state), args=["--models-file", str(catalog)], python=python)
 
 
 def _steered(model, prompt: str, **sampling):
@@ -79,12 +79,12 @@ def _steered(model, prompt: str, **sampling):
 
 def workers(server) -> dict[str, dict]:
     health = httpx.get(server.url + "/v1/health", headers={"Authorization": f"Bearer {CONFIG.API_KEY}"},
-                       timeout=10).json()
+                       timeout=REQUEST).json()
     return {"vllm" if r["label"].startswith("vLLM") else "hf": r for r in health["replicas"]}
 
 
 def test_the_vllm_model_has_its_own_worker_and_the_hf_one_is_untouched(server):
-    listed = {m["name"]: m for m in httpx.get(server.url + "/v1/models", timeout=10, headers={
+    listed = {m["name"]: m for m in httpx.get(server.url + "/v1/models", timeout=REQUEST, headers={
         "Authorization": f"Bearer {CONFIG.API_KEY}"}).json()["models"]}
     assert listed["smollm2-vllm"]["state"] == listed["tiny"]["state"] == "ready"
     assert {name: w["models"] for name, w in workers(server).items()} == {
@@ -129,7 +129,7 @@ def test_two_tenants_generation_runs_batched_and_each_equals_alone(server):
         jobs.append(tracer.job)
     CONFIG.API_KEY = other[0]
     for job, (want_result, want_hidden) in zip(jobs, alone):
-        values = job.result(timeout=120)
+        values = job.result(timeout=HANG)
         assert [c["token_ids"] for c in values["result"]] == [c.token_ids for c in want_result]
         assert len(values["hidden"]) == len(want_hidden)
         for got, want in zip(values["hidden"], want_hidden):
