@@ -239,7 +239,7 @@ def test_the_operator_page_shows_the_numbers_of_the_api(browser, server, keys, t
     assert page["running"][0]["owner"] == "bob"
     assert [(r["id"], r["owner"]) for r in page["queue"]] == list(zip(waiting, ["bob", "alice"]))
     # Models: the /v1/models answer, column by column.
-    served = transport.models(server.url)
+    served = transport.models(server.url, ops)  # with a key: a loaded model's description too
     assert [m["name"] for m in served] == [r["name"] for r in page["models"]] == ["gpt2"]
     assert page["models"][0]["parameters"] == f"{served[0]['parameters']:,}"
     assert page["models"][0]["replicas"] == str(served[0]["replicas"])
