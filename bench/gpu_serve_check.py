@@ -157,7 +157,8 @@ def main(argv: list[str] | None = None) -> int:
             check("split GPU+CPU: remote equals local", diff(remote_split, local_split) <= 1e-2,
                   f"max |diff| {diff(remote_split, local_split):.2e}; "
                   f"vs unsplit {diff(remote_split, expected):.2e}")
-        for info in httpx.get(server.url + "/v1/models", timeout=30).json()["models"]:
+        for info in httpx.get(server.url + "/v1/models", headers={"X-API-Key": CONFIG.API_KEY},
+                              timeout=30).json()["models"]:  # state and last use need a key
             print(f"INFO  /v1/models {info['name']}: state {info.get('state')}, "
                   f"~{info.get('bytes', 0) / 2**20:.0f} MiB estimated")
     except Exception:
