@@ -23,6 +23,7 @@ from glassbox.cli import start_server
 from glassbox.offline import tiny_gpt2_path
 from glassbox.remote import transport
 from job_requests import job_request
+from waiting import HANG, REQUEST
 
 __all__ = ["FAILING_VICTIM", "SEARCH", "VICTIM", "leaves_nothing", "raw_server", "run_raw"]
 
@@ -36,8 +37,9 @@ def raw_server(state_dir: str, *args: str, env: dict[str, str] | None = None) ->
     os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [HERE, saved["PYTHONPATH"]]))
     try:
         running = start_server({"gpt2": str(tiny_gpt2_path())}, state_dir=state_dir,
-                               args=["--executor", "raw_executor", "--max-batch", "1", "--max-seconds", "120",
-                                     "--crash-retries", "0", *args], timeout=900)  # only against hangs
+                               args=["--executor", "raw_executor", "--max-batch", "1",
+                                     "--max-seconds", str(HANG),  # only against hangs, as start_server's
+                                     "--crash-retries", "0", *args])
     finally:
         for name, value in saved.items():
             if value is None:
@@ -54,10 +56,10 @@ def run_raw(server: tuple[str, str], source: str, prompt: str) -> dict:
     url, key = server
     request = job_request(source, inputs=[prompt], first_line=1, model_refs={}, modules={},
                           filename="<remote block>")
-    job = transport.submit(url, key, request, 60)
-    for _ in transport.events(url, key, job, timeout=600):
+    job = transport.submit(url, key, request, REQUEST)
+    for _ in transport.events(url, key, job, timeout=HANG):
         pass
-    result = transport.result(url, key, job, timeout=600)
+    result = transport.result(url, key, job, timeout=REQUEST)
     return {"error": result.error} if not result.ok else result.decoded()["saved"]["out"]
 
 

@@ -22,6 +22,7 @@ import torch
 from glassbox import CONFIG, LanguageModel
 from glassbox.cli import start_server
 from glassbox.server.sizing import estimate, worker_bytes
+from waiting import REQUEST
 
 PROMPT = "The Eiffel Tower is in"
 
@@ -75,7 +76,7 @@ def server(tmp_path_factory, paths):
 def models(server) -> dict[str, dict]:
     """/v1/models as a key holder sees it (state and last use follow jobs: not shown without a key)."""
     return {m["name"]: m for m in httpx.get(server.url + "/v1/models", headers={"X-API-Key": CONFIG.API_KEY},
-                                            timeout=10).json()["models"]}
+                                            timeout=REQUEST).json()["models"]}
 
 
 def trace(model: LanguageModel, **kwargs) -> dict[str, torch.Tensor]:
@@ -95,7 +96,8 @@ def test_v1_models_lists_each_models_state_size_and_last_use(server, paths):
     assert listed["split"]["pinned"] is True and listed["smollm2"]["load"] == "on_demand"
     assert all(info["replicas"] == 1 for info in listed.values())
     assert listed["smollm2"]["last_used"] is None
-    assert paths["smollm2"] not in httpx.get(server.url + "/v1/models", timeout=10).text  # no server paths
+    listing = httpx.get(server.url + "/v1/models", timeout=REQUEST).text
+    assert paths["smollm2"] not in listing  # no server paths
 
 
 def test_a_model_split_over_cpu_and_disk_equals_it_unsplit_locally_and_remotely(server, paths, tmp_path):
@@ -162,7 +164,7 @@ def test_a_model_over_the_budget_fails_at_start_naming_it(tmp_path, paths):
     catalog = tmp_path / "catalog.toml"
     catalog.write_text(f'[server]\nmemory_budget = "10MiB"\n[models.smollm2]\npath = "{paths["smollm2"]}"\n')
     with pytest.raises(RuntimeError) as caught:
-        start_server({}, state_dir=str(tmp_path / "state"), args=["--models-file", str(catalog)], timeout=120)
+        start_server({}, state_dir=str(tmp_path / "state"), args=["--models-file", str(catalog)])
     message = str(caught.value)
     assert "do not fit this server's memory_budget" in message
     assert "the eager models (smollm2) need" in message and "0.01 GiB" in message

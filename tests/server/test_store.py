@@ -24,6 +24,7 @@ from glassbox.server.store import (
     hash_key,
     output_bytes,
 )
+from waiting import HANG  # thread joins and barriers: limits against hangs only
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
@@ -145,7 +146,7 @@ def test_max_active_per_key_is_enforced_atomically(store):
     for thread in threads:
         thread.start()
     for thread in threads:
-        thread.join(30)
+        thread.join(HANG)
     assert len(made) == 5 and len(errors) == 15
     assert errors[0].limit == 5 and store.active_count("k1") == 5
     store.create_job("k2", "gpt2", b"x", max_active=5)  # other keys are not affected
@@ -212,7 +213,7 @@ def test_in_memory_database_is_shared_across_threads():
     seen = []
     thread = threading.Thread(target=lambda: seen.append(store.get(job)))
     thread.start()
-    thread.join(10)
+    thread.join(HANG)
     assert seen[0].status == "QUEUED"
     store.close()
 
@@ -294,7 +295,7 @@ def test_finishes_racing_for_one_keys_quota_keep_at_most_the_quota(db_url):
         start = threading.Barrier(len(jobs))
 
         def finish(n: int) -> None:
-            start.wait(30)
+            start.wait(HANG)
             outcomes.append(stores[n % 2].finish(jobs[n], "COMPLETED", result=b"r" * 300,
                                                  max_stored_bytes=1000))
 
@@ -302,7 +303,7 @@ def test_finishes_racing_for_one_keys_quota_keep_at_most_the_quota(db_url):
         for thread in threads:
             thread.start()
         for thread in threads:
-            thread.join(60)
+            thread.join(HANG)
         assert sum(outcome.kept for outcome in outcomes) == 3 and len(outcomes) == len(jobs)
         assert sum(len(first.result(job) or b"") for job in jobs) == 900
     finally:
@@ -324,7 +325,7 @@ def test_claims_racing_from_two_stores_run_each_job_exactly_once(db_url):
 
         def claimer(n: int) -> None:
             store = stores[n % 2]
-            start.wait(30)
+            start.wait(HANG)
             # Each claimer walks the queue in its own order, so they collide mid-list too.
             for job in jobs[n:] + jobs[:n]:
                 if store.claim(job):
@@ -334,7 +335,7 @@ def test_claims_racing_from_two_stores_run_each_job_exactly_once(db_url):
         for thread in threads:
             thread.start()
         for thread in threads:
-            thread.join(60)
+            thread.join(HANG)
         assert sorted(job for _, job in won) == sorted(jobs)
         assert {info.attempts for job in jobs if (info := stores[1].get(job))} == {1}
         assert len({n for n, _ in won}) > 1  # the race really had several winners
@@ -360,7 +361,7 @@ def test_stores_opened_at_once_on_a_new_postgres_database_all_work(postgres):
     for thread in threads:
         thread.start()
     for thread in threads:
-        thread.join(60)
+        thread.join(HANG)
     try:
         assert errors == [] and len(stores) == 5
         job = _queued(stores[0])

@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import re
 import threading
-import time
 
 import httpx
 import pytest
@@ -22,6 +21,7 @@ import pytest
 from glassbox.cli import start_server
 from glassbox.remote import transport
 from job_requests import job_request
+from waiting import HANG, REQUEST, wait_until
 
 QUOTA = 100_000
 MAX_RESULT = 20_000_000
@@ -51,7 +51,7 @@ def server(tmp_path_factory):
         "--max-stored-bytes-per-key", str(QUOTA), "--max-result-bytes", str(MAX_RESULT),
         "--max-log-bytes", str(MAX_LOG), "--max-error-bytes", str(MAX_ERROR),
         "--max-request-json-bytes", str(MAX_JSON),
-        "--max-seconds", "120", "--torch-threads", "1",
+        "--max-seconds", str(HANG), "--torch-threads", "1",  # a limit only for a job that hangs
         "--max-batch", "1",  # a job runs alone: the queue waits behind it
     ])
     try:
@@ -61,15 +61,15 @@ def server(tmp_path_factory):
 
 
 def submit(server, key: str, source: str, marker: str = "m") -> str:
-    return transport.submit(server.url, key, _job(source, marker), timeout=30)
+    return transport.submit(server.url, key, _job(source, marker), timeout=REQUEST)
 
 
-def final(server, key: str, job: str, timeout: float = 120) -> dict:
-    deadline = time.monotonic() + timeout
-    while (state := transport.status(server.url, key, job))["status"] not in transport.FINAL:
-        assert time.monotonic() < deadline, f"job {job} is still {state['status']} after {timeout} s"
-        time.sleep(0.05)
-    return state
+def final(server, key: str, job: str) -> dict:
+    def done() -> dict | None:
+        state = transport.status(server.url, key, job)
+        return state if state["status"] in transport.FINAL else None
+
+    return wait_until(done, f"job {job} to finish")
 
 
 def saved(server, key: str, job: str) -> dict:
@@ -82,13 +82,13 @@ def test_a_key_at_its_stored_bytes_quota_gets_429_and_other_keys_go_on(server):
     alice, bob = server.create_key("alice"), server.create_key("bob")
     near = submit(server, alice, NEAR)
     assert (state := final(server, alice, near))["status"] == "COMPLETED", state
-    result = httpx.get(f"{server.url}/v1/jobs/{near}/result", headers={"X-API-Key": alice}, timeout=30)
+    result = httpx.get(f"{server.url}/v1/jobs/{near}/result", headers={"X-API-Key": alice}, timeout=REQUEST)
     assert result.status_code == 200 and len(result.content) < QUOTA  # what the quota counts
     stored = len(result.content)
     # A job whose result does not fit keeps only its QuotaExceeded error, which counts too: soon
     # the key is at its quota, and then it is refused at submit.
     for _ in range(30):
-        response = httpx.post(server.url + "/v1/jobs", headers={"X-API-Key": alice}, timeout=30,
+        response = httpx.post(server.url + "/v1/jobs", headers={"X-API-Key": alice}, timeout=REQUEST,
                               content=_job(BIG).frame())
         if response.status_code != 202:
             break
@@ -120,10 +120,8 @@ def test_saved_strings_count_against_the_result_limit(server):
 def test_one_key_cancelling_its_queued_jobs_does_not_stop_another_keys_job(server):
     canceller, worker_user = server.create_key("canceller"), server.create_key("runner")
     running = submit(server, worker_user, LONG, "ran to the end")
-    deadline = time.monotonic() + 120
-    while transport.status(server.url, worker_user, running)["status"] != "RUNNING":
-        assert time.monotonic() < deadline, "the long job never started"
-        time.sleep(0.02)
+    wait_until(lambda: transport.status(server.url, worker_user, running)["status"] == "RUNNING",
+               "the long job to start", interval=0.02)
     queued = [submit(server, canceller, ECHO, f"c{i}") for i in range(20)]
     outcomes = []
     for job in queued:
@@ -201,17 +199,17 @@ def test_a_huge_block_is_refused_413_and_the_server_answers_others_meanwhile(ser
     def chunks():
         yield body[:len(body) // 2]
         halfway.set()  # the first half is on the wire: the submit is in flight
-        assert answered.wait(60), "/v1/health was not answered while the submit was in flight"
+        assert answered.wait(HANG), "/v1/health was not answered while the submit was in flight"
         yield body[len(body) // 2:]
 
     sender = threading.Thread(target=lambda: replies.append(httpx.post(
-        server.url + "/v1/jobs", content=chunks(), headers={"X-API-Key": key}, timeout=120)))
+        server.url + "/v1/jobs", content=chunks(), headers={"X-API-Key": key}, timeout=HANG)))
     sender.start()
-    assert halfway.wait(60)
-    health = httpx.get(server.url + "/v1/health", timeout=30)
+    assert halfway.wait(HANG)
+    health = httpx.get(server.url + "/v1/health", timeout=REQUEST)
     assert health.status_code == 200 and health.json()["status"] == "ok"
     answered.set()
-    sender.join(120)
+    sender.join(HANG)
     [reply] = replies
     assert reply.status_code == 413, reply.text
     detail = reply.json()["detail"]
@@ -223,11 +221,11 @@ def test_deeply_nested_requests_get_clear_answers(server):
     key = server.create_key("nested")
     deep_json = b'{"kind":' + b"[" * 200_000 + b"]" * 200_000 + b"}"
     reply = httpx.post(server.url + "/v1/jobs", content=len(deep_json).to_bytes(8, "big") + deep_json,
-                       headers={"X-API-Key": key}, timeout=60)
+                       headers={"X-API-Key": key}, timeout=REQUEST)
     assert reply.status_code == 400 and "nests too deeply" in reply.json()["detail"], reply.text
     # Too deep for Python's parser: accepted (it is not parsed for batching), then fails on its own.
     for source in ("x = " + "-" * 50_000 + "1\n", "x = " + "(" * 300 + "1" + ")" * 300 + "\n"):
         job = submit(server, key, source)
         state = final(server, key, job)
         assert state["status"] == "ERROR" and state["error"]["message"], state
-    assert httpx.get(server.url + "/v1/health", timeout=30).json()["status"] == "ok"
+    assert httpx.get(server.url + "/v1/health", timeout=REQUEST).json()["status"] == "ok"

@@ -25,6 +25,7 @@ from glassbox.server.api import models_routes as app_module
 from glassbox.server.api.app import create_app
 from glassbox.server.api.models_routes import MODEL_FILES, read_model_files
 from glassbox.server.config import ServerConfig
+from waiting import REQUEST
 
 EXTRAS = ("model.safetensors", "pytorch_model.bin", "glassbox-prepared.json", "secret.txt", "README.md",
           "added_tokens.json", "config.json.bak")
@@ -213,6 +214,6 @@ def test_real_server_refuses_an_unknown_model_naming_the_served_ones(server):
 
 
 def test_real_server_needs_no_key_and_answers_plain_json(server):
-    response = httpx.get(f"{server.url}/v1/models/gpt2/files", timeout=30)
+    response = httpx.get(f"{server.url}/v1/models/gpt2/files", timeout=REQUEST)
     assert response.status_code == 200
     assert json.loads(response.content)["files"] == _disk(tiny_gpt2_path())

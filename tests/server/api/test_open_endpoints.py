@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import re
 import textwrap
-import time
 
 import httpx
 import pytest
@@ -27,6 +26,7 @@ from glassbox.server.api.app import create_app
 from glassbox.server.config import ServerConfig
 from glassbox.server.store import JobStore
 from job_requests import job_request
+from waiting import HANG, REQUEST, wait_until
 
 OPEN = {"/", "/openapi.json", "/v1/health", "/v1/models", "/v1/models/{name}/files"}
 KEYED = {("GET", "/v1/dashboard"), ("GET", "/metrics"), ("POST", "/v1/jobs"), ("GET", "/v1/jobs"),
@@ -60,7 +60,8 @@ def server(tmp_path_factory):
         path = "{tiny_gpt2_path()}"
         load = "on_demand"
     """))
-    running = start_server({}, state_dir=str(root / "state"), args=["--models-file", str(catalog)])
+    running = start_server({}, state_dir=str(root / "state"), args=["--models-file", str(catalog),
+                                                                    "--max-seconds", str(HANG)])
     try:
         yield running
     finally:
@@ -72,7 +73,7 @@ def anonymous(server, headers: dict | None = None) -> dict[str, tuple[int, str]]
     seen = {}
     for path in ("/", "/openapi.json", "/v1/health", "/v1/models", "/v1/models/gpt2/files",
                  "/v1/models/cold/files"):
-        response = httpx.get(server.url + path, headers=headers or {}, timeout=30)
+        response = httpx.get(server.url + path, headers=headers or {}, timeout=REQUEST)
         text = response.text
         nonce = re.search(r"'nonce-([^']+)'", response.headers.get("content-security-policy", ""))
         if nonce:
@@ -81,12 +82,12 @@ def anonymous(server, headers: dict | None = None) -> dict[str, tuple[int, str]]
     return seen
 
 
-def final(server, key: str, job: str, timeout: float = 180) -> dict:
-    deadline = time.monotonic() + timeout
-    while (state := transport.status(server.url, key, job))["status"] not in transport.FINAL:
-        assert time.monotonic() < deadline, f"job {job} is still {state['status']} after {timeout} s"
-        time.sleep(0.05)
-    return state
+def final(server, key: str, job: str) -> dict:
+    def done() -> dict | None:
+        state = transport.status(server.url, key, job)
+        return state if state["status"] in transport.FINAL else None
+
+    return wait_until(done, f"job {job} to finish")
 
 
 def test_every_route_is_open_or_needs_a_key():
@@ -114,22 +115,26 @@ def test_the_open_routes_show_no_tenants_activity_and_the_others_refuse(server):
 
     # Another tenant loads the cold model, then runs a long job.
     key = server.create_key("tenant")
-    loaded = transport.submit(server.url, key, _job(ECHO, "cold"), timeout=30)
+    loaded = transport.submit(server.url, key, _job(ECHO, "cold"), timeout=REQUEST)
     assert final(server, key, loaded)["status"] == "COMPLETED"
-    running = transport.submit(server.url, key, _job(LONG), timeout=30)
-    deadline = time.monotonic() + 120
-    while (state := transport.status(server.url, key, running))["status"] != "RUNNING":
-        assert time.monotonic() < deadline and state["status"] not in transport.FINAL, state
-        time.sleep(0.02)
+    running = transport.submit(server.url, key, _job(LONG), timeout=REQUEST)
+
+    def started() -> bool:
+        state = transport.status(server.url, key, running)
+        assert state["status"] not in transport.FINAL, state
+        return state["status"] == "RUNNING"
+
+    wait_until(started, f"job {running} to run", interval=0.02)
 
     assert anonymous(server) == before  # while it runs
     for method, path in sorted(KEYED):
-        response = httpx.request(method, server.url + path.replace("{job_id}", running), timeout=30)
+        response = httpx.request(method, server.url + path.replace("{job_id}", running), timeout=REQUEST)
         assert response.status_code == 401, (method, path, response.text)
         assert "missing API key" in response.json()["detail"] and running not in response.text
-    with connect(server.url.replace("http", "ws") + EVENTS.replace("{job_id}", running), legacy=True) as ws:
+    with connect(server.url.replace("http", "ws") + EVENTS.replace("{job_id}", running), legacy=True,
+                 open_timeout=REQUEST) as ws:
         ws.send(json.dumps({"nothing": 1}))
-        answer = json.loads(ws.recv(timeout=10))
+        answer = json.loads(ws.recv(timeout=REQUEST))
         assert answer["code"] == 401 and set(answer) == {"error", "code"}
 
     assert final(server, key, running)["status"] == "COMPLETED"
@@ -137,5 +142,5 @@ def test_the_open_routes_show_no_tenants_activity_and_the_others_refuse(server):
     # A key holder sees what the activity changed (so the comparisons above compared something).
     seen = {m["name"]: m for m in transport.models(server.url, key)}
     assert seen["cold"]["state"] == "ready" and seen["cold"]["last_used"] and seen["cold"]["class"]
-    health = httpx.get(server.url + "/v1/health", headers={"X-API-Key": key}, timeout=30).json()
+    health = httpx.get(server.url + "/v1/health", headers={"X-API-Key": key}, timeout=REQUEST).json()
     assert health["worker"] == "ready" and "replicas" in health

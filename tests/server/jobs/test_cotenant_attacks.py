@@ -17,6 +17,7 @@ from glassbox.server.config import ServerConfig
 from glassbox.server.jobs.sealed import is_sealed, seal
 from glassbox.server.store import JobStore
 from glassbox.server.workers.feeder import Feeder
+from waiting import HANG
 
 VICTIM = "logits = model.output.logits.save()\n"
 
@@ -100,7 +101,7 @@ def test_fresh_allocations_do_not_hold_the_batchs_activations(sealed_gpt2):
 @pytest.fixture
 def feeder(tmp_path):
     store = JobStore(f"sqlite:///{tmp_path / 'jobs.db'}")
-    config = ServerConfig(models={"m": str(tiny_gpt2_path())}, max_seconds=30.0, torch_threads=1,
+    config = ServerConfig(models={"m": str(tiny_gpt2_path())}, max_seconds=HANG, torch_threads=1,
                           batch_window_ms=200.0, crash_retries=0)
     worker = Feeder(config, store)
     try:
@@ -120,7 +121,7 @@ def test_a_write_the_sandbox_misses_kills_only_the_batchs_process_and_the_neighb
     items = [request(attack, PADDED[0])] + [request(VICTIM, prompt) for prompt in PADDED[1:]]
     jobs = [_submit(feeder, attack, PADDED[0])] + [_submit(feeder, VICTIM, prompt) for prompt in PADDED[1:]]
     feeder.wake()
-    results = [_result(feeder, job, timeout=90.0)[0] for job in jobs]
+    results = [_result(feeder, job)[0] for job in jobs]
     assert feeder.batches >= 1  # they did share a pass first
     error = results[0].error
     assert error.type == "WorkerCrashed" and "read-only" in error.message

@@ -20,6 +20,7 @@ import pytest
 import torch
 
 from glassbox.server.workers.confine import available
+from waiting import HANG
 
 OFFERED = available()
 pytestmark = pytest.mark.skipif(
@@ -58,7 +59,7 @@ def run_confined(body: str, setup: str = "", **values: object) -> dict:
     code += textwrap.dedent(body) + "\nprint(json.dumps(results))\n"
     env = {**os.environ, "OPENBLAS_NUM_THREADS": "1"}
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
-                          timeout=120)
+                          timeout=HANG)
     assert done.returncode == 0, done.stderr
     return json.loads(done.stdout.strip().splitlines()[-1])
 
@@ -349,9 +350,9 @@ def test_threads_started_before_confining():
         results["describe"] = confinement.describe()
         attempt("main_thread", lambda: read("/etc/passwd"))
         jobs.put(lambda: len(read("/etc/passwd")) > 0)
-        results["earlier_thread"] = list(answers.get(timeout=10))
+        results["earlier_thread"] = list(answers.get(timeout=600))  # a limit only for a hang
         jobs.put(lambda: os.execv("/bin/true", ["true"]))
-        results["earlier_thread_exec"] = list(answers.get(timeout=10))
+        results["earlier_thread_exec"] = list(answers.get(timeout=600))
     """)
     assert results["main_thread"]["error"] == "PermissionError"
     # seccomp is installed with TSYNC: every thread, earlier ones too

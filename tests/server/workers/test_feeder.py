@@ -19,8 +19,9 @@ from glassbox.server.store import JobStore
 from glassbox.server.workers.channel import WorkerStartError
 from glassbox.server.workers.feeder import Feeder
 from job_requests import job_request, saved
+from waiting import HANG, wait_until
 
-MAX_SECONDS = 3.0
+MAX_SECONDS = 3.0  # the time limit of the ``limited`` worker (``worker``'s jobs run until they end)
 ECHO = "echo = glassbox.save(marker)\n"
 FOREVER = "n = 0\nwhile True:\n    n = n + 1\n"
 
@@ -54,13 +55,12 @@ SECRETS = {"GLASSBOX_API_KEY": "gbx_top_secret", "GLASSBOX_DB_URL": "postgresql:
            "GLASSBOX_HARMLESS": "kept"}
 
 
-@pytest.fixture(scope="module")
-def worker(tmp_path_factory, tiny_path):
+def _feeder(tmp_path_factory, tiny_path, max_seconds: float):
     saved_env = {name: os.environ.get(name) for name in SECRETS}
     os.environ.update(SECRETS)  # present in the API process for the whole module: no worker may see them
     store = JobStore(f"sqlite:///{tmp_path_factory.mktemp('worker') / 'jobs.db'}")
     # Batching off: these tests are about one job at a time (tests/server/jobs/test_cotenant.py batches).
-    config = ServerConfig(models={"gpt2": tiny_path}, max_seconds=MAX_SECONDS, max_log_bytes=2000,
+    config = ServerConfig(models={"gpt2": tiny_path}, max_seconds=max_seconds, max_log_bytes=2000,
                           torch_threads=1, max_batch=1)
     events = Events()
     handle = Feeder(config, store, on_event=events, say=lambda text: None)
@@ -78,6 +78,17 @@ def worker(tmp_path_factory, tiny_path):
                 os.environ[name] = value
 
 
+@pytest.fixture(scope="module")
+def worker(tmp_path_factory, tiny_path):
+    # HANG: a limit only for a job that hangs; FOREVER jobs here end when a test cancels or kills them.
+    yield from _feeder(tmp_path_factory, tiny_path, HANG)
+
+
+@pytest.fixture(scope="module")
+def limited(tmp_path_factory, tiny_path):
+    yield from _feeder(tmp_path_factory, tiny_path, MAX_SECONDS)
+
+
 def _submit(handle: Feeder, source: str, marker: str = "m") -> str:
     job = handle.store.create_job("k1", "gpt2", _job(source, marker).frame())
     handle.store.mark_queued(job)
@@ -85,22 +96,15 @@ def _submit(handle: Feeder, source: str, marker: str = "m") -> str:
     return job
 
 
-def _wait(handle: Feeder, job: str, timeout: float = 90.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        info = handle.store.get(job)
-        if info.terminal:
-            return info
-        time.sleep(0.02)
-    raise AssertionError(f"job {job} did not finish within {timeout} s: {handle.store.get(job)}")
+def _wait(handle: Feeder, job: str):
+    return wait_until(lambda: (lambda info: info.terminal and info)(handle.store.get(job)),
+                      f"job {job} to finish", interval=0.02)
 
 
-def _wait_running(handle: Feeder, job: str, timeout: float = 60.0,
-                  other_than: int | None = None) -> None:
-    deadline = time.monotonic() + timeout
-    while handle.running_job != job or handle.pid == other_than or handle.state != "ready":
-        assert time.monotonic() < deadline, "the job never started"
-        time.sleep(0.01)
+def _wait_running(handle: Feeder, job: str, other_than: int | None = None) -> None:
+    wait_until(lambda: handle.running_job == job and handle.pid != other_than and handle.state == "ready",
+               f"job {job} to run" + (f" on a worker other than {other_than}" if other_than else ""),
+               interval=0.01)
 
 
 def _result(handle: Feeder, job: str) -> JobResult:
@@ -147,7 +151,8 @@ def test_printed_output_is_capped(worker):
     assert info.logs.startswith("line 0\nline 1\n") and "dropped" in info.logs
 
 
-def test_time_limit_kills_the_job_and_the_next_job_runs(worker):
+def test_time_limit_kills_the_job_and_the_next_job_runs(limited):
+    worker = limited
     first_pid = worker.pid
     slow = _submit(worker, FOREVER)
     after = _submit(worker, ECHO, marker="after")

@@ -26,6 +26,7 @@ from glassbox.offline import tiny_gpt2_path
 from glassbox.remote import transport
 from glassbox.server.workers.confine import available
 from job_requests import job_request
+from waiting import HANG, REQUEST
 
 PROMPT = "The Eiffel Tower is in"
 
@@ -34,18 +35,27 @@ pytestmark = pytest.mark.skipif(
     reason="the kernel lacks Landlock or seccomp (isolation='process' refuses to start there)")
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str]]:
+def _serve(tmp_path_factory: pytest.TempPathFactory, max_seconds: float) -> Iterator[tuple[str, str]]:
     here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # tests/server: raw_executor.py
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [here, os.environ.get("PYTHONPATH")])))
         running = start_server({"gpt2": str(tiny_gpt2_path())}, state_dir=str(tmp_path_factory.mktemp("raw")),
-                               args=["--executor", "raw_executor", "--max-batch", "1", "--max-seconds", "10",
-                                     "--crash-retries", "0"])
+                               args=["--executor", "raw_executor", "--max-batch", "1",
+                                     "--max-seconds", str(max_seconds), "--crash-retries", "0"])
     try:
         yield running.url, running.create_key("mallory")
     finally:
         running.stop()
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str]]:
+    yield from _serve(tmp_path_factory, HANG)  # a limit only for a job that hangs
+
+
+@pytest.fixture(scope="module")
+def limited(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str]]:
+    yield from _serve(tmp_path_factory, 10)  # for the one job that is stopped by the time limit
 
 
 def _run(server: tuple[str, str], source: str) -> dict:
@@ -53,10 +63,10 @@ def _run(server: tuple[str, str], source: str) -> dict:
     url, key = server
     request = job_request(source, inputs=[PROMPT], first_line=1, model_refs={}, modules={},
                           filename="<remote block>")
-    job = transport.submit(url, key, request, 60)
-    for _ in transport.events(url, key, job, timeout=90):
+    job = transport.submit(url, key, request, REQUEST)
+    for _ in transport.events(url, key, job, timeout=HANG):
         pass
-    result = transport.result(url, key, job, timeout=60)
+    result = transport.result(url, key, job, timeout=REQUEST)
     if not result.ok:
         return {"error": result.error}
     return result.decoded()["saved"]["out"]
@@ -64,7 +74,7 @@ def _run(server: tuple[str, str], source: str) -> dict:
 
 def _worker_pids(server: tuple[str, str]) -> list:
     url, key = server
-    health = httpx.get(url + "/v1/health", headers={"Authorization": f"Bearer {key}"}, timeout=10).json()
+    health = httpx.get(url + "/v1/health", headers={"Authorization": f"Bearer {key}"}, timeout=REQUEST).json()
     return [replica.get("pid") for replica in health.get("replicas", [])]
 
 
@@ -215,7 +225,9 @@ except OSError as err:
     assert _worker_pids(server) == pids  # the same worker: nothing to reload for anyone
 
 
-def test_a_job_that_closes_its_pipe_and_runs_on_is_stopped_without_a_restart(server: tuple[str, str]) -> None:
+def test_a_job_that_closes_its_pipe_and_runs_on_is_stopped_without_a_restart(limited: tuple[str, str]
+                                                                            ) -> None:
+    server = limited
     pids = _worker_pids(server)
     out = _run(server, """
 import os
