@@ -131,9 +131,10 @@ class ServerConfig:
         "and [server] settings. Flags given on the command line win over the file."
     ), default="")
     memory_budget: int = field(**_doc(
-        "What loaded models may take on this host (bytes, or a size such as 16GiB), by the estimate "
-        "`glassbox plan` prints. A job for a cold (on_demand) model loads it, first evicting the "
-        "least recently used unpinned models to stay under. 0: no budget (nothing is evicted).",
+        "What the worker may take on this host (bytes, or a size such as 16GiB), by `glassbox plan`'s "
+        "peak: the process, every model it holds and one job of 128 tokens. A job for a cold "
+        "(on_demand) model loads it, first evicting the least recently used unpinned models to stay "
+        "under. 0: no budget (nothing is evicted).",
         size=True
     ), default=0)
     model_settings: dict[str, dict] = field(**_doc(
