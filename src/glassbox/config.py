@@ -45,13 +45,38 @@ def _flag(value: str) -> bool:
     return value.lower() not in ("0", "false", "no", "off", "")
 
 
+class _Setting:
+    """One of a section's names as a data descriptor on its class, so ``monkeypatch.setattr``
+    (pytest >= 9 looks for an instance ``__dict__`` entry unless a data descriptor is in the
+    way) records the value before and sets it back, instead of deleting the name at undo."""
+
+    def __init__(self, key: str) -> None:
+        self.key = key
+
+    def __get__(self, section: _Section | None, owner: type) -> Any:
+        return self if section is None else section.__getattr__(self.key)
+
+    def __set__(self, section: _Section, value: Any) -> None:
+        section.__setattr__(self.key, value)
+
+    def __delete__(self, section: _Section) -> None:
+        section.__delattr__(self.key)
+
+
+def _section(config: Config, name: str, aliases: dict[str, str], inert: dict[str, Any]) -> _Section:
+    cls = type(f"_{name}Section", (_Section,), {key: _Setting(key) for key in [*aliases, *inert]})
+    return cls(config, name, aliases, inert)
+
+
 class _Section:
     """``CONFIG.API`` / ``CONFIG.APP``: nnsight's names for settings of the flat Config (each
-    read and written through to it), plus settings kept only for nnsight code to assign."""
+    read and written through to it), plus settings kept only for nnsight code to assign.
+    ``del CONFIG.APP.DEBUG`` puts a setting back to its default (environment, file, built-in)."""
 
     def __init__(self, config: Config, name: str, aliases: dict[str, str], inert: dict[str, Any]) -> None:
         d = self.__dict__
         d["_config"], d["_section"], d["_aliases"], d["_inert"] = config, name, aliases, dict(inert)
+        d["_inert_defaults"] = dict(inert)
 
     def __getattr__(self, key: str) -> Any:
         if key in self._aliases:
@@ -65,6 +90,15 @@ class _Section:
             setattr(self._config, self._aliases[key], value)
         elif key in self._inert:
             self._inert[key] = value
+        else:
+            raise self._unknown(key)
+
+    def __delattr__(self, key: str) -> None:
+        if key in self._aliases:
+            name = self._aliases[key]
+            setattr(self._config, name, getattr(Config(), name))
+        elif key in self._inert:
+            self._inert[key] = self._inert_defaults[key]
         else:
             raise self._unknown(key)
 
@@ -91,10 +125,10 @@ class Config:
         self.STATUS: bool = _flag(os.environ.get("GLASSBOX_STATUS", file.get("status", "1")))
         self.TIMEOUT: float = float(os.environ.get("GLASSBOX_TIMEOUT", file.get("timeout", "300")))
         self.DEBUG: bool = _flag(os.environ.get("GLASSBOX_DEBUG", file.get("debug", "0")))
-        self.API = _Section(self, "API", {"HOST": "HOST", "APIKEY": "API_KEY", "TIMEOUT": "TIMEOUT"},
-                            {"COMPRESS": True})
-        self.APP = _Section(self, "APP", {"REMOTE_LOGGING": "STATUS", "DEBUG": "DEBUG"},
-                            {"PYMOUNT": True, "DISABLE_CPP_BACKTRACE": True})
+        self.API = _section(self, "API", {"HOST": "HOST", "APIKEY": "API_KEY", "TIMEOUT": "TIMEOUT"},
+                             {"COMPRESS": True})
+        self.APP = _section(self, "APP", {"REMOTE_LOGGING": "STATUS", "DEBUG": "DEBUG"},
+                             {"PYMOUNT": True, "DISABLE_CPP_BACKTRACE": True})
 
     def set_default_api_key(self, api_key: str) -> None:
         """Use ``api_key`` from now on and write it to the config file, for later sessions
