@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import glassbox
-from glassbox import CONFIG, Envoy
+from glassbox import CONFIG, Envoy, NNsight, OutOfOrderError
 
 
 class Block(torch.nn.Module):
@@ -71,3 +71,58 @@ def test_del_of_a_config_section_setting_restores_its_default(monkeypatch):
     with pytest.raises(AttributeError, match="has no setting 'NOPE'"):
         del CONFIG.APP.NOPE
     assert isinstance(glassbox.config.Config().APP.DEBUG, bool)
+
+
+class Loop(torch.nn.Module):
+    """One block applied at each of ``steps`` steps (nnsight's iteration test model)."""
+
+    def __init__(self, steps: int = 5) -> None:
+        super().__init__()
+        self.block = torch.nn.Linear(8, 8)
+        self.head = torch.nn.Linear(8, 8)
+        self.steps = steps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        outs = []
+        for _ in range(self.steps):
+            x = self.block(x)
+            outs.append(x)
+        return self.head(torch.stack(outs))
+
+
+@pytest.fixture
+def loop() -> NNsight:
+    torch.manual_seed(0)
+    return NNsight(Loop())
+
+
+def test_a_read_after_an_iter_loop_means_the_first_call_again(loop):
+    x = torch.randn(2, 8)
+    with pytest.raises(OutOfOrderError, match=r"after a tracer\.iter loop"):
+        with loop.trace(x) as tracer:
+            for _ in tracer.iter[:2]:
+                loop.block.output
+            loop.block.output  # nnsight: binds to step 0, already passed
+    with loop.trace(x) as tracer:  # a module whose first call is still ahead reads as before
+        for _ in tracer.iter[:2]:
+            loop.block.output
+        head = loop.head.output.save()
+        again = loop.head.output.save()
+    assert head.shape == (5, 2, 8) and again is head
+
+
+def test_messages_carry_nnsights_wording(loop):
+    x = torch.randn(2, 8)
+    with pytest.warns(UserWarning, match="was never reached") as warned:
+        with loop.trace(x) as tracer:
+            for _ in tracer.iter[[0, 2, 7]]:
+                loop.block.output
+    assert "ran only 5 time(s)" in str(warned[0].message)  # and which module, how often
+    with pytest.raises(ValueError, match="before reading or modifying"):
+        with loop.trace(x) as tracer:
+            loop.head.output = loop.head.output
+            tracer.cache(modules=[loop.head])
+    with pytest.raises(ValueError, match="outside a trace"):
+        glassbox.save([])
+    with pytest.raises(ValueError, match="outside a trace"):
+        [1, 2, 3].save()

@@ -92,6 +92,7 @@ class Consumer:
 
     __slots__ = (
         "absent",
+        "after_iter",
         "at",
         "at_kind",
         "current",
@@ -139,6 +140,9 @@ class Consumer:
         self.iteration: int | None = None
         self.want = 0
         self.first: tuple[Site, str] | None = None
+        # After a ``tracer.iter`` loop a plain read means the module's first call again, as in
+        # nnsight (whose reads bind to iteration 0): one whose first call has passed is out of order.
+        self.after_iter = False
 
 
 def make_wrapper(site: Site) -> Callable[..., Any]:

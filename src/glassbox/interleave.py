@@ -300,6 +300,12 @@ class Interleaver:
         if not fresh and consumer.at is site and consumer.at_kind == kind:
             return consumer.current
         state = self.state
+        if consumer.after_iter and not fresh and site.count(kind) and state in ("running", "new"):
+            raise OutOfOrderError(
+                f"{site.describe(kind)} was read after a tracer.iter loop, where a plain read means "
+                f"the module's first call again (as in nnsight), and the model has already made it "
+                f"(it is at call {site.count(kind)}): read it inside the loop, or in tracer.iter[n]"
+            )
         if state != "running" and state != "new":
             if soft:
                 return TASK_ENDED

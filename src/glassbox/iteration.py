@@ -14,6 +14,8 @@ If the model finishes first, an open-ended loop (``[:]``) just ends and the code
 a bounded one (``[0:5]`` on a module called 3 times) ends too, with a warning naming what ran.
 (nnsight 0.8 skips the code after an open-ended loop; here it runs, and reading a module there
 raises the usual "already finished" error instead of silently doing nothing.)
+After a loop, a plain read means the module's first call again, as in nnsight: reading a module
+whose first call has passed (the loop's own module, say) raises OutOfOrderError.
 Generation traces keep their own step iteration (models/generation.py).
 """
 
@@ -73,8 +75,9 @@ def iterate_calls(tracer: Any, indices: Any, bounded: bool) -> Iterator[int]:
                 if interleaver.request_call(site.envoy, kind, index + 1, soft=True) is ENDED:
                     if bounded:
                         warnings.warn(
-                            f"tracer.iter asked for iteration {index}, but {site.describe(kind)} ran "
-                            f"only {site.count(kind)} time(s): the loop ended after {done} iteration(s)",
+                            f"iteration {index} of tracer.iter was never reached: "
+                            f"{site.describe(kind)} ran only {site.count(kind)} time(s), so the loop "
+                            f"ended after {done} iteration(s)",
                             stacklevel=2,
                         )
                     else:
@@ -93,6 +96,8 @@ def iterate_calls(tracer: Any, indices: Any, bounded: bool) -> Iterator[int]:
                     )
     finally:
         consumer.iteration, consumer.first = previous, previous_first
+        if previous is None and done:
+            consumer.after_iter, consumer.at = True, None  # nnsight: back to each module's first call
 
 
 class AllCalls:

@@ -80,9 +80,10 @@ set_tracer_finder(current_tracer)  # the deprecated model.iter / model.all() (en
 
 
 _SAVE_OUTSIDE = (
-    ".save() / glassbox.save() belong inside `with model.trace(...)` (or model.generate, "
-    "model.session): they mark a value to keep after the block. Outside a trace every value is "
-    "already yours: use it directly, or move this line into the block."
+    "save() was called outside a trace: .save() / glassbox.save() belong inside `with "
+    "model.trace(...)` (or model.generate, model.session), where they mark a value to keep after "
+    "the block. Outside a trace every value is already yours: use it directly, or move this line "
+    "into the block."
 )
 
 
@@ -419,7 +420,8 @@ class Tracer:
         root, interleaver = self.model, self._active()
         if interleaver.position is not None:  # as nnsight: a later cache would miss what already ran
             raise TraceStateError(
-                f"tracer.cache() must come before the trace reads or edits a module: the model is "
+                f"tracer.cache() must be declared before reading or modifying a module (before "
+                f"the trace reads or edits one): the model is "
                 f"already at {interleaver._where()}, so the cache would miss what ran before it. "
                 "Move `cache = tracer.cache(...)` to the top of the block."
             )
