@@ -132,6 +132,10 @@ def test_replicas_give_the_values_of_a_local_run(server, path, name, monkeypatch
     for replica in replicas:
         with open(f"/proc/{replica['pid']}/environ", "rb") as file:
             assert SECRET[1].encode() not in file.read()
+        # At the server's priority, not Ray's nice 15 for workers: at 15, any busy process of the
+        # machine starves the replicas (a killed one took minutes to come back on a loaded machine).
+        assert os.getpriority(os.PRIO_PROCESS, replica["pid"]) == os.getpriority(os.PRIO_PROCESS,
+                                                                                 server.process.pid)
     listening = set()
     for process in psutil.Process(server.process.pid).children(recursive=True):
         try:
