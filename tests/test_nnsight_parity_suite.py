@@ -126,3 +126,22 @@ def test_messages_carry_nnsights_wording(loop):
         glassbox.save([])
     with pytest.raises(ValueError, match="outside a trace"):
         [1, 2, 3].save()
+
+
+def test_rename_reaches_a_moved_submodule_by_its_attribute(net):
+    with pytest.warns(UserWarning, match="already serves"):
+        renamed = NNsight(net, rename={"block.E_output": "inner"})
+    assert renamed.inner is renamed.block.E_output
+    x = torch.randn(3, 4)
+    with renamed.trace(x):
+        inner = renamed.inner.output.save()
+        block = renamed.block.output.save()
+    assert torch.equal(inner, block) and torch.allclose(block, net.block(x))
+
+
+def test_rename_of_a_served_value_or_onto_a_moved_name_raises(net):
+    with pytest.raises(ValueError, match="outside of interleaving") as served:
+        NNsight(net, rename={"block.output": "inner"})
+    assert "'block.E_output'" in str(served.value)  # and the key that names the submodule
+    with pytest.raises(ValueError, match="already bound here from 'output'"):
+        NNsight(net, rename={"linear": "E_output"})  # resolves on block, which moved output

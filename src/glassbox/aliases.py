@@ -20,7 +20,11 @@ Rules (nnsight 0.8's):
   serves several architectures); a class key that matches two children of one
   envoy, or an alias that would hide a child, an envoy attribute or an
   attribute of the module, is an error: an alias names one module and never
-  makes another unreachable.
+  makes another unreachable;
+- keys are written against attributes: a submodule moved to ``E_output`` (its name is one an
+  envoy serves) is keyed ``"block.E_output"``; ``"block.output"`` names the served value and is
+  an error ("outside of interleaving", as nnsight's getattr there), and so is an alias that
+  claims a moved name ("already bound here from 'output'").
 
 An alias is the same Envoy object under a second name (not a copy, not a
 child), so iteration, ``modules()`` and paths are unchanged.
@@ -55,17 +59,40 @@ def check_rename(rename: Any) -> dict:
     return checked
 
 
-def _targets(module: Any, children: Mapping[str, Envoy], key: Any) -> list[tuple[str, Envoy]]:
+_SERVED = ("output", "input", "inputs")  # an envoy's values during a trace, not submodules
+
+
+def _child(node: Envoy, name: str) -> Envoy | None:
+    try:
+        return node[name]  # Envoy[str]: a child by its module name, never an alias
+    except KeyError:
+        return None
+
+
+def _targets(module: Any, children: Mapping[str, Envoy], key: Any, reserved: frozenset,
+             prefix: str) -> list[tuple[str, Envoy]]:
     if isinstance(key, type):  # the child modules are the child envoys' modules, name for name
         return [(name, children[name]) for name, child in module.named_children() if isinstance(child, key)]
-    first, *rest = key.strip(".").split(".")
-    node = children.get(first)
-    try:
-        for part in rest:
-            node = node[part] if node is not None else None  # Envoy[str]: a child, never an alias
-    except KeyError:
-        return []
-    return [] if node is None else [(first, node)]
+    parts = key.strip(".").split(".")
+    node: Envoy | None = None
+    for i, part in enumerate(parts):
+        def find(name: str, node: Envoy | None = node) -> Envoy | None:
+            return children.get(name) if node is None else _child(node, name)
+
+        if part in reserved and (part in _SERVED or find(part) is not None):
+            moved = ".".join([*parts[:i], prefix + part, *parts[i + 1:]])
+            raise ValueError(
+                f"rename key {key!r}: .{part} is the envoy's {part}, a value served only inside a "
+                f"trace (reading it outside of interleaving fails), not a submodule; a submodule "
+                f"named {part!r} is .{prefix}{part}: key it as {moved!r}"
+            )
+        if part.startswith(prefix) and part[len(prefix):] in reserved:
+            part = part[len(prefix):]  # E_output: the submodule named output, moved aside
+        node = find(part)
+        if node is None:
+            return []
+    assert node is not None
+    return [(parts[0], node)]
 
 
 def aliases_for(envoy: Envoy, rename: dict, module: Any, children: Mapping[str, Envoy],
@@ -75,7 +102,7 @@ def aliases_for(envoy: Envoy, rename: dict, module: Any, children: Mapping[str, 
     alias -> envoy; Envoy.__init__ binds them. ValueError if one would hide another name."""
     bound: dict[str, Envoy] = {}
     for key, aliases in rename.items():
-        found = _targets(module, children, key)
+        found = _targets(module, children, key, type(envoy)._RESERVED, type(envoy).E_PREFIX)
         shown = key.__name__ if isinstance(key, type) else repr(key)
         if len(found) > 1:
             raise ValueError(
@@ -89,6 +116,12 @@ def aliases_for(envoy: Envoy, rename: dict, module: Any, children: Mapping[str, 
             current = bound.get(alias, taken.get(alias))
             if current is target:
                 continue  # already this module (an alias equal to its own name, or tied modules)
+            moved = alias[len(envoy.E_PREFIX):] if alias.startswith(envoy.E_PREFIX) else None
+            if moved in children and taken.get(alias) is children[moved]:
+                raise ValueError(
+                    f"rename alias {alias!r} for {shown} on {where}: {alias!r} is already bound here "
+                    f"from {moved!r} (the submodule named {moved!r}, moved to .{alias}); choose another alias"
+                )
             if alias in bound or alias in taken or alias in children:
                 hidden = "an alias or submodule of that name"
             elif any(alias in vars(k) for k in type(envoy).__mro__):
