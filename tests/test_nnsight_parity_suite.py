@@ -145,3 +145,17 @@ def test_rename_of_a_served_value_or_onto_a_moved_name_raises(net):
     assert "'block.E_output'" in str(served.value)  # and the key that names the submodule
     with pytest.raises(ValueError, match="already bound here from 'output'"):
         NNsight(net, rename={"linear": "E_output"})  # resolves on block, which moved output
+
+
+def test_a_co_tenant_requests_length_counts_the_padding_its_encoding_has():
+    from glassbox.models.language import LanguageModel
+    from glassbox.offline import tiny_gpt2_path
+    from glassbox.server.jobs.cotenant import _Request
+
+    model = LanguageModel(tiny_gpt2_path())
+    padded = _Request(0, None, None)
+    padded.prompt = model._prepare(({"input_ids": [[0, 0, 5, 6]], "attention_mask": [[0, 0, 1, 1]]},), {})
+    assert padded.prompt.rows == [[5, 6]] and padded.length() == 4  # what it is padded to alone
+    plain = _Request(1, None, None)
+    plain.prompt = model._prepare(({"input_ids": [[5, 6, 7]]},), {})
+    assert plain.length() == 3

@@ -90,7 +90,10 @@ class _Request:
         return reply.replace(seconds=seconds, threads=torch.get_num_threads())
 
     def length(self) -> int:
-        return max(len(row) for row in self.prompt.rows)
+        """The prompt's length alone: its longest row, or the width its encoding was already padded
+        to (a padded attention mask, tokenizer padding options), which it keeps in any batch."""
+        rows = self.prompt.rows or ()
+        return max([getattr(self.prompt, "width", 0), *(len(row) for row in rows)])
 
 
 def per_request(model: Any) -> bool:
