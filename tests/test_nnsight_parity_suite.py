@@ -141,10 +141,12 @@ def test_rename_reaches_a_moved_submodule_by_its_attribute(net):
 
 def test_rename_of_a_served_value_or_onto_a_moved_name_raises(net):
     with pytest.raises(ValueError, match="outside of interleaving") as served:
-        NNsight(net, rename={"block.output": "inner"})
+        with pytest.warns(UserWarning, match="already serves"):
+            NNsight(net, rename={"block.output": "inner"})
     assert "'block.E_output'" in str(served.value)  # and the key that names the submodule
     with pytest.raises(ValueError, match="already bound here from 'output'"):
-        NNsight(net, rename={"linear": "E_output"})  # resolves on block, which moved output
+        with pytest.warns(UserWarning, match="already serves"):  # the move is still reported
+            NNsight(net, rename={"linear": "E_output"})  # resolves on block, which moved output
 
 
 def test_a_co_tenant_requests_length_counts_the_padding_its_encoding_has():

@@ -109,14 +109,19 @@ class Envoy:
         children: dict[str, Envoy] = {}
         reserved = type(self)._RESERVED
         clashes = [] if _clashes is None else _clashes
-        for child_name, child in module.named_children():
-            envoy = Envoy(child, self, child_name, _clashes=clashes)
-            children[child_name] = envoy
-            if child_name.isidentifier() and child_name not in reserved:
-                d[child_name] = envoy
-            elif child_name in reserved and not child_name.startswith("_"):
-                d[self.E_PREFIX + child_name] = envoy
-                clashes.append((_nnsight_path(self), child_name))
+        try:
+            for child_name, child in module.named_children():
+                envoy = Envoy(child, self, child_name, _clashes=clashes)
+                children[child_name] = envoy
+                if child_name.isidentifier() and child_name not in reserved:
+                    d[child_name] = envoy
+                elif child_name in reserved and not child_name.startswith("_"):
+                    d[self.E_PREFIX + child_name] = envoy
+                    clashes.append((_nnsight_path(self), child_name))
+        except ValueError:  # a rename= alias below failed: warn of the moves first, as nnsight
+            if _clashes is None and clashes:
+                warn_clashes(clashes)
+            raise
         if _clashes is None and clashes:
             warn_clashes(clashes)
         d["_children"] = children
