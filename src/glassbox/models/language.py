@@ -365,7 +365,13 @@ def _padded_width(data: Any) -> int:
         mask = torch.as_tensor(mask)
     except (TypeError, ValueError):  # ragged lists: not padded
         return 0
-    return int(mask.shape[-1]) if mask.ndim in (1, 2) and not bool(mask.all()) else 0
+    if mask.ndim not in (1, 2):
+        return 0
+    try:
+        padded = not bool(mask.all())
+    except RuntimeError:  # a fake tensor (model.scan): its values are unknown, so it reads as unpadded
+        return 0
+    return int(mask.shape[-1]) if padded else 0
 
 
 def _device_map_of(device: Any, device_map: Any) -> Any:
