@@ -103,7 +103,8 @@ def test_every_hook_called_on_a_model_is_declared_in_the_contract():
 
 
 def test_every_declared_hook_is_used_somewhere():
-    unused = HOOKS - set(_scan()) - {"active"}
+    # _batch_size: nnsight 0.8's override point, called by NNsight's own _batch (models/base.py)
+    unused = HOOKS - set(_scan()) - {"active", "_batch_size"}
     assert not unused, f"ModelContract declares hooks nothing calls: {sorted(unused)}"
 
 

@@ -9,15 +9,23 @@ Offers:
 Hooks a subclass may override: models/contract.py (``ModelContract``) lists every one the
 tracing core, generation, editing, the server and the client call on a model, with who calls it
 and when; NNsight below gives each its plain-module default.
+
+nnsight 0.8's subclass hooks work unchanged: ``_batch_size(*inputs, **kwargs) -> int`` (the rows
+one invoke contributes) and ``_batch(invokes, fn) -> (args, kwargs)`` (combine the invokes'
+``(inputs, kwargs)``); a ``_batch`` in that form is recognised by its signature (no ``width``
+parameter) and wrapped into glassbox's ``_batch(prepared, width) -> (args, kwargs, rows)``, its
+rows counted with ``_batch_size``. ``model.interleave(fn, *args, **kwargs)`` runs ``fn`` on one
+input with the stored edits applied.
 """
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 import torch
 
-from ..batching import Rows, concat_args
+from ..batching import Rows, _row_count, concat_args
 from ..editing import EditTracer, clear_edits, edit_consumers
 from ..envoy import Envoy, module_of, set_root_class
 from ..errors import TraceStateError
@@ -45,6 +53,14 @@ class NNsight(Envoy):
     # The interleaver of the trace open on this model (None: no trace is open). A plain attribute,
     # not a property: every module access reads it.
     active: Any = None
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        own = cls.__dict__.get("_batch")
+        if own is not None and _nnsight_form(own):
+            cls._batch = _adapt_batch(own)  # nnsight's _batch(invokes, fn): glassbox's form around it
+            if "_single" not in cls.__dict__:  # nnsight assembles a lone input with _batch too
+                cls._single = lambda self, prepared: self._batch([prepared])[:2]
 
     def __init__(self, module: torch.nn.Module, *, rename: dict | None = None) -> None:
         if not isinstance(module, torch.nn.Module):
@@ -92,6 +108,20 @@ class NNsight(Envoy):
         no weights loaded; fakes left in variables become meta tensors after the block."""
         return ScanTracer(self, args, kwargs)
 
+    def interleave(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        """nnsight's ``model.interleave(fn, *args, **kwargs)``: run ``fn(*args, **kwargs)`` (a
+        callable, or the name of a method of the wrapped module) as a trace with no body: the
+        inputs go through ``_prepare`` and the stored edits apply; returns what ``fn`` returned."""
+        if isinstance(fn, str):
+            fn = getattr(module_of(self), fn)
+        tracer = Tracer(self, args, kwargs)
+
+        def task(interleaver: Any, a: tuple, k: dict) -> Any:
+            return lambda: interleaver.run_task(lambda: fn(*a, **k))
+
+        tracer._task = task  # type: ignore[method-assign]
+        return tracer._run_now()
+
     def _default_consumers(self, interleaver: Any, tracer: Any) -> Any:
         return edit_consumers(self, tracer)
 
@@ -132,8 +162,20 @@ class NNsight(Envoy):
         """The model call for one prepared input traced alone (no batching needed)."""
         return prepared
 
-    def _batch(self, prepared: list[tuple[tuple, dict]], width: int = 0) -> tuple[tuple, dict, list[Rows]]:
-        return concat_args(prepared)
+    def _batch_size(self, *inputs: Any, **kwargs: Any) -> int:
+        """nnsight's hook: the rows one invoke's input contributes (a plain module: the first
+        tensor's leading dimension, else 1; nnsight counts 1 per input)."""
+        return _row_count(inputs, kwargs) if (inputs or kwargs) else 0
+
+    def _batch(self, prepared: list[tuple[tuple, dict]], width: Any = 0) -> Any:
+        """Several prepared inputs -> ``(args, kwargs, [Rows])``. Called in nnsight's form,
+        ``_batch(invokes, fn)`` (a subclass's ``super()._batch``), it returns ``(args, kwargs)``."""
+        args, kwargs, rows = concat_args(prepared)
+        if not isinstance(width, int):  # nnsight's (invokes, fn)
+            return args, kwargs
+        if type(self)._batch_size is not NNsight._batch_size:
+            rows = _rows(self, prepared)
+        return args, kwargs, rows
 
     def _exact_rows(self, prepared: list[Any], spans: list[Rows], width: int = 0) -> list[Rows]:
         """Rows without the padding an input did not have alone; plain modules are not padded."""
@@ -145,6 +187,38 @@ class NNsight(Envoy):
     def _pad_id(self) -> int:
         """The token id that pads rows (plain modules are never padded: 0)."""
         return 0
+
+
+def _nnsight_form(batch: Any) -> bool:
+    """A ``_batch`` written for nnsight 0.8: ``(self, invokes, fn)``, no ``width``."""
+    try:
+        params = inspect.signature(batch).parameters
+    except (TypeError, ValueError):
+        return False
+    return "width" not in params and len(params) >= 3
+
+
+def _rows(model: Any, prepared: list[tuple[tuple, dict]]) -> list[Rows]:
+    rows, start = [], 0
+    for args, kwargs in prepared:
+        count = model._batch_size(*args, **kwargs)
+        rows.append(Rows(start, start + count))
+        start += count
+    return rows
+
+
+def _adapt_batch(batch: Any) -> Any:
+    """Glassbox's ``_batch(prepared, width)`` around a subclass's nnsight ``_batch(invokes, fn)``."""
+
+    def _batch(self: Any, prepared: list, width: Any = 0) -> Any:
+        if not isinstance(width, int):  # called in nnsight's form (a further subclass's super())
+            return batch(self, prepared, width)
+        args, kwargs = batch(self, [(tuple(a), dict(k)) for a, k in prepared], "__call__")
+        return tuple(args), dict(kwargs), _rows(self, prepared)
+
+    _batch.__wrapped__ = batch  # type: ignore[attr-defined]
+    _batch.__doc__ = batch.__doc__
+    return _batch
 
 
 set_root_class(NNsight)  # Envoy(module) is a traceable root, as in nnsight (envoy.py cannot import this)

@@ -80,6 +80,13 @@ class ModelContract(Protocol):
         """``Tracer.__exit__`` (invokes) and ``run_together``: several prepared inputs -> one call
         ``(args, kwargs, [Rows])``; ``width``: pad sequences to at least this length."""
 
+    def _batch_size(self, *inputs: Any, **kwargs: Any) -> int:
+        """nnsight 0.8's hook, called by NNsight's ``_batch`` (models/base.py) when a subclass
+        overrides it: the rows one invoke's ``(inputs, kwargs)`` contributes. A subclass's
+        ``_batch(invokes, fn) -> (args, kwargs)`` in nnsight's form is wrapped into the form above
+        (``__init_subclass__``), its rows counted with this. nnsight's ``model.interleave(fn,
+        *args, **kwargs)`` is public API, on NNsight."""
+
     def _exact_rows(self, prepared: list[Any], spans: list[Any], width: int = 0) -> list[Any]:
         """``run_together`` (the server's co-tenant batch): each input's Rows without the padding
         it did not have alone, so each body sees what it would see alone."""
