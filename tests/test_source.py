@@ -63,12 +63,12 @@ def _clean(module: torch.nn.Module) -> bool:
 def test_listing_names_every_call_and_shows_no_paths(eager):
     attn = eager.model.layers[0].self_attn
     text = str(attn.source)
-    for name in ("self_q_proj_0", "view_0", "transpose_0", "apply_rotary_pos_emb_0", "attention_interface_0",
+    for name in ("self_q_proj_0", "view_0", "transpose_0", "apply_rotary_pos_emb_0", "attention_interface_1",
                  "attn_output_reshape_0", "contiguous_0", "self_o_proj_0"):
         assert name in text
     line = next(row for row in text.splitlines() if "self_q_proj_0" in row)
     assert "self.q_proj(hidden_states)" in line and "LlamaAttention.forward" in text
-    inner = str(attn.source.attention_interface_0.source)
+    inner = str(attn.source.attention_interface_1.source)
     assert "torch_matmul_0" in inner and "nn_functional_softmax_0" in inner
     assert "eager_attention_forward" in inner
     for shown in (text, inner, repr(attn.source.self_o_proj_0)):
@@ -83,6 +83,60 @@ def test_listing_names_every_call_and_shows_no_paths(eager):
         attn.source.view_0.source
     with pytest.raises(TypeError, match="no forward of its own"):
         eager.model.layers.source
+
+
+class Named(torch.nn.Module):
+    """Every kind of assignment nnsight 0.8 names (and the ones it does not)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = torch.nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor = torch.zeros(1)) -> torch.Tensor:  # noqa: B008
+        f = torch.relu
+        h = f(self.fc(x))
+        a, b = h, 1  # noqa: F841
+        c, d = h.chunk(2, dim=0)
+        e: float = 2.0
+        h[0] = h[0] + a[0]
+        self.last = h.sum()
+        h = g = h * e  # noqa: F841
+        for _ in range(2):
+            h = torch.tanh(h)
+        h += 1
+        return torch.cat([c, d]) + h
+
+
+def test_op_names_count_assignments_like_nnsight():
+    """nnsight 0.8.1's rule: one counter per name shared by calls and assignments, in execution order."""
+    net = NNsight(torch.nn.Sequential(Named()))[0]
+    assert net.source._compiled().names == (  # checked against nnsight 0.8.1's Source.names
+        "torch_zeros_0", "f_0", "self_fc_0", "f_1", "h_0", "a_0", "b_0", "h_chunk_0", "e_0", "h_1",
+        "h_sum_0", "self_last_0", "range_0", "torch_tanh_0", "h_2", "torch_cat_0",
+    )
+    with pytest.raises(AttributeError, match="f_0, self_fc_0, f_1, h_0"):
+        net.source.f_2
+    with pytest.raises(TypeError, match="is an assignment"):
+        net.source.h_0.source
+
+
+def test_an_assignment_op_reads_and_replaces_the_bound_value(custom):
+    root, net, x = custom
+    module = net._module
+    with root.trace(x):
+        bound = net.source.h_0.input.save()  # h = torch.relu(self.fc1(x))
+        net.source.h_0.output = net.source.h_0.output * 0
+        out = root.output.save()
+    assert torch.equal(bound, torch.relu(module.fc1(x)))
+    h = torch.tanh(torch.tanh(torch.full((3, 4), 0.5 * 3.0)))
+    torch.testing.assert_close(out, module.fc2(h), rtol=0, atol=0)
+    assert _clean(root._module)
+
+
+def test_gpt2_attention_call_is_attention_interface_1(gpt2):
+    names = gpt2.transformer.h[0].attn.source._compiled().names
+    assert names.index("attention_interface_0") < names.index("attention_interface_1")
+    assert "is_cross_attention_0" in names and "attn_output_2" in names
 
 
 def test_ops_are_not_part_of_the_model(eager):
@@ -103,7 +157,7 @@ def test_op_values_are_the_calls_values(eager):
     with eager.trace(PROMPT) as tracer:
         source = attn.source  # reached before the model enters self_attn
         cache = tracer.cache(modules=[attn.q_proj, source.self_q_proj_0])
-        interface = source.attention_interface_0.output[0].save()
+        interface = source.attention_interface_1.output[0].save()
         projected = attn.o_proj.input.save()
     q = cache["model.model.layers.0.self_attn.q_proj"].output
     assert torch.equal(cache["model.model.layers.0.self_attn.source.self_q_proj_0"].output, q)
@@ -118,7 +172,7 @@ def test_op_values_are_the_calls_values(eager):
 def test_recursing_into_eager_attention_gives_the_pre_softmax_scores(eager):
     attn = eager.model.layers[0].self_attn
     with eager.trace(PROMPT, output_attentions=True):
-        inner = attn.source.attention_interface_0.source
+        inner = attn.source.attention_interface_1.source
         scores = inner.torch_matmul_0.output.save()
         probs = inner.nn_functional_softmax_0.output.save()
         out = eager.output.save()
@@ -154,8 +208,8 @@ def test_custom_module_super_closure_private_loop_skip(custom):
         hidden = net.source.self_fc1_0.output.save()
         relu = net.source.torch_relu_0.output.save()
         base = net.source.forward_0.output.save()  # super().forward(h)
-        args, kwargs = net.source.shift_0.inputs
-        net.source.shift_0.output = net.source.shift_0.output * 0  # the closure's result
+        args, kwargs = net.source.shift_1.inputs
+        net.source.shift_1.output = net.source.shift_1.output * 0  # the closure's result (shift_0 binds it)
         first = net.source.torch_tanh_0.output.save()
         second = net.source.torch_tanh_0.next().output.save()
         out = root.output.save()
@@ -196,7 +250,7 @@ def test_gpt2_mlp_activation_and_invokes(gpt2):
 
 
 def test_a_static_guess_that_the_model_does_not_call_fails_clearly(gpt2):
-    attention = gpt2.transformer.h[0].attn.source.attention_interface_0
+    attention = gpt2.transformer.h[0].attn.source.attention_interface_1
     assert "eager_attention_forward" in str(attention.source)  # the forward's default, read statically
     with pytest.raises(glassbox.MissedModuleError, match="sdpa_attention_forward, which has no operation"):
         with gpt2.trace(torch.tensor([[1, 2, 3]])):
@@ -226,9 +280,9 @@ def test_a_failed_trace_leaves_the_model_clean(eager):
         before = eager.output.logits.save()
     with pytest.raises(ZeroDivisionError):
         with eager.trace(PROMPT):
-            attn.source.attention_interface_0.source.torch_matmul_0.output[:] = 0
+            attn.source.attention_interface_1.source.torch_matmul_0.output[:] = 0
             1 / 0
-    assert _clean(eager._module) and "forward" not in attn.source.attention_interface_0._module.__dict__
+    assert _clean(eager._module) and "forward" not in attn.source.attention_interface_1._module.__dict__
     with eager.trace(PROMPT):
         after = eager.output.logits.save()
     assert torch.equal(before, after)
@@ -278,7 +332,7 @@ def test_remote_local_reads_and_edits_ops_as_locally(eager, monkeypatch):
     def run(remote):
         with eager.trace(PROMPT, remote=remote):
             attn = eager.model.layers[0].self_attn
-            scores = attn.source.attention_interface_0.source.torch_matmul_0.output.save()
+            scores = attn.source.attention_interface_1.source.torch_matmul_0.output.save()
             attn.source.self_o_proj_0.output[:] = 0
             logits = eager.output.logits.save()
         return scores, logits

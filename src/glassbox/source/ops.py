@@ -36,7 +36,7 @@ from ..envoy import Envoy, children_of, display_of, module_of, root_of, slots_of
 from ..errors import MissedModuleError, OutOfOrderError
 from ..intercept import MISSING
 from .listing import describe, listing
-from .rewrite import Compiled, rebuild, resolve, unwrap
+from .rewrite import Compiled, bind, rebuild, resolve, unwrap
 from .rewrite import compiled as compiled_forward
 
 _getcurrent = greenlet.getcurrent
@@ -117,6 +117,8 @@ class Source:
             owner = module_of(parent._envoy)
             owner = None if isinstance(owner, Operation) else owner
             callee = resolve(compiled.callees.get(name), parent._function(), owner, compiled.assigned)
+            if name in compiled.bindings:
+                callee = bind  # an assignment: _as_function says so
         return unwrap(_as_function(callee, self._envoy, parent))[0]
 
     def _compiled(self) -> Compiled:
@@ -246,7 +248,8 @@ def _dispatcher(ops: dict[str, tuple[Operation, dict]], seen: dict[str, Callable
     def dispatch(name: str, callee: Any, /, *args: Any, **kwargs: Any) -> Any:
         kind = type(callee)
         if kind is types.FunctionType:  # remembered for op.source (functions only: no tensors kept)
-            seen[name] = callee
+            if callee is not bind:  # an assignment op calls nothing
+                seen[name] = callee
         elif kind is types.MethodType:
             seen[name] = callee.__func__
         op = ops.get(name)  # (module, slots): no envoy read per call
@@ -280,6 +283,9 @@ def _as_function(callee: Any, op: Envoy, parent: Source) -> types.FunctionType:
     """The Python function ``op`` calls, or a TypeError that says why there is none."""
     if isinstance(callee, types.MethodType):
         callee = callee.__func__
+    if callee is bind:
+        raise TypeError(f"{display_of(op)} is an assignment: it binds a value and calls nothing, so it "
+                        "has no source to list")
     if isinstance(callee, torch.nn.Module):
         child = next((e for e in children_of(parent._envoy).values() if module_of(e) is callee), None)
         where = f"{display_of(child)}.source" if child is not None else "that module's own .source"

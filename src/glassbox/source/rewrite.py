@@ -15,12 +15,20 @@ Offers:
     OP                  the dispatcher's name in rewritten code
 
 Every call ``f(args)`` becomes ``__gb_op__("f_0", f, args)``; zero-argument ``super()`` is left
-alone (it reads ``__class__`` and ``self`` from the frame that calls it). The dispatcher gets the
+alone (it reads ``__class__`` and ``self`` from the frame that calls it). Every assignment
+``x = value`` becomes ``x = __gb_op__("x_0", __gb_bind__, value)`` (an identity), so a value that is
+not a call's return is an op too, as in nnsight 0.8. The dispatcher gets the
 callee together with its arguments, not before them: in ``torch.relu(self.fc1(x))`` the outer
 callee is evaluated before ``self.fc1`` runs, and an op touched at ``self_fc1_0.output`` must still
-catch the relu. Names are nnsight 0.8's: the callee's dotted path joined by ``_`` (a subscript is
-skipped; a method on an expression keeps only its own name: ``self.q_proj(h).view(s)`` ->
-``view``), plus a per-name counter in execution order (inner calls first). The rewritten ``def`` is
+catch the relu. Names are nnsight 0.8's: the callee's (or the assignment target's) dotted path
+joined by ``_`` (a subscript is skipped; a method on an expression keeps only its own name:
+``self.q_proj(h).view(s)`` -> ``view``), plus one counter per name, shared by calls and
+assignments, in execution order: a call's arguments before the call, an assignment's value (then
+its target's subscripts) before the binding. So ``attention_interface = get(...)`` is
+``attention_interface_0`` and the later ``attention_interface(...)`` call ``attention_interface_1``.
+What is bound: a single target (``x``, ``self.x``, ``x[i]`` -> ``x``), and in ``a, b = e1, e2``
+each name its own element; ``a = b = v``, other unpacking (``a, b = f()``), augmented assignment,
+``for``/``with`` targets and ``:=`` are not. The rewritten ``def`` is
 compiled inside a factory whose parameters are the original's free variables and ``__gb_op__``,
 nested in a class of the original's name where it had one, so closures, ``super()`` and
 private-name mangling behave as in the original; the code object is then taken out of the factory
@@ -39,6 +47,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 OP = "__gb_op__"
+BIND = "__gb_bind__"  # the identity an assignment's value is routed through
+
+
+def bind(value: Any) -> Any:
+    """What an assignment op calls: its input is its output."""
+    return value
+
 _FACTORY = "__gb_make__"
 
 
@@ -53,6 +68,7 @@ class Compiled:
     text: tuple[str, ...]  # the dedented source, from the ``def`` line to the end
     callees: dict[str, list[str] | None]  # op name -> callee as a dotted name (None: not one)
     assigned: dict[str, list[list[str]]] = field(default_factory=dict)  # local -> dotted candidates
+    bindings: frozenset[str] = frozenset()  # the op names that are assignments, not calls
 
 
 _cache: dict[types.CodeType, Compiled] = {}
@@ -99,6 +115,7 @@ def rebuild(function: Any, op: Any) -> types.FunctionType:
     result = compiled(inner)
     cells = dict(zip(inner.__code__.co_freevars, inner.__closure__ or ()))
     cells[OP] = types.CellType(op)
+    cells[BIND] = types.CellType(bind)
     try:
         closure = tuple(cells[name] for name in result.code.co_freevars)
     except KeyError as missing:  # the compiler closed over a name the original did not
@@ -167,10 +184,10 @@ def _compile(function: types.FunctionType) -> Compiled:
     definition.decorator_list = []
     assigned = _assignments(definition)
     rewriter = _Rewriter(start)
-    definition.body = [rewriter.visit(statement) for statement in definition.body]
+    rewriter.visit(definition)  # the signature too: nnsight counts calls in defaults
     factory: ast.stmt = ast.FunctionDef(
         name=_FACTORY,
-        args=ast.arguments(posonlyargs=[], args=[ast.arg(arg=name) for name in (*code.co_freevars, OP)],
+        args=ast.arguments(posonlyargs=[], args=[ast.arg(arg=name) for name in (*code.co_freevars, OP, BIND)],
                            kwonlyargs=[], kw_defaults=[], defaults=[]),
         body=[definition, ast.Return(value=ast.Name(id=definition.name, ctx=ast.Load()))],
         decorator_list=[],
@@ -186,11 +203,12 @@ def _compile(function: types.FunctionType) -> Compiled:
         container = _code_named(container, owner)
     rewritten = _code_named(_code_named(container, _FACTORY), code.co_name)
     return Compiled(rewritten, function.__qualname__, tuple(rewriter.names), rewriter.lines, shown,
-                    rewriter.callees, assigned)
+                    rewriter.callees, assigned, frozenset(rewriter.bindings))
 
 
 class _Rewriter(ast.NodeTransformer):
-    """Every call -> ``__gb_op__("name_n", callee, args)``, numbered in execution order."""
+    """Every call -> ``__gb_op__("name_n", callee, args)`` and every plain assignment's value ->
+    ``__gb_op__("target_n", __gb_bind__, value)``, numbered in execution order (module docstring)."""
 
     def __init__(self, start: int) -> None:
         self.start = start
@@ -198,21 +216,52 @@ class _Rewriter(ast.NodeTransformer):
         self.names: list[str] = []
         self.lines: dict[str, int] = {}
         self.callees: dict[str, list[str] | None] = {}
+        self.bindings: list[str] = []
 
-    def visit_Call(self, node: ast.Call) -> ast.AST:
-        if isinstance(node.func, ast.Name) and node.func.id == "super" and not (node.args or node.keywords):
-            return node
-        self.generic_visit(node)  # inner calls first: they run first
-        base = op_base(node.func)
+    def _op(self, base: str, callee: ast.expr, args: list, keywords: list, node: ast.AST,
+            parts: list[str] | None) -> ast.Call:
         count = self.counts.get(base, 0)
         self.counts[base] = count + 1
         name = f"{base}_{count}"
         self.names.append(name)
         self.lines[name] = node.lineno - self.start
-        self.callees[name] = _chain(node.func)
-        op = ast.Call(func=ast.Name(id=OP, ctx=ast.Load()), args=[ast.Constant(name), node.func, *node.args],
-                      keywords=node.keywords)
+        self.callees[name] = parts
+        op = ast.Call(func=ast.Name(id=OP, ctx=ast.Load()), args=[ast.Constant(name), callee, *args],
+                      keywords=keywords)
         return ast.copy_location(op, node)
+
+    def visit_Call(self, node: ast.Call) -> ast.AST:
+        if isinstance(node.func, ast.Name) and node.func.id == "super" and not (node.args or node.keywords):
+            return node
+        self.generic_visit(node)  # inner calls first: they run first
+        return self._op(op_base(node.func), node.func, node.args, node.keywords, node, _chain(node.func))
+
+    def visit_Assign(self, node: ast.Assign) -> ast.AST:
+        node.value = self.visit(node.value)  # the value runs before the targets' subscripts
+        node.targets = [self.visit(target) for target in node.targets]
+        if len(node.targets) == 1:  # ``a = b = v``: one value, two names; left alone
+            node.value = self._bound(node.targets[0], node.value, node)
+        return node
+
+    def visit_AnnAssign(self, node: ast.AnnAssign) -> ast.AST:
+        if node.value is not None:  # the annotation is never evaluated; the target is not visited
+            node.value = self._bound(node.target, self.visit(node.value), node)
+        return node
+
+    def _bound(self, target: ast.expr, value: ast.expr, node: ast.AST) -> ast.expr:
+        """``value`` routed through the identity under the target's name; ``a, b = e1, e2`` binds each
+        element; other unpacking, and a target with no name (``f()[0] = v``), are left as they are."""
+        if isinstance(target, (ast.Tuple, ast.List)) and isinstance(value, (ast.Tuple, ast.List)):
+            elements = [*target.elts, *value.elts]
+            if len(target.elts) == len(value.elts) and not any(isinstance(e, ast.Starred) for e in elements):
+                value.elts = [self._bound(t, v, node) for t, v in zip(target.elts, value.elts)]
+            return value
+        base = _target_base(target)
+        if base is None:
+            return value
+        op = self._op(base, ast.Name(id=BIND, ctx=ast.Load()), [value], [], node, None)
+        self.bindings.append(self.names[-1])
+        return op
 
 
 def op_base(callee: ast.expr) -> str:
@@ -229,6 +278,23 @@ def op_base(callee: ast.expr) -> str:
             if isinstance(callee, ast.Name):
                 parts.append(callee.id)
             return "_".join(reversed(parts)) or "call"
+
+
+def _target_base(target: ast.expr) -> str | None:
+    """An assignment target's op name without its counter (as op_base), or None where the target is
+    not rooted in a name (``f()[0]``, a tuple, ...)."""
+    parts: list[str] = []
+    while True:
+        if isinstance(target, ast.Attribute):
+            parts.append(target.attr)
+            target = target.value
+        elif isinstance(target, ast.Subscript):
+            target = target.value
+        elif isinstance(target, ast.Name):
+            parts.append(target.id)
+            return "_".join(reversed(parts))
+        else:
+            return None
 
 
 def _assignments(definition: ast.AST) -> dict[str, list[list[str]]]:
