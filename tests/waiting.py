@@ -8,6 +8,8 @@ Offers:
     REQUEST                    the limit of one HTTP request or websocket read (3 minutes, times PATIENCE)
     wait_until(condition, what, *, limit=HANG, retry=(), process=None, output=None) -> its value
     ProcessDied                raised by wait_until when the ``process`` it watches ended first
+    Not(seen)                  a falsy answer for a condition that says what it saw (in the message
+                               when the wait gives up): ``return state if ok else Not(state)``
     cpu_hogs(count=2)          a context: ``count`` processes that spin on a core each until it exits
                                (a test of behaviour under load makes its own load)
 
@@ -37,7 +39,7 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
-__all__ = ["HANG", "PATIENCE", "REQUEST", "ProcessDied", "cpu_hogs", "patient", "wait_until"]
+__all__ = ["HANG", "PATIENCE", "REQUEST", "Not", "ProcessDied", "cpu_hogs", "patient", "wait_until"]
 
 T = TypeVar("T")
 
@@ -67,6 +69,19 @@ REQUEST = patient(3 * 60)
 
 class ProcessDied(AssertionError):
     """The process a wait watched ended before the condition held."""
+
+
+class Not:
+    """A condition's "not yet" that keeps what it saw, for the message if the wait gives up."""
+
+    def __init__(self, seen: Any) -> None:
+        self.seen = seen
+
+    def __bool__(self) -> bool:
+        return False
+
+    def __repr__(self) -> str:
+        return f"not yet: {self.seen!r}"
 
 
 def wait_until(condition: Callable[[], T], what: str, *, limit: float | None = None,
