@@ -28,7 +28,6 @@ import os
 import pwd
 import shutil
 import signal
-import socket
 import subprocess
 import tempfile
 import time
@@ -115,9 +114,11 @@ def _as_postgres_user() -> dict:
 
 
 def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+    """A free loopback port, below the kernel's ephemeral range (glassbox.cli.free_port): the port is
+    bound only later, and one of that range may meanwhile be taken by any outgoing connection."""
+    from glassbox.cli import free_port
+
+    return free_port()
 
 
 def start_postgres(attempts: int = 3) -> PostgresServer:

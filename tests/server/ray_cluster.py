@@ -49,7 +49,6 @@ import os
 import re
 import secrets
 import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -70,9 +69,11 @@ _HEALTH_CHECKS = {"RAY_health_check_initial_delay_ms": "0", "RAY_health_check_pe
 
 
 def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+    """A free loopback port, below the kernel's ephemeral range (glassbox.cli.free_port): the port is
+    bound only later, and one of that range may meanwhile be taken by any outgoing connection."""
+    from glassbox.cli import free_port
+
+    return free_port()
 
 
 def _gone(pid: int) -> bool:
