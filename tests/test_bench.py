@@ -61,10 +61,12 @@ def test_every_bench_has_a_quick_test():
 
 def test_catalog_quick():
     lines = run_quick("catalog")
-    assert any("(--quick)" in line for line in lines[:3])
-    header = row(lines, "dtype")
-    assert "catalog load" in header and "estimate" in header
-    assert len(row(lines, "float32").split()) >= 5
+    assert any("1 round(s)" in line for line in lines[:3])  # --quick: one round of the tiny models
+    header = row(lines, "model")
+    assert "catalog load" in header and "loaded est" in header and "peak est" in header
+    for model in ("tiny GPT-2", "tiny Llama"):
+        assert len(row(lines, model).split()) >= 12, model  # every column filled
+    assert any(line.startswith("idle worker measured") for line in lines)
 
 
 def test_extract_quick():
