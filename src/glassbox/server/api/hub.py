@@ -43,10 +43,12 @@ class Hub:
                 self._logs.setdefault(job_id, []).append(event["log"])
             if "note" in event:
                 self._notes[job_id] = str(event["note"])
-            if event.get("status") in FINAL:
-                self._logs.pop(job_id, None)
             if event.get("status") in FINAL or event.get("status") == Status.QUEUED:
-                self._notes.pop(job_id, None)  # ended, or back in the queue: nothing is done for it
+                # Ended, or back in the queue (its process died, or the server stopped): nothing is
+                # done for it, and a rerun prints everything again, as the store keeps only the
+                # rerun's output (live logs of both runs read as one run's, printed twice).
+                self._logs.pop(job_id, None)
+                self._notes.pop(job_id, None)
             loop = self.loop
             if loop is None or loop.is_closed():
                 return
