@@ -19,6 +19,8 @@ import os
 import secrets
 from collections.abc import Iterator
 
+import pytest
+
 from glassbox.cli import start_server
 from glassbox.offline import tiny_gpt2_path
 from glassbox.remote import transport
@@ -32,20 +34,14 @@ HERE = os.path.dirname(os.path.abspath(__file__))  # tests/server: raw_executor.
 
 @contextlib.contextmanager
 def raw_server(state_dir: str, *args: str, env: dict[str, str] | None = None) -> Iterator[tuple[str, str]]:
-    saved = {name: os.environ.get(name) for name in ["PYTHONPATH", *(env or {})]}
-    os.environ.update(env or {})
-    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [HERE, saved["PYTHONPATH"]]))
-    try:
+    with pytest.MonkeyPatch.context() as patch:  # the server inherits these; this process gets its own back
+        for name, value in (env or {}).items():
+            patch.setenv(name, value)
+        patch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [HERE, os.environ.get("PYTHONPATH")])))
         running = start_server({"gpt2": str(tiny_gpt2_path())}, state_dir=state_dir,
                                args=["--executor", "raw_executor", "--max-batch", "1",
-                                     "--max-seconds", str(HANG),  # only against hangs, as start_server's
+                                     "--max-seconds", str(HANG),  # only against hangs; *args may say less
                                      "--crash-retries", "0", *args])
-    finally:
-        for name, value in saved.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
     try:
         yield running.url, running.create_key("mallory")
     finally:

@@ -267,34 +267,28 @@ class _Rewriter(ast.NodeTransformer):
 def op_base(callee: ast.expr) -> str:
     """The op name of a call without its counter: ``self.a.b`` -> ``self_a_b``; ``x[i].y`` -> ``x_y``
     (a subscript says where, not what); ``f(x).view`` -> ``view``; ``(lambda: 0)`` -> ``call``."""
-    parts: list[str] = []
-    while True:
-        if isinstance(callee, ast.Attribute):
-            parts.append(callee.attr)
-            callee = callee.value
-        elif isinstance(callee, ast.Subscript):
-            callee = callee.value
-        else:
-            if isinstance(callee, ast.Name):
-                parts.append(callee.id)
-            return "_".join(reversed(parts)) or "call"
+    parts, _ = _dotted(callee)
+    return "_".join(parts) or "call"
 
 
 def _target_base(target: ast.expr) -> str | None:
     """An assignment target's op name without its counter (as op_base), or None where the target is
     not rooted in a name (``f()[0]``, a tuple, ...)."""
+    parts, rooted = _dotted(target)
+    return "_".join(parts) if rooted else None
+
+
+def _dotted(node: ast.expr) -> tuple[list[str], bool]:
+    """The names along ``node``'s attribute chain, outermost first (subscripts skipped), and whether
+    the chain starts at a plain name."""
     parts: list[str] = []
-    while True:
-        if isinstance(target, ast.Attribute):
-            parts.append(target.attr)
-            target = target.value
-        elif isinstance(target, ast.Subscript):
-            target = target.value
-        elif isinstance(target, ast.Name):
-            parts.append(target.id)
-            return "_".join(reversed(parts))
-        else:
-            return None
+    while isinstance(node, ast.Attribute | ast.Subscript):
+        if isinstance(node, ast.Attribute):
+            parts.append(node.attr)
+        node = node.value
+    if isinstance(node, ast.Name):
+        parts.append(node.id)
+    return parts[::-1], isinstance(node, ast.Name)
 
 
 def _assignments(definition: ast.AST) -> dict[str, list[list[str]]]:

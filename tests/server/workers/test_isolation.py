@@ -12,20 +12,17 @@ escaped it. What must still hold, each shown against a real ``glassbox serve``:
 
 from __future__ import annotations
 
-import os
 import socket
 from collections.abc import Iterator
 
 import httpx
 import pytest
 import torch
+from raw_jobs import raw_server, run_raw
 
 from glassbox import LanguageModel
-from glassbox.cli import start_server
 from glassbox.offline import tiny_gpt2_path
-from glassbox.remote import transport
 from glassbox.server.workers.confine import available
-from job_requests import job_request
 from waiting import HANG, REQUEST
 
 PROMPT = "The Eiffel Tower is in"
@@ -36,16 +33,8 @@ pytestmark = pytest.mark.skipif(
 
 
 def _serve(tmp_path_factory: pytest.TempPathFactory, max_seconds: float) -> Iterator[tuple[str, str]]:
-    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # tests/server: raw_executor.py
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [here, os.environ.get("PYTHONPATH")])))
-        running = start_server({"gpt2": str(tiny_gpt2_path())}, state_dir=str(tmp_path_factory.mktemp("raw")),
-                               args=["--executor", "raw_executor", "--max-batch", "1",
-                                     "--max-seconds", str(max_seconds), "--crash-retries", "0"])
-    try:
-        yield running.url, running.create_key("mallory")
-    finally:
-        running.stop()
+    with raw_server(str(tmp_path_factory.mktemp("raw")), "--max-seconds", str(max_seconds)) as running:
+        yield running
 
 
 @pytest.fixture(scope="module")
@@ -59,17 +48,8 @@ def limited(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str
 
 
 def _run(server: tuple[str, str], source: str) -> dict:
-    """Run raw ``source`` as one job; its ``out`` dict, or the ERROR result's error."""
-    url, key = server
-    request = job_request(source, inputs=[PROMPT], first_line=1, model_refs={}, modules={},
-                          filename="<remote block>")
-    job = transport.submit(url, key, request, REQUEST)
-    for _ in transport.events(url, key, job, timeout=HANG):
-        pass
-    result = transport.result(url, key, job, timeout=REQUEST)
-    if not result.ok:
-        return {"error": result.error}
-    return result.decoded()["saved"]["out"]
+    """Run raw ``source`` as one job on ``PROMPT``; its ``out`` dict, or the ERROR result's error."""
+    return run_raw(server, source, PROMPT)
 
 
 def _worker_pids(server: tuple[str, str]) -> list:
