@@ -57,7 +57,7 @@ from ...remote.job import JobRequest, JobResult
 from ...tracing import Body, collect_saved, run_together
 from . import execute, served
 
-__all__ = ["run_batch"]
+__all__ = ["padded_width", "run_batch"]
 
 
 class _Request:
@@ -89,11 +89,6 @@ class _Request:
         seconds = round(time.perf_counter() - self.started, 4)
         return reply.replace(seconds=seconds, threads=torch.get_num_threads())
 
-    def length(self) -> int:
-        """The prompt's length alone: its longest row, or the width its encoding was already padded
-        to (a padded attention mask, tokenizer padding options), which it keeps in any batch."""
-        rows = self.prompt.rows or ()
-        return max([getattr(self.prompt, "width", 0), *(len(row) for row in rows)])
 
 
 def per_request(model: Any) -> bool:
@@ -133,22 +128,33 @@ def run_batch(models: dict[str, Any], requests: list[JobRequest], *, logs: list[
 
 
 def _groups(requests: list[_Request]) -> list[tuple[list[_Request], int]]:
-    """Requests that run together (one model each), with the length to pad them to: 0 when all
-    have one length (no padding), else the longest length, raised while it equals another
-    dimension size of the model, so that the sequence dimension is the only one of that size."""
+    """Requests that run together (one model each), with the length to pad them to."""
     by_model: dict[str, list[_Request]] = {}
     for request in requests:
         by_model.setdefault(request.request.model, []).append(request)
-    groups = []
-    for same_model in by_model.values():
-        lengths = {0} if per_request(same_model[0].model) else {request.length() for request in same_model}
-        width = 0
-        if len(lengths) > 1:
-            width, sizes = max(lengths), _model_sizes(same_model[0].model)
-            while width in sizes:
-                width += 1
-        groups.append((same_model, width))
-    return groups
+    return [(same, padded_width(same[0].model, [r.prompt for r in same])) for same in by_model.values()]
+
+
+def padded_width(model: Any, prompts: list[Any]) -> int:
+    """The length to pad ``prompts`` (prepared inputs of ``model``) to in one pass: 0 when all have
+    one length (no padding), else the longest length, raised while it equals another dimension
+    size of the model, so that the sequence dimension is the only one of that size."""
+    if per_request(model):
+        return 0
+    lengths = {_length(prompt) for prompt in prompts}
+    width = 0
+    if len(lengths) > 1:
+        width, sizes = max(lengths), _model_sizes(model)
+        while width in sizes:
+            width += 1
+    return width
+
+
+def _length(prompt: Any) -> int:
+    """A prompt's length alone: its longest row, or the width its encoding was already padded to
+    (a padded attention mask, tokenizer padding options), which it keeps in any batch."""
+    rows = getattr(prompt, "rows", None) or ()
+    return max([getattr(prompt, "width", 0), *(len(row) for row in rows)])
 
 
 _sizes: dict[int, frozenset[int]] = {}

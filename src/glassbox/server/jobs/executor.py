@@ -1,7 +1,8 @@
 """The default executor (what ``--executor`` names unless an operator says otherwise).
 
 Offers:
-    load_models, load_model, unload_model, run_job, run_batch, run_in_process, after_job
+    load_models, load_model, unload_model, run_job, run_batch, run_host, run_body, run_in_process,
+    after_job
         the functions of the ``Executor`` contract (declared in ``glassbox.remote.executor``,
         where a worker and ``remote="local"`` find executors by module name)
 
@@ -14,7 +15,10 @@ A worker (``workers/child.py``) calls::
     unload_model(models, name)                      evict one, freeing its memory
     result = run_job(models, request, log=print_fn, limits={...})          JobRequest -> JobResult
     results = run_batch(models, [request, ...], logs=[print_fn, ...], limits={...})
-                                                    several jobs in one pass
+                                                    several jobs in one pass, in this process
+    run_host(models, [request, ...], [link_fd, ...])  a split batch (workers/split.py): the pass,
+    result = run_body(models, request, link_fd, log=print_fn, limits={...})    and one request's
+                                                    code, each in a process of its own
     after_job(models)                               after every job or batch, once its replies
                                                     are on their way (workers that run each job
                                                     in a process of its own skip it)
@@ -30,6 +34,8 @@ from .execute import run_job
 from .inprocess import run_in_process
 from .loading import load_model, load_models, prepare_later_loads, unload_model
 from .served import after_job
+from .split_body import run_body
+from .split_host import run_host
 
-__all__ = ["after_job", "load_model", "load_models", "prepare_later_loads", "run_batch", "run_in_process",
-           "run_job", "unload_model"]
+__all__ = ["after_job", "load_model", "load_models", "prepare_later_loads", "run_batch", "run_body",
+           "run_host", "run_in_process", "run_job", "unload_model"]

@@ -187,24 +187,56 @@ def _no_progress_thread() -> None:
 
 
 def handle_message(module: Any, models: dict, message: dict, blob: bytes, send: Callable[[dict, bytes], None],
-                   *, memory_limit: int = 0, after: bool = True) -> None:
+                   *, memory_limit: int = 0, after: bool = True, links: tuple[int, ...] = ()) -> None:
     """Run what one ``job`` or ``batch`` message asks (see ``channel.py``), sending
     ``log`` and ``result`` messages through ``send(message, blob)``; then, with every reply on its
     way and ``after``, verify and restore the weights (``after_job``; a forked job's process needs
-    none: it ends). Shared by the local worker (in a forked child) and the Ray replicas."""
+    none: it ends). Shared by the local worker (in a forked child) and the Ray replicas.
+    In the processes of a split batch (``split.py``): ``host`` (the batch's forward, over ``links``)
+    and ``body`` (one job, as a body of that forward, over ``links[0]``)."""
     limits = dict(message.get("limits") or {})
-    if message.get("op") == "batch":
+    op = message.get("op")
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        torch.manual_seed(0)
+    if op == "host":
+        _run_host(module, models, message, blob, links)
+        return
+    if op == "body":
+        send = _serialized(send)
+        _send_results(send, [str(message["job"])], [_run_one(
+            module, models, str(message["job"]), blob, limits, send,
+            run=lambda models, request, **kw: module.run_body(models, request, links[0], **kw))],
+            memory_limit)
+        return
+    if op == "batch":
         ids = [str(job_id) for job_id in message["jobs"]]
         sizes = [int(size) for size in message["sizes"]]
         offsets = [sum(sizes[:i]) for i in range(len(sizes))]
         requests = [blob[start:start + size] for start, size in zip(offsets, sizes)]
     else:
         ids, requests = [str(message["job"])], [blob]
-    torch = sys.modules.get("torch")
-    if torch is not None:
-        torch.manual_seed(0)
     send = _serialized(send)  # printed output may be sent from a timer thread (_JobLog)
     results = _run_many(module, models, ids, requests, limits, send)
+    _send_results(send, ids, results, memory_limit)
+    del results
+    # The replies are on their way; now, before the next job, verify and restore the weights.
+    after_job = getattr(module, "after_job", None)
+    if after and after_job is not None:
+        after_job(models)
+
+
+def _run_host(module: Any, models: dict, message: dict, blob: bytes, links: tuple[int, ...]) -> None:
+    """A split batch's host: its requests read, its forward run over the links; it sends nothing
+    (each body sends its own result)."""
+    sizes = [int(size) for size in message["sizes"]]
+    offsets = [sum(sizes[:i]) for i in range(len(sizes))]
+    requests = [JobRequest.read(blob[start:start + size]) for start, size in zip(offsets, sizes)]
+    module.run_host(models, requests, list(links))
+
+
+def _send_results(send: Callable[[dict, bytes], None], ids: list[str], results: list[JobResult],
+                  memory_limit: int) -> None:
     for job_id, result in zip(ids, results):
         if memory_limit and result.error is not None and is_out_of_memory(result.error):
             result = over_memory_limit(result, memory_limit)
@@ -213,11 +245,6 @@ def handle_message(module: Any, models: dict, message: dict, blob: bytes, send: 
         except (ProtocolError, MemoryError) as err:  # MemoryError: framing a huge result
             failed = JobResult.failed("InternalError", f"cannot send the result: {err}")
             send({"op": "result", "job": job_id, "result": failed.envelope()}, b"")
-    del results
-    # The replies are on their way; now, before the next job, verify and restore the weights.
-    after_job = getattr(module, "after_job", None)
-    if after and after_job is not None:
-        after_job(models)
 
 
 def _serialized(send: Callable[[dict, bytes], None]) -> Callable[[dict, bytes], None]:
@@ -315,12 +342,12 @@ class _JobLog:
 
 
 def _run_one(module: Any, models: dict, job_id: str, request: bytes, limits: dict,
-             send: Callable[[dict, bytes], None]) -> JobResult:
+             send: Callable[[dict, bytes], None], run: Callable[..., JobResult] | None = None) -> JobResult:
     log = _JobLog(job_id, int(limits.pop("max_log_bytes", 0) or 0), send)
     try:
         read = JobRequest.read(request)
         try:
-            result = module.run_job(models, read, log=log, limits=limits)
+            result = (run or module.run_job)(models, read, log=log, limits=limits)
         finally:
             log.close()
         if not isinstance(result, JobResult):

@@ -1,15 +1,17 @@
 """Run each job or batch in a fresh process: memory that dies with it.
 
 Offers:
-    JobProcess(fork, reap)   a process that waits for one job, made by ``fork(job_r, out_w,
-        fault_w) -> pid`` (``zygote.Zygote.fork``: forked from the zygote, never from the worker)
+    JobProcess(fork, reap, links=())   a process that waits for one job, made by ``fork(job_r, out_w,
+        fault_w, *links) -> pid`` (``zygote.Zygote.fork``: forked from the zygote, never from the worker)
         and reaped by ``reap(pid) -> wait status``; ``.run(message, blob, ids, forward, control)``
         hands it the job and, in the worker, passes the process's ``log`` / ``result`` frames on
         to the feeder (checked: only this message's jobs, one result each, logs within their
         cap), stops it on ``abort``, and reports a process that died (``crashed``, with the
         user's line when Python's own traceback of the crash shows it); ``.discard()`` if no job
         comes
-    job_process_main(job_r, out_w, fault_w, handler, threads, confine)
+    run_processes([(process, message, blob, ids), ...], forward, control)
+                       ``.run`` for the processes of one shared pass at once (``split.py``)
+    job_process_main(job_r, out_w, fault_w, handler, threads, confine, links)
                        the job's process itself (in the child the zygote forked): confine it
                        further, set its torch threads, read its one job, run ``handler``; never
                        returns
@@ -69,9 +71,12 @@ from ...remote.protocol import ProtocolError
 from .channel import exit_reason
 from .child import SENSITIVE_ENV
 
-__all__ = ["JobProcess", "die_with_parent", "job_process_main", "keep_only", "prepare_parent"]
+__all__ = ["Handler", "JobProcess", "die_with_parent", "job_process_main", "keep_only", "prepare_parent",
+           "run_processes"]
 
 _HEADER = struct.Struct("<Q")
+# What runs a job in its process: (message, blob, send, links) -> None
+Handler = Callable[[dict, bytes, Callable[[dict, bytes], None], tuple[int, ...]], None]
 _PR_SET_PDEATHSIG = 1
 _MAX_FRAME = 1 << 40
 _LOG_SLACK = 65536  # the child caps bytes plus one per print; this counts characters of batches
@@ -108,12 +113,13 @@ class JobProcess:
         later = spare.run(message, blob, ids, forward, control)   # then make the next spare
     """
 
-    def __init__(self, fork: Callable[[int, int, int], int], reap: Callable[[int], int]) -> None:
+    def __init__(self, fork: Callable[..., int], reap: Callable[[int], int],
+                 links: tuple[int, ...] = ()) -> None:
         job_r, job_w = os.pipe()
         out_r, out_w = os.pipe()
         fault_r, fault_w = os.pipe()
         try:
-            pid = fork(job_r, out_w, fault_w)
+            pid = fork(job_r, out_w, fault_w, *links)
         except BaseException:
             for fd in (job_w, out_r, fault_r):
                 os.close(fd)
@@ -129,39 +135,7 @@ class JobProcess:
         docstring. ``control`` is the feeder's connection: its ``abort`` stops the process;
         anything else it sends meanwhile (the next job, sent as soon as this one's results
         arrived) is returned, for the worker to handle next."""
-        pid, out_r = self.pid, self.out_r
-        relay = _Relay(ids, forward, max_log_bytes)
-        aborted = False
-        later: list[tuple[dict, bytes]] = []
-        try:
-            with contextlib.suppress(OSError):  # a process that died already: reported below
-                _writer(self.job_w)(message, blob)
-            os.close(self.job_w)
-            reader = _FrameReader(out_r)
-            while True:
-                ready, _, _ = select.select([out_r, control], [], [])
-                if control in ready and _feeder_says_abort(control, pid, later):
-                    aborted = True
-                    break
-                if out_r in ready:
-                    frames = reader.read()
-                    if frames is None:
-                        break  # the process closed its end: it ended (or died)
-                    for data in frames:
-                        relay.pass_on(data)
-        finally:
-            status, stopped = _wait(pid, self.reap, control, later, already=aborted)
-            aborted = aborted or stopped
-            fault = _drain(self.fault_r)
-            os.close(out_r)
-            os.close(self.fault_r)
-        if aborted:
-            forward({"op": "aborted"}, b"")
-            return later
-        code = os.waitstatus_to_exitcode(status)
-        if code != 0 or relay.unanswered():
-            relay.crashed(_crash_reason(code, fault))
-        return later
+        return run_processes([(self, message, blob, ids)], forward, control, max_log_bytes=max_log_bytes)
 
     def discard(self) -> None:
         """End a process that will get no job (the worker is stopping)."""
@@ -174,35 +148,88 @@ class JobProcess:
                 os.close(fd)
 
 
-def job_process_main(job_r: int, out_w: int, fault_w: int,
-                     handler: Callable[[dict, bytes, Callable[[dict, bytes], None]], None], threads: int,
-                     confine: Callable[[], None] | None) -> None:
-    """The job's process: holds only its three pipes, confined further, reads one job and runs
-    ``handler`` on it; exits (never returns)."""
+def run_processes(jobs: list[tuple[JobProcess, dict, bytes, list[str]]],
+                  forward: Callable[[dict, bytes], None], control: Any, *,
+                  max_log_bytes: int = 0) -> list[tuple[dict, bytes]]:
+    """``JobProcess.run`` for several processes at once (a shared pass: its host and one process per
+    request, ``split.py``): each gets its message; what each says is passed on for its own ``ids``
+    only; an ``abort`` stops them all; a process that died is reported for its own jobs once every
+    process has ended. Returns what the feeder sent meanwhile that was not an ``abort``."""
+    relays, readers = {}, {}
+    for process, message, blob, ids in jobs:
+        relays[process.out_r] = _Relay(ids, forward, max_log_bytes)
+        readers[process.out_r] = _FrameReader(process.out_r)
+        with contextlib.suppress(OSError):  # a process that died already: reported below
+            _writer(process.job_w)(message, blob)
+        os.close(process.job_w)
+    pids = [process.pid for process, *_ in jobs]
+    aborted = False
+    later: list[tuple[dict, bytes]] = []
+    statuses: dict[int, int] = {}
+    try:
+        talking = set(relays)
+        while talking:
+            ready, _, _ = select.select([*talking, control], [], [])
+            if control in ready and _feeder_says_abort(control, pids, later):
+                aborted = True
+                break
+            for out_r in talking.intersection(ready):
+                frames = readers[out_r].read()
+                if frames is None:
+                    talking.discard(out_r)  # the process closed its end: it ended (or died)
+                    continue
+                for data in frames:
+                    relays[out_r].pass_on(data)
+    finally:
+        faults = {}
+        for process, *_ in jobs:
+            status, stopped = _wait(process.pid, process.reap, control, later, already=aborted, all_pids=pids)
+            statuses[process.pid] = status
+            aborted = aborted or stopped
+            faults[process.pid] = _drain(process.fault_r)
+            os.close(process.out_r)
+            os.close(process.fault_r)
+    if aborted:
+        forward({"op": "aborted"}, b"")
+        return later
+    for process, *_ in jobs:
+        code = os.waitstatus_to_exitcode(statuses[process.pid])
+        relay = relays[process.out_r]
+        if code != 0 or relay.unanswered():
+            relay.crashed(_crash_reason(code, faults[process.pid]))
+    return later
+
+
+def job_process_main(job_r: int, out_w: int, fault_w: int, handler: Handler, threads: int,
+                     confine: Callable[[], None] | None, links: tuple[int, ...] = ()) -> None:
+    """The job's process: holds only its three pipes (and the ``links`` of a shared pass,
+    ``split.py``), confined further, reads one job and runs ``handler(message, blob, send, links)``
+    on it; exits (never returns)."""
     code = 70
     try:
         # Every descriptor but its own pipes goes: the zygote's socket, and whatever else the worker
         # had when it forked the zygote (the pipe to the feeder above all: only the worker may write
         # there, and it checks what this process says). Confinement does not cover open descriptors.
-        keep_only(job_r, out_w, fault_w)
+        keep_only(job_r, out_w, fault_w, *links)
         _job_environment()
         _child_setup(fault_w, threads, confine)
         frames = _FrameReader(job_r).read_one()
         os.close(job_r)
         if frames is not None:
             message, blob = unframe(frames)
-            handler(message, blob, _writer(out_w))
+            handler(message, blob, _writer(out_w), links)
         code = 0
     finally:
         os._exit(code)
 
 
 def _wait(pid: int, reap: Callable[[int], int], control: Any, later: list[tuple[dict, bytes]], *,
-          already: bool) -> tuple[int, bool]:
+          already: bool, all_pids: list[int]) -> tuple[int, bool]:
     """Wait for the job's process to end, still listening to the feeder: a process that closed its
     pipe but runs on (raw code can do that) is stopped by an ``abort`` like any other, instead of
-    holding the worker until the feeder gives up on it and restarts it. Returns (wait status,
-    whether it was aborted here)."""
+    holding the worker until the feeder gives up on it and restarts it (an ``abort`` stops
+    ``all_pids``: the processes of one shared pass go together). Returns (wait status, whether it
+    was aborted here)."""
     stopped = already
     if not stopped:
         exited = os.pidfd_open(pid)  # readable once the process has ended
@@ -211,7 +238,7 @@ def _wait(pid: int, reap: Callable[[int], int], control: Any, later: list[tuple[
                 ready, _, _ = select.select([exited, control], [], [])
                 if exited in ready:
                     break
-                if _feeder_says_abort(control, pid, later):
+                if _feeder_says_abort(control, all_pids, later):
                     stopped = True
                     break
         finally:
@@ -346,15 +373,17 @@ def _crash_reason(code: int, fault: str) -> dict:
     return {"reason": reason, "lineno": int(lines[0]) if lines else None}
 
 
-def _feeder_says_abort(control: Any, pid: int, later: list[tuple[dict, bytes]]) -> bool:
-    """Read the feeder's next message: ``abort`` (or the feeder gone) kills the job's process and
+def _feeder_says_abort(control: Any, pids: list[int], later: list[tuple[dict, bytes]]) -> bool:
+    """Read the feeder's next message: ``abort`` (or the feeder gone) kills the job's processes and
     returns True; anything else is kept in ``later`` for the worker."""
     try:
         received = unframe(control.recv_bytes())
     except (EOFError, OSError, ProtocolError):
         received = None
     if received is None or received[0].get("op") == "abort":
-        os.kill(pid, signal.SIGKILL)
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
         return True
     later.append(received)
     return False

@@ -58,6 +58,7 @@ from .child import (
 )
 from .confine import confine_job, confine_worker
 from .forked import JobProcess, prepare_parent
+from .split import run_split
 from .zygote import Zygote
 
 __all__ = ["LocalProcess", "worker_main"]
@@ -123,8 +124,10 @@ def _serve(conn: multiprocessing.connection.Connection) -> None:
     exit_with_parent()  # a thread: only once confined (Landlock covers threads started after it)
     threads = torch_threads or reply["default_threads"]  # torch's default, as a local run has it
 
-    def handler(message: dict, blob: bytes, child_send: Callable[[dict, bytes], None]) -> None:
-        handle_message(module, models, message, blob, child_send, memory_limit=limit, after=False)
+    def handler(message: dict, blob: bytes, child_send: Callable[[dict, bytes], None],
+                links: tuple[int, ...]) -> None:
+        handle_message(module, models, message, blob, child_send, memory_limit=limit, after=False,
+                       links=links)
 
     def load(message: dict) -> dict:
         return handle_load(module, models, message, memory_limit=limit)
@@ -139,6 +142,9 @@ def _serve(conn: multiprocessing.connection.Connection) -> None:
         return JobProcess(zygote.fork, zygote.reap) if zygote is not None else None
 
     spare = fork()  # the next job's process, forked ahead
+    # A batch runs split (split.py) where the executor offers it: the model's forward in a host
+    # process, each request's code in a process of its own.
+    split = callable(getattr(module, "run_host", None)) and callable(getattr(module, "run_body", None))
     waiting: list[tuple[dict, bytes]] = []  # sent while a forked job was still finishing
     try:
         while True:
@@ -164,9 +170,13 @@ def _serve(conn: multiprocessing.connection.Connection) -> None:
                 if spare is None:
                     handle_message(module, models, message, blob, send, memory_limit=limit)
                     continue
+                max_log = int((message.get("limits") or {}).get("max_log_bytes", 0) or 0)
+                if op == "batch" and split and zygote is not None:  # each request in its own process
+                    waiting += run_split(zygote.fork, zygote.reap, message, blob, send, conn,
+                                         max_log_bytes=max_log)
+                    continue
                 ids = [str(j) for j in message["jobs"]] if op == "batch" else [str(message["job"])]
                 process, spare = spare, None
-                max_log = int((message.get("limits") or {}).get("max_log_bytes", 0) or 0)
                 waiting += process.run(message, blob, ids, send, conn, max_log_bytes=max_log)
                 spare = fork()
             except OSError:

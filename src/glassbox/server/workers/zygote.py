@@ -4,8 +4,9 @@ job's process is forked.
 Offers:
     Zygote(handler, loader, threads=, confine=)
                    fork it (in the worker, once the worker is confined and before its first job)
-    .fork(job_r, out_w, fault_w) -> pid
+    .fork(job_r, out_w, fault_w, *links) -> pid
                    a job's process (``forked.job_process_main``) holding only these descriptors
+                   (``links``: the sockets of a shared pass, at most ``MAX_LINKS``)
     .reap(pid) -> wait status      the exit status of a job's process (call once it has ended)
     .load(message) -> reply        a ``load`` message (on-demand load, evictions), run here
     .stop()
@@ -37,17 +38,18 @@ import socket
 from collections.abc import Callable
 from typing import Any
 
-from .forked import die_with_parent, job_process_main, keep_only, prepare_parent
+from .forked import Handler, die_with_parent, job_process_main, keep_only, prepare_parent
 
-__all__ = ["Zygote"]
+__all__ = ["MAX_LINKS", "Zygote"]
 
 _PACKET = 1 << 16  # a load reply (a model's description) is a few hundred bytes
+MAX_LINKS = 250  # the links a shared pass's host holds: one per request (SCM_RIGHTS takes 253 fds)
 
 
 class Zygote:
     """The worker's handle on its zygote process (see the module docstring)."""
 
-    def __init__(self, handler: Callable[[dict, bytes, Callable[[dict, bytes], None]], None],
+    def __init__(self, handler: Handler,
                  loader: Callable[[dict], dict], *, threads: int, confine: Callable[[], None] | None) -> None:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         pid = os.fork()
@@ -64,8 +66,10 @@ class Zygote:
         theirs.close()
         self.pid, self._socket = pid, ours
 
-    def fork(self, job_r: int, out_w: int, fault_w: int) -> int:
-        return int(self._ask({"op": "fork"}, [job_r, out_w, fault_w])["pid"])
+    def fork(self, job_r: int, out_w: int, fault_w: int, *links: int) -> int:
+        if len(links) > MAX_LINKS:
+            raise ValueError(f"a process can be handed at most {MAX_LINKS} links, not {len(links)}")
+        return int(self._ask({"op": "fork"}, [job_r, out_w, fault_w, *links])["pid"])
 
     def reap(self, pid: int) -> int:
         return int(self._ask({"op": "reap", "pid": pid})["status"])
@@ -95,19 +99,19 @@ class Zygote:
         return json.loads(reply)
 
 
-def _serve(sock: socket.socket, handler: Callable[[dict, bytes, Callable[[dict, bytes], None]], None],
+def _serve(sock: socket.socket, handler: Handler,
            loader: Callable[[dict], dict], threads: int, confine: Callable[[], None] | None) -> None:
     """The zygote's loop: one request, one reply, until the worker closes the socket."""
     while True:
-        data, fds, _, _ = socket.recv_fds(sock, _PACKET, 3)
+        data, fds, _, _ = socket.recv_fds(sock, _PACKET, 3 + MAX_LINKS)
         if not data:
             return
         message: dict[str, Any] = json.loads(data)
         op = message.get("op")
-        if op == "fork" and len(fds) == 3:
+        if op == "fork" and len(fds) >= 3:
             pid = os.fork()
             if pid == 0:
-                job_process_main(*fds, handler, threads, confine)  # never returns
+                job_process_main(*fds[:3], handler, threads, confine, tuple(fds[3:]))  # never returns
             for fd in fds:
                 os.close(fd)
             reply: dict[str, Any] = {"pid": pid}

@@ -1,0 +1,218 @@
+"""A request's body in a shared pass: its code runs here, in a process of its own; the model runs
+in the host process (``split_host.py``), which hands this body only its own rows.
+
+Offers:
+    run_body(models, request, link_fd, log=, limits=) -> JobResult
+                        run one request of a co-tenant batch as a body of the host's pass; when it
+                        asks for what a shared pass cannot give it (or the pass fails), run it
+                        alone, here, from the start
+    NeedsAlone          raised in the body's code when it leaves the pass (a BaseException: code
+                        that catches Exception cannot keep it in the pass)
+
+How a body meets the host::
+
+    body process (this request only)             host process (the model; no user code)
+    ────────────────────────────────             ──────────────────────────────────────
+    exec(block) with model.active = HostView
+      layer.output  ─► HostView.request ── get ──► relay: interleaver.request(layer, "output")
+                     ◄──── value (own rows) ─────        (waits for the forward to get there)
+      layer.output[:] = 0   (in place)
+      next access / end ─ get|done + edit ───────► copied into its rows before the model goes on
+      anything else (.source, hook=True, tracer, cache, skip, iteration, gradients...), or an
+      error from the model's side (out of order, a module that never ran)
+                    ─► NeedsAlone ─── leave ─────► relay ends; its rows run on unused
+                       run_job(request) here: the whole request alone, in this process
+
+Why this is safe: the body process was forked from the zygote (it holds no other request's
+bytes), confined like any job's process, and its model is its own copy-on-write copy with
+read-only weights: what it does to its model, its torch or its memory stays here. The host runs
+only glassbox's relay, which resolves module paths in the model's tree and moves tensors whose
+shapes and types match what it handed out; the rest is the model's own code.
+
+Why rerunning alone is exact: a body's block runs from its first line again, in a fresh
+namespace; what it printed and saved in the pass is dropped. Only its own process saw it.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import torch
+
+from ...envoy import path_of, root_of
+from ...remote.job import JobRequest, JobResult
+from ...tracing import collect_saved
+from . import execute, served
+from .split_link import NOTHING, Link, LinkClosed
+
+__all__ = ["NeedsAlone", "run_body"]
+
+class NeedsAlone(BaseException):
+    """This body asked for something a shared pass cannot give a body; it runs alone instead."""
+
+
+class _AloneTracer:
+    """What the block's tracer name means in a shared pass: any use of it leaves the pass."""
+
+    def __getattr__(self, name: str) -> Any:
+        raise NeedsAlone(f"tracer.{name}")
+
+    def __enter__(self) -> Any:
+        raise NeedsAlone("with tracer")
+
+
+class HostView:
+    """``model.active`` in a body process: module values come from the host, over the link.
+
+        model.active = HostView(model, link)
+        model.layer.output          # -> this body's rows, fetched from the host
+    """
+
+    def __init__(self, root: Any, link: Link) -> None:
+        self.root, self.link = root, link
+        self.key: tuple[str, str] | None = None  # (path, kind) of the value this body holds now
+        self.current: Any = None
+        self.versions: list[int] = []
+        self.replaced = False
+        self.left: str | None = None  # why this body left the pass
+
+    # the consumer side of an Interleaver (interleave.py) that a plain block uses
+
+    def request(self, envoy: Any, kind: str, fresh: bool = False, soft: bool = False) -> Any:
+        if soft:
+            self.leave("tracer.iter")
+        path = self._path(envoy)
+        if not fresh and self.key == (path, kind):
+            return self.current
+        _, value = self._ask({"op": "get", "path": path, "kind": kind, "fresh": bool(fresh)})
+        self.key, self.current, self.replaced = (path, kind), value, False
+        self.versions = _versions(value)
+        return value
+
+    def replace(self, envoy: Any, kind: str, value: Any) -> None:
+        path = self._path(envoy)
+        if self.key != (path, kind):
+            self.request(envoy, kind)  # wait for it first, as an Interleaver does
+        self.current, self.replaced = value, True
+
+    def __getattr__(self, name: str) -> Any:
+        # skip, hooked_call (hook=True), site (.source, cache), request_call and current_consumer
+        # (iteration), state, position...: the model itself, which stays in the host
+        self.leave(name)
+
+    # the pass
+
+    def leave(self, why: str) -> Any:
+        if self.left is None:
+            self.left = why
+            try:
+                self.link.send({"op": "leave", "why": why})
+            except LinkClosed:
+                pass
+        raise NeedsAlone(why)
+
+    def finish(self) -> bool:
+        """The block ended: hand back its last edits; whether the shared pass stood."""
+        message, _ = self._ask({"op": "done"})
+        return message.get("op") == "verdict" and message.get("ok") is True
+
+    def _path(self, envoy: Any) -> str:
+        if self.left is not None:
+            raise NeedsAlone(self.left)
+        if root_of(envoy) is not self.root:
+            self.leave("another model")
+        return path_of(envoy)
+
+    def _ask(self, message: dict) -> tuple[dict, Any]:
+        if self.left is not None:
+            raise NeedsAlone(self.left)
+        value = NOTHING
+        if self.key is not None and self.replaced:
+            message, value = {**message, "replace": True}, self.current
+        elif self.key is not None and _versions(self.current) != self.versions:
+            message, value = {**message, "edit": True}, self.current
+        self.key, self.replaced = None, False  # the host moves on: this value is the body's own now
+        try:
+            self.link.send(message, value)
+            reply, got = self.link.receive()
+        except LinkClosed:
+            self.left = "the shared pass ended"
+            raise NeedsAlone(self.left) from None
+        except Exception as err:  # a value that cannot travel (ProtocolError): run alone
+            self.leave(f"cannot send {type(err).__name__}")
+        op = reply.get("op")
+        if op == "value" and got is not NOTHING:
+            return reply, got
+        if op == "error":  # alone, it meets the same error, worded as a lone run words it
+            self.leave(f"an error: {reply.get('type')}")
+        if op == "verdict":
+            return reply, NOTHING
+        self.left = str(reply.get("why", "the host"))
+        raise NeedsAlone(self.left)
+
+
+def _versions(value: Any, depth: int = 0) -> list[int]:
+    """The version counters of the tensors in ``value``: they change when it is edited in place."""
+    if isinstance(value, torch.Tensor):
+        return [value._version]
+    if depth > 4:
+        return []
+    if isinstance(value, dict):
+        return [v for item in value.values() for v in _versions(item, depth + 1)]
+    if isinstance(value, (list, tuple)):
+        return [v for item in value for v in _versions(item, depth + 1)]
+    return []
+
+
+def run_body(models: dict[str, Any], request: JobRequest, link_fd: int, *, log: Any,
+             limits: dict | None = None) -> JobResult:
+    """Run ``request`` as one body of the host's pass over the socket ``link_fd`` (see the module
+    docstring); never raises for anything its code does. Its printed output goes to ``log`` once
+    its result stands."""
+    limits = limits or {}
+    link = Link.from_fd(link_fd)
+    started = time.perf_counter()
+    printed: list[str] = []
+    filename = execute.next_filename()
+    model = None
+    view: HostView | None = None
+    try:
+        model = served.use_model(models, request.model)
+        code = execute.job_code(request, filename, invoke=True)
+        namespace = execute.job_namespace(model, request, printed.append)
+        namespace[request.tracer_name] = _AloneTracer()
+        view = HostView(model, link)
+        with collect_saved() as saved:
+            model.active = view
+            try:
+                exec(code, namespace)
+            finally:
+                model.active = None
+            stood = view.finish()
+            result = execute.job_reply(namespace, request, saved, limits) if stood else None
+    except NeedsAlone:
+        result = None
+    except Exception as exc:  # its own error, as alone: unless the pass failed under it
+        result = execute.error_reply(exc, filename, request) if _stood(view) else None
+    finally:
+        if model is not None:
+            model.active = None
+        link.close()
+    if result is None:  # alone, from the start, in this process
+        return execute.run_job(models, request, log=log, limits=limits)
+    for text in printed:
+        log(text)
+    return result.replace(seconds=round(time.perf_counter() - started, 4), threads=torch.get_num_threads())
+
+
+def _stood(view: HostView | None) -> bool:
+    """After the block raised: whether the pass it ran in stood (then the error is its own)."""
+    if view is None:
+        return True
+    if view.left is not None:
+        return False
+    try:
+        return view.finish()
+    except NeedsAlone:
+        return False
