@@ -4,6 +4,10 @@ It stands for the day the in-process sandbox is escaped: everything the OS confi
 per-job process and the read-only weights promise must hold against this. The job's source runs
 with ``model`` (the served LanguageModel), ``torch``, ``prompt`` (its input) and ``out`` (a dict
 it fills); ``out`` comes back as the saved value ``out``. Never use it outside the tests.
+
+A co-tenant batch runs split as with the default executor (``run_host`` is the real host: it runs
+no job's code), and each request's body runs raw in its own process (``run_body``): its source is
+the block's body, with ``model``'s values served by the host (``model.active`` is the host's view).
 """
 
 from __future__ import annotations
@@ -15,9 +19,11 @@ import torch
 
 from glassbox.remote.job import JobRequest, JobResult
 from glassbox.remote.protocol import encode_values
-from glassbox.server.jobs.executor import load_models
+from glassbox.server.jobs.executor import load_models, run_host
+from glassbox.server.jobs.split_body import HostView, NeedsAlone
+from glassbox.server.jobs.split_link import Link
 
-__all__ = ["load_models", "run_job"]
+__all__ = ["load_models", "run_body", "run_host", "run_job"]
 
 
 def run_job(models: dict[str, Any], request: JobRequest, *, log: Callable[[str], None],
@@ -32,3 +38,19 @@ def run_job(models: dict[str, Any], request: JobRequest, *, log: Callable[[str],
         return JobResult.failed(type(err).__name__, str(err))
     desc, out_blob = encode_values({"saved": {"out": out}, "result": None})
     return JobResult.completed(desc, [], out_blob)
+
+
+def run_body(models: dict[str, Any], request: JobRequest, link_fd: int, *, log: Callable[[str], None],
+             limits: dict | None = None) -> JobResult:
+    model = models[request.model]
+    view = HostView(model, Link.from_fd(link_fd))
+    model.active = view
+    try:
+        result = run_job(models, request, log=log, limits=limits)
+        if result.ok and not view.finish():
+            return JobResult.failed("PassFailed", "the shared pass did not stand")
+    except NeedsAlone as why:
+        return JobResult.failed("NeedsAlone", str(why))
+    finally:
+        model.active = None
+    return result

@@ -6,6 +6,8 @@ Offers:
     raw_server(tmp, *args, env=None)       a context manager: (url, key) of such a server for the tiny
                                            GPT-2; ``args`` go to ``glassbox serve`` (e.g. --backend ray)
     run_raw(server, source, prompt) -> dict   one job; its ``out`` dict, or {"error": JobError}
+    submit_raw(server, source, prompt) -> id / finished_raw(server, id) -> dict
+                                           the same in two steps (jobs that must queue together)
     leaves_nothing(server) -> dict         a victim's canary, then a search for it (``found`` empty
                                            when nothing of the victim was found)
     VICTIM, FAILING_VICTIM, SEARCH         the jobs themselves
@@ -27,7 +29,8 @@ from glassbox.remote import transport
 from job_requests import job_request
 from waiting import HANG, REQUEST
 
-__all__ = ["FAILING_VICTIM", "SEARCH", "VICTIM", "leaves_nothing", "raw_server", "run_raw"]
+__all__ = ["FAILING_VICTIM", "SEARCH", "VICTIM", "finished_raw", "leaves_nothing", "raw_server", "run_raw",
+           "submit_raw"]
 
 HERE = os.path.dirname(os.path.abspath(__file__))  # tests/server: raw_executor.py
 
@@ -49,10 +52,18 @@ def raw_server(state_dir: str, *args: str, env: dict[str, str] | None = None) ->
 
 
 def run_raw(server: tuple[str, str], source: str, prompt: str) -> dict:
+    return finished_raw(server, submit_raw(server, source, prompt))
+
+
+def submit_raw(server: tuple[str, str], source: str, prompt: str) -> str:
     url, key = server
     request = job_request(source, inputs=[prompt], first_line=1, model_refs={}, modules={},
                           filename="<remote block>")
-    job = transport.submit(url, key, request, REQUEST)
+    return transport.submit(url, key, request, REQUEST)
+
+
+def finished_raw(server: tuple[str, str], job: str) -> dict:
+    url, key = server
     for _ in transport.events(url, key, job, timeout=HANG):
         pass
     result = transport.result(url, key, job, timeout=REQUEST)

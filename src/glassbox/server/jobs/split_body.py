@@ -6,6 +6,7 @@ Offers:
                         run one request of a co-tenant batch as a body of the host's pass; when it
                         asks for what a shared pass cannot give it (or the pass fails), run it
                         alone, here, from the start
+    HostView(model, link)   what ``model.active`` is in a body process: module values from the host
     NeedsAlone          raised in the body's code when it leaves the pass (a BaseException: code
                         that catches Exception cannot keep it in the pass)
 
@@ -46,7 +47,7 @@ from ...tracing import collect_saved
 from . import execute, served
 from .split_link import NOTHING, Link, LinkClosed
 
-__all__ = ["NeedsAlone", "run_body"]
+__all__ = ["HostView", "NeedsAlone", "run_body"]
 
 class NeedsAlone(BaseException):
     """This body asked for something a shared pass cannot give a body; it runs alone instead."""
