@@ -15,6 +15,11 @@ What may share a pass: plain traces of the same model with no trace arguments be
 whose block does not use the tracer (invokes, stop, cache), gradients, module skipping or
 ``.next()``; ``cotenant.py`` runs them.
 
+This is a hint that saves work, not a security boundary: under the default isolation a batch runs
+split (``workers/split.py``) and each body decides at run time, from what it actually asks of the
+forward, whether it can stay in the pass (``split_body.py``); whatever this key lets through that a
+body cannot do in a pass runs that request alone.
+
 On a vLLM model (``engine="vllm"``) a pass is a whole generation: traces (``trace`` / ``generate``)
 with one prompt each, whose trace arguments are that request's own sampling parameters, join ONE
 vLLM trace as its requests (continuous batching). Their blocks may also step through generation

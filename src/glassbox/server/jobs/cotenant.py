@@ -2,6 +2,12 @@
 
 Offers:
     run_batch(models, requests, logs=, limits=) -> [JobResult, ...]   (in the worker)
+    padded_width(model, prompts) -> int    the length a batch of prepared prompts is padded to
+
+Where it runs: in ONE process with every request of the batch, i.e. only where jobs do not get
+processes of their own (``--isolation none``: a GPU server, a vLLM engine). Under the default
+isolation a batch runs split (``workers/split.py``: the forward in a host process that runs no
+user code, each request's block in a process of its own: ``split_host.py``, ``split_body.py``).
 
 Which requests may share a pass is decided in the API process by ``batchable.batch_key``.
 
