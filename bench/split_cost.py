@@ -33,14 +33,13 @@ import torch
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, "..", "tests"))  # job_requests: requests as a client frames them
 
-from job_requests import job_request  # noqa: E402
-
 from glassbox import LanguageModel  # noqa: E402
 from glassbox.offline import smollm2_path, tiny_gpt2_path  # noqa: E402
 from glassbox.remote.job import JobResult  # noqa: E402
 from glassbox.server.jobs.cotenant import run_batch  # noqa: E402
 from glassbox.server.jobs.split_body import run_body  # noqa: E402
 from glassbox.server.jobs.split_host import run_host  # noqa: E402
+from job_requests import job_request  # noqa: E402
 
 PROMPTS = ["The Eiffel Tower is in the city of", "Hello there", "A longer prompt with more tokens in it",
            "The capital of France is", "One", "Two words", "Three little words", "Four words in a row"]

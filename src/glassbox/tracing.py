@@ -214,6 +214,10 @@ class Tracer:
     ) -> None:
         self.model = model
         self._inputs = (args, kwargs) if (args or kwargs) else None
+        # model.trace(output_hidden_states=True) with invokes: arguments of every invoke (nnsight)
+        self._shared: dict = {}
+        if not args and kwargs and not model._holds_input(kwargs):
+            self._inputs, self._shared = None, dict(kwargs)
         self._call = call or {}
         self._remote = remote
         self._remote_args = (list(args), dict(kwargs) if remote_call is None else dict(remote_call))
@@ -463,7 +467,8 @@ class Invoker:
         frame = sys._getframe(1)
         body = capture_body(frame, "invoke") if not tracer._fallback_inputs else None
         root = tracer.model
-        inputs = root._prepare(self.args, self.kwargs) if (self.args or self.kwargs) else None
+        kwargs = {**tracer._shared, **self.kwargs} if self.args or self.kwargs else self.kwargs
+        inputs = root._prepare(self.args, kwargs) if (self.args or self.kwargs) else None
         if body is not None:
             tracer._invokes.append(Deferred.invoke(body, frame, inputs, tracer._invokes))
             if not body.trivial:

@@ -89,6 +89,24 @@ def test_an_invokes_keywords_are_its_own(smollm2):
     assert not torch.allclose(short, full, atol=1e-2)
 
 
+def test_trace_keywords_without_an_input_reach_every_invoke(smollm2):
+    """nnsight's ``model.trace(output_hidden_states=True)`` with invokes: arguments of each invoke."""
+    with smollm2.trace(output_hidden_states=True, truncation=True, max_length=3) as tracer:
+        with tracer.invoke(TEXT):
+            states = smollm2.output.hidden_states.save()
+        with tracer.invoke("Paris"):
+            other = smollm2.output.hidden_states.save()
+    with smollm2.trace(TEXT, output_hidden_states=True, truncation=True, max_length=3):
+        alone = smollm2.output.hidden_states.save()
+    assert len(states) == len(other) == len(alone) == len(smollm2.model.layers) + 1
+    assert states[0].shape[1] == 3  # truncated as the trace's keywords say
+    assert all(torch.allclose(a, b, rtol=1e-4, atol=1e-3) for a, b in zip(states, alone))
+    with smollm2.trace(truncation=True, max_length=3) as tracer:
+        with tracer.invoke(TEXT, max_length=4):  # an invoke's own keywords win
+            ids = smollm2.inputs[1]["input_ids"].save()
+    assert ids.tolist() == [smollm2.tokenizer(TEXT)["input_ids"][:4]]
+
+
 @pytest.mark.parametrize("form", ["list", "tensor", "encoding"])
 def test_token_ids_are_truncated_and_padded_too(smollm2, form):
     ids = smollm2.tokenizer(TEXT)["input_ids"]

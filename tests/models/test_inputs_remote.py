@@ -48,10 +48,13 @@ def options_everywhere(model, remote):
             padded = model.lm_head.output.save()
         with tracer.invoke(CHAT, chat_template=TEMPLATE):
             chat = model.inputs[1]["input_ids"].save()
+    with model.trace(output_hidden_states=True, remote=remote) as tracer:  # keywords of every invoke
+        with tracer.invoke("Paris is"):
+            states = model.output.hidden_states[-1].save()
     with model.generate("The capital of France is", truncation=True, max_length=3, max_new_tokens=2,
                         do_sample=False, remote=remote) as tracer:
         generated = tracer.result.save()
-    return [ids, first, padded, chat, generated]
+    return [ids, first, padded, chat, generated, states]
 
 
 def test_remote_local_equals_local(model):

@@ -155,6 +155,9 @@ class NNsight(Envoy):
     def _ensure_ready(self) -> None:
         pass
 
+    def _holds_input(self, kwargs: dict) -> bool:
+        return True  # a plain module may take its input by keyword
+
     def _prepare(self, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         return tuple(args), dict(kwargs)
 

@@ -68,6 +68,12 @@ class ModelContract(Protocol):
         """``Tracer.__enter__`` and ``run_together``: consumers served before the user's bodies
         (the replays of ``edit()`` blocks, editing.py)."""
 
+    def _holds_input(self, kwargs: dict) -> bool:
+        """``Tracer.__init__``, for ``model.trace(**kwargs)`` with no positional input: whether the
+        keyword arguments are an input (a plain module: its forward's keywords; LanguageModel:
+        ``input_ids``), or, as in nnsight, arguments for every invoke of the trace
+        (``model.trace(output_hidden_states=True)`` with ``tracer.invoke(...)`` blocks)."""
+
     def _prepare(self, args: tuple, kwargs: dict) -> Any:
         """``Tracer`` / ``Invoker`` (and the server's co-tenant batching), once per input: one
         invoke's arguments -> a prepared input (LanguageModel: token rows)."""

@@ -209,6 +209,9 @@ class LanguageModel(HostedByName, NNsight):
 
     # ---------------------------------------------------------------- inputs
 
+    def _holds_input(self, kwargs: dict) -> bool:
+        return "input_ids" in kwargs or "inputs_embeds" in kwargs
+
     def _prepare(self, args: tuple, kwargs: dict) -> _Prompt:
         kwargs = dict(kwargs)
         options = tokenizing.take_options(kwargs)  # the rest go to forward / generate

@@ -49,7 +49,7 @@ out["view"] = type(model.active).__name__
 # Hooks on every module of the model this process holds, torch functions replaced.
 net = model._module
 for m in net.modules():
-    m.register_forward_hook(lambda mod, args, output: output * 0 if isinstance(output, torch.Tensor) else output)
+    m.register_forward_hook(lambda mod, args, out: out * 0 if isinstance(out, torch.Tensor) else out)
 torch.nn.functional.softmax = lambda *a, **k: a[0] * 0
 torch.Tensor.softmax = lambda self, *a, **k: self * 0
 torch.matmul = lambda a, b: a @ b * 0
@@ -90,7 +90,8 @@ def _server(tmp: str, *args: str) -> Iterator[tuple[str, str]]:
 
 
 @pytest.fixture(scope="module", params=["local", "ray"])
-def server(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str]]:
+def server(request: pytest.FixtureRequest,
+           tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str]]:
     if request.param == "ray":
         pytest.importorskip("ray")  # the [ray] extra
     yield from _server(str(tmp_path_factory.mktemp(f"split-{request.param}")), "--backend", request.param)
