@@ -207,10 +207,17 @@ def test_stop_ends_the_forward(mlp, x):
             early = model.inner[1].output.save()
             tracer.stop()
         assert early.shape == (2, 8) and ran == []
-        with pytest.raises(TraceStateError, match="stopped"):
-            with model.trace(x) as tracer:
+        after = []
+        with model.trace(x) as tracer:  # as in nnsight, the block ends at the stop too
+            tracer.stop()
+            after.append(model.inner[3].output)
+        assert after == []
+        with model.trace() as tracer:
+            with tracer.invoke(x):
+                first = model.inner[1].output.save()
                 tracer.stop()
-                model.inner[3].output
+                after.append("invoke")
+        assert first.shape == (2, 8) and after == [] and ran == []
     finally:
         hook.remove()
 

@@ -21,6 +21,7 @@ from types import CodeType, FrameType
 from typing import Any
 
 from .capture import CapturedBody, write_back
+from .errors import TraceStopped
 from .intercept import Consumer
 from .interleave import Interleaver
 
@@ -105,7 +106,10 @@ class Deferred:
         return self
 
     def _run(self, _start: Any = None) -> None:
-        exec(self.code, self.ns, self.locals)
+        try:
+            exec(self.code, self.ns, self.locals)
+        except TraceStopped:  # tracer.stop() in this body: its lines after do not run, the trace ends
+            pass
 
     # ---------------------------------------------------------------- sharing
 

@@ -8,6 +8,7 @@ Offers:
     TraceStateError     an API was used where it cannot work (outside a trace,
                         from another thread, after tracer.stop(), ...); a
                         ValueError too, as nnsight 0.8 raises ValueError there
+    TraceStopped        how ``tracer.stop()`` leaves its block (not an error: the trace catches it)
     SandboxError        remote code tried something the server does not allow
     RemoteError         a remote run failed: no server, a refused request
                         (``status_code``: the HTTP status), a time-out, or a
@@ -49,6 +50,11 @@ class OutOfOrderError(GlassboxError):
 
 class MissedModuleError(OutOfOrderError):
     """A module was requested but the forward finished without ever running it."""
+
+
+class TraceStopped(Exception):
+    """``tracer.stop()`` leaving its trace's block: the lines after it do not run (as in nnsight);
+    the trace that raised it catches it and ends normally."""
 
 
 class SandboxError(GlassboxError):

@@ -47,7 +47,7 @@ from .capture import SkipBody, capture_body, skip_body
 from .config import CONFIG
 from .deferred import Deferred
 from .envoy import set_save, set_tracer_finder
-from .errors import GlassboxError, TraceStateError, at_user_line
+from .errors import GlassboxError, TraceStateError, TraceStopped, at_user_line
 from .intercept import Consumer
 from .interleave import Interleaver
 from .iteration import AllCalls, CallSelector
@@ -287,6 +287,9 @@ class Tracer:
         root = self.model
         interleaver = self._interleaver
         assert interleaver is not None
+        stopped = isinstance(exc, TraceStopped)  # tracer.stop(): the block ends there, the trace well
+        if stopped:
+            exc_type = exc = None
         if isinstance(exc, GlassboxError):  # raised in the body: it ends at the user's line
             at_user_line(exc, CONFIG.APP.DEBUG)
         try:
@@ -315,7 +318,7 @@ class Tracer:
                 deferred.publish()
             for publish in publishers:
                 publish()
-        return False
+        return stopped
 
     def _publish_later(self, publish: Any) -> None:
         """Call ``publish`` once the trace has ended well (a captured block writes its names back)."""
@@ -413,8 +416,10 @@ class Tracer:
         return _no_barrier
 
     def stop(self) -> None:
-        """Stop the model here: the rest of the forward pass does not run."""
+        """Stop the model here: the rest of the forward pass does not run, nor the rest of the
+        block (as in nnsight: the trace ends here, values saved so far are kept)."""
         self._active().stop()
+        raise TraceStopped()
 
     def cache(self, modules: list | None = None, device: Any = "cpu", dtype: Any = None,
               detach: bool = True, include_output: bool = True, include_inputs: bool = False) -> Cache:
