@@ -33,6 +33,6 @@ class _Absent(type):
 def absent(module: str, name: str, why: str, base: type = object) -> type:
     """A stand-in for nnsight's ``{module}.{name}`` (with ``glassbox`` for ``nnsight``)."""
     where = module.replace("glassbox", "nnsight", 1)
-    message = f"nnsight's {where}.{name} has no glassbox counterpart: {why}"
+    message = f"{where}.{name} has no glassbox counterpart: {why}"
     return _Absent(name, (base,), {"__module__": module, "__qualname__": name, "__doc__": message,
                                    "_why": message})
