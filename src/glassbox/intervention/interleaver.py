@@ -2,7 +2,9 @@
 (``nnsight.intervention.interleaver``).
 
     OutOfOrderError      glassbox.errors.OutOfOrderError (also ``glassbox.OutOfOrderError``)
-    EarlyStopException, Interleaver, Mediator, Event, Pending
+    EarlyStopException   glassbox.errors.TraceStopped: how ``tracer.stop()`` leaves its block
+                         (its trace catches it, as nnsight's does)
+    Interleaver, Mediator, Event, Pending
                          stand-ins that raise when used (see _absent.py): nnsight's
                          interleaver drives one worker (a Mediator) per invoke, parked on
                          events; glassbox runs the block inline and the model in a greenlet
@@ -10,7 +12,7 @@
                          each trace and not a public API), so it has none of them.
 """
 
-from ..errors import OutOfOrderError
+from ..errors import OutOfOrderError, TraceStopped
 from ._absent import absent
 
 _INSTEAD = "write the intervention in a `with model.trace(...)` block (and `tracer.invoke(...)`)."
@@ -35,11 +37,6 @@ Pending = absent(
     "it is a Mediator's parked request (event, location, occurrence); glassbox has no Mediators. "
     "An OutOfOrderError names the module asked for and where the model was.",
 )
-EarlyStopException = absent(
-    __name__, "EarlyStopException",
-    "it is how nnsight's tracer.stop() unwinds, and glassbox never raises it: tracer.stop() ends "
-    "the model's forward there and the trace ends normally, so there is nothing to catch.",
-    base=Exception,
-)
+EarlyStopException = TraceStopped
 
 __all__ = ["EarlyStopException", "Event", "Interleaver", "Mediator", "OutOfOrderError", "Pending"]
