@@ -21,6 +21,7 @@ import sys
 from typing import Any
 
 from ...envoy import module_of
+from ..sandbox.offloaded import protected_parts
 from .offload import own_offload_files
 from .sealed import release, seal
 from .served import unwatch, watch
@@ -73,6 +74,7 @@ def load_model(name: str, spec: Any) -> Any:
           file=sys.stderr, flush=True)
     _hide_paths(model, name)
     watch(model)
+    protected_parts(module_of(model))  # what every job's sandbox protects, walked once, before any fork
     _give_back_freed_memory()  # the weights' pre-seal copies: ~2x the model held until some later malloc
     return model
 

@@ -32,7 +32,7 @@ import torch
 from ...envoy import Envoy, module_of
 from ...errors import SandboxError
 from ...models.generation import call_through
-from .offloaded import offloaded_tensors
+from .offloaded import protected_parts
 from .whitelist import SPECS, ModuleView, dangerous, importable_modules
 
 _MISSING = object()
@@ -140,13 +140,15 @@ class Policy:
         if isinstance(value, Envoy):
             value = module_of(value)
         if isinstance(value, torch.nn.Module):
-            for module in value.modules():
+            if id(value) in self._module_ids:
+                return  # protected already, with all it holds
+            modules, tensors = protected_parts(value)
+            for module in modules:
                 if id(module) not in self._module_ids:
                     self._module_ids.add(id(module))
                     self._modules.append(module)
-            for tensor in itertools.chain(value.parameters(), value.buffers(), offloaded_tensors(value)):
-                if tensor.device.type != "meta":  # an offloaded weight's placeholder: its values
-                    self._collect(tensor, spans)  # are in the hooks' weights map (offloaded.py)
+            for tensor in tensors:
+                self._collect(tensor, spans)
         elif isinstance(value, torch.Tensor):
             if value.device.type == "meta":
                 raise ValueError(
