@@ -199,8 +199,9 @@ class RemoteRun:
         if not self.blocking:
             self.frame = None
             return
-        _follow(self.job, self.timeout or CONFIG.TIMEOUT)
-        self._apply(transport.result(host, key, job_id))
+        kept: dict = {}
+        _follow(self.job, self.timeout or CONFIG.TIMEOUT, kept)
+        self._apply(kept.get("result") or transport.result(host, key, job_id))
 
     def _apply(self, reply: JobResult) -> None:
         frame = self.frame
@@ -264,16 +265,17 @@ def _show_log(text: str) -> None:
     sys.stdout.flush()
 
 
-def _follow(job: JobHandle, timeout: float) -> None:
+def _follow(job: JobHandle, timeout: float, keep_result: dict | None = None) -> None:
     """Wait for the job, printing its output and (unless CONFIG.STATUS is off) a
     live status line: one line rewritten in place on a terminal, else one line
-    per change of status."""
+    per change of status. ``keep_result``: see ``transport.events`` (the result, when the
+    server sends it with the final event)."""
     from . import transport
 
     deadline = time.monotonic() + timeout + 30
     status_line = _StatusLine(job.id) if CONFIG.STATUS else None
     try:
-        for event in transport.events(job.host, job.api_key, job.id):
+        for event in transport.events(job.host, job.api_key, job.id, keep_result=keep_result):
             text = event.get("log")
             if text:
                 if status_line is not None:
@@ -370,8 +372,9 @@ class JobHandle:
         (``"result"`` holds generated ids for a generate job)."""
         from . import transport
 
-        _follow(self, timeout or CONFIG.TIMEOUT)
-        reply = transport.result(self.host, self.api_key, self.id)
+        kept: dict = {}
+        _follow(self, timeout or CONFIG.TIMEOUT, kept)
+        reply = kept.get("result") or transport.result(self.host, self.api_key, self.id)
         reply.raise_if_failed()
         decoded = reply.decoded()
         values = {name: _local_form(v) for name, v in decoded["saved"].items()}

@@ -237,7 +237,7 @@ def _json(response: httpx.Response) -> dict:
 
 
 def events(host: str, api_key: str | None, job_id: str, *, timeout: float | None = None,
-           poll_seconds: float = _POLL_SECONDS) -> Iterator[dict]:
+           poll_seconds: float = _POLL_SECONDS, keep_result: dict | None = None) -> Iterator[dict]:
     """Follow a job until it is final, yielding each event as it happens.
 
     An event has ``status`` and, as they apply, ``position`` (jobs ahead in the queue),
@@ -245,11 +245,14 @@ def events(host: str, api_key: str | None, job_id: str, *, timeout: float | None
     server can estimate it), ``note`` (running: what the server does for it now, e.g. "loading
     smollm2"), ``log`` (new printed output) with ``offset`` (where it starts in the job's whole
     output), ``elapsed`` (seconds since submission) and ``error`` (on ERROR). With ``timeout``, raises
-    ``RemoteError`` if the job is not final by then (the job itself is left alone).
+    ``RemoteError`` if the job is not final by then (the job itself is left alone). With
+    ``keep_result`` (a dict), the server sends the result on the same websocket before the final
+    event is yielded, and it is kept there as ``keep_result["result"]`` (a JobResult): no
+    ``result()`` request needed (absent if it did not come that way, e.g. when polling).
     """
     deadline = None if timeout is None else time.monotonic() + timeout
     seen = [0]  # characters of printed output already yielded
-    follower = _follow_websocket(host, api_key, job_id, deadline, seen)
+    follower = _follow_websocket(host, api_key, job_id, deadline, seen, keep_result)
     try:
         final = yield from follower
     except _WebsocketUnavailable:
@@ -279,7 +282,7 @@ def _trim_log(event: dict, seen: list[int]) -> dict:
 
 
 def _follow_websocket(host: str, api_key: str | None, job_id: str, deadline: float | None,
-                      seen: list[int]) -> Iterator[dict]:
+                      seen: list[int], keep_result: dict | None = None) -> Iterator[dict]:
     """Yields events; returns True once the final one was yielded, False if the stream broke
     (the caller polls from there), raises _WebsocketUnavailable if it could not be opened."""
     try:
@@ -289,7 +292,7 @@ def _follow_websocket(host: str, api_key: str | None, job_id: str, deadline: flo
         raise _WebsocketUnavailable() from None
     base = _base(host)
     url = ("wss://" if base.startswith("https://") else "ws://") + base.split("://", 1)[1]
-    url += f"/v1/jobs/{job_id}/events"
+    url += f"/v1/jobs/{job_id}/events" + ("?result=1" if keep_result is not None else "")
     try:
         connection = connect(url, open_timeout=_CONNECT_SECONDS, close_timeout=2, max_size=None,
                              legacy=True)
@@ -320,11 +323,27 @@ def _follow_websocket(host: str, api_key: str | None, job_id: str, deadline: flo
                     if code == 404:
                         raise RemoteError(f"job {job_id} not found at {base}: {event['error']}", 404)
                     raise RemoteError(str(event["error"]), code if isinstance(code, int) else None)
+                if event.get("status") in FINAL and keep_result is not None:
+                    _receive_result(connection, job_id, keep_result)  # before the caller stops reading
                 yield _trim_log(event, seen)
                 if event.get("status") in FINAL:
                     return True
         except (ConnectionClosed, OSError, ValueError):
             return False  # broken mid-way: polling picks up exactly where this stopped
+
+
+def _receive_result(connection: Any, job_id: str, keep: dict) -> None:
+    """The message after the final event of a ``?result=1`` websocket: the result's bytes (kept as
+    ``keep["result"]``), or ``{"result": "fetch"}`` (too large to send this way: GET it)."""
+    try:
+        raw = connection.recv(timeout=_CONNECT_SECONDS)
+    except Exception:  # closed (an older server sends nothing more), or too slow: the caller GETs it
+        return
+    if isinstance(raw, bytes):
+        try:
+            keep["result"] = JobResult.read(raw)
+        except ProtocolError as err:
+            raise RemoteError(f"the result of job {job_id} is unreadable: {err}") from None
 
 
 def _follow_polling(host: str, api_key: str | None, job_id: str, deadline: float | None, seen: list[int],

@@ -23,6 +23,7 @@ import httpx
 import psutil
 import pytest
 import torch
+from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect
 
 from glassbox import RemoteError
@@ -197,6 +198,27 @@ def test_keys_cli_create_list_revoke(server):
 
 
 # ---------------------------------------------------------------- jobs
+
+
+def test_the_result_comes_on_the_events_websocket_when_asked(server, key):
+    """``keep_result``: the result arrives after the final event on the same websocket (no GET),
+    the same bytes GET answers; a failed job's error too."""
+    job = transport.submit(server.url, key, _job("h = glassbox_model.transformer.h[1].output.save()\n"
+                                                  + ECHO, "inline"), timeout=REQUEST)
+    kept: dict = {}
+    events = list(transport.events(server.url, key, job, timeout=HANG, keep_result=kept))
+    assert events[-1]["status"] == "COMPLETED"
+    assert kept["result"].frame() == transport.result(server.url, key, job).frame()
+    assert saved(kept["result"])["echo"] == "inline"
+    failed = transport.submit(server.url, key, _job("raise KeyError('no such thing')\n"), timeout=REQUEST)
+    kept = {}
+    list(transport.events(server.url, key, failed, timeout=HANG, keep_result=kept))
+    assert kept["result"].error.type == "KeyError"
+    with connect(server.url.replace("http://", "ws://") + f"/v1/jobs/{job}/events") as plain:
+        plain.send(json.dumps({"api_key": key}))  # not asked: the final event is the last message
+        assert json.loads(plain.recv(timeout=REQUEST))["status"] == "COMPLETED"
+        with pytest.raises(ConnectionClosed):
+            plain.recv(timeout=REQUEST)
 
 
 def test_a_job_streams_its_output_in_order_and_returns_its_values(server, key):

@@ -54,6 +54,7 @@ from .queue_wait import estimate_start, replicas_of
 
 __all__ = ["router"]
 
+_WS_RESULT_BYTES = 16 * 2**20  # a larger result is fetched with GET (streamed from the store)
 _WS_TICK = 0.5  # seconds between queue-position checks / heartbeats on a quiet websocket
 _HEARTBEAT = 2.0
 _CANCEL_WAIT = 15.0  # seconds a cancel answer waits for the running job to end
@@ -250,6 +251,23 @@ async def _stream_events(websocket: WebSocket, job_id: str) -> None:
         await _follow(websocket, queue, job, logs)
     finally:
         hub.unsubscribe(job_id, queue)
+    if websocket.query_params.get("result") == "1":
+        await _send_result(websocket, job_id)
+
+
+async def _send_result(websocket: WebSocket, job_id: str) -> None:
+    """``?result=1``: after the final event, the result itself (what GET /v1/jobs/{id}/result
+    answers) as one binary message, saving the client that request; over ``_WS_RESULT_BYTES``, a
+    ``{"result": "fetch"}`` text message instead (the client GETs it)."""
+    store = websocket.app.state.store
+    job = await in_thread(store.get, job_id)
+    if job is None or not job.terminal:
+        return  # no final event was sent (the job was deleted meanwhile): the client polls
+    data = await in_thread(store.result, job_id)
+    if data is None or len(data) > _WS_RESULT_BYTES:
+        await websocket.send_json({"result": "fetch"})
+        return
+    await websocket.send_bytes(data)
 
 async def _follow(websocket: WebSocket, queue: asyncio.Queue, job: JobInfo | None, logs: str) -> None:
     state = websocket.app.state
