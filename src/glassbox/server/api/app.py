@@ -32,8 +32,8 @@ Request lifecycle::
                   ◄────────── {"log": ...}  ◄──────────────────────────  print(...)
                                cut to the limits (output.py), store:
                                COMPLETED / ERROR + result (quota)  ◄───  JobResult
-                  ◄────────── COMPLETED
-    GET /result   ──────────►  framed result bytes (owner only)
+                  ◄────────── COMPLETED (+ the result's bytes, when asked: ?result=1)
+    GET /result   ──────────►  framed result bytes (owner only; the client's fallback)
                                ... deleted ``result_ttl_seconds`` after it finished
 
 Besides the routes' own refusals: 401 no or unknown key; an unexpected failure answers 500 and

@@ -8,7 +8,9 @@ Offers:
     GET    /v1/jobs/{id}            status, queue position and estimated start (queued), note
                                     (running), printed output from ?log_offset=N
     WS     /v1/jobs/{id}/events     {"status", "position", "estimated_start_seconds", "note", "log",
-                                    "offset", "elapsed", "error"} events
+                                    "offset", "elapsed", "error"} events; with ?result=1, after the
+                                    final one the result (GET /result's bytes) as one binary
+                                    message, or {"result": "fetch"} when over 16 MiB
     GET    /v1/jobs/{id}/result     the framed result envelope (+ safetensors blob) of a final job
     DELETE /v1/jobs/{id}            cancel: queued -> CANCELLED; running (on any API process sharing
                                     the database) -> its process killed, CANCELLED
