@@ -24,6 +24,7 @@ A module implementing ``Executor``::
     result = run_in_process(model, request, log=print_fn)   optional: ``remote="local"``
     after_job(models), load_model(name, spec), unload_model(models, name)  optional
     prepare_later_loads()                                   optional: before the worker is confined
+    warm_up(models)                                         optional: after loading, before any job
 
 ``run_job`` / ``run_batch`` never raise for anything a job's code does: a failure is an ERROR
 ``JobResult``. ``limits`` holds ``max_result_bytes`` and ``max_saved_values``.

@@ -116,3 +116,25 @@ def test_a_job_error_that_holds_a_server_path_comes_back_without_it(models):
     assert reply.error.message == "mat1 and mat2 shapes cannot be multiplied (2x64 and 3x3)"
     reply, _, _ = _run(models, "h = (\n")
     assert reply.error.type == "SyntaxError" and "(<glassbox job " in reply.error.message
+
+
+def test_warm_up_runs_a_job_of_its_own_through_the_whole_path():
+    """``warm_up`` (run where job processes are forked from, before any is) takes a fresh
+    interpreter through a job's first-time work: the first trace mounts Tensor.save, the sandbox
+    compiles, the model is left with no trace open, and a model it cannot run is skipped."""
+    import subprocess
+    import sys
+
+    script = (
+        "import torch\n"
+        "from glassbox.offline import tiny_gpt2_path\n"
+        "from glassbox.server.jobs.executor import load_models, warm_up\n"
+        "models = load_models({'m': str(tiny_gpt2_path())})\n"
+        "models['plain'] = torch.nn.Linear(2, 2)\n"
+        "before = hasattr(torch.Tensor, 'save')\n"
+        "warm_up(models)\n"
+        "from glassbox.server.jobs import execute\n"
+        "print(before, hasattr(torch.Tensor, 'save'), models['m'].active is None, execute.next_filename())\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    assert done.stdout.split("\n")[-2] == "False True True <glassbox job 2>"  # one job ran: the warm-up

@@ -8,6 +8,8 @@ Offers:
     error_reply(exc, filename, request)        an ERROR result pointing at the user's line (no server paths)
     without_server_paths(message)              absolute paths replaced by "<server path>"
     next_filename()                            "<glassbox job N>": what tracebacks name
+    warm_up(models)                            one job of glassbox's own on each served model, before
+                                               any job's process is forked (see its docstring)
 
 Call hierarchy (inside the worker process, which holds models, no secrets)::
 
@@ -71,6 +73,26 @@ def run_job(
         if model is not None:
             model.active = None
     return result.replace(seconds=round(time.perf_counter() - started, 4), threads=torch.get_num_threads())
+
+
+# What warm_up runs: one module read and a save, through everything a job goes through.
+_WARM_UP = "glassbox_warm_up = glassbox.save(glassbox_model.output)\n"
+
+
+def warm_up(models: dict[str, Any]) -> None:
+    """Run a job of glassbox's own (no user's bytes: a fixed block on the prompt "Hello") on every
+    served language model, in the process that job processes are forked from, before any is
+    forked: each job's process then inherits what a first job pays for once per process (lazy
+    imports, the sandbox's and RestrictedPython's first compile, the tokenizer's and torch's first
+    calls). Measured on the tiny GPT-2, forked processes alternating over 15 runs: a process's first
+    job 21.5 -> 15.7 ms (its second: 7 ms). A model that cannot run it is left as it is."""
+    for name, model in models.items():
+        if getattr(model, "tokenizer", None) is None or getattr(type(model), "_requests_per_invoke", False):
+            continue  # not a language model glassbox runs in this process (a vLLM engine: its own)
+        desc, blob = encode_values({"vars": {}, "inputs": ["Hello"], "call": {}})
+        request = JobRequest(model=name, method="trace", source=_WARM_UP, filename="<glassbox warm-up>",
+                             modules={"glassbox": "glassbox"}, values=desc, blob=blob)
+        run_job(models, request, log=lambda text: None)
 
 
 def next_filename() -> str:

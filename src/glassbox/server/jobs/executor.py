@@ -19,6 +19,7 @@ A worker (``workers/child.py``) calls::
     run_host(models, [request, ...], [link_fd, ...])  a split batch (workers/split.py): the pass,
     result = run_body(models, request, link_fd, log=print_fn, limits={...})    and one request's
                                                     code, each in a process of its own
+    warm_up(models)                                 after loading, before any job's process is forked
     after_job(models)                               after every job or batch, once its replies
                                                     are on their way (workers that run each job
                                                     in a process of its own skip it)
@@ -30,7 +31,7 @@ A worker (``workers/child.py``) calls::
 from __future__ import annotations
 
 from .cotenant import run_batch
-from .execute import run_job
+from .execute import run_job, warm_up
 from .inprocess import run_in_process
 from .loading import load_model, load_models, prepare_later_loads, unload_model
 from .served import after_job
@@ -38,4 +39,4 @@ from .split_body import run_body
 from .split_host import run_host
 
 __all__ = ["after_job", "load_model", "load_models", "prepare_later_loads", "run_batch", "run_body",
-           "run_host", "run_in_process", "run_job", "unload_model"]
+           "run_host", "run_in_process", "run_job", "unload_model", "warm_up"]

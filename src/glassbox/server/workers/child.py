@@ -133,6 +133,7 @@ def start(executor: str, specs: dict[str, str], torch_threads: int,
         _no_progress_thread()
         module = load_executor(executor)
         models = module.load_models(specs)
+        _warm_up(module, models)
         prepare = getattr(module, "prepare_later_loads", None)
         if prepare is not None:  # before the worker is confined (on-demand loads come later)
             prepare()
@@ -165,6 +166,7 @@ def handle_load(module: Any, models: dict, message: dict, memory_limit: int = 0)
                 print(f"[glassbox worker] evicted {other} ({freed:.0f} MiB of weights unmapped)",
                       file=sys.stderr, flush=True)
         models[name] = module.load_model(name, message["spec"])
+        _warm_up(module, {name: models[name]})
     except BaseException as err:  # the feeder must hear why, and the worker must live on
         models.pop(name, None)
         error = f"{type(err).__name__}: {err}"
@@ -174,6 +176,18 @@ def handle_load(module: Any, models: dict, message: dict, memory_limit: int = 0)
         return {"op": "load_failed", "model": name, "error": error, "evicted": evicted}
     return {"op": "loaded", "model": name, "info": describe(models[name]), "evicted": evicted,
             "seconds": round(time.monotonic() - started, 3), "memory": memory_in_use()}
+
+
+def _warm_up(module: Any, models: dict) -> None:
+    """The executor's ``warm_up`` (optional), where models were just loaded: before any job's process
+    is forked from here. Never fatal: a model that cannot run it serves jobs as it is."""
+    warm_up = getattr(module, "warm_up", None)
+    if warm_up is None:
+        return
+    try:
+        warm_up(models)
+    except Exception as err:
+        print(f"[glassbox worker] warm-up skipped: {type(err).__name__}: {err}", file=sys.stderr, flush=True)
 
 
 def _no_progress_thread() -> None:
