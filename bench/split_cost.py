@@ -11,7 +11,8 @@ run so both see the same machine load:
     split         ``split_host.run_host`` in one forked process and ``split_body.run_body`` in one
                   forked process per request, linked by socket pairs (what ``workers/split.py``
                   sets up; here forked from this process instead of the zygote)
-each with a block that reads 1 layer's output, then one that reads every layer's. Printed: the
+each with a block that reads 1 layer's output, then one that reads every layer's. This process
+warms up first, as a worker does (``execute.warm_up``). Printed: the
 median milliseconds of each, the ratio split / one process, and the cost of one module boundary
 in a split batch: (every layer - 1 layer) / (layers - 1), per request, against the same in one
 process. Nothing here asserts on time; compare numbers within one run only.
@@ -37,6 +38,7 @@ from glassbox import LanguageModel  # noqa: E402
 from glassbox.offline import smollm2_path, tiny_gpt2_path  # noqa: E402
 from glassbox.remote.job import JobResult  # noqa: E402
 from glassbox.server.jobs.cotenant import run_batch  # noqa: E402
+from glassbox.server.jobs.execute import warm_up  # noqa: E402
 from glassbox.server.jobs.split_body import run_body  # noqa: E402
 from glassbox.server.jobs.split_host import run_host  # noqa: E402
 from job_requests import job_request  # noqa: E402
@@ -123,6 +125,7 @@ def main() -> None:
     print(f"{'model':8} {'n':>2} {'block':>7} {'one process ms':>15} {'split ms':>9} {'ratio':>6}")
     for name in args.models.split(","):
         models = {"m": LanguageModel(paths[name](), dispatch=True)}
+        warm_up(models)  # as a worker does before it forks job processes
         _, layers = _layers(models["m"])
         for n in [int(b) for b in args.batch.split(",")]:
             medians = {}
