@@ -26,16 +26,25 @@ The grammar (split execution: ``split_host.py`` and ``split_body.py``)::
 
 The host reads what a body sends as untrusted: frames are capped (``MAX_FRAME``), values are
 decoded with the protocol's limits, and anything else ends that body's part in the pass.
+
+A lone dense tensor (a module's output, most often) travels as its raw bytes with its dtype and
+shape in the JSON part (``"tensor": [dtype, shape]``), checked on arrival (a dtype of the
+protocol's list, bytes exactly as many as the shape holds): measured one way on a (1, 7, 576)
+float32 tensor, 100 us through ``encode_values`` (safetensors) against ~20 us raw.
 """
 
 from __future__ import annotations
 
+import math
 import socket
 import struct
 from typing import Any
 
+import torch
+
 from ...remote.framing import frame, unframe
 from ...remote.protocol import ProtocolError, decode_values, encode_values
+from ...remote.wire import DTYPES, dtype_name
 
 __all__ = ["MAX_FRAME", "NOTHING", "Link", "LinkClosed"]
 
@@ -67,7 +76,12 @@ class Link:
     def send(self, message: dict, value: Any = NOTHING) -> None:
         """Send ``message`` (with ``value`` encoded, if given); ProtocolError if it cannot travel."""
         blob = b""
-        if value is not NOTHING:
+        if type(value) is torch.Tensor and value.layout == torch.strided and value.device.type == "cpu" \
+                and not value.requires_grad and dtype_name(value.dtype) in DTYPES:
+            dense = value.contiguous()
+            blob = dense.view(-1).view(torch.uint8).numpy().tobytes() if dense.numel() else b""
+            message = {**message, "tensor": [dtype_name(dense.dtype), list(dense.shape)]}
+        elif value is not NOTHING:
             desc, blob = encode_values({"v": value})
             message = {**message, "desc": desc}
         data = frame(message, blob)
@@ -84,9 +98,11 @@ class Link:
         try:
             message, blob = unframe(self._exactly(size))
             value = NOTHING
-            if "desc" in message:
+            if "tensor" in message:
+                value = _raw_tensor(message.pop("tensor"), blob)
+            elif "desc" in message:
                 value = decode_values(message.pop("desc"), blob, max_bytes=MAX_FRAME)["v"]
-        except (ProtocolError, KeyError, TypeError) as err:
+        except (ProtocolError, KeyError, TypeError, ValueError) as err:
             raise LinkClosed(f"not a message of the grammar: {err}") from None
         if not isinstance(message.get("op"), str):
             raise LinkClosed("not a message of the grammar: no op")
@@ -107,3 +123,16 @@ class Link:
             chunks.append(chunk)
             left -= len(chunk)
         return b"".join(chunks)
+
+
+def _raw_tensor(spec: object, blob: bytes) -> torch.Tensor:
+    """A tensor sent raw (see the module docstring), checked: ProtocolError if it does not add up."""
+    if not (isinstance(spec, list) and len(spec) == 2 and spec[0] in DTYPES and isinstance(spec[1], list)
+            and len(spec[1]) <= 32 and all(type(n) is int and n >= 0 for n in spec[1])):
+        raise ProtocolError("a raw tensor needs [dtype, shape] with a known dtype")
+    dtype, shape = DTYPES[spec[0]], spec[1]
+    if math.prod(shape) * dtype.itemsize != len(blob):
+        raise ProtocolError(f"a raw tensor of shape {shape} and {spec[0]} is not {len(blob)} bytes")
+    if not blob:
+        return torch.empty(shape, dtype=dtype)
+    return torch.frombuffer(bytearray(blob), dtype=torch.uint8).view(dtype).reshape(shape)
