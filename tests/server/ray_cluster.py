@@ -55,7 +55,10 @@ from pathlib import Path
 
 import psutil
 
-from waiting import HANG, wait_until
+from waiting import HANG, ProcessDied, wait_until
+
+_STARTS = 3  # tries at starting one worker node (see RayCluster.add_node)
+_RAY_STARTUP_TIMEOUT = "timed out during startup"
 
 __all__ = ["RayCluster", "RayNode"]
 
@@ -193,7 +196,21 @@ class RayCluster:
     def add_node(self, *, cpus: float = 1, gpus: float = 0, timeout: float | None = None) -> RayNode:
         """Start a node declaring ``cpus`` and ``gpus`` (no device needed: Ray only counts them);
         the first one started is the head. Returns once the head has registered it (``timeout``:
-        a limit for a node that never starts, default ``waiting.HANG``)."""
+        a limit for a node that never starts, default ``waiting.HANG``).
+
+        ``ray start`` of a worker node gives up when the head does not know it within 30 s (a
+        constant of Ray's, ``node.py``: "timed out during startup"), which a loaded shared machine
+        can take: such a node is stopped and started again, up to ``_STARTS`` times."""
+        for attempt in range(_STARTS):
+            try:
+                return self._start_node(cpus, gpus, timeout)
+            except ProcessDied as died:
+                if not self.nodes or attempt == _STARTS - 1 or _RAY_STARTUP_TIMEOUT not in str(died):
+                    raise
+                self.nodes.pop().kill(timeout)
+        raise AssertionError("unreachable")
+
+    def _start_node(self, cpus: float, gpus: float, timeout: float | None) -> RayNode:
         head = not self.nodes
         name = "head" if head else f"node{len(self.nodes)}"
         ip = f"127.0.0.{len(self.nodes) + 2}"
