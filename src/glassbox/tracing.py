@@ -135,15 +135,14 @@ class collect_saved:
 def tensor_save(self: Any) -> Any:
     """``x.save()``: on tensors, model outputs and Python's value types once the first trace has
     mounted it (``_ensure_mounted``); valid while a trace is open."""
-    # the common local case (one trace, nobody collecting) stays a few attribute reads
+    # on the per-access path: the common local case (a trace open, nobody collecting) is two
+    # attribute reads. Locally the value is simply kept by the caller's name; only a collector (a
+    # server job) records what was saved.
     state = _state
-    stack = state.stack
-    if stack:
-        stack[-1]._saved_ids.add(id(self))
     collector = state.collector
     if collector is not None:
         collector[id(self)] = self  # held, so the id stays this object's
-    elif not stack and not state.sessions:
+    elif not state.stack and not state.sessions:
         raise TraceStateError(_SAVE_OUTSIDE)
     return self
 
@@ -223,7 +222,6 @@ class Tracer:
         self.job: Any = None
         self._invokes: list[Deferred] = []
         self._interleaver: Interleaver | None = None
-        self._saved_ids: set[int] = set()
         self._fallback_inputs: list[tuple[tuple, dict]] = []
         # run_together: pad the invokes to at least this many positions and cut from each the
         # padding its input did not have. None: ordinary invokes (which see the batch's padding).
