@@ -154,52 +154,52 @@ class Interleaver:
     # ------------------------------------------------------------ runner side
 
     def boundary(self, site: Site, kind: str, value: Any, call: int) -> Any:
+        """Runner side: the model is at ``site``'s ``kind`` boundary (its call ``call``) with
+        ``value``; serve each consumer waiting there, in order, and return the value the model
+        goes on with (replaced, or edited in place, by them). Serving is inlined here, not a
+        method: this is the per-access path, and every step below is paid by each read."""
         self.position = (site, kind, call)
         if site.waiting_out if kind == "output" else site.waiting_in:
             for consumer in self.consumers:
-                if (consumer.waiting is site and consumer.waiting_kind == kind and not consumer.absent
-                        and (not consumer.want or consumer.want == call)):
-                    value = self._serve(consumer, site, kind, value)
+                if (consumer.waiting is not site or consumer.waiting_kind != kind or consumer.absent
+                        or (consumer.want and consumer.want != call)):
+                    continue
+                consumer.waiting = None  # _clear_wait, inlined
+                if kind == "output":
+                    site.waiting_out -= 1
+                else:
+                    site.waiting_in -= 1
+                rows = consumer.rows
+                if rows is None:  # the whole batch (a trace with one input): the value itself
+                    view = given = value
+                else:
+                    view = narrow(value, rows, self.batch_size, self.narrow_min_ndim)
+                    given = own_copy(view) if rows.own else view
+                consumer.at, consumer.at_kind = site, kind
+                consumer.current, consumer.replaced = given, False
+                if consumer.run is None:  # the inline body: it never ends or raises into the runner
+                    handed = consumer.glet.switch(given)  # type: ignore[union-attr]
+                    # a bare switch() hands over (), not None: test the type, not for None
+                    if type(handed) is _HookedCall:  # envoy(x, hook=True): run it here, watched
+                        self._run_hooked(consumer, handed)
+                    if _is_grad_enabled() != self.model_grad:
+                        _set_grad_enabled(self.model_grad)
+                else:
+                    self.resume(consumer, given)
+                consumer.at = None
+                if consumer.replaced:
+                    new = consumer.current
+                    if rows is not None:
+                        new = splice(value, rows, new, self.batch_size, self.narrow_min_ndim)
+                    value = new
+                elif given is not view:
+                    copy_back(view, given)  # its in-place edits reach the model; its copy stays its own
+                consumer.current = None
+                if self.stop_requested:
+                    raise Abort()
         if site.recorders:
             for record in site.recorders:  # after edits: the cache holds what the model used
                 record(kind, value)
-        return value
-
-    def _serve(self, consumer: Consumer, site: Site, kind: str, value: Any) -> Any:
-        # the per-access hot path: each step below is paid by every read of .output
-        consumer.waiting = None  # _clear_wait, inlined
-        if kind == "output":
-            site.waiting_out -= 1
-        else:
-            site.waiting_in -= 1
-        rows = consumer.rows
-        if rows is None:  # the whole batch (a trace with one input): the value itself
-            view = given = value
-        else:
-            view = narrow(value, rows, self.batch_size, self.narrow_min_ndim)
-            given = own_copy(view) if rows.own else view
-        consumer.at, consumer.at_kind = site, kind
-        consumer.current, consumer.replaced = given, False
-        if consumer.run is None:  # the inline body: it never ends or raises into the runner
-            handed = consumer.glet.switch(given)  # type: ignore[union-attr]
-            # a bare switch() hands over (), not None: test the type, or every access pays a call
-            if type(handed) is _HookedCall:  # envoy(x, hook=True): run the call here, watched
-                self._run_hooked(consumer, handed)
-            if _is_grad_enabled() != self.model_grad:
-                _set_grad_enabled(self.model_grad)
-        else:
-            self.resume(consumer, given)
-        consumer.at = None
-        if consumer.replaced:
-            new = consumer.current
-            if rows is not None:
-                new = splice(value, rows, new, self.batch_size, self.narrow_min_ndim)
-            value = new
-        elif given is not view:
-            copy_back(view, given)  # its in-place edits reach the model; its copy stays its own
-        consumer.current = None
-        if self.stop_requested:
-            raise Abort()
         return value
 
     def resume(self, consumer: Consumer, payload: Any) -> None:

@@ -215,7 +215,9 @@ class Tracer:
         self._inputs = (args, kwargs) if (args or kwargs) else None
         self._call = call or {}
         self._remote = remote
-        self._remote_args = (list(args), dict(kwargs) if remote_call is None else dict(remote_call))
+        # what a remote run sends; copied only for one (two copies on every local trace's fixed cost)
+        self._remote_args = (list(args), dict(kwargs) if remote_call is None else dict(remote_call)) \
+            if remote else None
         self._timeout = timeout
         self._blocking = blocking
         self._remote_run: Any = None
@@ -261,7 +263,7 @@ class Tracer:
         return self
 
     def _enter_remote(self, frame: Any) -> None:
-        args, kwargs = self._remote_args
+        args, kwargs = self._remote_args  # type: ignore[misc]
         if args and kwargs.keys() & {"input_ids"}:
             raise TypeError("give the input once: positionally or as input_ids=")
         self._remote_run = self.model._run_remotely(
