@@ -66,11 +66,13 @@ def worktree(rev: str) -> tuple[str, str]:
     return path, _git("rev-parse", "--short", commit)
 
 
-def start(rev: str, path: str, args: list[str]) -> _peer.PeerProcess:
+def start(rev: str, path: str, args: list[str], label: str | None = None) -> _peer.PeerProcess:
     """Launch the worker on the worktree at ``path`` and wait until it is ready; it must have
-    imported glassbox from there (else SystemExit: a baseline that is not REV is worse than none)."""
+    imported glassbox from there (else SystemExit: a baseline that is not REV is worse than none).
+    ``label``: its variant's name (default ``glassbox@REV``; ``overhead.py`` also runs today's
+    checkout this way, as ``glassbox-worker``, so that before and after are timed alike)."""
     env = {**os.environ, "PYTHONPATH": os.path.join(path, "src")}
-    label = f"glassbox@{rev}"
+    label = label or f"glassbox@{rev}"
     peer = _peer.PeerProcess.launch(WORKER, [*args, "--expect-root", path, "--label", label], env=env,
                                     name=label, python=_peer.MAIN_PYTHON)
     if peer is None or not peer.wait_ready():

@@ -6,7 +6,9 @@
                  baseline_answer, "glassbox@REV")
 
 Results come from ``_cases.Rounds.results()`` (here, or a worker's ``{"results": ...}``
-answer). ``label`` None (no ``--baseline``) leaves out every glassbox@REV key, line and column.
+answer). ``label`` None (no ``--baseline``) leaves out every glassbox@REV key, line and column;
+``twin`` (today's checkout timed in a worker like glassbox@REV, variant ``TWIN``) adds its own,
+and then "before/after" compares the two workers.
 Values with an interval are (median, 95% low, 95% high) tuples. The targets are DESIGN.md §4's.
 """
 
@@ -19,6 +21,7 @@ TARGET_FIXED_US = 15.0
 TARGET_PER_ACCESS_US = 3.0
 TARGET_SAVE_ALL_VS_HOOKS = 1.10
 TARGET_NNSIGHT_OVERHEAD_RATIO = 3.0
+TWIN = "glassbox-worker"  # today's checkout, timed in a worker like glassbox@REV
 
 
 Interval = tuple[float, float, float]  # (median, 95% CI low, 95% CI high), µs or ratio
@@ -75,13 +78,15 @@ def _fmt_ci(value: Interval | None, digits: int = 1, unit: str = "") -> str:
 
 
 def build_rows(gb: dict[str, Any], nn: dict[str, Any] | None, base: dict[str, Any] | None = None,
-               label: str | None = None) -> list[dict[str, Any]]:
+               label: str | None = None, twin: dict[str, Any] | None = None) -> list[dict[str, Any]]:
     """One row per (model, case). Overheads are medians of paired differences with 95%
     intervals (see ``_cases.measure``); nnsight's are against its own process's raw forward,
     and so are those of ``base``, the glassbox@REV worker's results (``label``: its variant;
-    None: no ``--baseline``, no baseline keys)."""
+    None: no ``--baseline``, no baseline keys), and of ``twin``, today's glassbox in a worker
+    (None: no twin keys; else "before/after" is glassbox@REV's overhead over the twin's)."""
     nn_results = nn["results"] if nn is not None else None
     base_results = base["results"] if base is not None else None
+    twin_results = twin["results"] if twin is not None else None
     rows = []
     for model, cases in gb.items():
         for case in cases:
@@ -111,6 +116,14 @@ def build_rows(gb: dict[str, Any], nn: dict[str, Any] | None, base: dict[str, An
             })
             if label is not None:
                 base_over = _overhead(base_results, model, case, label)
+                twin_over = _overhead(twin_results, model, case, TWIN)
+                if twin is not None:
+                    rows[-1].update({
+                        "twin_us": _median(twin_results, model, case, TWIN),
+                        "twin_raw_us": _median(twin_results, model, case, "raw"),
+                        "twin_overhead": twin_over,
+                        "nnsight_over_twin_overhead": _ratio(nn_over, twin_over),
+                    })
                 rows[-1].update({
                     "baseline_us": _median(base_results, model, case, label),
                     "baseline_raw_us": _median(base_results, model, case, "raw"),
@@ -118,7 +131,8 @@ def build_rows(gb: dict[str, Any], nn: dict[str, Any] | None, base: dict[str, An
                     # like glassbox/hooks: both overheads on top of this process's raw time
                     "baseline_over_hooks": base_over and _ratio(_shift(base_over, raw),
                                                                 _shift(hooks_over, raw)),
-                    "before_over_after_overhead": _ratio(base_over, gb_over),
+                    # two workers timed alike when the twin ran; else against this process
+                    "before_over_after_overhead": _ratio(base_over, twin_over if twin else gb_over),
                     "nnsight_over_baseline_overhead": _ratio(nn_over, base_over),
                 })
     return rows
@@ -131,8 +145,9 @@ def per_access(rows: list[dict[str, Any]], layer_counts: dict[str, int],
     (save_all - save_1) / (n - 1)."""
     by = {(r["model"], r["case"]): r for r in rows}
     out: dict[str, dict[str, Any]] = {}
+    twin = bool(rows) and "twin_overhead" in rows[0]
     variants = {"hooks": "hooks", "glassbox": "glassbox", **({label: "baseline"} if label else {}),
-                "nnsight": "nnsight"}  # name -> row key prefix
+                **({TWIN: "twin"} if twin else {}), "nnsight": "nnsight"}  # name -> row key prefix
     for model in dict.fromkeys(r["model"] for r in rows):
         for variant, prefix in variants.items():
             over = {case: by[model, case][f"{prefix}_overhead"] for (m, case) in by if m == model}
@@ -200,6 +215,7 @@ def _first(value: Interval | None, digits: int = 1, unit: str = "") -> str:
 def _summary(rows: list[dict[str, Any]], label: str | None) -> None:
     """The markdown table; glassbox@REV's columns only with ``label``."""
     base = label is not None
+    twin = bool(rows) and "twin_overhead" in rows[0]
     columns: list[tuple[str, Callable[[dict[str, Any]], str]] | None] = [
         ("model", lambda r: r["model"]),
         ("case", lambda r: r["case"]),
@@ -210,11 +226,14 @@ def _summary(rows: list[dict[str, Any]], label: str | None) -> None:
         ("nnsight µs", lambda r: _fmt(r["nnsight_us"])),
         ("glassbox overhead µs", lambda r: _first(r["glassbox_overhead"])),
         (f"{label} overhead µs", lambda r: _first(r["baseline_overhead"])) if base else None,
+        (f"{TWIN} overhead µs", lambda r: _first(r["twin_overhead"])) if twin else None,
         ("nnsight overhead µs", lambda r: _first(r["nnsight_overhead"])),
         ("glassbox/hooks", lambda r: f"{r['glassbox_over_hooks'][0]:.3f}x"),
         ("before/after overhead", lambda r: _first(r["before_over_after_overhead"], 2, "x"))
         if base else None,
         ("nnsight/glassbox overhead", lambda r: _first(r["nnsight_over_glassbox_overhead"], 1, "x")),
+        (f"nnsight/{TWIN} overhead", lambda r: _first(r["nnsight_over_twin_overhead"], 1, "x"))
+        if twin else None,
     ]
     shown = [column for column in columns if column is not None]
     print("| " + " | ".join(header for header, _ in shown) + " |")
@@ -232,15 +251,18 @@ def _detail(r: dict[str, Any], width: int, name: str, key: str, extra: str | Non
 
 
 def print_report(rows: list[dict[str, Any]], access: dict[str, Any], checks: list, nn: dict | None,
-                 base: dict | None = None, label: str | None = None) -> None:
-    """Detail, per access, summary, targets; glassbox@REV's lines and columns only with ``label``."""
+                 base: dict | None = None, label: str | None = None, twin: dict | None = None) -> None:
+    """Detail, per access, summary, targets; glassbox@REV's lines and columns only with ``label``,
+    today's worker's (``TWIN``) only with ``twin``."""
     print("\n## Detail: median µs per trace (sweep rows: per 31-trace sweep); "
           "overhead = median paired difference to raw [95% interval]\n")
-    width = max(8, len(label or ""))
+    width = max(8, len(label or ""), len(TWIN) if twin is not None else 0)
     for r in rows:
         print(f"{r['model']} {r['case']}: raw {_fmt(r['raw_us'])}")
         _detail(r, width, "hooks", "hooks")
         _detail(r, width, "glassbox", "glassbox", "")
+        if "twin_us" in r:
+            _detail(r, width, TWIN, "twin", f"; its own raw {_fmt(r['twin_raw_us'])}")
         if label is not None:
             _detail(r, width, label, "baseline", f"; its own raw {_fmt(r['baseline_raw_us'])}; "
                     f"before/after overhead {_fmt_ci(r['before_over_after_overhead'], 2, 'x')}")
@@ -259,7 +281,9 @@ def print_report(rows: list[dict[str, Any]], access: dict[str, Any], checks: lis
     if label is not None:
         if base is None:
             print(f"\n({label} not measured: its worker stopped; see '{label}:' on stderr)")
-        print(f"\nbefore/after overhead = {label}'s overhead / today's glassbox overhead "
+        today = f"{TWIN}'s (today's checkout, in a worker like it)" if twin is not None else \
+            "today's glassbox"
+        print(f"\nbefore/after overhead = {label}'s overhead / {today} overhead "
               "(above 1: today's trace costs less)")
     quoted = f": today's glassbox judged, {label} quoted" if label else ""
     print(f"\n## Targets (DESIGN.md §4){quoted}\n")

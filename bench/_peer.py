@@ -28,8 +28,10 @@ from typing import Any
 import _cases
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PEERS_PYTHON = os.path.join(ROOT, ".venv-peers", "bin", "python")
-MAIN_PYTHON = os.path.join(ROOT, ".venv", "bin", "python")
+# A git worktree of the repository has no virtualenvs of its own: PEERS_PYTHON and MAIN_PYTHON in
+# the environment name the ones to use (e.g. the main checkout's), so a branch can be timed there.
+PEERS_PYTHON = os.environ.get("PEERS_PYTHON") or os.path.join(ROOT, ".venv-peers", "bin", "python")
+MAIN_PYTHON = os.environ.get("MAIN_PYTHON") or os.path.join(ROOT, ".venv", "bin", "python")
 
 
 class PeerProcess:

@@ -23,6 +23,11 @@ Variants, all in ONE process except nnsight and glassbox@REV:
               once, reused), against its own raw forward. Reported beside glassbox (µs,
               overhead, per access, targets) with "before/after overhead": REV's overhead
               over today's (2x: today's trace costs half). Targets judge today's glassbox only
+    glassbox-worker  only with ``--baseline``: today's checkout in the same kind of worker, so
+              that "before/after" compares two workers timed alike. The same code timed in
+              this process and in a worker can differ by several µs per trace (this process
+              also holds the hooks variant and every case's state), so comparing the in-process
+              glassbox with glassbox@REV would credit or blame the change with that difference
 Every call is timed alone with ``time.perf_counter`` after a warm-up; the variants of a case
 alternate call by call in rotated order, round after round, so drift in machine load hits
 all of them alike. Reported per variant: the median µs per trace (per sweep for
@@ -62,10 +67,10 @@ Results = dict[str, Any]
 def run_all(
     models: list[str], settings: _cases.Settings, with_nnsight: bool, quick: bool,
     baseline: tuple[str, str] | None,
-) -> tuple[Results, Results | None, Results | None, dict[str, int]]:
+) -> tuple[Results, Results | None, Results | None, Results | None, dict[str, int]]:
     """Alternate rounds: glassbox process, then the nnsight worker, then the glassbox@REV one
-    (``baseline``: REV and its worktree), round after round. Returns each side's results (None:
-    not measured) and the layer counts."""
+    (``baseline``: REV and its worktree) and today's checkout in a worker like it, round after
+    round. Returns each side's results (None: not measured) and the layer counts."""
     args = ["--models", ",".join(models)] + (["--quick"] if quick else [])
     peers: dict[str, _peer.PeerProcess] = {}
     if with_nnsight:
@@ -74,6 +79,7 @@ def run_all(
             peers["nnsight"] = peer
     if baseline is not None:
         peers["baseline"] = _glassbox_worker.start(*baseline, args)
+        peers["twin"] = _glassbox_worker.start("checkout", ROOT, args, label=report.TWIN)
     from glassbox import NNsight
 
     prepared, layer_counts = _cases.prepare_rounds(models, settings, NNsight, "glassbox", with_hooks=True)
@@ -87,7 +93,7 @@ def run_all(
     for peer in peers.values():
         peer.process.wait()
     gb = {name: rounds.results() for name, rounds in prepared.items()}
-    return gb, answers.get("nnsight"), answers.get("baseline"), layer_counts
+    return gb, answers.get("nnsight"), answers.get("baseline"), answers.get("twin"), layer_counts
 
 
 def glassbox_source() -> str:
@@ -127,9 +133,9 @@ def main() -> None:
         worktree, commit = _glassbox_worker.worktree(args.baseline)
     load_before = os.getloadavg()
     baseline = (args.baseline, worktree) if worktree is not None else None
-    gb, nn, base, layer_counts = run_all(models, settings, not args.no_nnsight, args.quick, baseline)
+    gb, nn, base, twin, layer_counts = run_all(models, settings, not args.no_nnsight, args.quick, baseline)
     load_after = os.getloadavg()
-    rows = report.build_rows(gb, nn, base, label)
+    rows = report.build_rows(gb, nn, base, label, twin)
     access = report.per_access(rows, layer_counts, label)
     checks = report.targets(rows, access, label)
     print(f"glassbox source: {source}")
@@ -139,7 +145,7 @@ def main() -> None:
         print(f"nnsight process: {nn['versions']}")
     if label is not None:
         print(f"{label} process: commit {commit}, worktree {worktree}, {base and base['versions']}")
-    report.print_report(rows, access, checks, nn, base, label)
+    report.print_report(rows, access, checks, nn, base, label, twin)
     if args.json:
         import torch
         import transformers
@@ -158,6 +164,7 @@ def main() -> None:
             document["baseline"] = {"variant": label, "rev": args.baseline, "commit": commit,
                                     "worktree": worktree, "versions": base and base["versions"],
                                     "results": base and base["results"]}
+            document["twin"] = {"variant": report.TWIN, "results": twin and twin["results"]}
         with open(args.json, "w") as handle:
             json.dump(report.finite(document), handle, indent=2)
         _cases.log(f"wrote {args.json}")

@@ -11,12 +11,14 @@ table is still printed, which is what is checked then.
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-PEERS = (ROOT / ".venv-peers" / "bin" / "python").exists()
+# as bench/_peer.py finds it: PEERS_PYTHON (a worktree's benches use the main checkout's), else .venv-peers
+PEERS = Path(os.environ.get("PEERS_PYTHON") or ROOT / ".venv-peers" / "bin" / "python").exists()
 TIMEOUT = 900  # seconds: a limit against hangs on a loaded 2-core machine, not a timing check
 TESTED_ELSEWHERE = {"vllm": "tests/vllm/test_bench_vllm.py"}
 
@@ -114,6 +116,33 @@ def test_overhead_quick():
     if not PEERS:
         assert all(cells[5] == "n/a" for cells in rows)
         assert any("nnsight not measured" in line for line in lines)
+
+
+def test_overhead_before_after_compares_two_workers():
+    """With --baseline, before/after is glassbox@REV's overhead over today's checkout timed in a
+    worker like it (glassbox-worker), not over the in-process glassbox (which also holds hooks)."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        import _overhead_report as report
+    finally:
+        sys.path.remove(str(ROOT / "bench"))
+
+    def stats(median: float, overhead: float | None = None) -> dict:
+        out = {"median_us": median}
+        if overhead is not None:
+            out.update(overhead_us=overhead, overhead_ci95_lo_us=overhead, overhead_ci95_hi_us=overhead)
+        return out
+
+    label = "glassbox@old"
+    gb = {"m": {"empty": {"raw": stats(100), "hooks": stats(100, 0.5), "glassbox": stats(120, 20)}}}
+    base = {"results": {"m": {"empty": {"raw": stats(100), label: stats(130, 30)}}}}
+    twin = {"results": {"m": {"empty": {"raw": stats(100), report.TWIN: stats(110, 10)}}}}
+    rows = report.build_rows(gb, None, base, label, twin)
+    assert rows[0]["before_over_after_overhead"][0] == 3.0  # 30 / the twin's 10, not / 20
+    assert rows[0]["twin_overhead"][0] == 10
+    assert report.build_rows(gb, None, base, label)[0]["before_over_after_overhead"][0] == 1.5
+    access = report.per_access(rows, {"m": 12}, label)
+    assert f"m/{report.TWIN}" in access
 
 
 def test_profile_trace_quick():

@@ -154,6 +154,11 @@ class Envoy:
             ) from None
 
     def __getitem__(self, key: int | str | slice) -> Any:
+        if type(key) is int:  # model.layers[i]: on the per-access path, one read and an index
+            try:
+                return self._child_list[key]
+            except IndexError:
+                pass  # the message below
         children = self._children
         if isinstance(key, str):
             if key in children:

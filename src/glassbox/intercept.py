@@ -41,6 +41,7 @@ class Site:
         "module",
         "n_in",
         "n_out",
+        "namespace",
         "on_install",
         "original",
         "parent",
@@ -56,6 +57,9 @@ class Site:
         self.envoy = envoy
         self.module = module_of(envoy)  # an envoy's module changes only by rebind, which drops its Site
         self.parent = parent_of(envoy)  # installed first (interleave.py)
+        # where the wrapper goes, read once: ``module.__dict__`` is a slow lookup on a Module (its
+        # class has __getattr__) and installing and restoring it is per access
+        self.namespace: dict[str, Any] = self.module.__dict__
         self.interleaver: Interleaver | None = None
         self.original: Any = None
         self.saved_forward: Any = MISSING

@@ -6,7 +6,8 @@ Offers:
                   their ancestors), serves values to waiting consumers, and
                   removes every wrapper afterwards.
     ENDED         what a soft request returns when the model finished first
-    (Consumer and Site live in intercept.py, the pooled runner in runner.py.)
+    (Consumer and Site live in intercept.py, the pooled runner in runner.py, the
+    wording of a request the model could not serve in misses.py.)
 
 Call hierarchy::
 
@@ -36,8 +37,9 @@ import torch
 
 from .batching import copy_back, narrow, own_copy, splice
 from .envoy import display_of, module_of, slots_of
-from .errors import MissedModuleError, OutOfOrderError, TraceStateError
+from .errors import OutOfOrderError, TraceStateError
 from .intercept import MISSING, Consumer, Site
+from .misses import finished_error, missed_error
 from .runner import TASK_ENDED, Abort, acquire_runner, release_runner
 
 ENDED = TASK_ENDED  # what a soft request returns when the model finished first
@@ -68,9 +70,9 @@ class Interleaver:
         self.driver = _getcurrent()
         self.runner = acquire_runner()
         self.runner_glet = self.runner.glet
-        self.sites: dict[int, Site] = {}  # by id(module): what the runner side finds a Site by
+        # by id(module), in install order (cleanup restores them in reverse): one Site per module
+        self.sites: dict[int, Site] = {}
         self.envoy_sites: dict[Any, Site] = {}  # by envoy: what request() finds it by, no envoy field read
-        self.installed: list[Site] = []
         self.consumers: list[Consumer] = []
         self.by_glet: dict[Any, Consumer] = {}
         self.task: Callable[[], Any] | None = None
@@ -131,13 +133,12 @@ class Interleaver:
         module = site.module
         if site.on_install is not None:  # an op of `.source`: its owner runs the rewritten forward
             site.on_install(self)
-        self.sites[id(module)] = site
         self.envoy_sites[envoy] = site
         site.interleaver = self
         if site.container:
+            self.sites[id(module)] = site
             return site
-        self.installed.append(site)
-        namespace = module.__dict__
+        namespace = site.namespace
         saved = site.saved_forward = namespace.get("forward", MISSING)
         bound = site.bound
         if saved is MISSING and bound is not None and bound.__func__ is type(module).forward:
@@ -147,58 +148,64 @@ class Interleaver:
             site.bound = site.original if saved is MISSING else None
             site.wrapper.__wrapped__ = site.original  # keeps inspect.signature(module.forward)
         namespace["forward"] = site.wrapper
+        self.sites[id(module)] = site  # only now: cleanup restores what a Site there saved
         return site
 
     # ------------------------------------------------------------ runner side
 
     def boundary(self, site: Site, kind: str, value: Any, call: int) -> Any:
+        """Runner side: the model is at ``site``'s ``kind`` boundary (its call ``call``) with
+        ``value``; serve each consumer waiting there, in order, and return the value the model
+        goes on with (replaced, or edited in place, by them). Serving is inlined here, not a
+        method: this is the per-access path, and every step below is paid by each read."""
         self.position = (site, kind, call)
-        waiting = site.waiting_in if kind == "input" else site.waiting_out
-        if waiting:
+        if site.waiting_out if kind == "output" else site.waiting_in:
             for consumer in self.consumers:
-                if (consumer.waiting is site and consumer.waiting_kind == kind and not consumer.absent
-                        and (not consumer.want or consumer.want == call)):
-                    value = self._serve(consumer, site, kind, value)
-        for record in site.recorders:  # after edits: the cache holds what the model used
-            record(kind, value)
-        return value
-
-    def _serve(self, consumer: Consumer, site: Site, kind: str, value: Any) -> Any:
-        consumer.waiting = None  # _clear_wait, inlined: this is the per-access hot path
-        if kind == "output":
-            site.waiting_out -= 1
-        else:
-            site.waiting_in -= 1
-        rows = consumer.rows
-        view = value if rows is None else narrow(value, rows, self.batch_size, self.narrow_min_ndim)
-        given = own_copy(view) if rows is not None and rows.own else view
-        consumer.at, consumer.at_kind = site, kind
-        consumer.current, consumer.replaced = given, False
-        if consumer.run is None:  # the inline body: it never ends or raises into the runner
-            handed = consumer.glet.switch(given)  # type: ignore[union-attr]
-            if handed is not None:  # envoy(x, hook=True): run the call here, where it is watched
-                self._run_hooked(consumer, handed)
-            if _is_grad_enabled() != self.model_grad:
-                _set_grad_enabled(self.model_grad)
-        else:
-            self.resume(consumer, given)
-        consumer.at = None
-        if given is not view and not consumer.replaced:
-            copy_back(view, given)  # its in-place edits reach the model; its copy stays its own
-        if consumer.replaced:
-            new = consumer.current
-            if rows is not None:
-                new = splice(value, rows, new, self.batch_size, self.narrow_min_ndim)
-            value = new
-        consumer.current = None
-        if self.stop_requested:
-            raise Abort()
+                if (consumer.waiting is not site or consumer.waiting_kind != kind or consumer.absent
+                        or (consumer.want and consumer.want != call)):
+                    continue
+                consumer.waiting = None  # _clear_wait, inlined
+                if kind == "output":
+                    site.waiting_out -= 1
+                else:
+                    site.waiting_in -= 1
+                rows = consumer.rows
+                if rows is None:  # the whole batch (a trace with one input): the value itself
+                    view = given = value
+                else:
+                    view = narrow(value, rows, self.batch_size, self.narrow_min_ndim)
+                    given = own_copy(view) if rows.own else view
+                consumer.at, consumer.at_kind = site, kind
+                consumer.current, consumer.replaced = given, False
+                if consumer.run is None:  # the inline body: it never ends or raises into the runner
+                    handed = consumer.glet.switch(given)  # type: ignore[union-attr]
+                    # a bare switch() hands over (), not None: test the type, not for None
+                    if type(handed) is _HookedCall:  # envoy(x, hook=True): run it here, watched
+                        self._run_hooked(consumer, handed)
+                    if _is_grad_enabled() != self.model_grad:
+                        _set_grad_enabled(self.model_grad)
+                else:
+                    self.resume(consumer, given)
+                consumer.at = None
+                if consumer.replaced:
+                    new = consumer.current
+                    if rows is not None:
+                        new = splice(value, rows, new, self.batch_size, self.narrow_min_ndim)
+                    value = new
+                elif given is not view:
+                    copy_back(view, given)  # its in-place edits reach the model; its copy stays its own
+                consumer.current = None
+                if self.stop_requested:
+                    raise Abort()
+        if site.recorders:
+            for record in site.recorders:  # after edits: the cache holds what the model used
+                record(kind, value)
         return value
 
     def resume(self, consumer: Consumer, payload: Any) -> None:
         try:
             handed = consumer.glet.switch(payload)  # type: ignore[union-attr]
-            if handed is not None and not consumer.glet.dead:  # type: ignore[union-attr]
+            if type(handed) is _HookedCall and not consumer.glet.dead:  # type: ignore[union-attr]
                 self._run_hooked(consumer, handed)
         except Abort:
             raise
@@ -295,17 +302,19 @@ class Interleaver:
         With ``soft``, return ENDED instead of raising if the model finishes."""
         consumer = self.by_glet.get(_getcurrent()) or self.current_consumer()
         site = self.envoy_sites.get(envoy) or self._add_site(envoy)
-        if consumer.iteration is not None and not fresh:
-            return self._request_call(consumer, site, envoy, kind, consumer.iteration + 1, soft)
-        if not fresh and consumer.at is site and consumer.at_kind == kind:
-            return consumer.current
         state = self.state
-        if consumer.after_iter and not fresh and site.count(kind) and state in ("running", "new"):
-            raise OutOfOrderError(
-                f"{site.describe(kind)} was read after a tracer.iter loop, where a plain read means "
-                f"the module's first call again (as in nnsight), and the model has already made it "
-                f"(it is at call {site.count(kind)}): read it inside the loop, or in tracer.iter[n]"
-            )
+        if not fresh:
+            if consumer.iteration is not None:
+                return self._request_call(consumer, site, envoy, kind, consumer.iteration + 1, soft)
+            if consumer.at is site and consumer.at_kind == kind:
+                return consumer.current
+            if consumer.after_iter and site.count(kind) and state in ("running", "new"):
+                raise OutOfOrderError(
+                    f"{site.describe(kind)} was read after a tracer.iter loop, where a plain read "
+                    f"means the module's first call again (as in nnsight), and the model has already "
+                    f"made it (it is at call {site.count(kind)}): read it inside the loop, or in "
+                    "tracer.iter[n]"
+                )
         if state != "running" and state != "new":
             if soft:
                 return TASK_ENDED
@@ -318,8 +327,24 @@ class Interleaver:
             site.waiting_out += 1
         consumer.requested_at = self.position
         consumer.at = None
-        if self._wait(consumer) is TASK_ENDED:
-            return TASK_ENDED
+        if consumer.run is not None or state != "running":
+            return TASK_ENDED if self._wait(consumer) is TASK_ENDED else consumer.current
+        # _wait for the trace body while the model runs, inlined: this is the per-access path
+        user_grad = _is_grad_enabled()
+        if user_grad != self.model_grad:
+            _set_grad_enabled(self.model_grad)
+        self.runner.driver = self.driver
+        message = self.runner_glet.switch()
+        if message is TASK_ENDED:
+            self._collect()
+        model_grad = self.model_grad = _is_grad_enabled()
+        if user_grad != model_grad:
+            _set_grad_enabled(user_grad)
+        if message is TASK_ENDED:
+            if soft and self.state != "error":
+                self._clear_wait(consumer)
+                return TASK_ENDED
+            self._raise_for_driver_wait(consumer)
         return consumer.current
 
     def request_call(self, envoy: Any, kind: str, call: int, soft: bool = False) -> Any:
@@ -374,25 +399,8 @@ class Interleaver:
         site.skip_value = value
 
     def _check_can_wait(self, site: Site, kind: str) -> None:
-        if self.state in ("new", "running"):
-            return
-        where = self._where()
-        if self.state == "stopped":
-            raise TraceStateError(
-                f"cannot access {site.describe(kind)}: the model was stopped by "
-                f"tracer.stop() at {where}"
-            )
-        hint = ""
-        if self.open_loop_ended:
-            hint = (
-                ". An open-ended tracer.iter[:] loop ran the model to its end, waiting for another "
-                "call; read modules that run after the loop's module inside the loop, or give the "
-                "loop a bounded range (tracer.iter[0:3]); tracer.result still holds the output"
-            )
-        raise OutOfOrderError(
-            f"cannot access {site.describe(kind)}: the model has already finished "
-            f"(last boundary: {where}){hint}"
-        )
+        if self.state not in ("new", "running"):
+            raise finished_error(site.describe(kind), self.state, self._where(), self.open_loop_ended)
 
     def _clear_wait(self, consumer: Consumer) -> None:
         site = consumer.waiting
@@ -469,40 +477,12 @@ class Interleaver:
         raise error
 
     def _missed_error(self, consumer: Consumer) -> Exception:
-        site, kind = consumer.waiting, consumer.waiting_kind
+        site = consumer.waiting
         assert site is not None
-        if consumer.want and site.count(kind) == 0 and consumer.requested_at is not None:
-            return OutOfOrderError(  # its Site came after the model had started: it may have run
-                f"{site.describe(kind, consumer.want)} was requested (iteration {consumer.want - 1} of "
-                f"tracer.iter) while the model was at {self._where(consumer.requested_at)}, and the "
-                "forward finished without reaching it. Either it ran earlier (access modules in the "
-                "order the model runs them) or it does not run for this input."
-            )
-        if consumer.want:
-            return MissedModuleError(
-                f"{site.describe(kind, consumer.want)} was requested (iteration {consumer.want - 1} of "
-                f"tracer.iter) but the module ran only {site.count(kind)} time(s) in this forward"
-            )
-        wanted = site.describe(kind)
         before = consumer.requested_at
-        if site.count(kind) > 0 and before is not None:
-            return OutOfOrderError(
-                f"{wanted} was requested after the model had already passed it: it ran "
-                f"before {self._where(before)}, where this {consumer.name} was, and did not "
-                "run again. Access modules in the order the model runs them."
-            )
-        if before is None:
-            hint = self.root._missed_hint(site.envoy)
-            return MissedModuleError(
-                f"{wanted} was requested but the module never ran during this forward pass. "
-                + (hint or "Check that the model uses it for this input (print(model) shows the tree).")
-            )
-        return OutOfOrderError(
-            f"{wanted} was requested while the model was at {self._where(before)} "
-            f"({consumer.name}), and the forward finished without reaching it. Either it "
-            "ran earlier (access modules in the order the model runs them) or it does "
-            "not run for this input."
-        )
+        hint = self.root._missed_hint(site.envoy) if before is None and not consumer.want else None
+        return missed_error(site, consumer.waiting_kind, consumer.want, consumer.name,
+                            None if before is None else self._where(before), hint)
 
     def _where(self, position: tuple[Site, str, int] | None = None) -> str:
         position = position or self.position
@@ -563,17 +543,17 @@ class Interleaver:
                     self.runner.take_outcome()
             finally:
                 self.state = "aborted"
-        for site in reversed(self.installed):
-            if site.saved_forward is MISSING:
-                site.module.__dict__.pop("forward", None)
-            else:
-                site.module.__dict__["forward"] = site.saved_forward
-            site.saved_forward = None
-        for site in self.sites.values():
+        for site in reversed(self.sites.values()):  # one pass, last installed first
             site.interleaver = None
             if site.recorders:
                 site.recorders = []
-        self.installed.clear()
+            if site.container:  # never installed
+                continue
+            saved, site.saved_forward = site.saved_forward, None
+            if saved is MISSING:
+                site.namespace.pop("forward", None)
+            else:
+                site.namespace["forward"] = saved
         self.sites.clear()
         self.envoy_sites.clear()
         self.consumers.clear()

@@ -135,15 +135,14 @@ class collect_saved:
 def tensor_save(self: Any) -> Any:
     """``x.save()``: on tensors, model outputs and Python's value types once the first trace has
     mounted it (``_ensure_mounted``); valid while a trace is open."""
-    # the common local case (one trace, nobody collecting) stays a few attribute reads
+    # on the per-access path: the common local case (a trace open, nobody collecting) is two
+    # attribute reads. Locally the value is simply kept by the caller's name; only a collector (a
+    # server job) records what was saved.
     state = _state
-    stack = state.stack
-    if stack:
-        stack[-1]._saved_ids.add(id(self))
     collector = state.collector
     if collector is not None:
         collector[id(self)] = self  # held, so the id stays this object's
-    elif not stack and not state.sessions:
+    elif not state.stack and not state.sessions:
         raise TraceStateError(_SAVE_OUTSIDE)
     return self
 
@@ -220,14 +219,15 @@ class Tracer:
             self._inputs, self._shared = None, dict(kwargs)
         self._call = call or {}
         self._remote = remote
-        self._remote_args = (list(args), dict(kwargs) if remote_call is None else dict(remote_call))
+        # what a remote run sends; copied only for one (two copies on every local trace's fixed cost)
+        self._remote_args = (list(args), dict(kwargs) if remote_call is None else dict(remote_call)) \
+            if remote else None
         self._timeout = timeout
         self._blocking = blocking
         self._remote_run: Any = None
         self.job: Any = None
         self._invokes: list[Deferred] = []
         self._interleaver: Interleaver | None = None
-        self._saved_ids: set[int] = set()
         self._fallback_inputs: list[tuple[tuple, dict]] = []
         # run_together: pad the invokes to at least this many positions and cut from each the
         # padding its input did not have. None: ordinary invokes (which see the batch's padding).
@@ -267,7 +267,7 @@ class Tracer:
         return self
 
     def _enter_remote(self, frame: Any) -> None:
-        args, kwargs = self._remote_args
+        args, kwargs = self._remote_args  # type: ignore[misc]
         if args and kwargs.keys() & {"input_ids"}:
             raise TypeError("give the input once: positionally or as input_ids=")
         self._remote_run = self.model._run_remotely(
