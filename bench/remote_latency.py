@@ -18,7 +18,8 @@ remote round trip goes:
     wait        from the 202 until the final event arrives on the websocket; of which
       run_job     the server's own ``seconds``: time inside ``jobs.execute.run_job`` in the worker
       serving     the rest: websocket, store, feeder, pipe to and from the worker
-    result      GET /v1/jobs/{id}/result
+    result      GET /v1/jobs/{id}/result (0 when the result came on the events websocket,
+                with the final event: then it is part of ``wait``)
 and, measured in this process on the same request (the worker's code, called directly),
 where ``run_job`` goes: sandbox setup (``make_globals``), compiling, the trace itself,
 and encoding the saved values (the weight check runs after the reply is sent: ``served.after_job``).
@@ -95,9 +96,14 @@ class Probe:
 
         def timed_events(*args: Any, **kwargs: Any) -> Iterator[dict]:
             started = time.perf_counter()
+            kept = kwargs.get("keep_result")
             for event in events(*args, **kwargs):
                 if event.get("status") in transport.FINAL:
+                    # with keep_result the result came on the websocket, before the final event
                     self.parts["wait"] = time.perf_counter() - started
+                    if kept is not None and "result" in kept:
+                        self.parts["result"] = 0.0
+                        self.parts["run_job"] = float(kept["result"].seconds or 0.0)
                 yield event
 
         def timed_result(*args: Any, **kwargs: Any) -> JobResult:
