@@ -72,3 +72,11 @@ def test_an_oversized_frame_and_a_closed_end_are_refused(pair):
     sender_socket.close()
     with pytest.raises(LinkClosed):
         receiver.receive()
+
+
+def test_a_receiver_refuses_a_frame_over_its_limit_before_reading_it(pair):
+    sender, receiver, _ = pair
+    sent = sender.send({"op": "value"}, torch.ones(1000))
+    assert sent > 4000
+    with pytest.raises(LinkClosed, match="limit of 1,000"):
+        receiver.receive(limit=1000)

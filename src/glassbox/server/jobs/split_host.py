@@ -45,6 +45,7 @@ __all__ = ["run_host"]
 
 _RELAY = compile("glassbox_relay()", "<glassbox relay>", "exec")
 _KINDS = ("output", "input")
+_SLACK = 1 << 16  # bytes of a body's message beyond the value it sends back (JSON, descriptions)
 
 
 class _Relay:
@@ -55,6 +56,7 @@ class _Relay:
         self.done = False
         self.at: tuple[Any, str] | None = None  # the envoy and kind of the value the body holds
         self.current: Any = None
+        self.sent = 0  # bytes of the last value sent: what the body may send back is about that
 
     def run(self) -> None:
         try:
@@ -64,11 +66,14 @@ class _Relay:
             pass
 
     def _step(self) -> bool:
-        message, value = self.link.receive()
+        # A body sends back at most the value it was handed (edited or replaced with the same
+        # layout): a larger frame is refused before it is read, so no body can make the host
+        # allocate more than twice what it sent it.
+        message, value = self.link.receive(limit=2 * self.sent + _SLACK)
         op = message["op"]
         if (message.get("edit") or message.get("replace")) and not self._take(message, value):
             return self._alone("the value sent back does not fit the one it replaces")
-        self.at, self.current = None, None
+        self.at, self.current, self.sent = None, None, 0
         if op == "done":
             self.done = True
             return False
@@ -83,7 +88,7 @@ class _Relay:
             self.link.send({"op": "error", "type": type(err).__name__, "message": str(err)})
             return True
         try:
-            self.link.send({"op": "value"}, got)
+            self.sent = self.link.send({"op": "value"}, got)
         except LinkClosed:
             raise
         except Exception:  # a value the protocol cannot carry (ProtocolError, a huge one)

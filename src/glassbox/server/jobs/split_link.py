@@ -73,8 +73,9 @@ class Link:
         """The link over the socket whose descriptor this process was handed."""
         return cls(socket.socket(fileno=fd))
 
-    def send(self, message: dict, value: Any = NOTHING) -> None:
-        """Send ``message`` (with ``value`` encoded, if given); ProtocolError if it cannot travel."""
+    def send(self, message: dict, value: Any = NOTHING) -> int:
+        """Send ``message`` (with ``value`` encoded, if given); the bytes sent. ProtocolError if it
+        cannot travel."""
         blob = b""
         if type(value) is torch.Tensor and value.layout == torch.strided and value.device.type == "cpu" \
                 and not value.requires_grad and dtype_name(value.dtype) in DTYPES:
@@ -89,12 +90,15 @@ class Link:
             self.sock.sendall(_HEADER.pack(len(data)) + data)
         except OSError as err:
             raise LinkClosed(f"the other side is gone ({err.strerror})") from None
+        return len(data)
 
-    def receive(self) -> tuple[dict, Any]:
-        """The next message and its value (``NOTHING`` if none); LinkClosed at end of stream."""
+    def receive(self, limit: int = MAX_FRAME) -> tuple[dict, Any]:
+        """The next message and its value (``NOTHING`` if none); LinkClosed at end of stream, or for
+        a frame over ``limit`` bytes (read no further: the host caps what a body may send back)."""
         (size,) = _HEADER.unpack(self._exactly(_HEADER.size))
-        if size > MAX_FRAME:
-            raise LinkClosed(f"a frame of {size:,} bytes is over the link's limit")
+        limit = min(limit, MAX_FRAME)
+        if size > limit:
+            raise LinkClosed(f"a frame of {size:,} bytes is over the link's limit of {limit:,}")
         try:
             message, blob = unframe(self._exactly(size))
             value = NOTHING
