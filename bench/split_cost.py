@@ -3,6 +3,7 @@ against the same batch in one process, per batch and per module boundary, side b
 
     .venv/bin/python bench/split_cost.py                       # tiny GPT-2 and SmolLM2, batches of 1 and 4
     .venv/bin/python bench/split_cost.py --models gpt2 --runs 20 --batch 1,4,8
+    .venv/bin/python bench/split_cost.py --quick                # smoke run: tiny GPT-2, batches of 2, 1 run
 
 For each model and batch size n, the same n requests (different prompts) run, alternating run by
 run so both see the same machine load:
@@ -116,12 +117,19 @@ def split(models: dict, requests: list[Any]) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", default="gpt2,smollm2")
-    parser.add_argument("--batch", default="1,4")
-    parser.add_argument("--runs", type=int, default=10)
+    parser.add_argument("--models", help="default gpt2,smollm2 (--quick: gpt2)")
+    parser.add_argument("--batch", help="batch sizes (default 1,4; --quick: 2)")
+    parser.add_argument("--runs", type=int, help="timed runs per case (default 10; --quick: 1)")
+    parser.add_argument("--quick", action="store_true",
+                        help="a smoke run: checks the bench runs, not its numbers")
     args = parser.parse_args()
+    quick = {"models": "gpt2", "batch": "2", "runs": 1} if args.quick else {}
+    for name, default in (("models", "gpt2,smollm2"), ("batch", "1,4"), ("runs", 10)):
+        if getattr(args, name) is None:
+            setattr(args, name, quick.get(name, default))
     torch.set_num_threads(1)  # forked children: no OpenMP region may have run in this process
     paths = {"gpt2": tiny_gpt2_path, "smollm2": smollm2_path}
+    print(f"split execution against one process{' (--quick)' if args.quick else ''}, medians of {args.runs}")
     print(f"{'model':8} {'n':>2} {'block':>7} {'one process ms':>15} {'split ms':>9} {'ratio':>6}")
     for name in args.models.split(","):
         models = {"m": LanguageModel(paths[name](), dispatch=True)}

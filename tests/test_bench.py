@@ -161,6 +161,14 @@ def test_remote_latency_quick():
     assert row(lines, "tiny-gpt2: run_job called in this process")
 
 
+def test_split_cost_quick():
+    lines = run_quick("split_cost")
+    assert "(--quick)" in lines[0]
+    cases = [line.split() for line in lines if line.startswith("gpt2") and " read" in line]
+    assert len(cases) == 2 and all(float(c[-1]) > 0 for c in cases), lines  # 1 read, then every layer
+    assert any("per boundary and request" in line for line in lines)
+
+
 def test_smollm2_quick():
     lines = run_quick("smollm2")
     assert "--quick" in row(lines, "model: ")

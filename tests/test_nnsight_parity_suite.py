@@ -152,12 +152,11 @@ def test_rename_of_a_served_value_or_onto_a_moved_name_raises(net):
 def test_a_co_tenant_requests_length_counts_the_padding_its_encoding_has():
     from glassbox.models.language import LanguageModel
     from glassbox.offline import tiny_gpt2_path
-    from glassbox.server.jobs.cotenant import _Request
+    from glassbox.server.jobs.cotenant import padded_width
 
     model = LanguageModel(tiny_gpt2_path())
-    padded = _Request(0, None, None)
-    padded.prompt = model._prepare(({"input_ids": [[0, 0, 5, 6]], "attention_mask": [[0, 0, 1, 1]]},), {})
-    assert padded.prompt.rows == [[5, 6]] and padded.length() == 4  # what it is padded to alone
-    plain = _Request(1, None, None)
-    plain.prompt = model._prepare(({"input_ids": [[5, 6, 7]]},), {})
-    assert plain.length() == 3
+    padded = model._prepare(({"input_ids": [[0, 0, 5, 6]], "attention_mask": [[0, 0, 1, 1]]},), {})
+    plain, one = model._prepare(({"input_ids": [[5, 6]]},), {}), model._prepare(({"input_ids": [[7]]},), {})
+    assert padded.rows == plain.rows == [[5, 6]]
+    # the padded one keeps the width its encoding has (4) in a batch; the plain one needs 2
+    assert padded_width(model, [padded, one]) >= 4 > padded_width(model, [plain, one]) >= 2

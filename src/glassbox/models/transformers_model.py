@@ -167,6 +167,10 @@ class TransformersModel(LanguageModel):
         options = {k: v for k, v in (options or {}).items() if not k.startswith("return_")}
         return self.processor(text=text, images=images, return_tensors="pt", **{**padding, **options})
 
+    def _holds_input(self, kwargs: dict) -> bool:
+        # text= / images= for the processor, or tensors (input_ids=, pixel_values=...): an input
+        return any(key in _MEDIA or _is_data(value) for key, value in kwargs.items())
+
     def _prepare(self, args: tuple, kwargs: dict) -> _Input:
         kwargs = dict(kwargs)
         options = tokenizing.take_options(kwargs)

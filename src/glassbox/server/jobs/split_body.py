@@ -83,7 +83,7 @@ class HostView:
     def request(self, envoy: Any, kind: str, fresh: bool = False, soft: bool = False) -> Any:
         if soft:
             self.leave("tracer.iter")
-        path = self._path(envoy)
+        path = self._where(envoy)
         if not fresh and self.key == (path, kind):
             return self.current
         _, value = self._ask({"op": "get", "path": path, "kind": kind, "fresh": bool(fresh)})
@@ -92,7 +92,7 @@ class HostView:
         return value
 
     def replace(self, envoy: Any, kind: str, value: Any) -> None:
-        path = self._path(envoy)
+        path = self._where(envoy)
         if self.key != (path, kind):
             self.request(envoy, kind)  # wait for it first, as an Interleaver does
         self.current, self.replaced = value, True
@@ -118,7 +118,7 @@ class HostView:
         message, _ = self._ask({"op": "done"})
         return message.get("op") == "verdict" and message.get("ok") is True
 
-    def _path(self, envoy: Any) -> str:
+    def _where(self, envoy: Any) -> str:
         if self.left is not None:
             raise NeedsAlone(self.left)
         if root_of(envoy) is not self.root:
