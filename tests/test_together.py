@@ -6,9 +6,11 @@ body does with what it is handed, it cannot read or change another body's rows.
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from glassbox import LanguageModel, NNsight
+from glassbox.batching import SharedWrite, copy_back
 from glassbox.offline import tiny_llama_path
 from glassbox.tracing import Body, collect_saved, run_together
 
@@ -80,3 +82,61 @@ def test_opaque_objects_such_as_a_shared_cache_are_not_handed_out() -> None:
         out = body.namespace["out"]
         assert out.logits.shape == alone.logits.shape
         assert torch.allclose(out.logits, alone.logits, atol=1e-4)
+
+
+
+
+class _Scaled(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.inner = torch.nn.Linear(3, 3)
+
+    def forward(self, x: torch.Tensor, scale: float) -> torch.Tensor:
+        return self.inner(x) * scale
+
+
+class _Net(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.block = _Scaled()
+
+    def forward(self, x: torch.Tensor, scale: float) -> torch.Tensor:
+        return self.block(x, scale)
+
+
+def test_a_body_cannot_change_what_the_batch_shares() -> None:
+    """A value every row shares (here a scale given to every invoke; in a language model a flag or
+    a cache) is not any one body's to change: a body that replaces it, or adds a keyword, would
+    change the other requests' values. The pass refuses it (SharedWrite): a server then runs each
+    request alone. Its own rows it may change."""
+    torch.manual_seed(0)
+    net = NNsight(_Net())
+    inputs = [torch.randn(2, 3), torch.randn(2, 3)]
+
+    def bodies(first: str) -> list[Body]:
+        sources = [first, "out = net.output\n"]
+        return [Body(compile(source, f"<b{i}>", "exec"), {"net": net, "torch": torch},
+                     net._prepare((x, 2.0), {}), f"b{i}")
+                for i, (source, x) in enumerate(zip(sources, inputs))]
+
+    for attack in ("args, kwargs = net.block.inputs\nnet.block.inputs = ((args[0], 0.0), kwargs)\n",
+                   "args, kwargs = net.block.inputs\nnet.block.inputs = (args, {'flag': True})\n"):
+        with pytest.raises(SharedWrite, match="shares between its requests"):
+            run_together(net, bodies(attack))
+    own = bodies("args, kwargs = net.block.inputs\nnet.block.inputs = ((args[0] * 0, 2.0), kwargs)\n")
+    run_together(net, own)  # its own rows replaced, the shared scale handed back as it was
+    assert torch.allclose(own[1].namespace["out"], net._module(inputs[1], 2.0))
+
+
+def test_copy_back_never_writes_a_shared_tensor() -> None:
+    """In-place edits go back into the body's rows; a tensor the batch shares (not narrowed: the
+    view IS the batch's) is never written, and an edit of it is refused."""
+    batch, shared = torch.zeros(4, 3), torch.ones(5)
+    full = (batch, shared)
+    view = (batch[2:4], shared)  # what narrow gives rows 2..4
+    copy = (torch.full((2, 3), 7.0), torch.ones(5))
+    copy_back(view, copy, full)
+    assert torch.equal(batch[2:], torch.full((2, 3), 7.0)) and not batch[:2].any()
+    with pytest.raises(SharedWrite):
+        copy_back(view, (copy[0], torch.zeros(5)), full)
+    assert torch.equal(shared, torch.ones(5))

@@ -4,8 +4,9 @@ Offers:
     Rows                      which rows of the batch belong to one invoke
     narrow(value, rows, n)    the view an invoke sees of a batched value
     own_copy(view)            what a body with ``Rows.own`` is handed instead: a copy
-    copy_back(view, copy)     its in-place edits, written back into the batch
-    splice(full, rows, new, n)  put an invoke's replacement back into the batch
+    copy_back(view, copy, full=None)   its in-place edits, written back into the batch
+    splice(full, rows, new, n, own=False)  put an invoke's replacement back into the batch
+    SharedWrite               a body with ``Rows.own`` changed a value every body shares
     concat_args(list)         batch positional/keyword inputs of plain modules
 
 A tensor belongs to the batch when its first dimension equals the batch size;
@@ -26,6 +27,11 @@ users) are handed a COPY of their part instead of a view, so that no API
 copy is written back into the batch when the body hands control back, so in-place
 edits still reach the model. Objects that are not tensors, containers or plain
 scalars (a key/value cache holding every row, a module) are handed as None.
+What such a body may change is its own rows only: a value the batch shares (Llama's
+rotary ``position_embeddings``, ``cache_position``, flags, a cache) that it edited or
+replaced differently raises ``SharedWrite`` (``copy_back(..., full=)``,
+``splice(..., own=True)``) instead of reaching the other bodies: the pass fails, and a
+server runs each request alone (one of them would have changed the others' values).
 """
 
 from __future__ import annotations
@@ -99,19 +105,34 @@ def own_copy(view: Any) -> Any:
     return None
 
 
-def copy_back(view: Any, copy: Any) -> None:
-    """Write a body's (possibly edited) ``own_copy`` back into the batch ``view`` it came from."""
+class SharedWrite(ValueError):
+    """A body of independent requests (``Rows.own``) changed a value the batch shares between them."""
+
+
+_SHARED = ("a request sharing this forward pass changed {what}, which the pass shares between its "
+           "requests: it runs alone, where that value is its own")
+
+
+def copy_back(view: Any, copy: Any, full: Any = None) -> None:
+    """Write a body's (possibly edited) ``own_copy`` back into the batch ``view`` it came from.
+    With ``full`` (the batch's value ``view`` was narrowed from), a part of it the batch shares
+    (``view`` is ``full`` there: not narrowed) is never written: SharedWrite if the copy differs."""
     if isinstance(view, torch.Tensor):
         if isinstance(copy, torch.Tensor) and copy.shape == view.shape and copy is not view:
+            if view is full:
+                if not torch.equal(copy, view):
+                    raise SharedWrite(_SHARED.format(what=f"a shared tensor of shape {tuple(view.shape)}"))
+                return
             with torch.no_grad():
                 view.copy_(copy)
     elif isinstance(view, (tuple, list)) and isinstance(copy, (tuple, list)) and len(view) == len(copy):
-        for v, c in zip(view, copy):
-            copy_back(v, c)
+        parts = full if isinstance(full, (tuple, list)) and len(full) == len(view) else [None] * len(view)
+        for v, c, f in zip(view, copy, parts):
+            copy_back(v, c, f)
     elif isinstance(view, dict) and isinstance(copy, dict):
         for key, v in view.items():
             if key in copy:
-                copy_back(v, copy[key])
+                copy_back(v, copy[key], full.get(key) if isinstance(full, dict) else None)
 
 
 def _rebuild(like: dict, items: dict) -> dict:
@@ -125,8 +146,9 @@ def _rebuild(like: dict, items: dict) -> dict:
         return items
 
 
-def splice(full: Any, rows: Rows, new: Any, batch_size: int, min_ndim: int = 1) -> Any:
-    """``full`` with the rows of one invoke replaced by ``new``."""
+def splice(full: Any, rows: Rows, new: Any, batch_size: int, min_ndim: int = 1, own: bool = False) -> Any:
+    """``full`` with the rows of one invoke replaced by ``new``. With ``own`` (independent
+    requests), a part the batch shares must come back as it was: SharedWrite otherwise."""
     if new is full:
         return full
     if _is_batched(full, batch_size, min_ndim):
@@ -146,15 +168,32 @@ def splice(full: Any, rows: Rows, new: Any, batch_size: int, min_ndim: int = 1) 
             f"{tuple(getattr(new, 'shape', ()))}; expected first dimension {rows.count}"
         )
     if isinstance(full, tuple) and isinstance(new, tuple) and len(full) == len(new):
-        return type(full)(splice(f, rows, n, batch_size, min_ndim) for f, n in zip(full, new))
+        return type(full)(splice(f, rows, n, batch_size, min_ndim, own) for f, n in zip(full, new))
     if isinstance(full, list) and isinstance(new, list) and len(full) == len(new):
-        return [splice(f, rows, n, batch_size, min_ndim) for f, n in zip(full, new)]
+        return [splice(f, rows, n, batch_size, min_ndim, own) for f, n in zip(full, new)]
     if isinstance(full, dict) and isinstance(new, dict):
+        if own and not new.keys() <= full.keys():
+            raise SharedWrite(_SHARED.format(what=f"the keywords ({sorted(set(new) - set(full))} added)"))
         out = dict(full)
         for k, v in new.items():
-            out[k] = splice(full[k], rows, v, batch_size, min_ndim) if k in full else v
+            out[k] = splice(full[k], rows, v, batch_size, min_ndim, own) if k in full else v
         return _rebuild(full, out)
+    if own and not _unchanged(full, new):
+        raise SharedWrite(_SHARED.format(what=f"a shared {type(full).__name__}"))
     return new
+
+
+def _unchanged(full: Any, new: Any) -> bool:
+    """Whether ``new`` (what a body handed back for a shared part) is what the batch has there. A
+    part handed to it as None (an object it could not be given: a cache) must come back None."""
+    if isinstance(full, torch.Tensor):
+        return isinstance(new, torch.Tensor) and new.shape == full.shape and torch.equal(new, full)
+    if new is None and own_copy(full) is None:
+        return True
+    try:
+        return type(new) is type(full) and bool(new == full)
+    except Exception:  # a comparison that does not give a truth value: not the same
+        return False
 
 
 def _row_count(args: tuple, kwargs: dict) -> int:

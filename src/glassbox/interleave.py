@@ -190,10 +190,10 @@ class Interleaver:
                 if consumer.replaced:
                     new = consumer.current
                     if rows is not None:
-                        new = splice(value, rows, new, self.batch_size, self.narrow_min_ndim)
+                        new = splice(value, rows, new, self.batch_size, self.narrow_min_ndim, rows.own)
                     value = new
                 elif given is not view:
-                    copy_back(view, given)  # its in-place edits reach the model; its copy stays its own
+                    copy_back(view, given, value)  # its edits reach its rows; its copy stays its own
                 consumer.current = None
                 if self.stop_requested:
                     raise Abort()
