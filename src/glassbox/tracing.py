@@ -472,8 +472,9 @@ class Invoker:
         frame = sys._getframe(1)
         body = capture_body(frame, "invoke") if not tracer._fallback_inputs else None
         root = tracer.model
-        kwargs = {**tracer._shared, **self.kwargs} if self.args or self.kwargs else self.kwargs
-        inputs = root._prepare(self.args, kwargs) if (self.args or self.kwargs) else None
+        inputs = None
+        if self.args or self.kwargs:  # the trace's keywords (model.trace(**kw) with no input) too
+            inputs = root._prepare(self.args, {**tracer._shared, **self.kwargs})
         if body is not None:
             tracer._invokes.append(Deferred.invoke(body, frame, inputs, tracer._invokes))
             if not body.trivial:

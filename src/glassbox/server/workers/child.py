@@ -6,6 +6,7 @@ Offers:
                          ``failed``) message for the feeder
     handle_message(module, models, message, blob, send, memory_limit=0)
                          run one ``job`` / ``batch`` message (see ``channel.py``), then ``after_job``
+    batch_requests(message, blob) -> [bytes]   a ``batch`` message's requests, one each
     handle_load(module, models, message, memory_limit=0) -> reply
                          a ``load`` message: evict what it names, load its model (on-demand loading)
     limit_memory(limit) / memory_in_use()      RLIMIT_DATA, and what it counts now
@@ -50,7 +51,8 @@ from ...remote.job import JobError, JobRequest, JobResult
 from ...remote.protocol import ProtocolError
 from .channel import gib
 
-__all__ = ["SENSITIVE_ENV", "WORKER_ENV", "child_environment", "describe", "exit_with_parent",
+__all__ = ["SENSITIVE_ENV", "WORKER_ENV", "batch_requests", "child_environment", "describe",
+           "exit_with_parent",
            "handle_load", "handle_message", "is_out_of_memory", "limit_memory", "memory_in_use",
            "scrub_environment", "start"]
 
@@ -224,10 +226,7 @@ def handle_message(module: Any, models: dict, message: dict, blob: bytes, send: 
             memory_limit)
         return
     if op == "batch":
-        ids = [str(job_id) for job_id in message["jobs"]]
-        sizes = [int(size) for size in message["sizes"]]
-        offsets = [sum(sizes[:i]) for i in range(len(sizes))]
-        requests = [blob[start:start + size] for start, size in zip(offsets, sizes)]
+        ids, requests = [str(job_id) for job_id in message["jobs"]], batch_requests(message, blob)
     else:
         ids, requests = [str(message["job"])], [blob]
     send = _serialized(send)  # printed output may be sent from a timer thread (_JobLog)
@@ -243,10 +242,16 @@ def handle_message(module: Any, models: dict, message: dict, blob: bytes, send: 
 def _run_host(module: Any, models: dict, message: dict, blob: bytes, links: tuple[int, ...]) -> None:
     """A split batch's host: its requests read, its forward run over the links; it sends nothing
     (each body sends its own result)."""
-    sizes = [int(size) for size in message["sizes"]]
-    offsets = [sum(sizes[:i]) for i in range(len(sizes))]
-    requests = [JobRequest.read(blob[start:start + size]) for start, size in zip(offsets, sizes)]
-    module.run_host(models, requests, list(links))
+    module.run_host(models, [JobRequest.read(one) for one in batch_requests(message, blob)], list(links))
+
+
+def batch_requests(message: dict, blob: bytes) -> list[bytes]:
+    """A ``batch`` message's requests: its blob cut by its ``sizes`` (channel.py)."""
+    requests, start = [], 0
+    for size in message["sizes"]:
+        requests.append(blob[start:start + int(size)])
+        start += int(size)
+    return requests
 
 
 def _send_results(send: Callable[[dict, bytes], None], ids: list[str], results: list[JobResult],

@@ -35,6 +35,7 @@ import socket
 from collections.abc import Callable
 from typing import Any
 
+from .child import batch_requests
 from .forked import JobProcess, run_processes
 
 __all__ = ["run_split"]
@@ -63,9 +64,6 @@ def run_split(fork: Callable[..., int], reap: Callable[[int], int], message: dic
                     end.close()
     host = {"op": "host", "jobs": ids, "sizes": sizes, "limits": limits}
     jobs = [(processes[0], host, blob, [])]
-    start = 0
-    for process, job_id, size in zip(processes[1:], ids, sizes):
-        body = {"op": "body", "job": job_id, "limits": limits}
-        jobs.append((process, body, blob[start:start + size], [job_id]))
-        start += size
+    for process, job_id, request in zip(processes[1:], ids, batch_requests(message, blob)):
+        jobs.append((process, {"op": "body", "job": job_id, "limits": limits}, request, [job_id]))
     return run_processes(jobs, forward, control, max_log_bytes=max_log_bytes)
