@@ -7,7 +7,9 @@ it fills); ``out`` comes back as the saved value ``out``. Never use it outside t
 
 A co-tenant batch runs split as with the default executor (``run_host`` is the real host: it runs
 no job's code), and each request's body runs raw in its own process (``run_body``): its source is
-the block's body, with ``model``'s values served by the host (``model.active`` is the host's view).
+the block's body, with ``model``'s values served by the host (``model.active`` is the host's view);
+a body that leaves the pass, or whose pass fails, runs again alone in its process. A lone job runs
+as a pass of one.
 """
 
 from __future__ import annotations
@@ -47,10 +49,11 @@ def run_body(models: dict[str, Any], request: JobRequest, link_fd: int, *, log: 
     model.active = view
     try:
         result = run_job(models, request, log=log, limits=limits)
-        if result.ok and not view.finish():
-            return JobResult.failed("PassFailed", "the shared pass did not stand")
-    except NeedsAlone as why:
-        return JobResult.failed("NeedsAlone", str(why))
+        stood = view.finish() if result.ok else True
+    except NeedsAlone:
+        stood = False
     finally:
         model.active = None
+    if not stood:  # as the real body does: the whole job again, alone, in this process
+        return run_job(models, request, log=log, limits=limits)
     return result

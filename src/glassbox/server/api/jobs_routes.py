@@ -134,7 +134,8 @@ def _intake(body: bytes, config: Any) -> tuple[str, str | None]:
     if job.model not in config.models:
         served = ", ".join(sorted(config.models)) or "none"
         raise HTTPException(404, f"model {job.model!r} is not served here; this server serves: {served}")
-    return job.model, batch_key(job, config.engine(job.model)) if config.max_batch > 1 else None
+    # Kept with batching off too: a lone job with a key runs split (workers/split.py).
+    return job.model, batch_key(job, config.engine(job.model))
 
 
 def _place(state: Any, job: JobInfo) -> tuple[int | None, float | None]:

@@ -269,7 +269,8 @@ class Feeder(ColdLoading):
                 self.batches += 1
                 self.batched_jobs += len(pending)
             try:
-                self._send_jobs(pending, requests)
+                self._send_jobs(pending, requests, shared=len(jobs) == 1 and jobs[0].batch_key is not None
+                                and jobs[0].id not in self.solo)
             except ChannelClosed:
                 self._crashed(pending, attempts, logs, batch=len(pending) > 1)
                 return
@@ -357,10 +358,12 @@ class Feeder(ColdLoading):
             pass
         self._drop_channel()
 
-    def _send_jobs(self, ids: list[str], requests: dict[str, bytes]) -> None:
+    def _send_jobs(self, ids: list[str], requests: dict[str, bytes], shared: bool = False) -> None:
+        """``shared``: a lone job that could have shared a pass (it has a batch key): a worker that
+        runs passes split runs it as a pass of one (``workers/split.py``)."""
         limits = {**self.config.limits(), "max_log_bytes": self.config.max_log_bytes}
         if len(ids) == 1:
-            self.channel.send({"op": "job", "job": ids[0], "limits": limits}, requests[ids[0]])
+            self.channel.send({"op": "job", "job": ids[0], "limits": limits, "shared": shared}, requests[ids[0]])
             return
         sizes = [len(requests[job_id]) for job_id in ids]
         self.channel.send({"op": "batch", "jobs": ids, "sizes": sizes, "limits": limits},

@@ -1,20 +1,24 @@
 """Run each job or batch in a fresh process: memory that dies with it.
 
 Offers:
-    JobProcess(fork, reap, links=())   a process that waits for one job, made by ``fork(job_r, out_w,
-        fault_w, *links) -> pid`` (``zygote.Zygote.fork``: forked from the zygote, never from the worker)
-        and reaped by ``reap(pid) -> wait status``; ``.run(message, blob, ids, forward, control)``
+    JobProcess(fork, reap, links=(), peer=None)
+        a process that waits for one job, made by ``fork(job_r, out_w, fault_w, *links) -> pid``
+        (``zygote.Zygote.fork``: forked from the zygote, never from the worker) and reaped by ``reap(pid) -> wait status``; ``.run(message, blob, ids, forward, control)``
         hands it the job and, in the worker, passes the process's ``log`` / ``result`` frames on
         to the feeder (checked: only this message's jobs, one result each, logs within their
         cap), stops it on ``abort``, and reports a process that died (``crashed``, with the
         user's line when Python's own traceback of the crash shows it); ``.discard()`` if no job
-        comes
+        comes; ``peer``: the worker's end of its link (``split.py``), closed by ``.drop_peer()``
     run_processes([(process, message, blob, ids), ...], forward, control)
                        ``.run`` for the processes of one shared pass at once (``split.py``)
     job_process_main(job_r, out_w, fault_w, handler, threads, confine, links)
                        the job's process itself (in the child the zygote forked): confine it
                        further, set its torch threads, read its one job, run ``handler``; never
                        returns
+    host_process_main(job_r, out_w, fault_w, control, handler, threads, confine, max_links)
+                       a split host's process (``split.Host``): the same, pass after pass
+    frame_writer(fd) -> send(message, blob)  /  FrameReader(fd).read_one() / .read()
+                       the length-prefixed frames between the worker and the processes it runs
     prepare_parent()   the part of making fork safe that the forking process does (gc frozen)
     die_with_parent()  SIGKILL when the parent ends (the zygote and each job's process)
     keep_only(*fds)    close every descriptor above stderr but these
@@ -71,8 +75,8 @@ from ...remote.protocol import ProtocolError
 from .channel import exit_reason
 from .child import SENSITIVE_ENV
 
-__all__ = ["Handler", "JobProcess", "die_with_parent", "job_process_main", "keep_only", "prepare_parent",
-           "run_processes"]
+__all__ = ["FrameReader", "Handler", "JobProcess", "frame_writer", "die_with_parent", "host_process_main", "job_process_main", "keep_only",
+           "prepare_parent", "run_processes"]
 
 _HEADER = struct.Struct("<Q")
 # What runs a job in its process: (message, blob, send, links) -> None
@@ -114,7 +118,7 @@ class JobProcess:
     """
 
     def __init__(self, fork: Callable[..., int], reap: Callable[[int], int],
-                 links: tuple[int, ...] = ()) -> None:
+                 links: tuple[int, ...] = (), peer: Any = None) -> None:
         job_r, job_w = os.pipe()
         out_r, out_w = os.pipe()
         fault_r, fault_w = os.pipe()
@@ -128,6 +132,14 @@ class JobProcess:
             for fd in (job_r, out_w, fault_w):  # the process holds them now
                 os.close(fd)
         self.pid, self.job_w, self.out_r, self.fault_r, self.reap = pid, job_w, out_r, fault_r, reap
+        self.peer = peer  # the worker's end of the process's link, if it has one (split.py)
+
+    def drop_peer(self) -> None:
+        """Close the worker's end of this process's link (handed on to a host, or unused)."""
+        if self.peer is not None:
+            with contextlib.suppress(OSError):
+                self.peer.close()
+            self.peer = None
 
     def run(self, message: dict, blob: bytes, ids: list[str], forward: Callable[[dict, bytes], None],
             control: Any, *, max_log_bytes: int = 0) -> list[tuple[dict, bytes]]:
@@ -135,10 +147,12 @@ class JobProcess:
         docstring. ``control`` is the feeder's connection: its ``abort`` stops the process;
         anything else it sends meanwhile (the next job, sent as soon as this one's results
         arrived) is returned, for the worker to handle next."""
+        self.drop_peer()  # a job of its own: the link stays unused
         return run_processes([(self, message, blob, ids)], forward, control, max_log_bytes=max_log_bytes)
 
     def discard(self) -> None:
         """End a process that will get no job (the worker is stopping)."""
+        self.drop_peer()
         with contextlib.suppress(OSError):
             os.close(self.job_w)  # it reads an empty job and exits
         with contextlib.suppress(OSError):
@@ -150,19 +164,20 @@ class JobProcess:
 
 def run_processes(jobs: list[tuple[JobProcess, dict, bytes, list[str]]],
                   forward: Callable[[dict, bytes], None], control: Any, *,
-                  max_log_bytes: int = 0) -> list[tuple[dict, bytes]]:
+                  max_log_bytes: int = 0, also: tuple[int, ...] = ()) -> list[tuple[dict, bytes]]:
     """``JobProcess.run`` for several processes at once (a shared pass: its host and one process per
     request, ``split.py``): each gets its message; what each says is passed on for its own ``ids``
     only; an ``abort`` stops them all; a process that died is reported for its own jobs once every
-    process has ended. Returns what the feeder sent meanwhile that was not an ``abort``."""
+    process has ended. Returns what the feeder sent meanwhile that was not an ``abort``. ``also``:
+    the pids of other processes an ``abort`` stops too (the pass's host, ``split.py``)."""
     relays, readers = {}, {}
     for process, message, blob, ids in jobs:
         relays[process.out_r] = _Relay(ids, forward, max_log_bytes)
-        readers[process.out_r] = _FrameReader(process.out_r)
+        readers[process.out_r] = FrameReader(process.out_r)
         with contextlib.suppress(OSError):  # a process that died already: reported below
-            _writer(process.job_w)(message, blob)
+            frame_writer(process.job_w)(message, blob)
         os.close(process.job_w)
-    pids = [process.pid for process, *_ in jobs]
+    pids = [process.pid for process, *_ in jobs] + list(also)
     aborted = False
     later: list[tuple[dict, bytes]] = []
     statuses: dict[int, int] = {}
@@ -213,11 +228,41 @@ def job_process_main(job_r: int, out_w: int, fault_w: int, handler: Handler, thr
         keep_only(job_r, out_w, fault_w, *links)
         _job_environment()
         _child_setup(fault_w, threads, confine)
-        frames = _FrameReader(job_r).read_one()
+        frames = FrameReader(job_r).read_one()
         os.close(job_r)
         if frames is not None:
             message, blob = unframe(frames)
-            handler(message, blob, _writer(out_w), links)
+            handler(message, blob, frame_writer(out_w), links)
+        code = 0
+    finally:
+        os._exit(code)
+
+
+def host_process_main(job_r: int, out_w: int, fault_w: int, control: int, handler: Handler, threads: int,
+                      confine: Callable[[], None] | None, max_links: int) -> None:
+    """A split host's process (``host.py``): like a job's process, but it serves pass after pass.
+    Each pass is one frame on ``job_r`` (the requests) and, on the ``control`` socket, the host's end
+    of each body's link; it runs ``handler`` on them and answers ``hosted``.
+    Exits at end of file, or on anything it did not expect (the worker forks a new one)."""
+    import socket
+
+    code = 70
+    try:
+        keep_only(job_r, out_w, fault_w, control)
+        _job_environment()
+        _child_setup(fault_w, threads, confine)
+        frames, send = FrameReader(job_r), frame_writer(out_w)
+        links_from = socket.socket(fileno=control)
+        while True:
+            data = frames.read_one()
+            if data is None:
+                break
+            _, fds, _, _ = socket.recv_fds(links_from, 16, max_links)
+            message, blob = unframe(data)
+            # The handler owns the links (the pass's relays close them); if it raises, this process
+            # ends rather than serve on with descriptors and state it cannot vouch for.
+            handler(message, blob, send, tuple(fds))
+            send({"op": "hosted"}, b"")
         code = 0
     finally:
         os._exit(code)
@@ -280,7 +325,7 @@ def _child_setup(fault_w: int, threads: int, confine: Callable[[], None] | None)
     torch.set_num_threads(max(1, threads))
 
 
-def _writer(fd: int) -> Callable[[dict, bytes], None]:
+def frame_writer(fd: int) -> Callable[[dict, bytes], None]:
     def send(message: dict, blob: bytes = b"") -> None:
         data = frame(message, blob)
         view = memoryview(_HEADER.pack(len(data)) + data)
@@ -291,7 +336,7 @@ def _writer(fd: int) -> Callable[[dict, bytes], None]:
     return send
 
 
-class _FrameReader:
+class FrameReader:
     """Length-prefixed frames from the child's pipe, as they complete."""
 
     def __init__(self, fd: int) -> None:

@@ -58,7 +58,7 @@ from .child import (
 )
 from .confine import confine_job, confine_worker
 from .forked import JobProcess, prepare_parent
-from .split import run_split
+from .split import Host, body_process, run_split
 from .zygote import Zygote
 
 __all__ = ["LocalProcess", "worker_main"]
@@ -138,13 +138,19 @@ def _serve(conn: multiprocessing.connection.Connection) -> None:
     if zygote is not None:
         _drop_models(module, models)
 
+    # A batch, and a lone job that could share a pass (the feeder marks it ``shared``), runs split
+    # (split.py) where the executor offers it: the model's forward in the host, a long-lived process
+    # that runs no user code, each request's code in a process of its own.
+    split = zygote is not None and callable(getattr(module, "run_host", None)) \
+        and callable(getattr(module, "run_body", None))
+    host: Host | None = None
+
     def fork() -> JobProcess | None:
-        return JobProcess(zygote.fork, zygote.reap) if zygote is not None else None
+        if zygote is None:
+            return None
+        return body_process(zygote) if split else JobProcess(zygote.fork, zygote.reap)
 
     spare = fork()  # the next job's process, forked ahead
-    # A batch runs split (split.py) where the executor offers it: the model's forward in a host
-    # process, each request's code in a process of its own.
-    split = callable(getattr(module, "run_host", None)) and callable(getattr(module, "run_body", None))
     waiting: list[tuple[dict, bytes]] = []  # sent while a forked job was still finishing
     try:
         while True:
@@ -161,6 +167,9 @@ def _serve(conn: multiprocessing.connection.Connection) -> None:
                 if spare is not None:
                     spare.discard()
                     spare = None
+                if host is not None:  # likewise the host
+                    host.stop()
+                    host = None
                 send(zygote.load(message) if zygote is not None else load(message))
                 spare = fork()
                 continue
@@ -171,9 +180,16 @@ def _serve(conn: multiprocessing.connection.Connection) -> None:
                     handle_message(module, models, message, blob, send, memory_limit=limit)
                     continue
                 max_log = int((message.get("limits") or {}).get("max_log_bytes", 0) or 0)
-                if op == "batch" and split and zygote is not None:  # each request in its own process
-                    waiting += run_split(zygote.fork, zygote.reap, message, blob, send, conn,
-                                         max_log_bytes=max_log)
+                if split and (op == "batch" or message.get("shared")):  # each request in its own process
+                    if op == "job":
+                        message = {"op": "batch", "jobs": [message["job"]], "sizes": [len(blob)],
+                                   "limits": message.get("limits") or {}}
+                    if host is None or host.dead:
+                        host = Host(zygote)
+                    bodies, spare = [spare], None
+                    bodies += [body_process(zygote) for _ in message["jobs"][1:]]
+                    waiting += run_split(host, bodies, message, blob, send, conn, max_log_bytes=max_log)
+                    spare = fork()
                     continue
                 ids = [str(j) for j in message["jobs"]] if op == "batch" else [str(message["job"])]
                 process, spare = spare, None
@@ -184,6 +200,8 @@ def _serve(conn: multiprocessing.connection.Connection) -> None:
     finally:
         if spare is not None:
             spare.discard()
+        if host is not None:
+            host.stop()
         if zygote is not None:
             zygote.stop()
 

@@ -1,27 +1,40 @@
-"""Split execution of a co-tenant batch: the model's forward in one process, each request's code in
-a process of its own.
+"""Split execution: the model's forward in a host process that runs no user code, each request's
+code in a process of its own (a body), for a co-tenant batch and for a lone job alike.
 
 Offers:
-    run_split(fork, reap, message, blob, forward, control, max_log_bytes=0) -> later
-        run a ``batch`` message (``channel.py``) as a host process and one body process per
-        request, all forked from the zygote; pass on what the bodies say (each for its own job
-        only); return what the feeder sent meanwhile (as ``forked.JobProcess.run`` does)
+    Host(zygote)        the worker's long-lived host process, forked from the zygote; ``.dead`` once
+                        it ended (the worker forks a new one for the next pass), ``.stop()``
+    body_process(zygote) -> JobProcess
+                        a body's process, forked ahead, with its link made (``JobProcess.peer``)
+    run_split(host, bodies, message, blob, forward, control, max_log_bytes=0) -> later
+        run a ``batch`` message (``channel.py``) as one pass of ``host`` and one of ``bodies`` per
+        request; pass on what the bodies say (each for its own job only); return what the feeder
+        sent meanwhile (as ``forked.JobProcess.run`` does)
 
 Process layout::
 
-    worker (never runs user code) ── fork n+1 via the zygote ──┐
-                                                                   │
-    host process: {"op": "host"} + the n requests                  │ link i: a socket pair
-      runs ONE forward (jobs/split_host.py), no user code ◄────────┤ made here, one end each
-    body process i: {"op": "body"} + request i only                │
+    worker (never runs user code)          zygote ── forks ──► host (once) and each body
+    ─────────────────────────────
+    host process (long-lived): {"op": "host"} + the n requests, and the host's end of n links
+      runs ONE forward (jobs/split_host.py), no user code ◄──── link i: a socket pair
+    body process i (one request): {"op": "body"} + request i only
       runs request i's block (jobs/split_body.py) ─────────────────┘
       ──► log / result of job i ──► worker ──► feeder
 
-Why: in one process, requests that share a forward share an address space: a replaced callable, a
-``hook=True`` call, a hook installed from code the sandbox does not guard, or raw Python reached
-through a library all act on the shared forward or read the neighbours' rows. Here a body's
+Why split: in one process, requests that share a forward share an address space: a replaced
+callable, a ``hook=True`` call, a hook installed from code the sandbox does not guard, or raw Python
+reached through a library all act on the shared forward or read the neighbours' rows. Here a body's
 process holds only its own request and its own rows; the host, which holds every request's rows,
 runs nothing but the model and glassbox's relay (issue 21, README: Security).
+
+Why one long-lived host rather than one per pass: a process forked from the zygote runs its first
+forward far slower than a warm one (copy-on-write faults on every page of the interpreter and the
+allocator it touches: SmolLM2 about 160 against 110 ms, the tiny GPT-2 14 against 6 ms), and the
+host is the process that runs the forward. It is safe to keep: it runs no user code, so nothing a
+job does persists in it; what it reads from a body is data (``split_link.py``: JSON and raw tensor
+bytes, never pickle) that lands only in that body's own rows. Its freed heap holds earlier passes'
+rows, but nothing that runs there can read it back. A host that fails (or is stopped with a pass,
+on cancel or time-out) ends, and the next pass gets a new one.
 
 A body that asks for what a shared pass cannot give (``.source``, ``hook=True``, the tracer...)
 runs its request alone in its own process; a host that fails makes every body run alone; a body
@@ -31,39 +44,116 @@ that dies is reported (``crashed``) for its own job only, once every process of 
 from __future__ import annotations
 
 import contextlib
+import os
+import select
+import signal
 import socket
-from collections.abc import Callable
+import time
 from typing import Any
 
 from .child import batch_requests
-from .forked import JobProcess, run_processes
+from .forked import FrameReader, JobProcess, frame_writer, run_processes
+from .zygote import Zygote
 
-__all__ = ["run_split"]
+__all__ = ["Host", "body_process", "run_split"]
+
+_SETTLE_SECONDS = 60.0  # how long a host may take to end its pass once its bodies have ended
 
 
-def run_split(fork: Callable[..., int], reap: Callable[[int], int], message: dict, blob: bytes,
-              forward: Callable[[dict, bytes], None], control: Any, *,
-              max_log_bytes: int = 0) -> list[tuple[dict, bytes]]:
-    """See the module docstring."""
-    ids = [str(job) for job in message["jobs"]]
-    sizes = [int(size) for size in message["sizes"]]
-    limits = message.get("limits") or {}
-    pairs = [socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM) for _ in ids]
-    processes: list[JobProcess] = []
+class Host:
+    """The worker's handle on its host process (see the module docstring)."""
+
+    def __init__(self, zygote: Zygote) -> None:
+        job_r, self.job_w = os.pipe()
+        self.out_r, out_w = os.pipe()
+        self.fault_r, fault_w = os.pipe()
+        self.links, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        self.reap = zygote.reap
+        try:
+            self.pid = zygote.fork_host(job_r, out_w, fault_w, theirs.fileno())
+        except BaseException:
+            for fd in (self.job_w, self.out_r, self.fault_r):
+                os.close(fd)
+            self.links.close()
+            raise
+        finally:
+            for fd in (job_r, out_w, fault_w):
+                os.close(fd)
+            theirs.close()
+        self.frames = FrameReader(self.out_r)
+        self.dead = False
+
+    def start(self, message: dict, blob: bytes, peers: list[socket.socket]) -> None:
+        """Hand the host one pass: ``message`` with ``blob`` (the requests), and ``peers`` (its end of
+        each body's link, closed here once sent). A host that is gone makes ``.dead`` True; its
+        bodies then find their link closed and run alone."""
+        try:
+            frame_writer(self.job_w)(message, blob)
+            socket.send_fds(self.links, [b"links"], [peer.fileno() for peer in peers])
+        except OSError:
+            self.stop()
+        finally:
+            for peer in peers:
+                peer.close()
+
+    def settle(self) -> None:
+        """Wait for the host to end the pass it was given (its ``hosted``); a host that ends
+        instead, or takes longer than ``_SETTLE_SECONDS`` after its bodies, is stopped for good."""
+        if self.dead:
+            return
+        deadline = time.monotonic() + _SETTLE_SECONDS
+        while (left := deadline - time.monotonic()) > 0:
+            ready, _, _ = select.select([self.out_r], [], [], left)
+            if not ready:
+                break
+            frames = self.frames.read()
+            if frames is None:
+                break
+            if frames:
+                return  # "hosted": nothing else comes from a host
+        self.stop()
+
+    def stop(self) -> None:
+        """End the host process (the worker stops, or it failed); ``.dead`` from now on."""
+        if self.dead:
+            return
+        self.dead = True
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(self.pid, signal.SIGKILL)
+        with contextlib.suppress(OSError):
+            self.reap(self.pid)
+        for fd in (self.job_w, self.out_r, self.fault_r):
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self.links.close()
+
+
+def body_process(zygote: Zygote) -> JobProcess:
+    """A process for the next job, forked ahead with a link to a host (used if the job runs split;
+    a job that runs on its own leaves it unused)."""
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
-        processes.append(JobProcess(fork, reap, links=tuple(host.fileno() for host, _ in pairs)))
-        processes += [JobProcess(fork, reap, links=(body.fileno(),)) for _, body in pairs]
+        return JobProcess(zygote.fork, zygote.reap, links=(theirs.fileno(),), peer=ours)
     except BaseException:
-        for process in processes:
-            process.discard()
+        ours.close()
         raise
     finally:
-        for pair in pairs:  # the processes hold them now: a body sees its host end when it dies
-            for end in pair:
-                with contextlib.suppress(OSError):
-                    end.close()
-    host = {"op": "host", "jobs": ids, "sizes": sizes, "limits": limits}
-    jobs = [(processes[0], host, blob, [])]
-    for process, job_id, request in zip(processes[1:], ids, batch_requests(message, blob)):
-        jobs.append((process, {"op": "body", "job": job_id, "limits": limits}, request, [job_id]))
-    return run_processes(jobs, forward, control, max_log_bytes=max_log_bytes)
+        theirs.close()  # the process holds it now: a body sees its host end when the host dies
+
+
+def run_split(host: Host, bodies: list[JobProcess], message: dict, blob: bytes,
+              forward: Any, control: Any, *, max_log_bytes: int = 0) -> list[tuple[dict, bytes]]:
+    """See the module docstring. ``bodies``: one per request of ``message``, made by
+    ``body_process``."""
+    ids = [str(job) for job in message["jobs"]]
+    limits = message.get("limits") or {}
+    host.start({"op": "host", "jobs": ids, "sizes": message["sizes"], "limits": limits}, blob,
+               [body.peer for body in bodies])
+    for body in bodies:
+        body.peer = None  # closed by start: the host holds the other end now
+    jobs = [(body, {"op": "body", "job": job_id, "limits": limits}, request, [job_id])
+            for body, job_id, request in zip(bodies, ids, batch_requests(message, blob))]
+    later = run_processes(jobs, forward, control, max_log_bytes=max_log_bytes,
+                          also=() if host.dead else (host.pid,))
+    host.settle()
+    return later

@@ -7,6 +7,9 @@ Offers:
     .fork(job_r, out_w, fault_w, *links) -> pid
                    a job's process (``forked.job_process_main``) holding only these descriptors
                    (``links``: the sockets of a shared pass, at most ``MAX_LINKS``)
+    .fork_host(job_r, out_w, fault_w, control) -> pid
+                   a split host's process (``forked.host_process_main``, ``host.py``): it serves
+                   pass after pass
     .reap(pid) -> wait status      the exit status of a job's process (call once it has ended)
     .load(message) -> reply        a ``load`` message (on-demand load, evictions), run here
     .stop()
@@ -38,7 +41,7 @@ import socket
 from collections.abc import Callable
 from typing import Any
 
-from .forked import Handler, die_with_parent, job_process_main, keep_only, prepare_parent
+from .forked import Handler, die_with_parent, host_process_main, job_process_main, keep_only, prepare_parent
 
 __all__ = ["MAX_LINKS", "Zygote"]
 
@@ -70,6 +73,11 @@ class Zygote:
         if len(links) > MAX_LINKS:
             raise ValueError(f"a process can be handed at most {MAX_LINKS} links, not {len(links)}")
         return int(self._ask({"op": "fork"}, [job_r, out_w, fault_w, *links])["pid"])
+
+    def fork_host(self, job_r: int, out_w: int, fault_w: int, control: int) -> int:
+        """A split host's process (``forked.host_process_main``): it serves pass after pass, each
+        pass's links handed to it over ``control``."""
+        return int(self._ask({"op": "fork", "host": True}, [job_r, out_w, fault_w, control])["pid"])
 
     def reap(self, pid: int) -> int:
         return int(self._ask({"op": "reap", "pid": pid})["status"])
@@ -110,6 +118,8 @@ def _serve(sock: socket.socket, handler: Handler,
         op = message.get("op")
         if op == "fork" and len(fds) >= 3:
             pid = os.fork()
+            if pid == 0 and message.get("host") and len(fds) == 4:
+                host_process_main(*fds, handler, threads, confine, MAX_LINKS)  # never returns
             if pid == 0:
                 job_process_main(*fds[:3], handler, threads, confine, tuple(fds[3:]))  # never returns
             for fd in fds:
