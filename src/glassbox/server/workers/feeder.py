@@ -363,7 +363,8 @@ class Feeder(ColdLoading):
         runs passes split runs it as a pass of one (``workers/split.py``)."""
         limits = {**self.config.limits(), "max_log_bytes": self.config.max_log_bytes}
         if len(ids) == 1:
-            self.channel.send({"op": "job", "job": ids[0], "limits": limits, "shared": shared}, requests[ids[0]])
+            self.channel.send({"op": "job", "job": ids[0], "limits": limits, "shared": shared},
+                              requests[ids[0]])
             return
         sizes = [len(requests[job_id]) for job_id in ids]
         self.channel.send({"op": "batch", "jobs": ids, "sizes": sizes, "limits": limits},

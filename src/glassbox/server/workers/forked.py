@@ -3,12 +3,13 @@
 Offers:
     JobProcess(fork, reap, links=(), peer=None)
         a process that waits for one job, made by ``fork(job_r, out_w, fault_w, *links) -> pid``
-        (``zygote.Zygote.fork``: forked from the zygote, never from the worker) and reaped by ``reap(pid) -> wait status``; ``.run(message, blob, ids, forward, control)``
-        hands it the job and, in the worker, passes the process's ``log`` / ``result`` frames on
-        to the feeder (checked: only this message's jobs, one result each, logs within their
-        cap), stops it on ``abort``, and reports a process that died (``crashed``, with the
-        user's line when Python's own traceback of the crash shows it); ``.discard()`` if no job
-        comes; ``peer``: the worker's end of its link (``split.py``), closed by ``.drop_peer()``
+        (``zygote.Zygote.fork``: forked from the zygote, never from the worker) and reaped by
+        ``reap(pid) -> wait status``; ``.run(message, blob, ids, forward, control)`` hands it the
+        job and, in the worker, passes the process's ``log`` / ``result`` frames on to the feeder
+        (checked: only this message's jobs, one result each, logs within their cap), stops it on
+        ``abort``, and reports a process that died (``crashed``, with the user's line when
+        Python's own traceback of the crash shows it); ``.discard()`` if no job comes; ``peer``:
+        the worker's end of its link (``split.py``), closed by ``.drop_peer()``
     run_processes([(process, message, blob, ids), ...], forward, control)
                        ``.run`` for the processes of one shared pass at once (``split.py``)
     job_process_main(job_r, out_w, fault_w, handler, threads, confine, links)
@@ -75,8 +76,18 @@ from ...remote.protocol import ProtocolError
 from .channel import exit_reason
 from .child import SENSITIVE_ENV
 
-__all__ = ["FrameReader", "Handler", "JobProcess", "frame_writer", "die_with_parent", "host_process_main", "job_process_main", "keep_only",
-           "prepare_parent", "run_processes"]
+__all__ = [
+    "FrameReader",
+    "Handler",
+    "JobProcess",
+    "die_with_parent",
+    "frame_writer",
+    "host_process_main",
+    "job_process_main",
+    "keep_only",
+    "prepare_parent",
+    "run_processes",
+]
 
 _HEADER = struct.Struct("<Q")
 # What runs a job in its process: (message, blob, send, links) -> None
