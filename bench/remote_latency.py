@@ -14,8 +14,9 @@ warm-up, so both see the same machine load. Both sides use the same number of to
 Printed per model: median local and remote milliseconds and their ratio, then where a
 remote round trip goes:
     client      building the request (capture, encoding) and applying the reply
-    submit      POST /v1/jobs until the 202 (key check, rate limit, store writes)
-    wait        from the 202 until the final event arrives on the websocket; of which
+    submit      until the server's answer with the job's id (key check, rate limit, store writes):
+                the request sent on the run websocket, kept open between jobs (or POST /v1/jobs)
+    wait        from that answer until the final event arrives on the websocket; of which
       run_job     the server's own ``seconds``: time inside ``jobs.execute.run_job`` in the worker
       serving     the rest: websocket, store, feeder, pipe to and from the worker
     result      GET /v1/jobs/{id}/result (0 when the result came on the events websocket,
@@ -79,11 +80,27 @@ class Probe:
     def __init__(self) -> None:
         self.parts: dict[str, float] = {}
         self.request: JobRequest | None = None
-        self._real = (transport.submit, transport.events, transport.result)
+        self._real = (transport.submit, transport.events, transport.result, transport.run)
 
     @contextlib.contextmanager
     def installed(self) -> Iterator[None]:
-        submit, events, result = self._real
+        submit, events, result, run = self._real
+
+        def timed_run(host: str, api_key: str | None, request: JobRequest, **kwargs: Any) -> Iterator[dict]:
+            # one websocket: "submit" until the server's answer (the job's id), "wait" until the end
+            self.request = request
+            started = time.perf_counter()
+            kept = kwargs["keep_result"]
+            for event in run(host, api_key, request, **kwargs):
+                if "id" in event and "submit" not in self.parts:
+                    self.parts["submit"] = time.perf_counter() - started
+                    started = time.perf_counter()
+                if event.get("status") in transport.FINAL:
+                    self.parts["wait"] = time.perf_counter() - started
+                    if "result" in kept:
+                        self.parts["result"] = 0.0
+                        self.parts["run_job"] = float(kept["result"].seconds or 0.0)
+                yield event
 
         def timed_submit(host: str, api_key: str | None, request: JobRequest, *args: Any,
                          **kwargs: Any) -> str:
@@ -113,11 +130,12 @@ class Probe:
             self.parts["run_job"] = float(reply.seconds or 0.0)
             return reply
 
-        transport.submit, transport.events, transport.result = timed_submit, timed_events, timed_result
+        transport.submit, transport.events, transport.result, transport.run = (
+            timed_submit, timed_events, timed_result, timed_run)
         try:
             yield
         finally:
-            transport.submit, transport.events, transport.result = self._real
+            transport.submit, transport.events, transport.result, transport.run = self._real
 
 
 def median_ms(values: list[float]) -> float:
@@ -299,8 +317,9 @@ def main(argv: list[str] | None = None) -> int:
         for mode, numbers in data["modes"].items():
             parts = numbers["parts_ms"]
             print(f"\n{name}, --isolation {mode}: where a remote round trip goes (median ms)")
-            for key, label in (("client", "client: build request, apply reply"), ("submit", "submit (POST)"),
-                               ("wait", "wait for the final event"), ("run_job", "  run_job in the worker"),
+            for key, label in (("client", "client: build request, apply reply"),
+                               ("submit", "submit (until the id)"), ("wait", "wait for the final event"),
+                               ("run_job", "  run_job in the worker"),
                                ("serving", "  serving: websocket, store, feeder, pipe, fork"),
                                ("result", "result (GET)")):
                 print(f"  {label:<48} {parts.get(key, float('nan')):8.1f}")

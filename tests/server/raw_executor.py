@@ -43,7 +43,7 @@ def run_job(models: dict[str, Any], request: JobRequest, *, log: Callable[[str],
 
 
 def run_body(models: dict[str, Any], request: JobRequest, link_fd: int, *, log: Callable[[str], None],
-             limits: dict | None = None) -> JobResult:
+             limits: dict | None = None, lone: bool = False) -> JobResult:
     model = models[request.model]
     view = HostView(model, Link.from_fd(link_fd))
     model.active = view

@@ -23,10 +23,11 @@ Call hierarchy::
 from __future__ import annotations
 
 import builtins
+import itertools
 import sys
 import time
 import types
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -194,13 +195,27 @@ class RemoteRun:
             self._apply(run_locally(self.model, request, log=_show_log))
             return
         host, key = CONFIG.HOST, CONFIG.API_KEY
-        job_id = transport.submit(host, key, request, self.timeout or CONFIG.TIMEOUT)
+        timeout = self.timeout or CONFIG.TIMEOUT
+        kept: dict = {}
+        if self.blocking:
+            # Submitted and followed on one websocket kept open between jobs; a server without it
+            # (or a request too large for it) is sent a POST and followed on its own websocket.
+            try:
+                stream = transport.run(host, key, request, keep_result=kept, timeout=timeout + 30)
+                first = next(stream)
+            except transport.RunUnavailable:
+                stream = None
+            if stream is not None:
+                self.job = JobHandle(str(first["id"]), host=host, api_key=key)
+                _follow(self.job, timeout, kept, events=itertools.chain([first], stream))
+                self._apply(kept.get("result") or transport.result(host, key, self.job.id))
+                return
+        job_id = transport.submit(host, key, request, timeout)
         self.job = JobHandle(job_id, host=host, api_key=key)
         if not self.blocking:
             self.frame = None
             return
-        kept: dict = {}
-        _follow(self.job, self.timeout or CONFIG.TIMEOUT, kept)
+        _follow(self.job, timeout, kept)
         self._apply(kept.get("result") or transport.result(host, key, job_id))
 
     def _apply(self, reply: JobResult) -> None:
@@ -265,17 +280,21 @@ def _show_log(text: str) -> None:
     sys.stdout.flush()
 
 
-def _follow(job: JobHandle, timeout: float, keep_result: dict | None = None) -> None:
+def _follow(job: JobHandle, timeout: float, keep_result: dict | None = None,
+            events: Iterator[dict] | None = None) -> None:
     """Wait for the job, printing its output and (unless CONFIG.STATUS is off) a
     live status line: one line rewritten in place on a terminal, else one line
     per change of status. ``keep_result``: see ``transport.events`` (the result, when the
-    server sends it with the final event)."""
+    server sends it with the final event); ``events``: the job's events when they come
+    another way (``transport.run``)."""
     from . import transport
 
     deadline = time.monotonic() + timeout + 30
     status_line = _StatusLine(job.id) if CONFIG.STATUS else None
+    if events is None:
+        events = transport.events(job.host, job.api_key, job.id, keep_result=keep_result)
     try:
-        for event in transport.events(job.host, job.api_key, job.id, keep_result=keep_result):
+        for event in events:
             text = event.get("log")
             if text:
                 if status_line is not None:

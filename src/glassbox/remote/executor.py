@@ -18,7 +18,7 @@ A module implementing ``Executor``::
     models = load_models(specs)                             {name: model}, at worker start
     result = run_job(models, request, log=print_fn, limits={...})          JobRequest -> JobResult
     results = run_batch(models, requests, logs=[...], limits={...})        optional: one pass
-    run_host(models, requests, link_fds) / run_body(models, request, link_fd, log=, limits=)
+    run_host(models, requests, link_fds) / run_body(models, request, link_fd, log=, limits=, lone=False)
                                                             optional: one pass, split (the model's
                                                             process and each request's, apart)
     result = run_in_process(model, request, log=print_fn)   optional: ``remote="local"``
@@ -54,7 +54,8 @@ class Executor(Protocol):
 
     # Optional (looked up with getattr): run_batch(models, requests, *, logs, limits) -> [JobResult],
     # run_host(models, requests, link_fds) -> bool with run_body(models, request, link_fd, *, log,
-    # limits) -> JobResult (a forking worker then runs batches split: server/workers/split.py),
+    # limits, lone) -> JobResult (a forking worker then runs batches, and lone jobs that could share
+    # a pass, split: server/workers/split.py),
     # run_in_process(model, request, *, log) -> JobResult, after_job(models), load_model(name, spec),
     # unload_model(models, name) and prepare_later_loads() (needed for load = "on_demand").
 

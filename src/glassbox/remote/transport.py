@@ -2,6 +2,9 @@
 
 Offers:
     submit(host, api_key, request, timeout) -> job id           (request: a job.JobRequest)
+    run(host, api_key, request, keep_result=, timeout=None) -> iterator of events
+        submit and follow on one websocket kept open between jobs (what ``remote=True`` uses);
+        RunUnavailable: use submit and events
     events(host, api_key, job_id, *, timeout=None) -> iterator of event dicts, ending with the
         final one ({"status": "COMPLETED" | "ERROR" | "CANCELLED", ...}); a websocket, or polling
         when the websocket cannot be opened or breaks (printed output is neither lost nor repeated)
@@ -42,7 +45,8 @@ from ..errors import RemoteError
 from .job import FINAL, JobRequest, JobResult
 from .protocol import ProtocolError
 
-__all__ = ["cancel", "events", "health", "model_files", "models", "result", "status", "submit"]
+__all__ = ["RunUnavailable", "cancel", "events", "health", "model_files", "models", "result", "run", "status",
+           "submit"]
 
 _POLL_SECONDS = 0.1
 _CONNECT_SECONDS = 10.0
@@ -51,6 +55,10 @@ _REQUEST_SECONDS = 60.0
 # default is 5 s, glassbox serve's 30 s), so that a request is never sent on a connection the server
 # is closing at that moment, which resets it (likelier the busier the machines are).
 _KEEP_ALIVE_SECONDS = 2.0
+_RUN_REQUEST_BYTES = 8 * 2**20  # larger requests are POSTed (servers cap a websocket message: 16 MiB)
+
+_runs_lock = threading.Lock()
+_idle_runs: dict[tuple[str, str], list[Any]] = {}  # run websockets between jobs, per (server, key)
 
 _client_lock = threading.Lock()
 _client: httpx.Client | None = None
@@ -121,24 +129,26 @@ def _detail(response: httpx.Response) -> str:
 
 
 def _check(response: httpx.Response, base: str, job_id: str | None) -> None:
-    code = response.status_code
-    if code < 400:
-        return
-    detail = _detail(response)
+    if response.status_code >= 400:
+        raise _refusal(response.status_code, _detail(response), base, job_id, response.request.url.path)
+
+
+def _refusal(code: int, detail: str, base: str, job_id: str | None = None, path: str = "") -> RemoteError:
+    """The error for a refusal with HTTP status ``code`` (over HTTP or the run websocket)."""
     if code == 401:
         message = _key_rejected(detail)
     elif code == 404 and job_id is not None:
         message = (f"job {job_id} not found at {base}: it does not exist, belongs to another API key, "
                    f"or has expired (finished jobs are kept for a limited time). Server: {detail}")
     elif code == 404 and not detail.startswith("model"):
-        message = f"{base} does not look like a glassbox server (404 for {response.request.url.path})"
+        message = f"{base} does not look like a glassbox server (404 for {path})"
     elif code == 413:
         message = f"request too large: {detail}"
     elif code >= 500:
         message = f"the glassbox server at {base} failed ({code}): {detail}"
     else:
         message = detail  # 400 protocol/version, 404 model, 409, 429: the server's words are the message
-    raise RemoteError(message, code)
+    return RemoteError(message, code)
 
 
 def _key_rejected(detail: str) -> str:
@@ -265,6 +275,89 @@ class _WebsocketUnavailable(Exception):
     pass
 
 
+class RunUnavailable(Exception):
+    """``run`` cannot take this job (nothing was submitted): use ``submit`` and ``events``."""
+
+
+def run(host: str, api_key: str | None, request: JobRequest, *, keep_result: dict,
+        timeout: float | None = None) -> Iterator[dict]:
+    """Submit ``request`` and follow it on one websocket (WS /v1/jobs/run): the events as ``events``
+    yields them, the first one the server's answer to the submit (with the job's ``id``); the result
+    kept as ``keep_result["result"]`` when it came with the final event. The connection stays open
+    for this process's next job on that server with that key (one per job running at once), which
+    saves a job the POST, a websocket handshake and the result's GET. Raises ``RunUnavailable``
+    before submitting anything where this cannot be used (no websockets library, a server without
+    the route, a request larger than a websocket message should be); a refusal raises RemoteError
+    as ``submit`` does. If the connection breaks after the job was accepted, following goes on as
+    ``events`` does (another websocket, or polling)."""
+    data = request.frame()
+    if len(data) > _RUN_REQUEST_BYTES:
+        raise RunUnavailable()
+    base, slot = _base(host), (_base(host), api_key or "")
+    deadline = None if timeout is None else time.monotonic() + timeout
+    connection, first = _submit_on_run_socket(host, api_key, slot, data)
+    job_id = str(first["id"])
+    seen = [0]
+    clean = False
+    try:
+        yield first
+        clean = yield from _events_on(connection, base, job_id, deadline, seen, keep_result)
+    finally:
+        if clean and "result" in keep_result:
+            with _runs_lock:
+                _idle_runs.setdefault(slot, []).append(connection)
+        else:
+            connection.close()  # the server may still be sending this job's events on it
+    if not clean:
+        yield from events(host, api_key, job_id, timeout=None if deadline is None else
+                          max(0.0, deadline - time.monotonic()), keep_result=keep_result)
+
+
+def _submit_on_run_socket(host: str, api_key: str | None, slot: tuple[str, str],
+                          data: bytes) -> tuple[Any, dict]:
+    """Send the request on an idle run websocket of ``slot`` (a fresh one when there is none, or when
+    an idle one turns out closed before the request could be sent); returns it with the server's
+    answer."""
+    from websockets.exceptions import ConnectionClosed
+
+    while True:
+        with _runs_lock:
+            idle = _idle_runs.get(slot)
+            connection = idle.pop() if idle else None
+        reused = connection is not None
+        if connection is None:
+            try:
+                connection = _connect(host, "/v1/jobs/run", api_key)
+            except _WebsocketUnavailable:
+                raise RunUnavailable() from None
+        try:
+            connection.send(data)
+        except (ConnectionClosed, OSError):
+            connection.close()
+            if reused:
+                continue  # closed while idle (the server restarted): nothing was sent
+            raise RunUnavailable() from None
+        try:
+            raw = connection.recv(timeout=_REQUEST_SECONDS)
+        except (ConnectionClosed, OSError, TimeoutError) as err:
+            connection.close()
+            raise RemoteError(f"lost the connection to the glassbox server at {_base(host)} while "
+                              f"submitting: {err}") from None
+        answer = json.loads(raw) if isinstance(raw, str) else None
+        if isinstance(answer, dict) and "id" in answer:
+            return connection, answer
+        if isinstance(answer, dict) and "error" in answer:
+            code = answer.get("code") if isinstance(answer.get("code"), int) else 400
+            if code == 401:
+                connection.close()
+            else:
+                with _runs_lock:
+                    _idle_runs.setdefault(slot, []).append(connection)
+            raise _refusal(code, str(answer["error"]), _base(host), path="/v1/jobs/run")
+        connection.close()
+        raise RemoteError(f"unexpected answer from the glassbox server at {_base(host)}: {str(raw)[:200]!r}")
+
+
 def _trim_log(event: dict, seen: list[int]) -> dict:
     """Drop output already yielded (after a switch from websocket to polling, or a repeat)."""
     text = event.get("log")
@@ -285,14 +378,21 @@ def _follow_websocket(host: str, api_key: str | None, job_id: str, deadline: flo
                       seen: list[int], keep_result: dict | None = None) -> Iterator[dict]:
     """Yields events; returns True once the final one was yielded, False if the stream broke
     (the caller polls from there), raises _WebsocketUnavailable if it could not be opened."""
+    path = f"/v1/jobs/{job_id}/events" + ("?result=1" if keep_result is not None else "")
+    with _connect(host, path, api_key) as connection:
+        return (yield from _events_on(connection, _base(host), job_id, deadline, seen, keep_result))
+
+
+def _connect(host: str, path: str, api_key: str | None) -> Any:
+    """An open websocket to ``path`` that has been sent the key (in the first message, not the URL:
+    URLs end up in logs); raises _WebsocketUnavailable if it cannot be opened."""
     try:
-        from websockets.exceptions import ConnectionClosed, WebSocketException
+        from websockets.exceptions import WebSocketException
         from websockets.sync.client import connect
     except ImportError:
         raise _WebsocketUnavailable() from None
     base = _base(host)
-    url = ("wss://" if base.startswith("https://") else "ws://") + base.split("://", 1)[1]
-    url += f"/v1/jobs/{job_id}/events" + ("?result=1" if keep_result is not None else "")
+    url = ("wss://" if base.startswith("https://") else "ws://") + base.split("://", 1)[1] + path
     try:
         connection = connect(url, open_timeout=_CONNECT_SECONDS, close_timeout=2, max_size=None,
                              legacy=True)
@@ -300,36 +400,47 @@ def _follow_websocket(host: str, api_key: str | None, job_id: str, deadline: flo
         raise RemoteError(_no_server(base)) from None
     except (OSError, TimeoutError, WebSocketException):
         raise _WebsocketUnavailable() from None
-    with connection:
-        try:
-            # The key goes in the first message, not the URL: URLs end up in logs.
-            connection.send(json.dumps({"api_key": api_key or ""}))
-            while True:
-                wait = None if deadline is None else deadline - time.monotonic()
-                if wait is not None and wait <= 0:
-                    raise RemoteError(f"job {job_id} did not finish in time; it is still on the server "
-                                      f"(cancel it with glassbox's JobHandle({job_id!r}).cancel())")
-                try:
-                    raw = connection.recv(timeout=wait)
-                except TimeoutError:
-                    continue  # the deadline check above ends it
-                event = json.loads(raw)
-                if not isinstance(event, dict):
-                    continue
-                if "error" in event and "status" not in event:
-                    code = event.get("code")
-                    if code == 401:
-                        raise RemoteError(_key_rejected(str(event["error"])), 401)
-                    if code == 404:
-                        raise RemoteError(f"job {job_id} not found at {base}: {event['error']}", 404)
-                    raise RemoteError(str(event["error"]), code if isinstance(code, int) else None)
-                if event.get("status") in FINAL and keep_result is not None:
-                    _receive_result(connection, job_id, keep_result)  # before the caller stops reading
-                yield _trim_log(event, seen)
-                if event.get("status") in FINAL:
-                    return True
-        except (ConnectionClosed, OSError, ValueError):
-            return False  # broken mid-way: polling picks up exactly where this stopped
+    try:
+        connection.send(json.dumps({"api_key": api_key or ""}))
+    except Exception:
+        connection.close()
+        raise _WebsocketUnavailable() from None
+    return connection
+
+
+def _events_on(connection: Any, base: str, job_id: str, deadline: float | None, seen: list[int],
+               keep_result: dict | None) -> Iterator[dict]:
+    """The job's events on an open websocket; returns True after the final one (and the result, with
+    ``keep_result``), False if the connection broke first."""
+    from websockets.exceptions import ConnectionClosed
+
+    try:
+        while True:
+            wait = None if deadline is None else deadline - time.monotonic()
+            if wait is not None and wait <= 0:
+                raise RemoteError(f"job {job_id} did not finish in time; it is still on the server "
+                                  f"(cancel it with glassbox's JobHandle({job_id!r}).cancel())")
+            try:
+                raw = connection.recv(timeout=wait)
+            except TimeoutError:
+                continue  # the deadline check above ends it
+            event = json.loads(raw)
+            if not isinstance(event, dict):
+                continue
+            if "error" in event and "status" not in event:
+                code = event.get("code")
+                if code == 401:
+                    raise RemoteError(_key_rejected(str(event["error"])), 401)
+                if code == 404:
+                    raise RemoteError(f"job {job_id} not found at {base}: {event['error']}", 404)
+                raise RemoteError(str(event["error"]), code if isinstance(code, int) else None)
+            if event.get("status") in FINAL and keep_result is not None:
+                _receive_result(connection, job_id, keep_result)  # before the caller stops reading
+            yield _trim_log(event, seen)
+            if event.get("status") in FINAL:
+                return True
+    except (ConnectionClosed, OSError, ValueError):
+        return False  # broken mid-way: polling picks up exactly where this stopped
 
 
 def _receive_result(connection: Any, job_id: str, keep: dict) -> None:

@@ -6,7 +6,8 @@ Offers:
                                       process (instances.py), a new random id by default
       (keys.py)  .create_key(name, operator=False) / .list_keys() / .revoke_key(..) / .authenticate(key)
       (instances.py)  .begin_life() / .heartbeat() / .leave() / .instances()
-      .create_job(key_id, model, request, batch_key=None, max_active=0, max_stored_bytes=0) -> job id
+      .create_job(key_id, model, request, batch_key=None, max_active=0, max_stored_bytes=0,
+                  queued=False) -> job id
                                       (RECEIVED; ``request``: the framed bytes as received)
       .mark_queued(id) / .claim(id) / .requeue(id) / .retry(id)
       .finish(id, status, result=, error=, logs=, max_stored_bytes=0) -> Finished | None
@@ -158,8 +159,9 @@ class JobStore(KeyStore, InstanceStore):
     # ------------------------------------------------------------ jobs
 
     def create_job(self, key_id: str, model: str, request: bytes, *, batch_key: str | None = None,
-                   max_active: int = 0, max_stored_bytes: int = 0) -> str:
-        """Store a request as RECEIVED and return its new id. With ``max_active``, refuse
+                   max_active: int = 0, max_stored_bytes: int = 0, queued: bool = False) -> str:
+        """Store a request as RECEIVED (``queued``: as QUEUED, for a request validated already: one
+        transaction, not two) and return its new id. With ``max_active``, refuse
         (``TooManyJobs``) when the key already has that many jobs received, queued or running;
         with ``max_stored_bytes``, refuse (``OverQuota``) when the results its jobs hold are at or
         over that many bytes. The counts and the insert are one transaction."""
@@ -179,7 +181,8 @@ class JobStore(KeyStore, InstanceStore):
                 stored = _stored_bytes(session, key_id)
                 if stored >= max_stored_bytes:
                     raise OverQuota(stored, max_stored_bytes)
-            session.add(_Job(id=job_id, key_id=key_id, model=model, status=Status.RECEIVED, created=now,
+            status = Status.QUEUED if queued else Status.RECEIVED
+            session.add(_Job(id=job_id, key_id=key_id, model=model, status=status, created=now,
                              updated=now, attempts=0, request=bytes(request), logs="", held_by=self.instance,
                              batch_key=batch_key))
         return job_id

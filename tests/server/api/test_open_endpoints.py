@@ -12,6 +12,7 @@ treated as none on the open routes (a load balancer's check must not fail on it)
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import textwrap
@@ -33,6 +34,7 @@ KEYED = {("GET", "/v1/dashboard"), ("GET", "/metrics"), ("POST", "/v1/jobs"), ("
          ("GET", "/v1/jobs/{job_id}"), ("GET", "/v1/jobs/{job_id}/result"),
          ("DELETE", "/v1/jobs/{job_id}/result"), ("DELETE", "/v1/jobs/{job_id}")}
 EVENTS = "/v1/jobs/{job_id}/events"
+RUN = "/v1/jobs/run"  # submit and follow on one websocket
 LONG = "print('looping')\nn = 0\nfor i in range(30_000_000):\n    n = n + 1\necho = glassbox.save(marker)\n"
 ECHO = "echo = glassbox.save(marker)\n"
 
@@ -101,7 +103,7 @@ def test_every_route_is_open_or_needs_a_key():
             continue
         for method in (getattr(route, "methods", None) or {"WS"}) - {"HEAD"}:
             routes.add((method, route.path))
-    assert routes == {("GET", path) for path in OPEN} | KEYED | {("WS", EVENTS)}
+    assert routes == {("GET", path) for path in OPEN} | KEYED | {("WS", EVENTS), ("WS", RUN)}
 
 
 def test_the_open_routes_show_no_tenants_activity_and_the_others_refuse(server):
@@ -131,11 +133,15 @@ def test_the_open_routes_show_no_tenants_activity_and_the_others_refuse(server):
         response = httpx.request(method, server.url + path.replace("{job_id}", running), timeout=REQUEST)
         assert response.status_code == 401, (method, path, response.text)
         assert "missing API key" in response.json()["detail"] and running not in response.text
-    with connect(server.url.replace("http", "ws") + EVENTS.replace("{job_id}", running), legacy=True,
-                 open_timeout=REQUEST) as ws:
-        ws.send(json.dumps({"nothing": 1}))
-        answer = json.loads(ws.recv(timeout=REQUEST))
-        assert answer["code"] == 401 and set(answer) == {"error", "code"}
+    for path, first in ((EVENTS.replace("{job_id}", running), {"nothing": 1}), (RUN, {"nothing": 1}),
+                        (RUN, {"api_key": "gbx_wrong"})):
+        with connect(server.url.replace("http", "ws") + path, legacy=True, open_timeout=REQUEST) as ws:
+            ws.send(json.dumps(first))
+            if path == RUN:
+                with contextlib.suppress(Exception):  # the request: never read, the key comes first
+                    ws.send(_job(ECHO).frame())
+            answer = json.loads(ws.recv(timeout=REQUEST))
+            assert answer["code"] == 401 and set(answer) == {"error", "code"}, (path, answer)
 
     assert final(server, key, running)["status"] == "COMPLETED"
     assert anonymous(server) == before  # and after

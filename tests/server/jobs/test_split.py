@@ -34,7 +34,7 @@ ATTACKS = {
         "logits = model.output.logits.save()\n"),
     "a source op edited": (
         "source = model.transformer.h[0].attn.source\n"
-        "source.self_c_attn_0.output[:] = 0\n"
+        "source.self_c_attn_1.output[:] = 0\n"
         "h = model.transformer.h[1].output.save()\n"
         "logits = model.output.logits.save()\n"),
     "a module called inside the forward (hook=True)": (
@@ -95,3 +95,19 @@ def test_printed_output_and_names_stay_with_their_request(handle):  # noqa: F811
         assert saved(result)["n"] == i
         assert info.logs == f"request {i}\n"
     assert handle.batches == 1
+
+
+def test_a_lone_job_that_leaves_its_pass_prints_once_and_gets_its_lone_result(handle, local):  # noqa: F811
+    # A lone job that could share a pass runs as a pass of one (its output shown as it prints);
+    # .source makes it leave and run alone from the start: what it printed is not printed again.
+    source = ("print('before')\nn = model.transformer.h[0].attn.source.self_c_attn_1.output.save()\n"
+              "h = model.transformer.h[1].output.save()\nprint('after')\n"
+              "logits = model.output.logits.save()\n")
+    job = _submit(handle, source, PADDED[0])
+    handle.wake()
+    result, info = _result(handle, job)
+    assert result.ok, result.error
+    assert info.logs == "before\nafter\n"
+    expected = saved(alone(local, request(source, PADDED[0])))
+    for name in ("h", "n", "logits"):
+        assert (saved(result)[name] - expected[name]).abs().max() <= 1e-4, name

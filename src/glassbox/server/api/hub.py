@@ -4,6 +4,10 @@ Offers:
     Hub(store)      .publish(job_id, event) from any thread; .subscribe / .unsubscribe / .live_logs
                     / .note (what the server does for a job now, e.g. "loading smollm2"; the
                     store holds it too, for the other API processes: workers/cold_load.py)
+
+A final event from a feeder of this process carries the result as stored (bytes, under
+``feeder.RESULT``): ``publish`` hands it to the listeners with the event (never keeps it), so a
+websocket sends it without reading it back from the store.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ from collections import defaultdict
 
 from ...remote.job import FINAL, Status
 from ..store import JobInfo, JobStore
+from ..workers.feeder import RESULT
 
 __all__ = ["Hub"]
 
@@ -38,6 +43,7 @@ class Hub:
         self._listeners: dict[str, set[asyncio.Queue]] = defaultdict(set)
 
     def publish(self, job_id: str, event: dict) -> None:
+        result = event.pop(RESULT, None) if RESULT in event else None
         with self._lock:
             if "log" in event:
                 self._logs.setdefault(job_id, []).append(event["log"])
@@ -52,8 +58,9 @@ class Hub:
             loop = self.loop
             if loop is None or loop.is_closed():
                 return
+            heard = event if result is None else {**event, RESULT: result}
             for queue in self._listeners.get(job_id, ()):
-                loop.call_soon_threadsafe(queue.put_nowait, event)
+                loop.call_soon_threadsafe(queue.put_nowait, heard)
 
     def live_logs(self, job_id: str) -> str | None:
         with self._lock:

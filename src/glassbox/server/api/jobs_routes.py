@@ -7,6 +7,8 @@ Offers:
     GET    /v1/jobs                 the caller's jobs (no logs, no results)
     GET    /v1/jobs/{id}            status, queue position and estimated start (queued), note
                                     (running), printed output from ?log_offset=N
+    WS     /v1/jobs/run             submit and follow jobs over one connection: per job the request,
+                                    then {"id", ...}, its events and its result (``run`` says how)
     WS     /v1/jobs/{id}/events     {"status", "position", "estimated_start_seconds", "note", "log",
                                     "offset", "elapsed", "error"} events; with ?result=1, after the
                                     final one the result (GET /result's bytes) as one binary
@@ -51,6 +53,7 @@ from ...remote.job import FINAL, JobError, JobRequest, JobResult, Status
 from ...remote.protocol import ProtocolError
 from ..jobs.batchable import batch_key
 from ..store import JobInfo, KeyInfo, OverQuota, TooManyJobs
+from ..workers.feeder import RESULT
 from .auth import BAD_KEY, MISSING_KEY, ApiKey, in_thread, key_of
 from .queue_wait import estimate_start, replicas_of
 
@@ -81,14 +84,24 @@ async def _owned_job(request: Request, job_id: str, key: KeyInfo) -> JobInfo:
 
 @router.post("/v1/jobs", status_code=202)
 async def submit(request: Request, key: ApiKey) -> dict:
-    config, store, hub, worker = _state(request)
-    wait = request.app.state.limiter.hit(key.id)
+    _check_rate(request.app.state, key)
+    body = await _read_body(request, request.app.state.config.max_request_bytes)
+    return await _accept(request.app.state, key, body)
+
+
+def _check_rate(state: Any, key: KeyInfo) -> None:
+    wait = state.limiter.hit(key.id)
     if wait is not None:
         raise HTTPException(429, (
-            f"rate limit: this API key may submit {config.rate_limit_per_minute} jobs per minute "
+            f"rate limit: this API key may submit {state.config.rate_limit_per_minute} jobs per minute "
             f"(the server's rate_limit_per_minute); try again in {wait:.0f} s"
         ), headers={"Retry-After": str(int(wait) + 1)})
-    body = await _read_body(request, config.max_request_bytes)
+
+
+async def _accept(state: Any, key: KeyInfo, body: bytes) -> dict:
+    """Admit one job request (POST /v1/jobs and WS /v1/jobs/run alike): its size, model and batch key
+    checked, then stored as QUEUED, in one transaction; raises the HTTP refusal."""
+    config = state.config
     claimed = json_size(body)  # more than the body holds: not a frame (unframe says so, parsing nothing)
     if claimed is not None and config.max_request_json_bytes < claimed <= len(body):
         raise HTTPException(413, (
@@ -98,12 +111,9 @@ async def submit(request: Request, key: ApiKey) -> dict:
             "against max_request_bytes)"))
     # Reading is bounded by that limit, and done off the event loop, a few at a time, so that
     # other requests (/v1/health, status polls) are answered meanwhile.
-    model, key_for_batch = await anyio.to_thread.run_sync(_intake, body, config,
-                                                          limiter=request.app.state.intake)
+    model, key_for_batch = await anyio.to_thread.run_sync(_intake, body, config, limiter=state.intake)
     try:
-        job_id = await in_thread(store.create_job, key.id, model, body, batch_key=key_for_batch,
-                                 max_active=config.max_jobs_per_key,
-                                 max_stored_bytes=config.max_stored_bytes_per_key)
+        job_id, position = await in_thread(_enqueue, state.store, key.id, model, body, key_for_batch, config)
     except TooManyJobs as err:
         raise HTTPException(429, (
             f"this API key already has {err.active} jobs queued or running, the server's limit "
@@ -117,11 +127,18 @@ async def submit(request: Request, key: ApiKey) -> dict:
             f"jobs are deleted {config.result_ttl_seconds:g} s after they finish) or delete them "
             "(DELETE /v1/jobs/ID/result), or ask the operator for a larger quota"
         )) from None
-    await in_thread(store.mark_queued, job_id)
-    position = await in_thread(store.position, job_id)
-    hub.publish(job_id, {"status": Status.QUEUED, "position": position})
-    worker.wake()
+    state.hub.publish(job_id, {"status": Status.QUEUED, "position": position})
+    state.worker.wake()
     return {"id": job_id, "status": Status.QUEUED, "position": position, "model": model}
+
+
+def _enqueue(store: Any, key_id: str, model: str, body: bytes, key_for_batch: str | None,
+             config: Any) -> tuple[str, int | None]:
+    """In a thread: the job stored as QUEUED, and its place in the queue."""
+    job_id = store.create_job(key_id, model, body, batch_key=key_for_batch, queued=True,
+                              max_active=config.max_jobs_per_key,
+                              max_stored_bytes=config.max_stored_bytes_per_key)
+    return job_id, store.position(job_id)
 
 
 def _intake(body: bytes, config: Any) -> tuple[str, str | None]:
@@ -251,28 +268,91 @@ async def _stream_events(websocket: WebSocket, job_id: str) -> None:
         return
     queue, job, logs = await in_thread(hub.subscribe, job_id)
     try:
-        await _follow(websocket, queue, job, logs)
+        result = await _follow(websocket, queue, job, logs)
     finally:
         hub.unsubscribe(job_id, queue)
     if websocket.query_params.get("result") == "1":
-        await _send_result(websocket, job_id)
+        await _send_result(websocket, job_id, result)
 
 
-async def _send_result(websocket: WebSocket, job_id: str) -> None:
+@router.websocket("/v1/jobs/run")
+async def run(websocket: WebSocket) -> None:
+    """Submit and follow jobs over one connection (``remote=True`` uses it): the key first (as on
+    the events websocket), then per job: the framed request (binary) -> ``{"id", "status":
+    "QUEUED", "position", "model"}`` -> the job's events -> its result (as ``?result=1``). A refused
+    request gets ``{"error", "code"}`` (the status POST /v1/jobs would answer) and the connection
+    stays open for the next one. It saves a job the POST, a websocket handshake and the result's
+    GET; the key is checked again for every job (a revoked key stops at its next job)."""
+    await websocket.accept()
+    try:
+        await _run_jobs(websocket)
+    except (WebSocketDisconnect, RuntimeError):
+        pass  # the client went away (RuntimeError: starlette's "send after close")
+    except Exception:
+        websocket.app.state.say(f"error on the run websocket:\n{traceback.format_exc()}")
+    with contextlib.suppress(Exception):
+        await websocket.close()
+
+
+async def _run_jobs(websocket: WebSocket) -> None:
+    state = websocket.app.state
+    info, key = await key_of(websocket)
+    if info is None:
+        await websocket.send_json({"error": BAD_KEY if key else MISSING_KEY, "code": 401})
+        await websocket.close(code=4401)
+        return
+    while True:
+        message = await websocket.receive()
+        body = message.get("bytes")
+        if message.get("type") != "websocket.receive" or body is None:
+            return  # closed, or a text message: the client is done
+        info = await in_thread(state.store.authenticate, key)
+        if info is None:
+            await websocket.send_json({"error": BAD_KEY, "code": 401})
+            await websocket.close(code=4401)
+            return
+        if len(body) > state.config.max_request_bytes:
+            await websocket.send_json({"code": 413, "error": (
+                f"the request is {len(body):,} bytes, over this server's limit of "
+                f"{state.config.max_request_bytes:,} bytes (max_request_bytes); send smaller inputs or "
+                "fewer values (tensors the block reads travel with it)")})
+            continue
+        try:
+            _check_rate(state, info)
+            accepted = await _accept(state, info, body)
+        except HTTPException as err:
+            await websocket.send_json({"error": err.detail, "code": err.status_code})
+            continue
+        del body
+        job_id = accepted["id"]
+        queue, job, logs = await in_thread(state.hub.subscribe, job_id)
+        try:
+            await websocket.send_json(accepted)
+            result = await _follow(websocket, queue, job, logs)
+        finally:
+            state.hub.unsubscribe(job_id, queue)
+        await _send_result(websocket, job_id, result)
+
+
+async def _send_result(websocket: WebSocket, job_id: str, data: bytes | None = None) -> None:
     """``?result=1``: after the final event, the result itself (what GET /v1/jobs/{id}/result
     answers) as one binary message, saving the client that request; over ``_WS_RESULT_BYTES``, a
-    ``{"result": "fetch"}`` text message instead (the client GETs it)."""
-    store = websocket.app.state.store
-    job = await in_thread(store.get, job_id)
-    if job is None or not job.terminal:
-        return  # no final event was sent (the job was deleted meanwhile): the client polls
-    data = await in_thread(store.result, job_id)
+    ``{"result": "fetch"}`` text message instead (the client GETs it). ``data``: the result as
+    stored, when the final event brought it (read from the store otherwise)."""
+    if data is None:
+        store = websocket.app.state.store
+        job = await in_thread(store.get, job_id)
+        if job is None or not job.terminal:
+            return  # no final event was sent (the job was deleted meanwhile): the client polls
+        data = await in_thread(store.result, job_id)
     if data is None or len(data) > _WS_RESULT_BYTES:
         await websocket.send_json({"result": "fetch"})
         return
     await websocket.send_bytes(data)
 
-async def _follow(websocket: WebSocket, queue: asyncio.Queue, job: JobInfo | None, logs: str) -> None:
+async def _follow(websocket: WebSocket, queue: asyncio.Queue, job: JobInfo | None, logs: str) -> bytes | None:
+    """Send the job's events until the final one; returns the result as stored when the final event
+    brought it (a feeder of this process finished the job), else None."""
     state = websocket.app.state
     store = state.store
     if job is None:
@@ -346,11 +426,12 @@ async def _follow(websocket: WebSocket, queue: asyncio.Queue, job: JobInfo | Non
             event = {**event, "estimated_start_seconds": await in_thread(_estimate, state, job)}
         if "note" in event:
             note = event["note"]
+        result = event.pop(RESULT, None)
         sent += len(event.get("log") or "")
         await send({**event, "position": position})
         last_sent = time.monotonic()
         if event.get("status") in FINAL:
-            return
+            return result
 
 
 async def _read_body(request: Request, limit: int) -> bytes:

@@ -17,8 +17,9 @@ A worker (``workers/child.py``) calls::
     results = run_batch(models, [request, ...], logs=[print_fn, ...], limits={...})
                                                     several jobs in one pass, in this process
     run_host(models, [request, ...], [link_fd, ...])  a split batch (workers/split.py): the pass,
-    result = run_body(models, request, link_fd, log=print_fn, limits={...})    and one request's
-                                                    code, each in a process of its own
+    result = run_body(models, request, link_fd, log=print_fn, limits={...}, lone=False)
+                                                    and one request's code, each in a process of
+                                                    its own (``lone``: a pass of one, its output live)
     warm_up(models)                                 after loading, before any job's process is forked
     after_job(models)                               after every job or batch, once its replies
                                                     are on their way (workers that run each job

@@ -2,7 +2,7 @@
 in the host process (``split_host.py``), which hands this body only its own rows.
 
 Offers:
-    run_body(models, request, link_fd, log=, limits=) -> JobResult
+    run_body(models, request, link_fd, log=, limits=, lone=False) -> JobResult
                         run one request of a co-tenant batch as a body of the host's pass; when it
                         asks for what a shared pass cannot give it (or the pass fails), run it
                         alone, here, from the start
@@ -31,7 +31,9 @@ only glassbox's relay, which resolves module paths in the model's tree and moves
 shapes and types match what it handed out; the rest is the model's own code.
 
 Why rerunning alone is exact: a body's block runs from its first line again, in a fresh
-namespace; what it printed and saved in the pass is dropped. Only its own process saw it.
+namespace, from the job's seed; what it saved in the pass is dropped, and so is what it printed
+(held back until the pass stands). A lone job's pass (a pass of one, ``lone``) shows its output as
+it is printed, as a job alone does; its rerun then shows only what comes after that.
 """
 
 from __future__ import annotations
@@ -167,21 +169,30 @@ def _versions(value: Any, depth: int = 0) -> list[int]:
 
 
 def run_body(models: dict[str, Any], request: JobRequest, link_fd: int, *, log: Any,
-             limits: dict | None = None) -> JobResult:
+             limits: dict | None = None, lone: bool = False) -> JobResult:
     """Run ``request`` as one body of the host's pass over the socket ``link_fd`` (see the module
     docstring); never raises for anything its code does. Its printed output goes to ``log`` once
-    its result stands."""
+    its result stands; in a pass of its own (``lone``) as it is printed."""
     limits = limits or {}
     link = Link.from_fd(link_fd)
     started = time.perf_counter()
     printed: list[str] = []
+    shown = [0]  # characters already sent to ``log`` (a lone pass's live output)
+
+    def say(text: str) -> None:
+        if lone:
+            log(text)
+            shown[0] += len(text)
+        else:
+            printed.append(text)
+
     filename = execute.next_filename()
     model = None
     view: HostView | None = None
     try:
         model = served.use_model(models, request.model)
         code = execute.job_code(request, filename, invoke=True)
-        namespace = execute.job_namespace(model, request, printed.append)
+        namespace = execute.job_namespace(model, request, say)
         namespace[request.tracer_name] = _AloneTracer()
         view = HostView(model, link)
         with collect_saved() as saved:
@@ -200,11 +211,27 @@ def run_body(models: dict[str, Any], request: JobRequest, link_fd: int, *, log: 
         if model is not None:
             model.active = None
         link.close()
-    if result is None:  # alone, from the start, in this process
-        return execute.run_job(models, request, log=log, limits=limits)
+    if result is None:  # alone, from the start, in this process, as if it had just begun
+        torch.manual_seed(0)
+        return execute.run_job(models, request, log=_after(shown[0], log), limits=limits)
     for text in printed:
         log(text)
     return result.replace(seconds=round(time.perf_counter() - started, 4), threads=torch.get_num_threads())
+
+
+def _after(skip: int, log: Any) -> Any:
+    """``log`` without the first ``skip`` characters: what a lone pass showed live already, printed
+    again by the run alone (the same code on the same input, from the same seed)."""
+    left = [skip]
+
+    def show(text: str) -> None:
+        if left[0] >= len(text):
+            left[0] -= len(text)
+            return
+        text, left[0] = text[left[0]:], 0
+        log(text)
+
+    return show
 
 
 def _stood(view: HostView | None) -> bool:

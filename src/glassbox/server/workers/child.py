@@ -222,7 +222,8 @@ def handle_message(module: Any, models: dict, message: dict, blob: bytes, send: 
         send = _serialized(send)
         _send_results(send, [str(message["job"])], [_run_one(
             module, models, str(message["job"]), blob, limits, send,
-            run=lambda models, request, **kw: module.run_body(models, request, links[0], **kw))],
+            run=lambda models, request, **kw: module.run_body(models, request, links[0],
+                                                               lone=bool(message.get("lone")), **kw))],
             memory_limit)
         return
     if op == "batch":

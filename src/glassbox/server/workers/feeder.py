@@ -7,6 +7,8 @@ Offers:
       .cancel(job_id)        stop a running job (kills and restarts the channel); False if not running
       .stop()                end the feeder and the channel
       .state / .models / .error / .pid / .running / .restarts / .batches / .batched_jobs
+    RESULT                   the key under which a final event (``on_event``) carries the job's
+                             result as stored (bytes): api/hub.py hands it to listeners
 
 What it does for any backend (``local.LocalProcess`` or ``ray_replicas.RayReplica``)::
 
@@ -43,7 +45,11 @@ from .local import LocalProcess
 from .output import bounded
 from .residency import Residency
 
-__all__ = ["Feeder"]
+# The key under which a final event carries the job's result as the store now holds it (bytes):
+# for this process's listeners (api/hub.py), never sent as it is.
+RESULT = "result_frame"
+
+__all__ = ["RESULT", "Feeder"]
 
 _POLL = 0.05  # seconds between looks at the deadline / cancel flag while a job runs
 _CANCEL_POLL = 0.5  # seconds between looks at the store for cancels asked through other API processes
@@ -441,4 +447,6 @@ class Feeder(ColdLoading):
             event: dict[str, Any] = {"status": finished.status}
             if finished.error:
                 event["error"] = finished.error
+            if finished.kept and output.result is not None:
+                event[RESULT] = output.result  # what the store now holds: listeners here send it as is
             self.on_event(job_id, event)

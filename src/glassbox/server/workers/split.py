@@ -151,7 +151,8 @@ def run_split(host: Host, bodies: list[JobProcess], message: dict, blob: bytes,
                [body.peer for body in bodies])
     for body in bodies:
         body.peer = None  # closed by start: the host holds the other end now
-    jobs = [(body, {"op": "body", "job": job_id, "limits": limits}, request, [job_id])
+    body_message = {"op": "body", "limits": limits, "lone": len(ids) == 1}
+    jobs = [(body, {**body_message, "job": job_id}, request, [job_id])
             for body, job_id, request in zip(bodies, ids, batch_requests(message, blob))]
     later = run_processes(jobs, forward, control, max_log_bytes=max_log_bytes,
                           also=() if host.dead else (host.pid,))
