@@ -298,12 +298,22 @@ def run(host: str, api_key: str | None, request: JobRequest, *, keep_result: dic
     connection, first = _submit_on_run_socket(host, api_key, slot, data)
     job_id = str(first["id"])
     seen = [0]
-    clean = False
+    following = _events_on(connection, base, job_id, deadline, seen, keep_result)
+    clean = ended = False
     try:
         yield first
-        clean = yield from _events_on(connection, base, job_id, deadline, seen, keep_result)
+        while True:
+            try:
+                event = next(following)
+            except StopIteration as stop:
+                clean = bool(stop.value)
+                break
+            # The result was read before the final event is yielded: the connection is free then,
+            # even if the caller stops reading at that event.
+            ended = event.get("status") in FINAL and "result" in keep_result
+            yield event
     finally:
-        if clean and "result" in keep_result:
+        if clean or ended:
             with _runs_lock:
                 _idle_runs.setdefault(slot, []).append(connection)
         else:
