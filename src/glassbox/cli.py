@@ -62,6 +62,10 @@ def _add_config_flags(parser: argparse.ArgumentParser, names: Sequence[str] | No
             parser.add_argument(flag, dest=item.name, action="append", default=[], metavar=metavar, help=doc)
             continue
         default = item.default if item.default is not dataclasses.MISSING else None
+        if isinstance(default, bool):  # a switch: given means on
+            parser.add_argument(_flag(item.name), dest=item.name, action="store_true", default=None,
+                                help=f"{doc} (default: {'on' if default else 'off'})")
+            continue
         kind = parse_size if item.metadata.get("size") else {int: int, float: float}.get(type(default), str)
         parser.add_argument(_flag(item.name), dest=item.name, type=kind, default=None,
                             metavar=item.name.upper(), help=f"{doc} (default: {default!r})")

@@ -33,11 +33,13 @@ def server(tmp_path_factory, smollm2):
 
     root = tmp_path_factory.mktemp("vllm-catalog")
     catalog = root / "catalog.toml"
-    # A batch window long enough that two jobs submitted one after the other always meet.
+    # A batch window long enough that two jobs submitted one after the other always meet, waited
+    # even after a job that came alone.
     catalog.write_text(textwrap.dedent(f"""
         [server]
         torch_threads = 1
         batch_window_ms = 1500
+        batch_wait_always = true
         vllm_python = "{sys.executable}"
 
         [models.smollm2-vllm]

@@ -226,9 +226,15 @@ class ServerConfig:
         "request that escaped the sandbox could then reach only its own key's rows)."
     ), default="any")
     batch_window_ms: float = field(**_doc(
-        "How long a worker that has taken a job waits for compatible jobs to join its batch. "
-        "Under load the queue already holds them and nothing waits; a lone job waits this long."
+        "How long a worker that has taken a job waits for compatible jobs to join its batch, while "
+        "jobs arrive together (others were waiting when it took this one, or its last pass was "
+        "shared). A job that comes alone to an idle worker starts at once; under load the queue "
+        "already holds the batch."
     ), default=5.0)
+    batch_wait_always: bool = field(**_doc(
+        "Wait batch_window_ms after taking any job that could share a pass, even one that came "
+        "alone (for tests and benchmarks that queue the jobs of one batch one by one)."
+    ), default=False)
     crash_retries: int = field(**_doc(
         "How many more times a job runs after the process running it (its own, the worker or a "
         "replica) died under it (killed, crashed, out of memory) before it fails with WorkerCrashed."

@@ -231,7 +231,7 @@ def test_a_padded_length_that_matches_a_model_size_is_padded_one_further(gpt2):
 def _feeder(tmp_path, max_seconds: float):
     store = JobStore(f"sqlite:///{tmp_path / 'jobs.db'}")
     config = ServerConfig(models={"m": str(tiny_gpt2_path())}, max_seconds=max_seconds, torch_threads=1,
-                          batch_window_ms=50.0)
+                          batch_window_ms=50.0, batch_wait_always=True)
     worker = Feeder(config, store)
     try:
         worker.start()

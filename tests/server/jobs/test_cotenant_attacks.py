@@ -102,7 +102,7 @@ def test_fresh_allocations_do_not_hold_the_batchs_activations(sealed_gpt2):
 def feeder(tmp_path):
     store = JobStore(f"sqlite:///{tmp_path / 'jobs.db'}")
     config = ServerConfig(models={"m": str(tiny_gpt2_path())}, max_seconds=HANG, torch_threads=1,
-                          batch_window_ms=200.0, crash_retries=0)
+                          batch_window_ms=200.0, batch_wait_always=True, crash_retries=0)
     worker = Feeder(config, store)
     try:
         worker.start()
@@ -135,7 +135,7 @@ def test_a_write_the_sandbox_misses_kills_only_the_batchs_process_and_the_neighb
 def test_batch_scope_key_lets_only_one_keys_jobs_share_a_pass(tmp_path):
     store = JobStore(f"sqlite:///{tmp_path / 'jobs.db'}")
     config = ServerConfig(models={"m": str(tiny_gpt2_path())}, torch_threads=1, batch_window_ms=200.0,
-                          batch_scope="key")
+                          batch_wait_always=True, batch_scope="key")
     worker = Feeder(config, store)
     try:
         worker.start()

@@ -98,9 +98,10 @@ def _check_rate(state: Any, key: KeyInfo) -> None:
         ), headers={"Retry-After": str(int(wait) + 1)})
 
 
-async def _accept(state: Any, key: KeyInfo, body: bytes) -> dict:
+async def _accept(state: Any, key: KeyInfo, body: bytes, *, listen: bool = False) -> dict:
     """Admit one job request (POST /v1/jobs and WS /v1/jobs/run alike): its size, model and batch key
-    checked, then stored as QUEUED, in one transaction; raises the HTTP refusal."""
+    checked, then stored as QUEUED, in one transaction; raises the HTTP refusal. ``listen``: also
+    subscribed to its events (``"listening"``: the hub's queue, job and printed output)."""
     config = state.config
     claimed = json_size(body)  # more than the body holds: not a frame (unframe says so, parsing nothing)
     if claimed is not None and config.max_request_json_bytes < claimed <= len(body):
@@ -113,7 +114,8 @@ async def _accept(state: Any, key: KeyInfo, body: bytes) -> dict:
     # other requests (/v1/health, status polls) are answered meanwhile.
     model, key_for_batch = await anyio.to_thread.run_sync(_intake, body, config, limiter=state.intake)
     try:
-        job_id, position = await in_thread(_enqueue, state.store, key.id, model, body, key_for_batch, config)
+        job_id, position, listening = await in_thread(_enqueue, state, key.id, model, body, key_for_batch,
+                                                      listen)
     except TooManyJobs as err:
         raise HTTPException(429, (
             f"this API key already has {err.active} jobs queued or running, the server's limit "
@@ -129,16 +131,19 @@ async def _accept(state: Any, key: KeyInfo, body: bytes) -> dict:
         )) from None
     state.hub.publish(job_id, {"status": Status.QUEUED, "position": position})
     state.worker.wake()
-    return {"id": job_id, "status": Status.QUEUED, "position": position, "model": model}
+    accepted = {"id": job_id, "status": Status.QUEUED, "position": position, "model": model}
+    return {**accepted, "listening": listening} if listen else accepted
 
 
-def _enqueue(store: Any, key_id: str, model: str, body: bytes, key_for_batch: str | None,
-             config: Any) -> tuple[str, int | None]:
-    """In a thread: the job stored as QUEUED, and its place in the queue."""
-    job_id = store.create_job(key_id, model, body, batch_key=key_for_batch, queued=True,
-                              max_active=config.max_jobs_per_key,
-                              max_stored_bytes=config.max_stored_bytes_per_key)
-    return job_id, store.position(job_id)
+def _enqueue(state: Any, key_id: str, model: str, body: bytes, key_for_batch: str | None,
+             listen: bool) -> tuple[str, int | None, Any]:
+    """In a thread: the job stored as QUEUED, its place in the queue, and (``listen``) a subscription
+    to its events."""
+    config = state.config
+    job_id = state.store.create_job(key_id, model, body, batch_key=key_for_batch, queued=True,
+                                    max_active=config.max_jobs_per_key,
+                                    max_stored_bytes=config.max_stored_bytes_per_key)
+    return job_id, state.store.position(job_id), state.hub.subscribe(job_id) if listen else None
 
 
 def _intake(body: bytes, config: Any) -> tuple[str, str | None]:
@@ -319,16 +324,15 @@ async def _run_jobs(websocket: WebSocket) -> None:
             continue
         try:
             _check_rate(state, info)
-            accepted = await _accept(state, info, body)
+            accepted = await _accept(state, info, body, listen=True)
         except HTTPException as err:
             await websocket.send_json({"error": err.detail, "code": err.status_code})
             continue
         del body
         job_id = accepted["id"]
-        queue, job, logs = await in_thread(state.hub.subscribe, job_id)
-        try:
-            await websocket.send_json(accepted)
-            result = await _follow(websocket, queue, job, logs)
+        queue, job, logs = accepted.pop("listening")
+        try:  # its first event is the answer to the submit: with the job's id and model
+            result = await _follow(websocket, queue, job, logs, answer=accepted)
         finally:
             state.hub.unsubscribe(job_id, queue)
         await _send_result(websocket, job_id, result)
@@ -350,9 +354,11 @@ async def _send_result(websocket: WebSocket, job_id: str, data: bytes | None = N
         return
     await websocket.send_bytes(data)
 
-async def _follow(websocket: WebSocket, queue: asyncio.Queue, job: JobInfo | None, logs: str) -> bytes | None:
+async def _follow(websocket: WebSocket, queue: asyncio.Queue, job: JobInfo | None, logs: str, *,
+                  answer: dict | None = None) -> bytes | None:
     """Send the job's events until the final one; returns the result as stored when the final event
-    brought it (a feeder of this process finished the job), else None."""
+    brought it (a feeder of this process finished the job), else None. ``answer``: a submit's answer
+    (its id, model and place in the queue), sent with the first event."""
     state = websocket.app.state
     store = state.store
     if job is None:
@@ -364,8 +370,11 @@ async def _follow(websocket: WebSocket, queue: asyncio.Queue, job: JobInfo | Non
 
     status = job.status
     sent = len(logs)  # characters of printed output sent so far: where the stored output resumes
-    position, estimate = await in_thread(_place, state, job)
-    first: dict[str, Any] = {"status": status, "position": position}
+    if answer is not None and status == Status.QUEUED:  # just queued: its place is known
+        position, estimate = answer["position"], None
+    else:
+        position, estimate = await in_thread(_place, state, job)
+    first: dict[str, Any] = {**(answer or {}), "status": status, "position": position}
     if status == Status.QUEUED:
         first["estimated_start_seconds"] = estimate
     # The store's note (set by whichever API process runs the job), else this process's latest.

@@ -88,6 +88,7 @@ class Feeder(ColdLoading):
         self.say = say or (lambda text: None)
         self.channel: Channel = channel if channel is not None else LocalProcess(config, self.say)
         self.solo = solo if solo is not None else set()
+        self._together = False  # whether the last batch gathered had company (_gather)
         self.state = "stopped"  # stopped | starting | ready | restarting | failed
         self.models: dict[str, dict] = {}  # the loaded models, described
         self.residency = Residency(config)
@@ -224,20 +225,26 @@ class Feeder(ColdLoading):
         if key is None or self.config.max_batch <= 1:
             return
         deadline = time.monotonic() + self.config.batch_window_ms / 1000.0
-        while len(batch) < self.config.max_batch:
-            found = False
-            for other in self.store.queued([job.model], limit=4 * self.config.max_batch):
-                if len(batch) >= self.config.max_batch:
+        # Waiting for company only pays while jobs arrive together: a lone user's job, alone at an
+        # idle worker, would only wait the whole window.
+        together = self.config.batch_wait_always or self._together
+        try:
+            while len(batch) < self.config.max_batch:
+                found = False
+                for other in self.store.queued([job.model], limit=4 * self.config.max_batch):
+                    if len(batch) >= self.config.max_batch:
+                        break
+                    if self._key(other) == key and self._claim(other):
+                        batch.append(other)
+                        found = together = True
+                remaining = deadline - time.monotonic()
+                if remaining <= 0 or self._stopping.is_set() or not together:
                     break
-                if self._key(other) == key and self._claim(other):
-                    batch.append(other)
-                    found = True
-            remaining = deadline - time.monotonic()
-            if remaining <= 0 or self._stopping.is_set():
-                break
-            if not found:
-                self._wake.wait(min(remaining, 0.002))
-                self._wake.clear()
+                if not found:
+                    self._wake.wait(min(remaining, 0.002))
+                    self._wake.clear()
+        finally:
+            self._together = len(batch) > 1
 
     def _key(self, job: JobInfo) -> Any:
         """The job's batch key (None: it runs alone): decided when it was submitted
