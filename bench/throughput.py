@@ -20,7 +20,7 @@ per-model trace state (``model._active`` belongs to local traces only), skipping
 ``sys.settrace`` and the frame's own tracer (both per thread), the captured-body cache is locked,
 the HTTP pool (one httpx.Client) is shared and thread-safe, and saved values are written back
 into each thread's own frame. ``CONFIG.HOST`` / ``API_KEY`` are process-wide: all clients share
-one key per server. ``glassbox.remote.transport.result`` is wrapped to keep each thread's last
+one key per server. ``glassbox.remote.transport`` is wrapped to keep each thread's last
 result.
 
 Printed per configuration: requests/s, p50 and p95 latency (ms), the mean batch size (requests
@@ -108,15 +108,23 @@ def last_logits(model: LanguageModel, prompt: str) -> torch.Tensor:
 
 
 class Exchanges:
-    """Wraps ``transport.submit`` and ``transport.result`` (which the client looks up at call
-    time) to keep, per thread, the last JobRequest sent and the last JobResult received."""
+    """Wraps ``transport.run``, ``transport.submit`` and ``transport.result`` (which the client looks
+    up at call time) to keep, per thread, the last JobRequest sent and the last JobResult received."""
 
     def __init__(self) -> None:
         self.local = threading.local()
-        self.real = (transport.submit, transport.result)
+        self.real = (transport.submit, transport.result, transport.run)
 
     def install(self) -> None:
-        submit, result = self.real
+        submit, result, run = self.real
+
+        def running(host: str, api_key: str | None, request: JobRequest, **kwargs: Any) -> Any:
+            self.local.request = request
+            kept = kwargs["keep_result"]
+            for event in run(host, api_key, request, **kwargs):
+                if event.get("status") in transport.FINAL and "result" in kept:
+                    self.local.last = kept["result"]  # it came with the final event
+                yield event
 
         def submitting(host: str, api_key: str | None, request: JobRequest, *args: Any,
                        **kwargs: Any) -> str:
@@ -128,10 +136,10 @@ class Exchanges:
             self.local.last = reply
             return reply
 
-        transport.submit, transport.result = submitting, receiving
+        transport.submit, transport.result, transport.run = submitting, receiving, running
 
     def uninstall(self) -> None:
-        transport.submit, transport.result = self.real
+        transport.submit, transport.result, transport.run = self.real
 
     def last(self) -> JobResult | None:
         return getattr(self.local, "last", None)
