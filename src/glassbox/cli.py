@@ -145,9 +145,11 @@ def _serve(args: argparse.Namespace) -> int:
     # timeout_keep_alive: longer than a client keeps an idle connection (httpx: 5 s, glassbox's
     # transport less), so that a client never sends on a connection the server is closing that
     # moment (a reset, which a busy machine makes likely at uvicorn's default of 5 s).
+    # ws_per_message_deflate off: results are mostly float tensors, which zlib cannot shrink but
+    # spent about a third of the API process's time on under load (bench/throughput.py).
     server = _Server(uvicorn.Config(app, host=config.host, port=config.port, log_level=args.log_level,
                                     access_log=args.access_log, ws="websockets-sansio", lifespan="on",
-                                    timeout_keep_alive=_KEEP_ALIVE_SECONDS))
+                                    timeout_keep_alive=_KEEP_ALIVE_SECONDS, ws_per_message_deflate=False))
     server.run()
     if not server.started:
         _say("the server did not start (see above)")

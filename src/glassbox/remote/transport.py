@@ -404,8 +404,10 @@ def _connect(host: str, path: str, api_key: str | None) -> Any:
     base = _base(host)
     url = ("wss://" if base.startswith("https://") else "ws://") + base.split("://", 1)[1] + path
     try:
+        # No compression: results are mostly float tensors, which deflate cannot shrink but spends
+        # time on at both ends.
         connection = connect(url, open_timeout=_CONNECT_SECONDS, close_timeout=2, max_size=None,
-                             legacy=True)
+                             compression=None, legacy=True)
     except ConnectionRefusedError:
         raise RemoteError(_no_server(base)) from None
     except (OSError, TimeoutError, WebSocketException):

@@ -44,6 +44,9 @@ _ADDED_COLUMNS = (
     ("jobs", "note", "VARCHAR(500)"),
     ("jobs", "output_bytes", "BIGINT"),
 )
+_ADDED_INDEXES = (
+    ("ix_jobs_key_bytes", "jobs", "key_id, output_bytes"),
+)
 
 
 class TableBase(DeclarativeBase):
@@ -83,6 +86,7 @@ class Database:
         with self._schema_lock():
             TableBase.metadata.create_all(self.engine)
             _add_missing_columns(self.engine)
+            _add_missing_indexes(self.engine)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
         # SQLite: one writer at a time anyway, and a shared in-memory connection needs it.
         self._lock: contextlib.AbstractContextManager = (
@@ -121,6 +125,13 @@ class Database:
         if self._postgres:
             lock_id = int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "big", signed=True)
             session.execute(select(func.pg_advisory_xact_lock(lock_id)))
+
+
+def _add_missing_indexes(engine: Engine) -> None:
+    """The indexes of tables made before them (create_all makes indexes only with a new table)."""
+    with engine.begin() as connection:
+        for name, table, columns in _ADDED_INDEXES:
+            connection.execute(text(f"CREATE INDEX IF NOT EXISTS {name} ON {table} ({columns})"))
 
 
 def _add_missing_columns(engine: Engine) -> None:

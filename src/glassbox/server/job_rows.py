@@ -54,7 +54,10 @@ class _Job(TableBase):
     # the key's quota counts. None while it is not final (and on rows from before the column).
     output_bytes: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
 
-    __table_args__ = (Index("ix_jobs_status_seq", "status", "seq"), Index("ix_jobs_finished", "finished"))
+    # ix_jobs_key_bytes: a key's stored bytes summed from the index alone (store._stored_bytes), never
+    # from the rows, whose results SQLite keeps in overflow pages it would walk to reach the column.
+    __table_args__ = (Index("ix_jobs_status_seq", "status", "seq"), Index("ix_jobs_finished", "finished"),
+                      Index("ix_jobs_key_bytes", "key_id", "output_bytes"))
 
 
 # What a key's jobs make the server keep, per job (an old row without the column: its result).

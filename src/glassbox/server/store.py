@@ -482,10 +482,17 @@ def _stored_bytes(session: Session, key_id: str, besides: str | None = None) -> 
     """Bytes the key's jobs make the store keep (``besides``: leaving that job out). Reads the
     recorded sizes and, for rows from before them, length() of a result (a BLOB's / bytea's size,
     read without loading it)."""
-    query = select(func.coalesce(func.sum(STORED_BYTES), 0)).where(_Job.key_id == key_id)
+    # Final jobs from the index (key_id, output_bytes) alone: no row is read, so no result either.
+    recorded = select(func.coalesce(func.sum(_Job.output_bytes), 0)).where(
+        _Job.key_id == key_id, _Job.output_bytes.is_not(None))
+    older = select(func.coalesce(func.sum(STORED_BYTES), 0)).where(
+        _Job.key_id == key_id, _Job.output_bytes.is_(None))  # jobs not final yet, and old rows
+    total = int(session.scalar(recorded) or 0)
     if besides is not None:
-        query = query.where(_Job.id != besides)
-    return int(session.scalar(query) or 0)
+        older = older.where(_Job.id != besides)
+        left_out = select(func.coalesce(_Job.output_bytes, 0)).where(_Job.id == besides)
+        total -= int(session.scalar(left_out) or 0)
+    return total + int(session.scalar(older) or 0)
 
 
 def _over_quota(size: int, used: int, quota: int) -> dict:
