@@ -98,11 +98,24 @@ def _check_rate(state: Any, key: KeyInfo) -> None:
         ), headers={"Retry-After": str(int(wait) + 1)})
 
 
-async def _accept(state: Any, key: KeyInfo, body: bytes, *, listen: bool = False) -> dict:
-    """Admit one job request (POST /v1/jobs and WS /v1/jobs/run alike): its size, model and batch key
-    checked, then stored as QUEUED, in one transaction; raises the HTTP refusal. ``listen``: also
-    subscribed to its events (``"listening"``: the hub's queue, job and printed output)."""
-    config = state.config
+async def _accept(state: Any, key: KeyInfo | str, body: bytes, *, listen: bool = False) -> dict:
+    """Admit one job request (POST /v1/jobs and WS /v1/jobs/run alike), in ONE thread call: its size,
+    model and batch key checked, then stored as QUEUED, in one transaction; raises the HTTP refusal.
+    ``key``: the caller's, or (the run websocket) the key text, checked here, and its rate too.
+    ``listen``: also subscribed to its events (``"listening"``: the hub's queue, job and printed
+    output). At most ``INTAKE_THREADS`` run at once: a request's parse is bounded by its size
+    limits and runs off the event loop, so others (/v1/health, status polls) are answered meanwhile."""
+    return await anyio.to_thread.run_sync(_admit, state, key, body, listen, limiter=state.intake)
+
+
+def _admit(state: Any, key: KeyInfo | str, body: bytes, listen: bool) -> dict:
+    config, store = state.config, state.store
+    if isinstance(key, str):
+        info = store.authenticate(key)
+        if info is None:
+            raise HTTPException(401, BAD_KEY)
+        _check_rate(state, info)
+        key = info
     claimed = json_size(body)  # more than the body holds: not a frame (unframe says so, parsing nothing)
     if claimed is not None and config.max_request_json_bytes < claimed <= len(body):
         raise HTTPException(413, (
@@ -110,12 +123,11 @@ async def _accept(state: Any, key: KeyInfo, body: bytes, *, listen: bool = False
             f"this server's limit of {config.max_request_json_bytes:,} bytes (max_request_json_bytes); "
             "send a shorter block, or pass large data as tensors (they travel apart and count only "
             "against max_request_bytes)"))
-    # Reading is bounded by that limit, and done off the event loop, a few at a time, so that
-    # other requests (/v1/health, status polls) are answered meanwhile.
-    model, key_for_batch = await anyio.to_thread.run_sync(_intake, body, config, limiter=state.intake)
+    model, key_for_batch = _intake(body, config)
     try:
-        job_id, position, listening = await in_thread(_enqueue, state, key.id, model, body, key_for_batch,
-                                                      listen)
+        job_id = store.create_job(key.id, model, body, batch_key=key_for_batch, queued=True,
+                                  max_active=config.max_jobs_per_key,
+                                  max_stored_bytes=config.max_stored_bytes_per_key)
     except TooManyJobs as err:
         raise HTTPException(429, (
             f"this API key already has {err.active} jobs queued or running, the server's limit "
@@ -129,21 +141,12 @@ async def _accept(state: Any, key: KeyInfo, body: bytes, *, listen: bool = False
             f"jobs are deleted {config.result_ttl_seconds:g} s after they finish) or delete them "
             "(DELETE /v1/jobs/ID/result), or ask the operator for a larger quota"
         )) from None
+    position = store.position(job_id)
+    listening = state.hub.subscribe(job_id) if listen else None
     state.hub.publish(job_id, {"status": Status.QUEUED, "position": position})
     state.worker.wake()
     accepted = {"id": job_id, "status": Status.QUEUED, "position": position, "model": model}
     return {**accepted, "listening": listening} if listen else accepted
-
-
-def _enqueue(state: Any, key_id: str, model: str, body: bytes, key_for_batch: str | None,
-             listen: bool) -> tuple[str, int | None, Any]:
-    """In a thread: the job stored as QUEUED, its place in the queue, and (``listen``) a subscription
-    to its events."""
-    config = state.config
-    job_id = state.store.create_job(key_id, model, body, batch_key=key_for_batch, queued=True,
-                                    max_active=config.max_jobs_per_key,
-                                    max_stored_bytes=config.max_stored_bytes_per_key)
-    return job_id, state.store.position(job_id), state.hub.subscribe(job_id) if listen else None
 
 
 def _intake(body: bytes, config: Any) -> tuple[str, str | None]:
@@ -311,22 +314,18 @@ async def _run_jobs(websocket: WebSocket) -> None:
         body = message.get("bytes")
         if message.get("type") != "websocket.receive" or body is None:
             return  # closed, or a text message: the client is done
-        info = await in_thread(state.store.authenticate, key)
-        if info is None:
-            await websocket.send_json({"error": BAD_KEY, "code": 401})
-            await websocket.close(code=4401)
-            return
-        if len(body) > state.config.max_request_bytes:
-            await websocket.send_json({"code": 413, "error": (
-                f"the request is {len(body):,} bytes, over this server's limit of "
-                f"{state.config.max_request_bytes:,} bytes (max_request_bytes); send smaller inputs or "
-                "fewer values (tensors the block reads travel with it)")})
-            continue
         try:
-            _check_rate(state, info)
-            accepted = await _accept(state, info, body, listen=True)
+            if len(body) > state.config.max_request_bytes:
+                raise HTTPException(413, (
+                    f"the request is {len(body):,} bytes, over this server's limit of "
+                    f"{state.config.max_request_bytes:,} bytes (max_request_bytes); send smaller inputs "
+                    "or fewer values (tensors the block reads travel with it)"))
+            accepted = await _accept(state, key, body, listen=True)  # the key checked for every job
         except HTTPException as err:
             await websocket.send_json({"error": err.detail, "code": err.status_code})
+            if err.status_code == 401:  # revoked meanwhile
+                await websocket.close(code=4401)
+                return
             continue
         del body
         job_id = accepted["id"]
