@@ -11,7 +11,8 @@ run so both see the same machine load:
                   runs, and what the default isolation ran before split execution)
     split         ``split_host.run_host`` in one forked process and ``split_body.run_body`` in one
                   forked process per request, linked by socket pairs (what ``workers/split.py``
-                  sets up; here forked from this process instead of the zygote)
+                  sets up, but with a host forked per batch: the server keeps one long-lived,
+                  warm host, so this column also pays a cold forward, and is an upper bound)
 each with a block that reads 1 layer's output, then one that reads every layer's. This process
 warms up first, as a worker does (``execute.warm_up``). Printed: the
 median milliseconds of each, the ratio split / one process, and the cost of one module boundary
