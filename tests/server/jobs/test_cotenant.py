@@ -265,6 +265,24 @@ def _result(handle, job):
     return JobResult.read(handle.store.result(job)), info
 
 
+def test_the_batch_window_is_waited_only_while_jobs_arrive_together(tmp_path):
+    # A window longer than any wait here: a lone job that waited it would never finish in time.
+    store = JobStore(f"sqlite:///{tmp_path / 'jobs.db'}")
+    config = ServerConfig(models={"m": str(tiny_gpt2_path())}, max_seconds=HANG, torch_threads=1,
+                          batch_window_ms=4 * HANG * 1000)
+    worker = Feeder(config, store)
+    try:
+        worker.start()
+        for prompt in PADDED:  # one after another, each alone: none waits for company
+            lone = _submit(worker, GPT2_READ, prompt)
+            worker.wake()
+            assert _result(worker, lone)[0].ok
+        assert worker.batches == 0
+    finally:
+        worker.stop()
+        store.close()
+
+
 def test_jobs_queued_together_run_as_one_batch(handle):
     jobs = [_submit(handle, GPT2_READ, prompt) for prompt in PADDED]
     handle.wake()

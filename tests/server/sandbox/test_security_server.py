@@ -130,9 +130,20 @@ class Guarded:
             self.submit_victim()
             return job
 
-        # The client calls transport.submit at the moment it sends: the victim is queued right
-        # behind the attack, so it runs on whatever state the attack left.
+        run = transport.run
+
+        def run_then_victim(*args, **kwargs):
+            events = run(*args, **kwargs)
+            first = next(events)  # the server's answer: the attack is queued
+            self.attacks.append(first["id"])
+            self.submit_victim()
+            yield first
+            yield from events
+
+        # The client calls transport.run (or transport.submit) at the moment it sends: the victim
+        # is queued right behind the attack, so it runs on whatever state the attack left.
         monkeypatch.setattr(transport, "submit", submit_then_victim)
+        monkeypatch.setattr(transport, "run", run_then_victim)
         self.submit = submit  # the real one, for raw attacks
 
     @property

@@ -14,6 +14,7 @@ finds nothing of any of them, and the weights are what they were. The same on ``
 from __future__ import annotations
 
 import hashlib
+import os
 import secrets
 from collections.abc import Iterator
 
@@ -155,3 +156,33 @@ def test_a_body_that_breaks_the_grammar_leaves_its_neighbours_served(server: tup
     alone = run_raw(server, VICTIM_ALONE, "Paris")
     assert results[2]["view"] == "HostView"
     assert (results[2]["logits"] - alone["logits"]).abs().max() <= 1e-4
+
+
+def test_one_host_runs_every_pass_and_a_dead_host_is_replaced(tmp_path) -> None:
+    """A lone plain trace runs split too; the host is one long-lived process (the spare job process
+    changes with every job, the host does not); a host that died is replaced at the next pass."""
+    import signal
+
+    import httpx
+    import psutil
+
+    with raw_server(str(tmp_path), "--torch-threads", "1") as server:  # batching off: lone jobs only
+        url, key = server
+        health = httpx.get(url + "/v1/health", headers={"Authorization": f"Bearer {key}"}, timeout=30).json()
+        worker = psutil.Process(health["replicas"][0]["pid"])
+
+        def forked() -> set[int]:  # the zygote's children: the host and the next job's process
+            return {child.pid for zygote in worker.children() for child in zygote.children()
+                    if child.status() != psutil.STATUS_ZOMBIE}
+
+        first = run_raw(server, VICTIM_BODY, "Paris")
+        assert first["view"] == "HostView", first  # a body of a pass of one
+        after_first = forked()
+        second = run_raw(server, VICTIM_BODY, "Paris")
+        assert torch.equal(second["logits"], first["logits"]) and second["pid"] != first["pid"]
+        [host] = after_first & forked()
+        os.kill(host, signal.SIGKILL)
+        finished_raw(server, submit_raw(server, VICTIM_BODY, "Paris"))  # its pass finds the host gone
+        fourth = run_raw(server, VICTIM_BODY, "Paris")
+        assert fourth["view"] == "HostView" and torch.equal(fourth["logits"], first["logits"]), fourth
+        assert host not in forked() and len(forked() - {host}) == 2  # a new host, and the spare
