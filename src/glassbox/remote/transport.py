@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import atexit
 import json
+import os
 import threading
 import time
 from collections.abc import Iterator
@@ -59,6 +60,17 @@ _RUN_REQUEST_BYTES = 8 * 2**20  # larger requests are POSTed (servers cap a webs
 
 _runs_lock = threading.Lock()
 _idle_runs: dict[tuple[str, str], list[Any]] = {}  # run websockets between jobs, per (server, key)
+
+
+def _forget_runs() -> None:
+    """In a forked child: its parent's connections are not its own (it opens its own), and the lock
+    may have been held by a thread the child does not have."""
+    global _runs_lock
+    _runs_lock = threading.Lock()
+    _idle_runs.clear()
+
+
+os.register_at_fork(after_in_child=_forget_runs)
 
 _client_lock = threading.Lock()
 _client: httpx.Client | None = None

@@ -5,6 +5,7 @@ a client that reconnects to a restarted server, and requests too large for it se
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
@@ -133,3 +134,24 @@ def test_a_request_too_large_for_a_websocket_message_is_posted(server):
     kept: dict = {}
     assert list(transport.events(server.url, key, job, keep_result=kept))[-1]["status"] == "COMPLETED"
     assert saved(kept["result"])["echo"] == "posted"
+
+
+def test_a_forked_child_uses_a_connection_of_its_own(server):
+    key = server.create_key("forked")
+
+    def one(marker: str) -> str:
+        kept: dict = {}
+        list(transport.run(server.url, key, _job(marker), keep_result=kept, timeout=HANG))
+        return saved(kept["result"])["echo"]
+
+    assert one("parent") == "parent"  # its connection now waits for the next job
+    pid = os.fork()
+    if pid == 0:  # the child: had it written on the parent's connection, both would read garbage
+        code = 1
+        try:
+            code = 0 if one("child") == "child" else 1
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert one("parent again") == "parent again"
