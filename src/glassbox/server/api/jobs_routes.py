@@ -142,8 +142,9 @@ def _admit(state: Any, key: KeyInfo | str, body: bytes, listen: bool) -> dict:
             "(DELETE /v1/jobs/ID/result), or ask the operator for a larger quota"
         )) from None
     position = store.position(job_id)
-    listening = state.hub.subscribe(job_id) if listen else None
     state.hub.publish(job_id, {"status": Status.QUEUED, "position": position})
+    # Subscribed after that event (the answer says as much), before the feeder hears of the job.
+    listening = state.hub.subscribe(job_id) if listen else None
     state.worker.wake()
     accepted = {"id": job_id, "status": Status.QUEUED, "position": position, "model": model}
     return {**accepted, "listening": listening} if listen else accepted
