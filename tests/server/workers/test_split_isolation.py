@@ -186,3 +186,38 @@ def test_one_host_runs_every_pass_and_a_dead_host_is_replaced(tmp_path) -> None:
         fourth = run_raw(server, VICTIM_BODY, "Paris")
         assert fourth["view"] == "HostView" and torch.equal(fourth["logits"], first["logits"]), fourth
         assert host not in forked() and len(forked() - {host}) == 2  # a new host, and the spare
+
+
+def test_a_raw_body_cannot_signal_the_host_the_zygote_the_worker_or_the_api(tmp_path) -> None:
+    """Killing the host would end its neighbours' pass; killing the zygote or the worker, every
+    later job. Landlock's signal scope (ABI >= 6) confines signals to a process's own domain: a
+    body's probe (signal 0, the permission check alone) is refused for each of them."""
+    import httpx
+    import psutil
+
+    if available()["landlock_abi"] < 6:
+        pytest.skip("Landlock ABI < 6: no signal scoping on this kernel")
+    with raw_server(str(tmp_path), "--torch-threads", "1") as server:
+        url, key = server
+        health = httpx.get(url + "/v1/health", headers={"Authorization": f"Bearer {key}"}, timeout=30).json()
+        worker = psutil.Process(health["replicas"][0]["pid"])
+        [zygote] = worker.children()
+
+        def forked() -> set[int]:
+            return {child.pid for child in zygote.children() if child.status() != psutil.STATUS_ZOMBIE}
+
+        run_raw(server, VICTIM_BODY, "Paris")
+        seen = forked()
+        run_raw(server, VICTIM_BODY, "Paris")
+        [host] = seen & forked()
+        targets = {"host": host, "zygote": zygote.pid, "worker": worker.pid, "api": worker.ppid()}
+        probe = (f"import os\nout['view'] = type(model.active).__name__\nout['refused'] = {{}}\n"
+                 f"out['h'] = model.transformer.h[0].output.clone()\n"
+                 f"for name, pid in [*{targets!r}.items(), ('itself', os.getpid())]:\n"
+                 "    try:\n        os.kill(pid, 0)\n        out['refused'][name] = False\n"
+                 "    except PermissionError:\n        out['refused'][name] = True\n")
+        probed = run_raw(server, probe, "Paris")
+        assert probed["view"] == "HostView", probed
+        # refused for each of them, and the probe itself works: a process may signal itself
+        assert probed["refused"] == {**dict.fromkeys(targets, True), "itself": False}, probed["refused"]
+        assert host in forked()  # and the host is still there
