@@ -86,6 +86,13 @@ class Probe:
     def installed(self) -> Iterator[None]:
         submit, events, result, run = self._real
 
+        def ended(started: float, kept: dict | None) -> None:
+            """At the final event: the wait since ``started``, and the result if it came with it."""
+            self.parts["wait"] = time.perf_counter() - started
+            if kept is not None and "result" in kept:
+                self.parts["result"] = 0.0
+                self.parts["run_job"] = float(kept["result"].seconds or 0.0)
+
         def timed_run(host: str, api_key: str | None, request: JobRequest, **kwargs: Any) -> Iterator[dict]:
             # one websocket: "submit" until the server's answer (the job's id), "wait" until the end
             self.request = request
@@ -96,10 +103,7 @@ class Probe:
                     self.parts["submit"] = time.perf_counter() - started
                     started = time.perf_counter()
                 if event.get("status") in transport.FINAL:
-                    self.parts["wait"] = time.perf_counter() - started
-                    if "result" in kept:
-                        self.parts["result"] = 0.0
-                        self.parts["run_job"] = float(kept["result"].seconds or 0.0)
+                    ended(started, kept)
                 yield event
 
         def timed_submit(host: str, api_key: str | None, request: JobRequest, *args: Any,
@@ -116,11 +120,7 @@ class Probe:
             kept = kwargs.get("keep_result")
             for event in events(*args, **kwargs):
                 if event.get("status") in transport.FINAL:
-                    # with keep_result the result came on the websocket, before the final event
-                    self.parts["wait"] = time.perf_counter() - started
-                    if kept is not None and "result" in kept:
-                        self.parts["result"] = 0.0
-                        self.parts["run_job"] = float(kept["result"].seconds or 0.0)
+                    ended(started, kept)  # with keep_result the result came before the final event
                 yield event
 
         def timed_result(*args: Any, **kwargs: Any) -> JobResult:

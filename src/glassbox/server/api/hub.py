@@ -43,7 +43,7 @@ class Hub:
         self._listeners: dict[str, set[asyncio.Queue]] = defaultdict(set)
 
     def publish(self, job_id: str, event: dict) -> None:
-        result = event.pop(RESULT, None) if RESULT in event else None
+        result = event.pop(RESULT, None)
         with self._lock:
             if "log" in event:
                 self._logs.setdefault(job_id, []).append(event["log"])

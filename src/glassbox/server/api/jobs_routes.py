@@ -42,6 +42,7 @@ import contextlib
 import dataclasses
 import time
 import traceback
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import anyio.to_thread
@@ -253,23 +254,40 @@ async def cancel(job_id: str, request: Request, key: ApiKey) -> dict:
 
 @router.websocket("/v1/jobs/{job_id}/events")
 async def events(websocket: WebSocket, job_id: str) -> None:
+    await _session(websocket, lambda: _stream_events(websocket, job_id),
+                   f"the events websocket of job {job_id}")
+
+
+async def _session(websocket: WebSocket, serve: Callable[[], Awaitable[None]], what: str) -> None:
+    """A websocket accepted, served by ``serve()``, and closed whatever happened; an error of ours is
+    logged, never sent."""
     await websocket.accept()
     try:
-        await _stream_events(websocket, job_id)
+        await serve()
     except (WebSocketDisconnect, RuntimeError):
         pass  # the client went away (RuntimeError: starlette's "send after close")
     except Exception:
-        websocket.app.state.say(f"error on the events websocket of job {job_id}:\n{traceback.format_exc()}")
+        websocket.app.state.say(f"error on {what}:\n{traceback.format_exc()}")
     with contextlib.suppress(Exception):
         await websocket.close()
 
-async def _stream_events(websocket: WebSocket, job_id: str) -> None:
-    store, hub = websocket.app.state.store, websocket.app.state.hub
+
+async def _keyed(websocket: WebSocket) -> tuple[KeyInfo, str] | None:
+    """The websocket caller's key and its text; None (refused with 401, closed) without a valid one."""
     info, key = await key_of(websocket)
-    if info is None:
+    if info is None or key is None:
         await websocket.send_json({"error": BAD_KEY if key else MISSING_KEY, "code": 401})
         await websocket.close(code=4401)
+        return None
+    return info, key
+
+
+async def _stream_events(websocket: WebSocket, job_id: str) -> None:
+    store, hub = websocket.app.state.store, websocket.app.state.hub
+    keyed = await _keyed(websocket)
+    if keyed is None:
         return
+    info = keyed[0]
     job = await in_thread(store.get, job_id)
     if job is None or job.key_id != info.id:
         await websocket.send_json({"error": f"no job {job_id!r} for this API key", "code": 404})
@@ -292,24 +310,15 @@ async def run(websocket: WebSocket) -> None:
     request gets ``{"error", "code"}`` (the status POST /v1/jobs would answer) and the connection
     stays open for the next one. It saves a job the POST, a websocket handshake and the result's
     GET; the key is checked again for every job (a revoked key stops at its next job)."""
-    await websocket.accept()
-    try:
-        await _run_jobs(websocket)
-    except (WebSocketDisconnect, RuntimeError):
-        pass  # the client went away (RuntimeError: starlette's "send after close")
-    except Exception:
-        websocket.app.state.say(f"error on the run websocket:\n{traceback.format_exc()}")
-    with contextlib.suppress(Exception):
-        await websocket.close()
+    await _session(websocket, lambda: _run_jobs(websocket), "the run websocket")
 
 
 async def _run_jobs(websocket: WebSocket) -> None:
     state = websocket.app.state
-    info, key = await key_of(websocket)
-    if info is None:
-        await websocket.send_json({"error": BAD_KEY if key else MISSING_KEY, "code": 401})
-        await websocket.close(code=4401)
+    keyed = await _keyed(websocket)
+    if keyed is None:
         return
+    key = keyed[1]
     while True:
         message = await websocket.receive()
         body = message.get("bytes")

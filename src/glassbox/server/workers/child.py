@@ -52,9 +52,8 @@ from ...remote.protocol import ProtocolError
 from .channel import gib
 
 __all__ = ["SENSITIVE_ENV", "WORKER_ENV", "batch_requests", "child_environment", "describe",
-           "exit_with_parent",
-           "handle_load", "handle_message", "is_out_of_memory", "limit_memory", "memory_in_use",
-           "scrub_environment", "start"]
+           "exit_with_parent", "handle_load", "handle_message", "is_out_of_memory", "limit_memory",
+           "memory_in_use", "scrub_environment", "start"]
 
 SENSITIVE_ENV = re.compile(r"KEY|TOKEN|SECRET|PASSW|CREDENTIAL|AUTH|DB_URL|DATABASE|COOKIE|SESSION",
                            re.IGNORECASE)

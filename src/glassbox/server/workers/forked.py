@@ -67,6 +67,7 @@ import os
 import re
 import select
 import signal
+import socket
 import struct
 from collections.abc import Callable
 from typing import Any
@@ -251,12 +252,10 @@ def job_process_main(job_r: int, out_w: int, fault_w: int, handler: Handler, thr
 
 def host_process_main(job_r: int, out_w: int, fault_w: int, control: int, handler: Handler, threads: int,
                       confine: Callable[[], None] | None, max_links: int) -> None:
-    """A split host's process (``host.py``): like a job's process, but it serves pass after pass.
+    """A split host's process (``split.Host``): like a job's process, but it serves pass after pass.
     Each pass is one frame on ``job_r`` (the requests) and, on the ``control`` socket, the host's end
     of each body's link; it runs ``handler`` on them and answers ``hosted``.
     Exits at end of file, or on anything it did not expect (the worker forks a new one)."""
-    import socket
-
     code = 70
     try:
         keep_only(job_r, out_w, fault_w, control)

@@ -30,11 +30,11 @@ runs nothing but the model and glassbox's relay (issue 21, README: Security).
 Why one long-lived host rather than one per pass: a process forked from the zygote runs its first
 forward far slower than a warm one (copy-on-write faults on every page of the interpreter and the
 allocator it touches: the tiny GPT-2's first job in a fresh fork took 3,064 page faults and 14 ms
-against 110 and 6 ms warm; SmolLM2's job in bench/remote_latency.py, 141 ms with a host per pass
-against 114 with this one, as in a warm process), and the host is the process that runs the
-forward. It is safe to keep: it runs no user code, so nothing a job does persists in it; what it
-reads from a body is data (``split_link.py``: JSON and raw tensor bytes, never pickle) that lands
-only in that body's own rows. Its freed heap holds earlier passes'
+against 110 and 6 ms warm, timed by a one-off script; SmolLM2's job in bench/remote_latency.py,
+141 ms with a host per pass against 114 with this one, as in a warm process), and the host is the
+process that runs the forward. It is safe to keep: it runs no user code, so nothing a job does
+persists in it; what it reads from a body is data (``split_link.py``: JSON and raw tensor bytes,
+never pickle) that lands only in that body's own rows. Its freed heap holds earlier passes'
 rows, but nothing that runs there can read it back. A host that fails (or is stopped with a pass,
 on cancel or time-out) ends, and the next pass gets a new one.
 
