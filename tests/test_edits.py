@@ -145,7 +145,9 @@ def test_edit_with_tracer_iter_applies_at_every_generation_step(gpt2_lm):
         for _step in tracer.iter[:]:
             edited.transformer.h[1].mlp.output *= 0.25
     with edited.generate(prompt, max_new_tokens=n, do_sample=False) as gen:
-        logits = [edited.lm_head.output[:, -1].save() for _step in gen.iter[:]]
+        logits = glassbox.save([])
+        for _step in gen.iter[:]:
+            logits.append(edited.lm_head.output[:, -1])
     # the same edit as a plain forward hook around Hugging Face generate
     module = gpt2_lm._module
     seen = []

@@ -42,13 +42,16 @@ def test_tracer_result_inside_a_generate_block(model, expected):
 
 
 def test_tracer_result_after_a_per_step_loop(model, expected):
-    with model.generate(PROMPT, **GREEDY) as tracer:
-        states = [].save()
-        for _step in tracer.iter[:]:
-            states.append(model.model.layers[-1].output[:, -1])
-        out = tracer.result.save()
-        ids = model.generator.output.save()
+    with model.generate(**GREEDY) as tracer:
+        with tracer.invoke(PROMPT):
+            states = [].save()
+            for _step in tracer.iter[:]:
+                states.append(model.model.layers[-1].output[:, -1])
+        with tracer.invoke():  # as in nnsight: read on after an open loop in another invoke
+            out = tracer.result.save()
+            ids = model.generator.output.save()
     assert len(states) == 3 and torch.equal(out, expected) and torch.equal(ids, expected)
+    assert torch.equal(tracer.result, expected)
 
 
 def test_streamer_output_is_each_steps_new_token(model, expected):

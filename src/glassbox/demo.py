@@ -149,7 +149,7 @@ def main(model_path: str | None = None, figures: str | os.PathLike | None = FIGU
         pass
     plain = tracer.result
     with model.generate(prompt, max_new_tokens=12, do_sample=False) as tracer:
-        for _step in tracer.iter[:]:
+        for _step in tracer.iter[:12]:  # every step (an open [:] would end with nnsight's warning)
             model.model.layers[12].output[:, -1] *= -2
     for name, ids in (("plain", plain), ("steered", tracer.result)):
         text = model.tokenizer.decode(ids[0], skip_special_tokens=True)

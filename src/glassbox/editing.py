@@ -30,7 +30,7 @@ from typing import Any
 
 from .capture import SkipBody, capture_body, skip_body
 from .envoy import Envoy, module_of, name_of, path_of, rebind, rename_of, root_of
-from .errors import TraceStateError
+from .errors import TraceStateError, TraceStopped
 from .intercept import Consumer
 
 _EDITS = "_edits"  # the key, in a root wrapper's __dict__, of the list of its Edits
@@ -73,6 +73,8 @@ class Edit:
         def run(_start: Any = None) -> None:
             try:
                 exec(code, ns)
+            except TraceStopped:  # a loop or tracer.stop() ended the edit's block (iteration.py)
+                pass
             except Exception as exc:  # GreenletExit (cleanup) is a BaseException and passes
                 where = f" at line {line}" if (line := _line_in(exc, code)) else ""
                 exc.add_note(f"(raised{where} in {label}; model.clear_edits() removes stored edits)")

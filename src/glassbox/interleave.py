@@ -83,7 +83,6 @@ class Interleaver:
         self.position: tuple[Site, str, int] | None = None
         self.model_grad = _is_grad_enabled()
         self.stop_requested = False
-        self.open_loop_ended = False  # a tracer.iter[:] loop ran the model to its end (error hint)
 
     # ------------------------------------------------------------ setup
 
@@ -400,7 +399,7 @@ class Interleaver:
 
     def _check_can_wait(self, site: Site, kind: str) -> None:
         if self.state not in ("new", "running"):
-            raise finished_error(site.describe(kind), self.state, self._where(), self.open_loop_ended)
+            raise finished_error(site.describe(kind), self.state, self._where())
 
     def _clear_wait(self, consumer: Consumer) -> None:
         site = consumer.waiting

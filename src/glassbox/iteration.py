@@ -10,10 +10,12 @@ Offers:
 
 How a loop knows its iteration exists: the first module the body reads in its first iteration
 is the loop's anchor; before each later iteration the trace waits for the anchor's next call.
-If the model finishes first, an open-ended loop (``[:]``) just ends and the code after it runs;
-a bounded one (``[0:5]`` on a module called 3 times) ends too, with a warning naming what ran.
-(nnsight 0.8 skips the code after an open-ended loop; here it runs, and reading a module there
-raises the usual "already finished" error instead of silently doing nothing.)
+If the model finishes first, the loop asked for an iteration that never came: as in nnsight 0.8,
+a UserWarning says "iteration N ... was never reached" and the block ends there (``TraceStopped``,
+which the trace or invoke catches, as for ``tracer.stop()``): the lines after the loop in the same
+block do not run, values saved so far are kept. An open-ended loop (``[:]``, ``tracer.all()``)
+always ends this way; a bounded one only when its range outruns the model (``[0:5]`` on a module
+called 3 times). The warning says how to keep code after the loop: bound it, or move the code.
 After a loop, a plain read means the module's first call again, as in nnsight: reading a module
 whose first call has passed (the loop's own module, say) raises OutOfOrderError.
 Generation traces keep their own step iteration (models/generation.py).
@@ -27,9 +29,15 @@ from collections.abc import Iterator
 from typing import Any
 
 from .capture import SkipBody, capture_body, skip_body, write_back
-from .errors import TraceStateError
+from .errors import TraceStateError, TraceStopped
 from .intercept import Consumer
 from .interleave import ENDED
+
+BLOCK_ENDS = (
+    "As in nnsight, the block stops here: the lines after the loop in this block do not run "
+    "(values saved so far are kept). To run code after a loop, give it a range the model reaches "
+    "(tracer.iter[0:3]) or move that code after the `with` block (tracer.result is set there)"
+)
 
 
 class CallSelector:
@@ -73,16 +81,13 @@ def iterate_calls(tracer: Any, indices: Any, bounded: bool) -> Iterator[int]:
                 site, kind = anchor
                 consumer.iteration = None
                 if interleaver.request_call(site.envoy, kind, index + 1, soft=True) is ENDED:
-                    if bounded:
-                        warnings.warn(
-                            f"iteration {index} of tracer.iter was never reached: "
-                            f"{site.describe(kind)} ran only {site.count(kind)} time(s), so the loop "
-                            f"ended after {done} iteration(s)",
-                            stacklevel=2,
-                        )
-                    else:
-                        interleaver.open_loop_ended = True
-                    return
+                    warnings.warn(
+                        f"iteration {index} of tracer.iter was never reached: {site.describe(kind)} "
+                        f"ran only {site.count(kind)} time(s), so the loop ended after {done} "
+                        f"iteration(s). {BLOCK_ENDS}",
+                        stacklevel=2,
+                    )
+                    raise TraceStopped()
             consumer.iteration, consumer.first = index, None
             yield index
             done += 1
@@ -134,14 +139,19 @@ class AllCalls:
         tracer = self.tracer
 
         def run(_start: Any = None) -> None:
-            for _ in iterate_calls(tracer, *selected(slice(None))):
-                every.run()
+            try:
+                for _ in iterate_calls(tracer, *selected(slice(None))):
+                    every.run()
+            except TraceStopped:  # the model made no further call: every iteration has run
+                pass
 
         interleaver.add_consumer(Consumer("tracer.all()", consumer.rows, run))
 
     def __exit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> bool:
         self._skipper.disarm()
-        return exc_type is SkipBody
+        if exc_type is SkipBody:  # as nnsight: an open-ended block ends the trace's block too
+            raise TraceStopped()
+        return False
 
 
 class EveryIteration:

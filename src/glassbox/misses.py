@@ -1,7 +1,7 @@
 """The errors of a request the model could not serve: what happened, in the user's terms.
 
 Offers:
-    finished_error(wanted, state, where, open_loop_ended)
+    finished_error(wanted, state, where)
         the trace's model has stopped or finished before the request was made
     missed_error(site, kind, want, consumer_name, requested_where, hint)
         the forward ended while a body was still waiting for a module's value
@@ -17,22 +17,15 @@ from typing import Any
 from .errors import MissedModuleError, OutOfOrderError, TraceStateError
 
 
-def finished_error(wanted: str, state: str, where: str, open_loop_ended: bool) -> Exception:
+def finished_error(wanted: str, state: str, where: str) -> Exception:
     """A request for ``wanted`` (``model.layers[0].output``) after the model ended (``state``:
     "stopped" by tracer.stop(), else finished), its last boundary at ``where``."""
     if state == "stopped":
         return TraceStateError(
             f"cannot access {wanted}: the model was stopped by tracer.stop() at {where}"
         )
-    hint = ""
-    if open_loop_ended:
-        hint = (
-            ". An open-ended tracer.iter[:] loop ran the model to its end, waiting for another "
-            "call; read modules that run after the loop's module inside the loop, or give the "
-            "loop a bounded range (tracer.iter[0:3]); tracer.result still holds the output"
-        )
     return OutOfOrderError(
-        f"cannot access {wanted}: the model has already finished (last boundary: {where}){hint}"
+        f"cannot access {wanted}: the model has already finished (last boundary: {where})"
     )
 
 

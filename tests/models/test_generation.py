@@ -26,9 +26,9 @@ def test_saving_a_layer_every_step(smollm2):
         states = []
         for _step in tracer.iter[:]:
             states.append(smollm2.model.layers[5].output.save())
-        after_loop = "ran"  # code after an open-ended loop still runs
+        after_loop = "ran"  # as nnsight: code after an open-ended loop does not run
     prompt_len = len(smollm2.tokenizer(PROMPT)["input_ids"])
-    assert len(states) == 20 and after_loop == "ran"
+    assert len(states) == 20 and "after_loop" not in locals()
     assert states[0].shape[1] == prompt_len and all(s.shape[1] == 1 for s in states[1:])
     assert tracer.result.shape[1] == prompt_len + 20
 

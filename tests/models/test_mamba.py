@@ -58,7 +58,7 @@ def test_mixer_internals_and_steered_generation(mamba, tokenizer):
     with model.generate(SHORT, max_new_tokens=4, do_sample=False) as tracer:
         with tracer.all():
             model.backbone.layers[0].output[:, -1] *= 3.0
-        steered = tracer.result.save()
+    steered = tracer.result  # as nnsight: `with tracer.all():` ends the block; the result is kept
     def triple_last(module, inputs, output):
         output[:, -1] *= 3.0
 

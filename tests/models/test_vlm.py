@@ -98,7 +98,7 @@ def test_patch_image_features_between_invokes_and_steer_generation(llava, proces
     with model.generate(SHORT, images=[tiny_image(1)], max_new_tokens=3, do_sample=False) as tracer:
         with tracer.all():
             model.model.language_model.layers[1].output[:, -1] += 0.5
-        steered = tracer.result.save()
+    steered = tracer.result  # as nnsight: `with tracer.all():` ends the block; the result is kept
     handle = llava.model.language_model.layers[1].register_forward_hook(steer)
     try:
         encoded = processor(text=SHORT, images=[tiny_image(1)], return_tensors="pt")

@@ -33,7 +33,9 @@ def _leftovers(vmodel) -> list[str]:
 def test_steps_are_counted_per_request(vmodel):
     with vmodel.trace(temperature=0.0) as tracer:
         with tracer.invoke("The cat", max_tokens=2):
-            short = [step for step in tracer.iter[:]]
+            short = []
+            for step in tracer.iter[:]:  # a loop statement: a comprehension would end unassigned
+                short.append(step)
         with tracer.invoke("The dog sat on the", max_tokens=5):
             long = []
             for step in tracer.iter[:]:
@@ -46,7 +48,9 @@ def test_steps_are_counted_per_request(vmodel):
 
 def test_samples_are_the_generated_tokens_and_editable(vmodel):
     with vmodel.trace("The capital of France is", temperature=0.0, max_tokens=3) as tracer:
-        sampled = [vmodel.samples.output.clone().save() for _ in tracer.iter[:]]
+        sampled = []
+        for _ in tracer.iter[:]:
+            sampled.append(vmodel.samples.output.clone().save())
     assert [int(t) for t in sampled] == tracer.result[0].token_ids
 
     forced = vmodel.tokenizer(" London")["input_ids"][0]

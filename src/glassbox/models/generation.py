@@ -19,8 +19,9 @@ Offers:
 
 Every forward call of the model's root module is one step. Code before any
 loop acts on step 0; inside ``for step in tracer.iter[...]`` each access
-reaches that step's call. An open-ended ``iter[:]`` ends when generation
-ends, and code after the loop still runs.
+reaches that step's call. A loop that asks for a step generation never makes
+(always so for an open-ended ``iter[:]``) warns "was never reached" and, as in
+nnsight, ends the block there: the lines after it do not run (iteration.py).
 """
 
 from __future__ import annotations
@@ -34,10 +35,10 @@ from typing import Any
 import torch
 
 from ..envoy import Envoy
-from ..errors import OutOfOrderError, TraceStateError
+from ..errors import OutOfOrderError, TraceStateError, TraceStopped
 from ..intercept import Consumer
 from ..interleave import ENDED
-from ..iteration import AllCalls, EveryIteration, selected
+from ..iteration import BLOCK_ENDS, AllCalls, EveryIteration, selected
 from ..tracing import Tracer
 
 
@@ -180,10 +181,10 @@ class _StepSelector:
         self.tracer = tracer
 
     def __getitem__(self, selection: int | slice | list[int]) -> Iterator[int]:
-        return _iterate(self.tracer, *selected(selection))
+        return _iterate(self.tracer, selected(selection)[0])
 
 
-def _iterate(tracer: GenerateTracer, steps: Any, bounded: bool) -> Iterator[int]:
+def _iterate(tracer: GenerateTracer, steps: Any) -> Iterator[int]:
     root = tracer.model
     done = 0
     for step in steps:
@@ -191,13 +192,13 @@ def _iterate(tracer: GenerateTracer, steps: Any, bounded: bool) -> Iterator[int]
         if interleaver is None:
             return
         if not tracer._reach_step(interleaver, step):
-            if bounded:  # as nnsight: say that the range asked for steps that never ran
-                warnings.warn(
-                    f"tracer.iter asked for step {step}, but generation ended after {done} of the "
-                    "selected steps ran (max_new_tokens, or an end-of-sequence token)",
-                    stacklevel=2,
-                )
-            return
+            warnings.warn(  # as nnsight: the step never came, and the block ends here
+                f"step {step} of tracer.iter was never reached: generation ended after {done} of "
+                f"the selected steps ran (max_new_tokens, or an end-of-sequence token). "
+                f"{BLOCK_ENDS}",
+                stacklevel=2,
+            )
+            raise TraceStopped()
         done += 1
         yield step
 
