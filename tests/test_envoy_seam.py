@@ -29,7 +29,7 @@ from glassbox.envoy import (
 )
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "glassbox"
-FIELDS = frozenset({"_module", "_path", "_children", "_child_list", "_root", "_display", "_parent",
+FIELDS = frozenset({"_module", "_path", "_by_name", "_children", "_root", "_display", "_parent",
                     "_name", "_rename", "_slots", "_site", "_source_view", "_on_install"})
 # files allowed to read Envoy's fields besides envoy.py itself: none (every one was converted)
 PENDING: frozenset[str] = frozenset()

@@ -53,7 +53,7 @@ def _followed_by_with(frame: FrameType) -> bool:
     return answer
 
 
-# The innermost open trace, if any: tracing.py (which imports this module, so this one must not
+# The innermost open trace, if any: tracing/trace.py (which imports this module, so this one must not
 # import it back) hands over its current_tracer through use_tracer_finder.
 def _no_tracer() -> Any:
     return None

@@ -7,9 +7,15 @@ Offers:
         tracebacks and pdb point at the user's lines); None without source.
     skip_body(frame)             make the interpreter skip that block: the
         first line event in ``frame`` raises SkipBody, which the context
-        manager's ``__exit__`` swallows.
+        manager's ``__exit__`` swallows (after ``disarm()``, which gives the
+        thread back its own tracer, if it had one: a debugger's, coverage's).
+    Skipper(frame, first_line)   the hook itself, for a block found another way
     write_back(frame, names)     publish names set by the deferred body into
         the caller's variables.
+    run_in_frame(code, frame)    run a captured block's code in the caller's namespace now
+        (the names it sets are the caller's afterwards)
+    dash_c_program()             the source of a ``python -c`` program (its blocks have no
+        other: with it, ``python -c`` code batches its invokes like a file)
 
 Only deferred bodies need this (several ``tracer.invoke`` blocks that share
 one batched forward, per-step ``tracer.all()`` blocks, remote traces); plain
@@ -29,6 +35,8 @@ from dataclasses import dataclass
 from types import CodeType, FrameType
 from typing import Any
 
+from .errors import TraceStateError
+
 
 class SkipBody(Exception):
     """Raised at the first line of a captured block so it does not run inline."""
@@ -45,6 +53,7 @@ class CapturedBody:
     target: str | None = None  # the name after `as`, if any
     loads: frozenset[str] = frozenset()  # names whose value the body uses (for remote)
     trivial: bool = False  # only `pass` / constants: nothing to skip (and no line event to skip on)
+    opens_try: bool = False  # its first statement is `try:`, where a skip cannot land (skip_body)
 
     def namespace(self, frame: FrameType) -> dict[str, Any]:
         """A fresh globals dict for running the body: the names it reads, as
@@ -74,6 +83,8 @@ def capture_body(frame: FrameType, marker: str = "") -> CapturedBody | None:
     """The compiled body of the ``with`` statement now entering in ``frame``."""
     filename = frame.f_code.co_filename
     lines = linecache.getlines(filename, frame.f_globals)
+    if not lines and filename == "<string>":
+        lines = dash_c_program().splitlines(keepends=True)
     if not lines:
         return None
     lineno = frame.f_lineno
@@ -86,6 +97,22 @@ def capture_body(frame: FrameType, marker: str = "") -> CapturedBody | None:
     with _cache_lock:
         _cache[key] = body
     return body
+
+
+def dash_c_program() -> str:
+    """The program of ``python -c PROGRAM``, whose code is named ``<string>`` and has no source in
+    linecache (read from /proc/self/cmdline; "" elsewhere, or when this is not such a process)."""
+    if not sys.argv or sys.argv[0] != "-c":
+        return ""
+    try:
+        with open("/proc/self/cmdline", "rb") as handle:
+            parts = handle.read().split(b"\0")
+    except OSError:  # not Linux
+        return ""
+    for i, part in enumerate(parts[:-1]):
+        if part == b"-c":
+            return parts[i + 1].decode(errors="replace")
+    return ""
 
 
 def _compile(lines: list[str], filename: str, lineno: int, marker: str, compiler: Any) -> CapturedBody | None:
@@ -115,6 +142,7 @@ def _compile(lines: list[str], filename: str, lineno: int, marker: str, compiler
     return CapturedBody(
         code, body_source, filename, node.body[0].lineno, reads, writes,
         target=target.id if isinstance(target, ast.Name) else None, loads=loads, trivial=trivial,
+        opens_try=type(node.body[0]).__name__ in ("Try", "TryStar"),
     )
 
 
@@ -161,35 +189,52 @@ def _names(body: list[ast.stmt]) -> tuple[frozenset[str], tuple[str, ...], froze
 
 
 class Skipper:
-    """Armed line tracer that skips one block; ``disarm()`` if the block
-    produced no line event (a body of only ``pass`` has none)."""
+    """Armed line tracer that skips one block; the context manager's ``__exit__`` calls
+    ``disarm()`` (also when the block produced no line event: a body of only ``pass`` has none)."""
 
     def __init__(self, frame: FrameType, first_line: int = 0) -> None:
         self.frame: FrameType | None = frame
         self.first_line = first_line  # header lines before it (`... as tracer:`) must still run
         self.previous_global = sys.gettrace()
         self.previous_local = frame.f_trace
+        self.armed = True
         frame.f_trace = self._local_trace
         if self.previous_global is None:
             sys.settrace(_no_trace)
 
     def _local_trace(self, frame: FrameType, event: str, arg: Any) -> Any:
         if event == "line" and frame.f_lineno >= self.first_line:
-            self.disarm()
+            self._unhook()
+            # CPython turns tracing off for the thread when a trace function raises, so the
+            # thread's own tracer (a debugger's, coverage's) is set back in disarm()
             raise SkipBody()
         return self._local_trace
 
-    def disarm(self) -> None:
+    def _unhook(self) -> None:
         frame = self.frame
-        if frame is None:
-            return
-        self.frame = None
-        sys.settrace(self.previous_global)
-        frame.f_trace = self.previous_local
+        if frame is not None:
+            self.frame = None
+            frame.f_trace = self.previous_local
+
+    def disarm(self) -> None:
+        self._unhook()
+        if self.armed:
+            self.armed = False
+            sys.settrace(self.previous_global)
 
 
 def skip_body(frame: FrameType, body: CapturedBody) -> Skipper:
-    """Arrange for ``body``, the block now being entered in ``frame``, to be skipped."""
+    """Arrange for ``body``, the block now being entered in ``frame``, to be skipped. A body that
+    starts with ``try:`` is refused: CPython gives the ``try`` line an instruction that no
+    exception handler covers, so a skip raised there would leave the caller's whole function
+    (past the ``with``'s ``__exit__``) instead of the block."""
+    if body.opens_try:
+        raise TraceStateError(
+            f"this block cannot start with `try:` ({body.filename}:{body.first_line}): glassbox runs "
+            "it later (an invoke, tracer.all(), an edit, a remote trace) and skips it where it stands, "
+            "which Python cannot do at a `try` line. Put a statement before the `try` (even `pass`), "
+            "or the `try` around the `with`."
+        )
     return Skipper(frame, body.first_line)
 
 
@@ -210,3 +255,18 @@ def write_back(frame: FrameType, values: dict[str, Any]) -> None:
     optimized = frame.f_code.co_flags & 0x1  # CO_OPTIMIZED: a function's fast locals
     if optimized and sys.version_info < (3, 13) and _locals_to_fast is not None:
         _locals_to_fast(ctypes.py_object(frame), ctypes.c_int(0))
+
+
+def run_in_frame(code: CodeType, frame: FrameType) -> None:
+    """Run ``code`` reading ``frame``'s names; the names it sets become ``frame``'s."""
+    f_globals = frame.f_globals
+    if frame.f_locals is f_globals:  # module scope: its namespace is the globals
+        exec(code, f_globals)
+        return
+    before = frame.f_locals
+    names = dict(before)
+    exec(code, f_globals, names)
+    write_back(frame, {k: v for k, v in names.items() if before.get(k, _UNSET) is not v})
+
+
+_UNSET = object()

@@ -124,8 +124,8 @@ class Envoy:
             raise
         if _clashes is None and clashes:
             warn_clashes(clashes)
-        d["_children"] = children
-        d["_child_list"] = tuple(children.values())  # indexing is on the hot path
+        d["_by_name"] = children
+        d["_children"] = tuple(children.values())  # indexing is on the hot path
         aliases = d["_root"].__dict__.get("_rename")
         if aliases:
             d.update(aliases_for(self, aliases, module, children, d, d["_display"]))
@@ -150,21 +150,21 @@ class Envoy:
         except AttributeError:
             raise AttributeError(
                 f"{self._display} ({type(self._module).__name__}) has no attribute {name!r}; "
-                f"its submodules are: {', '.join(self._children) or 'none'}"
+                f"its submodules are: {', '.join(self._by_name) or 'none'}"
             ) from None
 
     def __getitem__(self, key: int | str | slice) -> Any:
         if type(key) is int:  # model.layers[i]: on the per-access path, one read and an index
             try:
-                return self._child_list[key]
+                return self._children[key]
             except IndexError:
                 pass  # the message below
-        children = self._children
+        children = self._by_name
         if isinstance(key, str):
             if key in children:
                 return children[key]
             raise KeyError(f"{self._display} has no submodule {key!r}; it has: {', '.join(children)}")
-        values = self._child_list
+        values = self._children
         if isinstance(key, slice):
             return list(values[key])
         try:
@@ -175,10 +175,10 @@ class Envoy:
             ) from None
 
     def __iter__(self) -> Iterator[Envoy]:
-        return iter(self._child_list)
+        return iter(self._children)
 
     def __len__(self) -> int:
-        return len(self._children)
+        return len(self._by_name)
 
     def __repr__(self) -> str:
         return repr(self._module)
@@ -200,9 +200,9 @@ class Envoy:
         if isinstance(value, torch.nn.Module) and not name.startswith("_") and name not in self._RESERVED:
             setattr(self._module, name, value)
             envoy = Envoy(value, self, name)
-            self._children[name] = envoy
+            self._by_name[name] = envoy
             d = self.__dict__
-            d["_child_list"] = tuple(self._children.values())
+            d["_children"] = tuple(self._by_name.values())
             d[name] = envoy
             return
         object.__setattr__(self, name, value)
@@ -211,7 +211,7 @@ class Envoy:
         """The envoy at dotted ``path`` below this one ("" is this one)."""
         node = self
         for part in path.split(".") if path else ():
-            node = node._children[part]
+            node = node._by_name[part]
         return node
 
     def modules(self, include_fn: Callable[[Envoy], bool] | None = None,
@@ -250,7 +250,7 @@ class Envoy:
             last = i == len(parts) - 1
             if last and part in ("output", "input", "inputs"):  # the value, as nnsight's get
                 return getattr(node, part)
-            found = node._children.get(part)
+            found = node._by_name.get(part)
             if found is None:
                 alias = node.__dict__.get(part)  # rename= aliases, E_ names
                 found = alias if isinstance(alias, Envoy) else None
@@ -262,7 +262,7 @@ class Envoy:
                 return value
             raise AttributeError(
                 f"{node._display} has no submodule {part!r} (in {path!r}); its submodules are: "
-                f"{', '.join(node._children) or 'none'}"
+                f"{', '.join(node._by_name) or 'none'}"
             )
         return node
 
@@ -427,7 +427,7 @@ _NAVIGATION: dict[str, Callable[[Envoy], Any]] = {
 
 
 def _post_order(envoy: Envoy, include_fn: Callable[[Envoy], bool] | None, names: bool, out: list) -> None:
-    for child in envoy._child_list:
+    for child in envoy._children:
         _post_order(child, include_fn, names, out)
     if include_fn is None or include_fn(envoy):
         out.append((_nnsight_path(envoy), envoy) if names else envoy)
@@ -485,7 +485,7 @@ def root_of(envoy: Envoy) -> Envoy:
 def children_of(envoy: Envoy) -> Mapping[str, Envoy]:
     """``envoy``'s children by name, in module order. Read only: attach a module by assigning it
     (``envoy.sae = SAE()``), which keeps the torch module and the tree in step."""
-    return envoy._children
+    return envoy._by_name
 
 
 def rename_of(envoy: Envoy) -> dict | None:

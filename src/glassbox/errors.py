@@ -9,6 +9,8 @@ Offers:
                         from another thread, after tracer.stop(), ...); a
                         ValueError too, as nnsight 0.8 raises ValueError there
     TraceStopped        how ``tracer.stop()`` leaves its block (not an error: the trace catches it)
+    WithBlockNotFoundError  a block tracer could not find its ``with`` block's source
+                        (``python < script.py``, an ``exec`` of a string, a file edited since)
     SandboxError        remote code tried something the server does not allow
     RemoteError         a remote run failed: no server, a refused request
                         (``status_code``: the HTTP status), a time-out, or a
@@ -16,6 +18,8 @@ Offers:
                         builtin or one of the above
     at_user_line(exc)   ``exc`` with glassbox's own frames cut from its traceback, so
                         its last frame is the user's line (unless CONFIG.APP.DEBUG)
+    filter_traceback(tb, keep)  ``tb`` with only the frames ``keep(frame)`` accepts (None: none)
+    is_own_frame(frame) whether a frame runs glassbox's own code
 
 Ported nnsight code keeps its ``except``: ``except ValueError`` catches what nnsight raises
 as ValueError (``save()`` outside a trace, ``.output`` outside one, a cache declared after a
@@ -27,7 +31,8 @@ access and a module that never ran.
 from __future__ import annotations
 
 import os
-from types import TracebackType
+from collections.abc import Callable
+from types import FrameType, TracebackType
 
 _PACKAGE = os.path.dirname(os.path.abspath(__file__)) + os.sep
 
@@ -70,21 +75,35 @@ class RemoteError(GlassboxError):
         self.status_code = status_code
 
 
+class WithBlockNotFoundError(GlassboxError):
+    """A block tracer (``glassbox.tracing.tracer.Tracer``) found no ``with`` block at its call
+    site; the message says why (no source, a stale file, not a ``with``) and what to do."""
+
+
+def is_own_frame(frame: FrameType) -> bool:
+    return frame.f_code.co_filename.startswith(_PACKAGE)
+
+
+def filter_traceback(tb: TracebackType | None, keep: Callable[[FrameType], bool]) -> TracebackType | None:
+    """A new traceback chain of the entries of ``tb`` whose frame ``keep`` accepts (None if none)."""
+    frames = []
+    while tb is not None:
+        if keep(tb.tb_frame):
+            frames.append(tb)
+        tb = tb.tb_next
+    kept = None
+    for entry in reversed(frames):
+        kept = TracebackType(kept, entry.tb_frame, entry.tb_lasti, entry.tb_lineno)
+    return kept
+
+
 def at_user_line(exc: BaseException, debug: bool = False) -> BaseException:
     """Drop glassbox's own frames from ``exc``'s traceback (the interleaver's, the envoy's), so it
     ends at the user's line that asked, as nnsight's does; returns ``exc``. With ``debug``
     (``CONFIG.APP.DEBUG``), or when every frame is glassbox's, the traceback is left whole."""
     if debug:
         return exc
-    frames = []
-    tb = exc.__traceback__
-    while tb is not None:
-        if not tb.tb_frame.f_code.co_filename.startswith(_PACKAGE):
-            frames.append(tb)
-        tb = tb.tb_next
-    if frames:
-        kept = None
-        for tb in reversed(frames):
-            kept = TracebackType(kept, tb.tb_frame, tb.tb_lasti, tb.tb_lineno)
+    kept = filter_traceback(exc.__traceback__, lambda frame: not is_own_frame(frame))
+    if kept is not None:
         exc.__traceback__ = kept
     return exc

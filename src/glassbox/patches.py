@@ -5,9 +5,9 @@ Offers:
                                    removes on last; thread-safe (``Tensor.grad`` while a
                                    ``with loss.backward():`` block runs).
     mount(cls, name, fn)           add ``name`` to ``cls`` for the rest of the process
-                                   (``Tensor.save``, ``Tensor.backward``: tracing.py).
+                                   (``Tensor.save``, ``Tensor.backward``: tracing/trace.py).
     mount_builtin(types, name, fn) the same for builtin types (list, dict, ...); False where
-                                   this Python does not allow it (``list.save``: tracing.py).
+                                   this Python does not allow it (``list.save``: tracing/trace.py).
 
 Nothing is mounted at import (``import glassbox`` leaves builtins, torch and transformers as they
 were: tests/test_import_clean.py). ``Tensor.save``, ``Tensor.backward`` and ``save`` on list,

@@ -56,7 +56,7 @@ def test_seed_workflows_on_a_lora_module(case, check):
 def test_lora_modules_are_in_the_tree_and_editable(adapted, tokenizer):
     model, base = adapted
     q_proj = model.model.layers[0].self_attn.q_proj
-    assert "lora_A" in q_proj._children and "base_layer" in q_proj._children
+    assert "lora_A" in q_proj._by_name and "base_layer" in q_proj._by_name
     with model.trace(LONG):
         x = q_proj.base_layer.input.save()
         down = q_proj.lora_A.default.output.save()
@@ -83,7 +83,7 @@ def test_saved_adapter_folder_on_a_lazy_model_equals_peft(tmp_path):
     reference.save_pretrained(tmp_path)
     model = TransformersModel(tiny_llama_path(), peft=tmp_path)
     assert model._module.device.type == "meta"
-    assert "lora_A" in model.model.layers[1].self_attn.v_proj._children    # before any weights load
+    assert "lora_A" in model.model.layers[1].self_attn.v_proj._by_name    # before any weights load
     with model.trace() as tracer:
         with tracer.invoke(LONG):
             long_lora = model.model.layers[1].self_attn.v_proj.lora_B.default.output.save()

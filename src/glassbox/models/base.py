@@ -75,15 +75,21 @@ class NNsight(Envoy):
 
     def trace(
         self, *args: Any, remote: bool | str = False, timeout: float | None = None, blocking: bool = True,
-        trace: bool = True, **kwargs: Any,
+        trace: bool = True, backend: Any = None, **kwargs: Any,
     ) -> Any:
         """Open a trace. Inputs given here run as one batch entry; with none,
         add entries with ``tracer.invoke(...)``. Extra keyword arguments are
         passed to the model's forward. ``remote=True`` runs the block on the
         glassbox server at ``CONFIG.HOST`` (``blocking=False``: ``tracer.job``);
         ``remote="local"`` runs it as a server would, in this process.
-        ``trace=False`` runs the model on the input now and returns its output."""
-        tracer = Tracer(self, args, kwargs, remote=remote, timeout=timeout, blocking=blocking)
+        ``trace=False`` runs the model on the input now and returns its output.
+        ``backend=`` (nnsight's): the block is captured and, at its end, run by
+        ``backend(tracer)`` (glassbox.tracing.backend.Backend), the trace open."""
+        if backend is not None and (remote or not trace):
+            raise ValueError("backend= runs the block of a local `with model.trace(...)`: drop "
+                             "remote= / trace=False, or backend=")
+        tracer = Tracer(self, args, kwargs, remote=remote, timeout=timeout, blocking=blocking,
+                        backend=backend)
         return tracer if trace else tracer._run_now()
 
     def session(self, remote: bool | str = False, timeout: float | None = None,

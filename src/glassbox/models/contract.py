@@ -34,7 +34,7 @@ class ModelContract(Protocol):
 
     active: Any
     """The interleaver of the trace open on this model, or None. Set by ``Tracer.__enter__`` /
-    ``__exit__`` (tracing.py); read by every ``envoy.output`` / ``.input`` access."""
+    ``__exit__`` (tracing/trace.py); read by every ``envoy.output`` / ``.input`` access."""
 
     _narrow_min_ndim: ClassVar[int]
     """``Tracer.__enter__`` and ``tracing.run_together``, once per trace: values with at least this

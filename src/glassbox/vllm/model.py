@@ -58,7 +58,7 @@ from .rows import RowRouter
 from .seams import Passthrough, installed
 
 # Envoy attributes that exist once the engine has started; reading one starts it.
-_TREE = frozenset({"_module", "_children", "_child_list", "_path", "_display", "_parent", "_root", "_name",
+_TREE = frozenset({"_module", "_by_name", "_children", "_path", "_display", "_parent", "_root", "_name",
                    "_slots"})
 
 
@@ -155,9 +155,9 @@ class VLLM(HostedByName, NNsight):
         d["_engine"] = engine
         for name in ("logits", "samples"):  # envoys over boundaries vLLM has no module for
             envoy = Envoy(Passthrough(), self, name)
-            d["_children"][name] = envoy
+            d["_by_name"][name] = envoy
             d[name] = envoy
-        d["_child_list"] = tuple(d["_children"].values())
+        d["_children"] = tuple(d["_by_name"].values())
 
     def dispatch(self) -> VLLM:
         """Start the engine (and load the weights) now instead of at the first trace."""

@@ -41,20 +41,21 @@ from dataclasses import dataclass, replace
 from types import CodeType
 from typing import TYPE_CHECKING, Any
 
-from .backward import patched_backward, use_tracer_finder
-from .cache import Cache
-from .capture import SkipBody, capture_body, skip_body
-from .config import CONFIG
-from .deferred import Deferred
-from .envoy import set_save, set_tracer_finder
-from .errors import GlassboxError, TraceStateError, TraceStopped, at_user_line
-from .intercept import Consumer
-from .interleave import Interleaver
-from .iteration import AllCalls, CallSelector
-from .patches import mount, mount_builtin
+from ..backward import patched_backward, use_tracer_finder
+from ..cache import Cache
+from ..capture import SkipBody, capture_body, run_in_frame, skip_body
+from ..config import CONFIG
+from ..deferred import Deferred
+from ..envoy import set_save, set_tracer_finder
+from ..errors import GlassboxError, TraceStateError, TraceStopped, at_user_line
+from ..intercept import Consumer
+from ..interleave import Interleaver
+from ..iteration import AllCalls, CallSelector
+from ..patches import mount, mount_builtin
+from .backend import capture_block, run_backend
 
 if TYPE_CHECKING:
-    from .models.base import NNsight
+    from ..models.base import NNsight
 
 class _ThreadState(threading.local):
     """Per-thread trace state. Attributes are set in ``__init__`` (run once per thread), so reads
@@ -210,8 +211,11 @@ class Tracer:
         blocking: bool = True,
         remote_call: dict | None = None,
         exact_rows: int | None = None,
+        backend: Any = None,
     ) -> None:
         self.model = model
+        # nnsight's trace(backend=...): the block is captured and run by backend(self) at its end
+        self.backend, self.info, self._skipper = backend, None, None
         self._inputs = (args, kwargs) if (args or kwargs) else None
         # model.trace(output_hidden_states=True) with invokes: arguments of every invoke (nnsight)
         self._shared: dict = {}
@@ -247,6 +251,8 @@ class Tracer:
                 "this model is already being traced (a trace is open in this or another "
                 "thread); finish that trace first, or wrap a second copy of the module"
             )
+        if self.backend is not None:
+            self.info, self._skipper = capture_block(sys._getframe(1), self._method)
         root._ensure_ready()
         _ensure_mounted()
         interleaver = Interleaver(root, batch_size=0, narrow_min_ndim=root._narrow_min_ndim)
@@ -284,12 +290,29 @@ class Tracer:
     def __exit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> bool:
         if self._remote_run is not None:
             return self._exit_remote(exc_type)
+        if self.info is not None:  # a backend runs the captured block now
+            skipper, self._skipper = self._skipper, None
+            ran, error = run_backend(self, skipper, exc_type)
+            if not ran:
+                return self._exit_local(exc)
+            if not self._exit_local(error) and error is not None:
+                raise error
+            return True
+        return self._exit_local(exc)
+
+    def execute(self, code: CodeType) -> None:
+        """What a backend calls to run the captured block: in the caller's frame, the trace open."""
+        run_in_frame(code, self.info.frame)  # type: ignore[union-attr]
+
+    def _exit_local(self, exc: BaseException | None) -> bool:
+        """End a local trace the block left with ``exc`` (None: it ended well); True if the trace
+        swallows ``exc`` (tracer.stop()'s)."""
         root = self.model
         interleaver = self._interleaver
         assert interleaver is not None
         stopped = isinstance(exc, TraceStopped)  # tracer.stop(): the block ends there, the trace well
         if stopped:
-            exc_type = exc = None
+            exc = None
         if isinstance(exc, GlassboxError):  # raised in the body: it ends at the user's line
             at_user_line(exc, CONFIG.APP.DEBUG)
         try:

@@ -1,0 +1,43 @@
+"""Traces and captured blocks.
+
+Offers:
+    trace.py    the model's trace: ``Tracer`` (``with model.trace(...)``), ``Invoker``,
+                ``save``, sessions, ``collect_saved``, ``Body`` / ``run_together`` (re-exported
+                here: ``from glassbox.tracing import Tracer`` is the model's trace)
+    tracer.py   nnsight 0.8's model-less block tracer (``glassbox.tracing.tracer.Tracer``):
+                ``with Tracer(backend=...):`` captures its block and hands it to a backend
+    backend.py  ``Backend``: what running a captured block means (the default runs it in place)
+    globals.py  ``SOURCES`` and ``BLOCKS``: the block tracer's process-wide source and code caches
+    util.py     ``filter_traceback`` / ``clean_traceback``: a traceback without glassbox's frames
+
+The module names are nnsight's (``nnsight.tracing.tracer`` and the rest), so ported code that
+imports them, or subclasses the block tracer or a backend, runs unchanged.
+"""
+
+from .trace import (
+    Body,
+    Invoker,
+    Tracer,
+    collect_saved,
+    current_tracer,
+    enter_session,
+    exit_session,
+    remote_where,
+    run_together,
+    save,
+    tensor_save,
+)
+
+__all__ = [
+    "Body",
+    "Invoker",
+    "Tracer",
+    "collect_saved",
+    "current_tracer",
+    "enter_session",
+    "exit_session",
+    "remote_where",
+    "run_together",
+    "save",
+    "tensor_save",
+]
