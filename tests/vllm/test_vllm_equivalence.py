@@ -38,22 +38,22 @@ def test_residual_stream_and_logits_equal_hugging_face(vmodel, hf):
 
 
 def test_alone_equals_batched_with_others(vmodel):
-    def observe():
-        values = {"streams": [], "logits": []}
+    def observe(values):  # fills values: an open loop ends the block, so nothing after it runs
         for _ in tracer.iter[:]:
             values["streams"].append(residual_stream(vmodel.model.layers[12].output).save())
             values["logits"].append(vmodel.logits.output.save())
-        return values
 
+    alone = {"streams": [], "logits": []}
+    batched = {"streams": [], "logits": []}
     with vmodel.trace(PROMPTS[1], temperature=0.0, max_tokens=4) as tracer:
-        alone = observe()
+        observe(alone)
     alone_result = tracer.result[0]
     # The same request between two others that are shorter and longer, and finish earlier and later.
     with vmodel.trace(temperature=0.0) as tracer:
         with tracer.invoke("Hello", max_tokens=2):
             pass
         with tracer.invoke(PROMPTS[1], max_tokens=4):
-            batched = observe()
+            observe(batched)
         with tracer.invoke("A long prompt about the history of the Roman Empire and its", max_tokens=6):
             pass
     assert tracer.result[1].token_ids == alone_result.token_ids
