@@ -53,7 +53,7 @@ def _followed_by_with(frame: FrameType) -> bool:
     return answer
 
 
-# The innermost open trace, if any: tracing/trace.py (which imports this module, so this one must not
+# The innermost open trace, if any: tracing/saving.py (which imports this module, so this one must not
 # import it back) hands over its current_tracer through use_tracer_finder.
 def _no_tracer() -> Any:
     return None
@@ -72,7 +72,7 @@ def patched_backward(self: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
     import sys
 
     tracer = find_tracer()
-    if tracer is None:  # mounted for good (tracing._ensure_mounted): outside a trace, torch's own
+    if tracer is None:  # mounted for good (tracing.saving.ensure_mounted): outside a trace, torch's own
         return _original_backward(self, *args, **kwargs)
     refusal = getattr(type(tracer.model), "_no_gradients", None)
     if refusal:  # a model whose engine keeps no autograd graph (glassbox.VLLM) says why, and what instead

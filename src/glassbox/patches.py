@@ -5,13 +5,13 @@ Offers:
                                    removes on last; thread-safe (``Tensor.grad`` while a
                                    ``with loss.backward():`` block runs).
     mount(cls, name, fn)           add ``name`` to ``cls`` for the rest of the process
-                                   (``Tensor.save``, ``Tensor.backward``: tracing/trace.py).
+                                   (``Tensor.save``, ``Tensor.backward``: tracing/saving.py).
     mount_builtin(types, name, fn) the same for builtin types (list, dict, ...); False where
-                                   this Python does not allow it (``list.save``: tracing/trace.py).
+                                   this Python does not allow it (``list.save``: tracing/saving.py).
 
 Nothing is mounted at import (``import glassbox`` leaves builtins, torch and transformers as they
 were: tests/test_import_clean.py). ``Tensor.save``, ``Tensor.backward`` and ``save`` on list,
-dict, set and tuple are mounted at the first trace (or session: ``tracing._ensure_mounted``) and
+dict, set and tuple are mounted at the first trace (or session: ``tracing.saving.ensure_mounted``) and
 stay: writing an attribute of ``torch.Tensor`` (or of a builtin, through its dict plus
 ``PyType_Modified``) invalidates the interpreter's cached lookups of every method of the class and
 its subclasses, which made each trace pay for it again. So ``[].save()`` is an AttributeError

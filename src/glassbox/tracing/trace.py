@@ -5,20 +5,13 @@ Offers:
               model runs in a greenlet and meets it at module boundaries.
     Invoker   ``with tracer.invoke(inputs):``; bodies are deferred so that all
               invokes share ONE batched forward (each sees its own rows).
-    save(x)   keep ``x`` after the trace (identity locally; remote traces send
-              back exactly the saved values); ``x.save()`` on tensors, model outputs,
-              containers, numbers, strings and bytes (mounted at the first trace,
-              session or ``collect_saved``: ``import glassbox`` changes no class);
-              either raises outside a trace (TraceStateError, a ValueError as
-              nnsight's).
-    enter_session() / exit_session()   a local session (saving allowed between traces)
-    collect_saved()   every value saved in this thread while it is open
     Body / run_together(model, bodies, pad_to=0)
               the seam for running several INDEPENDENT bodies in one forward
               pass (a server's co-tenant batch): each in its own namespace, each
               seeing exactly what it would see alone (its rows, no padding its
               input did not have)
-    current_tracer()
+    remote_where(remote)   the extra arguments of a remote run for a ``remote=`` value
+Saving and the stack of open traces are saving.py's (``save``, ``collect_saved``, sessions).
 
 Call hierarchy::
 
@@ -28,75 +21,33 @@ Call hierarchy::
     Tracer.__exit__   batch invoke inputs, Interleaver.finish() (runs model,
                       invoke bodies as greenlets), cleanup, write names back
 
-If a deferred body's source cannot be found (``python -c``, ``exec`` of a
-string), each invoke runs inline as its own forward instead: by the rule
-"batched equals unbatched" the values are the same.
+If a deferred body's source cannot be found (``exec`` of a string that is not in
+linecache; a ``python -c`` program has its source: capture.dash_c_program), each invoke
+runs inline as its own forward instead: by the rule "batched equals unbatched" the values
+are the same. With ``backend=`` (nnsight's), the whole block is captured on entering and
+run by ``backend(tracer)`` on leaving (tracing/backend.py), the trace still open.
 """
 
 from __future__ import annotations
 
 import sys
-import threading
 from dataclasses import dataclass, replace
 from types import CodeType
 from typing import TYPE_CHECKING, Any
 
-from ..backward import patched_backward, use_tracer_finder
 from ..cache import Cache
 from ..capture import SkipBody, capture_body, run_in_frame, skip_body
 from ..config import CONFIG
 from ..deferred import Deferred
-from ..envoy import set_save, set_tracer_finder
 from ..errors import GlassboxError, TraceStateError, TraceStopped, at_user_line
 from ..intercept import Consumer
 from ..interleave import Interleaver
 from ..iteration import AllCalls, CallSelector
-from ..patches import mount, mount_builtin
 from .backend import capture_block, run_backend
+from .saving import ensure_mounted, pop, push, save
 
 if TYPE_CHECKING:
     from ..models.base import NNsight
-
-class _ThreadState(threading.local):
-    """Per-thread trace state. Attributes are set in ``__init__`` (run once per thread), so reads
-    never take the slow path of a missing attribute: ``.save()`` is on the per-access path."""
-
-    def __init__(self) -> None:
-        self.stack: list[Tracer] = []  # open traces, innermost last
-        self.collector: dict[int, Any] | None = None  # collect_saved's record, while one is open
-        self.sessions = 0  # open local sessions
-
-
-_state = _ThreadState()
-
-
-def current_tracer() -> Tracer | None:
-    """The innermost open trace in this thread, if any."""
-    stack = _state.stack
-    return stack[-1] if stack else None
-
-
-use_tracer_finder(current_tracer)
-set_tracer_finder(current_tracer)  # the deprecated model.iter / model.all() (envoy.py cannot import this)
-
-
-_SAVE_OUTSIDE = (
-    "save() was called outside a trace: .save() / glassbox.save() belong inside `with "
-    "model.trace(...)` (or model.generate, model.session), where they mark a value to keep after "
-    "the block. Outside a trace every value is already yours: use it directly, or move this line "
-    "into the block."
-)
-
-
-def save(value: Any) -> Any:
-    """Mark ``value`` (any value: tensors, lists, dicts, numbers...) to be kept after the
-    trace and return it unchanged; outside a trace it raises TraceStateError.
-
-        with model.trace(x):
-            hidden = glassbox.save(model.layer.output)
-    """
-    return tensor_save(value)
-
 
 def remote_where(remote: bool | str) -> dict[str, Any]:
     """Extra arguments of ``model._run_remotely`` for a ``remote=`` value: ``"local"`` runs the
@@ -106,87 +57,6 @@ def remote_where(remote: bool | str) -> dict[str, Any]:
     if isinstance(remote, str):
         raise ValueError(f"remote= takes True (the server at CONFIG.HOST) or 'local', got {remote!r}")
     return {}
-
-
-def enter_session() -> None:
-    """A local ``model.session()`` opened in this thread: saving between its traces is allowed
-    (a remote session saves there too), so ``[].save()`` must exist from its first line."""
-    _ensure_mounted()
-    _state.sessions += 1
-
-
-def exit_session() -> None:
-    _state.sessions -= 1
-
-
-class collect_saved:
-    """Record every value saved in this thread while the block runs (a server
-    job returns exactly these, across all the traces of a session)."""
-
-    def __enter__(self) -> dict[int, Any]:
-        _ensure_mounted()  # a job's block may call [].save() before its first trace opens
-        self.previous = _state.collector
-        _state.collector = {}
-        return _state.collector
-
-    def __exit__(self, *exc: Any) -> None:
-        _state.collector = self.previous
-
-
-def tensor_save(self: Any) -> Any:
-    """``x.save()``: on tensors, model outputs and Python's value types once the first trace has
-    mounted it (``_ensure_mounted``); valid while a trace is open."""
-    # on the per-access path: the common local case (a trace open, nobody collecting) is two
-    # attribute reads. Locally the value is simply kept by the caller's name; only a collector (a
-    # server job) records what was saved.
-    state = _state
-    collector = state.collector
-    if collector is not None:
-        collector[id(self)] = self  # held, so the id stays this object's
-    elif not state.stack and not state.sessions:
-        raise TraceStateError(_SAVE_OUTSIDE)
-    return self
-
-
-set_save(tensor_save)  # SavableTuple.save (envoy.py cannot import this module: it is imported by it)
-
-_mount_lock = threading.Lock()
-_tensor_mounted = False
-_model_output_mounted = False
-# save on Python's value types (containers, numbers, strings, bytes: what a block builds or reads,
-# e.g. `output.shape[0].save()`): mounted with Tensor.save at the first trace, never at import
-# (importing a library should change no builtin); from then on, outside a trace `[].save()` says
-# what to do. Not on `object`, as nnsight does: every class that forwards unknown attributes
-# through __getattr__ (a proxy, a wrapper) would find object.save instead of forwarding `save`.
-_SAVABLE_BUILTINS = (list, dict, set, frozenset, tuple, int, float, complex, str, bytes)
-_builtins_savable = False
-
-
-def _ensure_mounted() -> None:
-    """At the first trace (or session, or ``collect_saved``), mount ``Tensor.save``,
-    ``Tensor.backward`` and ``save`` on Python's value types (list, dict, set, tuple, int, float,
-    str, bytes, ...: ``_SAVABLE_BUILTINS``) for the rest of the process (and ``ModelOutput.save``
-    once transformers is imported, where ``dict.save`` does not cover it: a Python that refuses to
-    patch builtins). Before that nothing is patched. Outside a trace
-    ``.save()`` raises TraceStateError saying what to do, and ``backward`` is torch's own
-    (patched_backward passes straight through when no trace is open). Mounted for good, not per
-    trace: writing an attribute of ``torch.Tensor`` invalidates the interpreter's method caches
-    for every tensor method, which cost every trace 2-5 µs."""
-    global _tensor_mounted, _model_output_mounted, _builtins_savable
-    if _tensor_mounted and (_model_output_mounted or _builtins_savable):
-        return  # every trace after the first
-    with _mount_lock:
-        if not _tensor_mounted:
-            import torch
-
-            mount(torch.Tensor, "save", tensor_save)
-            mount(torch.Tensor, "backward", patched_backward)
-            _builtins_savable = mount_builtin(_SAVABLE_BUILTINS, "save", tensor_save)
-            _tensor_mounted = True
-        generic = sys.modules.get("transformers.utils.generic")
-        if generic is not None and not _model_output_mounted and not _builtins_savable:
-            mount(generic.ModelOutput, "save", tensor_save)
-            _model_output_mounted = True
 
 
 class Tracer:
@@ -254,7 +124,7 @@ class Tracer:
         if self.backend is not None:
             self.info, self._skipper = capture_block(sys._getframe(1), self._method)
         root._ensure_ready()
-        _ensure_mounted()
+        ensure_mounted()
         interleaver = Interleaver(root, batch_size=0, narrow_min_ndim=root._narrow_min_ndim)
         for consumer in root._default_consumers(interleaver, self):  # edits: served first
             interleaver.add_consumer(consumer)
@@ -269,7 +139,7 @@ class Tracer:
             interleaver.add_consumer(Consumer("trace body", None))
         self._interleaver = interleaver
         root.active = interleaver
-        _push(self)
+        push(self)
         return self
 
     def _enter_remote(self, frame: Any) -> None:
@@ -333,7 +203,7 @@ class Tracer:
             interleaver.cleanup()
             root.active = None
             self._interleaver = None
-            _pop(self)
+            pop(self)
             invokes, self._invokes = self._invokes, []
             publishers, self._publishers = self._publishers, []
         if exc is None:
@@ -574,15 +444,3 @@ def run_together(model: NNsight, bodies: list[Body], *, pad_to: int = 0) -> Any:
 
 def _no_barrier() -> None:
     """What ``tracer.barrier(n)`` returns: invokes meet in order without it (see Tracer.barrier)."""
-
-
-def _push(tracer: Tracer) -> None:
-    _state.stack.append(tracer)
-
-
-def _pop(tracer: Tracer) -> None:
-    stack = _state.stack
-    if stack and stack[-1] is tracer:
-        stack.pop()
-    elif tracer in stack:
-        stack.remove(tracer)

@@ -37,7 +37,7 @@ from ..capture import SkipBody, Skipper, dash_c_program, run_in_frame
 from ..errors import TraceStateError, WithBlockNotFoundError
 from .backend import Backend, BlockInfo, run_backend
 from .globals import BLOCKS, SOURCES
-from .trace import enter_session, exit_session, save
+from .saving import enter_session, exit_session, save
 from .util import clean_traceback
 
 __all__ = ["ExitTracingException", "Tracer", "WithBlockNotFoundError", "save"]
