@@ -210,10 +210,11 @@ def test_a_model_trace_hands_its_block_to_a_backend(net):
         skipped = net[0].output.save()
     assert "skipped" not in locals() and torch.equal(tracer.result, net._module(x))
 
-    with pytest.raises(KeyError, match="inside"):
+    with pytest.raises(KeyError, match="inside") as caught:
         with net.trace(x, backend=Backend()):
             net[0].output.save()
             raise KeyError("inside")
+    assert caught.value.__context__ is None  # raised as the block raised it, not "while skipping"
     with net.trace(x):  # the failed trace left the model clean
         assert torch.equal(net.output.save(), net._module(x))
     with pytest.raises(ValueError, match="backend="):

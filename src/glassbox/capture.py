@@ -16,6 +16,11 @@ Offers:
         (the names it sets are the caller's afterwards)
     dash_c_program()             the source of a ``python -c`` program (its blocks have no
         other: with it, ``python -c`` code batches its invokes like a file)
+    find_with(tree, lineno) / header_end(node) / is_trivial(body) / opens_try(body)
+        the ``with`` statement being entered at a line, and what decides how it can be skipped
+        (also the block tracer's: tracing/tracer.py)
+    refuse_try(filename, line)   the error for a block that opens with ``try:``
+    named_as_caller(code, frame) ``code`` named after ``frame``'s function (tracebacks)
 
 Only deferred bodies need this (several ``tracer.invoke`` blocks that share
 one batched forward, per-step ``tracer.all()`` blocks, remote traces); plain
@@ -27,6 +32,7 @@ from __future__ import annotations
 import ast
 import builtins
 import ctypes
+import functools
 import linecache
 import sys
 import textwrap
@@ -99,6 +105,7 @@ def capture_body(frame: FrameType, marker: str = "") -> CapturedBody | None:
     return body
 
 
+@functools.cache  # the program a process runs does not change (forks share it)
 def dash_c_program() -> str:
     """The program of ``python -c PROGRAM``, whose code is named ``<string>`` and has no source in
     linecache (read from /proc/self/cmdline; "" elsewhere, or when this is not such a process)."""
@@ -121,8 +128,8 @@ def _compile(lines: list[str], filename: str, lineno: int, marker: str, compiler
         tree = ast.parse(source, filename)
     except SyntaxError:
         return None
-    node = _find_with(tree, lineno)
-    if node is None or node.body[0].lineno <= _header_end(node):
+    node = find_with(tree, lineno)
+    if node is None or node.body[0].lineno <= header_end(node):
         return None  # one-line `with x: body`: no line event to skip on
     header = ast.get_source_segment(source, node.items[0].context_expr) or ""
     if marker and marker not in header:
@@ -134,29 +141,61 @@ def _compile(lines: list[str], filename: str, lineno: int, marker: str, compiler
     # their line numbers, so errors there point at the user's lines
     last = max(getattr(stmt, "end_lineno", None) or stmt.lineno for stmt in node.body)
     body_source = textwrap.dedent("".join(lines[node.body[0].lineno - 1 : last]))
-    trivial = all(
-        isinstance(stmt, ast.Pass) or (isinstance(stmt, ast.Expr) and isinstance(stmt.value, ast.Constant))
-        for stmt in node.body
-    )
+    trivial = is_trivial(node.body)
     target = node.items[0].optional_vars
     return CapturedBody(
         code, body_source, filename, node.body[0].lineno, reads, writes,
         target=target.id if isinstance(target, ast.Name) else None, loads=loads, trivial=trivial,
-        opens_try=type(node.body[0]).__name__ in ("Try", "TryStar"),
+        opens_try=opens_try(node.body),
     )
 
 
-def _header_end(node: ast.With) -> int:
-    return max(item.context_expr.end_lineno or node.lineno for item in node.items)
+def header_end(node: ast.With | ast.AsyncWith) -> int:
+    """The last line of a ``with`` statement's header (its items and ``as`` targets)."""
+    ends = [node.lineno]
+    for item in node.items:
+        ends.append(item.context_expr.end_lineno or node.lineno)
+        if item.optional_vars is not None:
+            ends.append(item.optional_vars.end_lineno or node.lineno)
+    return max(ends)
 
 
-def _find_with(tree: ast.AST, lineno: int) -> ast.With | None:
+def find_with(tree: ast.AST, lineno: int) -> ast.With | ast.AsyncWith | None:
+    """The innermost ``with`` statement of ``tree`` whose header spans line ``lineno``."""
     best = None
     for node in ast.walk(tree):
-        if isinstance(node, ast.With) and node.lineno <= lineno <= _header_end(node):
+        if isinstance(node, (ast.With, ast.AsyncWith)) and node.lineno <= lineno <= header_end(node):
             if best is None or node.lineno >= best.lineno:
                 best = node
     return best
+
+
+def is_trivial(body: list[ast.stmt]) -> bool:
+    """Only ``pass`` and constants: nothing to skip, and no line event to skip on."""
+    return all(isinstance(s, ast.Pass) or (isinstance(s, ast.Expr) and isinstance(s.value, ast.Constant))
+               for s in body)
+
+
+def opens_try(body: list[ast.stmt]) -> bool:
+    """Whether the block's first statement is ``try:``, where a skip cannot land (refuse_try)."""
+    return type(body[0]).__name__ in ("Try", "TryStar")
+
+
+def refuse_try(filename: str, line: int) -> TraceStateError:
+    """CPython gives a ``try`` line an instruction that no exception handler covers, so a skip
+    raised there would leave the caller's whole function (past the ``with``'s ``__exit__``)."""
+    return TraceStateError(
+        f"this block cannot start with `try:` ({filename}:{line}): it is run later (an invoke, "
+        "tracer.all(), an edit, a remote trace, a backend) and skipped where it stands, which Python "
+        "cannot do at a `try` line. Put a statement before the `try` (even `pass`), or the `try` "
+        "around the `with`."
+    )
+
+
+def named_as_caller(code: CodeType, frame: FrameType) -> CodeType:
+    """``code`` named after the function running in ``frame``, as tracebacks show it."""
+    caller = frame.f_code
+    return code.replace(co_name=caller.co_name, co_qualname=getattr(caller, "co_qualname", caller.co_name))
 
 
 def _names(body: list[ast.stmt]) -> tuple[frozenset[str], tuple[str, ...], frozenset[str]]:
@@ -224,17 +263,10 @@ class Skipper:
 
 
 def skip_body(frame: FrameType, body: CapturedBody) -> Skipper:
-    """Arrange for ``body``, the block now being entered in ``frame``, to be skipped. A body that
-    starts with ``try:`` is refused: CPython gives the ``try`` line an instruction that no
-    exception handler covers, so a skip raised there would leave the caller's whole function
-    (past the ``with``'s ``__exit__``) instead of the block."""
+    """Arrange for ``body``, the block now being entered in ``frame``, to be skipped (a body that
+    starts with ``try:`` is refused: refuse_try)."""
     if body.opens_try:
-        raise TraceStateError(
-            f"this block cannot start with `try:` ({body.filename}:{body.first_line}): glassbox runs "
-            "it later (an invoke, tracer.all(), an edit, a remote trace) and skips it where it stands, "
-            "which Python cannot do at a `try` line. Put a statement before the `try` (even `pass`), "
-            "or the `try` around the `with`."
-        )
+        raise refuse_try(body.filename, body.first_line)
     return Skipper(frame, body.first_line)
 
 

@@ -19,7 +19,7 @@ Offers:
     at_user_line(exc)   ``exc`` with glassbox's own frames cut from its traceback, so
                         its last frame is the user's line (unless CONFIG.APP.DEBUG)
     filter_traceback(tb, keep)  ``tb`` with only the frames ``keep(frame)`` accepts (None: none)
-    is_own_frame(frame) whether a frame runs glassbox's own code
+    user_frames(tb)     ``tb`` without glassbox's own frames (None: all were glassbox's)
 
 Ported nnsight code keeps its ``except``: ``except ValueError`` catches what nnsight raises
 as ValueError (``save()`` outside a trace, ``.output`` outside one, a cache declared after a
@@ -80,8 +80,9 @@ class WithBlockNotFoundError(GlassboxError):
     site; the message says why (no source, a stale file, not a ``with``) and what to do."""
 
 
-def is_own_frame(frame: FrameType) -> bool:
-    return frame.f_code.co_filename.startswith(_PACKAGE)
+def user_frames(tb: TracebackType | None) -> TracebackType | None:
+    """``tb`` without glassbox's own frames (None when every frame is glassbox's)."""
+    return filter_traceback(tb, lambda frame: not frame.f_code.co_filename.startswith(_PACKAGE))
 
 
 def filter_traceback(tb: TracebackType | None, keep: Callable[[FrameType], bool]) -> TracebackType | None:
@@ -103,7 +104,7 @@ def at_user_line(exc: BaseException, debug: bool = False) -> BaseException:
     (``CONFIG.APP.DEBUG``), or when every frame is glassbox's, the traceback is left whole."""
     if debug:
         return exc
-    kept = filter_traceback(exc.__traceback__, lambda frame: not is_own_frame(frame))
+    kept = user_frames(exc.__traceback__)
     if kept is not None:
         exc.__traceback__ = kept
     return exc

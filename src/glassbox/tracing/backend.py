@@ -3,9 +3,10 @@
 Offers:
     BlockInfo   ``tracer.info``: the caller's ``frame`` (None once the block has ended) and the
                 block's compiled ``code``
-    capture_block(frame, marker) / run_backend(tracer, skipper, exc_type)
-                a model trace given ``backend=`` (trace.py): capture and skip its block on
-                entering, run ``backend(tracer)`` on leaving
+    capture_block(frame, marker) / run_backend(tracer, skipper, exc_type) / raise_clean(error)
+                a tracer with a backend (trace.py's given ``backend=``, tracer.py's always):
+                capture and skip its block on entering, run ``backend(tracer)`` on leaving, and
+                raise what the block raised as it raised it
     Backend   ``backend(tracer)`` runs ``tracer.info.code`` (the block's compiled body) through
               ``tracer.execute``, in place. Subclass it and override ``__call__`` to log the
               block, run it twice, ship ``tracer.info`` elsewhere, or not run it at all:
@@ -22,9 +23,9 @@ Offers:
 from __future__ import annotations
 
 from types import CodeType, FrameType
-from typing import Any
+from typing import Any, NoReturn
 
-from ..capture import SkipBody, Skipper, capture_body, skip_body
+from ..capture import SkipBody, Skipper, capture_body, named_as_caller, skip_body
 from ..errors import TraceStateError
 
 
@@ -47,9 +48,7 @@ def capture_block(frame: FrameType, marker: str) -> tuple[BlockInfo, Skipper | N
             "backend), and this one has none (an exec'd string, a one-line `with`): run it from a "
             "file, or drop backend="
         )
-    caller = frame.f_code  # named as the caller, so tracebacks show the user's function
-    qualname = getattr(caller, "co_qualname", caller.co_name)
-    code = body.code.replace(co_name=caller.co_name, co_qualname=qualname)
+    code = named_as_caller(body.code, frame)  # tracebacks show the user's function
     return BlockInfo(frame, code), (None if body.trivial else skip_body(frame, body))
 
 
@@ -65,12 +64,22 @@ def run_backend(tracer: Any, skipper: Skipper | None, exc_type: Any) -> tuple[bo
         return False, None
     try:
         tracer.backend(tracer)
-    except BaseException as error:
-        error.__context__ = None  # it did not happen "while handling" the skip
+    except BaseException as error:  # the tracer re-raises it (raise_clean)
         return True, error
     finally:
         info.frame = None  # a tracer kept after the block pins no frame
     return True, None
+
+
+def raise_clean(error: BaseException) -> NoReturn:
+    """Raise what a backend's block raised from the tracer's ``__exit__``, where the skip is being
+    handled: a bare re-raise keeps ``__context__`` cleared (the error did not happen "during
+    handling" of the skip; a plain ``raise error`` there would chain it)."""
+    try:
+        raise error
+    except BaseException as raised:
+        raised.__context__ = None
+        raise
 
 
 class Backend:

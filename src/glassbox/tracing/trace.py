@@ -43,7 +43,7 @@ from ..errors import GlassboxError, TraceStateError, TraceStopped, at_user_line
 from ..intercept import Consumer
 from ..interleave import Interleaver
 from ..iteration import AllCalls, CallSelector
-from .backend import capture_block, run_backend
+from .backend import capture_block, raise_clean, run_backend
 from .saving import ensure_mounted, pop, push, save
 
 if TYPE_CHECKING:
@@ -166,7 +166,7 @@ class Tracer:
             if not ran:
                 return self._exit_local(exc)
             if not self._exit_local(error) and error is not None:
-                raise error
+                raise_clean(error)
             return True
         return self._exit_local(exc)
 

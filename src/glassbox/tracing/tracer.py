@@ -33,9 +33,20 @@ import sys
 from types import CodeType, FrameType
 from typing import Any
 
-from ..capture import SkipBody, Skipper, dash_c_program, run_in_frame
+from ..capture import (
+    SkipBody,
+    Skipper,
+    dash_c_program,
+    find_with,
+    header_end,
+    is_trivial,
+    named_as_caller,
+    opens_try,
+    refuse_try,
+    run_in_frame,
+)
 from ..errors import TraceStateError, WithBlockNotFoundError
-from .backend import Backend, BlockInfo, run_backend
+from .backend import Backend, BlockInfo, raise_clean, run_backend
 from .globals import BLOCKS, SOURCES
 from .saving import enter_session, exit_session, save
 from .util import clean_traceback
@@ -62,20 +73,16 @@ class Tracer:
         node = self.capture()
         frame = self.info.frame  # type: ignore[union-attr]
         first = node.body[0]
-        if _trivial(node.body):
+        if is_trivial(node.body):
             return self  # nothing runs where it stands, so nothing to skip (and no line to skip on)
-        if first.lineno <= _header_end(node):
+        if first.lineno <= header_end(node):
             raise TraceStateError(
                 f"a traced block's body must start on its own line below the `with` "
                 f"({frame.f_code.co_filename}:{first.lineno}): the block is skipped where it stands "
                 "and run by the tracer's backend, so a body on the `with` line would run twice"
             )
-        if isinstance(first, ast.Try) or type(first).__name__ == "TryStar":
-            raise TraceStateError(
-                f"a traced block cannot start with `try:` ({frame.f_code.co_filename}:{first.lineno}): "
-                "Python gives that line no exception handler, so skipping the block there would leave "
-                "the whole function. Put a statement before it (even `pass`), or the try around the `with`"
-            )
+        if opens_try(node.body):
+            raise refuse_try(frame.f_code.co_filename, first.lineno)
         self._skipper = Skipper(frame, first.lineno)
         return self
 
@@ -84,12 +91,7 @@ class Tracer:
         ran, error = run_backend(self, skipper, exc_type)
         if error is None:
             return ran
-        try:
-            raise error
-        except BaseException as raised:  # a bare re-raise keeps the context run_backend cleared
-            raised.__context__ = None
-            raised.__traceback__ = clean_traceback(error.__traceback__) or error.__traceback__
-            raise
+        raise_clean(error.with_traceback(clean_traceback(error.__traceback__) or error.__traceback__))
 
     # ------------------------------------------------------------ the steps
 
@@ -133,17 +135,9 @@ class Tracer:
         if node is not None:
             return node
         try:
-            tree = ast.parse(source)
+            return find_with(ast.parse(source), lineno)
         except SyntaxError:
             return None
-        best = None
-        for candidate in ast.walk(tree):
-            if not isinstance(candidate, (ast.With, ast.AsyncWith)):
-                continue
-            if candidate.lineno <= lineno <= _header_end(candidate):
-                if best is None or candidate.lineno >= best.lineno:
-                    best = candidate  # the innermost
-        return best
 
     def _parse_block(self, source: str, lineno: int) -> ast.With | ast.AsyncWith | None:
         """The ``with`` starting on line ``lineno``, parsed from its own lines only (a large file
@@ -198,10 +192,7 @@ class Tracer:
     def compile(self, module: ast.Module, frame: FrameType) -> CodeType:
         """``module`` compiled under the caller's file name and line numbers, named after the
         caller's function, so tracebacks and debuggers show the user's own lines and function."""
-        code = compile(module, frame.f_code.co_filename, "exec")
-        caller = frame.f_code
-        qualname = getattr(caller, "co_qualname", caller.co_name)
-        return code.replace(co_name=caller.co_name, co_qualname=qualname)
+        return named_as_caller(compile(module, frame.f_code.co_filename, "exec"), frame)
 
     def execute(self, code: CodeType) -> None:
         """Run ``code`` in the caller's namespace (``info.frame``): it reads the caller's names, and
@@ -214,20 +205,6 @@ class Tracer:
             run_in_frame(code, frame)
         finally:
             exit_session()
-
-
-def _trivial(body: list[ast.stmt]) -> bool:
-    return all(isinstance(s, ast.Pass) or (isinstance(s, ast.Expr) and isinstance(s.value, ast.Constant))
-               for s in body)
-
-
-def _header_end(node: ast.With | ast.AsyncWith) -> int:
-    ends = [node.lineno]
-    for item in node.items:
-        ends.append(item.context_expr.end_lineno or node.lineno)
-        if item.optional_vars is not None:
-            ends.append(item.optional_vars.end_lineno or node.lineno)
-    return max(ends)
 
 
 def _depth(line: str) -> int:

@@ -13,7 +13,7 @@ from __future__ import annotations
 from types import TracebackType
 
 from ..config import CONFIG
-from ..errors import filter_traceback, is_own_frame
+from ..errors import filter_traceback, user_frames
 
 __all__ = ["clean_traceback", "filter_traceback"]
 
@@ -21,4 +21,4 @@ __all__ = ["clean_traceback", "filter_traceback"]
 def clean_traceback(tb: TracebackType | None) -> TracebackType | None:
     if CONFIG.APP.DEBUG:
         return tb
-    return filter_traceback(tb, lambda frame: not is_own_frame(frame))
+    return user_frames(tb)
