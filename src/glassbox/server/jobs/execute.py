@@ -90,8 +90,11 @@ def warm_up(models: dict[str, Any]) -> None:
         if getattr(model, "tokenizer", None) is None or getattr(type(model), "_requests_per_invoke", False):
             continue  # not a language model glassbox runs in this process (a vLLM engine: its own)
         desc, blob = encode_values({"vars": {}, "inputs": ["Hello"], "call": {}})
+        # Its saved value comes back as a job's would (``returns``): encoding a tensor imports
+        # what safetensors needs (numpy.ctypeslib), 2 ms in each forked process otherwise.
         request = JobRequest(model=name, method="trace", source=_WARM_UP, filename="<glassbox warm-up>",
-                             modules={"glassbox": "glassbox"}, values=desc, blob=blob)
+                             modules={"glassbox": "glassbox"}, values=desc, blob=blob,
+                             writes=("glassbox_warm_up",), returns=("glassbox_warm_up",))
         run_job(models, request, log=lambda text: None)
 
 

@@ -44,6 +44,7 @@ from typing import Any
 import torch
 
 from ...envoy import path_of, root_of
+from ...remote.executor import seed_job
 from ...remote.job import JobRequest, JobResult
 from ...tracing import collect_saved
 from . import execute, served
@@ -212,7 +213,7 @@ def run_body(models: dict[str, Any], request: JobRequest, link_fd: int, *, log: 
             model.active = None
         link.close()
     if result is None:  # alone, from the start, in this process, as if it had just begun
-        torch.manual_seed(0)
+        seed_job()
         return execute.run_job(models, request, log=_after(shown[0], log), limits=limits)
     for text in printed:
         log(text)

@@ -29,7 +29,7 @@ memory-mapped weight files, and CUDA's unified-address reservation (far more tha
 which makes CUDA fail to initialise under any realistic limit. ``RLIMIT_DATA`` counts private
 writable mappings, i.e. memory a job can actually fill (Linux >= 4.7).
 
-Every job starts from ``torch.manual_seed(0)``: sampling inside a job is reproducible and no job
+Every job starts from seed 0 (``remote.executor.seed_job``): sampling inside a job is reproducible and no job
 inherits the random state of the one before.
 """
 
@@ -46,7 +46,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from ...envoy import Envoy, module_of
-from ...remote.executor import load_executor
+from ...remote.executor import load_executor, seed_job
 from ...remote.job import JobError, JobRequest, JobResult
 from ...remote.protocol import ProtocolError
 from .channel import gib
@@ -211,9 +211,8 @@ def handle_message(module: Any, models: dict, message: dict, blob: bytes, send: 
     and ``body`` (one job, as a body of that forward, over ``links[0]``)."""
     limits = dict(message.get("limits") or {})
     op = message.get("op")
-    torch = sys.modules.get("torch")
-    if torch is not None:
-        torch.manual_seed(0)
+    if "torch" in sys.modules:
+        seed_job()
     if op == "host":
         _run_host(module, models, message, blob, links)
         return
