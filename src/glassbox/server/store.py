@@ -190,16 +190,17 @@ class JobStore(KeyStore, InstanceStore):
     def mark_queued(self, job_id: str) -> bool:
         return self._transition(job_id, (Status.RECEIVED,), status=Status.QUEUED)
 
-    def claim(self, job_id: str) -> bool:
-        """QUEUED -> RUNNING, atomically: False if someone else took or cancelled it first."""
+    def claim(self, job_id: str) -> bytes | None:
+        """QUEUED -> RUNNING, atomically; returns the request the job runs (read in the same
+        statement), or None if someone else took or cancelled it first."""
         now = time.time()
         with self._session() as session:
-            done = session.execute(
+            return session.scalar(
                 update(_Job).where(_Job.id == job_id, _Job.status == Status.QUEUED)
                 .values(status=Status.RUNNING, started=now, updated=now, attempts=_Job.attempts + 1,
                         held_by=self.instance, note=None)
+                .returning(_Job.request)
             )
-            return done.rowcount == 1
 
     def requeue(self, job_id: str) -> bool:
         """RUNNING (here) -> QUEUED (keeping its place at the head of the queue) for a job this

@@ -184,43 +184,51 @@ class Feeder(ColdLoading):
                         self._stopping.wait(backoff)
                         backoff = min(backoff * 2, 60.0)
                         continue
-                jobs = self._take()
+                jobs, requests = self._take()
                 if not jobs:
                     self._wake.wait(0.5)
                     self._wake.clear()
                     continue
-                self._run(jobs)
+                self._run(jobs, requests)
             except Exception:  # the feeder must survive anything (e.g. a database hiccup)
                 self.say(f"feeder error (continuing):\n{traceback.format_exc()}")
                 with self._lock:
                     self.running = []
                 self._stopping.wait(0.5)
 
-    def _claim(self, job: JobInfo) -> bool:
+    def _claim(self, job: JobInfo, requests: dict[str, bytes]) -> bool:
         # Known as running before the claim, so a cancel that sees RUNNING in the store
         # always finds it here.
         with self._lock:
             self.running = [*self.running, job.id]
-        if self.store.claim(job.id):
+        request = self.store.claim(job.id)
+        if request is not None:
+            requests[job.id] = request
             return True
         with self._lock:
             self.running = [j for j in self.running if j != job.id]
         return False
 
-    def _take(self) -> list[JobInfo]:
+    def _take(self) -> tuple[list[JobInfo], dict[str, bytes]]:
         """Claim the next queued job this channel serves and, when batching is on and it can
-        share, compatible jobs queued now or within ``batch_window_ms``: one batch."""
-        job = self.store.next_queued(self.channel.serves)
-        if job is None or not self._claim(job):
-            return []
-        batch = [job]
+        share, compatible jobs queued now or within ``batch_window_ms``: one batch, and the
+        requests its claims read."""
+        # One look at the queue finds the next job and, for a first round of gathering, its company.
+        queued = self.store.queued(self.channel.serves, limit=4 * max(1, self.config.max_batch))
+        requests: dict[str, bytes] = {}
+        if not queued or not self._claim(queued[0], requests):
+            return [], {}
+        batch = [queued[0]]
         try:
-            self._gather(job, batch)
+            self._gather(batch, requests, queued[1:])
         except Exception:  # the claimed jobs must run whatever went wrong while gathering
             self.say(f"could not gather a batch (running {len(batch)} job(s)):\n{traceback.format_exc()}")
-        return batch
+        return batch, requests
 
-    def _gather(self, job: JobInfo, batch: list[JobInfo]) -> None:
+    def _gather(self, batch: list[JobInfo], requests: dict[str, bytes], seen: list[JobInfo]) -> None:
+        """Add to ``batch`` (its first job claimed) the compatible jobs queued now (``seen``: the
+        rest of the queue as ``_take`` just read it) or within the batch window."""
+        job = batch[0]
         key = self._key(job)
         if key is None or self.config.max_batch <= 1:
             return
@@ -228,15 +236,19 @@ class Feeder(ColdLoading):
         # Waiting for company only pays while jobs arrive together: a lone user's job, alone at an
         # idle worker, would only wait the whole window.
         together = self.config.batch_wait_always or self._together
+        candidates: list[JobInfo] | None = [other for other in seen if other.model == job.model]
         try:
             while len(batch) < self.config.max_batch:
                 found = False
-                for other in self.store.queued([job.model], limit=4 * self.config.max_batch):
+                if candidates is None:
+                    candidates = self.store.queued([job.model], limit=4 * self.config.max_batch)
+                for other in candidates:
                     if len(batch) >= self.config.max_batch:
                         break
-                    if self._key(other) == key and self._claim(other):
+                    if self._key(other) == key and self._claim(other, requests):
                         batch.append(other)
                         found = together = True
+                candidates = None
                 remaining = deadline - time.monotonic()
                 if remaining <= 0 or self._stopping.is_set() or not together:
                     break
@@ -255,7 +267,7 @@ class Feeder(ColdLoading):
             return (job.batch_key, job.key_id)  # only jobs of one API key share a pass
         return job.batch_key
 
-    def _run(self, jobs: list[JobInfo]) -> None:
+    def _run(self, jobs: list[JobInfo], claimed: dict[str, bytes]) -> None:
         ids = [job.id for job in jobs]
         attempts = {job.id: job.attempts + 1 for job in jobs}  # counted by the claim
         logs: dict[str, list[str]] = {job_id: [] for job_id in ids}
@@ -265,7 +277,7 @@ class Feeder(ColdLoading):
             requests = {}
             for job_id in ids:
                 self.on_event(job_id, {"status": Status.RUNNING})
-                request = self.store.request(job_id)
+                request = claimed.get(job_id)
                 if request is None:
                     lost = JobResult.failed("InternalError", "the request of this job was lost")
                     self._finish(job_id, lost, [])
@@ -288,7 +300,9 @@ class Feeder(ColdLoading):
                 self._crashed(pending, attempts, logs, batch=len(pending) > 1)
                 return
             deadline = time.monotonic() + self.config.max_seconds
-            look_again = 0.0  # when to ask the store for cancel requests next
+            # When to ask the store for cancel requests next (made through another API process:
+            # this one's come through ``cancel``), not at once: a job's start waits for nothing.
+            look_again = time.monotonic() + _CANCEL_POLL
             while pending:
                 if self._stopping.is_set():
                     # Not the jobs' fault: they run again, from the start, when the server is back.

@@ -14,7 +14,7 @@ Process layout and why::
     API process (keys, database)                       worker process (models, no secrets)
     ───────────────────────────                        ──────────────────────────────────
     Feeder thread:                                     worker_main:
-      store.next_queued() ── claim ──► pipe ─ job ──►    child.handle_message(...)
+      store.queued() ─ claim ──────► pipe ─ job ──►    child.handle_message(...)
       wait(pipe, sentinel, deadline)  ◄── log ────────        print(...) -> log messages
       store.finish(...)               ◄── result ─────
 
