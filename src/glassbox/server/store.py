@@ -9,7 +9,7 @@ Offers:
       .create_job(key_id, model, request, batch_key=None, max_active=0, max_stored_bytes=0,
                   queued=False) -> job id
                                       (RECEIVED; ``request``: the framed bytes as received)
-      .mark_queued(id) / .claim(id) / .requeue(id) / .retry(id)
+      .mark_queued(id) / .claim(id) / .claim_many(ids) / .requeue(id) / .retry(id)
       .finish(id, status, result=, error=, logs=, max_stored_bytes=0) -> Finished | None
                                       final: what it keeps (the quota may refuse the job's output)
       .cancel(id) / .cancel_requests(ids)   cancel a job that waits; flag one that runs
@@ -193,14 +193,22 @@ class JobStore(KeyStore, InstanceStore):
     def claim(self, job_id: str) -> bytes | None:
         """QUEUED -> RUNNING, atomically; returns the request the job runs (read in the same
         statement), or None if someone else took or cancelled it first."""
+        return self.claim_many([job_id]).get(job_id)
+
+    def claim_many(self, job_ids: list[str]) -> dict[str, bytes]:
+        """``claim`` for several jobs in one statement (a co-tenant batch): the requests of those
+        that were still queued, by id; the others were taken or cancelled first."""
+        if not job_ids:
+            return {}
         now = time.time()
         with self._session() as session:
-            return session.scalar(
-                update(_Job).where(_Job.id == job_id, _Job.status == Status.QUEUED)
+            rows = session.execute(
+                update(_Job).where(_Job.id.in_(list(job_ids)), _Job.status == Status.QUEUED)
                 .values(status=Status.RUNNING, started=now, updated=now, attempts=_Job.attempts + 1,
                         held_by=self.instance, note=None)
-                .returning(_Job.request)
+                .returning(_Job.id, _Job.request)
             )
+            return {row.id: row.request for row in rows}
 
     def requeue(self, job_id: str) -> bool:
         """RUNNING (here) -> QUEUED (keeping its place at the head of the queue) for a job this

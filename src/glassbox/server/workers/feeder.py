@@ -196,18 +196,18 @@ class Feeder(ColdLoading):
                     self.running = []
                 self._stopping.wait(0.5)
 
-    def _claim(self, job: JobInfo, requests: dict[str, bytes]) -> bool:
+    def _claim(self, jobs: list[JobInfo], requests: dict[str, bytes]) -> list[JobInfo]:
+        """Claim ``jobs`` in one statement; those claimed, their requests added to ``requests``."""
+        ids = [job.id for job in jobs]
         # Known as running before the claim, so a cancel that sees RUNNING in the store
-        # always finds it here.
+        # always finds them here.
         with self._lock:
-            self.running = [*self.running, job.id]
-        request = self.store.claim(job.id)
-        if request is not None:
-            requests[job.id] = request
-            return True
+            self.running = [*self.running, *ids]
+        claimed = self.store.claim_many(ids)
+        requests.update(claimed)
         with self._lock:
-            self.running = [j for j in self.running if j != job.id]
-        return False
+            self.running = [j for j in self.running if j not in ids or j in claimed]
+        return [job for job in jobs if job.id in claimed]
 
     def _take(self) -> tuple[list[JobInfo], dict[str, bytes]]:
         """Claim the next queued job this channel serves and, when batching is on and it can
@@ -216,7 +216,7 @@ class Feeder(ColdLoading):
         # One look at the queue finds the next job and, for a first round of gathering, its company.
         queued = self.store.queued(self.channel.serves, limit=4 * max(1, self.config.max_batch))
         requests: dict[str, bytes] = {}
-        if not queued or not self._claim(queued[0], requests):
+        if not queued or not self._claim(queued[:1], requests):
             return [], {}
         batch = [queued[0]]
         try:
@@ -242,12 +242,13 @@ class Feeder(ColdLoading):
                 found = False
                 if candidates is None:
                     candidates = self.store.queued([job.model], limit=4 * self.config.max_batch)
-                for other in candidates:
-                    if len(batch) >= self.config.max_batch:
-                        break
-                    if self._key(other) == key and self._claim(other, requests):
-                        batch.append(other)
-                        found = together = True
+                fitting = [other for other in candidates
+                           if other.id not in requests and self._key(other) == key]
+                room = self.config.max_batch - len(batch)
+                joined = self._claim(fitting[:room], requests) if fitting else []
+                if joined:
+                    batch.extend(joined)
+                    found = together = True
                 candidates = None
                 remaining = deadline - time.monotonic()
                 if remaining <= 0 or self._stopping.is_set() or not together:
