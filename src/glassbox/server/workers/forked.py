@@ -130,21 +130,33 @@ class JobProcess:
     """
 
     def __init__(self, fork: Callable[..., int], reap: Callable[[int], int],
-                 links: tuple[int, ...] = (), peer: Any = None) -> None:
+                 links: tuple[int, ...] = (), peer: Any = None, *, later: bool = False) -> None:
+        """``fork(job_r, out_w, fault_w, *links)`` makes the process and gives its pid; with
+        ``later``, it gives a function that waits for the pid (``Zygote.fork_later``): the process
+        may still be being forked when this returns, and ``pid`` waits for it."""
         job_r, job_w = os.pipe()
         out_r, out_w = os.pipe()
         fault_r, fault_w = os.pipe()
         try:
-            pid = fork(job_r, out_w, fault_w, *links)
+            made = fork(job_r, out_w, fault_w, *links)
         except BaseException:
             for fd in (job_w, out_r, fault_r):
                 os.close(fd)
             raise
         finally:
-            for fd in (job_r, out_w, fault_w):  # the process holds them now
+            for fd in (job_r, out_w, fault_w):  # the process (or the zygote, forking it) holds them now
                 os.close(fd)
-        self.pid, self.job_w, self.out_r, self.fault_r, self.reap = pid, job_w, out_r, fault_r, reap
+        self._pid: int | None = None if later else made
+        self._pid_of: Callable[[], int] | None = made if later else None
+        self.job_w, self.out_r, self.fault_r, self.reap = job_w, out_r, fault_r, reap
         self.peer = peer  # the worker's end of the process's link, if it has one (split.py)
+
+    @property
+    def pid(self) -> int:
+        if self._pid is None:
+            assert self._pid_of is not None
+            self._pid = self._pid_of()
+        return self._pid
 
     def drop_peer(self) -> None:
         """Close the worker's end of this process's link (handed on to a host, or unused)."""
@@ -189,6 +201,8 @@ def run_processes(jobs: list[tuple[JobProcess, dict, bytes, list[str]]],
         with contextlib.suppress(OSError):  # a process that died already: reported below
             frame_writer(process.job_w)(message, blob)
         os.close(process.job_w)
+    # Asked for only now: a process still being forked (``JobProcess(later=True)``) got its job
+    # above, and reads it once it exists.
     pids = [process.pid for process, *_ in jobs] + list(also)
     aborted = False
     later: list[tuple[dict, bytes]] = []

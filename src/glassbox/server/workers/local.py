@@ -146,9 +146,12 @@ def _serve(conn: multiprocessing.connection.Connection) -> None:
     host: Host | None = None
 
     def fork() -> JobProcess | None:
+        # Without waiting (Zygote.fork_later): the worker goes on to its next message meanwhile.
         if zygote is None:
             return None
-        return body_process(zygote) if split else JobProcess(zygote.fork, zygote.reap)
+        if split:
+            return body_process(zygote, later=True)
+        return JobProcess(zygote.fork_later, zygote.reap, later=True)
 
     spare = fork()  # the next job's process, forked ahead
     waiting: list[tuple[dict, bytes]] = []  # sent while a forked job was still finishing
@@ -187,7 +190,8 @@ def _serve(conn: multiprocessing.connection.Connection) -> None:
                     if host is None or host.dead:
                         host = Host(zygote)
                     bodies, spare = [spare], None
-                    bodies += [body_process(zygote) for _ in message["jobs"][1:]]
+                    # Forked while the host and the first bodies already run (Zygote.fork_later).
+                    bodies += [body_process(zygote, later=True) for _ in message["jobs"][1:]]
                     waiting += run_split(host, bodies, message, blob, send, conn, max_log_bytes=max_log)
                     spare = fork()
                     continue

@@ -4,8 +4,9 @@ code in a process of its own (a body), for a co-tenant batch and for a lone job 
 Offers:
     Host(zygote)        the worker's long-lived host process, forked from the zygote; ``.dead`` once
                         it ended (the worker forks a new one for the next pass), ``.stop()``
-    body_process(zygote) -> JobProcess
-                        a body's process, forked ahead, with its link made (``JobProcess.peer``)
+    body_process(zygote, later=False) -> JobProcess
+                        a body's process, forked ahead, with its link made (``JobProcess.peer``);
+                        ``later``: without waiting for the fork (``Zygote.fork_later``)
     run_split(host, bodies, message, blob, forward, control, max_log_bytes=0) -> later
         run a ``batch`` message (``channel.py``) as one pass of ``host`` and one of ``bodies`` per
         request; pass on what the bodies say (each for its own job only); return what the feeder
@@ -130,12 +131,13 @@ class Host:
         self.links.close()
 
 
-def body_process(zygote: Zygote) -> JobProcess:
+def body_process(zygote: Zygote, *, later: bool = False) -> JobProcess:
     """A process for the next job, forked ahead with a link to a host (used if the job runs split;
     a job that runs on its own leaves it unused)."""
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
-        return JobProcess(zygote.fork, zygote.reap, links=(theirs.fileno(),), peer=ours)
+        return JobProcess(zygote.fork_later if later else zygote.fork, zygote.reap, links=(theirs.fileno(),),
+                          peer=ours, later=later)
     except BaseException:
         ours.close()
         raise

@@ -7,6 +7,9 @@ Offers:
     .fork(job_r, out_w, fault_w, *links) -> pid
                    a job's process (``forked.job_process_main``) holding only these descriptors
                    (``links``: the sockets of a shared pass, at most ``MAX_LINKS``)
+    .fork_later(job_r, out_w, fault_w, *links) -> pid_of
+                   the same, asked for without waiting: ``pid_of()`` waits for its pid. The
+                   descriptors are the zygote's once this returns (the caller may close its own)
     .fork_host(job_r, out_w, fault_w, control) -> pid
                    a split host's process (``forked.host_process_main``, ``host.py``): it serves
                    pass after pass
@@ -68,11 +71,27 @@ class Zygote:
                 os._exit(code)
         theirs.close()
         self.pid, self._socket = pid, ours
+        self._unanswered: list[dict] = []  # forks asked for with fork_later, oldest first
 
     def fork(self, job_r: int, out_w: int, fault_w: int, *links: int) -> int:
+        return self.fork_later(job_r, out_w, fault_w, *links)()
+
+    def fork_later(self, job_r: int, out_w: int, fault_w: int, *links: int) -> Callable[[], int]:
+        """Why: forking a process that holds a model takes milliseconds (page tables: ~9 ms with
+        SmolLM2 loaded), one after another in the zygote; a co-tenant batch's bodies asked for this
+        way are forked while its host and its first bodies already run (split.py)."""
         if len(links) > MAX_LINKS:
             raise ValueError(f"a process can be handed at most {MAX_LINKS} links, not {len(links)}")
-        return int(self._ask({"op": "fork"}, [job_r, out_w, fault_w, *links])["pid"])
+        self._send({"op": "fork"}, [job_r, out_w, fault_w, *links])
+        answer: dict = {}
+        self._unanswered.append(answer)
+
+        def pid_of() -> int:
+            while "pid" not in answer:
+                self._unanswered.pop(0).update(self._receive())
+            return int(answer["pid"])
+
+        return pid_of
 
     def fork_host(self, job_r: int, out_w: int, fault_w: int, control: int) -> int:
         """A split host's process (``forked.host_process_main``): it serves pass after pass, each
@@ -96,11 +115,19 @@ class Zygote:
                 pass
 
     def _ask(self, message: dict, fds: list[int] | None = None) -> dict:
+        self._send(message, fds)
+        while self._unanswered:  # the zygote answers in order: the forks asked for before come first
+            self._unanswered.pop(0).update(self._receive())
+        return self._receive()
+
+    def _send(self, message: dict, fds: list[int] | None = None) -> None:
         data = json.dumps(message).encode()
         if fds:
             socket.send_fds(self._socket, [data], fds)
         else:
             self._socket.send(data)
+
+    def _receive(self) -> dict:
         reply = self._socket.recv(_PACKET)
         if not reply:
             raise OSError("the zygote process ended")
