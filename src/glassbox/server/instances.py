@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
-from sqlalchemy import Float, Integer, String, delete, select, update
+from sqlalchemy import Float, Integer, String, delete, insert, select, update
 from sqlalchemy.orm import Mapped, mapped_column
 
 from .database import Database, TableBase
@@ -105,12 +105,11 @@ class InstanceStore(Database):
     def _beat(self, now: float) -> None:
         assert self._life_started is not None
         with self._session() as session:
-            row = session.get(_Instance, self.instance)
-            if row is None:  # the first life, or forgotten after a long silence
-                session.add(_Instance(id=self.instance, host=socket.gethostname()[:255], pid=os.getpid(),
-                                      started=self._life_started, heartbeat=now))
-            else:
-                row.started, row.heartbeat, row.pid = self._life_started, now, os.getpid()
+            beat = {"started": self._life_started, "heartbeat": now, "pid": os.getpid()}
+            known = session.execute(update(_Instance).where(_Instance.id == self.instance).values(**beat))
+            if known.rowcount == 0:  # the first life, or forgotten after a long silence
+                session.execute(insert(_Instance).values(id=self.instance, host=socket.gethostname()[:255],
+                                                         **beat))
             session.execute(delete(_Instance).where(_Instance.heartbeat < now - _FORGET_SECONDS,
                                                     _Instance.id != self.instance))
 
@@ -124,7 +123,7 @@ class InstanceStore(Database):
 
     def instances(self) -> list[InstanceInfo]:
         with self._session() as session:
-            rows = session.scalars(select(_Instance).order_by(_Instance.heartbeat.desc()))
+            rows = session.execute(select(_Instance).order_by(_Instance.heartbeat.desc()))
             return [InstanceInfo(r.id, r.host, r.pid, r.started, r.heartbeat) for r in rows]
 
 

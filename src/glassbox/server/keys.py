@@ -18,8 +18,9 @@ import hashlib
 import secrets
 import time
 from dataclasses import dataclass
+from typing import Any
 
-from sqlalchemy import Boolean, Float, String, false, select
+from sqlalchemy import Boolean, Float, String, false, insert, select, update
 from sqlalchemy.orm import Mapped, mapped_column
 
 from .database import Database, TableBase
@@ -56,8 +57,11 @@ class KeyInfo:
     operator: bool = False  # sees the whole server on the dashboard
 
 
-def _key_info(row: _ApiKey) -> KeyInfo:
-    return KeyInfo(row.id, row.name, row.created, row.revoked, bool(row.operator))
+def _key_info(row: Any, **changed: Any) -> KeyInfo:
+    """A key as read (a row of api_keys), with ``changed`` columns as just written."""
+    values = {**row._asdict(), **changed}
+    return KeyInfo(values["id"], values["name"], values["created"], values["revoked"],
+                   bool(values["operator"]))
 
 
 class KeyStore(Database):
@@ -75,12 +79,10 @@ class KeyStore(Database):
         if not name:
             raise ValueError("a key needs a name (who or what uses it)")
         key = KEY_PREFIX + secrets.token_urlsafe(32)
-        row = _ApiKey(id=secrets.token_hex(6), name=name, key_hash=hash_key(key), created=time.time(),
-                      operator=bool(operator))
+        info = KeyInfo(secrets.token_hex(6), name, time.time(), None, bool(operator))
         with self._session() as session:
-            session.add(row)
-            session.flush()
-            info = _key_info(row)
+            session.execute(insert(_ApiKey).values(id=info.id, name=info.name, key_hash=hash_key(key),
+                                                   created=info.created, operator=info.operator))
         return info, key
 
     def list_keys(self, include_revoked: bool = True) -> list[KeyInfo]:
@@ -88,25 +90,25 @@ class KeyStore(Database):
             query = select(_ApiKey).order_by(_ApiKey.created)
             if not include_revoked:
                 query = query.where(_ApiKey.revoked.is_(None))
-            return [_key_info(row) for row in session.scalars(query)]
+            return [_key_info(row) for row in session.execute(query)]
 
     def revoke_key(self, name_or_id: str) -> list[KeyInfo]:
         """Revoke the key with this id, else every active key with this name; returns those revoked."""
         with self._session() as session:
-            rows = list(session.scalars(select(_ApiKey).where(_ApiKey.id == name_or_id,
-                                                              _ApiKey.revoked.is_(None))))
+            rows = session.execute(select(_ApiKey).where(_ApiKey.id == name_or_id,
+                                                         _ApiKey.revoked.is_(None))).all()
             if not rows:
-                rows = list(session.scalars(select(_ApiKey).where(_ApiKey.name == name_or_id,
-                                                                  _ApiKey.revoked.is_(None))))
+                rows = session.execute(select(_ApiKey).where(_ApiKey.name == name_or_id,
+                                                             _ApiKey.revoked.is_(None))).all()
             now = time.time()
-            for row in rows:
-                row.revoked = now
-            return [_key_info(row) for row in rows]
+            revoked = [row.id for row in rows]
+            session.execute(update(_ApiKey).where(_ApiKey.id.in_(revoked)).values(revoked=now))
+            return [_key_info(row, revoked=now) for row in rows]
 
     def authenticate(self, key: str | None) -> KeyInfo | None:
         if not key:
             return None
         with self._session() as session:
-            row = session.scalar(select(_ApiKey).where(_ApiKey.key_hash == hash_key(key),
-                                                       _ApiKey.revoked.is_(None)))
+            row = session.execute(select(_ApiKey).where(_ApiKey.key_hash == hash_key(key),
+                                                        _ApiKey.revoked.is_(None))).first()
             return _key_info(row) if row is not None else None

@@ -87,8 +87,8 @@ import secrets
 import time
 from typing import Any
 
-from sqlalchemy import and_, delete, func, or_, select, update
-from sqlalchemy.orm import Session
+from sqlalchemy import and_, delete, func, insert, or_, select, update
+from sqlalchemy.engine import Connection
 
 from ..remote.job import FINAL, Status
 from .instances import InstanceStore, _Instance, instance_timeout, new_instance_id
@@ -182,9 +182,9 @@ class JobStore(KeyStore, InstanceStore):
                 if stored >= max_stored_bytes:
                     raise OverQuota(stored, max_stored_bytes)
             status = Status.QUEUED if queued else Status.RECEIVED
-            session.add(_Job(id=job_id, key_id=key_id, model=model, status=status, created=now,
-                             updated=now, attempts=0, request=bytes(request), logs="", held_by=self.instance,
-                             batch_key=batch_key))
+            session.execute(insert(_Job).values(
+                id=job_id, key_id=key_id, model=model, status=status, created=now, updated=now, attempts=0,
+                request=bytes(request), logs="", held_by=self.instance, batch_key=batch_key))
         return job_id
 
     def mark_queued(self, job_id: str) -> bool:
@@ -452,7 +452,7 @@ class JobStore(KeyStore, InstanceStore):
                         counts[outcome] += 1
         return counts
 
-    def _settle(self, session: Session, row: Any, now: float, max_attempts: int) -> str | None:
+    def _settle(self, session: Connection, row: Any, now: float, max_attempts: int) -> str | None:
         # Only the row as it was seen: if its holder (or anyone) changed it since, it is not an orphan.
         seen = [_Job.id == row.id, _Job.status == row.status]
         if row.status == Status.RUNNING:
@@ -487,7 +487,7 @@ class JobStore(KeyStore, InstanceStore):
             return done.rowcount
 
 
-def _stored_bytes(session: Session, key_id: str, besides: str | None = None) -> int:
+def _stored_bytes(session: Connection, key_id: str, besides: str | None = None) -> int:
     """Bytes the key's jobs make the store keep (``besides``: leaving that job out). Reads the
     recorded sizes and, for rows from before them, length() of a result (a BLOB's / bytea's size,
     read without loading it)."""
