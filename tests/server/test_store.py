@@ -88,6 +88,18 @@ def test_queue_is_first_in_first_out_with_positions(store):
     assert len({*jobs}) == 5 and all(len(job) >= 20 for job in jobs)  # random, unguessable ids
 
 
+def test_a_job_queued_at_admission_learns_its_place_in_the_same_transaction(store):
+    first = _queued(store)
+    store.create_job("k1", "gpt2", b"r")  # RECEIVED, not queued: no place in the queue
+    second, ahead = store.queue_job("k1", "gpt2", b"q", batch_key="trace:gpt2")
+    assert ahead == 1 == store.position(second) and store.get(second).status == "QUEUED"
+    assert store.claim(first) == b"req" and store.request(second) == b"q"
+    third, ahead = store.queue_job("k1", "gpt2", b"w")
+    assert ahead == 1 == store.position(third)  # the running one no longer counts
+    claimed = store.claim_many([second, third, "no-such-job"])
+    assert claimed == {second: b"q", third: b"w"} and store.claim_many([second]) == {}
+
+
 def test_received_is_not_queued_until_marked(store):
     job = store.create_job("k1", "gpt2", b"x")
     assert store.get(job).status == "RECEIVED" and store.next_queued() is None

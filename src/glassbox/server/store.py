@@ -9,6 +9,9 @@ Offers:
       .create_job(key_id, model, request, batch_key=None, max_active=0, max_stored_bytes=0,
                   queued=False) -> job id
                                       (RECEIVED; ``request``: the framed bytes as received)
+      .queue_job(key_id, model, request, batch_key=None, max_active=0, max_stored_bytes=0)
+                  -> (job id, position)  stored as QUEUED, and its place in the queue, in one
+                                      transaction (what the API's admission needs)
       .mark_queued(id) / .claim(id) / .claim_many(ids) / .requeue(id) / .retry(id)
       .finish(id, status, result=, error=, logs=, max_stored_bytes=0) -> Finished | None
                                       final: what it keeps (the quota may refuse the job's output)
@@ -165,26 +168,43 @@ class JobStore(KeyStore, InstanceStore):
         (``TooManyJobs``) when the key already has that many jobs received, queued or running;
         with ``max_stored_bytes``, refuse (``OverQuota``) when the results its jobs hold are at or
         over that many bytes. The counts and the insert are one transaction."""
+        with self._session() as session:
+            return self._insert_job(session, key_id, model, request, batch_key=batch_key,
+                                    max_active=max_active, max_stored_bytes=max_stored_bytes, queued=queued)
+
+    def queue_job(self, key_id: str, model: str, request: bytes, *, batch_key: str | None = None,
+                  max_active: int = 0, max_stored_bytes: int = 0) -> tuple[str, int]:
+        """``create_job(queued=True)`` and how many queued jobs run before it, in one transaction
+        (a separate ``position`` is one more transaction on every job's admission)."""
+        with self._session() as session:
+            job_id = self._insert_job(session, key_id, model, request, batch_key=batch_key,
+                                      max_active=max_active, max_stored_bytes=max_stored_bytes, queued=True)
+            seq = select(_Job.seq).where(_Job.id == job_id).scalar_subquery()
+            ahead = session.scalar(select(func.count()).select_from(_Job).where(
+                _Job.status == Status.QUEUED, _Job.seq < seq))
+            return job_id, int(ahead or 0)
+
+    def _insert_job(self, session: Connection, key_id: str, model: str, request: bytes, *,
+                    batch_key: str | None, max_active: int, max_stored_bytes: int, queued: bool) -> str:
         now = time.time()
         job_id = secrets.token_urlsafe(16)
         while job_id.startswith("-"):  # a command line would take it for an option (glassbox jobs)
             job_id = secrets.token_urlsafe(16)
-        with self._session() as session:
-            if max_active or max_stored_bytes:
-                self._advisory_lock(session, f"glassbox-key:{key_id}")
-            if max_active:
-                active = session.scalar(select(func.count()).select_from(_Job).where(
-                    _Job.key_id == key_id, _Job.status.in_(ACTIVE))) or 0
-                if active >= max_active:
-                    raise TooManyJobs(active, max_active)
-            if max_stored_bytes:
-                stored = _stored_bytes(session, key_id)
-                if stored >= max_stored_bytes:
-                    raise OverQuota(stored, max_stored_bytes)
-            status = Status.QUEUED if queued else Status.RECEIVED
-            session.execute(insert(_Job).values(
-                id=job_id, key_id=key_id, model=model, status=status, created=now, updated=now, attempts=0,
-                request=bytes(request), logs="", held_by=self.instance, batch_key=batch_key))
+        if max_active or max_stored_bytes:
+            self._advisory_lock(session, f"glassbox-key:{key_id}")
+        if max_active:
+            active = session.scalar(select(func.count()).select_from(_Job).where(
+                _Job.key_id == key_id, _Job.status.in_(ACTIVE))) or 0
+            if active >= max_active:
+                raise TooManyJobs(active, max_active)
+        if max_stored_bytes:
+            stored = _stored_bytes(session, key_id)
+            if stored >= max_stored_bytes:
+                raise OverQuota(stored, max_stored_bytes)
+        status = Status.QUEUED if queued else Status.RECEIVED
+        session.execute(insert(_Job).values(
+            id=job_id, key_id=key_id, model=model, status=status, created=now, updated=now, attempts=0,
+            request=bytes(request), logs="", held_by=self.instance, batch_key=batch_key))
         return job_id
 
     def mark_queued(self, job_id: str) -> bool:

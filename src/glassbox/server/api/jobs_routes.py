@@ -126,9 +126,9 @@ def _admit(state: Any, key: KeyInfo | str, body: bytes, listen: bool) -> dict:
             "against max_request_bytes)"))
     model, key_for_batch = _intake(body, config)
     try:
-        job_id = store.create_job(key.id, model, body, batch_key=key_for_batch, queued=True,
-                                  max_active=config.max_jobs_per_key,
-                                  max_stored_bytes=config.max_stored_bytes_per_key)
+        job_id, position = store.queue_job(key.id, model, body, batch_key=key_for_batch,
+                                           max_active=config.max_jobs_per_key,
+                                           max_stored_bytes=config.max_stored_bytes_per_key)
     except TooManyJobs as err:
         raise HTTPException(429, (
             f"this API key already has {err.active} jobs queued or running, the server's limit "
@@ -142,7 +142,6 @@ def _admit(state: Any, key: KeyInfo | str, body: bytes, listen: bool) -> dict:
             f"jobs are deleted {config.result_ttl_seconds:g} s after they finish) or delete them "
             "(DELETE /v1/jobs/ID/result), or ask the operator for a larger quota"
         )) from None
-    position = store.position(job_id)
     state.hub.publish(job_id, {"status": Status.QUEUED, "position": position})
     # Subscribed after that event (the answer says as much), before the feeder hears of the job.
     listening = state.hub.subscribe(job_id) if listen else None
