@@ -49,7 +49,9 @@ def run_body(models: dict[str, Any], request: JobRequest, link_fd: int, *, log: 
     model.active = view
     try:
         result = run_job(models, request, log=log, limits=limits)
-        stood = view.finish() if result.ok else True
+        if result.ok:
+            view.hand_back()
+        stood = view.stood() if result.ok else True
     except NeedsAlone:
         stood = False
     finally:

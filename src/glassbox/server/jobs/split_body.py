@@ -23,6 +23,8 @@ How a body meets the host::
       error from the model's side (out of order, a module that never ran)
                     ─► NeedsAlone ─── leave ─────► relay ends; its rows run on unused
                        run_job(request) here: the whole request alone, in this process
+    block ended ─ done (hand_back) ──────────────► the host finishes its forward, while the
+      the reply encoded ◄─── verdict ───────────        body encodes its reply; kept if it stood
 
 Why this is safe: the body process was forked from the zygote (it holds no other request's
 bytes), confined like any job's process, and its model is its own copy-on-write copy with
@@ -80,6 +82,7 @@ class HostView:
         self.versions: list[int] = []
         self.replaced = False
         self.left: str | None = None  # why this body left the pass
+        self.handed_back = False  # the block ended and said so (``hand_back``)
 
     # the consumer side of an Interleaver (interleave.py) that a plain block uses
 
@@ -116,9 +119,14 @@ class HostView:
                 pass
         raise NeedsAlone(why)
 
-    def finish(self) -> bool:
-        """The block ended: hand back its last edits; whether the shared pass stood."""
-        message, _ = self._ask({"op": "done"})
+    def hand_back(self) -> None:
+        """The block ended: hand back its last edits; the host goes on with its forward."""
+        self.handed_back = True
+        self._tell({"op": "done"})
+
+    def stood(self) -> bool:
+        """Whether the shared pass stood (after ``hand_back``): the host's verdict, at the forward's end."""
+        message, _ = self._hear()
         return message.get("op") == "verdict" and message.get("ok") is True
 
     def _where(self, envoy: Any) -> str:
@@ -129,6 +137,10 @@ class HostView:
         return path_of(envoy)
 
     def _ask(self, message: dict) -> tuple[dict, Any]:
+        self._tell(message)
+        return self._hear()
+
+    def _tell(self, message: dict) -> None:
         if self.left is not None:
             raise NeedsAlone(self.left)
         value = NOTHING
@@ -139,12 +151,22 @@ class HostView:
         self.key, self.replaced = None, False  # the host moves on: this value is the body's own now
         try:
             self.link.send(message, value)
-            reply, got = self.link.receive()
         except LinkClosed:
             self.left = "the shared pass ended"
             raise NeedsAlone(self.left) from None
         except Exception as err:  # a value that cannot travel (ProtocolError): run alone
             self.leave(f"cannot send {type(err).__name__}")
+
+    def _hear(self) -> tuple[dict, Any]:
+        if self.left is not None:
+            raise NeedsAlone(self.left)
+        try:
+            reply, got = self.link.receive()
+        except LinkClosed:
+            self.left = "the shared pass ended"
+            raise NeedsAlone(self.left) from None
+        except Exception as err:  # what the host sent cannot be read: run alone
+            self.leave(f"cannot receive {type(err).__name__}")
         op = reply.get("op")
         if op == "value" and got is not NOTHING:
             return reply, got
@@ -202,8 +224,10 @@ def run_body(models: dict[str, Any], request: JobRequest, link_fd: int, *, log: 
                 exec(code, namespace)
             finally:
                 model.active = None
-            stood = view.finish()
-            result = execute.job_reply(namespace, request, saved, limits) if stood else None
+            view.hand_back()
+            # Encoded while the host finishes its forward; kept only if the pass stands.
+            reply = execute.job_reply(namespace, request, saved, limits)
+            result = reply if view.stood() else None
     except NeedsAlone:
         result = None
     except Exception as exc:  # its own error, as alone: unless the pass failed under it
@@ -242,6 +266,8 @@ def _stood(view: HostView | None) -> bool:
     if view.left is not None:
         return False
     try:
-        return view.finish()
+        if not view.handed_back:
+            view.hand_back()
+        return view.stood()
     except NeedsAlone:
         return False
