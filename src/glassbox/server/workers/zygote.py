@@ -50,6 +50,9 @@ __all__ = ["MAX_LINKS", "Zygote"]
 
 _PACKET = 1 << 16  # a load reply (a model's description) is a few hundred bytes
 MAX_LINKS = 250  # the links a shared pass's host holds: one per request (SCM_RIGHTS takes 253 fds)
+# Answers to fork_later left unread at most: the zygote must never block sending one (its socket's
+# buffer full) while the worker blocks writing a large job into a process not forked yet.
+_MAX_UNANSWERED = 32
 
 
 class Zygote:
@@ -82,6 +85,8 @@ class Zygote:
         way are forked while its host and its first bodies already run (split.py)."""
         if len(links) > MAX_LINKS:
             raise ValueError(f"a process can be handed at most {MAX_LINKS} links, not {len(links)}")
+        while len(self._unanswered) >= _MAX_UNANSWERED:
+            self._unanswered.pop(0).update(self._receive())
         self._send({"op": "fork"}, [job_r, out_w, fault_w, *links])
         answer: dict = {}
         self._unanswered.append(answer)
