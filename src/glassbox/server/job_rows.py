@@ -3,7 +3,8 @@
 Offers:
     _Job                              the table (metrics.py reads it for database-wide counts)
     JobInfo                           a plain snapshot of a job (no live database rows leak out)
-    Finished                          what ``JobStore.finish`` kept: status, error, kept
+    Finished                          what ``JobStore.finish`` kept: status, error, kept, and the
+                                      job's model and times (for metrics)
     output_bytes(result, error, logs) the bytes a final job makes the store keep (its quota share)
     STORED_BYTES                      the same, as SQL over the table (old rows: their result's length)
     INFO_COLUMNS, info_from_columns   a job's columns without its blobs, and the JobInfo they make
@@ -12,7 +13,7 @@ Offers:
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from sqlalchemy import BigInteger, Float, Index, Integer, LargeBinary, String, Text, func
@@ -78,11 +79,18 @@ def error_text(error: dict) -> str:
 @dataclass(frozen=True)
 class Finished:
     """What ``finish`` stored: the job's final ``status`` and ``error``; ``kept`` is False when its
-    output would have brought its key over the quota and a QuotaExceeded error took its place."""
+    output would have brought its key over the quota and a QuotaExceeded error took its place;
+    ``model``, ``created``, ``started`` (None: it never ran) and ``finished`` as the row now holds
+    them (read in the same statement)."""
 
     status: Status
     error: dict | None
     kept: bool = True
+    # Not compared: the same outcome, whenever it happened.
+    model: str = field(default="", compare=False)
+    created: float = field(default=0.0, compare=False)
+    started: float | None = field(default=None, compare=False)
+    finished: float = field(default=0.0, compare=False)
 
 
 @dataclass(frozen=True)

@@ -85,6 +85,7 @@ seconds since the epoch (UTC), as floats. The engine and transactions: database.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import secrets
 import time
@@ -281,9 +282,13 @@ class JobStore(KeyStore, InstanceStore):
             if logs is not None:
                 values["logs"] = logs
             waiting = _Job.status.in_((Status.RECEIVED, Status.QUEUED))
-            done = session.execute(update(_Job).where(_Job.id == job_id, or_(waiting, self._mine()))
-                                   .values(**values))
-            return outcome if done.rowcount == 1 else None
+            row = session.execute(update(_Job).where(_Job.id == job_id, or_(waiting, self._mine()))
+                                  .values(**values)
+                                  .returning(_Job.model, _Job.created, _Job.started, _Job.finished)).first()
+            if row is None:
+                return None
+            return dataclasses.replace(outcome, model=row.model, created=row.created, started=row.started,
+                                       finished=row.finished)
 
     def cancel(self, job_id: str, *, result: bytes | None = None) -> str | None:
         """Cancel a job that has not started (storing ``result`` as what its owner fetches), or

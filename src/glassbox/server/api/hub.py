@@ -18,7 +18,7 @@ from collections import defaultdict
 
 from ...remote.job import FINAL, Status
 from ..store import JobInfo, JobStore
-from ..workers.feeder import RESULT
+from ..workers.feeder import FINISHED, RESULT
 
 __all__ = ["Hub"]
 
@@ -44,6 +44,7 @@ class Hub:
 
     def publish(self, job_id: str, event: dict) -> None:
         result = event.pop(RESULT, None)
+        event.pop(FINISHED, None)  # for this process's metrics only
         with self._lock:
             if "log" in event:
                 self._logs.setdefault(job_id, []).append(event["log"])

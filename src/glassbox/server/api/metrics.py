@@ -63,10 +63,12 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 from sqlalchemy import func, select
 
-from ...remote.job import FINAL, Status
+from ...remote.job import Status
 from ...version import __version__
 from ..config import ServerConfig
+from ..job_rows import Finished
 from ..store import STORED_BYTES, JobStore, _Job
+from ..workers.feeder import FINISHED
 from ..workers.local import LocalProcess
 from .auth import ApiKey, in_thread
 
@@ -125,19 +127,17 @@ class ServerMetrics:
         """``publish`` (the hub's), which also times each job that reaches a final status here."""
 
         def on_event(job_id: str, event: dict) -> None:
+            finished = event.pop(FINISHED, None)
             publish(job_id, event)
-            if event.get("status") in FINAL:
+            if finished is not None:
                 with contextlib.suppress(Exception):  # metrics must never stop a feeder
-                    self._finished(job_id)
+                    self._finished(finished)
 
         return on_event
 
-    def _finished(self, job_id: str) -> None:
-        # The store has the times already (finish() ran before the event); one indexed row, no blobs.
-        with self.store._session() as session:
-            row = session.execute(select(_Job.model, _Job.status, _Job.created, _Job.started, _Job.finished)
-                                  .where(_Job.id == job_id)).first()
-        if row is None or row.started is None or row.finished is None:
+    def _finished(self, row: Finished) -> None:
+        # The times as the store's finish() wrote and returned them: no query on the feeder's thread.
+        if row.started is None:
             return  # cancelled before it ran: it never waited for a worker
         self.run_seconds.labels(row.model, str(row.status)).observe(max(0.0, row.finished - row.started))
         self.queue_wait.labels(row.model).observe(max(0.0, row.started - row.created))

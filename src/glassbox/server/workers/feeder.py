@@ -9,6 +9,8 @@ Offers:
       .state / .models / .error / .pid / .running / .restarts / .batches / .batched_jobs
     RESULT                   the key under which a final event (``on_event``) carries the job's
                              result as stored (bytes): api/hub.py hands it to listeners
+    FINISHED                 the key under which a final event carries the store's ``Finished``
+                             (the job's model and times): api/metrics.py reads it; never sent
 
 What it does for any backend (``local.LocalProcess`` or ``ray_replicas.RayReplica``)::
 
@@ -48,8 +50,11 @@ from .residency import Residency
 # The key under which a final event carries the job's result as the store now holds it (bytes):
 # for this process's listeners (api/hub.py), never sent as it is.
 RESULT = "result_frame"
+# The key under which a final event carries what the store's finish() returned (``Finished``: the
+# job's model and times), so metrics need not read the row again: for this process only.
+FINISHED = "finished_row"
 
-__all__ = ["RESULT", "Feeder"]
+__all__ = ["FINISHED", "RESULT", "Feeder"]
 
 _POLL = 0.05  # seconds between looks at the deadline / cancel flag while a job runs
 _CANCEL_POLL = 0.5  # seconds between looks at the store for cancels asked through other API processes
@@ -471,4 +476,5 @@ class Feeder(ColdLoading):
                 event["error"] = finished.error
             if finished.kept and output.result is not None:
                 event[RESULT] = output.result  # what the store now holds: listeners here send it as is
+            event[FINISHED] = finished
             self.on_event(job_id, event)
