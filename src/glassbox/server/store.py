@@ -6,6 +6,7 @@ Offers:
                                       process (instances.py), a new random id by default
       (keys.py)  .create_key(name, operator=False) / .list_keys() / .revoke_key(..) / .authenticate(key)
       (instances.py)  .begin_life() / .heartbeat() / .leave() / .instances()
+      (tallies.py)  .tallies() -> Tallies   counts over every job, for the metrics endpoint
       .create_job(key_id, model, request, batch_key=None, max_active=0, max_stored_bytes=0,
                   queued=False) -> job id
                                       (RECEIVED; ``request``: the framed bytes as received)
@@ -107,6 +108,7 @@ from .job_rows import (
     output_bytes,
 )
 from .keys import KeyInfo, KeyStore, hash_key
+from .tallies import TallyStore
 
 __all__ = [
     "MAX_ATTEMPTS",
@@ -143,7 +145,7 @@ class OverQuota(Exception):
         self.limit = limit
 
 
-class JobStore(KeyStore, InstanceStore):
+class JobStore(KeyStore, InstanceStore, TallyStore):
     """Jobs, API keys and server instances, in the database at ``url`` (created if missing).
 
         store = JobStore("sqlite://")            # in memory, for tests

@@ -61,13 +61,12 @@ from prometheus_client import (
 )
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
-from sqlalchemy import func, select
 
 from ...remote.job import Status
 from ...version import __version__
 from ..config import ServerConfig
 from ..job_rows import Finished
-from ..store import STORED_BYTES, JobStore, _Job
+from ..store import JobStore
 from ..workers.feeder import FINISHED
 from ..workers.local import LocalProcess
 from .auth import ApiKey, in_thread
@@ -172,19 +171,11 @@ class _Collector(Collector):
 
     def _store_metrics(self) -> Iterator[Metric]:
         store, now = self.metrics.store, time.time()
-        with store._session() as session:
-            by_model = session.execute(select(_Job.model, _Job.status, func.count())
-                                       .group_by(_Job.model, _Job.status)).all()
-            oldest = dict(session.execute(select(_Job.model, func.min(_Job.created))
-                                          .where(_Job.status == Status.QUEUED).group_by(_Job.model)).all())
-            by_key = session.execute(select(_Job.key_id, _Job.status, func.count())
-                                     .group_by(_Job.key_id, _Job.status)).all()
-            stored = session.execute(select(_Job.key_id, func.coalesce(func.sum(STORED_BYTES), 0))
-                                     .group_by(_Job.key_id)).all()
+        tallies = store.tallies()
         keys = store.list_keys()
 
-        models = sorted(set(self.metrics.config.models) | {model for model, _, _ in by_model})
-        counts = {(model, str(status)): int(n) for model, status, n in by_model}
+        models = sorted(set(self.metrics.config.models) | {model for model, _ in tallies.by_model})
+        counts, oldest = tallies.by_model, tallies.oldest_queued
         jobs = GaugeMetricFamily("glassbox_jobs", "Jobs the store holds (database-wide; finished ones until "
                                  "they expire), by model and status", labels=["model", "status"])
         queue = GaugeMetricFamily("glassbox_queue_length", "Queued jobs (database-wide), by model",
@@ -201,12 +192,12 @@ class _Collector(Collector):
         # Several keys may share a name (one revoked, then made again): their usage adds up.
         names = {info.id: info.name for info in keys}
         per_key: dict[tuple[str, str], int] = defaultdict(int)
-        for key_id, status, n in by_key:
-            per_key[(names.get(key_id, _DELETED_KEY), str(status))] += int(n)
+        for (key_id, status), n in tallies.by_key.items():
+            per_key[(names.get(key_id, _DELETED_KEY), status)] += n
         bytes_of: dict[str, int] = dict.fromkeys((info.name for info in keys if info.revoked is None), 0)
-        for key_id, size in stored:
+        for key_id, size in tallies.stored_by_key.items():
             name = names.get(key_id, _DELETED_KEY)
-            bytes_of[name] = bytes_of.get(name, 0) + int(size or 0)
+            bytes_of[name] = bytes_of.get(name, 0) + size
         key_jobs = GaugeMetricFamily("glassbox_key_jobs", "Jobs the store holds (database-wide), by API key "
                                      "name and status", labels=["key", "status"])
         for (name, status), n in sorted(per_key.items()):
