@@ -270,6 +270,15 @@ class ServerConfig:
         "weights checked after each."
     ), default="process")
 
+    share_weights: str = field(**_doc(
+        "A folder on each machine (made if missing, mode 0700) where a model's weights become one "
+        "read-only file that every replica or server process holding the same weights on that machine "
+        "maps: two Ray replicas of a model on one node hold one copy in memory, not two. Files are "
+        "named by their content, compared byte for byte before they are shared, and removed when no "
+        "process maps them. Needs --isolation process or process-unconfined. CPU weights only (a GPU "
+        "holds its own). Empty: each process holds a private copy."
+    ), default="")
+
     def __post_init__(self) -> None:
         if self.backend not in ("local", "ray"):
             raise ValueError(f"backend {self.backend!r} is not available; choose 'local' or 'ray'")
@@ -278,6 +287,11 @@ class ServerConfig:
         if self.isolation not in ISOLATIONS:
             raise ValueError(f"isolation {self.isolation!r} is not available; choose one of {ISOLATIONS}")
         self._check_catalog()
+        if self.share_weights and self.isolation == "none":
+            raise ValueError("--share-weights needs --isolation process (or process-unconfined): under "
+                             "'none' jobs run in the process that holds the model, and one that escaped the "
+                             "sandbox could make the shared file writable and change the weights of "
+                             "every replica on the machine")
         if self.max_batch < 1:
             raise ValueError(f"max_batch must be 1 (batching off) or more, got {self.max_batch}")
         if self.batch_window_ms < 0:
@@ -374,6 +388,8 @@ class ServerConfig:
         for name, spec in specs.items():
             if self.engine(name) != "hf":
                 spec["engine"] = self.engine(name)
+            elif self.share_weights:
+                spec["share_weights"] = str(Path(self.share_weights).expanduser())
         return specs
 
     @classmethod

@@ -6,6 +6,8 @@ Offers:
                                   LanguageModel takes them): parameters in read-only memory
                                   (sealed.py), server paths hidden, the rest (buffers) snapshotted
     load_model(name, spec) / unload_model(models, name)   one model, for on-demand loading
+                                  (``"share_weights": DIR`` in a spec: the weights in one read-only
+                                  file there, mapped by every replica on the machine: sealed.py)
                                   (a spec with ``"engine": "vllm"``: a glassbox.VLLM, vllm_served.py)
     prepare_later_loads()         in the worker before it is confined: what a later (on-demand)
                                   load needs that a confined process can no longer do
@@ -64,13 +66,15 @@ def load_model(name: str, spec: Any) -> Any:
 
         return load_vllm(name, spec)
     path, options = (spec, {}) if isinstance(spec, str) else (spec["path"], dict(spec.get("options") or {}))
+    share_dir = "" if isinstance(spec, str) else str(spec.get("share_weights") or "")
     shown = ", ".join(f"{k}={v!r}" for k, v in options.items())
     print(f"[glassbox worker] loading {name} from {path}{' (' + shown + ')' if shown else ''}",
           file=sys.stderr, flush=True)
     model = LanguageModel(path, dispatch=True, **options)
     own_offload_files(module_of(model))
-    sealed = seal(module_of(model))
-    print(f"[glassbox worker] {name}: {sealed / 2**20:.0f} MiB of weights in read-only memory",
+    sealed = seal(module_of(model), share_dir=share_dir)
+    shared = f", a file shared by every server process of {share_dir} holding it" if share_dir else ""
+    print(f"[glassbox worker] {name}: {sealed / 2**20:.0f} MiB of weights in read-only memory{shared}",
           file=sys.stderr, flush=True)
     _hide_paths(model, name)
     watch(model)

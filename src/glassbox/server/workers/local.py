@@ -46,6 +46,7 @@ from ...envoy import Envoy, module_of
 from ...remote.framing import frame, unframe
 from ...remote.protocol import ProtocolError
 from ..config import ServerConfig
+from ..jobs.weights_file import sweep
 from .channel import ChannelClosed, WorkerStartError, exit_reason, ready_note
 from .child import (
     child_environment,
@@ -254,13 +255,18 @@ def _python_paths() -> list[str]:
     return sorted(p for p in paths if os.path.exists(p))
 
 
+def _loads_later(config: ServerConfig) -> bool:
+    """Do models load (on demand, or again after an eviction under memory_budget) after start?"""
+    return bool(config.memory_budget) or any(config.load_mode(name) == "on_demand" for name in config.models)
+
+
 def _later_reads(config: ServerConfig) -> tuple[str, ...]:
     """What the worker reads after it is confined: every offload folder (offloaded weights are read
     at each forward) and, when models load after start (on demand, or again after an eviction
     under memory_budget), the models' folders (a hub id: the Hugging Face cache)."""
     paths = [str(config.load_options(name)["offload_folder"]) for name in config.models
              if config.load_options(name).get("offload_folder")]
-    if config.memory_budget or any(config.load_mode(name) == "on_demand" for name in config.models):
+    if _loads_later(config):
         for path in config.models.values():
             if os.path.exists(path):
                 paths.append(os.path.realpath(path))
@@ -273,10 +279,16 @@ def _later_reads(config: ServerConfig) -> tuple[str, ...]:
 
 def _later_writes(config: ServerConfig) -> tuple[str, ...]:
     """What the worker writes after it is confined: the offload folders of models loaded on demand
-    (accelerate writes their offloaded weights there at load). Its jobs may not (confine_job)."""
-    return tuple(dict.fromkeys(
-        os.path.realpath(str(config.load_options(name)["offload_folder"])) for name in config.models
-        if config.load_mode(name) == "on_demand" and config.load_options(name).get("offload_folder")))
+    (accelerate writes their offloaded weights there at load) and, when models load or leave after
+    start, the --share-weights folder (their files are made and removed there). Its jobs may not
+    (confine_job)."""
+    paths = [os.path.realpath(str(config.load_options(name)["offload_folder"])) for name in config.models
+             if config.load_mode(name) == "on_demand" and config.load_options(name).get("offload_folder")]
+    if config.share_weights and _loads_later(config):
+        folder = os.path.realpath(os.path.expanduser(config.share_weights))
+        os.makedirs(folder, mode=0o700, exist_ok=True)  # Landlock grants only folders that exist
+        paths.append(folder)
+    return tuple(dict.fromkeys(paths))
 
 
 _paths_of: dict[str, list[str]] = {}
@@ -438,3 +450,7 @@ class LocalProcess:
                 process.close()
         if conn is not None:
             conn.close()
+        if self.config.share_weights:
+            # the files no process maps any more (the worker's job processes die with it, each in
+            # its own time: what one still maps is removed at the next start, by map_shared's sweep)
+            sweep(os.path.expanduser(self.config.share_weights))
