@@ -16,6 +16,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 # as bench/_peer.py finds it: PEERS_PYTHON (a worktree's benches use the main checkout's), else .venv-peers
 PEERS = Path(os.environ.get("PEERS_PYTHON") or ROOT / ".venv-peers" / "bin" / "python").exists()
@@ -167,6 +169,15 @@ def test_split_cost_quick():
     cases = [line.split() for line in lines if line.startswith("gpt2") and " read" in line]
     assert len(cases) == 2 and all(float(c[-1]) > 0 for c in cases), lines  # 1 read, then every layer
     assert any("per boundary and request" in line for line in lines)
+
+
+def test_shared_weights_quick():
+    pytest.importorskip("ray")  # the [ray] extra
+    lines = run_quick("shared_weights")
+    assert "2 Ray replicas" in lines[0]
+    rows = markdown_rows(lines, "| mode | server tree PSS (MiB) |")
+    assert [r[0] for r in rows] == ["a private copy per replica", "--share-weights"]
+    assert all(float(r[1]) > 0 for r in rows)
 
 
 def test_smollm2_quick():

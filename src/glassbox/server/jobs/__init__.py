@@ -9,6 +9,7 @@
     inprocess.py   ``remote="local"``: one job run in the client's process, as a worker runs it
     integrity.py   WeightGuard: keyed weight checksums, snapshot and restore
     sealed.py      read-only weights: CPU parameters in mprotect(PROT_READ) memory
+    weights_file.py  one read-only weights file shared by a machine's replicas (--share-weights)
 
 May import: ``glassbox`` (the tracing core, models, remote protocol), ``server.sandbox``.
 Never imports ``server.api`` or ``server.workers``: workers call into jobs, not the reverse.
