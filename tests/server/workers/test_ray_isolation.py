@@ -10,7 +10,9 @@ before it anywhere in its memory, and computes what a local run computes.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import torch
@@ -48,9 +50,16 @@ out["logits"] = logits
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str]]:
+def weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The --share-weights folder: the replica's weights are a file there, as operators may run it."""
+    return tmp_path_factory.mktemp("ray-raw-weights")
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory, weights: Path) -> Iterator[tuple[str, str]]:
     state = str(tmp_path_factory.mktemp("ray-raw"))
-    with raw_server(state, "--backend", "ray", "--torch-threads", "1") as running:
+    share = ("--share-weights", str(weights))
+    with raw_server(state, "--backend", "ray", "--torch-threads", "1", *share) as running:
         yield running
 
 
@@ -68,3 +77,43 @@ def test_a_replica_runs_each_job_confined_and_apart_from_ray(server: tuple[str, 
 
 def test_a_replica_leaves_nothing_for_the_next_job(server: tuple[str, str]) -> None:
     assert leaves_nothing(server)["found"] == []
+
+
+WEIGHTS_ATTEMPTS = """
+import ctypes, mmap
+def attempt(name, fn):
+    try:
+        out[name] = fn()
+    except Exception as err:
+        out[name] = type(err).__name__
+weight = model._module.transformer.wte.weight
+page = weight.data_ptr() // mmap.PAGESIZE * mmap.PAGESIZE
+libc = ctypes.CDLL(None, use_errno=True)
+writable = mmap.PROT_READ | mmap.PROT_WRITE
+answer = libc.mprotect(ctypes.c_void_p(page), ctypes.c_size_t(mmap.PAGESIZE), writable)
+out["mprotect"] = (answer, ctypes.get_errno())
+def through_proc_mem():
+    with open("/proc/self/mem", "r+b", buffering=0) as mem:
+        mem.seek(page)
+        return mem.write(bytes(16))
+attempt("proc_mem", through_proc_mem)
+attempt("open_file", lambda: open(PATH, "r+b").write(bytes(16)))
+attempt("chmod_file", lambda: __import__("os").chmod(PATH, 0o666))
+out["first"] = weight[0, :4].clone()
+"""
+
+
+def test_a_job_cannot_write_the_weights_file_the_replicas_share(server: tuple[str, str],
+                                                                weights: Path) -> None:
+    (path,) = weights.glob("glassbox-*.weights")
+    before = path.read_bytes()
+    out = run_raw(server, WEIGHTS_ATTEMPTS.replace("PATH", repr(str(path))), PROMPT)
+    assert "error" not in out, out
+    assert out["mprotect"][0] == -1  # EACCES: a read-only descriptor's shared mapping stays read-only
+    for name in ("proc_mem", "open_file", "chmod_file"):
+        assert isinstance(out[name], str), (name, out)  # an exception's name: nothing was written
+    assert path.read_bytes() == before
+    digest = path.name.split("-")[1]
+    assert hashlib.blake2b(before, digest_size=20).hexdigest() == digest  # still the bytes it is named for
+    local = LanguageModel(str(tiny_gpt2_path()), dispatch=True)
+    assert torch.equal(out["first"], local._module.transformer.wte.weight[0, :4])
