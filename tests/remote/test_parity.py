@@ -3,7 +3,8 @@
 The server is ``glassbox serve`` in a subprocess on 127.0.0.1 holding SmolLM2 and
 the tiny GPT-2 under their folder names (what ``LanguageModel(path)`` asks for),
 with as many torch threads as this process, so results match bit for bit; every
-test runs against the local backend and against Ray with two replicas per model.
+test runs against the local backend and against Ray with two replicas per model (the default
+isolation, weights shared by the replicas).
 """
 
 from __future__ import annotations
@@ -20,12 +21,14 @@ from glassbox.offline import smollm2_path, tiny_gpt2_path
 @pytest.fixture(scope="module", params=["local", "ray"])
 def server(request, tmp_path_factory):
     """The same suite against both backends: one worker process, and Ray with two replicas of
-    each model (a private Ray instance inside the server process, on 127.0.0.1)."""
+    each model (a private Ray instance inside the server process, on 127.0.0.1) under the default
+    isolation, the replicas of a model sharing one copy of its weights (--share-weights)."""
     models = {p.name: str(p) for p in (smollm2_path(), tiny_gpt2_path())}
     args = ["--torch-threads", str(torch.get_num_threads())]
     if request.param == "ray":
         pytest.importorskip("ray")
-        args += ["--backend", "ray", "--isolation", "none"]
+        weights = str(tmp_path_factory.mktemp("parity-weights"))
+        args += ["--backend", "ray", "--share-weights", weights]
         for name in models:
             args += ["--replicas", f"{name}=2"]
     running = start_server(models, state_dir=str(tmp_path_factory.mktemp(f"parity-{request.param}")),
