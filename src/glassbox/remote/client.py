@@ -223,6 +223,8 @@ class RemoteRun:
         self.frame = None
         self.server_threads = reply.threads
         _say_thread_mismatch(reply.threads)
+        for warning in reply.warnings:  # as a local run raises them, before its error if any
+            warning.issue(self.body.filename)
         reply.raise_if_failed(self.body.filename)
         decoded = reply.decoded()
         saved = {name: _local_form(value) for name, value in decoded["saved"].items()}

@@ -12,11 +12,14 @@ Offers:
       .input_count / .call_is_empty / .call_is_dict   what batching asks, read off the description
     JobValues       vars / inputs / call, decoded
     JobError        type, message, lineno, line (what a user's traceback shows)
+    JobWarning      category, message, lineno: a warning raised at a line of the user's block
+      .issue(filename)                              raised again in the client, at that line
     JobResult       frozen: what a job gave back (status, saved-values description + blob, error)
       .completed(values, unsaved, blob) / .failed(kind, message, ...) / .from_exception(...)
       .read(data) / .from_envelope(envelope, blob) / .envelope() / .frame()
       .decoded() -> {"saved": {...}, "result": ...}   the ONE place a reply's values are decoded
       .raise_if_failed(filename)                     the job's error as the exception it was
+      .warnings                                      the JobWarnings its block raised
 
     request = JobRequest(model="gpt2", method="trace", source="out = m.output.save()\\n")
     assert JobRequest.read(request.frame()) == request
@@ -35,14 +38,27 @@ import builtins
 import dataclasses
 import enum
 import math
+import warnings
 from typing import Any
 
 from ..errors import GlassboxError, RemoteError
 from .framing import frame, unframe
 from .protocol import ProtocolError, check_envelope, decode_values, make_envelope
 
-__all__ = ["FINAL", "JOB_KIND", "METHODS", "RESULT_KIND", "JobError", "JobRequest", "JobResult", "JobValues",
-           "Status"]
+__all__ = [
+    "FINAL",
+    "JOB_KIND",
+    "MAX_WARNINGS",
+    "MAX_WARNING_CHARS",
+    "METHODS",
+    "RESULT_KIND",
+    "JobError",
+    "JobRequest",
+    "JobResult",
+    "JobValues",
+    "JobWarning",
+    "Status",
+]
 
 JOB_KIND = "job"
 RESULT_KIND = "result"
@@ -276,6 +292,41 @@ def _glassbox_error(name: str) -> type | None:
     return None
 
 
+MAX_WARNINGS = 32  # a job's warnings that travel (as Python shows each location once, so do we)
+MAX_WARNING_CHARS = 2000
+
+
+@dataclasses.dataclass(frozen=True)
+class JobWarning:
+    """A warning the job's block raised (or that glassbox raised about one of its lines), as the
+    client raises it again: its category's name, its message, the block's line it points at."""
+
+    category: str
+    message: str
+    lineno: int
+
+    @classmethod
+    def from_wire(cls, node: Any) -> JobWarning | None:
+        if not isinstance(node, dict) or type(node.get("lineno")) is not int:
+            return None
+        return cls(category=str(node.get("category") or "UserWarning")[:100],
+                   message=str(node.get("message") or "")[:MAX_WARNING_CHARS], lineno=node["lineno"])
+
+    def wire(self) -> dict:
+        return {"category": self.category, "message": self.message, "lineno": self.lineno}
+
+    def issue(self, filename: str) -> None:
+        """Raise it again here, at the user's line in ``filename``: filters, ``pytest.warns`` and
+        ``-W error`` see it as a local run's. Only Python's own categories are rebuilt by name
+        (nothing the server says picks a class to import); another arrives as a UserWarning
+        that names it."""
+        cls = getattr(builtins, self.category, None)
+        message = self.message
+        if not (isinstance(cls, type) and issubclass(cls, Warning)):
+            cls, message = UserWarning, f"{self.category}: {message}"
+        warnings.warn_explicit(message, cls, filename, self.lineno)
+
+
 @dataclasses.dataclass(frozen=True)
 class JobResult:
     """What one job gave back.
@@ -291,9 +342,11 @@ class JobResult:
     seconds: float | None = None
     threads: int | None = None  # the torch threads the job ran with (None: not said)
     blob: bytes = dataclasses.field(default=b"", repr=False)
+    warnings: tuple[JobWarning, ...] = ()
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "status", Status(self.status))
+        object.__setattr__(self, "warnings", tuple(self.warnings)[:MAX_WARNINGS])
         object.__setattr__(self, "unsaved", tuple(self.unsaved))
         object.__setattr__(self, "blob", bytes(self.blob))
 
@@ -333,7 +386,11 @@ class JobResult:
         seconds = reply.get("seconds")
         threads = reply.get("threads")
         unsaved = reply.get("unsaved") or ()
+        said = reply.get("warnings")
+        said = said[:MAX_WARNINGS] if isinstance(said, list) else []
+        found = [JobWarning.from_wire(node) for node in said]
         return cls(Status(status), values=values if isinstance(values, dict) else None,
+                   warnings=tuple(w for w in found if w is not None),
                    unsaved=tuple(str(name) for name in unsaved if isinstance(name, str)),
                    error=None if status == Status.COMPLETED else JobError.from_wire(reply.get("error")),
                    seconds=float(seconds) if isinstance(seconds, (int, float)) else None,
@@ -350,6 +407,8 @@ class JobResult:
             reply["seconds"] = self.seconds
         if self.threads is not None:
             reply["threads"] = self.threads
+        if self.warnings:  # absent when there are none: the wire of protocol 1 is unchanged
+            reply["warnings"] = [w.wire() for w in self.warnings]
         return make_envelope(RESULT_KIND, reply)
 
     def frame(self) -> bytes:

@@ -7,8 +7,9 @@ import torch
 
 from glassbox import LanguageModel
 from glassbox.offline import tiny_gpt2_path
-from glassbox.server.jobs.execute import error_reply, run_job, without_server_paths
+from glassbox.server.jobs.execute import error_reply, run_job
 from glassbox.server.jobs.served import after_job
+from glassbox.server.jobs.server_paths import without_server_paths
 from job_requests import job_request, saved
 
 

@@ -2,6 +2,8 @@
 
     executor.py    the default executor (``--executor`` default; the contract: remote/executor.py)
     execute.py     one job: decode, compile under the sandbox, trace, reply
+    job_warnings.py  the warnings a block raised at its own lines, carried back to the client
+    server_paths.py  server paths out of errors and warnings
     cotenant.py    several jobs in ONE forward pass, each on its own rows
     batchable.py   which requests may share a pass (runs in the API process; no torch models)
     served.py      the served models: hand out, verify and restore after each job

@@ -2,11 +2,11 @@
 
 Offers:
     run_job(models, request, log=, limits=, choose=use_model) -> JobResult
+                                               (with the warnings the block raised: job_warnings.py)
     job_namespace(model, request, log)         the sandboxed globals of one job
     job_code(request, filename)                the job's block compiled under the sandbox
     job_reply(namespace, request, saved, limits, result=None) -> JobResult (COMPLETED)
     error_reply(exc, filename, request)        an ERROR result pointing at the user's line (no server paths)
-    without_server_paths(message)              absolute paths replaced by "<server path>"
     next_filename()                            "<glassbox job N>": what tracebacks name
     warm_up(models)                            one job of glassbox's own on each served model, before
                                                any job's process is forked (see its docstring)
@@ -30,7 +30,6 @@ exception type, message and the line number in the user's own file.
 from __future__ import annotations
 
 import json
-import re
 import textwrap
 import time
 import traceback
@@ -44,7 +43,9 @@ from ...remote.job import JobRequest, JobResult
 from ...remote.protocol import RemoteFunction, encode_values
 from ...tracing import collect_saved
 from ..sandbox.compile import compile_function, compile_restricted_source, make_globals, register_source
+from .job_warnings import captured
 from .served import use_model
+from .server_paths import without_server_paths
 
 _job_counter = 0
 
@@ -64,15 +65,17 @@ def run_job(
     started = time.perf_counter()
     model = None
     filename = next_filename()
-    try:
-        model = choose(models, request.model)
-        result = _execute(model, request, filename, log, limits)
-    except Exception as exc:  # every failure of the job becomes an ERROR result
-        result = error_reply(exc, filename, request)
-    finally:
-        if model is not None:
-            model.active = None
-    return result.replace(seconds=round(time.perf_counter() - started, 4), threads=torch.get_num_threads())
+    with captured(filename) as warned:
+        try:
+            model = choose(models, request.model)
+            result = _execute(model, request, filename, log, limits)
+        except Exception as exc:  # every failure of the job becomes an ERROR result
+            result = error_reply(exc, filename, request)
+        finally:
+            if model is not None:
+                model.active = None
+    return result.replace(seconds=round(time.perf_counter() - started, 4), threads=torch.get_num_threads(),
+                          warnings=warned)
 
 
 # What warm_up runs: one module read and a save, through everything a job goes through.
@@ -281,31 +284,5 @@ def error_reply(exc: BaseException, filename: str, request: JobRequest | None) -
             lineno = line
     text = request.line(lineno) if request is not None else None
     return JobResult.failed(type(exc).__name__, without_server_paths(str(exc)), lineno=lineno, line=text)
-
-
-SERVER_PATH = "<server path>"
-# A quoted absolute path (it may hold spaces): 'No such file: "/srv/my models/x"', File "/a/b.py".
-_QUOTED_PATH = re.compile(r"""(?P<q>['"])/(?=[^\s'"/])[^'"\n]*(?P=q)""")
-# An unquoted one: "/" starting a name (not a digit: "x /2"), not after a word, a dot, a colon or
-# another slash, so "1/2", "a/b", "x.y/z" and URLs ("https://host/a") are left alone.
-_BARE_PATH = re.compile(r"(?<![\w.:/~\\-])/[A-Za-z_.@+~-][\w.@+~=%-]*(?:/[\w.@+~=%-]+)*/?")
-_FILE_URL = re.compile(r"file://[^\s'\",;]*")
-
-
-def without_server_paths(message: str) -> str:
-    """``message`` with every absolute filesystem path replaced by ``<server path>``: an error
-    sent to a user must not tell where the server keeps its models, packages or files.
-
-        without_server_paths("No such file: '/srv/models/gpt2/x.bin'")   # "No such file: '<server path>'"
-    """
-    message = _FILE_URL.sub(_unquoted, message)
-    message = _QUOTED_PATH.sub(lambda m: m["q"] + SERVER_PATH + m["q"], message)
-    return _BARE_PATH.sub(_unquoted, message)
-
-
-def _unquoted(match: re.Match) -> str:
-    # A sentence's full stop or colon after a path is not part of it: "... in /srv/x." keeps its "."
-    path = match.group()
-    return SERVER_PATH + path[len(path.rstrip(".:")):]
 
 

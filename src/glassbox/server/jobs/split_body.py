@@ -50,6 +50,7 @@ from ...remote.executor import seed_job
 from ...remote.job import JobRequest, JobResult
 from ...tracing import collect_saved
 from . import execute, served
+from .job_warnings import captured
 from .split_link import NOTHING, Link, LinkClosed
 
 __all__ = ["HostView", "NeedsAlone", "run_body"]
@@ -212,36 +213,38 @@ def run_body(models: dict[str, Any], request: JobRequest, link_fd: int, *, log: 
     filename = execute.next_filename()
     model = None
     view: HostView | None = None
-    try:
-        model = served.use_model(models, request.model)
-        code = execute.job_code(request, filename, invoke=True)
-        namespace = execute.job_namespace(model, request, say)
-        namespace[request.tracer_name] = _AloneTracer()
-        view = HostView(model, link)
-        with collect_saved() as saved:
-            model.active = view
-            try:
-                exec(code, namespace)
-            finally:
+    with captured(filename) as warned:
+        try:
+            model = served.use_model(models, request.model)
+            code = execute.job_code(request, filename, invoke=True)
+            namespace = execute.job_namespace(model, request, say)
+            namespace[request.tracer_name] = _AloneTracer()
+            view = HostView(model, link)
+            with collect_saved() as saved:
+                model.active = view
+                try:
+                    exec(code, namespace)
+                finally:
+                    model.active = None
+                view.hand_back()
+                # Encoded while the host finishes its forward; kept only if the pass stands.
+                reply = execute.job_reply(namespace, request, saved, limits)
+                result = reply if view.stood() else None
+        except NeedsAlone:
+            result = None
+        except Exception as exc:  # its own error, as alone: unless the pass failed under it
+            result = execute.error_reply(exc, filename, request) if _stood(view) else None
+        finally:
+            if model is not None:
                 model.active = None
-            view.hand_back()
-            # Encoded while the host finishes its forward; kept only if the pass stands.
-            reply = execute.job_reply(namespace, request, saved, limits)
-            result = reply if view.stood() else None
-    except NeedsAlone:
-        result = None
-    except Exception as exc:  # its own error, as alone: unless the pass failed under it
-        result = execute.error_reply(exc, filename, request) if _stood(view) else None
-    finally:
-        if model is not None:
-            model.active = None
-        link.close()
-    if result is None:  # alone, from the start, in this process, as if it had just begun
+            link.close()
+    if result is None:  # alone, from the start, in this process, as if it had just begun (its warnings too)
         seed_job()
         return execute.run_job(models, request, log=_after(shown[0], log), limits=limits)
     for text in printed:
         log(text)
-    return result.replace(seconds=round(time.perf_counter() - started, 4), threads=torch.get_num_threads())
+    return result.replace(seconds=round(time.perf_counter() - started, 4), threads=torch.get_num_threads(),
+                          warnings=warned)
 
 
 def _after(skip: int, log: Any) -> Any:
