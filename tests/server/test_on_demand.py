@@ -35,8 +35,19 @@ def paths() -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory, paths):
-    root = tmp_path_factory.mktemp("catalog")
+def root(tmp_path_factory):
+    return tmp_path_factory.mktemp("catalog")
+
+
+@pytest.fixture(scope="module")
+def weights(root):
+    """The catalog's share_weights folder: models loaded on demand are sealed into files there by
+    the confined zygote, and an evicted model's file goes with it."""
+    return root / "weights"
+
+
+@pytest.fixture(scope="module")
+def server(root, weights, paths):
     sizes = {name: estimate(name, path, options) for name, path, options in (
         ("split", paths["smollm2"], {}), ("smollm2", paths["smollm2"], {"dtype": "bfloat16"}),
         ("tiny", paths["tiny"], {}))}
@@ -47,6 +58,7 @@ def server(tmp_path_factory, paths):
         [server]
         memory_budget = {budget}
         torch_threads = 1
+        share_weights = "{weights}"
 
         [models.split]
         path = "{paths['smollm2']}"
@@ -120,13 +132,17 @@ def test_a_model_split_over_cpu_and_disk_equals_it_unsplit_locally_and_remotely(
     torch.testing.assert_close(again, plain.detach(), rtol=1e-4, atol=1e-4)
 
 
-def test_a_cold_model_loads_on_demand_evicting_the_least_recently_used(server, paths):
+def test_a_cold_model_loads_on_demand_evicting_the_least_recently_used(server, paths, weights):
     local = LanguageModel(paths["smollm2"], dtype=torch.bfloat16, dispatch=True)
     remote = LanguageModel("smollm2")
+    before = set(weights.glob("glassbox-*.weights"))
+    assert len(before) == 2  # split's part on the CPU, and tiny
     shown = io.StringIO()
     with redirect_stderr(shown):
         got = trace(remote, remote=True)
     assert "RUNNING (loading smollm2 (evicting tiny))" in shown.getvalue()
+    after = set(weights.glob("glassbox-*.weights"))
+    assert len(after) == 2 and len(before & after) == 1  # tiny's file went with it, smollm2's came
     expected = trace(local)
     assert got["hidden"].dtype == torch.bfloat16
     for name in expected:

@@ -8,6 +8,8 @@ Offers:
                                  content is there already; mapped read-only and shared
     SharedWeights                .region (the mmap: MAP_SHARED, PROT_READ), .path, .reused,
                                  .close(): unmaps, and removes the file if nobody else maps it
+    descriptors() -> list[int]   the open weights files of this process (a process that closes
+                                 every other descriptor keeps these: workers/zygote.py)
     sweep(folder) -> list[str]   remove the files in ``folder`` that no process maps any more (what
                                  a killed server left); map_shared runs it first
     NAME_GLOB                    the files this module writes (it touches no others)
@@ -20,10 +22,13 @@ How it stays safe:
 - **The name is the content**: blake2b of the bytes, and the size. A replica that finds the name
   taken compares the file with what it loaded, byte for byte, before it maps it, and serves its
   own copy if they differ (a name cannot make a replica serve weights it did not load).
-- **Lifetime by lock**: every process that maps a file holds a shared ``flock`` on it from before
-  the file has its name until it closes it. ``close`` and ``sweep`` remove a file only when they
-  can take the lock exclusively, that is when no other process maps it; a killed process's lock
-  ends with it, and the next start's sweep removes what it left.
+- **Lifetime by lock**: the process that maps a file holds a shared ``flock`` on it from before the
+  file has its name, through an open file its forks inherit (the zygote keeps it open:
+  ``descriptors``). ``close`` and ``sweep`` remove a file only when a fresh open file of their own
+  can take the lock exclusively, that is when no process holds it open any more; a killed
+  process's lock ends with it, and the next start's sweep removes what it left. A process forked
+  from a holder that closed its descriptors (a job's) maps the file without holding it: it lives
+  no longer than the holder it was forked from.
 - **Not under ``--isolation none``** (the server refuses the pair): there, a job that escaped the
   sandbox runs in the process that holds the model and, as the file's owner, could make the file
   writable again and change every replica's weights on the machine.
@@ -40,7 +45,7 @@ import fcntl
 import hashlib
 import mmap
 import os
-import tempfile
+import secrets
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -48,33 +53,40 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["NAME_GLOB", "SharedWeights", "map_shared", "sweep"]
+__all__ = ["NAME_GLOB", "SharedWeights", "descriptors", "map_shared", "sweep"]
 
 NAME_GLOB = "glassbox-*.weights"
 _LOADING_PREFIX = "glassbox-loading-"
 
 
-@dataclass
+@dataclass(eq=False)
 class SharedWeights:
     """A weights file mapped read-only (MAP_SHARED) by this process."""
 
     region: mmap.mmap
     path: str
-    fd: int  # read-only; holds this process's shared lock while it is open
+    fd: int  # read-only; its open file holds the shared lock for as long as any process keeps it
+    inode: tuple[int, int]  # (st_dev, st_ino) of the file: a descriptor number may be reused
     reused: bool  # another process had made the file (this one only compared and mapped it)
 
     def close(self) -> bool:
-        """Unmap and let go of the file; remove it if no other process maps it. Returns whether
-        it was removed. The mapping must have no users left (tensors over it)."""
+        """Unmap and let go of the file; remove it if no other process holds it open. Returns
+        whether it was removed. The mapping must have no users left (tensors over it)."""
         self.region.close()
-        removed = False
-        try:
-            if _lock_alone(self.fd) and _names(self.path, self.fd):
-                os.unlink(self.path)
-                removed = True
-        finally:
+        _open.remove(self)
+        if _same_file(self.fd, self.inode):  # not a number a fork's keep_only closed and reused
             os.close(self.fd)
-        return removed
+        return _remove_if_unused(self.path, self.inode)
+
+
+# What this process has mapped: a process that closes every descriptor it does not need (the
+# zygote, workers/zygote.py) keeps these, so that the files stay locked while it maps them.
+_open: list[SharedWeights] = []
+
+
+def descriptors() -> list[int]:
+    """The descriptors of the weights files this process maps (see ``_open``)."""
+    return [shared.fd for shared in _open]
 
 
 def map_shared(folder: str, size: int, fill: Callable[[torch.Tensor], None]) -> SharedWeights:
@@ -84,7 +96,10 @@ def map_shared(folder: str, size: int, fill: Callable[[torch.Tensor], None]) -> 
     root = Path(folder)
     root.mkdir(mode=0o700, parents=True, exist_ok=True)
     sweep(folder)
-    fd, temp = tempfile.mkstemp(dir=root, prefix=_LOADING_PREFIX, suffix=".weights")
+    # Made read-only (0444) from the start, opened for writing this once: a confined worker may not
+    # chmod (confine.py), and a model loaded on demand is sealed after the worker is confined.
+    temp = str(root / f"{_LOADING_PREFIX}{secrets.token_hex(8)}.weights")
+    fd = os.open(temp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o444)
     try:
         fcntl.flock(fd, fcntl.LOCK_SH)  # from its first moment: a sweep elsewhere leaves it alone
         os.ftruncate(fd, size)
@@ -93,7 +108,6 @@ def map_shared(folder: str, size: int, fill: Callable[[torch.Tensor], None]) -> 
             fill(buffer)
             del buffer  # the mapping closes only without users
             digest = hashlib.blake2b(writable, digest_size=20).hexdigest()
-        os.fchmod(fd, 0o444)
         path = str(root / f"glassbox-{digest}-{size}.weights")
         for _ in range(3):  # a file removed between our look and our lock: look again
             try:
@@ -115,24 +129,42 @@ def map_shared(folder: str, size: int, fill: Callable[[torch.Tensor], None]) -> 
 
 def sweep(folder: str) -> list[str]:
     """Remove this module's files in ``folder`` that no process maps any more; returns their paths."""
-    removed = []
-    for path in sorted(Path(folder).glob(NAME_GLOB)):
-        try:
-            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-        except FileNotFoundError:
-            continue
-        try:
-            if _lock_alone(fd) and _names(str(path), fd):
-                os.unlink(path)
-                removed.append(str(path))
-        finally:
-            os.close(fd)
-    return removed
+    return [str(path) for path in sorted(Path(folder).glob(NAME_GLOB)) if _remove_if_unused(str(path))]
+
+
+def _remove_if_unused(path: str, inode: tuple[int, int] | None = None) -> bool:
+    """Remove ``path`` (if it is still the file ``inode``) when no process holds it open with its
+    shared lock: tried through an open file of our own, so that this process's lock, and that of
+    the processes it forked, count as others'."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return False
+    try:
+        if inode is not None and not _same_file(fd, inode):
+            return False
+        if _lock_alone(fd) and _names(path, fd):
+            os.unlink(path)
+            return True
+        return False
+    finally:
+        os.close(fd)
 
 
 def _mapped(fd: int, path: str, *, reused: bool) -> SharedWeights:
-    region = mmap.mmap(fd, os.fstat(fd).st_size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ)
-    return SharedWeights(region=region, path=path, fd=fd, reused=reused)
+    found = os.fstat(fd)
+    region = mmap.mmap(fd, found.st_size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ)
+    shared = SharedWeights(region=region, path=path, fd=fd, inode=(found.st_dev, found.st_ino), reused=reused)
+    _open.append(shared)
+    return shared
+
+
+def _same_file(fd: int, inode: tuple[int, int]) -> bool:
+    try:
+        found = os.fstat(fd)
+    except OSError:
+        return False
+    return (found.st_dev, found.st_ino) == inode
 
 
 def _reopen_read_only(path: str, fd: int) -> int:

@@ -44,6 +44,7 @@ import socket
 from collections.abc import Callable
 from typing import Any
 
+from ..jobs.weights_file import descriptors
 from .forked import Handler, die_with_parent, host_process_main, job_process_main, keep_only, prepare_parent
 
 __all__ = ["MAX_LINKS", "Zygote"]
@@ -66,7 +67,9 @@ class Zygote:
             code = 70
             try:
                 ours.close()
-                keep_only(theirs.fileno())  # not the feeder's pipe: the zygote talks to the worker only
+                # not the feeder's pipe: the zygote talks to the worker only; the weights files it
+                # maps stay open, so that they stay locked while it lives (jobs/weights_file.py)
+                keep_only(theirs.fileno(), *descriptors())
                 die_with_parent()
                 _serve(theirs, handler, loader, threads, confine)
                 code = 0
