@@ -5,8 +5,9 @@ Offers:
 
 A vLLM model has a worker process of its own, started with the vLLM virtualenv's Python
 (``workers/local.py``, ``ServerConfig.vllm_python``) and running every job in itself
-(``--isolation none`` for that worker: vLLM's engine runs threads, so the process can be neither
-forked per job nor confined). Its weights are not sealed into read-only memory (vLLM owns and
+(``--isolation none`` for that worker's jobs: vLLM's engine runs threads, so the process can be
+neither forked per job nor confined whole; it confines itself in place once loaded:
+``workers/local.py``). Its weights are not sealed into read-only memory (vLLM owns and
 lays them out itself); instead the worker's ``after_job`` checks every weight after each job or
 batch and puts back what changed (``served.py``), as for any ``--isolation none`` worker, and a
 co-tenant batch checks them before any reply leaves (``cotenant.py``).

@@ -71,13 +71,15 @@ def gib(size: int) -> str:
 
 
 def ready_note(message: dict) -> str:
-    """"4 torch threads, 1.40 GiB in use of its 8.0 GiB limit": from a ``ready`` message."""
+    """"4 torch threads, 1.40 GiB in use of its 8.0 GiB limit; confined: landlock ABI 7 ...": from a
+    ``ready`` message."""
     note = f"{message.get('threads')} torch threads"
     used, limit = message.get("memory"), message.get("memory_limit")
-    if not isinstance(used, int):
-        return note
-    note += f", {gib(used)} GiB in use"
-    return note + (f" of its {gib(limit)} GiB limit" if isinstance(limit, int) and limit else "")
+    if isinstance(used, int):
+        note += f", {gib(used)} GiB in use"
+        note += f" of its {gib(limit)} GiB limit" if isinstance(limit, int) and limit else ""
+    isolation = message.get("isolation")  # what confine.py applied: the operator's one look at it
+    return note + (f"; {isolation}" if isinstance(isolation, str) and isolation else "")
 
 
 def exit_reason(code: int | None) -> str:

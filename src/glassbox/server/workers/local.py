@@ -5,7 +5,8 @@ Offers:
                                  the channel to it (``channel.Channel``); ``models``: the ones it
                                  serves (default: every Hugging Face one); ``python``: another
                                  interpreter to run it (a vLLM model's worker: its own process,
-                                 ``--isolation none``, in the vLLM virtualenv; docs/vllm.md)
+                                 jobs run in it, confined in place, in the vLLM virtualenv;
+                                 docs/vllm.md)
     worker_main(conn)            the worker process's main loop (``spawn`` target; its first
                                  message says what to load)
 
@@ -117,6 +118,11 @@ def _serve(conn: multiprocessing.connection.Connection) -> None:
             reply["isolation"] = _isolate(isolation, tuple(setup["read_paths"]), tuple(setup["write_paths"]))
             reply["threads"] = torch_threads or reply["default_threads"]
         except Exception as err:  # the operator must hear why, and nothing may run unconfined
+            module, reply = None, {"op": "failed", "error": f"{type(err).__name__}: {err}"}
+    elif module is not None and setup.get("confine_in_place"):
+        try:
+            reply["isolation"] = _confine_in_place(tuple(setup["read_paths"]))
+        except Exception as err:  # as above: nothing runs in a worker that failed to confine itself
             module, reply = None, {"op": "failed", "error": f"{type(err).__name__}: {err}"}
     del setup  # what was loaded from where: not in any frame a job's process could walk up to
     send(reply)
@@ -237,6 +243,16 @@ def _isolate(isolation: str, read_paths: tuple[str, ...], write_paths: tuple[str
     return confinement.describe()
 
 
+def _confine_in_place(read_paths: tuple[str, ...]) -> str:
+    """Confine a worker that runs its jobs in itself (a vLLM engine's: its engine and OpenMP threads
+    run already, so it can be neither forked per job nor confined whole): the seccomp filter covers
+    every thread (no programs, sockets or new processes); Landlock covers the thread that runs the
+    jobs (below ABI 8 the threads started before keep filesystem access, which the result says).
+    The weights are still checked after every job (served.py)."""
+    confinement = confine_worker(read_paths=[*_python_paths(), *read_paths], allow_fork=False, require=False)
+    return confinement.describe()
+
+
 def _confine_job(isolation: str) -> Callable[[], None]:
     return lambda: confine_job(require=isolation == "process")
 
@@ -348,7 +364,8 @@ class LocalProcess:
         self.loads_at_start = [name for name in self.serves if config.load_mode(name) == "eager"]
         self.python = python
         # vLLM runs threads (its engine core, OpenMP) in the process that holds it: that process can
-        # be neither forked per job nor confined, so its worker runs jobs in itself (docs/vllm.md).
+        # be neither forked per job nor confined whole, so its worker runs jobs in itself and
+        # confines itself in place (_confine_in_place; docs/vllm.md).
         self.isolation = "none" if python is not None else config.isolation
         # A forking worker stops a job by killing the job's process, not itself (forked.py).
         self.can_abort = self.isolation != "none"
@@ -376,7 +393,10 @@ class LocalProcess:
             "op": "start", "specs": config.worker_specs(self.loads_at_start), "executor": config.executor,
             "torch_threads": config.torch_threads, "max_memory_bytes": config.max_memory_bytes,
             "isolation": self.isolation, "read_paths": list(_later_reads(config)),
-            "write_paths": list(_later_writes(config))}))
+            "write_paths": list(_later_writes(config)),
+            # a vLLM worker runs its jobs in itself, but is confined all the same unless the
+            # operator chose --isolation none for the whole server
+            "confine_in_place": self.python is not None and config.isolation != "none"}))
         self._process, self._conn, self._exit_code = process, parent_conn, None
         names = ", ".join(self.loads_at_start) or "no models (all load on demand)"
         self.say(f"worker {process.pid}: loading {names}")
