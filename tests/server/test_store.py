@@ -562,3 +562,23 @@ def test_a_database_from_before_job_notes_gets_the_column(db_url):
         assert store.get(job).note == "loading gpt2"
     finally:
         store.close()
+
+
+def test_claims_and_finishes_commit_without_waiting_for_the_disk_and_admission_waits(store):
+    """A job's claim and finish may be undone by a power cut (recovery runs the job again), so
+    their commits do not wait for the disk; admitting a job, which the client is told about, does
+    (as far as the database is set to: the tests' PostgreSQL runs without fsync altogether)."""
+    def setting(durable: bool) -> object:
+        with store._session(durable=durable) as session:
+            if store.url.startswith("sqlite"):
+                return session.exec_driver_sql("PRAGMA synchronous").scalar()  # 2 FULL, 1 NORMAL
+            return session.exec_driver_sql("SHOW synchronous_commit").scalar()
+
+    if store.url.startswith("sqlite"):
+        assert (setting(True), setting(False), setting(True)) == (2, 1, 2)  # each kind its own connections
+    else:
+        assert setting(False) == "off"  # SET LOCAL: this transaction only
+    job, _ = store.queue_job("k1", "gpt2", b"request")
+    assert store.claim(job) == b"request"
+    assert store.finish(job, "COMPLETED", result=b"r") is not None
+    assert store.result(job) == b"r"  # what either kind commits, the other reads

@@ -224,7 +224,7 @@ class JobStore(KeyStore, InstanceStore, TallyStore):
         if not job_ids:
             return {}
         now = time.time()
-        with self._session() as session:
+        with self._session(durable=False) as session:  # undone by a power cut: QUEUED again
             rows = session.execute(
                 update(_Job).where(_Job.id.in_(list(job_ids)), _Job.status == Status.QUEUED)
                 .values(status=Status.RUNNING, started=now, updated=now, attempts=_Job.attempts + 1,
@@ -266,7 +266,8 @@ class JobStore(KeyStore, InstanceStore, TallyStore):
             # back as U+FFFD (one character for one, so log offsets stay right).
             logs = logs.replace("\x00", "\N{REPLACEMENT CHARACTER}")
         outcome = Finished(Status(status), error)
-        with self._session() as session:
+        # Not durable: a power cut may undo it; the job is then RUNNING, and recovery runs it again.
+        with self._session(durable=False) as session:
             if max_stored_bytes:
                 key_id = session.scalar(select(_Job.key_id).where(_Job.id == job_id))
                 self._advisory_lock(session, f"glassbox-key:{key_id}")
