@@ -102,7 +102,8 @@ def map_shared(folder: str, size: int, fill: Callable[[torch.Tensor], None]) -> 
     fd = os.open(temp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o444)
     try:
         fcntl.flock(fd, fcntl.LOCK_SH)  # from its first moment: a sweep elsewhere leaves it alone
-        os.ftruncate(fd, size)
+        # Allocated, not sparse: a full disk says ENOSPC here, not SIGBUS at a page written below.
+        os.posix_fallocate(fd, 0, size)
         with mmap.mmap(fd, size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ | mmap.PROT_WRITE) as writable:
             buffer = torch.frombuffer(writable, dtype=torch.uint8)
             fill(buffer)

@@ -473,4 +473,7 @@ class LocalProcess:
         if self.config.share_weights:
             # the files no process maps any more (the worker's job processes die with it, each in
             # its own time: what one still maps is removed at the next start, by map_shared's sweep)
-            sweep(os.path.expanduser(self.config.share_weights))
+            try:
+                sweep(os.path.expanduser(self.config.share_weights))
+            except OSError as err:  # tidying up must not stop a shutdown or a restart
+                self.say(f"could not tidy the --share-weights folder: {err}")
