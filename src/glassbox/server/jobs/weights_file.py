@@ -6,7 +6,7 @@ Offers:
                                  a file of ``size`` bytes in ``folder``, filled by ``fill`` (called
                                  with a writable uint8 tensor over it) unless a file with the same
                                  content is there already; mapped read-only and shared
-    SharedWeights                .region (the mmap: MAP_SHARED, PROT_READ), .path, .reused,
+    SharedWeights                .region (the mmap: MAP_SHARED, PROT_READ), .path,
                                  .close(): unmaps, and removes the file if nobody else maps it
     descriptors() -> list[int]   the open weights files of this process (a process that closes
                                  every other descriptor keeps these: workers/zygote.py)
@@ -67,14 +67,13 @@ class SharedWeights:
     path: str
     fd: int  # read-only; its open file holds the shared lock for as long as any process keeps it
     inode: tuple[int, int]  # (st_dev, st_ino) of the file: a descriptor number may be reused
-    reused: bool  # another process had made the file (this one only compared and mapped it)
 
     def close(self) -> bool:
         """Unmap and let go of the file; remove it if no other process holds it open. Returns
         whether it was removed. The mapping must have no users left (tensors over it)."""
         self.region.close()
         _open.remove(self)
-        if _same_file(self.fd, self.inode):  # not a number a fork's keep_only closed and reused
+        if _inode(self.fd) == self.inode:  # not a number a fork's keep_only closed and reused
             os.close(self.fd)
         return _remove_if_unused(self.path, self.inode)
 
@@ -119,9 +118,9 @@ def map_shared(folder: str, size: int, fill: Callable[[torch.Tensor], None]) -> 
                     continue
                 if found == -1:  # the name is taken by other bytes: serve our own copy, unnamed
                     break
-                return _mapped(found, path, reused=True)
-            return _mapped(_reopen_read_only(path, fd), path, reused=False)
-        return _mapped(_reopen_read_only(temp, fd), temp, reused=False)
+                return _mapped(found, path)
+            return _mapped(_reopen_read_only(path, fd), path)
+        return _mapped(_reopen_read_only(temp, fd), temp)
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(temp)
@@ -142,7 +141,7 @@ def _remove_if_unused(path: str, inode: tuple[int, int] | None = None) -> bool:
     except FileNotFoundError:
         return False
     try:
-        if inode is not None and not _same_file(fd, inode):
+        if inode is not None and _inode(fd) != inode:
             return False
         if _lock_alone(fd) and _names(path, fd):
             os.unlink(path)
@@ -152,27 +151,27 @@ def _remove_if_unused(path: str, inode: tuple[int, int] | None = None) -> bool:
         os.close(fd)
 
 
-def _mapped(fd: int, path: str, *, reused: bool) -> SharedWeights:
-    found = os.fstat(fd)
-    region = mmap.mmap(fd, found.st_size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ)
-    shared = SharedWeights(region=region, path=path, fd=fd, inode=(found.st_dev, found.st_ino), reused=reused)
+def _mapped(fd: int, path: str) -> SharedWeights:
+    region = mmap.mmap(fd, os.fstat(fd).st_size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ)
+    shared = SharedWeights(region=region, path=path, fd=fd, inode=_inode(fd))
     _open.append(shared)
     return shared
 
 
-def _same_file(fd: int, inode: tuple[int, int]) -> bool:
+def _inode(fd_or_path: int | str) -> tuple[int, int] | None:
+    """(st_dev, st_ino) of an open file or a path; None if there is none (closed, removed)."""
     try:
-        found = os.fstat(fd)
+        found = os.fstat(fd_or_path) if isinstance(fd_or_path, int) else os.stat(fd_or_path)
     except OSError:
-        return False
-    return (found.st_dev, found.st_ino) == inode
+        return None
+    return found.st_dev, found.st_ino
 
 
 def _reopen_read_only(path: str, fd: int) -> int:
     """The file behind ``fd`` again, through ``path`` (the name /proc/PID/maps then shows),
     read-only, with a shared lock of its own (the lock taken through ``fd`` ends with ``fd``)."""
     read_only = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    if os.fstat(read_only).st_ino != os.fstat(fd).st_ino:
+    if _inode(read_only) != _inode(fd):
         os.close(read_only)
         raise OSError(f"{path} was replaced while it was written")
     fcntl.flock(read_only, fcntl.LOCK_SH)
@@ -221,7 +220,5 @@ def _lock_alone(fd: int) -> bool:
 
 def _names(path: str, fd: int) -> bool:
     """Does ``path`` still name the file open as ``fd``?"""
-    try:
-        return os.stat(path).st_ino == os.fstat(fd).st_ino
-    except FileNotFoundError:
-        return False
+    found = _inode(path)
+    return found is not None and found == _inode(fd)
