@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from escapes import ESCAPE_NAMES, ESCAPES, WROTE
 from glassbox.cli import start_server
 from glassbox.remote import transport
 from glassbox.server.workers.confine import available
@@ -30,19 +31,7 @@ pytestmark = pytest.mark.skipif(
 HERE = Path(__file__).resolve().parent
 RAW = HERE.parent / "server"  # raw_executor.py
 
-ATTEMPTS = """
-import os, socket
-def attempt(name, fn):
-    try:
-        fn()
-        out[name] = "allowed"
-    except Exception as err:
-        out[name] = type(err).__name__
-attempt("read_passwd", lambda: open("/etc/passwd").read())
-attempt("write_tmp", lambda: open("/tmp/glassbox-vllm-job-wrote-here", "w").write("x"))
-attempt("socket", lambda: socket.socket(socket.AF_INET, socket.SOCK_STREAM))
-attempt("exec", lambda: os.execv("/bin/true", ["true"]))
-attempt("fork", lambda: os._exit(0) if os.fork() == 0 else None)
+ATTEMPTS = ESCAPES + """
 with model.trace(prompt, temperature=0.0, max_tokens=2) as tracer:
     logits = model.logits.output.save()
 out["tokens"] = tracer.result[0].token_ids
@@ -86,9 +75,9 @@ def test_a_raw_job_in_the_vllm_worker_is_confined_and_the_engine_still_serves(se
     result = transport.result(server.url, key, job, timeout=REQUEST)
     assert result.ok, result.error
     out = result.decoded()["saved"]["out"]
-    for name in ("read_passwd", "write_tmp", "socket", "exec", "fork"):
+    for name in ESCAPE_NAMES:
         assert out[name] != "allowed", (name, out)
-    assert not os.path.exists("/tmp/glassbox-vllm-job-wrote-here")
+    assert not os.path.exists(WROTE)
     assert len(out["tokens"]) == 2 and out["logits_shape"][0] == 1  # the engine went on serving
     log = server.output()
     assert "vLLM worker" in log and "confined: landlock ABI" in log and "no new processes" in log, log[-3000:]

@@ -18,6 +18,7 @@ import pytest
 import torch
 from raw_jobs import leaves_nothing, raw_server, run_raw
 
+from escapes import ESCAPE_NAMES, ESCAPES
 from glassbox import LanguageModel
 from glassbox.offline import tiny_gpt2_path
 from glassbox.server.workers.confine import available
@@ -29,19 +30,9 @@ pytestmark = pytest.mark.skipif(
 
 PROMPT = "The Eiffel Tower is in"
 
-ATTEMPTS = """
-import os, socket, sys
-def attempt(name, fn):
-    try:
-        fn()
-        out[name] = "allowed"
-    except Exception as err:
-        out[name] = type(err).__name__
-attempt("read_passwd", lambda: open("/etc/passwd").read())
-attempt("write_tmp", lambda: open("/tmp/glassbox-ray-job-wrote-here", "w").write("x"))
-attempt("connect", lambda: socket.create_connection(("127.0.0.1", 6379), timeout=2))
-attempt("exec", lambda: os.execv("/bin/true", ["true"]))
-attempt("fork", lambda: os._exit(0) if os.fork() == 0 else None)
+ATTEMPTS = ESCAPES + """
+import sys
+attempt("connect", lambda: socket.create_connection(("127.0.0.1", 6379), timeout=2))  # Ray's port
 out["ray_here"] = "ray" in sys.modules
 with model.trace(prompt):
     logits = model.output.logits
@@ -66,7 +57,7 @@ def server(tmp_path_factory: pytest.TempPathFactory, weights: Path) -> Iterator[
 def test_a_replica_runs_each_job_confined_and_apart_from_ray(server: tuple[str, str]) -> None:
     out = run_raw(server, ATTEMPTS, PROMPT)
     assert "error" not in out, out
-    for name in ("read_passwd", "write_tmp", "connect", "exec", "fork"):
+    for name in (*ESCAPE_NAMES, "connect"):
         assert out[name] != "allowed", (name, out)
     assert out["ray_here"] is False  # the job's process was never the actor's
     local = LanguageModel(str(tiny_gpt2_path()), dispatch=True)
